@@ -1,0 +1,318 @@
+/* cmd_forward.c -- `tpclient forward IN [-o OUT] ...`: reads activations (.npy or raw .bin),
+ * sends them in requests of at most the model's max_batch rows, writes or summarises the output,
+ * and with --verify checks every element against the independent CPU reference (tests/ref). */
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cmd.h"
+#include "grpc_service.pb-c.h"
+#include "npy.h"
+#include "ref.h"
+
+#define MAX_BIN (4ull << 30)
+
+struct layout {
+    int64_t in, out, max_batch;
+};
+
+static int ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), m = strlen(suffix);
+
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+static int get_layout(struct conn *c, const char *model, struct layout *l, struct tp_err *err)
+{
+    Inference__ModelMetadataRequest req = INFERENCE__MODEL_METADATA_REQUEST__INIT;
+    Inference__ModelMetadataResponse *r;
+    int rc = -1;
+
+    req.name = (char *)model;
+    if (conn_call(c, "/inference.GRPCInferenceService/ModelMetadata", &req.base,
+                  &inference__model_metadata_response__descriptor, (ProtobufCMessage **)&r,
+                  err) < 0)
+        return -1;
+    if (r->n_inputs != 1 || r->n_outputs != 1 || r->inputs[0]->n_shape != 2 ||
+        r->outputs[0]->n_shape != 2 || strcmp(r->inputs[0]->datatype, "FP32") != 0 ||
+        r->inputs[0]->shape[1] < 1 || r->outputs[0]->shape[1] < 1) {
+        tp_err_set(err, TP_EINVAL, "model '%s' is not one FP32 [-1, in] -> [-1, out] layer",
+                   model);
+        goto out;
+    }
+    l->in = r->inputs[0]->shape[1];
+    l->out = r->outputs[0]->shape[1];
+    l->max_batch = 0;
+    for (size_t i = 0; i < r->n_parameters; i++)
+        if (strcmp(r->parameters[i]->key, "max_batch") == 0 && r->parameters[i]->value)
+            l->max_batch = r->parameters[i]->value->int64_param;
+    rc = 0;
+out:
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return rc;
+}
+
+/* Reads a raw float32 file of rows x in. */
+static int read_bin(const char *path, int64_t in, float **x, int64_t *rows, struct tp_err *err)
+{
+    struct stat st;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    size_t got = 0;
+
+    *x = NULL;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        tp_err_sys(err, "%s", path);
+        goto fail;
+    }
+    if (st.st_size == 0 || (uint64_t)st.st_size % ((uint64_t)in * 4) != 0 ||
+        (uint64_t)st.st_size > MAX_BIN) {
+        tp_err_set(err, TP_EINVAL,
+                   "%s has %lld bytes, not a whole number of rows of %lld float32 (%lld bytes)",
+                   path, (long long)st.st_size, (long long)in, (long long)in * 4);
+        goto fail;
+    }
+    *x = malloc((size_t)st.st_size);
+    if (!*x) {
+        tp_err_set(err, TP_ENOMEM, "no memory for %s", path);
+        goto fail;
+    }
+    while (got < (size_t)st.st_size) {
+        ssize_t n = read(fd, (char *)*x + got, (size_t)st.st_size - got);
+
+        if (n <= 0) {
+            tp_err_sys(err, "reading %s", path);
+            goto fail;
+        }
+        got += (size_t)n;
+    }
+    close(fd);
+    *rows = st.st_size / (in * 4);
+    return 0;
+fail:
+    if (fd >= 0)
+        close(fd);
+    free(*x);
+    *x = NULL;
+    return -1;
+}
+
+static int write_bin(const char *path, const float *y, size_t n, struct tp_err *err)
+{
+    FILE *f = fopen(path, "wbe");
+
+    if (!f)
+        return tp_err_sys(err, "%s", path);
+    if (fwrite(y, sizeof(float), n, f) != n) {
+        tp_err_sys(err, "writing %s", path);
+        fclose(f);
+        return -1;
+    }
+    if (fclose(f) != 0)
+        return tp_err_sys(err, "writing %s", path);
+    return 0;
+}
+
+/* One ModelInfer for rows of x; writes rows x out floats into y. */
+static int infer(struct conn *c, const char *model, const struct layout *l, const float *x,
+                 int64_t rows, float *y, struct tp_err *err)
+{
+    Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
+    Inference__ModelInferRequest__InferInputTensor t =
+        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
+    Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
+    Inference__ModelInferResponse *r;
+    int64_t shape[2] = {rows, l->in};
+    ProtobufCBinaryData raw = {.len = (size_t)(rows * l->in) * 4, .data = (uint8_t *)x};
+    size_t want = (size_t)(rows * l->out) * 4;
+    int rc = -1;
+
+    req.model_name = (char *)model;
+    t.name = "input";
+    t.datatype = "FP32";
+    t.n_shape = 2;
+    t.shape = shape;
+    req.n_inputs = 1;
+    req.inputs = ts;
+    req.n_raw_input_contents = 1;
+    req.raw_input_contents = &raw;
+    if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
+                  &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err) < 0)
+        return -1;
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, "FP32") != 0 ||
+        r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
+        r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 1 ||
+        r->raw_output_contents[0].len != want) {
+        tp_err_set(err, TP_EINTERNAL, "server answered something else than FP32 [%lld, %lld]",
+                   (long long)rows, (long long)l->out);
+        goto out;
+    }
+    memcpy(y, r->raw_output_contents[0].data, want);
+    rc = 0;
+out:
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return rc;
+}
+
+static void summarise(const float *y, int64_t rows, int64_t out)
+{
+    double lo = INFINITY, hi = -INFINITY, sum = 0;
+    size_t n = (size_t)(rows * out);
+
+    for (size_t i = 0; i < n; i++) {
+        lo = y[i] < lo ? y[i] : lo;
+        hi = y[i] > hi ? y[i] : hi;
+        sum += y[i];
+    }
+    printf("output [%lld, %lld] FP32\n", (long long)rows, (long long)out);
+    printf("min %.6g  max %.6g  mean %.6g\n", lo, hi, sum / (double)n);
+    printf("row 0:");
+    for (int64_t j = 0; j < out && j < 6; j++)
+        printf(" %.6g", y[j]);
+    printf("%s\n", out > 6 ? " ..." : "");
+}
+
+/* Compares y with the reference. Returns the exit status. */
+static int verify(const char *path, const char *weight, const char *bias, double tol,
+                  const float *x, const float *y, int64_t rows, const struct layout *l)
+{
+    struct ref_layer layer;
+    struct ref_stats st;
+    struct tp_err err = {0};
+    double *want = NULL, *mag = NULL;
+    size_t n = (size_t)(rows * l->out);
+    int status = EXIT_ERROR;
+
+    if (ref_layer_load(&layer, path, weight, bias, &err) < 0) {
+        cmd_error("--verify: %s", err.msg);
+        return EXIT_ERROR;
+    }
+    if (layer.in != l->in || layer.out != l->out) {
+        cmd_error("--verify: %s holds a [%lld, %lld] layer, the model is [%lld, %lld]", path,
+                  (long long)layer.out, (long long)layer.in, (long long)l->out,
+                  (long long)l->in);
+        goto out;
+    }
+    want = malloc(n * sizeof(double));
+    mag = malloc(n * sizeof(double));
+    if (!want || !mag) {
+        cmd_error("--verify: no memory for the reference");
+        goto out;
+    }
+    ref_linear(&layer, x, rows, want, mag);
+    ref_compare(y, want, mag, n, &st);
+    printf("verify: max abs error %.3g, max rel error %.3g (tolerance %.3g): %s\n", st.max_abs,
+           st.max_rel, tol, st.max_rel <= tol ? "ok" : "FAILED");
+    if (st.max_rel <= tol) {
+        status = 0;
+    } else {
+        printf("verify: worst element row %lld column %lld: got %.9g, expected %.9g\n",
+               (long long)(st.worst / l->out), (long long)(st.worst % l->out), y[st.worst],
+               want[st.worst]);
+        status = EXIT_VERIFY;
+    }
+out:
+    free(want);
+    free(mag);
+    ref_layer_free(&layer);
+    return status;
+}
+
+int cmd_forward(struct conn *c, int argc, char **argv)
+{
+    const char *in_path = NULL, *out_path = NULL, *model_opt = NULL, *verify_path = NULL;
+    const char *weight = "weight", *bias = NULL;
+    double tol = 1e-5;
+    char model[256];
+    struct layout l;
+    struct npy_info info;
+    struct tp_err err = {0};
+    float *x = NULL, *y = NULL;
+    int64_t rows = 0, chunk;
+    int status = EXIT_ERROR;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int has_val = i + 1 < argc;
+
+        if ((strcmp(a, "-o") == 0 || strcmp(a, "--output") == 0) && has_val)
+            out_path = argv[++i];
+        else if (strcmp(a, "--model") == 0 && has_val)
+            model_opt = argv[++i];
+        else if (strcmp(a, "--verify") == 0 && has_val)
+            verify_path = argv[++i];
+        else if (strcmp(a, "--weight") == 0 && has_val)
+            weight = argv[++i];
+        else if (strcmp(a, "--bias") == 0 && has_val)
+            bias = argv[++i];
+        else if (strcmp(a, "--tolerance") == 0 && has_val)
+            tol = atof(argv[++i]);
+        else if (a[0] == '-' && a[1]) {
+            cmd_error("forward: unknown option or missing value '%s'", a);
+            return EXIT_USAGE;
+        } else if (!in_path)
+            in_path = a;
+        else {
+            cmd_error("forward: unexpected argument '%s'", a);
+            return EXIT_USAGE;
+        }
+    }
+    if (!in_path) {
+        cmd_error("forward: no input file (usage: tpclient forward IN [-o OUT])");
+        return EXIT_USAGE;
+    }
+    if (model_opt)
+        snprintf(model, sizeof(model), "%s", model_opt);
+    else if (conn_default_model(c, model, sizeof(model), &err) < 0)
+        goto fail;
+    if (get_layout(c, model, &l, &err) < 0)
+        goto fail;
+    if (ends_with(in_path, ".npy")) {
+        if (npy_load_f32(in_path, &x, &info, &err) < 0)
+            goto fail;
+        if (!((info.ndim == 2 && info.shape[1] == l.in) || (info.ndim == 1 && info.shape[0] == l.in)) ||
+            info.count == 0) {
+            tp_err_set(&err, TP_EINVAL, "%s has %d dims [%lld, ...], the model takes [B, %lld]",
+                       in_path, info.ndim, (long long)(info.ndim ? info.shape[0] : 0),
+                       (long long)l.in);
+            goto fail;
+        }
+        rows = info.ndim == 2 ? info.shape[0] : 1;
+    } else if (read_bin(in_path, l.in, &x, &rows, &err) < 0) {
+        goto fail;
+    }
+    y = malloc((size_t)(rows * l.out) * sizeof(float));
+    if (!y) {
+        tp_err_set(&err, TP_ENOMEM, "no memory for %lld output rows", (long long)rows);
+        goto fail;
+    }
+    chunk = l.max_batch > 0 ? l.max_batch : rows;
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        int64_t n = rows - r0 < chunk ? rows - r0 : chunk;
+
+        if (infer(c, model, &l, x + r0 * l.in, n, y + r0 * l.out, &err) < 0)
+            goto fail;
+    }
+    if (out_path) {
+        int64_t shape[2] = {rows, l.out};
+
+        if (ends_with(out_path, ".npy") ? npy_save_f32(out_path, y, 2, shape, &err) < 0
+                                        : write_bin(out_path, y, (size_t)(rows * l.out), &err) < 0)
+            goto fail;
+    } else {
+        summarise(y, rows, l.out);
+    }
+    status = verify_path ? verify(verify_path, weight, bias, tol, x, y, rows, &l) : 0;
+    free(x);
+    free(y);
+    return status;
+fail:
+    cmd_error("%s", err.msg);
+    free(x);
+    free(y);
+    return EXIT_ERROR;
+}

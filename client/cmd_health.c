@@ -1,0 +1,58 @@
+/* cmd_health.c -- `tpclient health`: ServerLive, ServerReady and ModelReady in one report.
+ * Exit 0 when all are true, 3 when the server answers but is not ready, 1 when it cannot be
+ * asked. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cmd.h"
+#include "grpc_service.pb-c.h"
+
+int cmd_health(struct conn *c, int argc, char **argv)
+{
+    Inference__ServerLiveRequest lq = INFERENCE__SERVER_LIVE_REQUEST__INIT;
+    Inference__ServerReadyRequest rq = INFERENCE__SERVER_READY_REQUEST__INIT;
+    Inference__ModelReadyRequest mq = INFERENCE__MODEL_READY_REQUEST__INIT;
+    Inference__ServerLiveResponse *live;
+    Inference__ServerReadyResponse *ready;
+    Inference__ModelReadyResponse *mready;
+    struct tp_err err = {0};
+    char model[256] = "";
+    int ok;
+
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+            snprintf(model, sizeof(model), "%s", argv[++i]);
+        } else {
+            cmd_error("health: unexpected argument '%s'", argv[i]);
+            return EXIT_USAGE;
+        }
+    }
+    if (conn_call(c, "/inference.GRPCInferenceService/ServerLive", &lq.base,
+                  &inference__server_live_response__descriptor, (ProtobufCMessage **)&live,
+                  &err) < 0)
+        goto fail;
+    printf("server live: %s\n", live->live ? "true" : "false");
+    ok = live->live;
+    protobuf_c_message_free_unpacked(&live->base, NULL);
+    if (conn_call(c, "/inference.GRPCInferenceService/ServerReady", &rq.base,
+                  &inference__server_ready_response__descriptor, (ProtobufCMessage **)&ready,
+                  &err) < 0)
+        goto fail;
+    printf("server ready: %s\n", ready->ready ? "true" : "false");
+    ok = ok && ready->ready;
+    protobuf_c_message_free_unpacked(&ready->base, NULL);
+    if (!model[0] && conn_default_model(c, model, sizeof(model), &err) < 0)
+        goto fail;
+    mq.name = model;
+    if (conn_call(c, "/inference.GRPCInferenceService/ModelReady", &mq.base,
+                  &inference__model_ready_response__descriptor, (ProtobufCMessage **)&mready,
+                  &err) < 0)
+        goto fail;
+    printf("model %s ready: %s\n", model, mready->ready ? "true" : "false");
+    ok = ok && mready->ready;
+    protobuf_c_message_free_unpacked(&mready->base, NULL);
+    return ok ? 0 : EXIT_NOT_READY;
+fail:
+    cmd_error("%s", err.msg);
+    return EXIT_ERROR;
+}

@@ -1,0 +1,33 @@
+/* conn.h -- tpclient's connection to a server: one gRPC channel and completion queue, and a
+ * blocking unary call that packs a protobuf-c request and unpacks the response. A non-OK gRPC
+ * status becomes a tp_err whose message is the server's, prefixed with the status name. */
+#ifndef TPC_CONN_H
+#define TPC_CONN_H
+
+#include <grpc/grpc.h>
+#include <protobuf-c/protobuf-c.h>
+
+#include "err.h"
+
+struct conn {
+    grpc_channel *ch;
+    grpc_completion_queue *cq;
+    int timeout_ms;               /* deadline of each call */
+};
+
+/* target: "HOST:PORT" or "unix:PATH". Calls grpc_init. */
+int conn_open(struct conn *c, const char *target, int timeout_ms, struct tp_err *err);
+
+/* Calls method with req; on success *resp (of type desc) is the caller's to free with
+ * protobuf_c_message_free_unpacked. */
+int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
+              const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp,
+              struct tp_err *err);
+
+/* Name of the one model the server has (RepositoryIndex), into buf. */
+int conn_default_model(struct conn *c, char *buf, size_t len, struct tp_err *err);
+
+/* Takes a closed or half-open connection. Calls grpc_shutdown. */
+void conn_close(struct conn *c);
+
+#endif

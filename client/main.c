@@ -1,0 +1,112 @@
+/* main.c -- tpclient, the command-line client of tpd: global options, then one subcommand
+ * (cmd_<name>.c). Any KServe v2 gRPC server with one FP32 [-1, in] -> [-1, out] model works. */
+#include <errno.h>
+#include <malloc.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cmd.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: tpclient [--server ADDR] [--timeout MS] COMMAND [args]\n"
+            "\n"
+            "commands:\n"
+            "  forward IN [-o OUT] [--model NAME] [--verify W.safetensors [--weight NAME]\n"
+            "          [--bias NAME] [--tolerance REL]]\n"
+            "                  y = layer(x) for IN (.npy float32, or raw float32 .bin)\n"
+            "  health [--model NAME]    server liveness and readiness (exit 3: not ready)\n"
+            "  metadata [--model NAME]  the model's inputs, outputs and parallel layout\n"
+            "\n"
+            "  --server ADDR   HOST:PORT or unix:PATH (default: $TPD_SERVER or 127.0.0.1:8001)\n"
+            "  --timeout MS    deadline of each call (default: 30000)\n");
+}
+
+void cmd_error(const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "tpclient: error: %s\n", msg);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct {
+        const char *name;
+        int (*fn)(struct conn *, int, char **);
+    } cmds[] = {{"forward", cmd_forward}, {"health", cmd_health}, {"metadata", cmd_metadata}};
+    const char *server = getenv("TPD_SERVER");
+    struct conn c = {0};
+    struct tp_err err = {0};
+    char **rest = calloc((size_t)argc + 1, sizeof(char *));
+    int nrest = 0, timeout_ms = 30000, status;
+
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    if (!rest)
+        return EXIT_ERROR;
+    /* global options may stand before or after the command */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            free(rest);
+            return 0;
+        } else if (strcmp(argv[i], "--version") == 0) {
+            printf("tpclient %s\n", TP_VERSION);
+            free(rest);
+            return 0;
+        } else if (strcmp(argv[i], "--server") == 0 || strcmp(argv[i], "--timeout") == 0) {
+            if (i + 1 >= argc) {
+                cmd_error("%s needs a value", argv[i]);
+                free(rest);
+                return EXIT_USAGE;
+            }
+            if (argv[i][2] == 's') {
+                server = argv[++i];
+            } else {
+                char *end;
+
+                errno = 0;
+                timeout_ms = (int)strtol(argv[++i], &end, 10);
+                if (errno || *end || timeout_ms <= 0) {
+                    cmd_error("--timeout takes milliseconds, got '%s'", argv[i]);
+                    free(rest);
+                    return EXIT_USAGE;
+                }
+            }
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    if (!server || !server[0])
+        server = "127.0.0.1:8001";
+    if (nrest == 0) {
+        usage(stderr);
+        free(rest);
+        return EXIT_USAGE;
+    }
+    for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+        if (strcmp(rest[0], cmds[i].name) != 0)
+            continue;
+        if (conn_open(&c, server, timeout_ms, &err) < 0) {
+            cmd_error("%s", err.msg);
+            conn_close(&c);
+            free(rest);
+            return EXIT_ERROR;
+        }
+        status = cmds[i].fn(&c, nrest, rest);
+        conn_close(&c);
+        free(rest);
+        return status;
+    }
+    cmd_error("unknown command '%s' (forward, health or metadata)", rest[0]);
+    free(rest);
+    return EXIT_USAGE;
+}

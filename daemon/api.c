@@ -1,0 +1,298 @@
+/* api.c -- the handlers of tpd's gRPC methods (see api.h). Readiness is one rule everywhere:
+ * every worker has loaded its shard, the group is up, and the server is not draining. */
+#include "api.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "gbuf.h"
+#include "grpc_service.pb-c.h"
+#include "health.pb-c.h"
+#include "infer.h"
+#include "log.h"
+
+/* A ModelInfer call between the handler and the scheduler's completion. */
+struct infer_call {
+    struct sched_req req;          /* first: complete() gets back to the call from it */
+    struct api *api;
+    struct rpc_call *call;
+    Inference__ModelInferRequest *msg;
+};
+
+static int is_ready(struct api *a)
+{
+    return !atomic_load(&a->draining) && sched_ready(a->sched);
+}
+
+/* Unpacks the request or answers INVALID_ARGUMENT; returns NULL in that case. */
+static ProtobufCMessage *unpack_or_reply(struct rpc_call *call, grpc_byte_buffer *payload,
+                                         const ProtobufCMessageDescriptor *desc)
+{
+    struct tp_err err = {0};
+    ProtobufCMessage *m;
+
+    if (!payload) {
+        rpc_reply(call, 3, "request message missing", NULL);
+        return NULL;
+    }
+    if (gbuf_unpack(payload, desc, &m, &err) < 0) {
+        rpc_reply_err(call, &err);
+        return NULL;
+    }
+    return m;
+}
+
+static void reply_msg(struct rpc_call *call, const ProtobufCMessage *m)
+{
+    grpc_byte_buffer *bb = gbuf_pack(m);
+
+    if (bb)
+        rpc_reply(call, 0, NULL, bb);
+    else
+        rpc_reply(call, 8, "out of memory packing the response", NULL);
+}
+
+/* Checks a model name and version, answering NOT_FOUND when they are not ours. */
+static int model_matches(struct api *a, struct rpc_call *call, const char *name,
+                         const char *version)
+{
+    struct tp_err err = {0};
+
+    if (infer_check_model(a->model, name, version, &err) == 0)
+        return 1;
+    rpc_reply_err(call, &err);
+    return 0;
+}
+
+static void server_live(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    Inference__ServerLiveResponse r = INFERENCE__SERVER_LIVE_RESPONSE__INIT;
+    ProtobufCMessage *m = unpack_or_reply(call, payload, &inference__server_live_request__descriptor);
+
+    (void)ctx;
+    if (!m)
+        return;
+    protobuf_c_message_free_unpacked(m, NULL);
+    r.live = 1;
+    reply_msg(call, &r.base);
+}
+
+static void server_ready(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    Inference__ServerReadyResponse r = INFERENCE__SERVER_READY_RESPONSE__INIT;
+    ProtobufCMessage *m =
+        unpack_or_reply(call, payload, &inference__server_ready_request__descriptor);
+
+    if (!m)
+        return;
+    protobuf_c_message_free_unpacked(m, NULL);
+    r.ready = is_ready(ctx);
+    reply_msg(call, &r.base);
+}
+
+static void model_ready(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    Inference__ModelReadyResponse r = INFERENCE__MODEL_READY_RESPONSE__INIT;
+    Inference__ModelReadyRequest *q = (Inference__ModelReadyRequest *)unpack_or_reply(
+        call, payload, &inference__model_ready_request__descriptor);
+
+    if (!q)
+        return;
+    if (model_matches(ctx, call, q->name, q->version)) {
+        r.ready = is_ready(ctx);
+        reply_msg(call, &r.base);
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    Inference__ServerMetadataResponse r = INFERENCE__SERVER_METADATA_RESPONSE__INIT;
+    ProtobufCMessage *m =
+        unpack_or_reply(call, payload, &inference__server_metadata_request__descriptor);
+
+    (void)ctx;
+    if (!m)
+        return;
+    protobuf_c_message_free_unpacked(m, NULL);
+    r.name = "tpd";
+    r.version = TP_VERSION;
+    reply_msg(call, &r.base);
+}
+
+static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    const struct model *md = a->model;
+    Inference__ModelMetadataResponse r = INFERENCE__MODEL_METADATA_RESPONSE__INIT;
+    Inference__ModelMetadataResponse__TensorMetadata in =
+        INFERENCE__MODEL_METADATA_RESPONSE__TENSOR_METADATA__INIT;
+    Inference__ModelMetadataResponse__TensorMetadata out =
+        INFERENCE__MODEL_METADATA_RESPONSE__TENSOR_METADATA__INIT;
+    Inference__ModelMetadataResponse__TensorMetadata *ins[1] = {&in}, *outs[1] = {&out};
+    Inference__InferParameter p_ranks = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__InferParameter p_backend = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__InferParameter p_dtype = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__InferParameter p_bias = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__InferParameter p_batch = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__ModelMetadataResponse__ParametersEntry e[5] = {
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT};
+    Inference__ModelMetadataResponse__ParametersEntry *ep[5] = {&e[0], &e[1], &e[2], &e[3], &e[4]};
+    int64_t in_shape[2] = {-1, md->in}, out_shape[2] = {-1, md->out};
+    char *versions[1] = {MODEL_VERSION};
+    Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)unpack_or_reply(
+        call, payload, &inference__model_metadata_request__descriptor);
+
+    if (!q)
+        return;
+    if (!model_matches(a, call, q->name, q->version)) {
+        protobuf_c_message_free_unpacked(&q->base, NULL);
+        return;
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+    r.name = (char *)md->name;
+    r.n_versions = 1;
+    r.versions = versions;
+    r.platform = MODEL_PLATFORM;
+    in.name = MODEL_INPUT;
+    in.datatype = "FP32";
+    in.n_shape = 2;
+    in.shape = in_shape;
+    out.name = MODEL_OUTPUT;
+    out.datatype = "FP32";
+    out.n_shape = 2;
+    out.shape = out_shape;
+    r.n_inputs = r.n_outputs = 1;
+    r.inputs = ins;
+    r.outputs = outs;
+    p_ranks.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p_ranks.int64_param = md->ranks;
+    p_backend.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p_backend.string_param = (char *)md->backend;
+    p_dtype.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p_dtype.string_param = (char *)tp_dtype_file_name(md->wdtype);
+    p_bias.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM;
+    p_bias.bool_param = md->has_bias;
+    p_batch.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p_batch.int64_param = md->max_batch;
+    e[0].key = "ranks", e[0].value = &p_ranks;
+    e[1].key = "backend", e[1].value = &p_backend;
+    e[2].key = "weight_dtype", e[2].value = &p_dtype;
+    e[3].key = "bias", e[3].value = &p_bias;
+    e[4].key = "max_batch", e[4].value = &p_batch;
+    r.n_parameters = 5;
+    r.parameters = ep;
+    reply_msg(call, &r.base);
+}
+
+static void repository_index(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__RepositoryIndexResponse r = INFERENCE__REPOSITORY_INDEX_RESPONSE__INIT;
+    Inference__RepositoryIndexResponse__ModelIndex mi =
+        INFERENCE__REPOSITORY_INDEX_RESPONSE__MODEL_INDEX__INIT;
+    Inference__RepositoryIndexResponse__ModelIndex *mis[1] = {&mi};
+    Inference__RepositoryIndexRequest *q = (Inference__RepositoryIndexRequest *)unpack_or_reply(
+        call, payload, &inference__repository_index_request__descriptor);
+    int ready;
+
+    if (!q)
+        return;
+    ready = is_ready(a);
+    mi.name = (char *)a->model->name;
+    mi.version = MODEL_VERSION;
+    mi.state = ready ? "READY" : "UNAVAILABLE";
+    r.n_models = (q->ready && !ready) ? 0 : 1;
+    r.models = mis;
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+    reply_msg(call, &r.base);
+}
+
+static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    Grpc__Health__V1__HealthCheckRequest *q = (Grpc__Health__V1__HealthCheckRequest *)
+        unpack_or_reply(call, payload, &grpc__health__v1__health_check_request__descriptor);
+
+    if (!q)
+        return;
+    if (q->service[0] && strcmp(q->service, "inference.GRPCInferenceService") != 0) {
+        rpc_reply(call, 5, "unknown service; tpd serves '' and 'inference.GRPCInferenceService'",
+                  NULL);
+    } else {
+        r.status = is_ready(ctx) ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                                 : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        reply_msg(call, &r.base);
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+static void infer_complete(struct sched_req *req, const float *y, const struct tp_err *err)
+{
+    struct infer_call *ic = (struct infer_call *)req;
+
+    if (err) {
+        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
+        rpc_reply_err(ic->call, err);
+    } else {
+        grpc_byte_buffer *bb = infer_response(ic->api->model, ic->msg, y, req->rows);
+
+        if (bb)
+            rpc_reply(ic->call, 0, NULL, bb);
+        else
+            rpc_reply(ic->call, 8, "out of memory packing the response", NULL);
+    }
+    protobuf_c_message_free_unpacked(&ic->msg->base, NULL);
+    free(ic);
+}
+
+static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    struct infer_input in;
+    struct infer_call *ic;
+    struct tp_err err = {0};
+    Inference__ModelInferRequest *q = (Inference__ModelInferRequest *)unpack_or_reply(
+        call, payload, &inference__model_infer_request__descriptor);
+
+    if (!q)
+        return;
+    if (infer_validate(a->model, q, &in, &err) < 0) {
+        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
+        goto fail;
+    }
+    ic = calloc(1, sizeof(*ic));
+    if (!ic) {
+        tp_err_set(&err, TP_ENOMEM, "no memory for the request");
+        goto fail;
+    }
+    *ic = (struct infer_call){
+        .req = {.x = in.x, .rows = in.rows, .complete = infer_complete},
+        .api = a, .call = call, .msg = q};
+    tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, in.rows);
+    if (sched_submit(a->sched, &ic->req, &err) < 0) {
+        free(ic);
+        goto fail;
+    }
+    return;
+fail:
+    rpc_reply_err(call, &err);
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+const struct rpc_method api_methods[] = {
+    {"/inference.GRPCInferenceService/ServerLive", server_live},
+    {"/inference.GRPCInferenceService/ServerReady", server_ready},
+    {"/inference.GRPCInferenceService/ModelReady", model_ready},
+    {"/inference.GRPCInferenceService/ServerMetadata", server_metadata},
+    {"/inference.GRPCInferenceService/ModelMetadata", model_metadata},
+    {"/inference.GRPCInferenceService/ModelInfer", model_infer},
+    {"/inference.GRPCInferenceService/RepositoryIndex", repository_index},
+    {"/grpc.health.v1.Health/Check", health_check},
+};
+
+const int api_nmethods = sizeof(api_methods) / sizeof(api_methods[0]);

@@ -1,0 +1,24 @@
+/* api.h -- the methods tpd serves: the KServe v2 GRPCInferenceService (ServerLive, ServerReady,
+ * ModelReady, ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex) and
+ * grpc.health.v1.Health/Check. Each handler parses its request, answers from the model and the
+ * scheduler's state, or hands ModelInfer to the scheduler, which answers when the workers are
+ * done. */
+#ifndef TPD_API_H
+#define TPD_API_H
+
+#include <stdatomic.h>
+
+#include "model.h"
+#include "rpc.h"
+#include "sched.h"
+
+struct api {
+    const struct model *model;
+    struct sched *sched;
+    atomic_int draining;           /* SIGTERM received: not ready any more */
+};
+
+extern const struct rpc_method api_methods[];
+extern const int api_nmethods;
+
+#endif

@@ -1,0 +1,118 @@
+/* infer.c -- ModelInfer validation and responses (see infer.h). The input data is used where
+ * protobuf-c unpacked it; the only copies are into the shared-memory slot (sched.c) and out of it
+ * into the packed response here. */
+#include "infer.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "gbuf.h"
+
+static void shape_str(char *buf, size_t len, const int64_t *shape, size_t n)
+{
+    size_t off = 0;
+
+    off += (size_t)snprintf(buf, len, "[");
+    for (size_t i = 0; i < n && off < len; i++)
+        off += (size_t)snprintf(buf + off, len - off, "%s%" PRId64, i ? ", " : "", shape[i]);
+    if (off < len)
+        snprintf(buf + off, len - off, "]");
+}
+
+int infer_check_model(const struct model *m, const char *name, const char *version,
+                      struct tp_err *err)
+{
+    if (strcmp(name, m->name) != 0)
+        return tp_err_set(err, TP_ENOTFOUND, "unknown model '%.64s', this server serves '%s'",
+                          name, m->name);
+    if (version[0] && strcmp(version, MODEL_VERSION) != 0)
+        return tp_err_set(err, TP_ENOTFOUND, "model '%s' has no version '%.32s' (only '%s')",
+                          m->name, version, MODEL_VERSION);
+    return 0;
+}
+
+int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
+                   struct infer_input *in, struct tp_err *err)
+{
+    const Inference__ModelInferRequest__InferInputTensor *t;
+    char shape[128];
+    uint64_t want;
+
+    if (infer_check_model(m, r->model_name, r->model_version, err) < 0)
+        return -1;
+    if (r->n_inputs != 1)
+        return tp_err_set(err, TP_EINVAL, "expected 1 input, got %zu", r->n_inputs);
+    t = r->inputs[0];
+    if (strcmp(t->name, MODEL_INPUT) != 0)
+        return tp_err_set(err, TP_EINVAL, "unexpected input '%.64s', the model's input is '%s'",
+                          t->name, MODEL_INPUT);
+    if (strcmp(t->datatype, "FP32") != 0)
+        return tp_err_set(err, TP_EINVAL, "input '%s' has datatype '%.32s', expected FP32",
+                          MODEL_INPUT, t->datatype);
+    shape_str(shape, sizeof(shape), t->shape, t->n_shape < 8 ? t->n_shape : 8);
+    if (t->n_shape != 2 || t->shape[1] != m->in)
+        return tp_err_set(err, TP_EINVAL, "input '%s' has shape %s, expected [B, %" PRId64 "]",
+                          MODEL_INPUT, shape, m->in);
+    if (t->shape[0] < 1 || t->shape[0] > (int64_t)m->max_batch)
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' has %" PRId64 " rows, expected 1 to %u (--max-batch)",
+                          MODEL_INPUT, t->shape[0], m->max_batch);
+    for (size_t i = 0; i < r->n_outputs; i++)
+        if (strcmp(r->outputs[i]->name, MODEL_OUTPUT) != 0)
+            return tp_err_set(err, TP_EINVAL,
+                              "unknown requested output '%.64s', the model's output is '%s'",
+                              r->outputs[i]->name, MODEL_OUTPUT);
+    want = (uint64_t)t->shape[0] * (uint64_t)m->in;
+    if (r->n_raw_input_contents > 0) {
+        if (r->n_raw_input_contents != 1)
+            return tp_err_set(err, TP_EINVAL, "expected 1 raw_input_contents, got %zu",
+                              r->n_raw_input_contents);
+        if (t->contents)
+            return tp_err_set(err, TP_EINVAL,
+                              "input '%s' has both raw_input_contents and typed contents",
+                              MODEL_INPUT);
+        if (r->raw_input_contents[0].len != want * 4)
+            return tp_err_set(err, TP_EINVAL,
+                              "input '%s' %s FP32 needs %" PRIu64 " bytes, raw_input_contents has %zu",
+                              MODEL_INPUT, shape, want * 4, r->raw_input_contents[0].len);
+        in->x = (const float *)(const void *)r->raw_input_contents[0].data;
+    } else if (t->contents) {
+        if (t->contents->n_fp32_contents != want)
+            return tp_err_set(err, TP_EINVAL,
+                              "input '%s' %s needs %" PRIu64 " fp32_contents, got %zu",
+                              MODEL_INPUT, shape, want, t->contents->n_fp32_contents);
+        in->x = t->contents->fp32_contents;
+    } else {
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' has no data: expected raw_input_contents or fp32_contents",
+                          MODEL_INPUT);
+    }
+    in->rows = (uint32_t)t->shape[0];
+    return 0;
+}
+
+grpc_byte_buffer *infer_response(const struct model *m, const Inference__ModelInferRequest *r,
+                                 const float *y, uint32_t rows)
+{
+    Inference__ModelInferResponse resp = INFERENCE__MODEL_INFER_RESPONSE__INIT;
+    Inference__ModelInferResponse__InferOutputTensor out =
+        INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__INIT;
+    Inference__ModelInferResponse__InferOutputTensor *outs[1] = {&out};
+    int64_t shape[2] = {rows, m->out};
+    ProtobufCBinaryData raw = {.len = (size_t)rows * (size_t)m->out * sizeof(float),
+                               .data = (uint8_t *)(uintptr_t)y};
+
+    resp.model_name = (char *)m->name;
+    resp.model_version = MODEL_VERSION;
+    resp.id = r->id;
+    out.name = MODEL_OUTPUT;
+    out.datatype = "FP32";
+    out.n_shape = 2;
+    out.shape = shape;
+    resp.n_outputs = 1;
+    resp.outputs = outs;
+    resp.n_raw_output_contents = 1;
+    resp.raw_output_contents = &raw;
+    return gbuf_pack(&resp.base);
+}

@@ -1,0 +1,26 @@
+/* model.h -- what tpd serves: one linear layer, described once at start from the weights file's
+ * header and the command line, then read (never written) by every thread. */
+#ifndef TPD_MODEL_H
+#define TPD_MODEL_H
+
+#include <stdint.h>
+
+#include "tensor.h"
+
+#define MODEL_INPUT "input"
+#define MODEL_OUTPUT "output"
+#define MODEL_VERSION "1"
+#define MODEL_PLATFORM "tpd_linear"
+
+struct model {
+    char name[128];
+    int64_t in;                /* input features */
+    int64_t out;               /* output features */
+    enum tp_dtype wdtype;      /* dtype of W in the file */
+    int has_bias;
+    int ranks;
+    const char *backend;       /* "cpu" */
+    uint32_t max_batch;        /* rows per request */
+};
+
+#endif

@@ -1,0 +1,352 @@
+/* rpc.c -- tpd's gRPC server on the C core (see rpc.h). Each completion queue has its own thread,
+ * and a call is bound to the queue it was requested on, so all events of a call are seen by one
+ * thread. A call context lives until both of its batches have completed: the close batch
+ * (RECV_CLOSE_ON_SERVER, started when the call arrives) and the send batch (the reply, started
+ * by rpc_reply from whichever thread answers). */
+#include "rpc.h"
+
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define POSTED_PER_METHOD 8   /* requests waiting for calls, per method and queue */
+#define POSTED_UNKNOWN 2
+
+enum tag_kind { T_NEW, T_SEND, T_CLOSE };
+
+struct rpc_tag {
+    enum tag_kind kind;
+    struct rpc_call *call;
+};
+
+struct rpc_call {
+    struct rpc_server *srv;
+    int method;                    /* index into methods, -1 for any other method */
+    int cq;                        /* queue index */
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array md;
+    grpc_call_details details;     /* for unregistered calls */
+    grpc_byte_buffer *payload;
+    grpc_byte_buffer *reply;
+    int cancelled;                 /* set by the close batch */
+    atomic_int pending;            /* batches still to complete */
+    struct rpc_tag t_new, t_send, t_close;
+};
+
+struct rpc_server {
+    grpc_server *server;
+    int ncq;
+    grpc_completion_queue **cqs;
+    pthread_t *threads;
+    int nthreads;
+    const struct rpc_method *methods;
+    int nmethods;
+    void **handles;                /* registered method handles */
+    void *ctx;
+    atomic_int shutting_down;
+    int started;                   /* grpc_server_start was called */
+    char unix_paths[8][108];
+    int nunix;
+};
+
+static void call_free(struct rpc_call *c)
+{
+    if (c->call)
+        grpc_call_unref(c->call);
+    if (c->payload)
+        grpc_byte_buffer_destroy(c->payload);
+    if (c->reply)
+        grpc_byte_buffer_destroy(c->reply);
+    grpc_metadata_array_destroy(&c->md);
+    grpc_call_details_destroy(&c->details);
+    free(c);
+}
+
+static void call_release(struct rpc_call *c)
+{
+    if (atomic_fetch_sub(&c->pending, 1) == 1)
+        call_free(c);
+}
+
+/* Posts one request for a new call of method m (-1: any unregistered method) on queue q. */
+static void post(struct rpc_server *s, int m, int q)
+{
+    struct rpc_call *c = calloc(1, sizeof(*c));
+    grpc_call_error e;
+
+    if (!c) {
+        tp_log(TP_LOG_ERR, "rpc: out of memory posting a request");
+        return;
+    }
+    c->srv = s;
+    c->method = m;
+    c->cq = q;
+    c->t_new = (struct rpc_tag){T_NEW, c};
+    c->t_send = (struct rpc_tag){T_SEND, c};
+    c->t_close = (struct rpc_tag){T_CLOSE, c};
+    grpc_metadata_array_init(&c->md);
+    grpc_call_details_init(&c->details);
+    if (m >= 0)
+        e = grpc_server_request_registered_call(s->server, s->handles[m], &c->call, &c->deadline,
+                                                &c->md, &c->payload, s->cqs[q], s->cqs[q],
+                                                &c->t_new);
+    else
+        e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, s->cqs[q],
+                                     s->cqs[q], &c->t_new);
+    if (e != GRPC_CALL_OK) {
+        tp_log(TP_LOG_ERR, "rpc: cannot post a request: error %d", (int)e);
+        call_free(c);
+    }
+}
+
+void rpc_reply(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer *reply)
+{
+    grpc_op ops[3];
+    grpc_slice details = grpc_slice_from_copied_string(msg ? msg : "");
+    grpc_call_error e;
+    int n = 0;
+
+    memset(ops, 0, sizeof(ops));
+    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[n++].data.send_initial_metadata.count = 0;
+    if (reply) {
+        c->reply = reply;
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n++].data.send_message.send_message = reply;
+    }
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.trailing_metadata_count = 0;
+    ops[n].data.send_status_from_server.status = (grpc_status_code)status;
+    ops[n++].data.send_status_from_server.status_details = msg ? &details : NULL;
+    e = grpc_call_start_batch(c->call, ops, (size_t)n, &c->t_send, NULL);
+    grpc_slice_unref(details);
+    if (e != GRPC_CALL_OK) {
+        tp_log(TP_LOG_ERR, "rpc: cannot send a reply: error %d", (int)e);
+        call_release(c); /* no event will come for t_send */
+    }
+}
+
+void rpc_reply_err(struct rpc_call *c, const struct tp_err *err)
+{
+    rpc_reply(c, tp_code_grpc(err->code), err->msg, NULL);
+}
+
+static void on_new(struct rpc_server *s, struct rpc_call *c)
+{
+    grpc_op op;
+    grpc_call_error e;
+
+    if (!atomic_load(&s->shutting_down))
+        post(s, c->method, c->cq);
+    atomic_store(&c->pending, 2);
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->cancelled;
+    e = grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL);
+    if (e != GRPC_CALL_OK) {
+        tp_log(TP_LOG_ERR, "rpc: cannot start the close batch: error %d", (int)e);
+        atomic_store(&c->pending, 1);
+    }
+    if (c->method < 0) {
+        char method[128];
+
+        snprintf(method, sizeof(method), "%.*s", (int)GRPC_SLICE_LENGTH(c->details.method),
+                 (const char *)GRPC_SLICE_START_PTR(c->details.method));
+        tp_log(TP_LOG_DEBUG, "unimplemented method %s", method);
+        {
+            char msg[200];
+
+            snprintf(msg, sizeof(msg), "method %s is not implemented by tpd", method);
+            rpc_reply(c, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+        }
+        return;
+    }
+    s->methods[c->method].handler(s->ctx, c, c->payload);
+    /* the handler has parsed what it needs: free the request bytes now, not at call end */
+    if (c->payload) {
+        grpc_byte_buffer_destroy(c->payload);
+        c->payload = NULL;
+    }
+}
+
+static void *poll_thread(void *arg)
+{
+    struct rpc_server *s = ((void **)arg)[0];
+    grpc_completion_queue *cq = ((void **)arg)[1];
+
+    free(arg);
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        struct rpc_tag *t;
+
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type != GRPC_OP_COMPLETE)
+            continue;
+        t = ev.tag;
+        switch (t->kind) {
+        case T_NEW:
+            if (!ev.success) { /* server shutting down: nothing to answer, do not re-post */
+                call_free(t->call);
+                break;
+            }
+            on_new(s, t->call);
+            break;
+        case T_SEND:
+        case T_CLOSE:
+            call_release(t->call);
+            break;
+        }
+    }
+    return NULL;
+}
+
+static int add_port(struct rpc_server *s, const char *addr, struct tp_err *err)
+{
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    int port = grpc_server_add_http2_port(s->server, addr, creds);
+
+    grpc_server_credentials_release(creds);
+    if (port == 0)
+        return tp_err_set(err, TP_ESYS, "cannot listen on %s", addr);
+    if (strncmp(addr, "unix:", 5) == 0 && s->nunix < 8)
+        snprintf(s->unix_paths[s->nunix++], sizeof(s->unix_paths[0]), "%s", addr + 5);
+    tp_log(TP_LOG_INFO, "listening on %s", addr);
+    return 0;
+}
+
+int rpc_server_start(struct rpc_server **out, const struct rpc_config *c,
+                     const struct rpc_method *methods, int nmethods, void *ctx,
+                     struct tp_err *err)
+{
+    struct rpc_server *s = calloc(1, sizeof(*s));
+    grpc_arg args[2] = {
+        {GRPC_ARG_INTEGER, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, {.integer = (int)c->max_recv}},
+        {GRPC_ARG_INTEGER, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, {.integer = (int)c->max_send}}};
+    grpc_channel_args chargs = {2, args};
+
+    *out = NULL;
+    if (!s)
+        return tp_err_set(err, TP_ENOMEM, "no memory for the server");
+    s->methods = methods;
+    s->nmethods = nmethods;
+    s->ctx = ctx;
+    s->ncq = c->threads;
+    s->cqs = calloc((size_t)s->ncq, sizeof(*s->cqs));
+    s->threads = calloc((size_t)s->ncq, sizeof(*s->threads));
+    s->handles = calloc((size_t)nmethods, sizeof(*s->handles));
+    if (!s->cqs || !s->threads || !s->handles) {
+        tp_err_set(err, TP_ENOMEM, "no memory for the server");
+        goto fail;
+    }
+    s->server = grpc_server_create(&chargs, NULL);
+    for (int m = 0; m < nmethods; m++)
+        s->handles[m] = grpc_server_register_method(s->server, methods[m].path, NULL,
+                                                    GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    for (int q = 0; q < s->ncq; q++) {
+        s->cqs[q] = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(s->server, s->cqs[q], NULL);
+    }
+    for (int i = 0; i < c->nlisten; i++)
+        if (add_port(s, c->listen[i], err) < 0)
+            goto fail;
+    grpc_server_start(s->server);
+    s->started = 1;
+    for (int q = 0; q < s->ncq; q++) {
+        for (int m = 0; m < nmethods; m++)
+            for (int k = 0; k < POSTED_PER_METHOD; k++)
+                post(s, m, q);
+        for (int k = 0; k < POSTED_UNKNOWN; k++)
+            post(s, -1, q);
+    }
+    for (int q = 0; q < s->ncq; q++) {
+        void **arg = malloc(2 * sizeof(void *));
+
+        if (!arg) {
+            tp_err_set(err, TP_ENOMEM, "no memory for the server threads");
+            goto fail;
+        }
+        arg[0] = s;
+        arg[1] = s->cqs[q];
+        if (pthread_create(&s->threads[q], NULL, poll_thread, arg) != 0) {
+            free(arg);
+            tp_err_set(err, TP_ESYS, "cannot start gRPC thread %d", q);
+            goto fail;
+        }
+        s->nthreads++;
+    }
+    *out = s;
+    return 0;
+fail:
+    rpc_server_stop(s, 0);
+    return -1;
+}
+
+void rpc_server_stop(struct rpc_server *s, int grace_ms)
+{
+    if (!s)
+        return;
+    atomic_store(&s->shutting_down, 1);
+    if (s->started) {
+        grpc_completion_queue *scq = grpc_completion_queue_create_for_pluck(NULL);
+        int tag;
+        grpc_event ev;
+
+        grpc_server_shutdown_and_notify(s->server, scq, &tag);
+        ev = grpc_completion_queue_pluck(
+            scq, &tag,
+            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                         gpr_time_from_millis(grace_ms, GPR_TIMESPAN)),
+            NULL);
+        if (ev.type == GRPC_QUEUE_TIMEOUT) {
+            tp_log(TP_LOG_WARN, "calls still running after %d ms, cancelling them", grace_ms);
+            grpc_server_cancel_all_calls(s->server);
+            grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        }
+        grpc_completion_queue_shutdown(scq);
+        /* a pluck queue is drained with pluck: _next is not defined on it */
+        while (grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
+                   .type != GRPC_QUEUE_SHUTDOWN)
+            ;
+        grpc_completion_queue_destroy(scq);
+    }
+    for (int q = 0; q < s->ncq; q++)
+        if (s->cqs && s->cqs[q])
+            grpc_completion_queue_shutdown(s->cqs[q]);
+    for (int t = 0; t < s->nthreads; t++)
+        pthread_join(s->threads[t], NULL);
+    /* queues without a thread (start failed half way) are drained here */
+    for (int q = s->nthreads; q < s->ncq; q++) {
+        if (!s->cqs || !s->cqs[q])
+            continue;
+        for (;;) {
+            grpc_event ev = grpc_completion_queue_next(s->cqs[q],
+                                                       gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+
+            if (ev.type == GRPC_QUEUE_SHUTDOWN)
+                break;
+            if (ev.type == GRPC_OP_COMPLETE && ((struct rpc_tag *)ev.tag)->kind == T_NEW)
+                call_free(((struct rpc_tag *)ev.tag)->call);
+        }
+    }
+    if (s->server)
+        grpc_server_destroy(s->server);
+    for (int q = 0; q < s->ncq; q++)
+        if (s->cqs && s->cqs[q])
+            grpc_completion_queue_destroy(s->cqs[q]);
+    for (int i = 0; i < s->nunix; i++)
+        unlink(s->unix_paths[i]);
+    free(s->cqs);
+    free(s->threads);
+    free(s->handles);
+    free(s);
+}

@@ -1,0 +1,50 @@
+/* rpc.h -- the gRPC glue of tpd, on gRPC's C core: listening, one completion queue and thread per
+ * --grpc-threads, the unary call state machine, replies from any thread, and the drain on
+ * shutdown. It knows method paths, not what they mean: each registered method has a handler that
+ * must answer with rpc_reply exactly once, at once or later from any thread. Calls to any other
+ * method are answered UNIMPLEMENTED. */
+#ifndef TPD_RPC_H
+#define TPD_RPC_H
+
+#include <grpc/byte_buffer.h>
+#include <stddef.h>
+
+#include "err.h"
+
+struct rpc_server;
+struct rpc_call;
+
+/* payload: the request message (NULL if none came); borrowed until the handler returns. */
+typedef void (*rpc_handler_fn)(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload);
+
+struct rpc_method {
+    const char *path;              /* "/inference.GRPCInferenceService/ModelInfer" */
+    rpc_handler_fn handler;
+};
+
+struct rpc_config {
+    const char *const *listen;     /* "HOST:PORT" or "unix:PATH" */
+    int nlisten;
+    int threads;
+    long max_recv;                 /* bytes of one request message */
+    long max_send;                 /* bytes of one response message */
+};
+
+/* Binds every address and starts serving. methods (nmethods, static storage) and ctx are
+ * borrowed. On failure nothing is left listening. */
+int rpc_server_start(struct rpc_server **s, const struct rpc_config *c,
+                     const struct rpc_method *methods, int nmethods, void *ctx,
+                     struct tp_err *err);
+
+/* Answers a call: status is a gRPC status code (0 OK), msg its details (may be NULL), reply the
+ * response message (taken; NULL for none). */
+void rpc_reply(struct rpc_call *call, int status, const char *msg, grpc_byte_buffer *reply);
+
+/* Answers with an error: the gRPC status that err->code maps to, and err->msg. */
+void rpc_reply_err(struct rpc_call *call, const struct tp_err *err);
+
+/* Stops accepting, lets calls in progress finish for up to grace_ms, cancels the rest, stops the
+ * threads, removes the unix socket files it made and frees everything. Takes NULL. */
+void rpc_server_stop(struct rpc_server *s, int grace_ms);
+
+#endif

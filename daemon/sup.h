@@ -1,0 +1,51 @@
+/* sup.h -- the supervisor of the worker group. It starts one tpd-worker per rank (fork+exec, each
+ * with its control socket and the arena fd), waits for every READY, hands out jobs, and collects
+ * DONE messages on its own thread. A worker that dies takes the whole group down (a collective
+ * communicator cannot survive a lost member): every job in flight fails with TP_EUNAVAIL, the
+ * other workers are killed, and the group is started again after a backoff that doubles up to
+ * 30 s and resets once a group is ready. */
+#ifndef TPD_SUP_H
+#define TPD_SUP_H
+
+#include <stdint.h>
+
+#include "err.h"
+
+struct sup;
+
+struct sup_config {
+    const char *worker;        /* worker executable */
+    const char *weights;       /* safetensors path */
+    const char *weight;        /* tensor names */
+    const char *bias;          /* NULL: no bias */
+    const char *backend;       /* "cpu" */
+    int nranks;
+    int threads;               /* BLAS threads per rank */
+    uint32_t slots, max_batch;
+    int arena_fd;              /* passed to every worker; stays the caller's */
+    int backoff_ms;            /* first restart delay */
+    const char *log_level;     /* passed to the workers */
+};
+
+/* Called on the supervisor's thread, with no lock held, when every rank has finished job id on
+ * slot (err NULL), or when it failed (err says why; TP_EUNAVAIL when the group died). */
+typedef void (*sup_done_fn)(void *ctx, uint32_t slot, uint64_t id, const struct tp_err *err);
+
+/* Called on the supervisor's thread when the group becomes ready (1) or stops being ready (0). */
+typedef void (*sup_state_fn)(void *ctx, int ready);
+
+/* Starts the workers and the supervisor's thread, then waits until every rank is READY. Fails,
+ * with everything stopped, if a worker cannot start or reports a load error before the first
+ * READY. On success *s is owned by the caller (sup_stop). */
+int sup_start(struct sup **s, const struct sup_config *c, sup_done_fn done, sup_state_fn state,
+              void *ctx, struct tp_err *err);
+
+/* Sends job id (rows of slot) to every rank. Any thread. Fails with TP_EUNAVAIL when the group is
+ * not ready; then no done callback will come for this job. */
+int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struct tp_err *err);
+
+/* Stops the thread and the workers: closes the control sockets (workers exit on EOF), waits up
+ * to 5 s, then kills what is left and reaps everything. Takes NULL. */
+void sup_stop(struct sup *s);
+
+#endif

@@ -1,0 +1,54 @@
+/* ctl.h -- the control messages between the coordinator and a worker. One socketpair
+ * (AF_UNIX, SOCK_SEQPACKET) per worker carries fixed-size, versioned messages, one per
+ * datagram; the activations themselves travel through the shared-memory arena (shm.h).
+ * EOF on the socket is how either side learns that the other is gone.
+ *
+ *   worker -> coordinator  READY  once its shard is loaded (status, error text on failure)
+ *   coordinator -> worker  JOB    compute rows of a slot: id, slot, rows
+ *   worker -> coordinator  DONE   id, slot, status and error text
+ *
+ * The coordinator closes its end to stop a worker. */
+#ifndef TP_CTL_H
+#define TP_CTL_H
+
+#include <stdint.h>
+
+#include "err.h"
+
+#define CTL_MAGIC 0x74706431u /* "tpd1" */
+#define CTL_VERSION 1
+
+enum ctl_type {
+    CTL_READY = 1,
+    CTL_JOB = 2,
+    CTL_DONE = 3,
+};
+
+struct ctl_msg {
+    uint32_t magic;       /* CTL_MAGIC */
+    uint16_t version;     /* CTL_VERSION */
+    uint16_t type;        /* enum ctl_type */
+    uint64_t id;          /* job id, echoed by DONE */
+    uint32_t slot;        /* arena slot */
+    uint32_t rows;        /* rows of the slot's input to compute */
+    int32_t status;       /* enum tp_code; TP_OK on success */
+    uint32_t rank;        /* sender's rank (READY, DONE) */
+    uint64_t bytes;       /* READY: bytes of weights and bias read from the file */
+    char text[256];       /* NUL-terminated error message when status != TP_OK */
+};
+
+_Static_assert(sizeof(struct ctl_msg) == 296, "ctl_msg is a wire format");
+
+/* Sends one message (fills magic and version). EINTR is retried. Fails with TP_EUNAVAIL when the
+ * peer is gone (EPIPE, ECONNRESET), TP_ESYS otherwise. Never raises SIGPIPE. */
+int ctl_send(int fd, struct ctl_msg *m, struct tp_err *err);
+
+/* Receives one message. Returns 1 with *m filled, 0 on EOF (peer gone), -1 on error. */
+int ctl_recv(int fd, struct ctl_msg *m, struct tp_err *err);
+
+/* Checks a message that came from outside this process: magic, version, known type, a
+ * NUL-terminated text, slot < nslots and 1 <= rows <= max_batch for JOB. Returns -1 with a
+ * message naming the bad field. Exposed for tests and fuzzing. */
+int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, struct tp_err *err);
+
+#endif

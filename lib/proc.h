@@ -1,0 +1,22 @@
+/* proc.h -- starting child processes. Only this file decides what a child inherits: the fds
+ * listed in the spawn call, placed at 3, 4, ... in order, plus stdin/stdout/stderr; everything
+ * else is CLOEXEC. An exec failure comes back through a CLOEXEC pipe, so proc_spawn either
+ * returns a running program or an error that says why exec failed. The child gets
+ * PR_SET_PDEATHSIG(SIGKILL): a worker never outlives its coordinator. */
+#ifndef TP_PROC_H
+#define TP_PROC_H
+
+#include <sys/types.h>
+
+#include "err.h"
+
+/* Starts argv[0] (a path) with argv and the current environment plus the NULL-terminated
+ * "NAME=value" list env_add (may be NULL). The nfds fds in fds become 3, 3+1, ... in the child.
+ * On success *pid is the child's pid. */
+int proc_spawn(char *const argv[], char *const env_add[], const int *fds, int nfds, pid_t *pid,
+               struct tp_err *err);
+
+/* Directory of the running executable, with a trailing '/'; "" when unknown. */
+void proc_self_dir(char *buf, size_t len);
+
+#endif

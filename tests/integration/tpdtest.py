@@ -1,0 +1,520 @@
+"""tpdtest -- the harness behind tpd's integration tests.
+
+Every test runs real processes: tpd (which starts one tpd-worker per rank) and tpclient, talking
+over a unix socket in a temporary directory of the test's own. The programs come from the
+environment (ctest sets it, see CMakeLists.txt):
+
+    TPD          path of the tpd binary (tpd-worker is found next to it by tpd itself)
+    TPCLIENT     path of the tpclient binary
+    TP_SEED_DIR  tests/data/seed, the reference cases computed by PyTorch's nn.Linear
+
+A missing variable fails the tests; nothing is skipped silently.
+
+What is here:
+  * safetensors writing (F32/F16 through safetensors.numpy, BF16 by a small writer of our own,
+    rounding float32 to nearest-even) and reading (all three dtypes, for the seed files),
+  * the float64 reference y = x.W^T + b with its magnitude |x|.|W|^T + |b|, and the relative
+    error of docs/cli.md: max |y - ref| / mag,
+  * Daemon: one tpd process, its log, its readiness, its clean stop, and its reaping,
+  * run()/tpclient(): subprocesses that always have a timeout,
+  * TpdTestCase: a temporary directory per test, every daemon killed and reaped at the end,
+    and the tail of every daemon's log printed when the test failed.
+"""
+
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+TPD = os.environ.get("TPD", "")
+TPCLIENT = os.environ.get("TPCLIENT", "")
+SEED_DIR = os.environ.get("TP_SEED_DIR", "")
+
+READY_TIMEOUT = 30.0  # seconds tpd may take to become ready
+STOP_TIMEOUT = 20.0  # seconds tpd may take to drain and exit after SIGTERM
+CLIENT_TIMEOUT = 60.0  # seconds any one tpclient run may take
+
+_counter = itertools.count()
+
+ELEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def check_environment():
+    """Raises AssertionError naming what is missing (so the test fails, never skips)."""
+    problems = []
+    for var, path in (("TPD", TPD), ("TPCLIENT", TPCLIENT)):
+        if not path:
+            problems.append("%s is not set" % var)
+        elif not os.access(path, os.X_OK):
+            problems.append("%s=%s is not an executable file" % (var, path))
+    if not SEED_DIR:
+        problems.append("TP_SEED_DIR is not set")
+    elif not os.path.isfile(os.path.join(SEED_DIR, "seed.safetensors")):
+        problems.append("TP_SEED_DIR=%s has no seed.safetensors" % SEED_DIR)
+    if problems:
+        raise AssertionError("integration test environment: " + "; ".join(problems) +
+                             " (run through ctest, or set TPD, TPCLIENT and TP_SEED_DIR)")
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def f32_to_bf16_bits(a):
+    """float32 array -> uint16 BF16 bit patterns, rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(np.asarray(a, dtype=np.float32))
+    rounded = np.where(nan, (bits >> 16) | 0x40, rounded)  # keep NaN a (quiet) NaN
+    return rounded.astype(np.uint16)
+
+
+def bf16_bits_to_f32(h):
+    return (np.asarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_bf16(a):
+    """The float32 value that storing a as BF16 keeps."""
+    return bf16_bits_to_f32(f32_to_bf16_bits(a)).reshape(np.shape(a))
+
+
+def write_safetensors_raw(path, tensors, metadata=None):
+    """Writes tensors = [(name, dtype, shape, bytes), ...] in order: 8-byte little-endian header
+    length, JSON header padded with spaces to a multiple of 8, then the data."""
+    header = {}
+    offset = 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, _, _, data in tensors:
+            f.write(data)
+
+
+def read_safetensors(path):
+    """Reads every tensor of an F32/F16/BF16 safetensors file as float32: {name: array}."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        raw = blob[base + a:base + b]
+        dt = info["dtype"]
+        if dt == "F32":
+            arr = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        elif dt == "F16":
+            arr = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+        elif dt == "BF16":
+            arr = bf16_bits_to_f32(np.frombuffer(raw, dtype="<u2"))
+        else:
+            raise ValueError("%s: tensor %s has dtype %s" % (path, name, dt))
+        out[name] = arr.reshape(info["shape"])
+    return out
+
+
+def make_layer(path, out, in_, bias=True, dtype="F32", seed=0, metadata=None):
+    """Writes a random layer (weight [out, in_], bias [out] when bias) to path as dtype and
+    returns (W, b) as float32 exactly as stored (after rounding for F16/BF16); b is None without
+    bias. Values follow nn.Linear's init, U(-1/sqrt(in), 1/sqrt(in))."""
+    rng = np.random.default_rng(seed)
+    k = 1.0 / np.sqrt(in_)
+    W = rng.uniform(-k, k, size=(out, in_)).astype(np.float32)
+    b = rng.uniform(-k, k, size=(out,)).astype(np.float32) if bias else None
+    if dtype == "F32" or dtype == "F16":
+        from safetensors.numpy import save_file
+        npdt = np.float32 if dtype == "F32" else np.float16
+        tensors = {"weight": W.astype(npdt)}
+        if bias:
+            tensors["bias"] = b.astype(npdt)
+        save_file(tensors, path, metadata=metadata)
+        W = tensors["weight"].astype(np.float32)
+        b = tensors["bias"].astype(np.float32) if bias else None
+    elif dtype == "BF16":
+        tensors = [("weight", "BF16", W.shape, f32_to_bf16_bits(W).astype("<u2").tobytes())]
+        W = round_to_bf16(W)
+        if bias:
+            tensors.append(("bias", "BF16", b.shape, f32_to_bf16_bits(b).astype("<u2").tobytes()))
+            b = round_to_bf16(b)
+        write_safetensors_raw(path, tensors, metadata)
+    else:
+        raise ValueError("dtype " + dtype)
+    return W, b
+
+
+def seed_case(name, bf16=False):
+    """(weights path, x, W, b, y64) of a seed case; W and b as stored, float32."""
+    wpath = os.path.join(SEED_DIR, name + (".bf16" if bf16 else "") + ".safetensors")
+    t = read_safetensors(wpath)
+    x = np.load(os.path.join(SEED_DIR, name + ".x.npy"))
+    y64 = np.load(os.path.join(SEED_DIR, name + (".bf16" if bf16 else "") + ".y64.npy"))
+    return wpath, x, t["weight"], t.get("bias"), y64
+
+
+# ------------------------------------------------------------------------------------------------
+# reference and error
+
+
+def reference(x, W, b=None):
+    """(ref, mag) in float64: ref = x.W^T + b, mag = |x|.|W|^T + |b|."""
+    x64 = np.asarray(x, dtype=np.float64)
+    W64 = np.asarray(W, dtype=np.float64)
+    ref = x64 @ W64.T
+    mag = np.abs(x64) @ np.abs(W64).T
+    if b is not None:
+        b64 = np.asarray(b, dtype=np.float64)
+        ref = ref + b64
+        mag = mag + np.abs(b64)
+    return ref, mag
+
+
+def rel_err(y, ref, mag):
+    """max over elements of |y - ref| / mag; where mag == 0: 0 if y == ref, else inf.
+    NaN counts as inf. Shapes must match exactly."""
+    y = np.asarray(y)
+    if y.shape != np.shape(ref):
+        raise AssertionError("shape %s, expected %s" % (y.shape, np.shape(ref)))
+    if y.size == 0:
+        return 0.0
+    d = np.abs(y.astype(np.float64) - ref)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(mag > 0, d / np.where(mag > 0, mag, 1.0), np.where(d == 0, 0.0, np.inf))
+    r = np.where(np.isnan(r), np.inf, r)
+    return float(r.max())
+
+
+# ------------------------------------------------------------------------------------------------
+# processes
+
+
+class Result:
+    def __init__(self, argv, rc, out, err):
+        self.argv, self.rc, self.out, self.err = argv, rc, out, err
+
+    def __repr__(self):
+        return "%s -> rc %s\n--- stdout:\n%s--- stderr:\n%s" % (
+            " ".join(self.argv), self.rc, self.out, self.err)
+
+
+def run(argv, timeout=CLIENT_TIMEOUT, env=None):
+    """Runs argv to completion (killed after timeout, which fails the test) -> Result."""
+    argv = [str(a) for a in argv]
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                           env=env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError("%s did not finish within %.0f s (killed); stdout %r stderr %r" % (
+            " ".join(argv), timeout, e.stdout, e.stderr))
+    return Result(argv, p.returncode, p.stdout.decode(errors="replace"),
+                  p.stderr.decode(errors="replace"))
+
+
+def tpclient(*args, timeout=CLIENT_TIMEOUT):
+    return run([TPCLIENT] + list(args), timeout=timeout)
+
+
+class Background:
+    """A process started now and collected later with wait(); killed by kill() if still there."""
+
+    def __init__(self, argv, cwd=None):
+        self.argv = [str(a) for a in argv]
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, cwd=cwd)
+        self.result = None
+
+    def wait(self, timeout=CLIENT_TIMEOUT):
+        if self.result is None:
+            try:
+                out, err = self.proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError("%s did not finish within %.0f s (killed)" % (
+                    " ".join(self.argv), timeout))
+            self.result = Result(self.argv, self.proc.returncode, out.decode(errors="replace"),
+                                 err.decode(errors="replace"))
+        return self.result
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.communicate(timeout=10)
+        except (subprocess.TimeoutExpired, ValueError):
+            pass
+
+
+def pid_alive(pid, name=b"tpd-worker"):
+    """True while pid is a live (not zombie) process whose command line contains name."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    state = stat[stat.rfind(b")") + 2:][:1]
+    if state in (b"Z", b"X"):
+        return False
+    return name is None or name in cmdline
+
+
+def free_tcp_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def one_line_error(testcase, res, prog="tpclient"):
+    """Asserts stderr is exactly one line starting 'PROG: error:'."""
+    lines = [l for l in res.err.splitlines() if l.strip()]
+    testcase.assertEqual(len(lines), 1, "expected one error line on stderr:\n%r" % res)
+    testcase.assertTrue(lines[0].startswith(prog + ": error:"),
+                        "stderr does not start with '%s: error:':\n%r" % (prog, res))
+    return lines[0]
+
+
+STARTED_RE = re.compile(r"tpd: notice: started worker rank (\d+) pid (\d+)")
+LOADED_RE = re.compile(r"tpd-worker rank (\d+): \w+: loaded rows \[(\d+), (\d+)\) of (\d+) from "
+                       r"'([^']*)' \((\w+)\): read (\d+) bytes of weight and (\d+) bytes of bias")
+ACCEPTED_RE = re.compile(r"tpd: debug: accepted request")
+
+
+class Daemon:
+    """One tpd. Listens on a unix socket in workdir unless listen is given. Its stdout and stderr
+    go to NAME.log in workdir. start() waits until `tpclient health` says ready (exit 0); stop()
+    sends SIGTERM and demands exit 0 within STOP_TIMEOUT; kill() (always called at cleanup) kills
+    whatever is left -- tpd's process group (it runs in a session of its own) and any worker it
+    logged -- and reaps tpd."""
+
+    def __init__(self, workdir, weights, args=(), name="tpd", listen=None):
+        self.workdir = workdir
+        self.name = name
+        self.sock = os.path.join(workdir, name + ".sock")
+        self.addr = listen if listen else "unix:" + self.sock
+        self.argv = [TPD, "--weights", weights, "--listen", self.addr] + [str(a) for a in args]
+        self.log_path = os.path.join(workdir, name + ".log")
+        self.proc = None
+        self.logf = None
+        self.final_log = None
+        self.returncode = None
+
+    # -- life
+
+    def start(self, wait_ready=True, timeout=READY_TIMEOUT):
+        self.logf = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.logf,
+                                     stderr=self.logf, start_new_session=True)
+        if wait_ready:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout=READY_TIMEOUT):
+        """Polls `tpclient health` until it exits 0. Fails if tpd exits or time runs out."""
+        t0 = time.monotonic()
+        last = None
+        while True:
+            rc = self.proc.poll()
+            if rc is not None:
+                raise AssertionError("tpd exited with %d before it was ready: %s\n%s" % (
+                    rc, " ".join(self.argv), self.log_tail()))
+            last = self.client("health", "--timeout", "2000", timeout=10)
+            if last.rc == 0:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError("tpd not ready after %.0f s; last health check: %r\n%s" % (
+                    timeout, last, self.log_tail()))
+            time.sleep(0.05)
+
+    def send(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout=STOP_TIMEOUT):
+        """Waits for tpd to exit -> its status (fails after timeout)."""
+        try:
+            self.returncode = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("tpd did not exit within %.0f s (killed)\n%s" % (
+                timeout, self.log_tail()))
+        return self.returncode
+
+    def stop(self, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
+        """Sends sig and asserts tpd exits 0 within timeout."""
+        t0 = time.monotonic()
+        self.send(sig)
+        rc = self.wait_exit(timeout)
+        if rc != 0:
+            raise AssertionError("tpd exited with %d after %s, expected 0\n%s" % (
+                rc, signal.Signals(sig).name, self.log_tail()))
+        return time.monotonic() - t0
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                self.proc.kill()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in self.all_worker_pids():
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        if self.logf:
+            self.logf.close()
+            self.logf = None
+        if self.final_log is None:
+            self.final_log = self.log()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+        return False
+
+    # -- log
+
+    def log(self):
+        if self.final_log is not None:
+            return self.final_log
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines=40):
+        text = self.log().splitlines()
+        return "--- %s log (%s), last %d of %d lines:\n%s\n---" % (
+            self.name, " ".join(self.argv), min(lines, len(text)), len(text),
+            "\n".join(text[-lines:]))
+
+    def worker_pids(self):
+        """{rank: pid} from the latest 'started worker rank R pid P' line of each rank."""
+        return {int(r): int(p) for r, p in STARTED_RE.findall(self.log())}
+
+    def all_worker_pids(self):
+        return [int(p) for _, p in STARTED_RE.findall(self.log())]
+
+    def loaded(self):
+        """[(rank, A, B, OUT, name, dtype, wbytes, bbytes)] from the 'loaded rows' lines."""
+        return [(int(r), int(a), int(b), int(o), n, d, int(wb), int(bb))
+                for r, a, b, o, n, d, wb, bb in LOADED_RE.findall(self.log())]
+
+    def count(self, regex):
+        return len(re.findall(regex, self.log()))
+
+    # -- clients
+
+    def client(self, *args, timeout=CLIENT_TIMEOUT):
+        return tpclient("--server", self.addr, *args, timeout=timeout)
+
+    def client_bg(self, *args):
+        return Background([TPCLIENT, "--server", self.addr] + list(args))
+
+
+# ------------------------------------------------------------------------------------------------
+# test case
+
+
+class TpdTestCase(unittest.TestCase):
+    """A temporary directory (self.tmp) per test, removed at the end; daemons started through
+    start_daemon() are killed and reaped at the end whatever happened, and when the test failed
+    the tail of each one's log is printed."""
+
+    @classmethod
+    def setUpClass(cls):
+        check_environment()
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="tpdtest-")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.daemons = []
+
+    def path(self, name):
+        return os.path.join(self.tmp, name)
+
+    def daemon(self, weights, *args, name=None, listen=None):
+        """A Daemon not yet started, killed at cleanup."""
+        d = Daemon(self.tmp, weights, args, name=name or "tpd%d" % len(self.daemons),
+                   listen=listen)
+        self.daemons.append(d)
+        self.addCleanup(d.kill)
+        return d
+
+    def start_daemon(self, weights, *args, name=None, listen=None):
+        return self.daemon(weights, *args, name=name, listen=listen).start()
+
+    def bg(self, argv):
+        p = Background(argv)
+        self.addCleanup(p.kill)
+        return p
+
+    def run(self, result=None):
+        before = (len(result.failures) + len(result.errors)) if result is not None else 0
+        res = super().run(result)
+        r = result if result is not None else res
+        if r is not None and len(r.failures) + len(r.errors) > before:
+            for d in getattr(self, "daemons", []):
+                print("\n[%s failed] %s" % (self.id(), d.log_tail(60)), file=sys.stderr)
+        return res
+
+    # -- assertions shared by the tests
+
+    def assert_close(self, y, x, W, b, tol=1e-5, what=""):
+        """Asserts rel_err(y, reference(x, W, b)) <= tol and returns it."""
+        ref, mag = reference(x, W, b)
+        self.assertEqual(np.shape(y), ref.shape, "%s: output shape" % what)
+        err = rel_err(y, ref, mag)
+        self.assertLessEqual(err, tol, "%s: max relative error %.3g > %.3g" % (what, err, tol))
+        return err
+
+    def forward(self, d, x, *extra, model=None, name=None):
+        """Writes x to an .npy, runs `tpclient forward x.npy -o y.npy` against d, asserts exit 0
+        and returns y (float32 as tpclient wrote it)."""
+        name = name or "x%d" % next(_counter)
+        xin = self.path(name + ".npy")
+        yout = self.path(name + ".out.npy")
+        np.save(xin, np.ascontiguousarray(x, dtype=np.float32))
+        args = ["forward", xin, "-o", yout] + list(extra)
+        if model:
+            args += ["--model", model]
+        res = d.client(*args)
+        self.assertEqual(res.rc, 0, "forward failed: %r\n%s" % (res, d.log_tail()))
+        y = np.load(yout)
+        self.assertEqual(y.dtype, np.float32, "tpclient wrote %s, expected float32" % y.dtype)
+        return y

@@ -1,0 +1,105 @@
+/* ref.c -- the CPU reference (see ref.h). Deliberately the simplest code that is right: one dot
+ * product per output element, in double, no blocking, no BLAS. */
+#include "ref.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "safetensors.h"
+
+int ref_layer_load(struct ref_layer *l, const char *path, const char *weight_name,
+                   const char *bias_name, struct tp_err *err)
+{
+    struct st_file f = {.fd = -1};
+    const struct st_tensor *w, *b;
+    const char *bname = bias_name ? bias_name : "bias";
+
+    *l = (struct ref_layer){0};
+    if (st_open(&f, path, err) < 0)
+        goto fail;
+    w = st_find(&f, weight_name);
+    if (!w || w->ndim != 2) {
+        tp_err_set(err, TP_EINVAL, "%s: no 2-d tensor '%s'", path, weight_name);
+        goto fail;
+    }
+    b = st_find(&f, bname);
+    if (!b && bias_name) {
+        tp_err_set(err, TP_EINVAL, "%s: no tensor '%s'", path, bias_name);
+        goto fail;
+    }
+    if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) {
+        tp_err_set(err, TP_EINVAL, "%s: bias '%s' does not match %lld outputs", path, bname,
+                   (long long)w->shape[0]);
+        goto fail;
+    }
+    l->out = w->shape[0];
+    l->in = w->shape[1];
+    l->w = malloc((size_t)(l->out * l->in) * sizeof(float) + 1);
+    if (!l->w || st_read_rows_f32(&f, w, 0, l->out, l->w, NULL, err) < 0)
+        goto fail;
+    if (b) {
+        l->b = malloc((size_t)l->out * sizeof(float));
+        if (!l->b || st_read_rows_f32(&f, b, 0, l->out, l->b, NULL, err) < 0)
+            goto fail;
+    }
+    st_close(&f);
+    return 0;
+fail:
+    if (err->msg[0] == '\0')
+        tp_err_set(err, TP_ENOMEM, "%s: no memory for the reference layer", path);
+    st_close(&f);
+    ref_layer_free(l);
+    return -1;
+}
+
+void ref_layer_free(struct ref_layer *l)
+{
+    free(l->w);
+    free(l->b);
+    *l = (struct ref_layer){0};
+}
+
+void ref_linear(const struct ref_layer *l, const float *x, int64_t batch, double *want,
+                double *mag)
+{
+    for (int64_t i = 0; i < batch; i++) {
+        for (int64_t j = 0; j < l->out; j++) {
+            double acc = l->b ? (double)l->b[j] : 0.0;
+            double m = l->b ? fabs((double)l->b[j]) : 0.0;
+
+            for (int64_t k = 0; k < l->in; k++) {
+                double p = (double)x[i * l->in + k] * (double)l->w[j * l->in + k];
+
+                acc += p;
+                m += fabs(p);
+            }
+            want[i * l->out + j] = acc;
+            mag[i * l->out + j] = m;
+        }
+    }
+}
+
+void ref_compare(const float *got, const double *want, const double *mag, size_t n,
+                 struct ref_stats *s)
+{
+    *s = (struct ref_stats){.worst = -1};
+    for (size_t i = 0; i < n; i++) {
+        double d, rel;
+
+        if (!isfinite(got[i])) {
+            s->nonfinite++;
+            s->max_abs = s->max_rel = INFINITY;
+            s->worst = (int64_t)i;
+            continue;
+        }
+        d = fabs((double)got[i] - want[i]);
+        rel = mag[i] > 0 ? d / mag[i] : (d == 0 ? 0 : INFINITY);
+        if (d > s->max_abs)
+            s->max_abs = d;
+        if (s->worst < 0 || rel > s->max_rel) {
+            s->max_rel = rel;
+            s->worst = (int64_t)i;
+        }
+    }
+}

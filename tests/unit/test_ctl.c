@@ -1,0 +1,85 @@
+/* test_ctl.c -- control messages over a real SEQPACKET socketpair: round trip, EOF, and every
+ * field ctl_validate must refuse. */
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "ctl.h"
+#include "test.h"
+
+static void test_round_trip_and_eof(void)
+{
+    struct ctl_msg m = {.type = CTL_JOB, .id = 42, .slot = 3, .rows = 7}, got;
+    struct tp_err err = {0};
+    int sv[2];
+
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv), 0);
+    ASSERT_EQ(ctl_send(sv[0], &m, &err), 0);
+    ASSERT_EQ(ctl_recv(sv[1], &got, &err), 1);
+    ASSERT_EQ(got.magic, CTL_MAGIC);
+    ASSERT_EQ(got.version, CTL_VERSION);
+    ASSERT_EQ(got.id, 42);
+    ASSERT_EQ(got.slot, 3);
+    ASSERT_EQ(got.rows, 7);
+    ASSERT_EQ(ctl_validate(&got, 4, 8, &err), 0);
+    close(sv[0]);
+    ASSERT_EQ(ctl_recv(sv[1], &got, &err), 0);
+    ASSERT_EQ(ctl_send(sv[1], &m, &err), -1);
+    ASSERT_EQ(err.code, TP_EUNAVAIL);
+    close(sv[1]);
+}
+
+static void test_wrong_size(void)
+{
+    struct ctl_msg got;
+    struct tp_err err = {0};
+    char small[10] = {0};
+    int sv[2];
+
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv), 0);
+    ASSERT_EQ(send(sv[0], small, sizeof(small), 0), (ssize_t)sizeof(small));
+    ASSERT_EQ(ctl_recv(sv[1], &got, &err), -1);
+    ASSERT_STR_HAS(err.msg, "10 bytes");
+    close(sv[0]);
+    close(sv[1]);
+}
+
+static void test_validate_rejects(void)
+{
+    struct ctl_msg ok = {.magic = CTL_MAGIC, .version = CTL_VERSION, .type = CTL_JOB,
+                         .slot = 1, .rows = 4}, m;
+    struct tp_err err = {0};
+
+    ASSERT_EQ(ctl_validate(&ok, 4, 8, &err), 0);
+    m = ok, m.magic = 1;
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "magic");
+    m = ok, m.version = 9;
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "version");
+    m = ok, m.type = 77;
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "type");
+    m = ok, m.slot = 4;
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "slot");
+    m = ok, m.rows = 0;
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "rows");
+    m = ok, m.rows = 9;
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    m = ok, m.status = -3;
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "status");
+    m = ok;
+    memset(m.text, 'x', sizeof(m.text));
+    ASSERT_EQ(ctl_validate(&m, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "text");
+}
+
+int main(void)
+{
+    TEST_RUN(test_round_trip_and_eof);
+    TEST_RUN(test_wrong_size);
+    TEST_RUN(test_validate_rejects);
+    return 0;
+}

@@ -1,0 +1,179 @@
+/* test_infer.c -- ModelInfer validation: a valid request in each data form, then one bad field at
+ * a time, each refused with the right code and a message that says what was expected and what
+ * came; and the response echoes the id, names the output and carries exactly the rows given. */
+#include <grpc/byte_buffer_reader.h>
+
+#include "gbuf.h"
+#include "infer.h"
+#include "test.h"
+
+static const struct model model = {.name = "lin", .in = 3, .out = 2, .wdtype = TP_F32,
+                                   .has_bias = 1, .ranks = 2, .backend = "cpu", .max_batch = 4};
+
+struct req {
+    Inference__ModelInferRequest r;
+    Inference__ModelInferRequest__InferInputTensor t;
+    Inference__ModelInferRequest__InferInputTensor *ts[2];
+    Inference__InferTensorContents contents;
+    Inference__ModelInferRequest__InferRequestedOutputTensor o;
+    Inference__ModelInferRequest__InferRequestedOutputTensor *os[1];
+    int64_t shape[3];
+    float x[16];
+    ProtobufCBinaryData raw[2];
+};
+
+/* a valid request of 2 rows with raw contents */
+static void make(struct req *q)
+{
+    *q = (struct req){0};
+    inference__model_infer_request__init(&q->r);
+    inference__model_infer_request__infer_input_tensor__init(&q->t);
+    inference__infer_tensor_contents__init(&q->contents);
+    inference__model_infer_request__infer_requested_output_tensor__init(&q->o);
+    for (int i = 0; i < 16; i++)
+        q->x[i] = (float)i;
+    q->r.model_name = "lin";
+    q->r.id = "req-7";
+    q->t.name = "input";
+    q->t.datatype = "FP32";
+    q->shape[0] = 2, q->shape[1] = 3;
+    q->t.n_shape = 2;
+    q->t.shape = q->shape;
+    q->ts[0] = q->ts[1] = &q->t;
+    q->r.n_inputs = 1;
+    q->r.inputs = q->ts;
+    q->raw[0] = q->raw[1] = (ProtobufCBinaryData){.len = 24, .data = (uint8_t *)q->x};
+    q->r.n_raw_input_contents = 1;
+    q->r.raw_input_contents = q->raw;
+    q->o.name = "output";
+    q->os[0] = &q->o;
+}
+
+static void expect_fail(struct req *q, enum tp_code code, const char *word)
+{
+    struct infer_input in;
+    struct tp_err err = {0};
+
+    ASSERT_EQ(infer_validate(&model, &q->r, &in, &err), -1);
+    ASSERT_EQ(err.code, code);
+    ASSERT_STR_HAS(err.msg, word);
+    make(q);
+}
+
+static void test_valid_forms(void)
+{
+    struct req q;
+    struct infer_input in;
+    struct tp_err err = {0};
+
+    make(&q);
+    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(in.rows, 2);
+    ASSERT_TRUE(in.x == q.x);
+    q.r.model_version = "1";
+    q.r.n_outputs = 1;
+    q.r.outputs = q.os;
+    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    /* typed contents instead of raw */
+    make(&q);
+    q.r.n_raw_input_contents = 0;
+    q.contents.n_fp32_contents = 6;
+    q.contents.fp32_contents = q.x;
+    q.t.contents = &q.contents;
+    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(in.rows, 2);
+    ASSERT_TRUE(in.x == q.x);
+    /* max_batch rows */
+    make(&q);
+    q.shape[0] = 4;
+    q.raw[0].len = 48;
+    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+}
+
+static void test_rejects(void)
+{
+    struct req q;
+
+    make(&q);
+    q.r.model_name = "other";
+    expect_fail(&q, TP_ENOTFOUND, "'other'");
+    q.r.model_version = "7";
+    expect_fail(&q, TP_ENOTFOUND, "'7'");
+    q.r.n_inputs = 0;
+    expect_fail(&q, TP_EINVAL, "got 0");
+    q.r.n_inputs = 2;
+    expect_fail(&q, TP_EINVAL, "got 2");
+    q.t.name = "x";
+    expect_fail(&q, TP_EINVAL, "'x'");
+    q.t.datatype = "FP64";
+    expect_fail(&q, TP_EINVAL, "FP64");
+    q.t.datatype = "INT32";
+    expect_fail(&q, TP_EINVAL, "expected FP32");
+    q.t.n_shape = 1;
+    expect_fail(&q, TP_EINVAL, "[B, 3]");
+    q.t.n_shape = 3;
+    expect_fail(&q, TP_EINVAL, "[2, 3, 0]");
+    q.shape[1] = 4;
+    expect_fail(&q, TP_EINVAL, "[2, 4]");
+    q.shape[0] = 0;
+    q.raw[0].len = 0;
+    expect_fail(&q, TP_EINVAL, "1 to 4");
+    q.shape[0] = 5;
+    q.raw[0].len = 60;
+    expect_fail(&q, TP_EINVAL, "5 rows");
+    q.shape[0] = -1;
+    expect_fail(&q, TP_EINVAL, "-1");
+    q.raw[0].len = 20;
+    expect_fail(&q, TP_EINVAL, "needs 24 bytes");
+    q.r.n_raw_input_contents = 2;
+    expect_fail(&q, TP_EINVAL, "raw_input_contents");
+    q.r.n_raw_input_contents = 0;
+    expect_fail(&q, TP_EINVAL, "no data");
+    q.r.n_raw_input_contents = 0;
+    q.t.contents = &q.contents;
+    q.contents.n_fp32_contents = 5;
+    q.contents.fp32_contents = q.x;
+    expect_fail(&q, TP_EINVAL, "needs 6 fp32_contents, got 5");
+    q.t.contents = &q.contents;
+    expect_fail(&q, TP_EINVAL, "both");
+    q.o.name = "logits";
+    q.r.n_outputs = 1;
+    q.r.outputs = q.os;
+    expect_fail(&q, TP_EINVAL, "'logits'");
+}
+
+static void test_response(void)
+{
+    struct req q;
+    float y[4] = {1.5f, -2, 3, 4.25f};
+    grpc_byte_buffer *bb;
+    Inference__ModelInferResponse *r;
+    struct tp_err err = {0};
+
+    make(&q);
+    bb = infer_response(&model, &q.r, y, 2);
+    ASSERT_TRUE(bb != NULL);
+    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor,
+                          (ProtobufCMessage **)&r, &err), 0);
+    ASSERT_STR_EQ(r->id, "req-7");
+    ASSERT_STR_EQ(r->model_name, "lin");
+    ASSERT_EQ(r->n_outputs, 1);
+    ASSERT_STR_EQ(r->outputs[0]->name, "output");
+    ASSERT_STR_EQ(r->outputs[0]->datatype, "FP32");
+    ASSERT_EQ(r->outputs[0]->n_shape, 2);
+    ASSERT_EQ(r->outputs[0]->shape[0], 2);
+    ASSERT_EQ(r->outputs[0]->shape[1], 2);
+    ASSERT_EQ(r->n_raw_output_contents, 1);
+    ASSERT_EQ(r->raw_output_contents[0].len, sizeof(y));
+    ASSERT_EQ(memcmp(r->raw_output_contents[0].data, y, sizeof(y)), 0);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    grpc_byte_buffer_destroy(bb);
+}
+
+int main(void)
+{
+    TEST_RUN(test_valid_forms);
+    TEST_RUN(test_rejects);
+    TEST_RUN(test_response);
+    return 0;
+}

@@ -1,0 +1,192 @@
+/* main.c -- tpd-worker: one rank of a column-parallel linear layer. Started by tpd (fork+exec),
+ * never by hand: fd 3 is its control socket (ctl.h) and fd 4 the shared-memory arena (shm.h).
+ * It loads only its own rows of W, reports READY, then computes one JOB at a time until the
+ * coordinator closes the socket, and exits. A load failure is reported in the READY message, so
+ * the coordinator can say why the worker failed, and the worker exits 1. */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "ctl.h"
+#include "log.h"
+#include "shard.h"
+#include "shm.h"
+
+#define CTL_FD 3
+#define ARENA_FD 4
+
+struct worker_args {
+    int rank, nranks, threads, device;
+    uint32_t slots, max_batch;
+    const char *weights, *weight, *bias, *backend;
+};
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: tpd-worker --rank R --ranks N --weights PATH --weight NAME [--bias NAME]\n"
+                    "                  --slots S --max-batch B [--threads T] [--backend cpu]\n"
+                    "                  [--log-level LEVEL]\n"
+                    "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
+                    "shared-memory arena on fd 4; it is not meant to be run by hand.\n");
+}
+
+static int parse_int(const char *s, long lo, long hi, long *v)
+{
+    char *end;
+
+    errno = 0;
+    *v = strtol(s, &end, 10);
+    return (errno || end == s || *end || *v < lo || *v > hi) ? -1 : 0;
+}
+
+static int parse_args(int argc, char **argv, struct worker_args *a)
+{
+    static const struct option opts[] = {
+        {"rank", required_argument, NULL, 'r'},      {"ranks", required_argument, NULL, 'n'},
+        {"weights", required_argument, NULL, 'f'},   {"weight", required_argument, NULL, 'w'},
+        {"bias", required_argument, NULL, 'b'},      {"slots", required_argument, NULL, 's'},
+        {"max-batch", required_argument, NULL, 'm'}, {"threads", required_argument, NULL, 't'},
+        {"backend", required_argument, NULL, 'k'},   {"device", required_argument, NULL, 'd'},
+        {"log-level", required_argument, NULL, 'l'}, {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    long v;
+    int c;
+
+    *a = (struct worker_args){.rank = -1, .threads = 1, .device = -1, .backend = "cpu"};
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'r': if (parse_int(optarg, 0, 4095, &v)) return -1; a->rank = (int)v; break;
+        case 'n': if (parse_int(optarg, 1, 4096, &v)) return -1; a->nranks = (int)v; break;
+        case 'f': a->weights = optarg; break;
+        case 'w': a->weight = optarg; break;
+        case 'b': a->bias = optarg; break;
+        case 's': if (parse_int(optarg, 1, 1024, &v)) return -1; a->slots = (uint32_t)v; break;
+        case 'm': if (parse_int(optarg, 1, 1 << 20, &v)) return -1; a->max_batch = (uint32_t)v; break;
+        case 't': if (parse_int(optarg, 1, 1024, &v)) return -1; a->threads = (int)v; break;
+        case 'k': a->backend = optarg; break;
+        case 'd': if (parse_int(optarg, 0, 1023, &v)) return -1; a->device = (int)v; break;
+        case 'l':
+            if (tp_log_parse_level(optarg) < 0)
+                return -1;
+            tp_log_level = (enum tp_log_level)tp_log_parse_level(optarg);
+            break;
+        default: return -1;
+        }
+    }
+    if (optind != argc || a->rank < 0 || a->nranks < 1 || a->rank >= a->nranks || !a->weights ||
+        !a->weight || !a->slots || !a->max_batch)
+        return -1;
+    return 0;
+}
+
+static void send_ready(const struct worker_args *a, const struct tp_err *failed, uint64_t bytes)
+{
+    struct ctl_msg m = {.type = CTL_READY, .rank = (uint32_t)a->rank, .bytes = bytes};
+    struct tp_err err = {0};
+
+    if (failed) {
+        m.status = failed->code ? failed->code : TP_EINTERNAL;
+        snprintf(m.text, sizeof(m.text), "%s", failed->msg);
+    }
+    if (ctl_send(CTL_FD, &m, &err) < 0)
+        tp_log(TP_LOG_ERR, "reporting readiness: %s", err.msg);
+}
+
+/* Serves jobs until the coordinator closes the socket. Returns the exit status. */
+static int serve(const struct worker_args *a, const struct backend_ops *ops, struct backend *be,
+                 const struct shm_arena *arena)
+{
+    struct ctl_msg m, done;
+    struct tp_err err;
+    int r;
+
+    for (;;) {
+        err = (struct tp_err){0};
+        r = ctl_recv(CTL_FD, &m, &err);
+        if (r == 0)
+            return 0;
+        if (r < 0 || ctl_validate(&m, a->slots, a->max_batch, &err) < 0) {
+            tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
+            return 1;
+        }
+        if (m.type != CTL_JOB) {
+            tp_log(TP_LOG_ERR, "control channel: unexpected message type %u", m.type);
+            return 1;
+        }
+        done = (struct ctl_msg){.type = CTL_DONE, .id = m.id, .slot = m.slot, .rows = m.rows,
+                                .rank = (uint32_t)a->rank};
+        if (ops->forward(be, shm_slot_input(arena, m.slot), m.rows, shm_slot_output(arena, m.slot),
+                         &err) < 0) {
+            done.status = err.code ? err.code : TP_EINTERNAL;
+            snprintf(done.text, sizeof(done.text), "%s", err.msg);
+            tp_log(TP_LOG_ERR, "job %llu: %s", (unsigned long long)m.id, err.msg);
+        }
+        err = (struct tp_err){0};
+        if (ctl_send(CTL_FD, &done, &err) < 0) {
+            tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
+            return 1;
+        }
+    }
+}
+
+int main(int argc, char **argv)
+{
+    struct worker_args a;
+    struct shard s = {0};
+    struct shm_arena arena = {.fd = -1};
+    struct backend *be = NULL;
+    const struct backend_ops *ops;
+    struct tp_err err = {0};
+    char prefix[32];
+    uint64_t bytes;
+    int status = 1;
+
+    tp_log_init("tpd-worker", NULL);
+    if (parse_args(argc, argv, &a) < 0) {
+        usage();
+        return 64;
+    }
+    snprintf(prefix, sizeof(prefix), "rank %d", a.rank);
+    tp_log_init("tpd-worker", prefix);
+    ops = backend_find(a.backend);
+    if (!ops) {
+        tp_err_set(&err, TP_EINVAL, "backend '%s' is not built into this worker", a.backend);
+        goto fail;
+    }
+    if (shard_load(&s, a.weights, a.weight, a.bias, a.rank, a.nranks, &err) < 0)
+        goto fail;
+    bytes = s.w_bytes + s.b_bytes;
+    tp_log(TP_LOG_NOTICE,
+           "loaded rows [%lld, %lld) of %lld from '%s' (%s): read %llu bytes of weight and %llu "
+           "bytes of bias",
+           (long long)s.row0, (long long)(s.row0 + s.rows), (long long)s.out, a.weight,
+           tp_dtype_file_name(s.dtype), (unsigned long long)s.w_bytes,
+           (unsigned long long)s.b_bytes);
+    if (shm_arena_attach(&arena, ARENA_FD,
+                         &(struct shm_layout){.nslots = a.slots, .max_batch = a.max_batch,
+                                              .in = (uint32_t)s.in, .out = (uint32_t)s.out},
+                         &err) < 0)
+        goto fail;
+    if (ops->create(&be, &(struct backend_config){.rank = a.rank, .nranks = a.nranks,
+                                                  .max_batch = a.max_batch, .threads = a.threads,
+                                                  .device = a.device},
+                    &s, &err) < 0)
+        goto fail;
+    send_ready(&a, NULL, bytes);
+    status = serve(&a, ops, be, &arena);
+    goto out;
+fail:
+    tp_log(TP_LOG_ERR, "%s", err.msg);
+    send_ready(&a, &err, 0);
+out:
+    if (ops && be)
+        ops->destroy(be);
+    shard_free(&s);
+    shm_arena_destroy(&arena);
+    return status;
+}
