@@ -13,6 +13,10 @@
 int cmd_forward(struct conn *c, int argc, char **argv);
 int cmd_health(struct conn *c, int argc, char **argv);
 int cmd_metadata(struct conn *c, int argc, char **argv);
+int cmd_bench(struct conn *c, int argc, char **argv);
+
+/* Parses the only option of a command that takes just [--model NAME]; -1 after a message. */
+int cmd_model_option(int argc, char **argv, const char **model);
 
 /* Prints "tpclient: error: MSG" on stderr. */
 void cmd_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

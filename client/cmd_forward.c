@@ -10,51 +10,17 @@
 #include <unistd.h>
 
 #include "cmd.h"
-#include "grpc_service.pb-c.h"
+#include "kserve.h"
 #include "npy.h"
 #include "ref.h"
 
 #define MAX_BIN (4ull << 30)
-
-struct layout {
-    int64_t in, out, max_batch;
-};
 
 static int ends_with(const char *s, const char *suffix)
 {
     size_t n = strlen(s), m = strlen(suffix);
 
     return n >= m && strcmp(s + n - m, suffix) == 0;
-}
-
-static int get_layout(struct conn *c, const char *model, struct layout *l, struct tp_err *err)
-{
-    Inference__ModelMetadataRequest req = INFERENCE__MODEL_METADATA_REQUEST__INIT;
-    Inference__ModelMetadataResponse *r;
-    int rc = -1;
-
-    req.name = (char *)model;
-    if (conn_call(c, "/inference.GRPCInferenceService/ModelMetadata", &req.base,
-                  &inference__model_metadata_response__descriptor, (ProtobufCMessage **)&r,
-                  err) < 0)
-        return -1;
-    if (r->n_inputs != 1 || r->n_outputs != 1 || r->inputs[0]->n_shape != 2 ||
-        r->outputs[0]->n_shape != 2 || strcmp(r->inputs[0]->datatype, "FP32") != 0 ||
-        r->inputs[0]->shape[1] < 1 || r->outputs[0]->shape[1] < 1) {
-        tp_err_set(err, TP_EINVAL, "model '%s' is not one FP32 [-1, in] -> [-1, out] layer",
-                   model);
-        goto out;
-    }
-    l->in = r->inputs[0]->shape[1];
-    l->out = r->outputs[0]->shape[1];
-    l->max_batch = 0;
-    for (size_t i = 0; i < r->n_parameters; i++)
-        if (strcmp(r->parameters[i]->key, "max_batch") == 0 && r->parameters[i]->value)
-            l->max_batch = r->parameters[i]->value->int64_param;
-    rc = 0;
-out:
-    protobuf_c_message_free_unpacked(&r->base, NULL);
-    return rc;
 }
 
 /* Reads a raw float32 file of rows x in. */
@@ -117,47 +83,6 @@ static int write_bin(const char *path, const float *y, size_t n, struct tp_err *
     return 0;
 }
 
-/* One ModelInfer for rows of x; writes rows x out floats into y. */
-static int infer(struct conn *c, const char *model, const struct layout *l, const float *x,
-                 int64_t rows, float *y, struct tp_err *err)
-{
-    Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
-    Inference__ModelInferRequest__InferInputTensor t =
-        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
-    Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
-    Inference__ModelInferResponse *r;
-    int64_t shape[2] = {rows, l->in};
-    ProtobufCBinaryData raw = {.len = (size_t)(rows * l->in) * 4, .data = (uint8_t *)x};
-    size_t want = (size_t)(rows * l->out) * 4;
-    int rc = -1;
-
-    req.model_name = (char *)model;
-    t.name = "input";
-    t.datatype = "FP32";
-    t.n_shape = 2;
-    t.shape = shape;
-    req.n_inputs = 1;
-    req.inputs = ts;
-    req.n_raw_input_contents = 1;
-    req.raw_input_contents = &raw;
-    if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
-                  &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err) < 0)
-        return -1;
-    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, "FP32") != 0 ||
-        r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
-        r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 1 ||
-        r->raw_output_contents[0].len != want) {
-        tp_err_set(err, TP_EINTERNAL, "server answered something else than FP32 [%lld, %lld]",
-                   (long long)rows, (long long)l->out);
-        goto out;
-    }
-    memcpy(y, r->raw_output_contents[0].data, want);
-    rc = 0;
-out:
-    protobuf_c_message_free_unpacked(&r->base, NULL);
-    return rc;
-}
-
 static void summarise(const float *y, int64_t rows, int64_t out)
 {
     double lo = INFINITY, hi = -INFINITY, sum = 0;
@@ -178,7 +103,7 @@ static void summarise(const float *y, int64_t rows, int64_t out)
 
 /* Compares y with the reference. Returns the exit status. */
 static int verify(const char *path, const char *weight, const char *bias, double tol,
-                  const float *x, const float *y, int64_t rows, const struct layout *l)
+                  const float *x, const float *y, int64_t rows, const struct kserve_layout *l)
 {
     struct ref_layer layer;
     struct ref_stats st;
@@ -228,7 +153,7 @@ int cmd_forward(struct conn *c, int argc, char **argv)
     const char *weight = "weight", *bias = NULL;
     double tol = 1e-5;
     char model[256];
-    struct layout l;
+    struct kserve_layout l;
     struct npy_info info;
     struct tp_err err = {0};
     float *x = NULL, *y = NULL;
@@ -265,11 +190,9 @@ int cmd_forward(struct conn *c, int argc, char **argv)
         cmd_error("forward: no input file (usage: tpclient forward IN [-o OUT])");
         return EXIT_USAGE;
     }
-    if (model_opt)
-        snprintf(model, sizeof(model), "%s", model_opt);
-    else if (conn_default_model(c, model, sizeof(model), &err) < 0)
+    if (kserve_model(c, model_opt, model, sizeof(model), &err) < 0)
         goto fail;
-    if (get_layout(c, model, &l, &err) < 0)
+    if (kserve_layout(c, model, &l, &err) < 0)
         goto fail;
     if (ends_with(in_path, ".npy")) {
         if (npy_load_f32(in_path, &x, &info, &err) < 0)
@@ -294,7 +217,7 @@ int cmd_forward(struct conn *c, int argc, char **argv)
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
         int64_t n = rows - r0 < chunk ? rows - r0 : chunk;
 
-        if (infer(c, model, &l, x + r0 * l.in, n, y + r0 * l.out, &err) < 0)
+        if (kserve_infer(c, model, &l, x + r0 * l.in, n, y + r0 * l.out, &err) < 0)
             goto fail;
     }
     if (out_path) {

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cmd.h"
+#include "kserve.h"
 #include "grpc_service.pb-c.h"
 
 int cmd_health(struct conn *c, int argc, char **argv)
@@ -16,17 +17,12 @@ int cmd_health(struct conn *c, int argc, char **argv)
     Inference__ServerReadyResponse *ready;
     Inference__ModelReadyResponse *mready;
     struct tp_err err = {0};
-    char model[256] = "";
+    const char *model_opt = NULL;
+    char model[256];
     int ok;
 
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
-            snprintf(model, sizeof(model), "%s", argv[++i]);
-        } else {
-            cmd_error("health: unexpected argument '%s'", argv[i]);
-            return EXIT_USAGE;
-        }
-    }
+    if (cmd_model_option(argc, argv, &model_opt) < 0)
+        return EXIT_USAGE;
     if (conn_call(c, "/inference.GRPCInferenceService/ServerLive", &lq.base,
                   &inference__server_live_response__descriptor, (ProtobufCMessage **)&live,
                   &err) < 0)
@@ -41,7 +37,7 @@ int cmd_health(struct conn *c, int argc, char **argv)
     printf("server ready: %s\n", ready->ready ? "true" : "false");
     ok = ok && ready->ready;
     protobuf_c_message_free_unpacked(&ready->base, NULL);
-    if (!model[0] && conn_default_model(c, model, sizeof(model), &err) < 0)
+    if (kserve_model(c, model_opt, model, sizeof(model), &err) < 0)
         goto fail;
     mq.name = model;
     if (conn_call(c, "/inference.GRPCInferenceService/ModelReady", &mq.base,

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cmd.h"
+#include "kserve.h"
 #include "grpc_service.pb-c.h"
 
 static void print_tensor(const char *kind, const Inference__ModelMetadataResponse__TensorMetadata *t)
@@ -22,23 +23,18 @@ int cmd_metadata(struct conn *c, int argc, char **argv)
     Inference__ServerMetadataResponse *s;
     Inference__ModelMetadataResponse *r;
     struct tp_err err = {0};
-    char model[256] = "";
+    const char *model_opt = NULL;
+    char model[256];
 
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
-            snprintf(model, sizeof(model), "%s", argv[++i]);
-        } else {
-            cmd_error("metadata: unexpected argument '%s'", argv[i]);
-            return EXIT_USAGE;
-        }
-    }
+    if (cmd_model_option(argc, argv, &model_opt) < 0)
+        return EXIT_USAGE;
     if (conn_call(c, "/inference.GRPCInferenceService/ServerMetadata", &sq.base,
                   &inference__server_metadata_response__descriptor, (ProtobufCMessage **)&s,
                   &err) < 0)
         goto fail;
     printf("server: %s %s\n", s->name, s->version);
     protobuf_c_message_free_unpacked(&s->base, NULL);
-    if (!model[0] && conn_default_model(c, model, sizeof(model), &err) < 0)
+    if (kserve_model(c, model_opt, model, sizeof(model), &err) < 0)
         goto fail;
     q.name = model;
     if (conn_call(c, "/inference.GRPCInferenceService/ModelMetadata", &q.base,

@@ -11,7 +11,6 @@
 #include <string.h>
 
 #include "gbuf.h"
-#include "grpc_service.pb-c.h"
 
 #define MAX_MSG (1 << 30)
 
@@ -124,26 +123,6 @@ out:
         grpc_byte_buffer_destroy(recv);
     grpc_call_unref(call);
     return rc;
-}
-
-int conn_default_model(struct conn *c, char *buf, size_t len, struct tp_err *err)
-{
-    Inference__RepositoryIndexRequest req = INFERENCE__REPOSITORY_INDEX_REQUEST__INIT;
-    Inference__RepositoryIndexResponse *resp;
-
-    if (conn_call(c, "/inference.GRPCInferenceService/RepositoryIndex", &req.base,
-                  &inference__repository_index_response__descriptor,
-                  (ProtobufCMessage **)&resp, err) < 0)
-        return -1;
-    if (resp->n_models != 1) {
-        tp_err_set(err, TP_EINVAL, "server has %zu models; choose one with --model",
-                   resp->n_models);
-        protobuf_c_message_free_unpacked(&resp->base, NULL);
-        return -1;
-    }
-    snprintf(buf, len, "%s", resp->models[0]->name);
-    protobuf_c_message_free_unpacked(&resp->base, NULL);
-    return 0;
 }
 
 void conn_close(struct conn *c)

@@ -24,9 +24,6 @@ int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
               const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp,
               struct tp_err *err);
 
-/* Name of the one model the server has (RepositoryIndex), into buf. */
-int conn_default_model(struct conn *c, char *buf, size_t len, struct tp_err *err);
-
 /* Takes a closed or half-open connection. Calls grpc_shutdown. */
 void conn_close(struct conn *c);
 

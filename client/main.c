@@ -20,6 +20,8 @@ static void usage(FILE *f)
             "                  y = layer(x) for IN (.npy float32, or raw float32 .bin)\n"
             "  health [--model NAME]    server liveness and readiness (exit 3: not ready)\n"
             "  metadata [--model NAME]  the model's inputs, outputs and parallel layout\n"
+            "  bench [--rows B] [--iters N] [--warmup N] [--model NAME]\n"
+            "                  latency and throughput of ModelInfer, one call at a time\n"
             "\n"
             "  --server ADDR   HOST:PORT or unix:PATH (default: $TPD_SERVER or 127.0.0.1:8001)\n"
             "  --timeout MS    deadline of each call (default: 30000)\n");
@@ -36,12 +38,26 @@ void cmd_error(const char *fmt, ...)
     fprintf(stderr, "tpclient: error: %s\n", msg);
 }
 
+int cmd_model_option(int argc, char **argv, const char **model)
+{
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--model") == 0 && i + 1 < argc) {
+            *model = argv[++i];
+        } else {
+            cmd_error("%s: unexpected argument '%s' (only --model NAME)", argv[0], argv[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static const struct {
         const char *name;
         int (*fn)(struct conn *, int, char **);
-    } cmds[] = {{"forward", cmd_forward}, {"health", cmd_health}, {"metadata", cmd_metadata}};
+    } cmds[] = {{"forward", cmd_forward}, {"health", cmd_health}, {"metadata", cmd_metadata},
+                {"bench", cmd_bench}};
     const char *server = getenv("TPD_SERVER");
     struct conn c = {0};
     struct tp_err err = {0};
@@ -106,7 +122,7 @@ int main(int argc, char **argv)
         free(rest);
         return status;
     }
-    cmd_error("unknown command '%s' (forward, health or metadata)", rest[0]);
+    cmd_error("unknown command '%s' (forward, health, metadata or bench)", rest[0]);
     free(rest);
     return EXIT_USAGE;
 }

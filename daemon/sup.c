@@ -225,6 +225,8 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
             if (!s->w[i].ready)
                 return;
         s->state = G_READY;
+        if (s->first_ready)
+            tp_log(TP_LOG_NOTICE, "worker group of %d ranks is ready again", s->c.nranks);
         s->first_ready = 1;
         s->backoff_ms = s->c.backoff_ms;
         pthread_cond_broadcast(&s->cond);

@@ -16,11 +16,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fileio.h"
+
 #define MAGIC "\x93NUMPY"
 #define MAGIC_LEN 6
 #define ALIGN 64          /* numpy starts the data at a multiple of this many bytes */
 #define MAX_STR 32        /* bytes kept of a key or string value, with the NUL */
-#define CHUNK (1u << 20)  /* bytes of F16/F64 data read and converted at a time */
 #define SHAPE_TEXT 200    /* bytes of a shape formatted for a message */
 
 enum { KEY_DESCR, KEY_FORTRAN, KEY_SHAPE, NKEYS };
@@ -302,54 +303,6 @@ int npy_parse_header(const void *buf, size_t len, struct npy_info *info, struct 
     return 0;
 }
 
-/* Reads exactly n bytes at off; an early end of file is an error, not a short count. */
-static int pread_full(int fd, void *buf, size_t n, uint64_t off, struct tp_err *err)
-{
-    size_t done = 0;
-
-    while (done < n) {
-        ssize_t r = pread(fd, (char *)buf + done, n - done, (off_t)(off + done));
-
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return tp_err_sys(err, "reading %zu bytes at offset %" PRIu64, n - done, off + done);
-        if (r == 0)
-            return tp_err_set(err, TP_EINVAL, "unexpected end of file at offset %" PRIu64
-                              " (%zu more bytes expected)", off + done, n - done);
-        done += (size_t)r;
-    }
-    return 0;
-}
-
-/* Reads n elements of type t at off into dst as floats. F32 goes straight into dst; other types
- * pass through a bounded buffer so that a big F64 array never needs a second copy in memory. */
-static int read_f32(int fd, uint64_t off, uint64_t n, enum tp_dtype t, float *dst,
-                    struct tp_err *err)
-{
-    size_t es = tp_dtype_size(t), per = CHUNK / es;
-    unsigned char *raw;
-
-    if (n == 0)
-        return 0;
-    if (t == TP_F32)
-        return pread_full(fd, dst, (size_t)n * 4, off, err);
-    raw = malloc(n < per ? (size_t)n * es : CHUNK);
-    if (!raw)
-        return tp_err_set(err, TP_ENOMEM, "no memory for a read buffer");
-    for (uint64_t i = 0; i < n; i += per) {
-        size_t k = n - i < per ? (size_t)(n - i) : per;
-
-        if (pread_full(fd, raw, k * es, off + i * es, err) < 0) {
-            free(raw);
-            return -1;
-        }
-        tp_convert_to_f32(dst + i, raw, k, t);
-    }
-    free(raw);
-    return 0;
-}
-
 int npy_load_f32(const char *path, float **data, struct npy_info *info, struct tp_err *err)
 {
     unsigned char pre[12], *hdr = NULL;
@@ -378,7 +331,7 @@ int npy_load_f32(const char *path, float **data, struct npy_info *info, struct t
     size = (uint64_t)st.st_size;
     /* The preamble says how long the header is; read that much and no more. */
     need = size < sizeof(pre) ? (size_t)size : sizeof(pre);
-    if (pread_full(fd, pre, need, 0, err) < 0 ||
+    if (fileio_pread_full(fd, pre, need, 0, err) < 0 ||
         parse_preamble(pre, need, &start, &dict_len, err) < 0)
         goto fail;
     need = start + dict_len;
@@ -389,7 +342,7 @@ int npy_load_f32(const char *path, float **data, struct npy_info *info, struct t
         tp_err_set(err, TP_ENOMEM, "no memory for a header of %zu bytes", need);
         goto fail;
     }
-    if (pread_full(fd, hdr, need, 0, err) < 0 || npy_parse_header(hdr, need, &ni, err) < 0)
+    if (fileio_pread_full(fd, hdr, need, 0, err) < 0 || npy_parse_header(hdr, need, &ni, err) < 0)
         goto fail;
     expect = ni.data_offset + ni.count * tp_dtype_size(ni.dtype);
     if (size != expect) {
@@ -407,7 +360,7 @@ int npy_load_f32(const char *path, float **data, struct npy_info *info, struct t
         tp_err_set(err, TP_ENOMEM, "no memory for %" PRIu64 " floats", ni.count);
         goto fail;
     }
-    if (read_f32(fd, ni.data_offset, ni.count, ni.dtype, out, err) < 0)
+    if (fileio_read_f32(fd, ni.data_offset, ni.count, ni.dtype, out, err) < 0)
         goto fail;
     free(hdr);
     close(fd);

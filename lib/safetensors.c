@@ -16,10 +16,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fileio.h"
+
 #define EXACT_LIMIT 9007199254740992.0 /* 2^53: a double below it that is integral is exact */
 #define SHOW 64                        /* bytes of a name or dtype from the file in a message */
 #define SHAPE_TEXT 200                 /* bytes of a shape formatted for a message */
-#define CHUNK (1u << 20)               /* bytes of F16/BF16/F64 data read and converted at a time */
 
 /* Copies a string from the file for a message: control bytes become '?' so that the message
  * stays one line, and a long string is cut with "...". */
@@ -265,34 +266,12 @@ fail:
     return -1;
 }
 
-/* Reads exactly n bytes at off, counting them in *total; an early end of file is an error. */
-static int pread_full(int fd, void *buf, size_t n, uint64_t off, uint64_t *total,
-                      struct tp_err *err)
-{
-    size_t done = 0;
-
-    while (done < n) {
-        ssize_t r = pread(fd, (char *)buf + done, n - done, (off_t)(off + done));
-
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return tp_err_sys(err, "reading %zu bytes at offset %" PRIu64, n - done, off + done);
-        if (r == 0)
-            return tp_err_set(err, TP_EINVAL, "unexpected end of file at offset %" PRIu64
-                              " (%zu more bytes expected)", off + done, n - done);
-        done += (size_t)r;
-        *total += (uint64_t)r;
-    }
-    return 0;
-}
-
 int st_open(struct st_file *f, const char *path, struct tp_err *err)
 {
     unsigned char len8[8];
     char *hdr = NULL;
     struct stat st;
-    uint64_t n = 0, got = 0;
+    uint64_t n = 0;
 
     *f = (struct st_file){.fd = -1};
     f->fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -314,7 +293,7 @@ int st_open(struct st_file *f, const char *path, struct tp_err *err)
                    "length", f->file_size);
         goto fail;
     }
-    if (pread_full(f->fd, len8, sizeof(len8), 0, &got, err) < 0)
+    if (fileio_pread_full(f->fd, len8, sizeof(len8), 0, err) < 0)
         goto fail;
     for (int i = 7; i >= 0; i--)
         n = n << 8 | len8[i];
@@ -333,7 +312,7 @@ int st_open(struct st_file *f, const char *path, struct tp_err *err)
         tp_err_set(err, TP_ENOMEM, "no memory for a header of %" PRIu64 " bytes", n);
         goto fail;
     }
-    if (pread_full(f->fd, hdr, (size_t)n, sizeof(len8), &got, err) < 0 ||
+    if (fileio_pread_full(f->fd, hdr, (size_t)n, sizeof(len8), err) < 0 ||
         st_parse_header(f, hdr, (size_t)n, sizeof(len8) + n, f->file_size, err) < 0)
         goto fail;
     free(hdr);
@@ -361,9 +340,8 @@ const struct st_tensor *st_find(const struct st_file *f, const char *name)
 int st_read_rows_f32(const struct st_file *f, const struct st_tensor *t, int64_t row0,
                      int64_t nrows, float *dst, uint64_t *bytes_read, struct tp_err *err)
 {
-    size_t es = t ? tp_dtype_size(t->dtype) : 0, per = es ? CHUNK / es : 0;
-    uint64_t row_elems, n, off, got = 0;
-    unsigned char *raw = NULL;
+    size_t es = t ? tp_dtype_size(t->dtype) : 0;
+    uint64_t row_elems, n, off;
     char nm[SHOW];
 
     if (bytes_read)
@@ -406,36 +384,15 @@ int st_read_rows_f32(const struct st_file *f, const struct st_tensor *t, int64_t
         tp_err_set(err, TP_EINVAL, "no buffer for %" PRIu64 " elements of tensor '%s'", n, nm);
         goto fail;
     }
-    if (t->dtype == TP_F32) {
-        if (pread_full(f->fd, dst, (size_t)n * es, off, &got, err) < 0)
-            goto fail_read;
-        goto done;
-    }
-    /* Other types pass through a bounded buffer, so a worker loading a large BF16 shard never
-     * holds a second copy of it. */
-    raw = malloc(n < per ? (size_t)n * es : CHUNK);
-    if (!raw) {
-        tp_err_set(err, TP_ENOMEM, "no memory for a read buffer");
+    if (fileio_read_f32(f->fd, off, n, t->dtype, dst, err) < 0) {
+        tp_err_prefix(err, "reading tensor '%s': ", nm);
         goto fail;
     }
-    for (uint64_t i = 0; i < n; i += per) {
-        size_t k = n - i < per ? (size_t)(n - i) : per;
-
-        if (pread_full(f->fd, raw, k * es, off + i * es, &got, err) < 0)
-            goto fail_read;
-        tp_convert_to_f32(dst + i, raw, k, t->dtype);
-    }
 done:
-    free(raw);
     if (bytes_read)
-        *bytes_read = got;
+        *bytes_read = n * es;
     return 0;
-fail_read:
-    tp_err_prefix(err, "reading tensor '%s': ", nm);
 fail:
-    free(raw);
-    if (bytes_read)
-        *bytes_read = got;
     return -1;
 }
 

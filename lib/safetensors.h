@@ -50,7 +50,8 @@ const struct st_tensor *st_find(const struct st_file *f, const char *name);
 /* Reads rows [row0, row0 + nrows) of a tensor (its first dim is the row dim; a 1-D tensor has
  * rows of one element) and converts them to float32 into dst, which holds nrows * row_elems
  * floats where row_elems is the product of the other dims. Reads only those bytes. Returns -1 on
- * a range outside the tensor or a short read. *bytes_read, when not NULL, gets the bytes read. */
+ * a range outside the tensor or a short read. *bytes_read, when not NULL, gets the bytes read
+ * (0 on failure). */
 int st_read_rows_f32(const struct st_file *f, const struct st_tensor *t, int64_t row0,
                      int64_t nrows, float *dst, uint64_t *bytes_read, struct tp_err *err);
 

@@ -6,20 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 scripts/build.sh
-dir=$(mktemp -d)
-tpd_pid=
-cleanup() {
-    [ -n "$tpd_pid" ] && kill -TERM "$tpd_pid" 2>/dev/null && wait "$tpd_pid" || true
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-python3 scripts/make_layer.py --in 1024 --out 4096 --rows 8 "$dir/demo"
-sock="unix:$dir/tpd.sock"
-build/bin/tpd --weights "$dir/demo.safetensors" --cpu 2 --listen "$sock" &
-tpd_pid=$!
-for _ in $(seq 100); do
-    build/bin/tpclient --server "$sock" health >/dev/null 2>&1 && break
-    sleep 0.1
-done
-build/bin/tpclient --server "$sock" metadata
-build/bin/tpclient --server "$sock" forward "$dir/demo.x.npy" --verify "$dir/demo.safetensors"
+. scripts/lib.sh
+python3 scripts/make_layer.py --in 1024 --out 4096 --rows 8 "$tp_dir/demo"
+tp_start --weights "$tp_dir/demo.safetensors" --cpu 2
+build/bin/tpclient --server "$tp_sock" metadata
+build/bin/tpclient --server "$tp_sock" forward "$tp_dir/demo.x.npy" --verify "$tp_dir/demo.safetensors"

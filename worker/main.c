@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -84,6 +85,14 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
     return 0;
 }
 
+static double now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
 static void send_ready(const struct worker_args *a, const struct tp_err *failed, uint64_t bytes)
 {
     struct ctl_msg m = {.type = CTL_READY, .rank = (uint32_t)a->rank, .bytes = bytes};
@@ -103,6 +112,7 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
 {
     struct ctl_msg m, done;
     struct tp_err err;
+    double t0;
     int r;
 
     for (;;) {
@@ -120,12 +130,15 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
         }
         done = (struct ctl_msg){.type = CTL_DONE, .id = m.id, .slot = m.slot, .rows = m.rows,
                                 .rank = (uint32_t)a->rank};
+        t0 = now_ms();
         if (ops->forward(be, shm_slot_input(arena, m.slot), m.rows, shm_slot_output(arena, m.slot),
                          &err) < 0) {
             done.status = err.code ? err.code : TP_EINTERNAL;
             snprintf(done.text, sizeof(done.text), "%s", err.msg);
             tp_log(TP_LOG_ERR, "job %llu: %s", (unsigned long long)m.id, err.msg);
         }
+        tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m.id, m.rows,
+               now_ms() - t0);
         err = (struct tp_err){0};
         if (ctl_send(CTL_FD, &done, &err) < 0) {
             tp_log(TP_LOG_ERR, "control channel: %s", err.msg);

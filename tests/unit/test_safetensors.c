@@ -262,7 +262,7 @@ static void test_short_read(void)
     ASSERT_EQ(err.code, TP_EINVAL);
     ASSERT_STR_HAS(err.msg, "reading tensor 'a': unexpected end of file");
     ASSERT_STR_HAS(err.msg, "(28 more bytes expected)");
-    ASSERT_EQ(got, 20);
+    ASSERT_EQ(got, 0); /* nothing counts as read when the read failed */
     st_close(&f);
     ASSERT_EQ(st_read_rows_f32(&f, &(struct st_tensor){.name = "a", .dtype = TP_F32, .ndim = 1,
                                                        .shape = {1}, .begin = 0, .end = 4},
