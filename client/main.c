@@ -123,6 +123,7 @@ int main(int argc, char **argv)
         return status;
     }
     cmd_error("unknown command '%s' (forward, health, metadata or bench)", rest[0]);
+    usage(stderr);
     free(rest);
     return EXIT_USAGE;
 }

@@ -194,7 +194,9 @@ int main(int argc, char **argv)
 fail_grpc:
     if (rpc)
         rpc_server_stop(rpc, 0);
-    grpc_shutdown();
+    /* grpc_shutdown() is left out on purpose: every call and the server are gone by now, but it
+     * can wait up to 10 s for gRPC's pollers to notice client connections that are still open,
+     * and the process is about to exit anyway. */
 fail:
     if (status)
         tp_log(TP_LOG_ERR, "%s", err.msg);

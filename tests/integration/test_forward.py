@@ -105,7 +105,7 @@ class ForwardCase(TpdTestCase):
         for rank, a, b, *_ in loaded:
             self.assertEqual((a, b), (rank * out // n, (rank + 1) * out // n))
 
-    def check_info(self, d, model, n, out, in_):
+    def check_info(self, d, model, n, out, in_, dtype=None):
         """`tpclient health` and `tpclient metadata` output."""
         h = d.client("health")
         self.assertEqual(h.rc, 0, repr(h))
@@ -128,6 +128,8 @@ class ForwardCase(TpdTestCase):
         self.assertRegex(kv["output"], r"(?<!\d)%d(?!\d)" % out, "output line lacks out = %d" % out)
         self.assertIn("FP32", kv["input"])
         self.assertIn("FP32", kv["output"])
+        if dtype and "weight_dtype" in kv:  # beyond docs/cli.md's list, checked when present
+            self.assertEqual(kv["weight_dtype"], dtype, repr(m))
 
 
 class TestSeedCases(ForwardCase):
@@ -194,7 +196,7 @@ class TestGenerated(ForwardCase):
         W, b = make_layer(wpath, out, in_, bias=bias, dtype=dtype, seed=zlib.crc32(tag.encode()))
         d = self.start_daemon(wpath, "--cpu", n, name=tag)
         self.check_startup(d, n, out, in_, dtype, bias)
-        self.check_info(d, tag, n, out, in_)
+        self.check_info(d, tag, n, out, in_, dtype)
         rng = np.random.default_rng(len(tag) * 7 + n)
         family = "generated %s" % dtype
         batches = [rng.standard_normal((1, in_)), rng.standard_normal((7, in_)),

@@ -79,7 +79,8 @@ class TestDrain(TpdTestCase):
                                 "only %d 'accepted request' lines\n%s" % (accepted, d.log_tail()))
         took = d.stop()
         print("drain: SIGTERM after %d accepted requests, %d of %d clients already done; "
-              "tpd exited 0 in %.2f s" % (accepted, finished_before, clients, took))
+              "tpd exited 0 in %.2f s%s" % (accepted, finished_before, clients, took,
+                                             " (slow: more than 5 s)" if took > 5 else ""))
 
         ok = 0
         for i, (x, p) in enumerate(zip(jobs, procs)):
