@@ -31,11 +31,16 @@ int main(int argc, char **argv)
     for (int i = 1; i + 1 < argc; i += 2) {
         long v = atol(argv[i + 1]);
 
-        if (strcmp(argv[i], "--rows") == 0) rows = v;
-        else if (strcmp(argv[i], "--in") == 0) in = v;
-        else if (strcmp(argv[i], "--out") == 0) out = v;
-        else if (strcmp(argv[i], "--iters") == 0) iters = v;
-        else if (strcmp(argv[i], "--threads") == 0) threads = v;
+        if (strcmp(argv[i], "--rows") == 0)
+            rows = v;
+        else if (strcmp(argv[i], "--in") == 0)
+            in = v;
+        else if (strcmp(argv[i], "--out") == 0)
+            out = v;
+        else if (strcmp(argv[i], "--iters") == 0)
+            iters = v;
+        else if (strcmp(argv[i], "--threads") == 0)
+            threads = v;
         else {
             fprintf(stderr, "usage: gemm_baseline [--rows B] [--in N] [--out M] [--iters K] "
                             "[--threads T]\n");
@@ -67,14 +72,14 @@ int main(int argc, char **argv)
 
         for (long r = 0; r < rows; r++)
             memcpy(y + r * out, b, (size_t)out * sizeof(float));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)out, (int)in, 1.0f,
-                    x, (int)in, w, (int)in, 1.0f, y, (int)out);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)out, (int)in, 1.0f, x,
+                    (int)in, w, (int)in, 1.0f, y, (int)out);
         if (k >= 0)
             t[k] = now_s() - t0;
     }
     qsort(t, (size_t)iters, sizeof(double), cmp_double);
-    printf("gemm_baseline: %ld x %ld -> %ld, %ld threads: median %.3f ms, %.2f GFLOP/s\n", rows,
-           in, out, threads, t[iters / 2] * 1e3,
+    printf("gemm_baseline: %ld x %ld -> %ld, %ld threads: median %.3f ms, %.2f GFLOP/s\n", rows, in,
+           out, threads, t[iters / 2] * 1e3,
            2.0 * (double)rows * (double)in * (double)out / t[iters / 2] * 1e-9);
     free(x);
     free(w);

@@ -118,8 +118,7 @@ static int verify(const char *path, const char *weight, const char *bias, double
     }
     if (layer.in != l->in || layer.out != l->out) {
         cmd_error("--verify: %s holds a [%lld, %lld] layer, the model is [%lld, %lld]", path,
-                  (long long)layer.out, (long long)layer.in, (long long)l->out,
-                  (long long)l->in);
+                  (long long)layer.out, (long long)layer.in, (long long)l->out, (long long)l->in);
         goto out;
     }
     want = malloc(n * sizeof(double));
@@ -197,7 +196,8 @@ int cmd_forward(struct conn *c, int argc, char **argv)
     if (ends_with(in_path, ".npy")) {
         if (npy_load_f32(in_path, &x, &info, &err) < 0)
             goto fail;
-        if (!((info.ndim == 2 && info.shape[1] == l.in) || (info.ndim == 1 && info.shape[0] == l.in)) ||
+        if (!((info.ndim == 2 && info.shape[1] == l.in) ||
+              (info.ndim == 1 && info.shape[0] == l.in)) ||
             info.count == 0) {
             tp_err_set(&err, TP_EINVAL, "%s has %d dims [%lld, ...], the model takes [B, %lld]",
                        in_path, info.ndim, (long long)(info.ndim ? info.shape[0] : 0),

@@ -5,8 +5,8 @@
 #include <string.h>
 
 #include "cmd.h"
-#include "kserve.h"
 #include "grpc_service.pb-c.h"
+#include "kserve.h"
 
 int cmd_health(struct conn *c, int argc, char **argv)
 {

@@ -5,10 +5,11 @@
 #include <string.h>
 
 #include "cmd.h"
-#include "kserve.h"
 #include "grpc_service.pb-c.h"
+#include "kserve.h"
 
-static void print_tensor(const char *kind, const Inference__ModelMetadataResponse__TensorMetadata *t)
+static void print_tensor(const char *kind,
+                         const Inference__ModelMetadataResponse__TensorMetadata *t)
 {
     printf("%s: %s [", kind, t->name);
     for (size_t i = 0; i < t->n_shape; i++)
@@ -63,8 +64,7 @@ int cmd_metadata(struct conn *c, int argc, char **argv)
         case INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM:
             printf("%s\n", v->string_param);
             break;
-        default:
-            printf("?\n");
+        default: printf("?\n");
         }
     }
     protobuf_c_message_free_unpacked(&r->base, NULL);

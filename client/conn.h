@@ -12,7 +12,7 @@
 struct conn {
     grpc_channel *ch;
     grpc_completion_queue *cq;
-    int timeout_ms;               /* deadline of each call */
+    int timeout_ms; /* deadline of each call */
 };
 
 /* target: "HOST:PORT" or "unix:PATH". Calls grpc_init. */
@@ -21,8 +21,7 @@ int conn_open(struct conn *c, const char *target, int timeout_ms, struct tp_err 
 /* Calls method with req; on success *resp (of type desc) is the caller's to free with
  * protobuf_c_message_free_unpacked. */
 int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp,
-              struct tp_err *err);
+              const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp, struct tp_err *err);
 
 /* Takes a closed or half-open connection. Calls grpc_shutdown. */
 void conn_close(struct conn *c);

@@ -12,8 +12,8 @@ static int default_model(struct conn *c, char *buf, size_t len, struct tp_err *e
     Inference__RepositoryIndexResponse *resp;
 
     if (conn_call(c, "/inference.GRPCInferenceService/RepositoryIndex", &req.base,
-                  &inference__repository_index_response__descriptor,
-                  (ProtobufCMessage **)&resp, err) < 0)
+                  &inference__repository_index_response__descriptor, (ProtobufCMessage **)&resp,
+                  err) < 0)
         return -1;
     if (resp->n_models != 1) {
         tp_err_set(err, TP_EINVAL, "server has %zu models; choose one with --model",
@@ -48,8 +48,7 @@ int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, st
     if (r->n_inputs != 1 || r->n_outputs != 1 || r->inputs[0]->n_shape != 2 ||
         r->outputs[0]->n_shape != 2 || strcmp(r->inputs[0]->datatype, "FP32") != 0 ||
         r->inputs[0]->shape[1] < 1 || r->outputs[0]->shape[1] < 1) {
-        tp_err_set(err, TP_EINVAL, "model '%s' is not one FP32 [-1, in] -> [-1, out] layer",
-                   model);
+        tp_err_set(err, TP_EINVAL, "model '%s' is not one FP32 [-1, in] -> [-1, out] layer", model);
         goto out;
     }
     l->in = r->inputs[0]->shape[1];

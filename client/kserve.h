@@ -9,9 +9,9 @@
 #include "conn.h"
 
 struct kserve_layout {
-    int64_t in;            /* input features */
-    int64_t out;           /* output features */
-    int64_t max_batch;     /* rows per request the server takes; 0 when it does not say */
+    int64_t in;        /* input features */
+    int64_t out;       /* output features */
+    int64_t max_batch; /* rows per request the server takes; 0 when it does not say */
 };
 
 /* The model to use: opt when given, else the server's one model (RepositoryIndex). */

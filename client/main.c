@@ -11,20 +11,19 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: tpclient [--server ADDR] [--timeout MS] COMMAND [args]\n"
-            "\n"
-            "commands:\n"
-            "  forward IN [-o OUT] [--model NAME] [--verify W.safetensors [--weight NAME]\n"
-            "          [--bias NAME] [--tolerance REL]]\n"
-            "                  y = layer(x) for IN (.npy float32, or raw float32 .bin)\n"
-            "  health [--model NAME]    server liveness and readiness (exit 3: not ready)\n"
-            "  metadata [--model NAME]  the model's inputs, outputs and parallel layout\n"
-            "  bench [--rows B] [--iters N] [--warmup N] [--model NAME]\n"
-            "                  latency and throughput of ModelInfer, one call at a time\n"
-            "\n"
-            "  --server ADDR   HOST:PORT or unix:PATH (default: $TPD_SERVER or 127.0.0.1:8001)\n"
-            "  --timeout MS    deadline of each call (default: 30000)\n");
+    fprintf(f, "usage: tpclient [--server ADDR] [--timeout MS] COMMAND [args]\n"
+               "\n"
+               "commands:\n"
+               "  forward IN [-o OUT] [--model NAME] [--verify W.safetensors [--weight NAME]\n"
+               "          [--bias NAME] [--tolerance REL]]\n"
+               "                  y = layer(x) for IN (.npy float32, or raw float32 .bin)\n"
+               "  health [--model NAME]    server liveness and readiness (exit 3: not ready)\n"
+               "  metadata [--model NAME]  the model's inputs, outputs and parallel layout\n"
+               "  bench [--rows B] [--iters N] [--warmup N] [--model NAME]\n"
+               "                  latency and throughput of ModelInfer, one call at a time\n"
+               "\n"
+               "  --server ADDR   HOST:PORT or unix:PATH (default: $TPD_SERVER or 127.0.0.1:8001)\n"
+               "  --timeout MS    deadline of each call (default: 30000)\n");
 }
 
 void cmd_error(const char *fmt, ...)
@@ -56,7 +55,9 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         int (*fn)(struct conn *, int, char **);
-    } cmds[] = {{"forward", cmd_forward}, {"health", cmd_health}, {"metadata", cmd_metadata},
+    } cmds[] = {{"forward", cmd_forward},
+                {"health", cmd_health},
+                {"metadata", cmd_metadata},
                 {"bench", cmd_bench}};
     const char *server = getenv("TPD_SERVER");
     struct conn c = {0};

@@ -13,7 +13,7 @@
 
 /* A ModelInfer call between the handler and the scheduler's completion. */
 struct infer_call {
-    struct sched_req req;          /* first: complete() gets back to the call from it */
+    struct sched_req req; /* first: complete() gets back to the call from it */
     struct api *api;
     struct rpc_call *call;
     Inference__ModelInferRequest *msg;
@@ -67,7 +67,8 @@ static int model_matches(struct api *a, struct rpc_call *call, const char *name,
 static void server_live(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     Inference__ServerLiveResponse r = INFERENCE__SERVER_LIVE_RESPONSE__INIT;
-    ProtobufCMessage *m = unpack_or_reply(call, payload, &inference__server_live_request__descriptor);
+    ProtobufCMessage *m =
+        unpack_or_reply(call, payload, &inference__server_live_request__descriptor);
 
     (void)ctx;
     if (!m)
@@ -215,8 +216,9 @@ static void repository_index(void *ctx, struct rpc_call *call, grpc_byte_buffer 
 static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
-    Grpc__Health__V1__HealthCheckRequest *q = (Grpc__Health__V1__HealthCheckRequest *)
-        unpack_or_reply(call, payload, &grpc__health__v1__health_check_request__descriptor);
+    Grpc__Health__V1__HealthCheckRequest *q =
+        (Grpc__Health__V1__HealthCheckRequest *)unpack_or_reply(
+            call, payload, &grpc__health__v1__health_check_request__descriptor);
 
     if (!q)
         return;
@@ -224,8 +226,9 @@ static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
         rpc_reply(call, 5, "unknown service; tpd serves '' and 'inference.GRPCInferenceService'",
                   NULL);
     } else {
-        r.status = is_ready(ctx) ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
-                                 : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        r.status = is_ready(ctx)
+                       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
         reply_msg(call, &r.base);
     }
     protobuf_c_message_free_unpacked(&q->base, NULL);
@@ -270,9 +273,10 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
         tp_err_set(&err, TP_ENOMEM, "no memory for the request");
         goto fail;
     }
-    *ic = (struct infer_call){
-        .req = {.x = in.x, .rows = in.rows, .complete = infer_complete},
-        .api = a, .call = call, .msg = q};
+    *ic = (struct infer_call){.req = {.x = in.x, .rows = in.rows, .complete = infer_complete},
+                              .api = a,
+                              .call = call,
+                              .msg = q};
     tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, in.rows);
     if (sched_submit(a->sched, &ic->req, &err) < 0) {
         free(ic);

@@ -15,7 +15,7 @@
 struct api {
     const struct model *model;
     struct sched *sched;
-    atomic_int draining;           /* SIGTERM received: not ready any more */
+    atomic_int draining; /* SIGTERM received: not ready any more */
 };
 
 extern const struct rpc_method api_methods[];

@@ -11,25 +11,26 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: tpd --weights PATH [options]\n"
-            "Serves y = x*W^T + b, column-parallel over worker processes, over gRPC (KServe v2).\n"
-            "\n"
-            "  --weights PATH          safetensors file with the layer (required)\n"
-            "  --weight NAME           tensor name of W [out, in] (default: weight)\n"
-            "  --bias NAME             tensor name of b [out] (default: bias, if present)\n"
-            "  --model NAME            model name (default: the file name without .safetensors)\n"
-            "  --cpu N                 N CPU worker processes, one per rank (default: 1)\n"
-            "  --listen ADDR           HOST:PORT or unix:PATH, repeatable (default: 127.0.0.1:8001)\n"
-            "  --max-batch ROWS        most rows in one request (default: 256)\n"
-            "  --slots N               requests computed at once (default: 4)\n"
-            "  --max-queue N           requests waiting for a slot before RESOURCE_EXHAUSTED\n"
-            "                          (default: 1024)\n"
-            "  --worker PATH           worker executable (default: tpd-worker beside tpd)\n"
-            "  --grpc-threads N        threads serving gRPC (default: 1)\n"
-            "  --restart-backoff-ms MS first delay before restarting dead workers (default: 500)\n"
-            "  --log-level LEVEL       err, warn, notice, info or debug (default: notice)\n"
-            "  --help, --version\n");
+    fprintf(
+        f,
+        "usage: tpd --weights PATH [options]\n"
+        "Serves y = x*W^T + b, column-parallel over worker processes, over gRPC (KServe v2).\n"
+        "\n"
+        "  --weights PATH          safetensors file with the layer (required)\n"
+        "  --weight NAME           tensor name of W [out, in] (default: weight)\n"
+        "  --bias NAME             tensor name of b [out] (default: bias, if present)\n"
+        "  --model NAME            model name (default: the file name without .safetensors)\n"
+        "  --cpu N                 N CPU worker processes, one per rank (default: 1)\n"
+        "  --listen ADDR           HOST:PORT or unix:PATH, repeatable (default: 127.0.0.1:8001)\n"
+        "  --max-batch ROWS        most rows in one request (default: 256)\n"
+        "  --slots N               requests computed at once (default: 4)\n"
+        "  --max-queue N           requests waiting for a slot before RESOURCE_EXHAUSTED\n"
+        "                          (default: 1024)\n"
+        "  --worker PATH           worker executable (default: tpd-worker beside tpd)\n"
+        "  --grpc-threads N        threads serving gRPC (default: 1)\n"
+        "  --restart-backoff-ms MS first delay before restarting dead workers (default: 500)\n"
+        "  --log-level LEVEL       err, warn, notice, info or debug (default: notice)\n"
+        "  --help, --version\n");
 }
 
 static int parse_num(const char *flag, const char *s, long lo, long hi, long *v)
@@ -61,39 +62,60 @@ static void model_from_path(char *model, size_t len, const char *path)
 enum config_result config_parse(struct config *c, int argc, char **argv)
 {
     enum {
-        O_WEIGHTS = 256, O_WEIGHT, O_BIAS, O_MODEL, O_CPU, O_LISTEN, O_MAX_BATCH, O_SLOTS,
-        O_MAX_QUEUE, O_WORKER, O_GRPC_THREADS, O_BACKOFF, O_LOG_LEVEL, O_HELP, O_VERSION,
+        O_WEIGHTS = 256,
+        O_WEIGHT,
+        O_BIAS,
+        O_MODEL,
+        O_CPU,
+        O_LISTEN,
+        O_MAX_BATCH,
+        O_SLOTS,
+        O_MAX_QUEUE,
+        O_WORKER,
+        O_GRPC_THREADS,
+        O_BACKOFF,
+        O_LOG_LEVEL,
+        O_HELP,
+        O_VERSION,
     };
-    static const struct option opts[] = {
-        {"weights", required_argument, NULL, O_WEIGHTS},
-        {"weight", required_argument, NULL, O_WEIGHT},
-        {"bias", required_argument, NULL, O_BIAS},
-        {"model", required_argument, NULL, O_MODEL},
-        {"cpu", required_argument, NULL, O_CPU},
-        {"listen", required_argument, NULL, O_LISTEN},
-        {"max-batch", required_argument, NULL, O_MAX_BATCH},
-        {"slots", required_argument, NULL, O_SLOTS},
-        {"max-queue", required_argument, NULL, O_MAX_QUEUE},
-        {"worker", required_argument, NULL, O_WORKER},
-        {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
-        {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
-        {"log-level", required_argument, NULL, O_LOG_LEVEL},
-        {"help", no_argument, NULL, O_HELP},
-        {"version", no_argument, NULL, O_VERSION},
-        {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIGHTS},
+                                         {"weight", required_argument, NULL, O_WEIGHT},
+                                         {"bias", required_argument, NULL, O_BIAS},
+                                         {"model", required_argument, NULL, O_MODEL},
+                                         {"cpu", required_argument, NULL, O_CPU},
+                                         {"listen", required_argument, NULL, O_LISTEN},
+                                         {"max-batch", required_argument, NULL, O_MAX_BATCH},
+                                         {"slots", required_argument, NULL, O_SLOTS},
+                                         {"max-queue", required_argument, NULL, O_MAX_QUEUE},
+                                         {"worker", required_argument, NULL, O_WORKER},
+                                         {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
+                                         {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
+                                         {"log-level", required_argument, NULL, O_LOG_LEVEL},
+                                         {"help", no_argument, NULL, O_HELP},
+                                         {"version", no_argument, NULL, O_VERSION},
+                                         {NULL, 0, NULL, 0}};
     const char *model = NULL;
     long v;
     int o;
 
-    *c = (struct config){.weight = "weight", .bias = "bias", .cpu = 1, .max_batch = 256,
-                         .slots = 4, .max_queue = 1024, .grpc_threads = 1,
-                         .restart_backoff_ms = 500, .log_level = TP_LOG_NOTICE};
+    *c = (struct config){.weight = "weight",
+                         .bias = "bias",
+                         .cpu = 1,
+                         .max_batch = 256,
+                         .slots = 4,
+                         .max_queue = 1024,
+                         .grpc_threads = 1,
+                         .restart_backoff_ms = 500,
+                         .log_level = TP_LOG_NOTICE};
     opterr = 0;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (o) {
         case O_WEIGHTS: c->weights = optarg; break;
         case O_WEIGHT: c->weight = optarg; break;
-        case O_BIAS: c->bias = optarg; c->bias_explicit = 1; break;
+        case O_BIAS:
+            c->bias = optarg;
+            c->bias_explicit = 1;
+            break;
         case O_MODEL: model = optarg; break;
         case O_CPU:
             if (parse_num("--cpu", optarg, 1, 256, &v))
@@ -136,7 +158,8 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         case O_LOG_LEVEL:
             c->log_level = tp_log_parse_level(optarg);
             if (c->log_level < 0) {
-                fprintf(stderr, "tpd: --log-level takes err, warn, notice, info or debug, got '%s'\n",
+                fprintf(stderr,
+                        "tpd: --log-level takes err, warn, notice, info or debug, got '%s'\n",
                         optarg);
                 return CONFIG_USAGE;
             }

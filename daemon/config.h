@@ -8,20 +8,20 @@
 #define CONFIG_MAX_LISTEN 8
 
 struct config {
-    const char *weights;              /* safetensors path */
-    const char *weight;               /* tensor name of W */
-    const char *bias;                 /* tensor name of b */
-    int bias_explicit;                /* --bias given: the tensor must exist */
-    char model[128];                  /* model name */
-    int cpu;                          /* CPU ranks */
+    const char *weights; /* safetensors path */
+    const char *weight;  /* tensor name of W */
+    const char *bias;    /* tensor name of b */
+    int bias_explicit;   /* --bias given: the tensor must exist */
+    char model[128];     /* model name */
+    int cpu;             /* CPU ranks */
     const char *listen[CONFIG_MAX_LISTEN];
     int nlisten;
-    uint32_t max_batch;               /* rows per request */
-    uint32_t slots;                   /* requests computed at once */
-    uint32_t max_queue;               /* requests waiting for a slot */
-    const char *worker;               /* worker executable; NULL: next to tpd */
+    uint32_t max_batch; /* rows per request */
+    uint32_t slots;     /* requests computed at once */
+    uint32_t max_queue; /* requests waiting for a slot */
+    const char *worker; /* worker executable; NULL: next to tpd */
     int grpc_threads;
-    int restart_backoff_ms;           /* first restart delay */
+    int restart_backoff_ms; /* first restart delay */
     int log_level;
 };
 

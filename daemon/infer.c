@@ -24,8 +24,8 @@ int infer_check_model(const struct model *m, const char *name, const char *versi
                       struct tp_err *err)
 {
     if (strcmp(name, m->name) != 0)
-        return tp_err_set(err, TP_ENOTFOUND, "unknown model '%.64s', this server serves '%s'",
-                          name, m->name);
+        return tp_err_set(err, TP_ENOTFOUND, "unknown model '%.64s', this server serves '%s'", name,
+                          m->name);
     if (version[0] && strcmp(version, MODEL_VERSION) != 0)
         return tp_err_set(err, TP_ENOTFOUND, "model '%s' has no version '%.32s' (only '%s')",
                           m->name, version, MODEL_VERSION);
@@ -74,14 +74,15 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                               MODEL_INPUT);
         if (r->raw_input_contents[0].len != want * 4)
             return tp_err_set(err, TP_EINVAL,
-                              "input '%s' %s FP32 needs %" PRIu64 " bytes, raw_input_contents has %zu",
+                              "input '%s' %s FP32 needs %" PRIu64
+                              " bytes, raw_input_contents has %zu",
                               MODEL_INPUT, shape, want * 4, r->raw_input_contents[0].len);
         in->x = (const float *)(const void *)r->raw_input_contents[0].data;
     } else if (t->contents) {
         if (t->contents->n_fp32_contents != want)
             return tp_err_set(err, TP_EINVAL,
-                              "input '%s' %s needs %" PRIu64 " fp32_contents, got %zu",
-                              MODEL_INPUT, shape, want, t->contents->n_fp32_contents);
+                              "input '%s' %s needs %" PRIu64 " fp32_contents, got %zu", MODEL_INPUT,
+                              shape, want, t->contents->n_fp32_contents);
         in->x = t->contents->fp32_contents;
     } else {
         return tp_err_set(err, TP_EINVAL,

@@ -10,8 +10,8 @@
 #include "model.h"
 
 struct infer_input {
-    uint32_t rows;              /* batch rows */
-    const float *x;             /* [rows, in], points into the request message */
+    uint32_t rows;  /* batch rows */
+    const float *x; /* [rows, in], points into the request message */
 };
 
 /* Accepts the model's name with version "" or MODEL_VERSION; TP_ENOTFOUND otherwise. */

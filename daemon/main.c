@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include <grpc/grpc.h>
+#include <grpc/support/log.h>
 
 #include "api.h"
 #include "config.h"
@@ -26,8 +27,8 @@
 
 #define EX_USAGE 64
 #define DRAIN_GRACE_MS 30000
-#define MSG_HEADROOM (1L << 20)   /* bytes of a message beyond its tensor data */
-#define MAX_MSG (1L << 30)        /* the largest gRPC message tpd accepts or sends */
+#define MSG_HEADROOM (1L << 20) /* bytes of a message beyond its tensor data */
+#define MAX_MSG (1L << 30)      /* the largest gRPC message tpd accepts or sends */
 
 /* Describes the layer from the file's header: shapes, dtype, bias. Returns 0, or an exit status. */
 static int describe_model(const struct config *c, struct model *m, const char **bias)
@@ -61,8 +62,12 @@ static int describe_model(const struct config *c, struct model *m, const char **
                c->weights, (long long)w->shape[0]);
         goto out;
     }
-    *m = (struct model){.in = w->shape[1], .out = w->shape[0], .wdtype = w->dtype,
-                        .has_bias = b != NULL, .ranks = c->cpu, .backend = "cpu",
+    *m = (struct model){.in = w->shape[1],
+                        .out = w->shape[0],
+                        .wdtype = w->dtype,
+                        .has_bias = b != NULL,
+                        .ranks = c->cpu,
+                        .backend = "cpu",
                         .max_batch = c->max_batch};
     snprintf(m->name, sizeof(m->name), "%s", c->model);
     *bias = b ? c->bias : NULL;
@@ -84,6 +89,14 @@ out:
     return status;
 }
 
+/* gRPC's own log lines, in ours: its errors as warnings (tpd reports the failures it acts on
+ * itself, with context), the rest at debug. */
+static void grpc_log(gpr_log_func_args *a)
+{
+    tp_log(a->severity == GPR_LOG_SEVERITY_ERROR ? TP_LOG_WARN : TP_LOG_DEBUG, "grpc: %.700s",
+           a->message);
+}
+
 static int online_cpus(void)
 {
     cpu_set_t set;
@@ -95,8 +108,10 @@ static int online_cpus(void)
 
 int main(int argc, char **argv)
 {
-    static const char *const level_names[] = {[TP_LOG_ERR] = "err", [TP_LOG_WARN] = "warn",
-                                              [TP_LOG_NOTICE] = "notice", [TP_LOG_INFO] = "info",
+    static const char *const level_names[] = {[TP_LOG_ERR] = "err",
+                                              [TP_LOG_WARN] = "warn",
+                                              [TP_LOG_NOTICE] = "notice",
+                                              [TP_LOG_INFO] = "info",
                                               [TP_LOG_DEBUG] = "debug"};
     struct config c;
     struct model m;
@@ -144,8 +159,10 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     if (shm_arena_create(&arena,
-                         &(struct shm_layout){.nslots = c.slots, .max_batch = c.max_batch,
-                                              .in = (uint32_t)m.in, .out = (uint32_t)m.out},
+                         &(struct shm_layout){.nslots = c.slots,
+                                              .max_batch = c.max_batch,
+                                              .in = (uint32_t)m.in,
+                                              .out = (uint32_t)m.out},
                          &err) < 0)
         goto fail;
     if (sched_create(&sched, &arena, c.max_queue, &err) < 0)
@@ -156,29 +173,40 @@ int main(int argc, char **argv)
            m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
            m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
            c.slots, c.max_batch);
+    /* Bind before starting workers, so that a bad --listen fails at once. */
+    grpc_init();
+    gpr_set_log_function(grpc_log);
+    api.model = &m;
+    api.sched = sched;
+    if (rpc_server_create(
+            &rpc,
+            &(struct rpc_config){.listen = c.listen,
+                                 .nlisten = c.nlisten,
+                                 .threads = c.grpc_threads,
+                                 .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
+                                 .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM},
+            api_methods, api_nmethods, &api, &err) < 0)
+        goto fail_grpc;
     if (sup_start(&sup,
-                  &(struct sup_config){.worker = worker, .weights = c.weights, .weight = c.weight,
-                                       .bias = bias, .backend = "cpu", .nranks = c.cpu,
-                                       .threads = threads, .slots = c.slots,
-                                       .max_batch = c.max_batch, .arena_fd = arena.fd,
+                  &(struct sup_config){.worker = worker,
+                                       .weights = c.weights,
+                                       .weight = c.weight,
+                                       .bias = bias,
+                                       .backend = "cpu",
+                                       .nranks = c.cpu,
+                                       .threads = threads,
+                                       .slots = c.slots,
+                                       .max_batch = c.max_batch,
+                                       .arena_fd = arena.fd,
                                        .backoff_ms = c.restart_backoff_ms,
                                        .log_level = level_names[c.log_level]},
                   sched_on_done, sched_on_state, sched, &err) < 0) {
         tp_err_prefix(&err, "starting workers: ");
-        goto fail;
+        goto fail_grpc;
     }
     sched_attach(sched, sup);
     sched_on_state(sched, 1);
-
-    grpc_init();
-    api.model = &m;
-    api.sched = sched;
-    if (rpc_server_start(&rpc,
-                         &(struct rpc_config){
-                             .listen = c.listen, .nlisten = c.nlisten, .threads = c.grpc_threads,
-                             .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
-                             .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM},
-                         api_methods, api_nmethods, &api, &err) < 0)
+    if (rpc_server_start(rpc, &err) < 0)
         goto fail_grpc;
     for (int i = 0; i < c.nlisten; i++)
         tp_log(TP_LOG_NOTICE, "ready: serving '%s' on %s", m.name, c.listen[i]);
@@ -194,6 +222,7 @@ int main(int argc, char **argv)
 fail_grpc:
     if (rpc)
         rpc_server_stop(rpc, 0);
+    rpc = NULL;
     /* grpc_shutdown() is left out on purpose: every call and the server are gone by now, but it
      * can wait up to 10 s for gRPC's pollers to notice client connections that are still open,
      * and the process is about to exit anyway. */

@@ -14,13 +14,13 @@
 
 struct model {
     char name[128];
-    int64_t in;                /* input features */
-    int64_t out;               /* output features */
-    enum tp_dtype wdtype;      /* dtype of W in the file */
+    int64_t in;           /* input features */
+    int64_t out;          /* output features */
+    enum tp_dtype wdtype; /* dtype of W in the file */
     int has_bias;
     int ranks;
-    const char *backend;       /* "cpu" */
-    uint32_t max_batch;        /* rows per request */
+    const char *backend; /* "cpu" */
+    uint32_t max_batch;  /* rows per request */
 };
 
 #endif

@@ -17,7 +17,7 @@
 
 #include "log.h"
 
-#define POSTED_PER_METHOD 8   /* requests waiting for calls, per method and queue */
+#define POSTED_PER_METHOD 8 /* requests waiting for calls, per method and queue */
 #define POSTED_UNKNOWN 2
 
 enum tag_kind { T_NEW, T_SEND, T_CLOSE };
@@ -29,31 +29,36 @@ struct rpc_tag {
 
 struct rpc_call {
     struct rpc_server *srv;
-    int method;                    /* index into methods, -1 for any other method */
-    int cq;                        /* queue index */
+    int method; /* index into methods, -1 for any other method */
+    int cq;     /* queue index */
     grpc_call *call;
     gpr_timespec deadline;
     grpc_metadata_array md;
-    grpc_call_details details;     /* for unregistered calls */
+    grpc_call_details details; /* for unregistered calls */
     grpc_byte_buffer *payload;
     grpc_byte_buffer *reply;
-    int cancelled;                 /* set by the close batch */
-    atomic_int pending;            /* batches still to complete */
+    int cancelled;      /* set by the close batch */
+    atomic_int pending; /* batches still to complete */
     struct rpc_tag t_new, t_send, t_close;
+};
+
+struct poller {
+    struct rpc_server *srv;
+    grpc_completion_queue *cq;
+    pthread_t thread;
+    int running; /* thread started */
 };
 
 struct rpc_server {
     grpc_server *server;
-    int ncq;
-    grpc_completion_queue **cqs;
-    pthread_t *threads;
-    int nthreads;
+    int npollers;
+    struct poller *pollers; /* one completion queue and thread each */
     const struct rpc_method *methods;
     int nmethods;
-    void **handles;                /* registered method handles */
+    void **handles; /* registered method handles */
     void *ctx;
     atomic_int shutting_down;
-    int started;                   /* grpc_server_start was called */
+    int started; /* grpc_server_start was called */
     char unix_paths[8][108];
     int nunix;
 };
@@ -97,11 +102,11 @@ static void post(struct rpc_server *s, int m, int q)
     grpc_call_details_init(&c->details);
     if (m >= 0)
         e = grpc_server_request_registered_call(s->server, s->handles[m], &c->call, &c->deadline,
-                                                &c->md, &c->payload, s->cqs[q], s->cqs[q],
-                                                &c->t_new);
+                                                &c->md, &c->payload, s->pollers[q].cq,
+                                                s->pollers[q].cq, &c->t_new);
     else
-        e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, s->cqs[q],
-                                     s->cqs[q], &c->t_new);
+        e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, s->pollers[q].cq,
+                                     s->pollers[q].cq, &c->t_new);
     if (e != GRPC_CALL_OK) {
         tp_log(TP_LOG_ERR, "rpc: cannot post a request: error %d", (int)e);
         call_free(c);
@@ -180,10 +185,10 @@ static void on_new(struct rpc_server *s, struct rpc_call *c)
 
 static void *poll_thread(void *arg)
 {
-    struct rpc_server *s = ((void **)arg)[0];
-    grpc_completion_queue *cq = ((void **)arg)[1];
+    struct poller *p = arg;
+    struct rpc_server *s = p->srv;
+    grpc_completion_queue *cq = p->cq;
 
-    free(arg);
     for (;;) {
         grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
         struct rpc_tag *t;
@@ -202,9 +207,7 @@ static void *poll_thread(void *arg)
             on_new(s, t->call);
             break;
         case T_SEND:
-        case T_CLOSE:
-            call_release(t->call);
-            break;
+        case T_CLOSE: call_release(t->call); break;
         }
     }
     return NULL;
@@ -224,9 +227,8 @@ static int add_port(struct rpc_server *s, const char *addr, struct tp_err *err)
     return 0;
 }
 
-int rpc_server_start(struct rpc_server **out, const struct rpc_config *c,
-                     const struct rpc_method *methods, int nmethods, void *ctx,
-                     struct tp_err *err)
+int rpc_server_create(struct rpc_server **out, const struct rpc_config *c,
+                      const struct rpc_method *methods, int nmethods, void *ctx, struct tp_err *err)
 {
     struct rpc_server *s = calloc(1, sizeof(*s));
     grpc_arg args[2] = {
@@ -240,11 +242,10 @@ int rpc_server_start(struct rpc_server **out, const struct rpc_config *c,
     s->methods = methods;
     s->nmethods = nmethods;
     s->ctx = ctx;
-    s->ncq = c->threads;
-    s->cqs = calloc((size_t)s->ncq, sizeof(*s->cqs));
-    s->threads = calloc((size_t)s->ncq, sizeof(*s->threads));
+    s->npollers = c->threads;
+    s->pollers = calloc((size_t)s->npollers, sizeof(*s->pollers));
     s->handles = calloc((size_t)nmethods, sizeof(*s->handles));
-    if (!s->cqs || !s->threads || !s->handles) {
+    if (!s->pollers || !s->handles) {
         tp_err_set(err, TP_ENOMEM, "no memory for the server");
         goto fail;
     }
@@ -252,43 +253,38 @@ int rpc_server_start(struct rpc_server **out, const struct rpc_config *c,
     for (int m = 0; m < nmethods; m++)
         s->handles[m] = grpc_server_register_method(s->server, methods[m].path, NULL,
                                                     GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
-    for (int q = 0; q < s->ncq; q++) {
-        s->cqs[q] = grpc_completion_queue_create_for_next(NULL);
-        grpc_server_register_completion_queue(s->server, s->cqs[q], NULL);
+    for (int q = 0; q < s->npollers; q++) {
+        s->pollers[q].srv = s;
+        s->pollers[q].cq = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(s->server, s->pollers[q].cq, NULL);
     }
     for (int i = 0; i < c->nlisten; i++)
         if (add_port(s, c->listen[i], err) < 0)
             goto fail;
-    grpc_server_start(s->server);
-    s->started = 1;
-    for (int q = 0; q < s->ncq; q++) {
-        for (int m = 0; m < nmethods; m++)
-            for (int k = 0; k < POSTED_PER_METHOD; k++)
-                post(s, m, q);
-        for (int k = 0; k < POSTED_UNKNOWN; k++)
-            post(s, -1, q);
-    }
-    for (int q = 0; q < s->ncq; q++) {
-        void **arg = malloc(2 * sizeof(void *));
-
-        if (!arg) {
-            tp_err_set(err, TP_ENOMEM, "no memory for the server threads");
-            goto fail;
-        }
-        arg[0] = s;
-        arg[1] = s->cqs[q];
-        if (pthread_create(&s->threads[q], NULL, poll_thread, arg) != 0) {
-            free(arg);
-            tp_err_set(err, TP_ESYS, "cannot start gRPC thread %d", q);
-            goto fail;
-        }
-        s->nthreads++;
-    }
     *out = s;
     return 0;
 fail:
     rpc_server_stop(s, 0);
     return -1;
+}
+
+int rpc_server_start(struct rpc_server *s, struct tp_err *err)
+{
+    grpc_server_start(s->server);
+    s->started = 1;
+    for (int q = 0; q < s->npollers; q++) {
+        for (int m = 0; m < s->nmethods; m++)
+            for (int k = 0; k < POSTED_PER_METHOD; k++)
+                post(s, m, q);
+        for (int k = 0; k < POSTED_UNKNOWN; k++)
+            post(s, -1, q);
+    }
+    for (int q = 0; q < s->npollers; q++) {
+        if (pthread_create(&s->pollers[q].thread, NULL, poll_thread, &s->pollers[q]) != 0)
+            return tp_err_set(err, TP_ESYS, "cannot start gRPC thread %d", q);
+        s->pollers[q].running = 1;
+    }
+    return 0;
 }
 
 void rpc_server_stop(struct rpc_server *s, int grace_ms)
@@ -302,11 +298,10 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
         grpc_event ev;
 
         grpc_server_shutdown_and_notify(s->server, scq, &tag);
-        ev = grpc_completion_queue_pluck(
-            scq, &tag,
-            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                         gpr_time_from_millis(grace_ms, GPR_TIMESPAN)),
-            NULL);
+        ev = grpc_completion_queue_pluck(scq, &tag,
+                                         gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                                      gpr_time_from_millis(grace_ms, GPR_TIMESPAN)),
+                                         NULL);
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
             tp_log(TP_LOG_WARN, "calls still running after %d ms, cancelling them", grace_ms);
             grpc_server_cancel_all_calls(s->server);
@@ -319,18 +314,20 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
             ;
         grpc_completion_queue_destroy(scq);
     }
-    for (int q = 0; q < s->ncq; q++)
-        if (s->cqs && s->cqs[q])
-            grpc_completion_queue_shutdown(s->cqs[q]);
-    for (int t = 0; t < s->nthreads; t++)
-        pthread_join(s->threads[t], NULL);
-    /* queues without a thread (start failed half way) are drained here */
-    for (int q = s->nthreads; q < s->ncq; q++) {
-        if (!s->cqs || !s->cqs[q])
+    for (int q = 0; s->pollers && q < s->npollers; q++)
+        if (s->pollers[q].cq)
+            grpc_completion_queue_shutdown(s->pollers[q].cq);
+    for (int q = 0; s->pollers && q < s->npollers; q++) {
+        struct poller *p = &s->pollers[q];
+
+        if (p->running) {
+            pthread_join(p->thread, NULL);
             continue;
-        for (;;) {
-            grpc_event ev = grpc_completion_queue_next(s->cqs[q],
-                                                       gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        }
+        /* a queue without its thread (start failed half way) is drained here */
+        while (p->cq) {
+            grpc_event ev =
+                grpc_completion_queue_next(p->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
 
             if (ev.type == GRPC_QUEUE_SHUTDOWN)
                 break;
@@ -340,13 +337,12 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
     }
     if (s->server)
         grpc_server_destroy(s->server);
-    for (int q = 0; q < s->ncq; q++)
-        if (s->cqs && s->cqs[q])
-            grpc_completion_queue_destroy(s->cqs[q]);
+    for (int q = 0; s->pollers && q < s->npollers; q++)
+        if (s->pollers[q].cq)
+            grpc_completion_queue_destroy(s->pollers[q].cq);
     for (int i = 0; i < s->nunix; i++)
         unlink(s->unix_paths[i]);
-    free(s->cqs);
-    free(s->threads);
+    free(s->pollers);
     free(s->handles);
     free(s);
 }

@@ -18,23 +18,28 @@ struct rpc_call;
 typedef void (*rpc_handler_fn)(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload);
 
 struct rpc_method {
-    const char *path;              /* "/inference.GRPCInferenceService/ModelInfer" */
+    const char *path; /* "/inference.GRPCInferenceService/ModelInfer" */
     rpc_handler_fn handler;
 };
 
 struct rpc_config {
-    const char *const *listen;     /* "HOST:PORT" or "unix:PATH" */
+    const char *const *listen; /* "HOST:PORT" or "unix:PATH" */
     int nlisten;
     int threads;
-    long max_recv;                 /* bytes of one request message */
-    long max_send;                 /* bytes of one response message */
+    long max_recv; /* bytes of one request message */
+    long max_send; /* bytes of one response message */
 };
 
-/* Binds every address and starts serving. methods (nmethods, static storage) and ctx are
- * borrowed. On failure nothing is left listening. */
-int rpc_server_start(struct rpc_server **s, const struct rpc_config *c,
-                     const struct rpc_method *methods, int nmethods, void *ctx,
-                     struct tp_err *err);
+/* Creates the server and binds every address, without serving yet, so that a bad address fails
+ * before anything else starts. methods (nmethods, static storage) and ctx are borrowed. On
+ * failure nothing is left bound. */
+int rpc_server_create(struct rpc_server **s, const struct rpc_config *c,
+                      const struct rpc_method *methods, int nmethods, void *ctx,
+                      struct tp_err *err);
+
+/* Starts serving: calls are accepted and handlers run from here on. On failure the caller
+ * stops the server. */
+int rpc_server_start(struct rpc_server *s, struct tp_err *err);
 
 /* Answers a call: status is a gRPC status code (0 OK), msg its details (may be NULL), reply the
  * response message (taken; NULL for none). */

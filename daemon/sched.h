@@ -19,7 +19,7 @@ struct sched_req;
 typedef void (*sched_complete_fn)(struct sched_req *r, const float *y, const struct tp_err *err);
 
 struct sched_req {
-    const float *x;                /* [rows, in]; must stay valid until complete is called */
+    const float *x; /* [rows, in]; must stay valid until complete is called */
     uint32_t rows;
     sched_complete_fn complete;
     /* owned by the scheduler */
@@ -29,8 +29,7 @@ struct sched_req {
 };
 
 /* Creates a scheduler over the arena (borrowed). Not ready until sched_set_ready(…, 1). */
-int sched_create(struct sched **s, struct shm_arena *arena, uint32_t max_queue,
-                 struct tp_err *err);
+int sched_create(struct sched **s, struct shm_arena *arena, uint32_t max_queue, struct tp_err *err);
 
 /* Connects the supervisor whose jobs this scheduler dispatches (borrowed). */
 void sched_attach(struct sched *s, struct sup *sup);

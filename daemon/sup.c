@@ -26,15 +26,15 @@
 enum group_state { G_STARTING, G_READY, G_DOWN, G_FAILED };
 
 struct worker {
-    pid_t pid;                 /* 0 when not running */
-    int fd;                    /* control socket, -1 when closed */
+    pid_t pid; /* 0 when not running */
+    int fd;    /* control socket, -1 when closed */
     int ready;
 };
 
 struct job {
     uint64_t id;
-    int pending;               /* ranks that have not answered; 0 when the slot is idle */
-    struct tp_err err;         /* first failure reported by a rank */
+    int pending;       /* ranks that have not answered; 0 when the slot is idle */
+    struct tp_err err; /* first failure reported by a rank */
 };
 
 struct sup {
@@ -44,17 +44,17 @@ struct sup {
     void *ctx;
     pthread_t thread;
     int thread_started;
-    int wake_fd;                   /* eventfd */
+    int wake_fd; /* eventfd */
     pthread_mutex_t lock;
-    pthread_cond_t cond;           /* signalled on every change of state */
+    pthread_cond_t cond; /* signalled on every change of state */
     enum group_state state;
-    int first_ready;               /* a group has been ready once */
+    int first_ready; /* a group has been ready once */
     int stopping;
-    struct tp_err fail;            /* why the group failed before its first READY */
+    struct tp_err fail; /* why the group failed before its first READY */
     int backoff_ms;
-    int64_t restart_at_ms;         /* CLOCK_MONOTONIC, when state is G_DOWN */
-    struct worker *w;              /* nranks */
-    struct job *jobs;              /* slots */
+    int64_t restart_at_ms; /* CLOCK_MONOTONIC, when state is G_DOWN */
+    struct worker *w;      /* nranks */
+    struct job *jobs;      /* slots */
 };
 
 static int64_t now_ms(void)
@@ -205,8 +205,8 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
 {
     struct tp_err e = {0};
 
-    if (ctl_validate(m, s->c.slots, s->c.max_batch, &e) < 0 || (m->type != CTL_READY &&
-                                                                 m->type != CTL_DONE)) {
+    if (ctl_validate(m, s->c.slots, s->c.max_batch, &e) < 0 ||
+        (m->type != CTL_READY && m->type != CTL_DONE)) {
         tp_log(TP_LOG_ERR, "worker rank %d sent a bad control message: %s", r,
                e.msg[0] ? e.msg : "unexpected type");
         group_down(s, r, "broke the control protocol");

@@ -14,17 +14,17 @@
 struct sup;
 
 struct sup_config {
-    const char *worker;        /* worker executable */
-    const char *weights;       /* safetensors path */
-    const char *weight;        /* tensor names */
-    const char *bias;          /* NULL: no bias */
-    const char *backend;       /* "cpu" */
+    const char *worker;  /* worker executable */
+    const char *weights; /* safetensors path */
+    const char *weight;  /* tensor names */
+    const char *bias;    /* NULL: no bias */
+    const char *backend; /* "cpu" */
     int nranks;
-    int threads;               /* BLAS threads per rank */
+    int threads; /* BLAS threads per rank */
     uint32_t slots, max_batch;
-    int arena_fd;              /* passed to every worker; stays the caller's */
-    int backoff_ms;            /* first restart delay */
-    const char *log_level;     /* passed to the workers */
+    int arena_fd;          /* passed to every worker; stays the caller's */
+    int backoff_ms;        /* first restart delay */
+    const char *log_level; /* passed to the workers */
 };
 
 /* Called on the supervisor's thread, with no lock held, when every rank has finished job id on

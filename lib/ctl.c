@@ -50,8 +50,8 @@ int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, s
         return tp_err_set(err, TP_EINTERNAL, "control message magic 0x%08x, expected 0x%08x",
                           m->magic, CTL_MAGIC);
     if (m->version != CTL_VERSION)
-        return tp_err_set(err, TP_EINTERNAL, "control message version %u, expected %u",
-                          m->version, CTL_VERSION);
+        return tp_err_set(err, TP_EINTERNAL, "control message version %u, expected %u", m->version,
+                          CTL_VERSION);
     if (m->type != CTL_READY && m->type != CTL_JOB && m->type != CTL_DONE)
         return tp_err_set(err, TP_EINTERNAL, "control message type %u unknown", m->type);
     if (!memchr(m->text, '\0', sizeof(m->text)))

@@ -25,16 +25,16 @@ enum ctl_type {
 };
 
 struct ctl_msg {
-    uint32_t magic;       /* CTL_MAGIC */
-    uint16_t version;     /* CTL_VERSION */
-    uint16_t type;        /* enum ctl_type */
-    uint64_t id;          /* job id, echoed by DONE */
-    uint32_t slot;        /* arena slot */
-    uint32_t rows;        /* rows of the slot's input to compute */
-    int32_t status;       /* enum tp_code; TP_OK on success */
-    uint32_t rank;        /* sender's rank (READY, DONE) */
-    uint64_t bytes;       /* READY: bytes of weights and bias read from the file */
-    char text[256];       /* NUL-terminated error message when status != TP_OK */
+    uint32_t magic;   /* CTL_MAGIC */
+    uint16_t version; /* CTL_VERSION */
+    uint16_t type;    /* enum ctl_type */
+    uint64_t id;      /* job id, echoed by DONE */
+    uint32_t slot;    /* arena slot */
+    uint32_t rows;    /* rows of the slot's input to compute */
+    int32_t status;   /* enum tp_code; TP_OK on success */
+    uint32_t rank;    /* sender's rank (READY, DONE) */
+    uint64_t bytes;   /* READY: bytes of weights and bias read from the file */
+    char text[256];   /* NUL-terminated error message when status != TP_OK */
 };
 
 _Static_assert(sizeof(struct ctl_msg) == 296, "ctl_msg is a wire format");

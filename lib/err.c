@@ -58,12 +58,10 @@ const char *tp_code_name(enum tp_code code)
 {
     switch (code) {
 #define TP_ERR_NAME(c, name, grpc)                                                                 \
-    case c:                                                                                        \
-        return name;
+    case c: return name;
         TP_ERR_MAP(TP_ERR_NAME)
 #undef TP_ERR_NAME
-    default:
-        return "unknown error";
+    default: return "unknown error";
     }
 }
 
@@ -71,11 +69,9 @@ int tp_code_grpc(enum tp_code code)
 {
     switch (code) {
 #define TP_ERR_GRPC(c, name, grpc)                                                                 \
-    case c:                                                                                        \
-        return grpc;
+    case c: return grpc;
         TP_ERR_MAP(TP_ERR_GRPC)
 #undef TP_ERR_GRPC
-    default:
-        return 13;
+    default: return 13;
     }
 }

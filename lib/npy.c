@@ -20,9 +20,9 @@
 
 #define MAGIC "\x93NUMPY"
 #define MAGIC_LEN 6
-#define ALIGN 64          /* numpy starts the data at a multiple of this many bytes */
-#define MAX_STR 32        /* bytes kept of a key or string value, with the NUL */
-#define SHAPE_TEXT 200    /* bytes of a shape formatted for a message */
+#define ALIGN 64       /* numpy starts the data at a multiple of this many bytes */
+#define MAX_STR 32     /* bytes kept of a key or string value, with the NUL */
+#define SHAPE_TEXT 200 /* bytes of a shape formatted for a message */
 
 enum { KEY_DESCR, KEY_FORTRAN, KEY_SHAPE, NKEYS };
 
@@ -58,13 +58,19 @@ static int eat(struct cursor *c, char ch)
 static int syntax(const struct cursor *c, const char *expected, struct tp_err *err)
 {
     if (c->p >= c->end)
-        return tp_err_set(err, TP_EINVAL, "malformed header dict: expected %s at byte %zu, "
-                          "found the end of the header", expected, pos(c));
+        return tp_err_set(err, TP_EINVAL,
+                          "malformed header dict: expected %s at byte %zu, "
+                          "found the end of the header",
+                          expected, pos(c));
     if (*c->p >= 0x20 && *c->p < 0x7f)
-        return tp_err_set(err, TP_EINVAL, "malformed header dict: expected %s at byte %zu, "
-                          "found '%c'", expected, pos(c), *c->p);
-    return tp_err_set(err, TP_EINVAL, "malformed header dict: expected %s at byte %zu, "
-                      "found byte 0x%02x", expected, pos(c), (unsigned char)*c->p);
+        return tp_err_set(err, TP_EINVAL,
+                          "malformed header dict: expected %s at byte %zu, "
+                          "found '%c'",
+                          expected, pos(c), *c->p);
+    return tp_err_set(err, TP_EINVAL,
+                      "malformed header dict: expected %s at byte %zu, "
+                      "found byte 0x%02x",
+                      expected, pos(c), (unsigned char)*c->p);
 }
 
 /* A quoted string without escapes, printable ASCII only, so that it can go into a message. */
@@ -78,16 +84,22 @@ static int parse_str(struct cursor *c, char *out, const char *expected, struct t
     quote = *c->p++;
     for (;;) {
         if (c->p >= c->end)
-            return tp_err_set(err, TP_EINVAL, "unterminated string at byte %zu of the header "
-                              "dict", at);
+            return tp_err_set(err, TP_EINVAL,
+                              "unterminated string at byte %zu of the header "
+                              "dict",
+                              at);
         if (*c->p == quote)
             break;
         if (*c->p == '\\' || *c->p < 0x20 || *c->p >= 0x7f)
-            return tp_err_set(err, TP_EINVAL, "unsupported character 0x%02x in the string at "
-                              "byte %zu of the header dict", (unsigned char)*c->p, at);
+            return tp_err_set(err, TP_EINVAL,
+                              "unsupported character 0x%02x in the string at "
+                              "byte %zu of the header dict",
+                              (unsigned char)*c->p, at);
         if (n + 1 >= MAX_STR)
-            return tp_err_set(err, TP_EINVAL, "string at byte %zu of the header dict is longer "
-                              "than %d bytes", at, MAX_STR - 1);
+            return tp_err_set(err, TP_EINVAL,
+                              "string at byte %zu of the header dict is longer "
+                              "than %d bytes",
+                              at, MAX_STR - 1);
         out[n++] = *c->p++;
     }
     c->p++;
@@ -108,8 +120,10 @@ static int parse_int(struct cursor *c, int64_t *v, struct tp_err *err)
         unsigned d = (unsigned)(*c->p++ - '0');
 
         if (u > ((uint64_t)INT64_MAX - d) / 10)
-            return tp_err_set(err, TP_EINVAL, "dim at byte %zu of the header dict does not "
-                              "fit in 64 bits", at);
+            return tp_err_set(err, TP_EINVAL,
+                              "dim at byte %zu of the header dict does not "
+                              "fit in 64 bits",
+                              at);
         u = u * 10 + d;
     }
     *v = neg ? -(int64_t)u : (int64_t)u;
@@ -147,8 +161,10 @@ static int parse_shape(struct cursor *c, struct npy_info *info, struct tp_err *e
         info->shape[n++] = v;
         skip_ws(c);
         if (n == 1 && c->p < c->end && *c->p == ')')
-            return tp_err_set(err, TP_EINVAL, "shape (%" PRId64 ") is not a tuple (a 1-tuple "
-                              "needs a trailing comma)", v);
+            return tp_err_set(err, TP_EINVAL,
+                              "shape (%" PRId64 ") is not a tuple (a 1-tuple "
+                              "needs a trailing comma)",
+                              v);
         if (!eat(c, ',') && !(c->p < c->end && *c->p == ')'))
             return syntax(c, "',' or ')' in shape", err);
         skip_ws(c);
@@ -162,8 +178,10 @@ static int parse_descr(struct cursor *c, struct npy_info *info, struct tp_err *e
     char s[MAX_STR];
 
     if (c->p < c->end && *c->p != '\'' && *c->p != '"')
-        return tp_err_set(err, TP_EINVAL, "descr at byte %zu is not a string (structured "
-                          "dtypes are not supported)", pos(c));
+        return tp_err_set(err, TP_EINVAL,
+                          "descr at byte %zu is not a string (structured "
+                          "dtypes are not supported)",
+                          pos(c));
     if (parse_str(c, s, "a string for 'descr'", err) < 0)
         return -1;
     if (strcmp(s, "<f4") == 0)
@@ -173,8 +191,10 @@ static int parse_descr(struct cursor *c, struct npy_info *info, struct tp_err *e
     else if (strcmp(s, "<f8") == 0)
         info->dtype = TP_F64;
     else
-        return tp_err_set(err, TP_EINVAL, "unsupported dtype '%s' (expected '<f4', '<f2' or "
-                          "'<f8')", s);
+        return tp_err_set(err, TP_EINVAL,
+                          "unsupported dtype '%s' (expected '<f4', '<f2' or "
+                          "'<f8')",
+                          s);
     return 0;
 }
 
@@ -260,18 +280,24 @@ static int parse_preamble(const unsigned char *b, size_t len, size_t *dict_start
         *dict_len = (uint32_t)b[8] | (uint32_t)b[9] << 8;
     } else if ((b[6] == 2 || b[6] == 3) && b[7] == 0) {
         if (len < 12)
-            return tp_err_set(err, TP_EINVAL, "only %zu bytes, too short for a .npy %u.0 "
-                              "preamble", len, b[6]);
+            return tp_err_set(err, TP_EINVAL,
+                              "only %zu bytes, too short for a .npy %u.0 "
+                              "preamble",
+                              len, b[6]);
         *dict_start = 12;
-        *dict_len = (uint32_t)b[8] | (uint32_t)b[9] << 8 | (uint32_t)b[10] << 16 |
-                    (uint32_t)b[11] << 24;
+        *dict_len =
+            (uint32_t)b[8] | (uint32_t)b[9] << 8 | (uint32_t)b[10] << 16 | (uint32_t)b[11] << 24;
     } else {
-        return tp_err_set(err, TP_EINVAL, "unsupported .npy version %u.%u (expected 1.0, 2.0 "
-                          "or 3.0)", b[6], b[7]);
+        return tp_err_set(err, TP_EINVAL,
+                          "unsupported .npy version %u.%u (expected 1.0, 2.0 "
+                          "or 3.0)",
+                          b[6], b[7]);
     }
     if (*dict_len > NPY_MAX_HEADER)
-        return tp_err_set(err, TP_EINVAL, "header length %" PRIu32 " exceeds the limit of %u "
-                          "bytes", *dict_len, NPY_MAX_HEADER);
+        return tp_err_set(err, TP_EINVAL,
+                          "header length %" PRIu32 " exceeds the limit of %u "
+                          "bytes",
+                          *dict_len, NPY_MAX_HEADER);
     return 0;
 }
 
@@ -285,8 +311,10 @@ int npy_parse_header(const void *buf, size_t len, struct npy_info *info, struct 
     if (parse_preamble(buf, len, &start, &dict_len, err) < 0)
         return -1;
     if (dict_len > len - start)
-        return tp_err_set(err, TP_EINVAL, "header length %" PRIu32 " runs past the end of the "
-                          "data (%zu bytes after the preamble)", dict_len, len - start);
+        return tp_err_set(err, TP_EINVAL,
+                          "header length %" PRIu32 " runs past the end of the "
+                          "data (%zu bytes after the preamble)",
+                          dict_len, len - start);
     c.start = c.p = (const char *)buf + start;
     c.end = c.start + dict_len;
     if (parse_dict(&c, &ni, err) < 0)
@@ -295,8 +323,10 @@ int npy_parse_header(const void *buf, size_t len, struct npy_info *info, struct 
         char s[SHAPE_TEXT];
 
         format_shape(s, sizeof(s), ni.shape, ni.ndim);
-        return tp_err_set(err, TP_EINVAL, "shape %s of %s exceeds the limit of %llu bytes of "
-                          "data", s, tp_dtype_file_name(ni.dtype), NPY_MAX_DATA);
+        return tp_err_set(err, TP_EINVAL,
+                          "shape %s of %s exceeds the limit of %llu bytes of "
+                          "data",
+                          s, tp_dtype_file_name(ni.dtype), NPY_MAX_DATA);
     }
     ni.data_offset = start + dict_len;
     *info = ni;
@@ -346,9 +376,10 @@ int npy_load_f32(const char *path, float **data, struct npy_info *info, struct t
         goto fail;
     expect = ni.data_offset + ni.count * tp_dtype_size(ni.dtype);
     if (size != expect) {
-        tp_err_set(err, TP_EINVAL, "file is %" PRIu64 " bytes but its header says %" PRIu64
-                   " (%zu of header, %" PRIu64 " of data)", size, expect, ni.data_offset,
-                   expect - ni.data_offset);
+        tp_err_set(err, TP_EINVAL,
+                   "file is %" PRIu64 " bytes but its header says %" PRIu64
+                   " (%zu of header, %" PRIu64 " of data)",
+                   size, expect, ni.data_offset, expect - ni.data_offset);
         goto fail;
     }
     if (ni.count > SIZE_MAX / sizeof(float)) {
@@ -438,8 +469,7 @@ int npy_save_f32(const char *path, const float *data, int ndim, const int64_t *s
         goto fail;
     }
     if (count && !data) {
-        tp_err_set(err, TP_EINVAL, "data is NULL for a shape of %" PRIu64 " elements",
-                   count);
+        tp_err_set(err, TP_EINVAL, "data is NULL for a shape of %" PRIu64 " elements", count);
         goto fail;
     }
     if ((size_t)snprintf(tmp, sizeof(tmp), "%s.tmp.%ld", path, (long)getpid()) >= sizeof(tmp)) {

@@ -12,15 +12,15 @@
 #include "tensor.h"
 
 /* Caps on what a file may claim, checked before anything is allocated. */
-#define NPY_MAX_HEADER (1u << 20)        /* bytes of header dict */
-#define NPY_MAX_DATA (4ull << 30)        /* bytes of array data */
+#define NPY_MAX_HEADER (1u << 20) /* bytes of header dict */
+#define NPY_MAX_DATA (4ull << 30) /* bytes of array data */
 
 struct npy_info {
-    enum tp_dtype dtype;                 /* TP_F32, TP_F16 or TP_F64 */
-    int ndim;                            /* 0..TP_MAX_DIMS */
+    enum tp_dtype dtype; /* TP_F32, TP_F16 or TP_F64 */
+    int ndim;            /* 0..TP_MAX_DIMS */
     int64_t shape[TP_MAX_DIMS];
-    uint64_t count;                      /* elements: product of shape */
-    size_t data_offset;                  /* bytes from file start to the first element */
+    uint64_t count;     /* elements: product of shape */
+    size_t data_offset; /* bytes from file start to the first element */
 };
 
 /* Parses the preamble and header dict at buf (len bytes: the start of a file, at least the whole

@@ -84,8 +84,8 @@ static int parse_tensor(struct st_tensor *t, const cJSON *item, uint64_t data_st
 
     show(item->string, nm);
     if (len >= ST_MAX_NAME)
-        return tp_err_set(err, TP_EINVAL, "tensor name '%s' is %zu bytes, longer than %d", nm,
-                          len, ST_MAX_NAME - 1);
+        return tp_err_set(err, TP_EINVAL, "tensor name '%s' is %zu bytes, longer than %d", nm, len,
+                          ST_MAX_NAME - 1);
     memcpy(t->name, item->string, len + 1);
     if (!cJSON_IsObject(item))
         return tp_err_set(err, TP_EINVAL, "tensor '%s' is not a JSON object", nm);
@@ -98,48 +98,62 @@ static int parse_tensor(struct st_tensor *t, const cJSON *item, uint64_t data_st
     if (t->dtype == TP_DTYPE_INVALID) {
         char dt[SHOW];
 
-        return tp_err_set(err, TP_EINVAL, "tensor '%s' has dtype %s, expected F32, F16, BF16 "
-                          "or F64", nm, show(dtype->valuestring, dt));
+        return tp_err_set(err, TP_EINVAL,
+                          "tensor '%s' has dtype %s, expected F32, F16, BF16 "
+                          "or F64",
+                          nm, show(dtype->valuestring, dt));
     }
     if (!cJSON_IsArray(shape))
         return tp_err_set(err, TP_EINVAL, "tensor '%s' has no shape array", nm);
     t->ndim = cJSON_GetArraySize(shape);
     if (t->ndim > TP_MAX_DIMS)
-        return tp_err_set(err, TP_EINVAL, "tensor '%s' has %d dims, at most %d are supported",
-                          nm, t->ndim, TP_MAX_DIMS);
+        return tp_err_set(err, TP_EINVAL, "tensor '%s' has %d dims, at most %d are supported", nm,
+                          t->ndim, TP_MAX_DIMS);
     i = 0;
-    cJSON_ArrayForEach(d, shape) {
+    cJSON_ArrayForEach(d, shape)
+    {
         if (get_uint(d, &v) < 0)
-            return tp_err_set(err, TP_EINVAL, "tensor '%s' has shape[%d] %s, expected a "
-                              "non-negative integer", nm, i, describe(d, what, sizeof(what)));
+            return tp_err_set(err, TP_EINVAL,
+                              "tensor '%s' has shape[%d] %s, expected a "
+                              "non-negative integer",
+                              nm, i, describe(d, what, sizeof(what)));
         t->shape[i++] = (int64_t)v;
     }
     if (!cJSON_IsArray(offs) || cJSON_GetArraySize(offs) != 2)
-        return tp_err_set(err, TP_EINVAL, "tensor '%s' has no data_offsets array of 2 "
-                          "integers", nm);
+        return tp_err_set(err, TP_EINVAL,
+                          "tensor '%s' has no data_offsets array of 2 "
+                          "integers",
+                          nm);
     i = 0;
-    cJSON_ArrayForEach(d, offs) {
+    cJSON_ArrayForEach(d, offs)
+    {
         if (get_uint(d, i ? &end : &begin) < 0)
-            return tp_err_set(err, TP_EINVAL, "tensor '%s' has data_offsets[%d] %s, expected a "
-                              "non-negative integer", nm, i, describe(d, what, sizeof(what)));
+            return tp_err_set(err, TP_EINVAL,
+                              "tensor '%s' has data_offsets[%d] %s, expected a "
+                              "non-negative integer",
+                              nm, i, describe(d, what, sizeof(what)));
         i++;
     }
     if (begin > end)
-        return tp_err_set(err, TP_EINVAL, "tensor '%s' has data_offsets [%" PRIu64 ", %" PRIu64
-                          "] with begin after end", nm, begin, end);
+        return tp_err_set(err, TP_EINVAL,
+                          "tensor '%s' has data_offsets [%" PRIu64 ", %" PRIu64
+                          "] with begin after end",
+                          nm, begin, end);
     if (end > file_size - data_start)
-        return tp_err_set(err, TP_EINVAL, "tensor '%s' has data_offsets [%" PRIu64 ", %" PRIu64
-                          "] past the end of the %" PRIu64 "-byte data section", nm, begin, end,
-                          file_size - data_start);
+        return tp_err_set(err, TP_EINVAL,
+                          "tensor '%s' has data_offsets [%" PRIu64 ", %" PRIu64
+                          "] past the end of the %" PRIu64 "-byte data section",
+                          nm, begin, end, file_size - data_start);
     format_shape(sh, sizeof(sh), t->shape, t->ndim);
     if (tp_shape_count(t->shape, t->ndim, tp_dtype_size(t->dtype), UINT64_MAX, &count) < 0)
         return tp_err_set(err, TP_EINVAL, "tensor '%s' has shape %s whose size overflows 64 bits",
                           nm, sh);
     if (count * tp_dtype_size(t->dtype) != end - begin)
-        return tp_err_set(err, TP_EINVAL, "tensor '%s' has shape %s of %s (%" PRIu64 " bytes) "
+        return tp_err_set(err, TP_EINVAL,
+                          "tensor '%s' has shape %s of %s (%" PRIu64 " bytes) "
                           "but data_offsets [%" PRIu64 ", %" PRIu64 "] hold %" PRIu64 " bytes",
-                          nm, sh, tp_dtype_file_name(t->dtype),
-                          count * tp_dtype_size(t->dtype), begin, end, end - begin);
+                          nm, sh, tp_dtype_file_name(t->dtype), count * tp_dtype_size(t->dtype),
+                          begin, end, end - begin);
     t->begin = data_start + begin;
     t->end = data_start + end;
     return 0;
@@ -165,8 +179,7 @@ static int by_name(const void *a, const void *b)
 
 /* Duplicate names and overlapping byte ranges, found in sorted order so that a header with
  * ST_MAX_TENSORS entries costs n log n, not n^2. An empty range overlaps nothing. */
-static int check_table(const struct st_tensor *tab, int n, uint64_t data_start,
-                       struct tp_err *err)
+static int check_table(const struct st_tensor *tab, int n, uint64_t data_start, struct tp_err *err)
 {
     const struct st_tensor **s = malloc((size_t)(n ? n : 1) * sizeof(*s));
     const struct st_tensor *last = NULL; /* the non-empty range that ends furthest */
@@ -188,10 +201,11 @@ static int check_table(const struct st_tensor *tab, int n, uint64_t data_start,
         if (s[i]->begin == s[i]->end)
             continue;
         if (last && last->end > s[i]->begin) {
-            tp_err_set(err, TP_EINVAL, "tensors '%s' and '%s' overlap: data_offsets [%" PRIu64
-                       ", %" PRIu64 "] and [%" PRIu64 ", %" PRIu64 "]", show(last->name, a),
-                       show(s[i]->name, b), last->begin - data_start, last->end - data_start,
-                       s[i]->begin - data_start, s[i]->end - data_start);
+            tp_err_set(err, TP_EINVAL,
+                       "tensors '%s' and '%s' overlap: data_offsets [%" PRIu64 ", %" PRIu64
+                       "] and [%" PRIu64 ", %" PRIu64 "]",
+                       show(last->name, a), show(s[i]->name, b), last->begin - data_start,
+                       last->end - data_start, s[i]->begin - data_start, s[i]->end - data_start);
             goto out;
         }
         if (!last || s[i]->end > last->end)
@@ -213,8 +227,10 @@ int st_parse_header(struct st_file *f, const char *hdr, size_t hdr_len, uint64_t
     int n = 0, i = 0;
 
     if (data_start > file_size) {
-        tp_err_set(err, TP_EINVAL, "data section starts at byte %" PRIu64 ", past the end of "
-                   "the %" PRIu64 "-byte file", data_start, file_size);
+        tp_err_set(err, TP_EINVAL,
+                   "data section starts at byte %" PRIu64 ", past the end of "
+                   "the %" PRIu64 "-byte file",
+                   data_start, file_size);
         goto fail;
     }
     root = cJSON_ParseWithLengthOpts(hdr, hdr_len, &end, 0);
@@ -234,7 +250,8 @@ int st_parse_header(struct st_file *f, const char *hdr, size_t hdr_len, uint64_t
         tp_err_set(err, TP_EINVAL, "header is not a JSON object");
         goto fail;
     }
-    cJSON_ArrayForEach(item, root) {
+    cJSON_ArrayForEach(item, root)
+    {
         if (strcmp(item->string, "__metadata__") != 0 && ++n > ST_MAX_TENSORS) {
             tp_err_set(err, TP_EINVAL, "header has more than %d tensors", ST_MAX_TENSORS);
             goto fail;
@@ -246,7 +263,8 @@ int st_parse_header(struct st_file *f, const char *hdr, size_t hdr_len, uint64_t
         tp_err_set(err, TP_ENOMEM, "no memory for %d tensors", n);
         goto fail;
     }
-    cJSON_ArrayForEach(item, root) {
+    cJSON_ArrayForEach(item, root)
+    {
         if (strcmp(item->string, "__metadata__") == 0)
             continue;
         if (parse_tensor(&tab[i++], item, data_start, file_size, err) < 0)
@@ -289,8 +307,10 @@ int st_open(struct st_file *f, const char *path, struct tp_err *err)
     }
     f->file_size = (uint64_t)st.st_size;
     if (f->file_size < sizeof(len8)) {
-        tp_err_set(err, TP_EINVAL, "file is %" PRIu64 " bytes, too short for the 8-byte header "
-                   "length", f->file_size);
+        tp_err_set(err, TP_EINVAL,
+                   "file is %" PRIu64 " bytes, too short for the 8-byte header "
+                   "length",
+                   f->file_size);
         goto fail;
     }
     if (fileio_pread_full(f->fd, len8, sizeof(len8), 0, err) < 0)
@@ -303,8 +323,8 @@ int st_open(struct st_file *f, const char *path, struct tp_err *err)
         goto fail;
     }
     if (n > f->file_size - sizeof(len8)) {
-        tp_err_set(err, TP_EINVAL, "header length %" PRIu64 " exceeds file size %" PRIu64
-                   "%s", n, f->file_size, n > f->file_size ? "" : " less the 8-byte length");
+        tp_err_set(err, TP_EINVAL, "header length %" PRIu64 " exceeds file size %" PRIu64 "%s", n,
+                   f->file_size, n > f->file_size ? "" : " less the 8-byte length");
         goto fail;
     }
     hdr = malloc(n ? (size_t)n : 1);
@@ -360,8 +380,9 @@ int st_read_rows_f32(const struct st_file *f, const struct st_tensor *t, int64_t
         goto fail;
     }
     if (row0 < 0 || nrows < 0 || row0 > t->shape[0] || nrows > t->shape[0] - row0) {
-        tp_err_set(err, TP_EINVAL, "tensor '%s' has %" PRId64 " rows, cannot read %" PRId64
-                   " from row %" PRId64, nm, t->shape[0], nrows, row0);
+        tp_err_set(err, TP_EINVAL,
+                   "tensor '%s' has %" PRId64 " rows, cannot read %" PRId64 " from row %" PRId64,
+                   nm, t->shape[0], nrows, row0);
         goto fail;
     }
     /* st_parse_header checked that the whole tensor fits its byte range; a table built some

@@ -13,22 +13,22 @@
 
 #define ST_MAX_HEADER (100u << 20) /* bytes of JSON header, the format's own limit */
 #define ST_MAX_TENSORS 65536
-#define ST_MAX_NAME 256            /* bytes of a tensor name, with the terminating NUL */
+#define ST_MAX_NAME 256 /* bytes of a tensor name, with the terminating NUL */
 
 struct st_tensor {
     char name[ST_MAX_NAME];
-    enum tp_dtype dtype;           /* F32, F16, BF16 or F64; other dtypes fail at open */
+    enum tp_dtype dtype; /* F32, F16, BF16 or F64; other dtypes fail at open */
     int ndim;
     int64_t shape[TP_MAX_DIMS];
-    uint64_t begin;                /* absolute file offset of the first byte */
-    uint64_t end;                  /* absolute file offset one past the last byte */
+    uint64_t begin; /* absolute file offset of the first byte */
+    uint64_t end;   /* absolute file offset one past the last byte */
 };
 
 struct st_file {
-    int fd;                        /* -1 when closed */
-    uint64_t file_size;            /* bytes */
+    int fd;             /* -1 when closed */
+    uint64_t file_size; /* bytes */
     int ntensors;
-    struct st_tensor *tensors;     /* ntensors entries, owned */
+    struct st_tensor *tensors; /* ntensors entries, owned */
 };
 
 /* Parses a header: hdr is the JSON text (hdr_len bytes, not NUL-terminated), data_start the

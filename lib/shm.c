@@ -41,8 +41,9 @@ static int map_arena(struct shm_arena *a, int fd, const struct shm_layout *l, st
     void *base;
 
     if (size == 0)
-        return tp_err_set(err, TP_EINVAL, "arena of %u slots of %u rows x (%u + %u) floats is too big",
-                          l->nslots, l->max_batch, l->in, l->out);
+        return tp_err_set(err, TP_EINVAL,
+                          "arena of %u slots of %u rows x (%u + %u) floats is too big", l->nslots,
+                          l->max_batch, l->in, l->out);
     base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
     if (base == MAP_FAILED)
         return tp_err_sys(err, "mapping arena of %zu bytes", size);
@@ -58,8 +59,9 @@ int shm_arena_create(struct shm_arena *a, const struct shm_layout *l, struct tp_
 
     *a = (struct shm_arena){.fd = -1};
     if (size == 0)
-        return tp_err_set(err, TP_EINVAL, "arena of %u slots of %u rows x (%u + %u) floats is too big",
-                          l->nslots, l->max_batch, l->in, l->out);
+        return tp_err_set(err, TP_EINVAL,
+                          "arena of %u slots of %u rows x (%u + %u) floats is too big", l->nslots,
+                          l->max_batch, l->in, l->out);
     fd = memfd_create("tpd-arena", MFD_CLOEXEC);
     if (fd < 0 || ftruncate(fd, (off_t)size) < 0) {
         tp_err_sys(err, "creating arena of %zu bytes", size);

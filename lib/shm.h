@@ -15,16 +15,16 @@
 
 struct shm_layout {
     uint32_t nslots;
-    uint32_t max_batch;   /* rows */
-    uint32_t in;          /* input features */
-    uint32_t out;         /* output features, all ranks together */
+    uint32_t max_batch; /* rows */
+    uint32_t in;        /* input features */
+    uint32_t out;       /* output features, all ranks together */
 };
 
 struct shm_arena {
-    int fd;               /* memfd, -1 when empty */
-    void *base;           /* mapping, NULL when empty */
-    size_t size;          /* bytes */
-    size_t slot_size;     /* bytes per slot, a multiple of the page size */
+    int fd;           /* memfd, -1 when empty */
+    void *base;       /* mapping, NULL when empty */
+    size_t size;      /* bytes */
+    size_t slot_size; /* bytes per slot, a multiple of the page size */
     struct shm_layout layout;
 };
 

@@ -103,9 +103,7 @@ void tp_convert_to_f32(float *dst, const void *src, size_t n, enum tp_dtype t)
     const unsigned char *p = src;
 
     switch (t) {
-    case TP_F32:
-        memcpy(dst, src, n * 4);
-        break;
+    case TP_F32: memcpy(dst, src, n * 4); break;
     case TP_F16:
         for (size_t i = 0; i < n; i++)
             dst[i] = tp_f16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
@@ -122,13 +120,11 @@ void tp_convert_to_f32(float *dst, const void *src, size_t n, enum tp_dtype t)
             dst[i] = (float)d;
         }
         break;
-    case TP_DTYPE_INVALID:
-        break;
+    case TP_DTYPE_INVALID: break;
     }
 }
 
-int tp_shape_count(const int64_t *dims, int ndim, size_t elem_size, uint64_t limit,
-                   uint64_t *count)
+int tp_shape_count(const int64_t *dims, int ndim, size_t elem_size, uint64_t limit, uint64_t *count)
 {
     uint64_t n = 1;
 

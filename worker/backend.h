@@ -15,9 +15,9 @@ struct backend;
 struct backend_config {
     int rank;
     int nranks;
-    uint32_t max_batch;    /* most rows of one forward */
-    int threads;           /* compute threads this rank may use */
-    int device;            /* device index for GPU backends, -1 for none */
+    uint32_t max_batch; /* most rows of one forward */
+    int threads;        /* compute threads this rank may use */
+    int device;         /* device index for GPU backends, -1 for none */
 };
 
 typedef int (*backend_create_fn)(struct backend **b, const struct backend_config *c,

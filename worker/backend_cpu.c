@@ -30,7 +30,7 @@ static int cpu_forward(struct backend *b, const float *x, uint32_t rows, float *
                        struct tp_err *err)
 {
     const struct shard *s = &b->s;
-    float *yc = y + s->row0;  /* this rank's first column */
+    float *yc = y + s->row0; /* this rank's first column */
     float beta = 0.0f;
 
     (void)err;
@@ -39,8 +39,8 @@ static int cpu_forward(struct backend *b, const float *x, uint32_t rows, float *
             memcpy(yc + (size_t)i * (size_t)s->out, s->b, (size_t)s->rows * sizeof(float));
         beta = 1.0f;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)s->rows, (int)s->in,
-                1.0f, x, (int)s->in, s->w, (int)s->in, beta, yc, (int)s->out);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)s->rows, (int)s->in, 1.0f,
+                x, (int)s->in, s->w, (int)s->in, beta, yc, (int)s->out);
     return 0;
 }
 

@@ -29,11 +29,12 @@ struct worker_args {
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: tpd-worker --rank R --ranks N --weights PATH --weight NAME [--bias NAME]\n"
-                    "                  --slots S --max-batch B [--threads T] [--backend cpu]\n"
-                    "                  [--log-level LEVEL]\n"
-                    "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
-                    "shared-memory arena on fd 4; it is not meant to be run by hand.\n");
+    fprintf(stderr,
+            "usage: tpd-worker --rank R --ranks N --weights PATH --weight NAME [--bias NAME]\n"
+            "                  --slots S --max-batch B [--threads T] [--backend cpu]\n"
+            "                  [--log-level LEVEL]\n"
+            "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
+            "shared-memory arena on fd 4; it is not meant to be run by hand.\n");
 }
 
 static int parse_int(const char *s, long lo, long hi, long *v)
@@ -47,30 +48,59 @@ static int parse_int(const char *s, long lo, long hi, long *v)
 
 static int parse_args(int argc, char **argv, struct worker_args *a)
 {
-    static const struct option opts[] = {
-        {"rank", required_argument, NULL, 'r'},      {"ranks", required_argument, NULL, 'n'},
-        {"weights", required_argument, NULL, 'f'},   {"weight", required_argument, NULL, 'w'},
-        {"bias", required_argument, NULL, 'b'},      {"slots", required_argument, NULL, 's'},
-        {"max-batch", required_argument, NULL, 'm'}, {"threads", required_argument, NULL, 't'},
-        {"backend", required_argument, NULL, 'k'},   {"device", required_argument, NULL, 'd'},
-        {"log-level", required_argument, NULL, 'l'}, {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {{"rank", required_argument, NULL, 'r'},
+                                         {"ranks", required_argument, NULL, 'n'},
+                                         {"weights", required_argument, NULL, 'f'},
+                                         {"weight", required_argument, NULL, 'w'},
+                                         {"bias", required_argument, NULL, 'b'},
+                                         {"slots", required_argument, NULL, 's'},
+                                         {"max-batch", required_argument, NULL, 'm'},
+                                         {"threads", required_argument, NULL, 't'},
+                                         {"backend", required_argument, NULL, 'k'},
+                                         {"device", required_argument, NULL, 'd'},
+                                         {"log-level", required_argument, NULL, 'l'},
+                                         {"help", no_argument, NULL, 'h'},
+                                         {NULL, 0, NULL, 0}};
     long v;
     int c;
 
     *a = (struct worker_args){.rank = -1, .threads = 1, .device = -1, .backend = "cpu"};
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
-        case 'r': if (parse_int(optarg, 0, 4095, &v)) return -1; a->rank = (int)v; break;
-        case 'n': if (parse_int(optarg, 1, 4096, &v)) return -1; a->nranks = (int)v; break;
+        case 'r':
+            if (parse_int(optarg, 0, 4095, &v))
+                return -1;
+            a->rank = (int)v;
+            break;
+        case 'n':
+            if (parse_int(optarg, 1, 4096, &v))
+                return -1;
+            a->nranks = (int)v;
+            break;
         case 'f': a->weights = optarg; break;
         case 'w': a->weight = optarg; break;
         case 'b': a->bias = optarg; break;
-        case 's': if (parse_int(optarg, 1, 1024, &v)) return -1; a->slots = (uint32_t)v; break;
-        case 'm': if (parse_int(optarg, 1, 1 << 20, &v)) return -1; a->max_batch = (uint32_t)v; break;
-        case 't': if (parse_int(optarg, 1, 1024, &v)) return -1; a->threads = (int)v; break;
+        case 's':
+            if (parse_int(optarg, 1, 1024, &v))
+                return -1;
+            a->slots = (uint32_t)v;
+            break;
+        case 'm':
+            if (parse_int(optarg, 1, 1 << 20, &v))
+                return -1;
+            a->max_batch = (uint32_t)v;
+            break;
+        case 't':
+            if (parse_int(optarg, 1, 1024, &v))
+                return -1;
+            a->threads = (int)v;
+            break;
         case 'k': a->backend = optarg; break;
-        case 'd': if (parse_int(optarg, 0, 1023, &v)) return -1; a->device = (int)v; break;
+        case 'd':
+            if (parse_int(optarg, 0, 1023, &v))
+                return -1;
+            a->device = (int)v;
+            break;
         case 'l':
             if (tp_log_parse_level(optarg) < 0)
                 return -1;
@@ -128,7 +158,10 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
             tp_log(TP_LOG_ERR, "control channel: unexpected message type %u", m.type);
             return 1;
         }
-        done = (struct ctl_msg){.type = CTL_DONE, .id = m.id, .slot = m.slot, .rows = m.rows,
+        done = (struct ctl_msg){.type = CTL_DONE,
+                                .id = m.id,
+                                .slot = m.slot,
+                                .rows = m.rows,
                                 .rank = (uint32_t)a->rank};
         t0 = now_ms();
         if (ops->forward(be, shm_slot_input(arena, m.slot), m.rows, shm_slot_output(arena, m.slot),
@@ -181,13 +214,18 @@ int main(int argc, char **argv)
            tp_dtype_file_name(s.dtype), (unsigned long long)s.w_bytes,
            (unsigned long long)s.b_bytes);
     if (shm_arena_attach(&arena, ARENA_FD,
-                         &(struct shm_layout){.nslots = a.slots, .max_batch = a.max_batch,
-                                              .in = (uint32_t)s.in, .out = (uint32_t)s.out},
+                         &(struct shm_layout){.nslots = a.slots,
+                                              .max_batch = a.max_batch,
+                                              .in = (uint32_t)s.in,
+                                              .out = (uint32_t)s.out},
                          &err) < 0)
         goto fail;
-    if (ops->create(&be, &(struct backend_config){.rank = a.rank, .nranks = a.nranks,
-                                                  .max_batch = a.max_batch, .threads = a.threads,
-                                                  .device = a.device},
+    if (ops->create(&be,
+                    &(struct backend_config){.rank = a.rank,
+                                             .nranks = a.nranks,
+                                             .max_batch = a.max_batch,
+                                             .threads = a.threads,
+                                             .device = a.device},
                     &s, &err) < 0)
         goto fail;
     send_ready(&a, NULL, bytes);

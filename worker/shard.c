@@ -8,14 +8,13 @@
 
 #include "safetensors.h"
 
-int shard_range(int64_t out, int nranks, int rank, int64_t *row0, int64_t *rows,
-                struct tp_err *err)
+int shard_range(int64_t out, int nranks, int rank, int64_t *row0, int64_t *rows, struct tp_err *err)
 {
     if (nranks < 1 || rank < 0 || rank >= nranks)
         return tp_err_set(err, TP_EINVAL, "rank %d outside 0..%d", rank, nranks - 1);
     if (out < 1 || out % nranks != 0)
-        return tp_err_set(err, TP_EINVAL, "out %lld is not divisible by %d ranks",
-                          (long long)out, nranks);
+        return tp_err_set(err, TP_EINVAL, "out %lld is not divisible by %d ranks", (long long)out,
+                          nranks);
     *rows = out / nranks;
     *row0 = (int64_t)rank * *rows;
     return 0;

@@ -11,15 +11,15 @@
 #include "tensor.h"
 
 struct shard {
-    int64_t row0;          /* first row of W owned */
-    int64_t rows;          /* rows owned: out / nranks */
-    int64_t in;            /* columns of W */
-    int64_t out;           /* rows of W, all ranks together */
-    enum tp_dtype dtype;   /* dtype of W in the file */
-    float *w;              /* [rows, in], converted to float32, owned */
-    float *b;              /* [rows] or NULL without bias, owned */
-    uint64_t w_bytes;      /* bytes of W read from the file */
-    uint64_t b_bytes;      /* bytes of b read from the file */
+    int64_t row0;        /* first row of W owned */
+    int64_t rows;        /* rows owned: out / nranks */
+    int64_t in;          /* columns of W */
+    int64_t out;         /* rows of W, all ranks together */
+    enum tp_dtype dtype; /* dtype of W in the file */
+    float *w;            /* [rows, in], converted to float32, owned */
+    float *b;            /* [rows] or NULL without bias, owned */
+    uint64_t w_bytes;    /* bytes of W read from the file */
+    uint64_t b_bytes;    /* bytes of b read from the file */
 };
 
 /* Row range of a rank. Fails (TP_EINVAL) unless 0 <= rank < nranks and out % nranks == 0. */

@@ -60,8 +60,7 @@ void ref_layer_free(struct ref_layer *l)
     *l = (struct ref_layer){0};
 }
 
-void ref_linear(const struct ref_layer *l, const float *x, int64_t batch, double *want,
-                double *mag)
+void ref_linear(const struct ref_layer *l, const float *x, int64_t batch, double *want, double *mag)
 {
     for (int64_t i = 0; i < batch; i++) {
         for (int64_t j = 0; j < l->out; j++) {

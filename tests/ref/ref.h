@@ -13,15 +13,15 @@
 
 struct ref_layer {
     int64_t out, in;
-    float *w;      /* [out, in], owned */
-    float *b;      /* [out] or NULL without bias, owned */
+    float *w; /* [out, in], owned */
+    float *b; /* [out] or NULL without bias, owned */
 };
 
 struct ref_stats {
-    double max_abs;        /* max |got - want| */
-    double max_rel;        /* max |got - want| / mag */
-    int64_t worst;         /* flat index of the element with max_rel, -1 when none */
-    int64_t nonfinite;     /* elements of got that are NaN or infinite */
+    double max_abs;    /* max |got - want| */
+    double max_rel;    /* max |got - want| / mag */
+    int64_t worst;     /* flat index of the element with max_rel, -1 when none */
+    int64_t nonfinite; /* elements of got that are NaN or infinite */
 };
 
 /* Loads a whole layer from a safetensors file as float32 (the client may hold the whole matrix;

@@ -45,8 +45,12 @@ static void test_wrong_size(void)
 
 static void test_validate_rejects(void)
 {
-    struct ctl_msg ok = {.magic = CTL_MAGIC, .version = CTL_VERSION, .type = CTL_JOB,
-                         .slot = 1, .rows = 4}, m;
+    struct ctl_msg ok = {.magic = CTL_MAGIC,
+                         .version = CTL_VERSION,
+                         .type = CTL_JOB,
+                         .slot = 1,
+                         .rows = 4},
+                   m;
     struct tp_err err = {0};
 
     ASSERT_EQ(ctl_validate(&ok, 4, 8, &err), 0);

@@ -7,8 +7,14 @@
 #include "infer.h"
 #include "test.h"
 
-static const struct model model = {.name = "lin", .in = 3, .out = 2, .wdtype = TP_F32,
-                                   .has_bias = 1, .ranks = 2, .backend = "cpu", .max_batch = 4};
+static const struct model model = {.name = "lin",
+                                   .in = 3,
+                                   .out = 2,
+                                   .wdtype = TP_F32,
+                                   .has_bias = 1,
+                                   .ranks = 2,
+                                   .backend = "cpu",
+                                   .max_batch = 4};
 
 struct req {
     Inference__ModelInferRequest r;
@@ -153,8 +159,9 @@ static void test_response(void)
     make(&q);
     bb = infer_response(&model, &q.r, y, 2);
     ASSERT_TRUE(bb != NULL);
-    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor,
-                          (ProtobufCMessage **)&r, &err), 0);
+    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
+                          &err),
+              0);
     ASSERT_STR_EQ(r->id, "req-7");
     ASSERT_STR_EQ(r->model_name, "lin");
     ASSERT_EQ(r->n_outputs, 1);

@@ -229,15 +229,15 @@ static void test_parse_handwritten(void)
     int64_t s8[8] = {1, 2, 3, 4, 5, 6, 7, 8};
 
     /* numpy's own layout, version 1.0 and 2.0 */
-    expect_parse_ok(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), }    \n",
-                    TP_F32, 2, s48, 32);
-    expect_parse_ok(2, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), }    \n",
-                    TP_F32, 2, s48, 32);
-    expect_parse_ok(3, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), }\n", TP_F32,
+    expect_parse_ok(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), }    \n", TP_F32,
                     2, s48, 32);
+    expect_parse_ok(2, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), }    \n", TP_F32,
+                    2, s48, 32);
+    expect_parse_ok(3, "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 8), }\n", TP_F32, 2,
+                    s48, 32);
     /* any key order, no trailing comma, F16 */
-    expect_parse_ok(1, "{'shape': (2, 3), 'fortran_order': False, 'descr': '<f2'}", TP_F16, 2,
-                    s23, 6);
+    expect_parse_ok(1, "{'shape': (2, 3), 'fortran_order': False, 'descr': '<f2'}", TP_F16, 2, s23,
+                    6);
     /* odd spacing everywhere, a 1-tuple with spaces, F64 */
     expect_parse_ok(2, "  { 'descr' :'<f8' ,'fortran_order':False,\t'shape':( 5 , ) , }\n\n",
                     TP_F64, 1, s5, 5);
@@ -245,10 +245,9 @@ static void test_parse_handwritten(void)
     expect_parse_ok(1, "{\"descr\": \"<f4\",\n \"fortran_order\": False,\n \"shape\": ()}\n",
                     TP_F32, 0, s5, 1);
     /* a trailing comma inside the tuple, and the most dims allowed */
-    expect_parse_ok(1, "{'descr':'<f4','fortran_order':False,'shape':(4,8,)}", TP_F32, 2, s48,
-                    32);
-    expect_parse_ok(1, "{'descr':'<f4','fortran_order':False,'shape':(1,2,3,4,5,6,7,8)}",
-                    TP_F32, 8, s8, 40320);
+    expect_parse_ok(1, "{'descr':'<f4','fortran_order':False,'shape':(4,8,)}", TP_F32, 2, s48, 32);
+    expect_parse_ok(1, "{'descr':'<f4','fortran_order':False,'shape':(1,2,3,4,5,6,7,8)}", TP_F32, 8,
+                    s8, 40320);
 }
 
 static void test_parse_errors(void)
@@ -302,12 +301,16 @@ static void test_parse_errors(void)
                       "True or False");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (3, -1)}",
                       "negative dim -1");
-    expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': "
-                      "(4294967296, 4294967296)}", "shape (4294967296, 4294967296) of F32");
+    expect_parse_fail(1,
+                      "{'descr': '<f4', 'fortran_order': False, 'shape': "
+                      "(4294967296, 4294967296)}",
+                      "shape (4294967296, 4294967296) of F32");
     expect_parse_fail(1, "{'descr': '<f2', 'fortran_order': False, 'shape': (1073741824, 3)}",
                       "exceeds the limit of 4294967296 bytes");
-    expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': "
-                      "(99999999999999999999,)}", "does not fit in 64 bits");
+    expect_parse_fail(1,
+                      "{'descr': '<f4', 'fortran_order': False, 'shape': "
+                      "(99999999999999999999,)}",
+                      "does not fit in 64 bits");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (5)}",
                       "shape (5) is not a tuple");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': [5]}",
@@ -320,8 +323,10 @@ static void test_parse_errors(void)
     expect_parse_fail(1, "{'descr': '<f4', 'shape': (4,)}", "lacks key 'fortran_order'");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False}", "lacks key 'shape'");
     expect_parse_fail(1, "{'fortran_order': False, 'shape': (4,)}", "lacks key 'descr'");
-    expect_parse_fail(1, "{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, "
-                      "'shape': (4,)}", "duplicate key 'descr'");
+    expect_parse_fail(1,
+                      "{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, "
+                      "'shape': (4,)}",
+                      "duplicate key 'descr'");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4,), 'x': 1}",
                       "unknown key 'x'");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4,)} x",
@@ -333,8 +338,7 @@ static void test_parse_errors(void)
     expect_parse_fail(1, "{'descr': '<f4", "unterminated string");
     expect_parse_fail(1, "{'descr': '<f\\x34', 'fortran_order': False, 'shape': (4,)}",
                       "unsupported character 0x5c");
-    expect_parse_fail(1, "{'descr' '<f4', 'fortran_order': False, 'shape': (4,)}",
-                      "expected ':'");
+    expect_parse_fail(1, "{'descr' '<f4', 'fortran_order': False, 'shape': (4,)}", "expected ':'");
     expect_parse_fail(1, "{, }", "expected a quoted key or '}'");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4,)}\x01",
                       "found byte 0x01");
@@ -353,8 +357,10 @@ static void test_load_f16_f64(void)
     size_t len;
 
     path_in_dir(path, sizeof(path), "h.npy");
-    len = build(buf, sizeof(buf), 1, "{'descr': '<f2', 'fortran_order': False, 'shape': (3,), }"
-                "\n", -1);
+    len = build(buf, sizeof(buf), 1,
+                "{'descr': '<f2', 'fortran_order': False, 'shape': (3,), }"
+                "\n",
+                -1);
     memcpy(buf + len, f16, sizeof(f16));
     write_file(path, buf, len + sizeof(f16));
     if (npy_load_f32(path, &out, &info, &err) != 0)
@@ -366,8 +372,10 @@ static void test_load_f16_f64(void)
     ASSERT_EQ(unlink(path), 0);
 
     path_in_dir(path, sizeof(path), "f64.npy");
-    len = build(buf, sizeof(buf), 2, "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 3)}"
-                "\n", -1);
+    len = build(buf, sizeof(buf), 2,
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 3)}"
+                "\n",
+                -1);
     memcpy(buf + len, f64, sizeof(f64));
     write_file(path, buf, len + sizeof(f64));
     if (npy_load_f32(path, &out, &info, &err) != 0)

@@ -36,7 +36,7 @@ static void check_case(const char *st, const char *x_npy, const char *y64_npy)
     ref_linear(&l, x, xi.shape[0], want, mag);
     ref_compare(y, want, mag, n, &s);
     fprintf(stderr, "%s: max rel %.3g, max abs %.3g\n", st, s.max_rel, s.max_abs);
-    ASSERT_LE(s.max_rel * 1e9, 1e9 * 1e-7);  /* y64 is the same sum rounded once to float32 */
+    ASSERT_LE(s.max_rel * 1e9, 1e9 * 1e-7); /* y64 is the same sum rounded once to float32 */
     ASSERT_EQ(s.nonfinite, 0);
     /* one wrong element is found and located */
     y[n / 2] += 0.5f;

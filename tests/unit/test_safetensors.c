@@ -264,9 +264,12 @@ static void test_short_read(void)
     ASSERT_STR_HAS(err.msg, "(28 more bytes expected)");
     ASSERT_EQ(got, 0); /* nothing counts as read when the read failed */
     st_close(&f);
-    ASSERT_EQ(st_read_rows_f32(&f, &(struct st_tensor){.name = "a", .dtype = TP_F32, .ndim = 1,
-                                                       .shape = {1}, .begin = 0, .end = 4},
-                               0, 1, out, &got, &err), -1);
+    ASSERT_EQ(st_read_rows_f32(
+                  &f,
+                  &(struct st_tensor){
+                      .name = "a", .dtype = TP_F32, .ndim = 1, .shape = {1}, .begin = 0, .end = 4},
+                  0, 1, out, &got, &err),
+              -1);
     ASSERT_STR_HAS(err.msg, "file is not open");
 }
 
@@ -281,18 +284,16 @@ static void test_open_errors(void)
     struct tp_err err = {0};
 
     path = write_raw(999999, json, NULL, 48);
-    snprintf(msg, sizeof(msg), "%s: header length 999999 exceeds file size %zu", path,
-             8 + jl + 48);
+    snprintf(msg, sizeof(msg), "%s: header length 999999 exceeds file size %zu", path, 8 + jl + 48);
     expect_open_fail(path, msg);
     /* the header fits the file only without its 8-byte length */
     expect_open_fail(write_raw(jl + 48 + 1, json, NULL, 48), "less the 8-byte length");
     expect_open_fail(write_raw(UINT64_MAX, json, NULL, 48),
                      "header length 18446744073709551615 exceeds the limit of 104857600");
-    expect_open_fail(write_raw((uint64_t)ST_MAX_HEADER + 1, json, NULL, 48),
-                     "exceeds the limit");
+    expect_open_fail(write_raw((uint64_t)ST_MAX_HEADER + 1, json, NULL, 48), "exceeds the limit");
     /* truncated data: the tensor ends past the end of the file */
     expect_open_fail(write_st(json, NULL, 40), "tensor 'weight' has data_offsets [0, 48] past "
-                     "the end of the 40-byte data section");
+                                               "the end of the 40-byte data section");
     /* errors from the header parser come prefixed with the path */
     expect_open_fail(write_st("[1, 2]", NULL, 0), "header is not a JSON object");
     /* too short for the length */
@@ -339,8 +340,7 @@ static void test_header_errors(void)
     expect_parse_fail("{\"w\":{\"dtype\":\"F32\",\"shape\":[3]}}", 48, "no data_offsets");
     expect_parse_fail("{" T("w", "F32", "[3]", "[-12,0]") "}", 48, "data_offsets[0] -12");
     expect_parse_fail("{" T("w", "F32", "[3]", "[0,12.5]") "}", 48, "data_offsets[1] 12.5");
-    expect_parse_fail("{" T("w", "F32", "[3]", "[0,\"12\"]") "}", 48,
-                      "data_offsets[1] a string");
+    expect_parse_fail("{" T("w", "F32", "[3]", "[0,\"12\"]") "}", 48, "data_offsets[1] a string");
     /* dtypes */
     expect_parse_fail("{" T("weight", "I64", "[3]", "[0,24]") "}", 48,
                       "tensor 'weight' has dtype I64, expected F32, F16, BF16 or F64");
@@ -363,25 +363,27 @@ static void test_header_errors(void)
     expect_parse_fail("{" T("w", "F32", "[1e300]", "[0,12]") "}", 48, "shape[0] 1.0000000");
     expect_parse_fail("{" T("w", "F32", "3", "[0,12]") "}", 48, "tensor 'w' has no shape array");
     /* overlaps and names */
-    expect_parse_fail("{" T("a", "F32", "[3,4]", "[0,48]") "," T("b", "F32", "[12]", "[40,88]")
-                      "}", 88, "tensors 'a' and 'b' overlap: data_offsets [0, 48] and [40, 88]");
-    expect_parse_fail("{" T("a", "F32", "[4]", "[32,48]") "," T("b", "F32", "[12]", "[0,48]")
-                      "}", 48, "tensors 'b' and 'a' overlap: data_offsets [0, 48] and [32, 48]");
-    expect_parse_fail("{" T("a", "F32", "[12]", "[0,48]") "," T("b", "F32", "[1]", "[20,24]")
-                      "}", 48, "tensors 'a' and 'b' overlap");
-    expect_parse_fail("{" T("a", "F32", "[1]", "[0,4]") "," T("a", "F32", "[1]", "[4,8]") "}",
-                      48, "duplicate tensor name 'a'");
+    expect_parse_fail("{" T("a", "F32", "[3,4]", "[0,48]") "," T("b", "F32", "[12]", "[40,88]") "}",
+                      88, "tensors 'a' and 'b' overlap: data_offsets [0, 48] and [40, 88]");
+    expect_parse_fail("{" T("a", "F32", "[4]", "[32,48]") "," T("b", "F32", "[12]", "[0,48]") "}",
+                      48, "tensors 'b' and 'a' overlap: data_offsets [0, 48] and [32, 48]");
+    expect_parse_fail("{" T("a", "F32", "[12]", "[0,48]") "," T("b", "F32", "[1]", "[20,24]") "}",
+                      48, "tensors 'a' and 'b' overlap");
+    expect_parse_fail("{" T("a", "F32", "[1]", "[0,4]") "," T("a", "F32", "[1]", "[4,8]") "}", 48,
+                      "duplicate tensor name 'a'");
     expect_parse_fail("{\"a\":5}", 0, "tensor 'a' is not a JSON object");
-    expect_parse_fail("{" T("a\\nb", "F32", "[1]", "[0,4]") "," T("c", "I4", "[1]", "[4,8]")
-                      "}", 48, "tensor 'c' has dtype I4");
+    expect_parse_fail("{" T("a\\nb", "F32", "[1]", "[0,4]") "," T("c", "I4", "[1]", "[4,8]") "}",
+                      48, "tensor 'c' has dtype I4");
     expect_parse_fail("{" T("a\\nb", "I4", "[1]", "[0,4]") "}", 48, "tensor 'a?b' has dtype I4");
     {
         char json[512], name[301];
 
         memset(name, 'x', 300);
         name[300] = '\0';
-        snprintf(json, sizeof(json), "{\"%s\":{\"dtype\":\"F32\",\"shape\":[1],"
-                 "\"data_offsets\":[0,4]}}", name);
+        snprintf(json, sizeof(json),
+                 "{\"%s\":{\"dtype\":\"F32\",\"shape\":[1],"
+                 "\"data_offsets\":[0,4]}}",
+                 name);
         expect_parse_fail(json, 4, "is 300 bytes, longer than 255");
         expect_parse_fail(json, 4, "xxx...'");
     }
@@ -404,9 +406,10 @@ static void test_header_errors(void)
 static void test_header_ok(void)
 {
     static const char *const json =
-        "{\"__metadata__\":{\"a\":\"b\"}," T("z", "F32", "[0,5]", "[48,48]") ","
-        T("a", "F32", "[12]", "[0,48]") "," T("e", "F16", "[0]", "[20,20]") ","
-        T("b", "F16", "[2,2]", "[48,56]") "}\n  ";
+        "{\"__metadata__\":{\"a\":\"b\"}," T("z", "F32", "[0,5]", "[48,48]") "," T(
+            "a", "F32", "[12]", "[0,48]") "," T("e", "F16", "[0]",
+                                                "[20,20]") "," T("b", "F16", "[2,2]",
+                                                                 "[48,56]") "}\n  ";
     struct st_file f = {.fd = -1};
     struct tp_err err = {0};
     size_t len = strlen(json);
@@ -448,8 +451,10 @@ static void test_max_tensors(void)
     ASSERT_TRUE(json != NULL);
     n += (size_t)snprintf(json + n, cap - n, "{");
     for (int i = 0; i < ST_MAX_TENSORS; i++)
-        n += (size_t)snprintf(json + n, cap - n, "%s\"t%d\":{\"dtype\":\"F32\",\"shape\":[1],"
-                              "\"data_offsets\":[%d,%d]}", i ? "," : "", i, 4 * i, 4 * i + 4);
+        n += (size_t)snprintf(json + n, cap - n,
+                              "%s\"t%d\":{\"dtype\":\"F32\",\"shape\":[1],"
+                              "\"data_offsets\":[%d,%d]}",
+                              i ? "," : "", i, 4 * i, 4 * i + 4);
     ASSERT_LT(n + 2, cap);
     json[n] = '}';
     if (parse_exact(&f, json, n + 1, 4u * ST_MAX_TENSORS, &err) != 0)
@@ -547,8 +552,8 @@ static void check_seed_case(const char *seed, const char *name, int64_t out_dim,
     wb = read_all(&b16, "weight", out_dim, in_dim);
     for (int64_t i = 0; i < out_dim * in_dim; i++)
         if (wb[i] != tp_bf16_to_f32(bf16_rne(w[i])))
-            TEST_FAIL_("%s weight[%" PRId64 "]: bf16 %.9g, f32 %.9g rounds to %.9g", name, i,
-                       wb[i], w[i], tp_bf16_to_f32(bf16_rne(w[i])));
+            TEST_FAIL_("%s weight[%" PRId64 "]: bf16 %.9g, f32 %.9g rounds to %.9g", name, i, wb[i],
+                       w[i], tp_bf16_to_f32(bf16_rne(w[i])));
     part = malloc((size_t)(nr * in_dim) * sizeof(float));
     ASSERT_TRUE(part != NULL);
     ASSERT_EQ(st_read_rows_f32(&b16, st_find(&b16, "weight"), r0, nr, part, &got, &err), 0);

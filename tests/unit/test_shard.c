@@ -72,8 +72,7 @@ static void check_file(const char *name, const char *bias, size_t elem)
             ASSERT_EQ(s.in, w->shape[1]);
             ASSERT_EQ(s.w_bytes, (uint64_t)(s.rows * s.in) * elem);
             ASSERT_EQ(s.b_bytes, bias ? (uint64_t)s.rows * elem : 0);
-            ASSERT_EQ(memcmp(s.w, all + s.row0 * s.in, (size_t)(s.rows * s.in) * sizeof(float)),
-                      0);
+            ASSERT_EQ(memcmp(s.w, all + s.row0 * s.in, (size_t)(s.rows * s.in) * sizeof(float)), 0);
             ASSERT_TRUE(bias ? s.b != NULL : s.b == NULL);
             shard_free(&s);
         }
