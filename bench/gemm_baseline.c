@@ -5,22 +5,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-static double now_s(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-
-    return (x > y) - (x < y);
-}
+#include "timing.h"
 
 int main(int argc, char **argv)
 {
@@ -68,19 +54,20 @@ int main(int argc, char **argv)
     for (long i = 0; i < out; i++)
         b[i] = 0.5f;
     for (long k = -3; k < iters; k++) { /* 3 warm-up runs */
-        double t0 = now_s();
+        double t0 = timing_now_s();
 
         for (long r = 0; r < rows; r++)
             memcpy(y + r * out, b, (size_t)out * sizeof(float));
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)out, (int)in, 1.0f, x,
                     (int)in, w, (int)in, 1.0f, y, (int)out);
         if (k >= 0)
-            t[k] = now_s() - t0;
+            t[k] = timing_now_s() - t0;
     }
-    qsort(t, (size_t)iters, sizeof(double), cmp_double);
+    timing_sort(t, (size_t)iters);
     printf("gemm_baseline: %ld x %ld -> %ld, %ld threads: median %.3f ms, %.2f GFLOP/s\n", rows, in,
-           out, threads, t[iters / 2] * 1e3,
-           2.0 * (double)rows * (double)in * (double)out / t[iters / 2] * 1e-9);
+           out, threads, timing_percentile(t, (size_t)iters, 0.5) * 1e3,
+           2.0 * (double)rows * (double)in * (double)out /
+               timing_percentile(t, (size_t)iters, 0.5) * 1e-9);
     free(x);
     free(w);
     free(b);

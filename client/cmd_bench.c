@@ -2,29 +2,13 @@
  * for a number of iterations after a warm-up; prints latency percentiles and throughput. The
  * input and output buffers are allocated once and reused, so the client measures the server and
  * the transport, not its own page faults. */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cmd.h"
 #include "kserve.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-
-    return (x > y) - (x < y);
-}
+#include "timing.h"
 
 int cmd_bench(struct conn *c, int argc, char **argv)
 {
@@ -71,21 +55,22 @@ int cmd_bench(struct conn *c, int argc, char **argv)
     for (long i = 0; i < rows * l.in; i++)
         x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
     for (long i = 0; i < warmup + iters; i++) {
-        double t0 = now_s();
+        double t0 = timing_now_s();
 
         if (kserve_infer(c, model, &l, x, rows, y, &err) < 0)
             goto fail;
         if (i >= warmup)
-            lat[i - warmup] = now_s() - t0;
+            lat[i - warmup] = timing_now_s() - t0;
     }
     for (long i = 0; i < iters; i++)
         total += lat[i];
-    qsort(lat, (size_t)iters, sizeof(double), cmp_double);
+    timing_sort(lat, (size_t)iters);
     printf("bench: model %s, %ld x %lld -> %lld, %ld calls after %ld warm-up\n", model, rows,
            (long long)l.in, (long long)l.out, iters, warmup);
-    printf("latency ms: p50 %.3f  p90 %.3f  p99 %.3f  mean %.3f\n", lat[iters / 2] * 1e3,
-           lat[(long)floor((double)iters * 0.9)] * 1e3,
-           lat[(long)floor((double)(iters - 1) * 0.99)] * 1e3, total / (double)iters * 1e3);
+    printf("latency ms: p50 %.3f  p90 %.3f  p99 %.3f  mean %.3f\n",
+           timing_percentile(lat, (size_t)iters, 0.5) * 1e3,
+           timing_percentile(lat, (size_t)iters, 0.9) * 1e3,
+           timing_percentile(lat, (size_t)iters, 0.99) * 1e3, total / (double)iters * 1e3);
     printf("throughput: %.1f requests/s, %.0f rows/s, %.2f GFLOP/s\n", (double)iters / total,
            (double)(iters * rows) / total,
            2.0 * (double)rows * (double)l.in * (double)l.out * (double)iters / total * 1e-9);

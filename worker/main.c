@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -17,6 +16,7 @@
 #include "log.h"
 #include "shard.h"
 #include "shm.h"
+#include "timing.h"
 
 #define CTL_FD 3
 #define ARENA_FD 4
@@ -115,14 +115,6 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
     return 0;
 }
 
-static double now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
 static void send_ready(const struct worker_args *a, const struct tp_err *failed, uint64_t bytes)
 {
     struct ctl_msg m = {.type = CTL_READY, .rank = (uint32_t)a->rank, .bytes = bytes};
@@ -163,7 +155,7 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
                                 .slot = m.slot,
                                 .rows = m.rows,
                                 .rank = (uint32_t)a->rank};
-        t0 = now_ms();
+        t0 = timing_now_s();
         if (ops->forward(be, shm_slot_input(arena, m.slot), m.rows, shm_slot_output(arena, m.slot),
                          &err) < 0) {
             done.status = err.code ? err.code : TP_EINTERNAL;
@@ -171,7 +163,7 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
             tp_log(TP_LOG_ERR, "job %llu: %s", (unsigned long long)m.id, err.msg);
         }
         tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m.id, m.rows,
-               now_ms() - t0);
+               (timing_now_s() - t0) * 1e3);
         err = (struct tp_err){0};
         if (ctl_send(CTL_FD, &done, &err) < 0) {
             tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
