@@ -55,6 +55,7 @@ struct sup {
     int64_t restart_at_ms; /* CLOCK_MONOTONIC, when state is G_DOWN */
     struct worker *w;      /* nranks */
     struct job *jobs;      /* slots */
+    struct pollfd *pfd;    /* wake fd + nranks control sockets, for the thread */
 };
 
 static int64_t now_ms(void)
@@ -119,18 +120,38 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
     return 0;
 }
 
+/* Reaps rank r, which is gone or going: it gets a second to exit by itself (its exit status says
+ * why it died), then SIGKILL. */
+static void reap_dead(struct sup *s, int r, char *why, size_t why_len)
+{
+    pid_t pid = s->w[r].pid;
+    int status = 0;
+
+    for (int i = 0; i < 100; i++) {
+        pid_t p = waitpid(pid, &status, WNOHANG);
+
+        if (p == pid || (p < 0 && errno != EINTR)) {
+            describe_exit(why, why_len, status);
+            s->w[r].pid = 0;
+            return;
+        }
+        usleep(10000);
+    }
+    kill(pid, SIGKILL);
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    snprintf(why, why_len, "killed by the supervisor");
+    s->w[r].pid = 0;
+}
+
 /* Kills and reaps every worker, closing their sockets. Called with the lock held. The rank that
- * died first (dead >= 0) is reaped first, so its exit status can be reported. */
+ * failed first (dead >= 0) is reaped first, so that its exit status can be reported in why. */
 static void kill_group(struct sup *s, int dead, char *why, size_t why_len)
 {
     int status;
 
-    if (dead >= 0 && s->w[dead].pid > 0) {
-        while (waitpid(s->w[dead].pid, &status, 0) < 0 && errno == EINTR)
-            ;
-        describe_exit(why, why_len, status);
-        s->w[dead].pid = 0;
-    }
+    if (dead >= 0 && s->w[dead].pid > 0)
+        reap_dead(s, dead, why, why_len);
     for (int r = 0; r < s->c.nranks; r++) {
         if (s->w[r].pid > 0) {
             kill(s->w[r].pid, SIGKILL);
@@ -260,12 +281,8 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
 static void *sup_thread(void *arg)
 {
     struct sup *s = arg;
-    struct pollfd *pfd = calloc((size_t)s->c.nranks + 1, sizeof(*pfd));
+    struct pollfd *pfd = s->pfd;
 
-    if (!pfd) {
-        tp_log(TP_LOG_ERR, "supervisor: out of memory");
-        abort();
-    }
     pthread_mutex_lock(&s->lock);
     while (!s->stopping) {
         int n = 1, timeout = -1;
@@ -310,7 +327,6 @@ static void *sup_thread(void *arg)
         }
     }
     pthread_mutex_unlock(&s->lock);
-    free(pfd);
     return NULL;
 }
 
@@ -332,9 +348,10 @@ int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, su
     pthread_cond_init(&s->cond, NULL);
     s->w = calloc((size_t)c->nranks, sizeof(*s->w));
     s->jobs = calloc(c->slots, sizeof(*s->jobs));
+    s->pfd = calloc((size_t)c->nranks + 1, sizeof(*s->pfd));
     for (int r = 0; s->w && r < c->nranks; r++)
         s->w[r] = (struct worker){.fd = -1};
-    if (s->wake_fd < 0 || !s->w || !s->jobs) {
+    if (s->wake_fd < 0 || !s->w || !s->jobs || !s->pfd) {
         tp_err_sys(err, "creating the supervisor");
         goto fail;
     }
@@ -436,5 +453,6 @@ void sup_stop(struct sup *s)
     pthread_cond_destroy(&s->cond);
     free(s->w);
     free(s->jobs);
+    free(s->pfd);
     free(s);
 }
