@@ -173,9 +173,15 @@ int cmd_forward(struct conn *c, int argc, char **argv)
             weight = argv[++i];
         else if (strcmp(a, "--bias") == 0 && has_val)
             bias = argv[++i];
-        else if (strcmp(a, "--tolerance") == 0 && has_val)
-            tol = atof(argv[++i]);
-        else if (a[0] == '-' && a[1]) {
+        else if (strcmp(a, "--tolerance") == 0 && has_val) {
+            char *end;
+
+            tol = strtod(argv[++i], &end);
+            if (*end || end == argv[i] || !(tol > 0)) {
+                cmd_error("forward: --tolerance takes a positive number, got '%s'", argv[i]);
+                return EXIT_USAGE;
+            }
+        } else if (a[0] == '-' && a[1]) {
             cmd_error("forward: unknown option or missing value '%s'", a);
             return EXIT_USAGE;
         } else if (!in_path)
