@@ -264,6 +264,9 @@ int main(int argc, char **argv)
            m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
            m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
            c.slots, c.max_batch);
+    /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
+    if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
+        goto fail;
     /* Bind before starting workers, so that a bad --listen fails at once. */
     grpc_init();
     gpr_set_log_function(grpc_log);
@@ -277,9 +280,6 @@ int main(int argc, char **argv)
                                  .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
                                  .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM},
             api_methods, api_nmethods, &api, &err) < 0)
-        goto fail_grpc;
-    /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
-    if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
         goto fail_grpc;
     startup.usec = notify_watchdog_usec();
     if (startup.usec && pthread_create(&wd_thread, NULL, startup_watchdog, NULL) == 0)

@@ -301,8 +301,8 @@ static enum MHD_Result answer_text(struct MHD_Connection *conn, unsigned status,
                    MHD_RESPMEM_PERSISTENT);
 }
 
-/* "NAME/ready" or "NAME/versions/V/ready" after "/v2/models/": 1 and the name's length when it
- * is one of those forms for version "1" or any version given as "" (not possible in a path). */
+/* Splits what follows "/v2/models/": "NAME/ready" or "NAME/versions/V/ready". Returns 1 for
+ * either form, with the name's length and whether the version is tpd's one version, "1". */
 static int model_ready_path(const char *p, size_t *name_len, int *version_ok)
 {
     const char *slash = strchr(p, '/');
@@ -403,6 +403,8 @@ static int listen_on(const char *addr, struct tp_err *err)
         host[hl - 2] = '\0';
     }
     snprintf(serv, sizeof(serv), "%s", colon + 1);
+    if (strspn(serv, "0123456789") != strlen(serv) || atol(serv) > 65535)
+        return tp_err_set(err, TP_EINVAL, "--metrics-listen '%s': port must be 0 to 65535", addr);
     r = getaddrinfo(host, serv, &hints, &ai);
     if (r != 0)
         return tp_err_set(err, TP_EINVAL, "--metrics-listen '%s': %s", addr, gai_strerror(r));
