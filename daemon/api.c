@@ -10,6 +10,7 @@
 #include "health.pb-c.h"
 #include "infer.h"
 #include "log.h"
+#include "metrics.h"
 
 /* A ModelInfer call between the handler and the scheduler's completion. */
 struct infer_call {
@@ -17,6 +18,8 @@ struct infer_call {
     struct api *api;
     struct rpc_call *call;
     Inference__ModelInferRequest *msg;
+    int64_t t0_ns;   /* arrival, metrics_now_ns() */
+    size_t bytes_in; /* request message */
 };
 
 static int is_ready(struct api *a)
@@ -118,6 +121,9 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     protobuf_c_message_free_unpacked(m, NULL);
     r.name = "tpd";
     r.version = TP_VERSION;
+    /* only what is implemented: the ModelConfig RPC */
+    r.n_extensions = 1;
+    r.extensions = (char *[]){"model_configuration"};
     reply_msg(call, &r.base);
 }
 
@@ -190,6 +196,48 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     reply_msg(call, &r.base);
 }
 
+/* Triton's ModelConfig: the model as a batching model (max_batch_size rows, dims without the
+ * batch dimension). Dynamic batching is not reported: tpd runs each request as its own job. */
+static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    const struct model *md = a->model;
+    Inference__ModelConfigResponse r = INFERENCE__MODEL_CONFIG_RESPONSE__INIT;
+    Inference__ModelConfig mc = INFERENCE__MODEL_CONFIG__INIT;
+    Inference__ModelInput in = INFERENCE__MODEL_INPUT__INIT;
+    Inference__ModelOutput out = INFERENCE__MODEL_OUTPUT__INIT;
+    Inference__ModelInput *ins[1] = {&in};
+    Inference__ModelOutput *outs[1] = {&out};
+    int64_t in_dims[1] = {md->in}, out_dims[1] = {md->out};
+    Inference__ModelConfigRequest *q = (Inference__ModelConfigRequest *)unpack_or_reply(
+        call, payload, &inference__model_config_request__descriptor);
+
+    if (!q)
+        return;
+    if (!model_matches(a, call, q->name, q->version)) {
+        protobuf_c_message_free_unpacked(&q->base, NULL);
+        return;
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+    mc.name = (char *)md->name;
+    mc.platform = MODEL_PLATFORM;
+    mc.backend = (char *)md->backend;
+    mc.max_batch_size = (int32_t)md->max_batch;
+    in.name = MODEL_INPUT;
+    in.data_type = INFERENCE__DATA_TYPE__TYPE_FP32;
+    in.n_dims = 1;
+    in.dims = in_dims;
+    out.name = MODEL_OUTPUT;
+    out.data_type = INFERENCE__DATA_TYPE__TYPE_FP32;
+    out.n_dims = 1;
+    out.dims = out_dims;
+    mc.n_input = mc.n_output = 1;
+    mc.input = ins;
+    mc.output = outs;
+    r.config = &mc;
+    reply_msg(call, &r.base);
+}
+
 static void repository_index(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
@@ -240,10 +288,15 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
 
     if (err) {
         tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
+        metrics_request_done(ic->msg->model_name, tp_code_grpc(err->code), metrics_since(ic->t0_ns),
+                             req->rows, ic->bytes_in, 0);
         rpc_reply_err(ic->call, err);
     } else {
         grpc_byte_buffer *bb = infer_response(ic->api->model, ic->msg, y, req->rows);
 
+        metrics_queue_time(req->slot, ic->t0_ns);
+        metrics_request_done(ic->msg->model_name, bb ? 0 : 8, metrics_since(ic->t0_ns), req->rows,
+                             ic->bytes_in, bb ? grpc_byte_buffer_length(bb) : 0);
         if (bb)
             rpc_reply(ic->call, 0, NULL, bb);
         else
@@ -259,11 +312,15 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     struct infer_input in;
     struct infer_call *ic;
     struct tp_err err = {0};
+    int64_t t0 = metrics_now_ns();
+    size_t bytes_in = payload ? grpc_byte_buffer_length(payload) : 0;
     Inference__ModelInferRequest *q = (Inference__ModelInferRequest *)unpack_or_reply(
         call, payload, &inference__model_infer_request__descriptor);
 
-    if (!q)
+    if (!q) {
+        metrics_request_done(NULL, 3, metrics_since(t0), 0, bytes_in, 0);
         return;
+    }
     if (infer_validate(a->model, q, &in, &err) < 0) {
         tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
         goto fail;
@@ -276,7 +333,9 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     *ic = (struct infer_call){.req = {.x = in.x, .rows = in.rows, .complete = infer_complete},
                               .api = a,
                               .call = call,
-                              .msg = q};
+                              .msg = q,
+                              .t0_ns = t0,
+                              .bytes_in = bytes_in};
     tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, in.rows);
     if (sched_submit(a->sched, &ic->req, &err) < 0) {
         free(ic);
@@ -284,6 +343,7 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     }
     return;
 fail:
+    metrics_request_done(q->model_name, tp_code_grpc(err.code), metrics_since(t0), 0, bytes_in, 0);
     rpc_reply_err(call, &err);
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
@@ -296,6 +356,7 @@ const struct rpc_method api_methods[] = {
     {"/inference.GRPCInferenceService/ModelMetadata", model_metadata},
     {"/inference.GRPCInferenceService/ModelInfer", model_infer},
     {"/inference.GRPCInferenceService/RepositoryIndex", repository_index},
+    {"/inference.GRPCInferenceService/ModelConfig", model_config},
     {"/grpc.health.v1.Health/Check", health_check},
 };
 

@@ -1,4 +1,7 @@
-/* config.c -- tpd's command line (see config.h and docs/cli.md). */
+/* config.c -- tpd's command line and configuration file (see config.h and docs/cli.md). Both go
+ * through one option table and one function, apply(): the file's keys are the table's long
+ * names, so a flag added to the table is a key of the file too. The file is applied first, the
+ * command line after it, so flags override the file. */
 #include "config.h"
 
 #include <errno.h>
@@ -6,8 +9,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "conffile.h"
 #include "log.h"
+
+#define DEFAULT_CONFIG "/etc/tpd/tpd.conf"
 
 static void usage(FILE *f)
 {
@@ -30,7 +37,28 @@ static void usage(FILE *f)
         "  --grpc-threads N        threads serving gRPC (default: 1)\n"
         "  --restart-backoff-ms MS first delay before restarting dead workers (default: 500)\n"
         "  --log-level LEVEL       err, warn, notice, info or debug (default: notice)\n"
+        "  --metrics-listen ADDR   HOST:PORT of the HTTP server for /metrics and the health\n"
+        "                          endpoints; port 0 picks a free one; 'off' disables it\n"
+        "                          (default: 127.0.0.1:8002)\n"
+        "  --config PATH           configuration file: one 'key = value' per line, a key per\n"
+        "                          flag; flags override it; 'none' reads no file (default:\n"
+        "                          " DEFAULT_CONFIG " when it exists)\n"
         "  --help, --version\n");
+}
+
+/* Set while a line of the configuration file is applied: "FILE:LINE: key 'cpu'". Messages about
+ * a value name it instead of the flag, so that a bad file says where. */
+static char origin[600];
+static int origin_used;   /* a message named origin */
+static const char *model; /* --model, NULL for the default */
+
+/* What a message about flag's value calls it: the flag, or the file's line and key. */
+static const char *subject(const char *flag)
+{
+    if (!origin[0])
+        return flag;
+    origin_used = 1;
+    return origin;
 }
 
 static int parse_num(const char *flag, const char *s, long lo, long hi, long *v)
@@ -40,14 +68,14 @@ static int parse_num(const char *flag, const char *s, long lo, long hi, long *v)
     errno = 0;
     *v = strtol(s, &end, 10);
     if (errno || end == s || *end || *v < lo || *v > hi) {
-        fprintf(stderr, "tpd: %s takes a whole number from %ld to %ld, got '%s'\n", flag, lo, hi,
-                s);
+        fprintf(stderr, "tpd: %s takes a whole number from %ld to %ld, got '%s'\n", subject(flag),
+                lo, hi, s);
         return -1;
     }
     return 0;
 }
 
-static void model_from_path(char *model, size_t len, const char *path)
+static void model_from_path(char *name, size_t len, const char *path)
 {
     const char *base = strrchr(path, '/');
     size_t n;
@@ -56,47 +84,227 @@ static void model_from_path(char *model, size_t len, const char *path)
     n = strlen(base);
     if (n > 12 && strcmp(base + n - 12, ".safetensors") == 0)
         n -= 12;
-    snprintf(model, len, "%.*s", (int)n, base);
+    snprintf(name, len, "%.*s", (int)n, base);
+}
+
+enum {
+    O_WEIGHTS = 256,
+    O_WEIGHT,
+    O_BIAS,
+    O_MODEL,
+    O_CPU,
+    O_LISTEN,
+    O_MAX_BATCH,
+    O_SLOTS,
+    O_MAX_QUEUE,
+    O_WORKER,
+    O_GRPC_THREADS,
+    O_BACKOFF,
+    O_LOG_LEVEL,
+    O_METRICS_LISTEN,
+    O_CONFIG,
+    O_HELP,
+    O_VERSION,
+};
+
+static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIGHTS},
+                                     {"weight", required_argument, NULL, O_WEIGHT},
+                                     {"bias", required_argument, NULL, O_BIAS},
+                                     {"model", required_argument, NULL, O_MODEL},
+                                     {"cpu", required_argument, NULL, O_CPU},
+                                     {"listen", required_argument, NULL, O_LISTEN},
+                                     {"max-batch", required_argument, NULL, O_MAX_BATCH},
+                                     {"slots", required_argument, NULL, O_SLOTS},
+                                     {"max-queue", required_argument, NULL, O_MAX_QUEUE},
+                                     {"worker", required_argument, NULL, O_WORKER},
+                                     {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
+                                     {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
+                                     {"log-level", required_argument, NULL, O_LOG_LEVEL},
+                                     {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
+                                     {"config", required_argument, NULL, O_CONFIG},
+                                     {"help", no_argument, NULL, O_HELP},
+                                     {"version", no_argument, NULL, O_VERSION},
+                                     {NULL, 0, NULL, 0}};
+
+/* Applies option o with its argument in optarg (getopt's, or set from the file). */
+static enum config_result apply(struct config *c, int o)
+{
+    long v;
+
+    switch (o) {
+    case O_WEIGHTS: c->weights = optarg; break;
+    case O_WEIGHT: c->weight = optarg; break;
+    case O_BIAS:
+        c->bias = optarg;
+        c->bias_explicit = 1;
+        break;
+    case O_MODEL: model = optarg; break;
+    case O_CPU:
+        if (parse_num("--cpu", optarg, 1, 256, &v))
+            return CONFIG_USAGE;
+        c->cpu = (int)v;
+        break;
+    case O_LISTEN:
+        /* the first --listen of the command line replaces the file's addresses too */
+        if (!origin[0] && !c->listen_cmdline) {
+            c->listen_cmdline = 1;
+            c->nlisten = 0;
+        }
+        if (c->nlisten == CONFIG_MAX_LISTEN) {
+            fprintf(stderr, "tpd: %s: at most %d listen addresses\n", subject("--listen"),
+                    CONFIG_MAX_LISTEN);
+            return CONFIG_USAGE;
+        }
+        c->listen[c->nlisten++] = optarg;
+        break;
+    case O_MAX_BATCH:
+        if (parse_num("--max-batch", optarg, 1, 1 << 20, &v))
+            return CONFIG_USAGE;
+        c->max_batch = (uint32_t)v;
+        break;
+    case O_SLOTS:
+        if (parse_num("--slots", optarg, 1, 1024, &v))
+            return CONFIG_USAGE;
+        c->slots = (uint32_t)v;
+        break;
+    case O_MAX_QUEUE:
+        if (parse_num("--max-queue", optarg, 0, 1 << 20, &v))
+            return CONFIG_USAGE;
+        c->max_queue = (uint32_t)v;
+        break;
+    case O_WORKER: c->worker = optarg; break;
+    case O_GRPC_THREADS:
+        if (parse_num("--grpc-threads", optarg, 1, 64, &v))
+            return CONFIG_USAGE;
+        c->grpc_threads = (int)v;
+        break;
+    case O_BACKOFF:
+        if (parse_num("--restart-backoff-ms", optarg, 1, 600000, &v))
+            return CONFIG_USAGE;
+        c->restart_backoff_ms = (int)v;
+        break;
+    case O_LOG_LEVEL:
+        c->log_level = tp_log_parse_level(optarg);
+        if (c->log_level < 0) {
+            fprintf(stderr, "tpd: %s takes err, warn, notice, info or debug, got '%s'\n",
+                    subject("--log-level"), optarg);
+            return CONFIG_USAGE;
+        }
+        break;
+    case O_METRICS_LISTEN:
+        c->metrics_listen = (!optarg[0] || strcmp(optarg, "off") == 0) ? NULL : optarg;
+        break;
+    case O_CONFIG: break; /* read before everything else, in config_parse */
+    case O_HELP: usage(stdout); return CONFIG_EXIT_OK;
+    case O_VERSION: printf("tpd %s\n", TP_VERSION); return CONFIG_EXIT_OK;
+    default: return CONFIG_USAGE;
+    }
+    return CONFIG_OK;
+}
+
+/* Finds "--config PATH" or "--config=PATH" in argv; also says whether --help or --version is
+ * there (then no file is read: they must work whatever the file holds). */
+static const char *find_config(int argc, char **argv, int *info)
+{
+    const char *path = DEFAULT_CONFIG;
+    int given = 0;
+
+    *info = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--") == 0)
+            break;
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "--version") == 0)
+            *info = 1;
+        else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)
+            path = argv[++i], given = 1;
+        else if (strncmp(argv[i], "--config=", 9) == 0)
+            path = argv[i] + 9, given = 1;
+    }
+    if (!path[0] || strcmp(path, "none") == 0)
+        return NULL;
+    if (!given && access(path, F_OK) != 0)
+        return NULL; /* the default file is optional */
+    return path;
+}
+
+static int is_true(const char *v, int *b)
+{
+    static const char *const t[] = {"1", "true", "yes", "on"}, *const f[] = {"0", "false", "no",
+                                                                             "off"};
+
+    for (int i = 0; i < 4; i++) {
+        if (strcmp(v, t[i]) == 0)
+            return *b = 1, 1;
+        if (strcmp(v, f[i]) == 0)
+            return *b = 0, 1;
+    }
+    return 0;
+}
+
+/* Applies every line of the file at path. CONFIG_BAD_FILE after a message naming the file, the
+ * line and the key. The file's text is kept for the life of the process: values point into it. */
+static enum config_result apply_file(struct config *c, const char *path)
+{
+    static struct conffile f;
+    char err[512];
+
+    if (conffile_read(&f, path, err, sizeof(err)) < 0) {
+        fprintf(stderr, "tpd: config file %s\n", err);
+        return CONFIG_BAD_FILE;
+    }
+    for (size_t i = 0; i < f.n; i++) {
+        const struct conffile_entry *e = &f.e[i];
+        const struct option *opt = NULL;
+        char key[64];
+        int on = 1;
+        enum config_result r;
+
+        snprintf(key, sizeof(key), "%s", e->key);
+        for (char *k = key; *k; k++)
+            if (*k == '_')
+                *k = '-'; /* max_batch and max-batch are the same key */
+        for (const struct option *p = opts; p->name; p++)
+            if (strcmp(p->name, key) == 0)
+                opt = p;
+        snprintf(origin, sizeof(origin), "%s:%d: key '%s'", path, e->line, e->key);
+        if (!opt || opt->val == O_CONFIG || opt->val == O_HELP || opt->val == O_VERSION) {
+            fprintf(stderr,
+                    "tpd: %s: unknown key (keys are tpd's flags without '--', see tpd --help)\n",
+                    origin);
+            goto bad;
+        }
+        if (opt->has_arg == required_argument && !e->value) {
+            fprintf(stderr, "tpd: %s needs a value: '%s = VALUE'\n", origin, e->key);
+            goto bad;
+        }
+        if (opt->has_arg == no_argument && e->value && !is_true(e->value, &on)) {
+            fprintf(stderr, "tpd: %s takes true or false, got '%s'\n", origin, e->value);
+            goto bad;
+        }
+        if (!on)
+            continue;
+        optarg = (char *)(e->value ? e->value : "");
+        origin_used = 0;
+        r = apply(c, opt->val);
+        if (r != CONFIG_OK) {
+            if (!origin_used)
+                fprintf(stderr, "tpd: %s: invalid value '%s'\n", origin, optarg);
+            goto bad;
+        }
+    }
+    origin[0] = '\0';
+    c->config = path;
+    return CONFIG_OK;
+bad:
+    origin[0] = '\0';
+    return CONFIG_BAD_FILE;
 }
 
 enum config_result config_parse(struct config *c, int argc, char **argv)
 {
-    enum {
-        O_WEIGHTS = 256,
-        O_WEIGHT,
-        O_BIAS,
-        O_MODEL,
-        O_CPU,
-        O_LISTEN,
-        O_MAX_BATCH,
-        O_SLOTS,
-        O_MAX_QUEUE,
-        O_WORKER,
-        O_GRPC_THREADS,
-        O_BACKOFF,
-        O_LOG_LEVEL,
-        O_HELP,
-        O_VERSION,
-    };
-    static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIGHTS},
-                                         {"weight", required_argument, NULL, O_WEIGHT},
-                                         {"bias", required_argument, NULL, O_BIAS},
-                                         {"model", required_argument, NULL, O_MODEL},
-                                         {"cpu", required_argument, NULL, O_CPU},
-                                         {"listen", required_argument, NULL, O_LISTEN},
-                                         {"max-batch", required_argument, NULL, O_MAX_BATCH},
-                                         {"slots", required_argument, NULL, O_SLOTS},
-                                         {"max-queue", required_argument, NULL, O_MAX_QUEUE},
-                                         {"worker", required_argument, NULL, O_WORKER},
-                                         {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
-                                         {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
-                                         {"log-level", required_argument, NULL, O_LOG_LEVEL},
-                                         {"help", no_argument, NULL, O_HELP},
-                                         {"version", no_argument, NULL, O_VERSION},
-                                         {NULL, 0, NULL, 0}};
-    const char *model = NULL;
-    long v;
-    int o;
+    const char *file;
+    int o, info;
+    enum config_result r;
 
     *c = (struct config){.weight = "weight",
                          .bias = "bias",
@@ -106,78 +314,31 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .max_queue = 1024,
                          .grpc_threads = 1,
                          .restart_backoff_ms = 500,
-                         .log_level = TP_LOG_NOTICE};
+                         .log_level = TP_LOG_NOTICE,
+                         .metrics_listen = "127.0.0.1:8002"};
+    model = NULL;
+    file = find_config(argc, argv, &info);
+    if (file && !info && (r = apply_file(c, file)) != CONFIG_OK)
+        return r;
     opterr = 0;
+    optind = 1;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        switch (o) {
-        case O_WEIGHTS: c->weights = optarg; break;
-        case O_WEIGHT: c->weight = optarg; break;
-        case O_BIAS:
-            c->bias = optarg;
-            c->bias_explicit = 1;
-            break;
-        case O_MODEL: model = optarg; break;
-        case O_CPU:
-            if (parse_num("--cpu", optarg, 1, 256, &v))
-                return CONFIG_USAGE;
-            c->cpu = (int)v;
-            break;
-        case O_LISTEN:
-            if (c->nlisten == CONFIG_MAX_LISTEN) {
-                fprintf(stderr, "tpd: at most %d --listen addresses\n", CONFIG_MAX_LISTEN);
-                return CONFIG_USAGE;
-            }
-            c->listen[c->nlisten++] = optarg;
-            break;
-        case O_MAX_BATCH:
-            if (parse_num("--max-batch", optarg, 1, 1 << 20, &v))
-                return CONFIG_USAGE;
-            c->max_batch = (uint32_t)v;
-            break;
-        case O_SLOTS:
-            if (parse_num("--slots", optarg, 1, 1024, &v))
-                return CONFIG_USAGE;
-            c->slots = (uint32_t)v;
-            break;
-        case O_MAX_QUEUE:
-            if (parse_num("--max-queue", optarg, 0, 1 << 20, &v))
-                return CONFIG_USAGE;
-            c->max_queue = (uint32_t)v;
-            break;
-        case O_WORKER: c->worker = optarg; break;
-        case O_GRPC_THREADS:
-            if (parse_num("--grpc-threads", optarg, 1, 64, &v))
-                return CONFIG_USAGE;
-            c->grpc_threads = (int)v;
-            break;
-        case O_BACKOFF:
-            if (parse_num("--restart-backoff-ms", optarg, 1, 600000, &v))
-                return CONFIG_USAGE;
-            c->restart_backoff_ms = (int)v;
-            break;
-        case O_LOG_LEVEL:
-            c->log_level = tp_log_parse_level(optarg);
-            if (c->log_level < 0) {
-                fprintf(stderr,
-                        "tpd: --log-level takes err, warn, notice, info or debug, got '%s'\n",
-                        optarg);
-                return CONFIG_USAGE;
-            }
-            break;
-        case O_HELP: usage(stdout); return CONFIG_EXIT_OK;
-        case O_VERSION: printf("tpd %s\n", TP_VERSION); return CONFIG_EXIT_OK;
-        default:
+        if (o == '?' || o == ':') {
             fprintf(stderr, "tpd: unknown or incomplete option '%s'\n", argv[optind - 1]);
             usage(stderr);
             return CONFIG_USAGE;
         }
+        r = apply(c, o);
+        if (r != CONFIG_OK)
+            return r;
     }
     if (optind < argc) {
         fprintf(stderr, "tpd: unexpected argument '%s'\n", argv[optind]);
         return CONFIG_USAGE;
     }
     if (!c->weights) {
-        fprintf(stderr, "tpd: --weights PATH is required\n");
+        fprintf(stderr,
+                "tpd: --weights PATH is required (or 'weights = PATH' in the config file)\n");
         usage(stderr);
         return CONFIG_USAGE;
     }

@@ -1,5 +1,5 @@
-/* config.h -- tpd's settings: defaults, then the command line. Parsing only records and checks
- * the values; nothing here opens a file or a socket. */
+/* config.h -- tpd's settings: defaults, then the configuration file, then the command line.
+ * Parsing only records and checks the values; the one file it opens is the configuration file. */
 #ifndef TPD_CONFIG_H
 #define TPD_CONFIG_H
 
@@ -23,12 +23,19 @@ struct config {
     int grpc_threads;
     int restart_backoff_ms; /* first restart delay */
     int log_level;
+    const char *metrics_listen; /* HOST:PORT of the HTTP server; NULL: none ("off") */
+    const char *config;         /* configuration file that was read; NULL: none */
+    int listen_cmdline;         /* a --listen came from the command line */
 };
 
-enum config_result { CONFIG_OK, CONFIG_EXIT_OK, CONFIG_USAGE };
+enum config_result { CONFIG_OK, CONFIG_EXIT_OK, CONFIG_USAGE, CONFIG_BAD_FILE };
 
-/* Fills c from argv. CONFIG_EXIT_OK after --help or --version (already printed), CONFIG_USAGE
- * after a message on stderr for a bad command line. Strings point into argv. */
+/* Fills c from the configuration file (--config PATH, else /etc/tpd/tpd.conf when it exists;
+ * "none" for no file), then from argv, whose flags override the file. CONFIG_EXIT_OK after
+ * --help or --version (already printed; no file is read then), CONFIG_USAGE after a message on
+ * stderr for a bad command line, CONFIG_BAD_FILE after a message naming the file, line and key
+ * for a bad file (tpd exits EX_CONFIG). Strings point into argv or into the file's text, which
+ * is kept for the life of the process. Not thread-safe (getopt). */
 enum config_result config_parse(struct config *c, int argc, char **argv);
 
 #endif

@@ -1,8 +1,10 @@
 /* main.c -- tpd, the coordinator. It reads the weights file's header (never the data), creates
- * the shared-memory arena, starts one tpd-worker per rank and waits until all have loaded their
- * shards, then serves gRPC. The main thread only waits for SIGTERM/SIGINT (blocked in every
- * thread, taken with sigwait) and then drains: stop accepting, finish what is in flight, stop the
- * workers, exit 0. */
+ * the shared-memory arena, starts the metrics/health HTTP server, starts one tpd-worker per rank
+ * and waits until all have loaded their shards, then serves gRPC and tells systemd READY=1. The
+ * main thread then only waits for SIGTERM/SIGINT (blocked in every thread, taken with sigwait),
+ * pinging the systemd watchdog while it waits, and then drains: STOPPING=1, stop accepting,
+ * finish what is in flight, stop the workers, exit 0. */
+#include <errno.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <sched.h>
@@ -10,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <grpc/grpc.h>
 #include <grpc/support/log.h>
@@ -17,7 +20,9 @@
 #include "api.h"
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
 #include "model.h"
+#include "notify.h"
 #include "proc.h"
 #include "rpc.h"
 #include "safetensors.h"
@@ -26,6 +31,7 @@
 #include "sup.h"
 
 #define EX_USAGE 64
+#define EX_CONFIG 78
 #define DRAIN_GRACE_MS 30000
 #define MSG_HEADROOM (1L << 20) /* bytes of a message beyond its tensor data */
 #define MAX_MSG (1L << 30)      /* the largest gRPC message tpd accepts or sends */
@@ -106,6 +112,80 @@ static int online_cpus(void)
     return 1;
 }
 
+static atomic_int serving; /* gRPC started with every worker ready */
+
+/* The HTTP health endpoints' readiness: the same rule as the gRPC methods'. */
+static int ready(void *ctx)
+{
+    struct api *a = ctx;
+
+    return atomic_load(&serving) && !atomic_load(&a->draining) && sched_ready(a->sched);
+}
+
+/* Loading shards can take longer than the watchdog interval; this thread keeps the watchdog fed
+ * until the main thread reaches its serving loop, which takes over. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int done;
+    uint64_t usec;
+} startup = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+
+static void *startup_watchdog(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&startup.lock);
+    while (!startup.done) {
+        struct timespec ts;
+
+        notify_send("WATCHDOG=1");
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += (time_t)(startup.usec / 2 / 1000000);
+        ts.tv_nsec += (long)(startup.usec / 2 % 1000000) * 1000;
+        if (ts.tv_nsec >= 1000000000)
+            ts.tv_sec++, ts.tv_nsec -= 1000000000;
+        pthread_cond_timedwait(&startup.cond, &startup.lock, &ts);
+    }
+    pthread_mutex_unlock(&startup.lock);
+    return NULL;
+}
+
+/* Waits for a stop signal. With a watchdog, wakes every half interval to ping it, after checking
+ * that the scheduler's lock can be taken (a deadlocked scheduler then stops the pings and
+ * systemd restarts tpd). Returns the signal. */
+static int wait_for_stop(const sigset_t *sigs, uint64_t wd_usec, struct sched *sched)
+{
+    struct timespec ts = {(time_t)(wd_usec / 2 / 1000000), (long)(wd_usec / 2 % 1000000) * 1000};
+    int sig;
+
+    for (;;) {
+        if (!wd_usec) {
+            if (sigwait(sigs, &sig) == 0)
+                return sig;
+            continue;
+        }
+        sig = sigtimedwait(sigs, NULL, &ts);
+        if (sig > 0)
+            return sig;
+        if (errno == EAGAIN) {
+            (void)sched_busy(sched);
+            notify_send("WATCHDOG=1");
+        }
+    }
+}
+
+static void stop_startup_watchdog(int *started, pthread_t t)
+{
+    if (!*started)
+        return;
+    pthread_mutex_lock(&startup.lock);
+    startup.done = 1;
+    pthread_cond_signal(&startup.cond);
+    pthread_mutex_unlock(&startup.lock);
+    pthread_join(t, NULL);
+    *started = 0;
+}
+
 int main(int argc, char **argv)
 {
     static const char *const level_names[] = {[TP_LOG_ERR] = "err",
@@ -120,7 +200,10 @@ int main(int argc, char **argv)
     struct sup *sup = NULL;
     struct rpc_server *rpc = NULL;
     struct api api = {0};
+    struct metrics_server *http = NULL;
     struct tp_err err = {0};
+    pthread_t wd_thread = 0;
+    int wd_started = 0;
     char worker[4096];
     const char *bias = NULL;
     sigset_t sigs;
@@ -134,11 +217,19 @@ int main(int argc, char **argv)
     case CONFIG_OK: break;
     case CONFIG_EXIT_OK: return 0;
     case CONFIG_USAGE: return EX_USAGE;
+    case CONFIG_BAD_FILE: return EX_CONFIG;
     }
     tp_log_level = (enum tp_log_level)c.log_level;
+    if (c.config)
+        tp_log(TP_LOG_NOTICE, "read configuration file %s", c.config);
+    notify_status("starting: reading %s", c.weights);
     status = describe_model(&c, &m, &bias);
     if (status)
         return status;
+    if (metrics_init(m.name, c.cpu, c.slots, &err) < 0) {
+        tp_log(TP_LOG_ERR, "%s", err.msg);
+        return 1;
+    }
     status = 1;
     if (c.worker)
         snprintf(worker, sizeof(worker), "%s", c.worker);
@@ -173,6 +264,9 @@ int main(int argc, char **argv)
            m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
            m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
            c.slots, c.max_batch);
+    /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
+    if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
+        goto fail;
     /* Bind before starting workers, so that a bad --listen fails at once. */
     grpc_init();
     gpr_set_log_function(grpc_log);
@@ -187,6 +281,9 @@ int main(int argc, char **argv)
                                  .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM},
             api_methods, api_nmethods, &api, &err) < 0)
         goto fail_grpc;
+    startup.usec = notify_watchdog_usec();
+    if (startup.usec && pthread_create(&wd_thread, NULL, startup_watchdog, NULL) == 0)
+        wd_started = 1;
     if (sup_start(&sup,
                   &(struct sup_config){.worker = worker,
                                        .weights = c.weights,
@@ -208,13 +305,18 @@ int main(int argc, char **argv)
     sched_on_state(sched, 1);
     if (rpc_server_start(rpc, &err) < 0)
         goto fail_grpc;
+    atomic_store(&serving, 1);
     for (int i = 0; i < c.nlisten; i++)
         tp_log(TP_LOG_NOTICE, "ready: serving '%s' on %s", m.name, c.listen[i]);
+    notify_send("READY=1");
+    notify_status("serving '%s' with %d ranks on %s", m.name, c.cpu, c.listen[0]);
+    stop_startup_watchdog(&wd_started, wd_thread);
 
-    while (sigwait(&sigs, &sig) != 0)
-        ;
+    sig = wait_for_stop(&sigs, startup.usec, sched);
     tp_log(TP_LOG_NOTICE, "%s: draining %u requests, then stopping", strsignal(sig),
            sched_busy(sched));
+    notify_send("STOPPING=1");
+    notify_status("draining %u requests", sched_busy(sched));
     atomic_store(&api.draining, 1);
     rpc_server_stop(rpc, DRAIN_GRACE_MS);
     rpc = NULL;
@@ -227,8 +329,10 @@ fail_grpc:
      * can wait up to 10 s for gRPC's pollers to notice client connections that are still open,
      * and the process is about to exit anyway. */
 fail:
+    stop_startup_watchdog(&wd_started, wd_thread);
     if (status)
         tp_log(TP_LOG_ERR, "%s", err.msg);
+    metrics_server_stop(http);
     sup_stop(sup);
     sched_destroy(sched);
     shm_arena_destroy(&arena);

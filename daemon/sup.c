@@ -19,6 +19,8 @@
 
 #include "ctl.h"
 #include "log.h"
+#include "metrics.h"
+#include "notify.h"
 #include "proc.h"
 
 #define MAX_BACKOFF_MS 30000
@@ -161,13 +163,17 @@ static void kill_group(struct sup *s, int dead, char *why, size_t why_len)
         if (s->w[r].fd >= 0)
             close(s->w[r].fd);
         s->w[r] = (struct worker){.fd = -1};
+        metrics_worker_up(r, 0);
     }
 }
 
 static int start_group(struct sup *s, struct tp_err *err)
 {
     s->state = G_STARTING;
+    notify_status("loading shards: starting %d workers", s->c.nranks);
     for (int r = 0; r < s->c.nranks; r++) {
+        if (s->first_ready)
+            metrics_worker_restart(r);
         if (spawn_worker(s, r, err) < 0) {
             kill_group(s, -1, NULL, 0);
             return -1;
@@ -199,6 +205,7 @@ static void group_down(struct sup *s, int dead, const char *cause)
     }
     s->state = G_DOWN;
     tp_log(TP_LOG_WARN, "%s; restarting the group in %d ms", e.msg, s->backoff_ms);
+    notify_status("not ready: %s; restarting workers in %d ms", e.msg, s->backoff_ms);
     s->restart_at_ms = now_ms() + s->backoff_ms;
     s->backoff_ms = s->backoff_ms * 2 > MAX_BACKOFF_MS ? MAX_BACKOFF_MS : s->backoff_ms * 2;
     pthread_cond_broadcast(&s->cond);
@@ -242,12 +249,15 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
             return;
         }
         s->w[r].ready = 1;
+        metrics_worker_up(r, 1);
         for (int i = 0; i < s->c.nranks; i++)
             if (!s->w[i].ready)
                 return;
         s->state = G_READY;
-        if (s->first_ready)
+        if (s->first_ready) {
             tp_log(TP_LOG_NOTICE, "worker group of %d ranks is ready again", s->c.nranks);
+            notify_status("serving: %d ranks ready again", s->c.nranks);
+        }
         s->first_ready = 1;
         s->backoff_ms = s->c.backoff_ms;
         pthread_cond_broadcast(&s->cond);
@@ -271,6 +281,7 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
             tp_err_set(&j->err, (enum tp_code)m->status, "rank %d: %.200s", r, m->text);
         if (--j->pending > 0)
             return;
+        metrics_job_done(m->slot);
         failed = j->err;
         pthread_mutex_unlock(&s->lock);
         s->done(s->ctx, m->slot, id, failed.code == TP_OK ? NULL : &failed);
@@ -392,6 +403,7 @@ int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struc
         return tp_err_set(err, TP_EUNAVAIL, "workers are not ready (restarting)");
     }
     s->jobs[slot] = (struct job){.id = id, .pending = s->c.nranks};
+    metrics_job_start(slot, rows);
     for (int r = 0; r < s->c.nranks; r++) {
         struct tp_err e = {0};
 

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,11 +23,25 @@ static const char *const level_names[] = {
     [TP_LOG_INFO] = "info", [TP_LOG_DEBUG] = "debug",
 };
 
+/* True when stderr is the journal's stream: JOURNAL_STREAM holds "DEVICE:INODE" of the stream
+ * systemd connected, and it must be our stderr still (a child whose stderr was redirected
+ * inherits the variable too), as systemd.exec(5) says to check. */
+static int stderr_is_journal(void)
+{
+    const char *v = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+
+    if (!v || sscanf(v, "%llu:%llu", &dev, &ino) != 2 || fstat(STDERR_FILENO, &st) < 0)
+        return 0;
+    return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
+
 void tp_log_init(const char *prog, const char *prefix)
 {
     snprintf(log_prog, sizeof(log_prog), "%s", prog ? prog : "tpd");
     snprintf(log_prefix, sizeof(log_prefix), "%s", prefix ? prefix : "");
-    log_journal = getenv("JOURNAL_STREAM") != NULL;
+    log_journal = stderr_is_journal();
 }
 
 int tp_log_parse_level(const char *name)

@@ -14,8 +14,10 @@ tp_cleanup() {
 trap tp_cleanup EXIT
 
 # tp_start ARGS...: starts build/bin/tpd ARGS on $tp_sock and waits until it is ready (60 s).
+# Its metrics server takes a free port (the default 8002 may be taken on a shared machine); the
+# log line "metrics and health on http://..." names it.
 tp_start() {
-    build/bin/tpd --listen "$tp_sock" "$@" &
+    build/bin/tpd --listen "$tp_sock" --metrics-listen 127.0.0.1:0 "$@" &
     tp_pid=$!
     for _ in $(seq 600); do
         build/bin/tpclient --server "$tp_sock" health >/dev/null 2>&1 && return 0

@@ -183,7 +183,7 @@ class TestCommandLine(TpdTestCase):
     def tpd(self, *args, listen=True):
         argv = [tpdtest.TPD] + [str(a) for a in args]
         if listen:
-            argv += ["--listen", "unix:" + self.path("cli.sock")]
+            argv += ["--listen", "unix:" + self.path("cli.sock"), "--metrics-listen", "127.0.0.1:0"]
         return run(argv, timeout=30)
 
     def test_layout_not_divisible(self):

@@ -301,21 +301,35 @@ STARTED_RE = re.compile(r"tpd: notice: started worker rank (\d+) pid (\d+)")
 LOADED_RE = re.compile(r"tpd-worker rank (\d+): \w+: loaded rows \[(\d+), (\d+)\) of (\d+) from "
                        r"'([^']*)' \((\w+)\): read (\d+) bytes of weight and (\d+) bytes of bias")
 ACCEPTED_RE = re.compile(r"tpd: debug: accepted request")
+METRICS_RE = re.compile(r"tpd: notice: metrics and health on http://(\S+)/metrics")
 
 
 class Daemon:
-    """One tpd. Listens on a unix socket in workdir unless listen is given. Its stdout and stderr
+    """One tpd. Listens on a unix socket in workdir unless listen is given, and serves its metrics
+    on a port the OS picks (--metrics-listen 127.0.0.1:0, unless args set --metrics-listen);
+    metrics_url() reads it from the log. weights None leaves --weights out (a config file gives
+    it); env adds to or, with None values, removes from tpd's environment. Its stdout and stderr
     go to NAME.log in workdir. start() waits until `tpclient health` says ready (exit 0); stop()
     sends SIGTERM and demands exit 0 within STOP_TIMEOUT; kill() (always called at cleanup) kills
     whatever is left -- tpd's process group (it runs in a session of its own) and any worker it
     logged -- and reaps tpd."""
 
-    def __init__(self, workdir, weights, args=(), name="tpd", listen=None):
+    def __init__(self, workdir, weights, args=(), name="tpd", listen=None, env=None):
         self.workdir = workdir
         self.name = name
         self.sock = os.path.join(workdir, name + ".sock")
         self.addr = listen if listen else "unix:" + self.sock
-        self.argv = [TPD, "--weights", weights, "--listen", self.addr] + [str(a) for a in args]
+        args = [str(a) for a in args]
+        self.argv = [TPD] + (["--weights", weights] if weights is not None else [])
+        self.argv += ["--listen", self.addr] + args
+        if not any(a == "--metrics-listen" or a.startswith("--metrics-listen=") for a in args):
+            self.argv += ["--metrics-listen", "127.0.0.1:0"]
+        self.env = dict(os.environ)
+        for k, v in (env or {}).items():
+            if v is None:
+                self.env.pop(k, None)
+            else:
+                self.env[k] = str(v)
         self.log_path = os.path.join(workdir, name + ".log")
         self.proc = None
         self.logf = None
@@ -327,7 +341,7 @@ class Daemon:
     def start(self, wait_ready=True, timeout=READY_TIMEOUT):
         self.logf = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.logf,
-                                     stderr=self.logf, start_new_session=True)
+                                     stderr=self.logf, start_new_session=True, env=self.env)
         if wait_ready:
             self.wait_ready(timeout)
         return self
@@ -423,6 +437,18 @@ class Daemon:
             self.name, " ".join(self.argv), min(lines, len(text)), len(text),
             "\n".join(text[-lines:]))
 
+    def metrics_url(self, timeout=READY_TIMEOUT):
+        """http://HOST:PORT of the metrics server, from its log line (waits for it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = METRICS_RE.search(self.log())
+            if m:
+                return "http://" + m.group(1)
+            if not self.running() or time.monotonic() > deadline:
+                raise AssertionError("no 'metrics and health on' line in the log\n" +
+                                     self.log_tail())
+            time.sleep(0.02)
+
     def worker_pids(self):
         """{rank: pid} from the latest 'started worker rank R pid P' line of each rank."""
         return {int(r): int(p) for r, p in STARTED_RE.findall(self.log())}
@@ -468,16 +494,16 @@ class TpdTestCase(unittest.TestCase):
     def path(self, name):
         return os.path.join(self.tmp, name)
 
-    def daemon(self, weights, *args, name=None, listen=None):
+    def daemon(self, weights, *args, name=None, listen=None, env=None):
         """A Daemon not yet started, killed at cleanup."""
         d = Daemon(self.tmp, weights, args, name=name or "tpd%d" % len(self.daemons),
-                   listen=listen)
+                   listen=listen, env=env)
         self.daemons.append(d)
         self.addCleanup(d.kill)
         return d
 
-    def start_daemon(self, weights, *args, name=None, listen=None):
-        return self.daemon(weights, *args, name=name, listen=listen).start()
+    def start_daemon(self, weights, *args, name=None, listen=None, env=None):
+        return self.daemon(weights, *args, name=name, listen=listen, env=env).start()
 
     def bg(self, argv):
         p = Background(argv)

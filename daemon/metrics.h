@@ -1,0 +1,65 @@
+/* metrics.h -- tpd's Prometheus metrics and its HTTP endpoints. The counters live in this file
+ * only: the gRPC handlers, the supervisor and the scheduler report events through one-line
+ * calls (metrics_request_done, metrics_job_start, ...) from any thread, and a small HTTP server
+ * (libmicrohttpd, its own thread) serves them in the text exposition format 0.0.4 at /metrics,
+ * beside the KServe v2 HTTP health endpoints /v2/health/live, /v2/health/ready and
+ * /v2/models/NAME[/versions/V]/ready (200 when true, 503 when not, 404 for another model).
+ * The HTTP server starts before the workers, so a load balancer sees "not ready" while shards
+ * load. Every call before metrics_init, or after a failed one, does nothing. */
+#ifndef TPD_METRICS_H
+#define TPD_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+/* Sets up the counters for one model served by nranks workers over nslots slots. Call once,
+ * before any other thread reports. */
+int metrics_init(const char *model, int nranks, uint32_t nslots, struct tp_err *err);
+
+/* CLOCK_MONOTONIC now, in nanoseconds, and the seconds elapsed since t0_ns. */
+int64_t metrics_now_ns(void);
+double metrics_since(int64_t t0_ns);
+
+/* A ModelInfer call was answered: model as the client named it (NULL when the message could not
+ * be read; any name but the served model's is counted under model=""), its gRPC status code, the
+ * seconds from arrival to reply, the rows it carried (0 if not known) and the bytes of the request
+ * and response messages. */
+void metrics_request_done(const char *model, int code, double seconds, uint32_t rows,
+                          size_t bytes_in, size_t bytes_out);
+
+/* A request that arrived at t0_ns (metrics_now_ns) ran as the job on slot, which is still its
+ * own: observes the time it waited for the job's dispatch. */
+void metrics_queue_time(uint32_t slot, int64_t t0_ns);
+
+/* The job on slot went to the workers with rows rows / came back from all of them (or failed). */
+void metrics_job_start(uint32_t slot, uint32_t rows);
+void metrics_job_done(uint32_t slot);
+
+/* Rank's worker is up (it reported READY) or down (gone, killed or not started yet). */
+void metrics_worker_up(int rank, int up);
+
+/* Rank's worker was started again after its group went down. */
+void metrics_worker_restart(int rank);
+
+/* Writes the whole exposition into a new malloc'ed string (*len bytes, NUL-terminated); the
+ * caller frees it. NULL when out of memory. */
+char *metrics_render(size_t *len);
+
+struct metrics_server;
+
+/* Returns 1 when tpd serves (every worker ready, gRPC started, not draining). Any thread. */
+typedef int (*metrics_ready_fn)(void *ctx);
+
+/* Binds addr ("HOST:PORT", "[V6]:PORT"; port 0 picks a free one) and serves at once from a
+ * thread of its own; logs the bound address at notice as "metrics and health on http://...".
+ * A bad or busy address fails with a message naming it, and nothing is left bound. ready and
+ * ctx are borrowed until metrics_server_stop. */
+int metrics_server_start(struct metrics_server **s, const char *addr, metrics_ready_fn ready,
+                         void *ctx, struct tp_err *err);
+
+/* Stops the thread, closes every connection and the socket. Takes NULL. */
+void metrics_server_stop(struct metrics_server *s);
+
+#endif

@@ -1,0 +1,176 @@
+"""tpd's configuration file (--config): precedence, the shipped example, and errors.
+
+(a) Precedence: a file setting weights, model, cpu, listen and log-level; flags given too
+    override it (model, listen), what the file alone sets is used (weights, cpu, log level).
+(b) deploy/tpd.conf.example: every key it shows, commented out or not, is accepted (the test
+    uncomments them all and tpd serves with the example, paths overridden by flags), and every
+    flag of `tpd --help` is documented in it as a key.
+(c) Errors: an unknown key, a bad value, a line without '=', a key without value, a file that
+    does not exist, 'config' or 'help' as a key: exit 78 (EX_CONFIG) with one line naming the
+    file, the line and the key. Command-line errors stay 64; --help works whatever the file holds.
+"""
+
+import os
+import re
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpdtest  # noqa: E402
+from tpdtest import TpdTestCase, make_layer, run  # noqa: E402
+
+import numpy as np  # noqa: E402
+import tritonclient.grpc as tgrpc  # noqa: E402
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "deploy",
+                       "tpd.conf.example")
+EX_CONFIG = 78
+KEY_LINE_RE = re.compile(r"^#?\s*([a-z][a-z0-9-]*)\s*=\s*(.*?)\s*$")
+
+
+def example_keys():
+    """{key: [values]} of every 'key = value' line of the example, commented out or not."""
+    keys = {}
+    with open(EXAMPLE) as f:
+        for line in f:
+            m = KEY_LINE_RE.match(line)
+            if m:
+                keys.setdefault(m.group(1), []).append(m.group(2))
+    return keys
+
+
+def help_flags():
+    res = run([tpdtest.TPD, "--help"], timeout=30)
+    assert res.rc == 0, repr(res)
+    return sorted(set(re.findall(r"^\s+--([a-z][a-z0-9-]*)", res.out, re.M)))
+
+
+class TestConfig(TpdTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.wpath = self.path("cfg.safetensors")
+        self.W, self.b = make_layer(self.wpath, 30, 16, bias=True, seed=5)
+
+    def write(self, name, text):
+        p = self.path(name)
+        with open(p, "w") as f:
+            f.write(text)
+        return p
+
+    def tpd(self, *args):
+        """tpd that must fail before serving (metrics on a free port, never 8002)."""
+        return run([tpdtest.TPD, "--listen", "unix:" + self.path("x.sock"), "--metrics-listen",
+                    "127.0.0.1:0"] + [str(a) for a in args], timeout=30)
+
+    def test_flags_override_the_file(self):
+        conf = self.write("tpd.conf", "\n".join([
+            "# a comment, then a blank line",
+            "",
+            "weights = %s" % self.wpath,
+            "model = fromfile",
+            "cpu = 3",
+            "  log_level   =   \"debug\"  ",  # underscores, spaces, quotes
+            "listen = unix:%s" % self.path("fromfile.sock"),
+            "listen = unix:%s" % self.path("fromfile2.sock"),
+        ]) + "\n")
+        d = self.start_daemon(None, "--config", conf, "--model", "fromflag", name="prec")
+        self.assertIn("read configuration file %s" % conf, d.log())
+        client = tgrpc.InferenceServerClient(url=d.addr)
+        meta = client.get_model_metadata("fromflag")
+        self.assertEqual(meta.name, "fromflag")
+        self.assertEqual(len(d.worker_pids()), 3, "cpu = 3 from the file")
+        # the command line's --listen replaced both of the file's
+        self.assertFalse(os.path.exists(self.path("fromfile.sock")))
+        self.assertFalse(os.path.exists(self.path("fromfile2.sock")))
+        x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+        self.assert_close(self.forward(d, x), x, self.W, self.b, 1e-5, "configured")
+        self.assertGreater(d.count(tpdtest.ACCEPTED_RE), 0, "log-level debug from the file")
+        client.close()
+        d.stop()
+
+    def test_file_listen_used_without_flag(self):
+        sock = self.path("onlyfile.sock")
+        conf = self.write("tpd.conf", "weights = %s\nlisten = unix:%s\nmetrics-listen = off\n" % (
+            self.wpath, sock))
+        d = tpdtest.Daemon(self.tmp, None, ["--config", conf], name="filelisten")
+        d.argv = [a for a in d.argv if a not in ("--listen", d.addr, "--metrics-listen",
+                                                 "127.0.0.1:0")]
+        d.addr = "unix:" + sock
+        self.daemons.append(d)
+        self.addCleanup(d.kill)
+        d.start()
+        self.assertIsNone(tpdtest.METRICS_RE.search(d.log()), "metrics-listen = off ignored")
+        d.stop()
+
+    def test_example_accepts_every_key_and_documents_every_flag(self):
+        keys = example_keys()
+        flags = [f for f in help_flags() if f not in ("help", "version", "config")]
+        missing = [f for f in flags if f not in keys]
+        self.assertEqual(missing, [], "flags of tpd --help not documented in %s" % EXAMPLE)
+        unknown = [k for k in keys if k not in flags]
+        self.assertEqual(unknown, [], "keys of the example that tpd --help does not list")
+        # every key, commented out or not, uncommented
+        with open(EXAMPLE) as f:
+            text = "".join(re.sub(r"^#\s*(?=[a-z][a-z0-9-]*\s*=)", "", line) for line in f)
+        conf = self.write("example.conf", text)
+        real_worker = os.path.join(os.path.dirname(os.path.abspath(tpdtest.TPD)), "tpd-worker")
+        # the example's paths and addresses are a production host's: flags override them
+        d = self.start_daemon(self.wpath, "--config", conf, "--worker", real_worker,
+                              "--model", "example", name="example")
+        self.assertIn("read configuration file", d.log())
+        x = np.random.default_rng(4).standard_normal((2, 16)).astype(np.float32)
+        self.assert_close(self.forward(d, x), x, self.W, self.b, 1e-5, "example config")
+        d.stop()
+
+    def check_error(self, text, line, key, *extra):
+        conf = self.write("bad.conf", text)
+        res = self.tpd("--config", conf, *extra)
+        self.assertEqual(res.rc, EX_CONFIG, repr(res))
+        lines = [l for l in res.err.splitlines() if l.strip()]
+        self.assertEqual(len(lines), 1, "expected one line: %r" % res)
+        self.assertTrue(lines[0].startswith("tpd: "), lines[0])
+        self.assertIn("%s:%d:" % (conf, line), lines[0])
+        if key:
+            self.assertIn("'%s'" % key, lines[0])
+        return lines[0]
+
+    def test_errors_name_file_line_and_key(self):
+        w = "weights = %s\n" % self.wpath
+        msg = self.check_error(w + "cpus = 2\n", 2, "cpus")
+        self.assertIn("unknown key", msg)
+        msg = self.check_error(w + "# c\ncpu = two\n", 3, "cpu")
+        self.assertIn("two", msg)
+        msg = self.check_error(w + "\n\nmax-batch = -3\n", 4, "max-batch")
+        self.assertIn("-3", msg)
+        msg = self.check_error(w + "log-level = loud\n", 2, "log-level")
+        self.assertIn("loud", msg)
+        self.check_error(w + "cpu\n", 2, "cpu")
+        self.check_error("= 5\n", 1, None)
+        self.check_error(w + "config = /etc/other.conf\n", 2, "config")
+        self.check_error(w + "help = true\n", 2, "help")
+        # flags after the file do not hide its errors
+        self.check_error(w + "slots = 0\n", 2, "slots", "--slots", 2)
+
+    def test_missing_file_and_command_line_errors(self):
+        missing = self.path("nope/tpd.conf")
+        res = self.tpd("--config", missing, "--weights", self.wpath)
+        self.assertEqual(res.rc, EX_CONFIG, repr(res))
+        self.assertIn(missing, res.err)
+        self.assertIn("No such file", res.err)
+        good = self.write("good.conf", "weights = %s\n" % self.wpath)
+        res = self.tpd("--config", good, "--cpu", "zero")
+        self.assertEqual(res.rc, 64, repr(res))
+        self.assertIn("--cpu", res.err)
+        bad = self.write("bad.conf", "nonsense = 1\n")
+        res = run([tpdtest.TPD, "--config", bad, "--help"], timeout=30)
+        self.assertEqual(res.rc, 0, repr(res))
+        self.assertIn("--config PATH", res.out)
+        # 'none' reads no file: weights then has to come from a flag
+        res = self.tpd("--config", "none")
+        self.assertEqual(res.rc, 64, repr(res))
+        self.assertIn("--weights", res.err)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
