@@ -232,6 +232,7 @@ static void group_down(struct sup *s, int dead, const char *cause)
         s->state_cb(s->ctx, 0);
     for (uint32_t slot = 0; slot < s->c.slots; slot++) {
         uint64_t id;
+        struct tp_err why;
 
         pthread_mutex_lock(&s->lock);
         id = s->jobs[slot].id;
@@ -240,8 +241,11 @@ static void group_down(struct sup *s, int dead, const char *cause)
             continue;
         }
         s->jobs[slot].pending = 0;
+        /* a rank that reported its own failure (a device or NCCL error) before the group went
+         * down says more than the group's death does */
+        why = s->jobs[slot].err.code != TP_OK ? s->jobs[slot].err : e;
         pthread_mutex_unlock(&s->lock);
-        s->done(s->ctx, slot, id, &e);
+        s->done(s->ctx, slot, id, &why);
     }
     pthread_mutex_lock(&s->lock);
 }

@@ -265,7 +265,10 @@ fail:
 }
 
 /* Uploads the shard's float32 rows as dtype; the float32 copy on the device is temporary when
- * converting. */
+ * converting. Every copy and kernel runs on the backend's stream, which does not synchronize
+ * with the legacy default stream: a plain cudaMemcpy from pageable memory may return before its
+ * DMA has landed, and a kernel on our stream could then read stale memory. The stream is
+ * synchronized before returning, so the host rows may be freed afterwards. */
 static int upload_weights(struct backend *b, const struct shard *s, struct tp_err *err)
 {
     size_t n = (size_t)s->rows * (size_t)s->in;
@@ -273,20 +276,22 @@ static int upload_weights(struct backend *b, const struct shard *s, struct tp_er
 
     if (b->dtype == TP_F32) {
         CUDA_GOTO(cudaMalloc(&b->w, n * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpy(b->w, s->w, n * sizeof(float), cudaMemcpyHostToDevice), err, fail);
+        CUDA_GOTO(cudaMemcpyAsync(b->w, s->w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
+                  err, fail);
     } else {
         CUDA_GOTO(cudaMalloc(&b->w, n * 2), err, fail);
         CUDA_GOTO(cudaMalloc((void **)&tmp, n * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpy(tmp, s->w, n * sizeof(float), cudaMemcpyHostToDevice), err, fail);
+        CUDA_GOTO(cudaMemcpyAsync(tmp, s->w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
+                  err, fail);
         CUDA_GOTO(cuda_kern_to_half(b->w, tmp, n, b->dtype == TP_BF16, b->stream), err, fail);
-        CUDA_GOTO(cudaStreamSynchronize(b->stream), err, fail);
     }
     if (s->b) {
         CUDA_GOTO(cudaMalloc((void **)&b->bias, (size_t)s->rows * sizeof(float)), err, fail);
-        CUDA_GOTO(
-            cudaMemcpy(b->bias, s->b, (size_t)s->rows * sizeof(float), cudaMemcpyHostToDevice), err,
-            fail);
+        CUDA_GOTO(cudaMemcpyAsync(b->bias, s->b, (size_t)s->rows * sizeof(float),
+                                  cudaMemcpyHostToDevice, b->stream),
+                  err, fail);
     }
+    CUDA_GOTO(cudaStreamSynchronize(b->stream), err, fail);
     if (tmp)
         CUDA_GOTO(cudaFree(tmp), err, fail_freed);
     return 0;
