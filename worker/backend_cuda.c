@@ -109,11 +109,11 @@ static int nccl_settle(struct backend *b, const char *call, double timeout_s, st
     }
 }
 
-/* Waits for the stream to drain while watching the communicator. Spins briefly (a forward of a
- * few rows takes tens of microseconds), then sleeps between polls. */
-static int wait_stream(struct backend *b, struct tp_err *err)
+/* Waits for the stream to drain while watching the communicator, at most timeout_s. Spins
+ * briefly (a forward of a few rows takes tens of microseconds), then sleeps between polls. */
+static int wait_stream(struct backend *b, double timeout_s, struct tp_err *err)
 {
-    double deadline = timing_now_s() + FORWARD_TIMEOUT_S;
+    double deadline = timing_now_s() + timeout_s;
 
     for (unsigned spins = 0;; spins++) {
         cudaError_t e = cudaStreamQuery(b->stream);
@@ -131,9 +131,9 @@ static int wait_stream(struct backend *b, struct tp_err *err)
                 return nccl_error(err, "ncclAllGather", st, b->comm);
         }
         if ((spins & 1023) == 1023 && timing_now_s() > deadline)
-            return tp_err_set(err, TP_EUNAVAIL,
-                              "forward did not complete in %.0f s: a peer rank is gone or stuck",
-                              FORWARD_TIMEOUT_S);
+            return tp_err_set(err, TP_EUNAVAIL, "GPU work did not complete in %.0f s: %s",
+                              timeout_s,
+                              b->comm ? "a peer rank is gone or stuck" : "the GPU is stuck");
         if (spins > 2000)
             nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
     }
@@ -249,7 +249,7 @@ static int cuda_forward(struct backend *b, const float *x, uint32_t rows, float 
                                     b->stream),
                   err, fail);
     }
-    if (wait_stream(b, err) < 0)
+    if (wait_stream(b, FORWARD_TIMEOUT_S, err) < 0)
         goto fail;
     return 0;
 fail:
@@ -418,7 +418,10 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
     if (b->gather == BACKEND_GATHER_NCCL && join_nccl(b, c->nccl_id, err) < 0)
         goto fail;
     /* Warm-up: the first GEMM loads kernels and the first all-gather sets up NCCL's connections;
-     * both belong to the start, not to the first request. */
+     * both belong to the start, not to the first request. Its input is zeros. */
+    CUDA_GOTO(
+        cudaMemsetAsync(b->x32, 0, (size_t)c->max_batch * (size_t)b->in * sizeof(float), b->stream),
+        err, fail);
     if (enqueue_gemm(b, c->max_batch,
                      b->y + cuda_plan_block(b->gather, b->rank, c->max_batch, b->cols), err) < 0)
         goto fail;
@@ -434,7 +437,7 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
             goto fail;
         }
     }
-    if (wait_stream(b, err) < 0)
+    if (wait_stream(b, INIT_TIMEOUT_S, err) < 0)
         goto fail;
     tp_log(TP_LOG_NOTICE, "cuda backend on GPU %d: %s GEMM%s, gather %s, ready in %.3f s",
            c->device, tp_dtype_wire_name(b->dtype), c->tf32 && b->dtype == TP_F32 ? " (TF32)" : "",
