@@ -13,6 +13,7 @@ environment (ctest sets it, bench/gpu-check.sh too):
 Layers and inputs are written by scripts/make_layer.py (standard library too).
 """
 
+import atexit
 import os
 import re
 import signal
@@ -30,6 +31,20 @@ TPCLIENT = os.environ.get("TPCLIENT", "")
 GPU_PROBE = os.environ.get("TP_GPU_PROBE", "")
 
 SKIP = 77  # ctest's SKIP_RETURN_CODE for the gpu tests
+
+_daemons = []  # every tpd started, killed at exit so that none outlives a test that timed out
+
+
+def _kill_all():
+    for d in _daemons:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+atexit.register(_kill_all)
+# timeout(1) and ctest stop a test with SIGTERM: exit through atexit, not around it
+signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
 READY_TIMEOUT = 180.0  # seconds: CUDA, cuBLAS and NCCL start-up on every rank
 RUN_TIMEOUT = 120.0
 
@@ -127,6 +142,7 @@ class Daemon:
         self.log_file = open(self.log_path, "w")
         self.argv = [TPD, "--listen", self.sock] + [str(a) for a in args]
         self.proc = subprocess.Popen(self.argv, stdout=self.log_file, stderr=subprocess.STDOUT)
+        _daemons.append(self)
 
     def log(self):
         with open(self.log_path) as f:
