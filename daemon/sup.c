@@ -421,6 +421,9 @@ int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struc
         return tp_err_set(err, TP_EUNAVAIL, "workers are not ready (restarting)");
     }
     s->jobs[slot] = (struct job){.id = id, .pending = s->c.nranks};
+    /* Sent to every rank under the lock, so every rank sees the jobs in the same order: with the
+     * NCCL gather each job is a collective, and ranks that issued them in different orders would
+     * pair up the wrong all-gathers and hang. */
     for (int r = 0; r < s->c.nranks; r++) {
         struct tp_err e = {0};
 
