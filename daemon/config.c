@@ -9,10 +9,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "conffile.h"
 #include "log.h"
+#include "tensor.h"
 
 #define DEFAULT_CONFIG "/etc/tpd/tpd.conf"
 
@@ -28,6 +30,13 @@ static void usage(FILE *f)
         "  --bias NAME             tensor name of b [out] (default: bias, if present)\n"
         "  --model NAME            model name (default: the file name without .safetensors)\n"
         "  --cpu N                 N CPU worker processes, one per rank (default: 1)\n"
+        "  --gpus LIST             one GPU worker per listed device, in rank order, e.g. 0,1\n"
+        "                          (a device may be listed twice only with --gather host)\n"
+        "  --gather nccl|host      GPUs: all-gather the shards with NCCL, or let each rank\n"
+        "                          copy its columns to the host (default: nccl)\n"
+        "  --dtype fp32|fp16|bf16  GPUs: what the GEMM multiplies in, accumulating in FP32;\n"
+        "                          requests and responses stay FP32 (default: fp32)\n"
+        "  --tf32                  GPUs: let FP32 GEMMs use TF32 tensor cores (default: off)\n"
         "  --listen ADDR           HOST:PORT or unix:PATH, repeatable (default: 127.0.0.1:8001)\n"
         "  --max-batch ROWS        most rows in one request (default: 256)\n"
         "  --slots N               requests computed at once (default: 4)\n"
@@ -51,6 +60,8 @@ static void usage(FILE *f)
 static char origin[600];
 static int origin_used;   /* a message named origin */
 static const char *model; /* --model, NULL for the default */
+static const char *gather, *dtype; /* --gather, --dtype, checked once all flags are known */
+static int cpu_given;              /* --cpu was given */
 
 /* What a message about flag's value calls it: the flag, or the file's line and key. */
 static const char *subject(const char *flag)
@@ -72,6 +83,94 @@ static int parse_num(const char *flag, const char *s, long lo, long hi, long *v)
                 lo, hi, s);
         return -1;
     }
+    return 0;
+}
+
+/* --gpus 0,1,3: device indices, in rank order. */
+static int parse_gpus(struct config *c, const char *list)
+{
+    const char *p = list;
+
+    c->ngpus = 0;
+    for (;;) {
+        char *end;
+        long v;
+
+        errno = 0;
+        v = strtol(p, &end, 10);
+        if (errno || end == p || v < 0 || v > 1023 || (*end && *end != ',') || *p == '-' ||
+            *p == '+' || *p == ' ') {
+            fprintf(stderr,
+                    "tpd: %s takes device indices 0 to 1023 separated by commas, got '%s'\n",
+                    subject("--gpus"), list);
+            return -1;
+        }
+        if (c->ngpus == CONFIG_MAX_GPUS) {
+            fprintf(stderr, "tpd: %s lists more than %d devices\n", subject("--gpus"),
+                    CONFIG_MAX_GPUS);
+            return -1;
+        }
+        c->gpus[c->ngpus++] = (int)v;
+        if (!*end)
+            return 0;
+        p = end + 1;
+    }
+}
+
+/* The flags that choose and tune the backend, checked together once all are known. */
+static int check_backend(struct config *c)
+{
+    if (c->ngpus && cpu_given) {
+        fprintf(stderr, "tpd: --gpus and --cpu are exclusive: choose GPU or CPU workers\n");
+        return -1;
+    }
+    if (gather) {
+        if (strcmp(gather, "nccl") != 0 && strcmp(gather, "host") != 0) {
+            fprintf(stderr, "tpd: --gather takes nccl or host, got '%s'\n", gather);
+            return -1;
+        }
+        c->gather_nccl = strcmp(gather, "nccl") == 0;
+    }
+    if (dtype) {
+        c->dtype = strcasecmp(dtype, "fp32") == 0   ? TP_F32
+                   : strcasecmp(dtype, "fp16") == 0 ? TP_F16
+                   : strcasecmp(dtype, "bf16") == 0 ? TP_BF16
+                                                    : TP_DTYPE_INVALID;
+        if (c->dtype == TP_DTYPE_INVALID) {
+            fprintf(stderr, "tpd: --dtype takes fp32, fp16 or bf16, got '%s'\n", dtype);
+            return -1;
+        }
+    }
+    if (!c->ngpus) {
+        if (gather && c->gather_nccl) {
+            fprintf(stderr, "tpd: --gather nccl needs --gpus (cpu ranks write their columns to "
+                            "the host)\n");
+            return -1;
+        }
+        if (c->dtype != TP_F32 || c->tf32) {
+            fprintf(stderr, "tpd: --%s needs --gpus: the cpu backend computes in fp32\n",
+                    c->tf32 ? "tf32" : "dtype");
+            return -1;
+        }
+        c->gather_nccl = 0;
+        return 0;
+    }
+    if (c->tf32 && c->dtype != TP_F32) {
+        fprintf(stderr, "tpd: --tf32 applies to --dtype fp32 only\n");
+        return -1;
+    }
+    c->cpu = 0;
+    if (!c->gather_nccl)
+        return 0;
+    for (int i = 0; i < c->ngpus; i++)
+        for (int j = 0; j < i; j++)
+            if (c->gpus[i] == c->gpus[j]) {
+                fprintf(stderr,
+                        "tpd: --gpus lists device %d twice: NCCL refuses two ranks on one GPU; "
+                        "use --gather host\n",
+                        c->gpus[i]);
+                return -1;
+            }
     return 0;
 }
 
@@ -101,6 +200,10 @@ enum {
     O_GRPC_THREADS,
     O_BACKOFF,
     O_LOG_LEVEL,
+    O_GPUS,
+    O_GATHER,
+    O_DTYPE,
+    O_TF32,
     O_METRICS_LISTEN,
     O_CONFIG,
     O_HELP,
@@ -120,6 +223,10 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
                                      {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
                                      {"log-level", required_argument, NULL, O_LOG_LEVEL},
+                                     {"gpus", required_argument, NULL, O_GPUS},
+                                     {"gather", required_argument, NULL, O_GATHER},
+                                     {"dtype", required_argument, NULL, O_DTYPE},
+                                     {"tf32", no_argument, NULL, O_TF32},
                                      {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
                                      {"config", required_argument, NULL, O_CONFIG},
                                      {"help", no_argument, NULL, O_HELP},
@@ -143,7 +250,15 @@ static enum config_result apply(struct config *c, int o)
         if (parse_num("--cpu", optarg, 1, 256, &v))
             return CONFIG_USAGE;
         c->cpu = (int)v;
+        cpu_given = 1;
         break;
+    case O_GPUS:
+        if (parse_gpus(c, optarg) < 0)
+            return CONFIG_USAGE;
+        break;
+    case O_GATHER: gather = optarg; break;
+    case O_DTYPE: dtype = optarg; break;
+    case O_TF32: c->tf32 = 1; break;
     case O_LISTEN:
         /* the first --listen of the command line replaces the file's addresses too */
         if (!origin[0] && !c->listen_cmdline) {
@@ -315,8 +430,11 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .grpc_threads = 1,
                          .restart_backoff_ms = 500,
                          .log_level = TP_LOG_NOTICE,
+                         .gather_nccl = 1,
+                         .dtype = TP_F32,
                          .metrics_listen = "127.0.0.1:8002"};
-    model = NULL;
+    model = gather = dtype = NULL;
+    cpu_given = 0;
     file = find_config(argc, argv, &info);
     if (file && !info && (r = apply_file(c, file)) != CONFIG_OK)
         return r;
@@ -342,6 +460,8 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         usage(stderr);
         return CONFIG_USAGE;
     }
+    if (check_backend(c) < 0)
+        return CONFIG_USAGE;
     if (c->nlisten == 0)
         c->listen[c->nlisten++] = "127.0.0.1:8001";
     if (model)

@@ -6,14 +6,20 @@
 #include <stdint.h>
 
 #define CONFIG_MAX_LISTEN 8
+#define CONFIG_MAX_GPUS 64
 
 struct config {
-    const char *weights; /* safetensors path */
-    const char *weight;  /* tensor name of W */
-    const char *bias;    /* tensor name of b */
-    int bias_explicit;   /* --bias given: the tensor must exist */
-    char model[128];     /* model name */
-    int cpu;             /* CPU ranks */
+    const char *weights;       /* safetensors path */
+    const char *weight;        /* tensor name of W */
+    const char *bias;          /* tensor name of b */
+    int bias_explicit;         /* --bias given: the tensor must exist */
+    char model[128];           /* model name */
+    int cpu;                   /* CPU ranks; 0 with --gpus */
+    int gpus[CONFIG_MAX_GPUS]; /* --gpus: the device of each rank, in rank order */
+    int ngpus;                 /* GPU ranks; 0 for the cpu backend */
+    int gather_nccl;           /* GPUs: all-gather with NCCL (1) or through the host (0) */
+    int dtype;                 /* enum tp_dtype the GEMM multiplies in: TP_F32, TP_F16, TP_BF16 */
+    int tf32;                  /* FP32 GEMMs may use TF32 tensor cores */
     const char *listen[CONFIG_MAX_LISTEN];
     int nlisten;
     uint32_t max_batch; /* rows per request */

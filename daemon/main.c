@@ -23,6 +23,7 @@
 #include "metrics.h"
 #include "model.h"
 #include "notify.h"
+#include "ncclid.h"
 #include "proc.h"
 #include "rpc.h"
 #include "safetensors.h"
@@ -72,14 +73,14 @@ static int describe_model(const struct config *c, struct model *m, const char **
                         .out = w->shape[0],
                         .wdtype = w->dtype,
                         .has_bias = b != NULL,
-                        .ranks = c->cpu,
-                        .backend = "cpu",
+                        .ranks = c->ngpus ? c->ngpus : c->cpu,
+                        .backend = c->ngpus ? "cuda" : "cpu",
                         .max_batch = c->max_batch};
     snprintf(m->name, sizeof(m->name), "%s", c->model);
     *bias = b ? c->bias : NULL;
-    if (m->out % c->cpu != 0) {
-        tp_log(TP_LOG_ERR, "out %lld is not divisible by %d ranks (--cpu %d)", (long long)m->out,
-               c->cpu, c->cpu);
+    if (m->out % m->ranks != 0) {
+        tp_log(TP_LOG_ERR, "out %lld is not divisible by %d ranks (%s %d)", (long long)m->out,
+               m->ranks, c->ngpus ? "--gpus lists" : "--cpu", m->ranks);
         status = EX_USAGE;
         goto out;
     }
@@ -220,6 +221,11 @@ int main(int argc, char **argv)
     case CONFIG_BAD_FILE: return EX_CONFIG;
     }
     tp_log_level = (enum tp_log_level)c.log_level;
+    if (c.ngpus && c.gather_nccl && !ncclid_available()) {
+        tp_log(TP_LOG_ERR, "--gather nccl (the default with --gpus) needs NCCL, and this tpd was "
+                           "built without it: use --gather host");
+        return EX_USAGE;
+    }
     if (c.config)
         tp_log(TP_LOG_NOTICE, "read configuration file %s", c.config);
     notify_status("starting: reading %s", c.weights);
@@ -237,7 +243,8 @@ int main(int argc, char **argv)
         proc_self_dir(worker, sizeof(worker));
         strncat(worker, "tpd-worker", sizeof(worker) - strlen(worker) - 1);
     }
-    threads = online_cpus() / c.cpu;
+    /* GPU workers need no BLAS threads */
+    threads = c.ngpus ? 1 : online_cpus() / c.cpu;
     if (threads < 1)
         threads = 1;
 
@@ -258,12 +265,21 @@ int main(int argc, char **argv)
         goto fail;
     if (sched_create(&sched, &arena, c.max_queue, &err) < 0)
         goto fail;
-    tp_log(TP_LOG_NOTICE,
-           "model '%s': in %lld, out %lld, %s weights%s; %d cpu ranks of %lld rows, %d BLAS "
-           "threads each; %u slots of %u rows",
-           m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
-           m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
-           c.slots, c.max_batch);
+    if (c.ngpus)
+        tp_log(TP_LOG_NOTICE,
+               "model '%s': in %lld, out %lld, %s weights%s; %d GPU ranks of %lld rows, %s GEMM%s, "
+               "gather %s; %u slots of %u rows",
+               m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
+               m.has_bias ? " with bias" : ", no bias", m.ranks, (long long)(m.out / m.ranks),
+               tp_dtype_wire_name((enum tp_dtype)c.dtype), c.tf32 ? " (TF32)" : "",
+               c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch);
+    else
+        tp_log(TP_LOG_NOTICE,
+               "model '%s': in %lld, out %lld, %s weights%s; %d cpu ranks of %lld rows, %d BLAS "
+               "threads each; %u slots of %u rows",
+               m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
+               m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
+               c.slots, c.max_batch);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
         goto fail;
@@ -289,8 +305,14 @@ int main(int argc, char **argv)
                                        .weights = c.weights,
                                        .weight = c.weight,
                                        .bias = bias,
-                                       .backend = "cpu",
-                                       .nranks = c.cpu,
+                                       .backend = m.backend,
+                                       .nranks = m.ranks,
+                                       .devices = c.ngpus ? c.gpus : NULL,
+                                       .gather_nccl = c.gather_nccl,
+                                       .dtype = c.dtype == TP_BF16  ? "bf16"
+                                                : c.dtype == TP_F16 ? "fp16"
+                                                                    : "fp32",
+                                       .tf32 = c.tf32,
                                        .threads = threads,
                                        .slots = c.slots,
                                        .max_batch = c.max_batch,
@@ -299,6 +321,9 @@ int main(int argc, char **argv)
                                        .log_level = level_names[c.log_level]},
                   sched_on_done, sched_on_state, sched, &err) < 0) {
         tp_err_prefix(&err, "starting workers: ");
+        /* gRPC core aborts when a bound server that never started is destroyed: leave it to
+         * the exit, so that a worker's start error ends in exit status 1, not SIGABRT. */
+        rpc = NULL;
         goto fail_grpc;
     }
     sched_attach(sched, sup);

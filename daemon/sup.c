@@ -21,6 +21,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "notify.h"
+#include "ncclid.h"
 #include "proc.h"
 
 #define MAX_BACKOFF_MS 30000
@@ -54,10 +55,11 @@ struct sup {
     int stopping;
     struct tp_err fail; /* why the group failed before its first READY */
     int backoff_ms;
-    int64_t restart_at_ms; /* CLOCK_MONOTONIC, when state is G_DOWN */
-    struct worker *w;      /* nranks */
-    struct job *jobs;      /* slots */
-    struct pollfd *pfd;    /* wake fd + nranks control sockets, for the thread */
+    int64_t restart_at_ms;              /* CLOCK_MONOTONIC, when state is G_DOWN */
+    struct worker *w;                   /* nranks */
+    struct job *jobs;                   /* slots */
+    struct pollfd *pfd;                 /* wake fd + nranks control sockets, for the thread */
+    uint8_t nccl_id[CTL_NCCL_ID_BYTES]; /* of the group being started, with gather_nccl */
 };
 
 static int64_t now_ms(void)
@@ -83,7 +85,8 @@ static void describe_exit(char *buf, size_t len, int status)
 static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
 {
     char a_rank[16], a_ranks[16], a_slots[16], a_batch[16], a_threads[16], env_threads[48];
-    char *argv[32];
+    char a_device[16];
+    char *argv[40];
     char *env[2] = {env_threads, NULL};
     int sv[2], n = 0, fds[2];
     pid_t pid;
@@ -108,6 +111,14 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
     argv[n++] = "--threads", argv[n++] = a_threads;
     argv[n++] = "--backend", argv[n++] = (char *)s->c.backend;
     argv[n++] = "--log-level", argv[n++] = (char *)s->c.log_level;
+    if (s->c.devices) {
+        snprintf(a_device, sizeof(a_device), "%d", s->c.devices[rank]);
+        argv[n++] = "--device", argv[n++] = a_device;
+        argv[n++] = "--gather", argv[n++] = s->c.gather_nccl ? "nccl" : "host";
+        argv[n++] = "--dtype", argv[n++] = (char *)(s->c.dtype ? s->c.dtype : "fp32");
+        if (s->c.tf32)
+            argv[n++] = "--tf32";
+    }
     argv[n] = NULL;
     fds[0] = sv[1];
     fds[1] = s->c.arena_fd;
@@ -119,6 +130,16 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
     close(sv[1]);
     s->w[rank] = (struct worker){.pid = pid, .fd = sv[0]};
     tp_log(TP_LOG_NOTICE, "started worker rank %d pid %d", rank, (int)pid);
+    if (s->c.devices && s->c.gather_nccl) {
+        /* a fresh socket's buffer takes one message without blocking */
+        struct ctl_msg m = {.type = CTL_INIT, .rank = (uint32_t)rank};
+
+        memcpy(m.nccl_id, s->nccl_id, sizeof(m.nccl_id));
+        if (ctl_send(sv[0], &m, err) < 0) {
+            tp_err_prefix(err, "sending the NCCL id to rank %d: ", rank);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -171,6 +192,10 @@ static int start_group(struct sup *s, struct tp_err *err)
 {
     s->state = G_STARTING;
     notify_status("loading shards: starting %d workers", s->c.nranks);
+    if (s->c.devices && s->c.gather_nccl && ncclid_make(s->nccl_id, err) < 0) {
+        tp_err_prefix(err, "making the NCCL id: ");
+        return -1;
+    }
     for (int r = 0; r < s->c.nranks; r++) {
         if (s->first_ready)
             metrics_worker_restart(r);
@@ -214,6 +239,7 @@ static void group_down(struct sup *s, int dead, const char *cause)
         s->state_cb(s->ctx, 0);
     for (uint32_t slot = 0; slot < s->c.slots; slot++) {
         uint64_t id;
+        struct tp_err why;
 
         pthread_mutex_lock(&s->lock);
         id = s->jobs[slot].id;
@@ -222,8 +248,11 @@ static void group_down(struct sup *s, int dead, const char *cause)
             continue;
         }
         s->jobs[slot].pending = 0;
+        /* a rank that reported its own failure (a device or NCCL error) before the group went
+         * down says more than the group's death does */
+        why = s->jobs[slot].err.code != TP_OK ? s->jobs[slot].err : e;
         pthread_mutex_unlock(&s->lock);
-        s->done(s->ctx, slot, id, &e);
+        s->done(s->ctx, slot, id, &why);
     }
     pthread_mutex_lock(&s->lock);
 }
@@ -404,6 +433,9 @@ int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struc
     }
     s->jobs[slot] = (struct job){.id = id, .pending = s->c.nranks};
     metrics_job_start(slot, rows);
+    /* Sent to every rank under the lock, so every rank sees the jobs in the same order: with the
+     * NCCL gather each job is a collective, and ranks that issued them in different orders would
+     * pair up the wrong all-gathers and hang. */
     for (int r = 0; r < s->c.nranks; r++) {
         struct tp_err e = {0};
 

@@ -3,7 +3,8 @@
  * DONE messages on its own thread. A worker that dies takes the whole group down (a collective
  * communicator cannot survive a lost member): every job in flight fails with TP_EUNAVAIL, the
  * other workers are killed, and the group is started again after a backoff that doubles up to
- * 30 s and resets once a group is ready. */
+ * 30 s and resets once a group is ready. With the NCCL gather every group start gets a new unique
+ * id (ncclid.h), sent to each worker in an INIT message right after it is spawned. */
 #ifndef TPD_SUP_H
 #define TPD_SUP_H
 
@@ -18,13 +19,17 @@ struct sup_config {
     const char *weights; /* safetensors path */
     const char *weight;  /* tensor names */
     const char *bias;    /* NULL: no bias */
-    const char *backend; /* "cpu" */
+    const char *backend; /* "cpu" or "cuda" */
     int nranks;
     int threads; /* BLAS threads per rank */
     uint32_t slots, max_batch;
     int arena_fd;          /* passed to every worker; stays the caller's */
     int backoff_ms;        /* first restart delay */
     const char *log_level; /* passed to the workers */
+    const int *devices;    /* cuda: the GPU of each rank (nranks entries); NULL for cpu */
+    int gather_nccl;       /* cuda: all-gather with NCCL; a fresh unique id per group start */
+    const char *dtype;     /* cuda: "fp32", "fp16" or "bf16"; NULL for cpu */
+    int tf32;              /* cuda: FP32 GEMMs may use TF32 */
 };
 
 /* Called on the supervisor's thread, with no lock held, when every rank has finished job id on

@@ -3,6 +3,9 @@
  * datagram; the activations themselves travel through the shared-memory arena (shm.h).
  * EOF on the socket is how either side learns that the other is gone.
  *
+ *   coordinator -> worker  INIT   right after the start of a GPU worker that gathers with NCCL:
+ *                                 the communicator's unique id (the coordinator made it and
+ *                                 hosts its bootstrap root)
  *   worker -> coordinator  READY  once its shard is loaded (status, error text on failure)
  *   coordinator -> worker  JOB    compute rows of a slot: id, slot, rows
  *   worker -> coordinator  DONE   id, slot, status and error text
@@ -16,28 +19,31 @@
 #include "err.h"
 
 #define CTL_MAGIC 0x74706431u /* "tpd1" */
-#define CTL_VERSION 1
+#define CTL_VERSION 2
+#define CTL_NCCL_ID_BYTES 128 /* NCCL_UNIQUE_ID_BYTES */
 
 enum ctl_type {
     CTL_READY = 1,
     CTL_JOB = 2,
     CTL_DONE = 3,
+    CTL_INIT = 4,
 };
 
 struct ctl_msg {
-    uint32_t magic;   /* CTL_MAGIC */
-    uint16_t version; /* CTL_VERSION */
-    uint16_t type;    /* enum ctl_type */
-    uint64_t id;      /* job id, echoed by DONE */
-    uint32_t slot;    /* arena slot */
-    uint32_t rows;    /* rows of the slot's input to compute */
-    int32_t status;   /* enum tp_code; TP_OK on success */
-    uint32_t rank;    /* sender's rank (READY, DONE) */
-    uint64_t bytes;   /* READY: bytes of weights and bias read from the file */
-    char text[256];   /* NUL-terminated error message when status != TP_OK */
+    uint32_t magic;                     /* CTL_MAGIC */
+    uint16_t version;                   /* CTL_VERSION */
+    uint16_t type;                      /* enum ctl_type */
+    uint64_t id;                        /* job id, echoed by DONE */
+    uint32_t slot;                      /* arena slot */
+    uint32_t rows;                      /* rows of the slot's input to compute */
+    int32_t status;                     /* enum tp_code; TP_OK on success */
+    uint32_t rank;                      /* sender's rank (READY, DONE) */
+    uint64_t bytes;                     /* READY: bytes of weights and bias read from the file */
+    char text[256];                     /* NUL-terminated error message when status != TP_OK */
+    uint8_t nccl_id[CTL_NCCL_ID_BYTES]; /* INIT: ncclUniqueId, opaque bytes */
 };
 
-_Static_assert(sizeof(struct ctl_msg) == 296, "ctl_msg is a wire format");
+_Static_assert(sizeof(struct ctl_msg) == 424, "ctl_msg is a wire format");
 
 /* Sends one message (fills magic and version). EINTR is retried. Fails with TP_EUNAVAIL when the
  * peer is gone (EPIPE, ECONNRESET), TP_ESYS otherwise. Never raises SIGPIPE. */
@@ -47,7 +53,8 @@ int ctl_send(int fd, struct ctl_msg *m, struct tp_err *err);
 int ctl_recv(int fd, struct ctl_msg *m, struct tp_err *err);
 
 /* Checks a message that came from outside this process: magic, version, known type, a
- * NUL-terminated text, slot < nslots and 1 <= rows <= max_batch for JOB. Returns -1 with a
+ * NUL-terminated text, slot < nslots and 1 <= rows <= max_batch for JOB (READY and INIT carry
+ * no slot). Returns -1 with a
  * message naming the bad field. Exposed for tests and fuzzing. */
 int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, struct tp_err *err);
 

@@ -3,7 +3,12 @@
 
 #include <string.h>
 
-static const struct backend_ops *const backends[] = {&backend_cpu};
+static const struct backend_ops *const backends[] = {
+    &backend_cpu,
+#ifdef TP_HAVE_CUDA
+    &backend_cuda,
+#endif
+};
 
 const struct backend_ops *backend_find(const char *name)
 {

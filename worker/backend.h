@@ -1,7 +1,9 @@
 /* backend.h -- the compute interface of a worker. A backend owns one rank's shard on its device
  * and computes y[:, row0:row0+rows] = x · W_shardᵀ + b_shard for a slot of the shared arena,
  * writing its columns straight into the slot's [batch, out] output (the CPU analog of the
- * all-gather). A backend is chosen by name at start; each has a table of the operations below. */
+ * all-gather), or, for the cuda backend with NCCL, all-gathering the shards on the devices.
+ * A backend is chosen by name at start ("cpu", "cuda"); each has a table of the operations
+ * below. */
 #ifndef TP_BACKEND_H
 #define TP_BACKEND_H
 
@@ -12,12 +14,28 @@
 
 struct backend;
 
+#include <stddef.h>
+
+#include "ctl.h"
+#include "tensor.h"
+
+enum backend_gather {
+    BACKEND_GATHER_HOST, /* each rank writes its own columns of the shared output */
+    BACKEND_GATHER_NCCL, /* all-gather across ranks, then rank 0 writes the whole output */
+};
+
 struct backend_config {
     int rank;
     int nranks;
-    uint32_t max_batch; /* most rows of one forward */
-    int threads;        /* compute threads this rank may use */
-    int device;         /* device index for GPU backends, -1 for none */
+    uint32_t max_batch;         /* most rows of one forward */
+    int threads;                /* compute threads this rank may use */
+    int device;                 /* device index for GPU backends, -1 for none */
+    enum backend_gather gather; /* the cpu backend always gathers through the host */
+    enum tp_dtype dtype;        /* what the GEMM multiplies: TP_F32, TP_F16 or TP_BF16 */
+    int tf32;                   /* let FP32 GEMMs use TF32 tensor cores */
+    const uint8_t *nccl_id;     /* CTL_NCCL_ID_BYTES from the coordinator, with GATHER_NCCL */
+    void *arena;                /* the shared arena's mapping, to pin once */
+    size_t arena_size;          /* bytes */
 };
 
 typedef int (*backend_create_fn)(struct backend **b, const struct backend_config *c,
@@ -28,9 +46,15 @@ typedef void (*backend_destroy_fn)(struct backend *b);
 
 struct backend_ops {
     const char *name;
+    /* Optional (NULL: nothing to check); when present, called once before create. Checks the
+     * device before the shard is read, so that a missing GPU fails at once, not after loading
+     * gigabytes of weights. */
+    int (*probe)(const struct backend_config *c, struct tp_err *err);
     /* Takes over the shard's buffers (s is left empty on success). */
     backend_create_fn create;
-    /* x: [rows, in] float32; y: [rows, out] float32 of which this rank writes its columns. */
+    /* x: [rows, in] float32; y: [rows, out] float32 of which this rank writes its columns (with
+     * BACKEND_GATHER_NCCL rank 0 writes all of them). A failure with TP_EDEVICE or TP_EUNAVAIL
+     * leaves the backend unusable: the worker reports it and exits, and the group is rebuilt. */
     backend_forward_fn forward;
     /* Takes NULL. */
     backend_destroy_fn destroy;
@@ -40,5 +64,8 @@ struct backend_ops {
 const struct backend_ops *backend_find(const char *name);
 
 extern const struct backend_ops backend_cpu;
+#ifdef TP_HAVE_CUDA
+extern const struct backend_ops backend_cuda;
+#endif
 
 #endif

@@ -2,13 +2,17 @@
  * never by hand: fd 3 is its control socket (ctl.h) and fd 4 the shared-memory arena (shm.h).
  * It loads only its own rows of W, reports READY, then computes one JOB at a time until the
  * coordinator closes the socket, and exits. A load failure is reported in the READY message, so
- * the coordinator can say why the worker failed, and the worker exits 1. */
+ * the coordinator can say why the worker failed, and the worker exits 1. With --gather nccl the
+ * first message it reads is INIT, which carries the NCCL unique id. A device or communicator
+ * failure during a job is reported in its DONE message, and then the worker exits 1: the device
+ * state is unknown, and the supervisor rebuilds the whole group. */
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -22,19 +26,23 @@
 #define ARENA_FD 4
 
 struct worker_args {
-    int rank, nranks, threads, device;
+    int rank, nranks, threads, device, tf32;
     uint32_t slots, max_batch;
+    enum backend_gather gather;
+    enum tp_dtype dtype;
     const char *weights, *weight, *bias, *backend;
 };
 
 static void usage(void)
 {
-    fprintf(stderr,
-            "usage: tpd-worker --rank R --ranks N --weights PATH --weight NAME [--bias NAME]\n"
-            "                  --slots S --max-batch B [--threads T] [--backend cpu]\n"
-            "                  [--log-level LEVEL]\n"
-            "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
-            "shared-memory arena on fd 4; it is not meant to be run by hand.\n");
+    fprintf(
+        stderr,
+        "usage: tpd-worker --rank R --ranks N --weights PATH --weight NAME [--bias NAME]\n"
+        "                  --slots S --max-batch B [--threads T] [--backend cpu|cuda]\n"
+        "                  [--device D] [--gather host|nccl] [--dtype fp32|fp16|bf16] [--tf32]\n"
+        "                  [--log-level LEVEL]\n"
+        "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
+        "shared-memory arena on fd 4; it is not meant to be run by hand.\n");
 }
 
 static int parse_int(const char *s, long lo, long hi, long *v)
@@ -58,13 +66,21 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
                                          {"threads", required_argument, NULL, 't'},
                                          {"backend", required_argument, NULL, 'k'},
                                          {"device", required_argument, NULL, 'd'},
+                                         {"gather", required_argument, NULL, 'g'},
+                                         {"dtype", required_argument, NULL, 'y'},
+                                         {"tf32", no_argument, NULL, 'T'},
                                          {"log-level", required_argument, NULL, 'l'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
     long v;
     int c;
 
-    *a = (struct worker_args){.rank = -1, .threads = 1, .device = -1, .backend = "cpu"};
+    *a = (struct worker_args){.rank = -1,
+                              .threads = 1,
+                              .device = -1,
+                              .backend = "cpu",
+                              .gather = BACKEND_GATHER_HOST,
+                              .dtype = TP_F32};
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
         case 'r':
@@ -101,6 +117,23 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
                 return -1;
             a->device = (int)v;
             break;
+        case 'g':
+            if (strcmp(optarg, "nccl") == 0)
+                a->gather = BACKEND_GATHER_NCCL;
+            else if (strcmp(optarg, "host") == 0)
+                a->gather = BACKEND_GATHER_HOST;
+            else
+                return -1;
+            break;
+        case 'y':
+            a->dtype = strcasecmp(optarg, "fp32") == 0   ? TP_F32
+                       : strcasecmp(optarg, "fp16") == 0 ? TP_F16
+                       : strcasecmp(optarg, "bf16") == 0 ? TP_BF16
+                                                         : TP_DTYPE_INVALID;
+            if (a->dtype == TP_DTYPE_INVALID)
+                return -1;
+            break;
+        case 'T': a->tf32 = 1; break;
         case 'l':
             if (tp_log_parse_level(optarg) < 0)
                 return -1;
@@ -128,6 +161,22 @@ static void send_ready(const struct worker_args *a, const struct tp_err *failed,
         tp_log(TP_LOG_ERR, "reporting readiness: %s", err.msg);
 }
 
+/* Reads the INIT message that carries the NCCL unique id. */
+static int recv_init(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
+{
+    struct ctl_msg m;
+    int r = ctl_recv(CTL_FD, &m, err);
+
+    if (r == 0)
+        return tp_err_set(err, TP_EUNAVAIL, "control socket closed before the NCCL id came");
+    if (r < 0 || ctl_validate(&m, 1, 1, err) < 0)
+        return -1;
+    if (m.type != CTL_INIT)
+        return tp_err_set(err, TP_EINTERNAL, "expected the INIT message, got type %u", m.type);
+    memcpy(id, m.nccl_id, CTL_NCCL_ID_BYTES);
+    return 0;
+}
+
 /* Serves jobs until the coordinator closes the socket. Returns the exit status. */
 static int serve(const struct worker_args *a, const struct backend_ops *ops, struct backend *be,
                  const struct shm_arena *arena)
@@ -135,7 +184,7 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
     struct ctl_msg m, done;
     struct tp_err err;
     double t0;
-    int r;
+    int r, fatal = 0;
 
     for (;;) {
         err = (struct tp_err){0};
@@ -161,12 +210,17 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
             done.status = err.code ? err.code : TP_EINTERNAL;
             snprintf(done.text, sizeof(done.text), "%s", err.msg);
             tp_log(TP_LOG_ERR, "job %llu: %s", (unsigned long long)m.id, err.msg);
+            fatal = err.code == TP_EDEVICE || err.code == TP_EUNAVAIL;
         }
         tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m.id, m.rows,
                (timing_now_s() - t0) * 1e3);
         err = (struct tp_err){0};
         if (ctl_send(CTL_FD, &done, &err) < 0) {
             tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
+            return 1;
+        }
+        if (fatal) {
+            tp_log(TP_LOG_ERR, "the backend cannot continue; exiting so that the group restarts");
             return 1;
         }
     }
@@ -178,9 +232,11 @@ int main(int argc, char **argv)
     struct shard s = {0};
     struct shm_arena arena = {.fd = -1};
     struct backend *be = NULL;
+    struct backend_config bc;
     const struct backend_ops *ops;
     struct tp_err err = {0};
     char prefix[32];
+    uint8_t nccl_id[CTL_NCCL_ID_BYTES];
     uint64_t bytes;
     int status = 1;
 
@@ -193,7 +249,27 @@ int main(int argc, char **argv)
     tp_log_init("tpd-worker", prefix);
     ops = backend_find(a.backend);
     if (!ops) {
-        tp_err_set(&err, TP_EINVAL, "backend '%s' is not built into this worker", a.backend);
+        if (strcmp(a.backend, "cuda") == 0)
+            tp_err_set(&err, TP_EINVAL,
+                       "this tpd-worker has no cuda backend: it was built without the CUDA "
+                       "toolkit and NCCL");
+        else
+            tp_err_set(&err, TP_EINVAL, "backend '%s' is not built into this worker", a.backend);
+        goto fail;
+    }
+    bc = (struct backend_config){.rank = a.rank,
+                                 .nranks = a.nranks,
+                                 .max_batch = a.max_batch,
+                                 .threads = a.threads,
+                                 .device = a.device,
+                                 .gather = a.gather,
+                                 .dtype = a.dtype,
+                                 .tf32 = a.tf32,
+                                 .nccl_id = nccl_id};
+    if (ops->probe && ops->probe(&bc, &err) < 0)
+        goto fail;
+    if (a.gather == BACKEND_GATHER_NCCL && recv_init(nccl_id, &err) < 0) {
+        tp_err_prefix(&err, "receiving the NCCL id: ");
         goto fail;
     }
     if (shard_load(&s, a.weights, a.weight, a.bias, a.rank, a.nranks, &err) < 0)
@@ -212,13 +288,9 @@ int main(int argc, char **argv)
                                               .out = (uint32_t)s.out},
                          &err) < 0)
         goto fail;
-    if (ops->create(&be,
-                    &(struct backend_config){.rank = a.rank,
-                                             .nranks = a.nranks,
-                                             .max_batch = a.max_batch,
-                                             .threads = a.threads,
-                                             .device = a.device},
-                    &s, &err) < 0)
+    bc.arena = arena.base;
+    bc.arena_size = arena.size;
+    if (ops->create(&be, &bc, &s, &err) < 0)
         goto fail;
     send_ready(&a, NULL, bytes);
     status = serve(&a, ops, be, &arena);

@@ -12,6 +12,7 @@
 
 import os
 import re
+import subprocess
 import sys
 import unittest
 
@@ -26,6 +27,9 @@ EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
                        "tpd.conf.example")
 EX_CONFIG = 78
 KEY_LINE_RE = re.compile(r"^#?\s*([a-z][a-z0-9-]*)\s*=\s*(.*?)\s*$")
+
+
+GPU_KEYS = ("gpus", "gather", "dtype", "tf32")
 
 
 def example_keys():
@@ -103,6 +107,23 @@ class TestConfig(TpdTestCase):
         self.assertIsNone(tpdtest.METRICS_RE.search(d.log()), "metrics-listen = off ignored")
         d.stop()
 
+    def check_gpu_keys(self, gpu_lines):
+        """The example's GPU keys are accepted: tpd gets past the configuration (no exit 64 or
+        78) and either serves (a host with the GPUs) or fails to find a usable GPU (exit 1)."""
+        conf = self.write("gpu.conf", "weights = %s\n" % self.wpath + "".join(gpu_lines))
+        p = subprocess.Popen([tpdtest.TPD, "--config", conf, "--listen",
+                              "unix:" + self.path("gpu.sock"), "--metrics-listen", "127.0.0.1:0"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            _, err = p.communicate(timeout=30)
+            self.assertIn("ready", err, "tpd with the example's GPU keys neither failed nor served")
+            return
+        self.assertEqual(p.returncode, 1, "GPU keys of the example: " + err)
+        self.assertRegex(err, r"GPU", "GPU keys of the example: " + err)
+
     def test_example_accepts_every_key_and_documents_every_flag(self):
         keys = example_keys()
         flags = [f for f in help_flags() if f not in ("help", "version", "config")]
@@ -110,9 +131,14 @@ class TestConfig(TpdTestCase):
         self.assertEqual(missing, [], "flags of tpd --help not documented in %s" % EXAMPLE)
         unknown = [k for k in keys if k not in flags]
         self.assertEqual(unknown, [], "keys of the example that tpd --help does not list")
-        # every key, commented out or not, uncommented
+        # every key, commented out or not, uncommented; the GPU keys separately (below), since
+        # they replace the cpu ranks and this host may have no GPU
         with open(EXAMPLE) as f:
-            text = "".join(re.sub(r"^#\s*(?=[a-z][a-z0-9-]*\s*=)", "", line) for line in f)
+            lines = [re.sub(r"^#\s*(?=[a-z][a-z0-9-]*\s*=)", "", line) for line in f]
+        gpu_lines = [l for l in lines if l.split("=")[0].strip() in GPU_KEYS]
+        text = "".join(l for l in lines if l not in gpu_lines)
+        self.assertEqual(len(gpu_lines), len(GPU_KEYS), "GPU keys of the example")
+        self.check_gpu_keys(gpu_lines)
         conf = self.write("example.conf", text)
         real_worker = os.path.join(os.path.dirname(os.path.abspath(tpdtest.TPD)), "tpd-worker")
         # the example's paths and addresses are a production host's: flags override them

@@ -80,10 +80,49 @@ static void test_validate_rejects(void)
     ASSERT_STR_HAS(err.msg, "text");
 }
 
+/* INIT carries the NCCL unique id: 128 opaque bytes, any value, intact; no slot is checked. */
+static void test_init_carries_id(void)
+{
+    struct ctl_msg m = {.type = CTL_INIT, .slot = 999}, got;
+    struct tp_err err = {0};
+    int sv[2];
+
+    for (int i = 0; i < CTL_NCCL_ID_BYTES; i++)
+        m.nccl_id[i] = (uint8_t)(255 - i);
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv), 0);
+    ASSERT_EQ(ctl_send(sv[0], &m, &err), 0);
+    ASSERT_EQ(ctl_recv(sv[1], &got, &err), 1);
+    ASSERT_EQ(got.type, CTL_INIT);
+    ASSERT_EQ(got.version, 2);
+    ASSERT_EQ(ctl_validate(&got, 4, 8, &err), 0);
+    for (int i = 0; i < CTL_NCCL_ID_BYTES; i++)
+        ASSERT_EQ(got.nccl_id[i], 255 - i);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+/* A version-1 peer sent 296-byte messages: refused by size, never read as version 2. */
+static void test_old_size_refused(void)
+{
+    struct ctl_msg got;
+    struct tp_err err = {0};
+    char old[296] = {0};
+    int sv[2];
+
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv), 0);
+    ASSERT_EQ(send(sv[0], old, sizeof(old), 0), (ssize_t)sizeof(old));
+    ASSERT_EQ(ctl_recv(sv[1], &got, &err), -1);
+    ASSERT_STR_HAS(err.msg, "296 bytes");
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void)
 {
     TEST_RUN(test_round_trip_and_eof);
     TEST_RUN(test_wrong_size);
     TEST_RUN(test_validate_rejects);
+    TEST_RUN(test_init_carries_id);
+    TEST_RUN(test_old_size_refused);
     return 0;
 }

@@ -1,0 +1,19 @@
+/* ncclid.h -- the NCCL unique id of a worker group, made by the coordinator. ncclGetUniqueId
+ * needs no GPU; it also starts the communicator's bootstrap root in this process, so the
+ * coordinator must stay alive while the workers create their communicator (it does: it
+ * supervises them). Without NCCL at build time, tpd refuses --gather nccl. */
+#ifndef TPD_NCCLID_H
+#define TPD_NCCLID_H
+
+#include <stdint.h>
+
+#include "ctl.h"
+#include "err.h"
+
+/* 1 when this tpd was built with NCCL. */
+int ncclid_available(void);
+
+/* Makes a fresh unique id into id (one per group start: a communicator cannot be rejoined). */
+int ncclid_make(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err);
+
+#endif
