@@ -116,7 +116,7 @@ int main(int argc, char **argv)
            (double)n / total, flop * (double)n / total * 1e-9);
     /* the kernel OpenBLAS picked (OPENBLAS_CORETYPE overrides its detection) */
     printf("openblas: %s; core %s\n", openblas_get_config(), openblas_get_corename());
-    printf("gemm-result: rows=%ld in=%ld out=%ld threads=%ld calls=%ld seconds=%.6f rps=%.4f "
+    printf("gemm-result: rows=%ld in=%ld out=%ld threads=%ld calls=%ld seconds=%.9f rps=%.4f "
            "rows_per_s=%.2f gflops=%.6f p50_ms=%.4f p90_ms=%.4f p99_ms=%.4f\n",
            rows, in, out, threads, n, total, (double)n / total, (double)(n * rows) / total,
            flop * (double)n / total * 1e-9, timing_percentile(t, (size_t)n, 0.5) * 1e3,
