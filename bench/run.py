@@ -29,6 +29,7 @@ starts with their values.
 """
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -44,6 +45,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NA = "n/a (not supported by this build)"
+ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+            "GOTO_NUM_THREADS")
 
 FULL_SHAPES = "1x1024x4096,64x4096x4096,512x4096x4096,2048x1024x4096"
 SMOKE_SHAPES = "1x64x96,8x64x96,4x32x48"
@@ -149,8 +152,7 @@ class Harness:
         log("# tpd benchmark, %s UTC" % time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
         log("machine: %d cores (%s), %s, %s" % (self.cores, cpu, platform.platform(),
                                                  "load %.2f %.2f %.2f" % os.getloadavg()))
-        for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
-                    "OMP_NUM_THREADS", "GOTO_NUM_THREADS"):
+        for var in ENV_VARS:
             log("%s=%s" % (var, os.environ.get(var, "(unset)")))
         log(blas)
         log("tpd flags: %s" % (" ".join(self.a.tpd_args) or "(none extra)"))
@@ -531,6 +533,7 @@ def main():
     ap.add_argument("--no-batching", action="store_true", help="leave out the batching case")
     ap.add_argument("--perf-analyzer", help="path of Triton's perf_analyzer (default: on PATH)")
     ap.add_argument("--build", default=os.path.join(ROOT, "build"), help="build directory")
+    ap.add_argument("--json", help="also write every measurement and ratio to this JSON file")
     a = ap.parse_args()
     if a.smoke:
         a.shapes = a.shapes or parse_shapes(SMOKE_SHAPES)
@@ -561,7 +564,15 @@ def main():
             h.run_batching()
         h.summary()
         log("")
-        log("total %.0f s" % (time.monotonic() - t0))
+        log("total %.0f s, load %.2f %.2f %.2f at the end" % ((time.monotonic() - t0,) +
+                                                             os.getloadavg()))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"env": {k: os.environ.get(k) for k in ENV_VARS},
+                           "results": h.results,
+                           "ratios": {c: dict(zip(("tpd_over_sgemm", "shm_over_sgemm",
+                                                   "p50_over_echo_plus_sgemm"), v))
+                                      for c, v in h.ratios.items()}}, f, indent=1)
     except BenchError as e:
         print("run.py: error: %s" % e, file=sys.stderr)
         return 1
