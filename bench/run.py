@@ -297,8 +297,9 @@ class Harness:
                    gflops=r["rps"] * flop * 1e-9, p50_ms=r["p50_ms"], p90_ms=r["p90_ms"],
                    p99_ms=r["p99_ms"])
         self.results.append(row)
-        log("  round %d  %-14s %10.1f req/s %12.0f rows/s %9.2f GFLOP/s   p50 %9.3f  p90 %9.3f"
-            "  p99 %9.3f ms" % (rnd, kind, row["rps"], row["rows_per_s"], row["gflops"],
+        gflops = "%9s" % "-" if kind == "echo" else "%9.2f" % row["gflops"]
+        log("  round %d  %-14s %10.1f req/s %12.0f rows/s %s GFLOP/s   p50 %9.3f  p90 %9.3f"
+            "  p99 %9.3f ms" % (rnd, kind, row["rps"], row["rows_per_s"], gflops,
                                 row["p50_ms"], row["p90_ms"], row["p99_ms"]))
 
     def na(self, case, kind, why):

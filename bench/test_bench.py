@@ -184,5 +184,121 @@ class TestBench(TpdTestCase):
         self.assertIn("## targets", out)
 
 
+class ShmServer:
+    """A KServe v2 server in Python on tritonclient's own generated service code, which decodes
+    `tpclient bench --shm`'s requests independently of our protobuf code: it checks each
+    SystemSharedMemoryRegister against the region it maps by key, checks each ModelInfer's
+    shared-memory parameters, writes the output region (rows of 1.0, or NaN when told to), and
+    records everything for the test to check afterwards."""
+
+    def __init__(self, sock, rows, nan=False):
+        import mmap
+        from concurrent import futures
+
+        import grpc
+        import numpy as np
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc as pbg
+
+        self.regions, self.unregistered, self.calls, self.problems = {}, [], 0, []
+        srv = self
+
+        class Servicer(pbg.GRPCInferenceServiceServicer):
+            def ModelMetadata(self, req, ctx):
+                r = pb.ModelMetadataResponse(name=req.name, platform="python")
+                r.inputs.add(name="input", datatype="FP32", shape=[-1, IN])
+                r.outputs.add(name="output", datatype="FP32", shape=[-1, OUT])
+                return r
+
+            def SystemSharedMemoryRegister(self, req, ctx):
+                try:
+                    fd = os.open("/dev/shm" + req.key, os.O_RDWR)
+                    size = os.fstat(fd).st_size
+                    m = mmap.mmap(fd, size)
+                    os.close(fd)
+                except OSError as e:
+                    srv.problems.append("register %r: %s" % (req, e))
+                    ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                if req.offset != 0 or req.byte_size != size or req.key != "/" + req.name:
+                    srv.problems.append("register %r of a %d-byte region" % (req, size))
+                srv.regions[req.name] = m
+                return pb.SystemSharedMemoryRegisterResponse()
+
+            def SystemSharedMemoryUnregister(self, req, ctx):
+                srv.unregistered.append(req.name)
+                srv.regions.pop(req.name).close()
+                return pb.SystemSharedMemoryUnregisterResponse()
+
+            def ModelInfer(self, req, ctx):
+                srv.calls += 1
+                i, o = req.inputs[0].parameters, req.outputs[0].parameters
+                b = int(req.inputs[0].shape[0])
+                if (len(req.raw_input_contents) or list(req.inputs[0].shape) != [rows, IN] or
+                        i["shared_memory_byte_size"].int64_param != rows * IN * 4 or
+                        o["shared_memory_byte_size"].int64_param != rows * OUT * 4 or
+                        i["shared_memory_region"].string_param not in srv.regions or
+                        o["shared_memory_region"].string_param not in srv.regions):
+                    srv.problems.append("infer %r" % req)
+                    ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
+                out = srv.regions[o["shared_memory_region"].string_param]
+                y = np.full(b * OUT, np.nan if nan else 1.0, dtype=np.float32)
+                out[:y.nbytes] = y.tobytes()
+                r = pb.ModelInferResponse(model_name=req.model_name)
+                r.outputs.add(name="output", datatype="FP32", shape=[b, OUT])
+                r.outputs[0].parameters["shared_memory_region"].string_param = \
+                    o["shared_memory_region"].string_param
+                return r
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pbg.add_GRPCInferenceServiceServicer_to_server(Servicer(), self.server)
+        self.server.add_insecure_port(sock)
+        self.server.start()
+
+    def stop(self):
+        self.server.stop(None)
+
+
+class TestBenchShmProtocol(unittest.TestCase):
+    """`tpclient bench --shm` against ShmServer: the protocol as Triton's own definitions read it."""
+
+    def setUp(self):
+        import tempfile
+        self.tmp = tempfile.mkdtemp(prefix="tpbench-")
+        self.sock = "unix:" + os.path.join(self.tmp, "shm.sock")
+
+    def tearDown(self):
+        import shutil
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def bench(self, rows, nan=False, *args):
+        srv = ShmServer(self.sock, rows, nan)
+        try:
+            return srv, run([os.environ["TPCLIENT"], "--server", self.sock, "bench", "--shm",
+                             "--rows", str(rows), "--model", "m"] + list(args))
+        finally:
+            srv.stop()
+
+    def test_regions_requests_and_cleanup(self):
+        srv, res = self.bench(5, False, "--concurrency", "3", "--iters", "30", "--warmup", "1")
+        self.assertEqual(srv.problems, [])
+        kv = result_line(self, res)
+        self.assertEqual(kv["shm"], "1")
+        self.assertEqual(int(kv["calls"]), 30)
+        self.assertEqual(sum(int(c) for c in kv["per_client"].split(",")), 30)
+        self.assertEqual(srv.calls, 30 + 3 * 2)  # measured + one checked and one warm-up each
+        # two regions per client, each unregistered at the end, and nothing left in /dev/shm
+        self.assertEqual(len(srv.unregistered), 6, srv.unregistered)
+        self.assertEqual(srv.regions, {})
+        self.assertEqual(glob.glob("/dev/shm/tpbench.*"), [])
+
+    def test_output_not_written_is_an_error(self):
+        srv, res = self.bench(2, True, "--iters", "5")
+        self.assertEqual(res.rc, 1, repr(res))
+        self.assertIn("not a finite number", res.err)
+        one_line_error(self, res)
+        self.assertEqual(len(srv.unregistered), 2, srv.unregistered)
+        self.assertEqual(glob.glob("/dev/shm/tpbench.*"), [])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
