@@ -83,7 +83,6 @@ struct client {
     size_t nlat, cap;
     double t_last; /* when its last call ended */
     pthread_t thread;
-    int started;
 };
 
 struct bench {
