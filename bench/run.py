@@ -10,6 +10,8 @@ round, runs back to back:
 
   sgemm   build/bin/gemm_baseline: one in-process cblas_sgemm of the whole shape with N x
           (cores / N) OpenBLAS threads -- the cores tpd's N ranks get, cores / N threads each;
+  sgemm-ranks  (N > 1) gemm_baseline --ranks N: tpd's layout without tpd, N forked processes of
+          cores / N threads, each computing its column block into one shared output;
   echo    tpclient bench against echo_server: the same client, request and response sizes and
           socket, with a server that answers at once without computing (gRPC + protobuf floor);
   tpd     tpclient bench against tpd;
@@ -253,10 +255,10 @@ class Harness:
         cmd += list(extra) + self.a.client_args
         return parse_kv(run(cmd, 300 + 10 * self.a.seconds), "bench-result:")
 
-    def sgemm(self, rows, n_in, n_out, threads):
+    def sgemm(self, rows, n_in, n_out, threads, ranks=1):
         cmd = [self.exe("gemm_baseline"), "--rows", str(rows), "--in", str(n_in), "--out",
-               str(n_out), "--threads", str(threads), "--duration", str(self.a.seconds),
-               "--warmup", str(self.warmup_for(rows, n_in, n_out))]
+               str(n_out), "--threads", str(threads), "--ranks", str(ranks), "--duration",
+               str(self.a.seconds), "--warmup", str(self.warmup_for(rows, n_in, n_out))]
         return parse_kv(run(cmd, 300 + 10 * self.a.seconds), "gemm-result:")
 
     def probe_shm(self, sock, n_in):
@@ -331,13 +333,16 @@ class Harness:
                     case = "%dx%d->%d cpu%d" % (rows, n_in, n_out, cpu)
                     conc = self.a.concurrency or (1 if rows == 1 else 2)
                     flop = 2.0 * rows * n_in * n_out
-                    log("%s: concurrency %d, sgemm with %d threads" % (case, conc, threads))
+                    log("%s: concurrency %d, sgemm with %d threads%s" % (
+                        case, conc, threads, ", sgemm-ranks with %d x %d" % (
+                            cpu, threads // cpu) if cpu > 1 else ""))
                     if not shm:
                         self.na(case, "tpd-shm", NA if not self.client_shm else
                                 "n/a (this tpd does not implement system shared memory)")
                     if not self.perf_analyzer:
                         self.na(case, "perf_analyzer", "n/a (%s)" % self.perf_analyzer_why)
-                    kinds = ["sgemm", "echo", "tpd"] + (["tpd-shm"] if shm else []) + \
+                    kinds = ["sgemm"] + (["sgemm-ranks"] if cpu > 1 else []) + \
+                        ["echo", "tpd"] + (["tpd-shm"] if shm else []) + \
                         (["perf_analyzer"] if self.perf_analyzer else [])
                     for rnd in range(1, self.a.rounds + 1):
                         # rotate the order, so that no kind always runs after the same one
@@ -345,6 +350,8 @@ class Harness:
                         for kind in kinds[k:] + kinds[:k]:
                             if kind == "sgemm":
                                 r = self.sgemm(rows, n_in, n_out, threads)
+                            elif kind == "sgemm-ranks":
+                                r = self.sgemm(rows, n_in, n_out, threads // cpu, cpu)
                             elif kind == "echo":
                                 r = self.bench(echo[(rows, n_in, n_out)], rows, n_in, n_out, conc)
                             elif kind == "tpd":
@@ -423,7 +430,8 @@ class Harness:
             for r in self.results:
                 if r["case"] == case and r["kind"] not in kinds:
                     kinds.append(r["kind"])
-            order = ["sgemm", "echo", "tpd", "tpd-shm", "perf_analyzer", "batch-off"]
+            order = ["sgemm", "sgemm-ranks", "echo", "tpd", "tpd-shm", "perf_analyzer",
+                     "batch-off"]
             kinds.sort(key=lambda k: order.index(k) if k in order else len(order))
             for kind in kinds:
                 na = [r["na"] for r in self.results
@@ -441,8 +449,8 @@ class Harness:
         log("")
         log("## ratios (median of the per-round ratios)")
         log("| case | tpd / sgemm throughput | tpd-shm / sgemm throughput | "
-            "tpd p50 / (echo p50 + sgemm p50) |")
-        log("| --- | ---: | ---: | ---: |")
+            "tpd p50 / (echo p50 + sgemm p50) | tpd / sgemm-ranks throughput |")
+        log("| --- | ---: | ---: | ---: | ---: |")
         self.ratios = {}
         for case in cases:
             if case.startswith("batching"):
@@ -454,14 +462,17 @@ class Harness:
             lat = self.ratio(case, "tpd", lambda r, s: r["p50_ms"] / (
                 s["echo"]["p50_ms"] + s["sgemm"]["p50_ms"]) if "echo" in s and "sgemm" in s
                 else None)
-            self.ratios[case] = (thr, shm, lat)
+            ranks = self.ratio(case, "tpd", lambda r, s: r["rps"] / s["sgemm-ranks"]["rps"]
+                               if "sgemm-ranks" in s else None)
+            self.ratios[case] = (thr, shm, lat, ranks)
             shm_na = [r["na"] for r in self.results
                       if r["case"] == case and r["kind"] == "tpd-shm" and "na" in r]
-            log("| %s | %s | %s | %s |" % (case, fmt(thr), fmt(shm, shm_na[0] if shm_na
-                                                                else "n/a"), fmt(lat)))
+            log("| %s | %s | %s | %s | %s |" % (
+                case, fmt(thr), fmt(shm, shm_na[0] if shm_na else "n/a"), fmt(lat),
+                fmt(ranks, "- (1 rank: same as sgemm)")))
         log("")
         log("## targets")
-        for case, (thr, shm, lat) in self.ratios.items():
+        for case, (thr, shm, lat, _) in self.ratios.items():
             if case.startswith("2048x1024->4096"):
                 log(target("%s: tpd-shm / sgemm throughput" % case, shm, ">=", 0.9))
                 log(target("%s: tpd / sgemm throughput" % case, thr, ">=", 0.6))
@@ -572,7 +583,8 @@ def main():
                 json.dump({"env": {k: os.environ.get(k) for k in ENV_VARS},
                            "results": h.results,
                            "ratios": {c: dict(zip(("tpd_over_sgemm", "shm_over_sgemm",
-                                                   "p50_over_echo_plus_sgemm"), v))
+                                                   "p50_over_echo_plus_sgemm",
+                                                   "tpd_over_sgemm_ranks"), v))
                                       for c, v in h.ratios.items()}}, f, indent=1)
     except BenchError as e:
         print("run.py: error: %s" % e, file=sys.stderr)

@@ -166,8 +166,15 @@ class TestBench(TpdTestCase):
         self.assertAlmostEqual(float(kv["rps"]), 20 / float(kv["seconds"]),
                                delta=float(kv["rps"]) * 1e-3)
         self.assertRegex(res.out, r"openblas: .*core \w+")
-        res = run([GEMM_BASELINE, "--rows", "0"])
-        self.assertEqual(res.rc, 64, repr(res))
+        # tpd's layout: 3 processes of a 32-column block each, checked against one GEMM inside
+        res = run([GEMM_BASELINE, "--rows", "5", "--in", str(IN), "--out", str(OUT), "--iters",
+                   "10", "--ranks", "3"])
+        kv = result_line(self, res, "gemm-result:")
+        self.assertEqual((int(kv["ranks"]), int(kv["calls"])), (3, 10))
+        for bad in (["--rows", "0"], ["--ranks", "5", "--out", "96"], ["--iters", "1", "--duration",
+                                                                       "1"]):
+            res = run([GEMM_BASELINE] + bad)
+            self.assertEqual(res.rc, 64, repr(res))
 
     def test_harness_smoke(self):
         res = run([sys.executable, os.path.join(HERE, "run.py"), "--smoke", "--build", BUILD_DIR],
@@ -176,9 +183,10 @@ class TestBench(TpdTestCase):
         out = res.out
         self.assertRegex(out, r"OPENBLAS_CORETYPE=")
         table = [ln for ln in out.splitlines() if ln.startswith("| ") and " cpu" in ln]
-        measured = [ln for ln in table if re.search(r"\| (sgemm|echo|tpd|batch-off) \| [0-9]", ln)]
-        # 3 shapes x 2 cpu configs x (sgemm, echo, tpd) and the batching case's 'off' side
-        self.assertEqual(len(measured), 3 * 2 * 3 + 1, out)
+        measured = [ln for ln in table
+                    if re.search(r"\| (sgemm|sgemm-ranks|echo|tpd|batch-off) \| [0-9]", ln)]
+        # 3 shapes x (sgemm, echo, tpd; and sgemm-ranks on --cpu 2) and the batching case's 'off'
+        self.assertEqual(len(measured), 3 * 3 + 3 * 4 + 1, out)
         ratios = [ln for ln in table if re.match(r"\| \d+x\d+->\d+ cpu\d \| [0-9.]+ \|", ln)]
         self.assertEqual(len(ratios), 6, out)
         self.assertIn("## targets", out)
