@@ -200,7 +200,7 @@ sock="unix:$work/tpd.sock"
 for cfg in "${configs[@]}"; do
     read -r mode gpus <<<"$cfg"
     [ "$(left)" -gt 30 ] || { echo "gpu-check: out of time, skipping $cfg"; status=1; continue; }
-    "$bin/tpd" --listen "$sock" --weights "$work/layer.safetensors" --gpus "$gpus" \
+    "$bin/tpd" --listen "$sock" --metrics-listen 127.0.0.1:0 --weights "$work/layer.safetensors" --gpus "$gpus" \
         --gather "$mode" --max-batch 1024 --log-level warn 2>"$work/tpd.log" &
     tp_pid=$!
     ready=0

@@ -1,86 +1,833 @@
-/* cmd_bench.c -- `tpclient bench`: closed-loop ModelInfer calls of random rows, one at a time,
- * for a number of iterations after a warm-up; prints latency percentiles and throughput. The
- * input and output buffers are allocated once and reused, so the client measures the server and
- * the transport, not its own page faults. */
+/* cmd_bench.c -- `tpclient bench`: a closed-loop load generator for ModelInfer. C threads each
+ * keep one call in flight, for a fixed time (--duration) or until N calls are done in all
+ * (--iters), after a warm-up; then it prints latency percentiles and throughput, for people and
+ * as one machine-readable `bench-result:` line (docs/performance.md lists its keys).
+ *
+ * Each thread has its own channel with a local subchannel pool, so its own connection, and its
+ * own completion queue: C threads are C independent clients, as C users of a server are, and no
+ * client-side connection or queue is shared among them (--shared-channel multiplexes all of them
+ * over one connection instead). The request is packed once and sent by reference on every call;
+ * the response is joined and unpacked into buffers each thread reuses (fresh buffers of tens of
+ * MiB cost more in page faults than the transfer) and checked (datatype, shape, size), and
+ * copied no further. So the client costs what a correct client must and no more, and the numbers
+ * describe the server and the transport. With --shm the tensors travel through POSIX shared memory
+ * that each thread registers once (KServe v2's system shared memory extension, as Triton defines
+ * it): only the small request and response messages cross the socket. */
+#include <errno.h>
+#include <fcntl.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "cmd.h"
+#include "grpc_service.pb-c.h"
 #include "kserve.h"
 #include "timing.h"
 
-int cmd_bench(struct conn *c, int argc, char **argv)
-{
-    const char *model_opt = NULL;
-    long rows = 1, iters = 100, warmup = 5;
+#define SERVICE "/inference.GRPCInferenceService/"
+#define MAX_MSG (1 << 30)
+#define MAX_CONCURRENCY 1024
+#define MAX_CALLS_PER_THREAD (16L << 20) /* latencies kept per thread: 128 MiB of doubles */
+
+struct bench_opts {
+    const char *model;
+    long rows;
+    long concurrency;
+    long iters;      /* calls in all threads together; 0 when --duration counts instead */
+    double duration; /* seconds; 0 when --iters counts */
+    long warmup;     /* calls per thread before measuring */
+    int shared_channel;
+    int shm;
+};
+
+/* A POSIX shared-memory region registered with the server under name; key is its shm_open name. */
+struct region {
+    char name[64];
+    char key[80];
+    int fd; /* -1 when not created */
+    void *base;
+    size_t size; /* bytes */
+    int registered;
+};
+
+struct bench;
+
+/* One client thread. */
+struct client {
+    struct bench *b;
+    int idx;
+    grpc_channel *ch; /* own, or the shared one */
+    void *infer;      /* ModelInfer registered on ch */
+    grpc_completion_queue *cq;
+    grpc_slice req; /* the packed ModelInferRequest, sent on every call */
+    int has_req;
+    struct region in, out; /* --shm only */
+    uint8_t *flat;         /* a response's slices, joined; reused by every call */
+    size_t flat_cap;
+    uint8_t *arena; /* what protobuf-c unpacks a response into; reset after every call */
+    size_t arena_size, arena_used;
+    double *lat; /* seconds, one per measured call */
+    size_t nlat, cap;
+    double t_last; /* when its last call ended */
+    pthread_t thread;
+};
+
+struct bench {
+    struct bench_opts o;
     char model[256];
     struct kserve_layout l;
-    struct tp_err err = {0};
-    float *x = NULL, *y = NULL;
-    double *lat = NULL, total = 0;
-    int status = EXIT_ERROR;
+    char *target; /* gpr_free */
+    int timeout_ms;
+    struct client *cl;
+    pthread_cond_t cond; /* signalled when warmed or go change; with lock */
+    long warmed;         /* clients done with their warm-up */
+    int go;              /* t0 and t_end are set: measure */
+    double t0, t_end;
+    atomic_long next; /* calls started, in --iters mode */
+    atomic_int stop;  /* a thread failed: everyone stops */
+    pthread_mutex_t lock;
+    struct tp_err err; /* first failure of any thread */
+    int failed;
+};
 
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--rows") == 0 && i + 1 < argc)
-            rows = atol(argv[++i]);
-        else if (strcmp(argv[i], "--iters") == 0 && i + 1 < argc)
-            iters = atol(argv[++i]);
-        else if (strcmp(argv[i], "--warmup") == 0 && i + 1 < argc)
-            warmup = atol(argv[++i]);
-        else if (strcmp(argv[i], "--model") == 0 && i + 1 < argc)
-            model_opt = argv[++i];
-        else {
-            cmd_error("bench: unexpected argument '%s' (--rows B --iters N --warmup N --model M)",
-                      argv[i]);
-            return EXIT_USAGE;
+static const char *status_name(grpc_status_code s)
+{
+    static const char *const names[] = {"OK",
+                                        "CANCELLED",
+                                        "UNKNOWN",
+                                        "INVALID_ARGUMENT",
+                                        "DEADLINE_EXCEEDED",
+                                        "NOT_FOUND",
+                                        "ALREADY_EXISTS",
+                                        "PERMISSION_DENIED",
+                                        "RESOURCE_EXHAUSTED",
+                                        "FAILED_PRECONDITION",
+                                        "ABORTED",
+                                        "OUT_OF_RANGE",
+                                        "UNIMPLEMENTED",
+                                        "INTERNAL",
+                                        "UNAVAILABLE",
+                                        "DATA_LOSS",
+                                        "UNAUTHENTICATED"};
+
+    return (unsigned)s < sizeof(names) / sizeof(names[0]) ? names[s] : "UNKNOWN";
+}
+
+/* One unary call of method (registered as handle when not NULL) with the bytes of req, which stay
+ * the caller's. On OK, *resp is the caller's to destroy. */
+static int unary(struct client *c, const char *method, void *handle, grpc_slice req,
+                 grpc_byte_buffer **resp, struct tp_err *err)
+{
+    gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(c->b->timeout_ms, GPR_TIMESPAN));
+    grpc_metadata_array md_initial, md_trailing;
+    grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&req, 1);
+    grpc_status_code status = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    grpc_call *call;
+    grpc_op ops[6];
+    grpc_event ev;
+    int rc = -1;
+
+    *resp = NULL;
+    grpc_metadata_array_init(&md_initial);
+    grpc_metadata_array_init(&md_trailing);
+    if (handle)
+        call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
+                                                   handle, deadline, NULL);
+    else
+        call =
+            grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
+                                     grpc_slice_from_static_string(method), NULL, deadline, NULL);
+    memset(ops, 0, sizeof(ops));
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = send;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_initial;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = resp;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &md_trailing;
+    ops[5].data.recv_status_on_client.status = &status;
+    ops[5].data.recv_status_on_client.status_details = &details;
+    if (grpc_call_start_batch(call, ops, 6, call, NULL) != GRPC_CALL_OK) {
+        tp_err_set(err, TP_EINTERNAL, "cannot start a call to %s", method);
+        goto out;
+    }
+    do
+        ev = grpc_completion_queue_next(c->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+    while (ev.type != GRPC_OP_COMPLETE || ev.tag != call);
+    if (status != GRPC_STATUS_OK) {
+        char *d = grpc_slice_to_c_string(details);
+
+        tp_err_set(err, status == GRPC_STATUS_UNAVAILABLE ? TP_EUNAVAIL : TP_EINTERNAL,
+                   "%s: %s: %s", method + strlen(SERVICE), status_name(status), d);
+        gpr_free(d);
+        goto out;
+    }
+    if (!*resp) {
+        tp_err_set(err, TP_EINTERNAL, "%s returned no message", method + strlen(SERVICE));
+        goto out;
+    }
+    rc = 0;
+out:
+    if (rc < 0 && *resp) {
+        grpc_byte_buffer_destroy(*resp);
+        *resp = NULL;
+    }
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&md_initial);
+    grpc_metadata_array_destroy(&md_trailing);
+    grpc_byte_buffer_destroy(send);
+    grpc_call_unref(call);
+    return rc;
+}
+
+/* Protobuf wire encoding of the two small messages of the shared-memory extension, which this
+ * file writes by hand: SystemSharedMemoryRegisterRequest {string name = 1; string key = 2;
+ * uint64 offset = 3; uint64 byte_size = 4} and SystemSharedMemoryUnregisterRequest {string name =
+ * 1}, field numbers as in Triton's grpc_service.proto. Their responses are empty messages. */
+static size_t put_varint(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+static size_t put_string(uint8_t *p, unsigned field, const char *s)
+{
+    size_t len = strlen(s), n = put_varint(p, field << 3 | 2);
+
+    n += put_varint(p + n, len);
+    memcpy(p + n, s, len);
+    return n + len;
+}
+
+static int shm_call(struct client *c, const char *method, const uint8_t *msg, size_t len,
+                    struct tp_err *err)
+{
+    grpc_slice s = grpc_slice_from_copied_buffer((const char *)msg, len);
+    grpc_byte_buffer *resp = NULL;
+    int rc = unary(c, method, NULL, s, &resp, err);
+
+    grpc_slice_unref(s);
+    if (resp)
+        grpc_byte_buffer_destroy(resp);
+    return rc;
+}
+
+static int region_register(struct client *c, struct region *r, struct tp_err *err)
+{
+    uint8_t msg[256];
+    size_t n = 0;
+
+    n += put_string(msg + n, 1, r->name);
+    n += put_string(msg + n, 2, r->key);
+    /* offset 0 is proto3's default, left out as every encoder does */
+    n += put_varint(msg + n, 4 << 3 | 0);
+    n += put_varint(msg + n, r->size);
+    if (shm_call(c, SERVICE "SystemSharedMemoryRegister", msg, n, err) < 0)
+        return tp_err_prefix(err, "registering shared memory '%s': ", r->name), -1;
+    r->registered = 1;
+    return 0;
+}
+
+static void region_unregister(struct client *c, struct region *r)
+{
+    uint8_t msg[128];
+    struct tp_err err = {0};
+
+    if (!r->registered)
+        return;
+    r->registered = 0;
+    if (shm_call(c, SERVICE "SystemSharedMemoryUnregister", msg, put_string(msg, 1, r->name),
+                 &err) < 0)
+        fprintf(stderr, "tpclient: warning: unregistering shared memory '%s': %s\n", r->name,
+                err.msg);
+}
+
+/* Creates, maps and touches a fresh region of size bytes; nothing is left on failure. */
+static int region_create(struct region *r, int idx, const char *what, size_t size,
+                         struct tp_err *err)
+{
+    *r = (struct region){.fd = -1, .base = MAP_FAILED, .size = size};
+    snprintf(r->name, sizeof(r->name), "tpbench.%d.%d.%s", (int)getpid(), idx, what);
+    snprintf(r->key, sizeof(r->key), "/%s", r->name);
+    r->fd = shm_open(r->key, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    if (r->fd < 0)
+        return tp_err_sys(err, "creating shared memory %s", r->key);
+    if (ftruncate(r->fd, (off_t)size) < 0) {
+        tp_err_sys(err, "sizing shared memory %s to %zu bytes", r->key, size);
+        goto fail;
+    }
+    r->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
+    if (r->base == MAP_FAILED) {
+        tp_err_sys(err, "mapping shared memory %s", r->key);
+        goto fail;
+    }
+    memset(r->base, 0, size);
+    return 0;
+fail:
+    close(r->fd);
+    shm_unlink(r->key);
+    r->fd = -1;
+    return -1;
+}
+
+static void region_destroy(struct region *r)
+{
+    if (r->fd < 0)
+        return;
+    if (r->base != MAP_FAILED)
+        munmap(r->base, r->size);
+    close(r->fd);
+    shm_unlink(r->key);
+    r->fd = -1;
+}
+
+/* Packs the ModelInferRequest this client sends on every call. */
+static int pack_request(struct client *c, const float *x, struct tp_err *err)
+{
+    struct bench *b = c->b;
+    Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
+    Inference__ModelInferRequest__InferInputTensor t =
+        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
+    Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
+    Inference__ModelInferRequest__InferRequestedOutputTensor o =
+        INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__INIT;
+    Inference__ModelInferRequest__InferRequestedOutputTensor *os[1] = {&o};
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry ie[2] =
+        {INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__PARAMETERS_ENTRY__INIT,
+         INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__PARAMETERS_ENTRY__INIT},
+                                                                    *iep[2] = {&ie[0], &ie[1]};
+    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[2] =
+        {INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__PARAMETERS_ENTRY__INIT,
+         INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__PARAMETERS_ENTRY__INIT},
+                                                                              *oep[2] = {&oe[0],
+                                                                                         &oe[1]};
+    Inference__InferParameter p[4] = {
+        INFERENCE__INFER_PARAMETER__INIT, INFERENCE__INFER_PARAMETER__INIT,
+        INFERENCE__INFER_PARAMETER__INIT, INFERENCE__INFER_PARAMETER__INIT};
+    int64_t shape[2] = {b->o.rows, b->l.in};
+    ProtobufCBinaryData raw = {.len = (size_t)(b->o.rows * b->l.in) * 4, .data = (uint8_t *)x};
+    size_t len;
+    uint8_t *buf;
+
+    req.model_name = b->model;
+    t.name = "input";
+    t.datatype = "FP32";
+    t.n_shape = 2;
+    t.shape = shape;
+    req.n_inputs = 1;
+    req.inputs = ts;
+    if (b->o.shm) {
+        p[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+        p[0].string_param = c->in.name;
+        p[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+        p[1].int64_param = (int64_t)c->in.size;
+        p[2].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+        p[2].string_param = c->out.name;
+        p[3].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+        p[3].int64_param = (int64_t)c->out.size;
+        ie[0].key = oe[0].key = "shared_memory_region";
+        ie[1].key = oe[1].key = "shared_memory_byte_size";
+        ie[0].value = &p[0];
+        ie[1].value = &p[1];
+        oe[0].value = &p[2];
+        oe[1].value = &p[3];
+        t.n_parameters = 2;
+        t.parameters = iep;
+        o.name = "output";
+        o.n_parameters = 2;
+        o.parameters = oep;
+        req.n_outputs = 1;
+        req.outputs = os;
+    } else {
+        req.n_raw_input_contents = 1;
+        req.raw_input_contents = &raw;
+    }
+    len = inference__model_infer_request__get_packed_size(&req);
+    buf = gpr_malloc(len);
+    inference__model_infer_request__pack(&req, buf);
+    c->req = grpc_slice_new(buf, len, gpr_free);
+    c->has_req = 1;
+    (void)err;
+    return 0;
+}
+
+/* protobuf-c's allocator for responses: a bump allocator over the client's arena, so that the
+ * response's output bytes land in memory that earlier calls already faulted in (a fresh
+ * allocation of tens of MiB costs more in page faults than the transfer). What does not fit comes
+ * from malloc. */
+static void *arena_alloc(void *data, size_t n)
+{
+    struct client *c = data;
+    size_t at = (c->arena_used + 15) & ~(size_t)15;
+
+    if (c->arena && at + n <= c->arena_size) {
+        c->arena_used = at + n;
+        return c->arena + at;
+    }
+    return malloc(n ? n : 1);
+}
+
+static void arena_free(void *data, void *p)
+{
+    struct client *c = data;
+
+    if (!c->arena || (uint8_t *)p < c->arena || (uint8_t *)p >= c->arena + c->arena_size)
+        free(p);
+}
+
+/* Unpacks a response, joining its slices in the client's reusable buffer first. */
+static Inference__ModelInferResponse *unpack_response(struct client *c, grpc_byte_buffer *bb,
+                                                      ProtobufCAllocator *alloc, struct tp_err *err)
+{
+    grpc_byte_buffer_reader reader;
+    grpc_slice *s;
+    size_t len = grpc_byte_buffer_length(bb), off = 0;
+    Inference__ModelInferResponse *r;
+
+    if (!grpc_byte_buffer_reader_init(&reader, bb)) {
+        tp_err_set(err, TP_EINVAL, "cannot read the response of ModelInfer");
+        return NULL;
+    }
+    if (len > c->flat_cap) {
+        uint8_t *p = realloc(c->flat, len);
+
+        if (!p) {
+            grpc_byte_buffer_reader_destroy(&reader);
+            tp_err_set(err, TP_ENOMEM, "no memory for a response of %zu bytes", len);
+            return NULL;
+        }
+        c->flat = p;
+        c->flat_cap = len;
+    }
+    while (grpc_byte_buffer_reader_peek(&reader, &s) && off + GRPC_SLICE_LENGTH(*s) <= len) {
+        memcpy(c->flat + off, GRPC_SLICE_START_PTR(*s), GRPC_SLICE_LENGTH(*s));
+        off += GRPC_SLICE_LENGTH(*s);
+    }
+    grpc_byte_buffer_reader_destroy(&reader);
+    c->arena_used = 0;
+    r = inference__model_infer_response__unpack(alloc, off, c->flat);
+    if (!r)
+        tp_err_set(err, TP_EINVAL, "malformed ModelInferResponse of %zu bytes", off);
+    return r;
+}
+
+/* Checks a ModelInfer response; with check, also that every output value is finite (the server
+ * wrote all of it: the shared output region was filled with NaN before the call). */
+static int check_response(struct client *c, grpc_byte_buffer *bb, int check, struct tp_err *err)
+{
+    struct bench *b = c->b;
+    Inference__ModelInferResponse *r;
+    size_t want = (size_t)(b->o.rows * b->l.out) * 4, n = want / 4;
+    const float *y = NULL;
+    int rc = -1;
+
+    ProtobufCAllocator alloc = {.alloc = arena_alloc, .free = arena_free, .allocator_data = c};
+
+    r = unpack_response(c, bb, &alloc, err);
+    if (!r)
+        return -1;
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, "FP32") != 0 ||
+        r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != b->o.rows ||
+        r->outputs[0]->shape[1] != b->l.out) {
+        tp_err_set(err, TP_EINTERNAL, "server answered something else than one FP32 [%ld, %lld]",
+                   b->o.rows, (long long)b->l.out);
+        goto out;
+    }
+    if (b->o.shm) {
+        if (r->n_raw_output_contents != 0) {
+            tp_err_set(err, TP_EINTERNAL,
+                       "server sent the output inline instead of writing shared memory '%s'",
+                       c->out.name);
+            goto out;
+        }
+        y = c->out.base;
+    } else {
+        if (r->n_raw_output_contents != 1 || r->raw_output_contents[0].len != want) {
+            tp_err_set(err, TP_EINTERNAL, "server sent %zu output bytes, expected %zu",
+                       r->n_raw_output_contents ? r->raw_output_contents[0].len : 0, want);
+            goto out;
+        }
+        y = (const float *)r->raw_output_contents[0].data;
+    }
+    for (size_t i = 0; check && i < n; i++) {
+        if (!isfinite(y[i])) {
+            tp_err_set(err, TP_EINTERNAL, "output element %zu is %g, not a finite number", i,
+                       (double)y[i]);
+            goto out;
         }
     }
-    if (rows < 1 || iters < 1 || warmup < 0) {
-        cmd_error("bench: --rows and --iters must be at least 1");
+    rc = 0;
+out:
+    protobuf_c_message_free_unpacked(&r->base, &alloc);
+    return rc;
+}
+
+static int one_call(struct client *c, int check, struct tp_err *err)
+{
+    grpc_byte_buffer *resp;
+    int rc;
+
+    if (check && c->b->o.shm)
+        memset(c->out.base, 0xff, c->out.size); /* NaN everywhere */
+    if (unary(c, SERVICE "ModelInfer", c->infer, c->req, &resp, err) < 0)
+        return -1;
+    rc = check_response(c, resp, check, err);
+    grpc_byte_buffer_destroy(resp);
+    return rc;
+}
+
+static void fail(struct bench *b, const struct tp_err *err)
+{
+    pthread_mutex_lock(&b->lock);
+    if (!b->failed)
+        b->err = *err;
+    b->failed = 1;
+    pthread_mutex_unlock(&b->lock);
+    atomic_store(&b->stop, 1);
+}
+
+static int record(struct client *c, double s)
+{
+    if (c->nlat == c->cap) {
+        size_t cap = c->cap ? 2 * c->cap : 1024;
+        double *p;
+
+        if (cap > (size_t)MAX_CALLS_PER_THREAD)
+            return -1;
+        p = realloc(c->lat, cap * sizeof(double));
+        if (!p)
+            return -1;
+        c->lat = p;
+        c->cap = cap;
+    }
+    c->lat[c->nlat++] = s;
+    return 0;
+}
+
+static void *client_main(void *arg)
+{
+    struct client *c = arg;
+    struct bench *b = c->b;
+    struct tp_err err = {0};
+    int ok = one_call(c, 1, &err) == 0;
+
+    for (long i = 0; ok && i < b->o.warmup; i++)
+        ok = one_call(c, 0, &err) == 0;
+    if (!ok)
+        fail(b, &err);
+    pthread_mutex_lock(&b->lock);
+    b->warmed++;
+    pthread_cond_broadcast(&b->cond);
+    while (!b->go)
+        pthread_cond_wait(&b->cond, &b->lock);
+    pthread_mutex_unlock(&b->lock);
+    while (!atomic_load(&b->stop)) {
+        double t;
+
+        if (b->o.duration > 0 ? timing_now_s() >= b->t_end
+                              : atomic_fetch_add(&b->next, 1) >= b->o.iters)
+            break;
+        t = timing_now_s();
+        if (one_call(c, 0, &err) < 0) {
+            fail(b, &err);
+            break;
+        }
+        if (record(c, timing_now_s() - t) < 0) {
+            tp_err_set(&err, TP_ENOMEM, "client %d: no room for more than %zu latencies", c->idx,
+                       c->nlat);
+            fail(b, &err);
+            break;
+        }
+    }
+    c->t_last = timing_now_s();
+    return NULL;
+}
+
+/* Channel, queue, shared memory and request of client i; the caller cleans up on failure. */
+static int client_setup(struct bench *b, struct conn *conn, int i, const float *x,
+                        struct tp_err *err)
+{
+    struct client *c = &b->cl[i];
+    size_t in_bytes = (size_t)(b->o.rows * b->l.in) * 4,
+           out_bytes = (size_t)(b->o.rows * b->l.out) * 4;
+
+    c->b = b;
+    c->idx = i;
+    c->in.fd = c->out.fd = -1;
+    if (b->o.shared_channel) {
+        c->ch = conn->ch;
+    } else {
+        grpc_arg args[3] = {
+            {GRPC_ARG_INTEGER, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, {.integer = MAX_MSG}},
+            {GRPC_ARG_INTEGER, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, {.integer = MAX_MSG}},
+            {GRPC_ARG_INTEGER, GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, {.integer = 1}}};
+        grpc_channel_args chargs = {3, args};
+        grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+
+        c->ch = grpc_channel_create(b->target, creds, &chargs);
+        grpc_channel_credentials_release(creds);
+        if (!c->ch)
+            return tp_err_set(err, TP_EINTERNAL, "cannot create a channel to %s", b->target);
+    }
+    /* the output bytes, plus room for the rest of the message */
+    c->arena_size = (b->o.shm ? 0 : out_bytes) + (64 << 10);
+    c->arena = malloc(c->arena_size);
+    if (!c->arena)
+        return tp_err_set(err, TP_ENOMEM, "no memory for responses of %zu bytes", out_bytes);
+    memset(c->arena, 0, c->arena_size);
+    c->cq = grpc_completion_queue_create_for_next(NULL);
+    c->infer = grpc_channel_register_call(c->ch, SERVICE "ModelInfer", NULL, NULL);
+    if (b->o.shm) {
+        if (region_create(&c->in, i, "in", in_bytes, err) < 0 ||
+            region_create(&c->out, i, "out", out_bytes, err) < 0)
+            return -1;
+        memcpy(c->in.base, x, in_bytes);
+        if (region_register(c, &c->in, err) < 0 || region_register(c, &c->out, err) < 0)
+            return -1;
+    }
+    return pack_request(c, x, err);
+}
+
+static void client_cleanup(struct client *c, struct conn *conn)
+{
+    if (!c->b)
+        return;
+    if (c->cq) {
+        region_unregister(c, &c->in);
+        region_unregister(c, &c->out);
+    }
+    region_destroy(&c->in);
+    region_destroy(&c->out);
+    if (c->has_req)
+        grpc_slice_unref(c->req);
+    if (c->ch && c->ch != conn->ch)
+        grpc_channel_destroy(c->ch);
+    if (c->cq) {
+        grpc_completion_queue_shutdown(c->cq);
+        while (grpc_completion_queue_next(c->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN)
+            ;
+        grpc_completion_queue_destroy(c->cq);
+    }
+    free(c->lat);
+    free(c->flat);
+    free(c->arena);
+}
+
+static int parse_long(const char *flag, const char *s, long lo, long hi, long *v)
+{
+    char *end;
+
+    errno = 0;
+    *v = strtol(s, &end, 10);
+    if (errno || end == s || *end || *v < lo || *v > hi) {
+        cmd_error("bench: %s takes a whole number from %ld to %ld, got '%s'", flag, lo, hi, s);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_opts(struct bench_opts *o, int argc, char **argv)
+{
+    *o = (struct bench_opts){.rows = 1, .concurrency = 1, .warmup = 3};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+
+        if (strcmp(a, "--shared-channel") == 0) {
+            o->shared_channel = 1;
+            continue;
+        }
+        if (strcmp(a, "--shm") == 0) {
+            o->shm = 1;
+            continue;
+        }
+        if (!v || (strcmp(a, "--rows") && strcmp(a, "--iters") && strcmp(a, "--warmup") &&
+                   strcmp(a, "--model") && strcmp(a, "--concurrency") && strcmp(a, "--duration"))) {
+            cmd_error("bench: unexpected argument '%s' (see tpclient --help)", a);
+            return -1;
+        }
+        i++;
+        if (strcmp(a, "--model") == 0) {
+            o->model = v;
+        } else if (strcmp(a, "--duration") == 0) {
+            char *end;
+
+            errno = 0;
+            o->duration = strtod(v, &end);
+            if (errno || end == v || *end || !(o->duration > 0) || o->duration > 86400) {
+                cmd_error("bench: --duration takes seconds above 0 and up to 86400, got '%s'", v);
+                return -1;
+            }
+        } else if (parse_long(a, v, strcmp(a, "--warmup") == 0 ? 0 : 1,
+                              strcmp(a, "--concurrency") == 0 ? MAX_CONCURRENCY : 1L << 40,
+                              strcmp(a, "--rows") == 0     ? &o->rows
+                              : strcmp(a, "--iters") == 0  ? &o->iters
+                              : strcmp(a, "--warmup") == 0 ? &o->warmup
+                                                           : &o->concurrency) < 0) {
+            return -1;
+        }
+    }
+    if (o->iters && o->duration > 0) {
+        cmd_error("bench: give --iters or --duration, not both");
+        return -1;
+    }
+    if (!o->iters && !(o->duration > 0))
+        o->iters = 100;
+    return 0;
+}
+
+static void print_results(struct bench *b, double window)
+{
+    long n = b->o.concurrency;
+    size_t total = 0, k = 0;
+    double *all, sum = 0, flop = 2.0 * (double)b->o.rows * (double)b->l.in * (double)b->l.out;
+    double p50, p90, p99, rps;
+
+    for (long i = 0; i < n; i++)
+        total += b->cl[i].nlat;
+    all = malloc((total ? total : 1) * sizeof(double));
+    if (!all) {
+        cmd_error("bench: no memory for %zu latencies", total);
+        return;
+    }
+    for (long i = 0; i < n; i++)
+        for (size_t j = 0; j < b->cl[i].nlat; j++)
+            sum += all[k++] = b->cl[i].lat[j];
+    timing_sort(all, total);
+    p50 = timing_percentile(all, total, 0.5) * 1e3;
+    p90 = timing_percentile(all, total, 0.9) * 1e3;
+    p99 = timing_percentile(all, total, 0.99) * 1e3;
+    rps = window > 0 ? (double)total / window : 0;
+    printf("bench: model %s, %ld x %lld -> %lld%s, concurrency %ld (%s), %zu calls in %.3f s "
+           "after %ld warm-up calls per client\n",
+           b->model, b->o.rows, (long long)b->l.in, (long long)b->l.out,
+           b->o.shm ? " through shared memory" : "", n,
+           b->o.shared_channel ? "one shared channel" : "one channel per client", total, window,
+           b->o.warmup);
+    printf("latency ms: p50 %.3f  p90 %.3f  p99 %.3f  mean %.3f  max %.3f\n", p50, p90, p99,
+           total ? sum / (double)total * 1e3 : 0, total ? all[total - 1] * 1e3 : 0);
+    printf("throughput: %.1f requests/s, %.0f rows/s, %.2f GFLOP/s\n", rps, rps * (double)b->o.rows,
+           rps * flop * 1e-9);
+    printf("bench-result: model=%s rows=%ld in=%lld out=%lld concurrency=%ld channels=%s shm=%d "
+           "calls=%zu per_client=",
+           b->model, b->o.rows, (long long)b->l.in, (long long)b->l.out, n,
+           b->o.shared_channel ? "shared" : "per-client", b->o.shm, total);
+    for (long i = 0; i < n; i++)
+        printf("%s%zu", i ? "," : "", b->cl[i].nlat);
+    printf(" seconds=%.9f rps=%.4f rows_per_s=%.2f gflops=%.6f p50_ms=%.4f p90_ms=%.4f "
+           "p99_ms=%.4f mean_ms=%.4f max_ms=%.4f\n",
+           window, rps, rps * (double)b->o.rows, rps * flop * 1e-9, p50, p90, p99,
+           total ? sum / (double)total * 1e3 : 0, total ? all[total - 1] * 1e3 : 0);
+    free(all);
+}
+
+int cmd_bench(struct conn *conn, int argc, char **argv)
+{
+    struct bench *b = calloc(1, sizeof(*b));
+    struct tp_err err = {0};
+    float *x = NULL;
+    long started = 0, n;
+    int status = EXIT_ERROR;
+    double window = 0;
+
+    if (!b)
+        return EXIT_ERROR;
+    if (parse_opts(&b->o, argc, argv) < 0) {
+        free(b);
         return EXIT_USAGE;
     }
-    if (kserve_model(c, model_opt, model, sizeof(model), &err) < 0)
+    n = b->o.concurrency;
+    pthread_mutex_init(&b->lock, NULL);
+    pthread_cond_init(&b->cond, NULL);
+    b->timeout_ms = conn->timeout_ms;
+    b->target = grpc_channel_get_target(conn->ch);
+    if (kserve_model(conn, b->o.model, b->model, sizeof(b->model), &err) < 0 ||
+        kserve_layout(conn, b->model, &b->l, &err) < 0)
         goto fail;
-    if (kserve_layout(c, model, &l, &err) < 0)
+    if (b->l.max_batch > 0 && b->o.rows > b->l.max_batch) {
+        tp_err_set(&err, TP_EINVAL, "--rows %ld is above the server's max_batch %lld", b->o.rows,
+                   (long long)b->l.max_batch);
         goto fail;
-    x = malloc((size_t)(rows * l.in) * sizeof(float));
-    y = malloc((size_t)(rows * l.out) * sizeof(float));
-    lat = malloc((size_t)iters * sizeof(double));
-    if (!x || !y || !lat) {
-        tp_err_set(&err, TP_ENOMEM, "no memory for %ld rows", rows);
+    }
+    b->cl = calloc((size_t)n, sizeof(*b->cl));
+    x = malloc((size_t)(b->o.rows * b->l.in) * sizeof(float));
+    if (!b->cl || !x) {
+        tp_err_set(&err, TP_ENOMEM, "no memory for %ld clients of %ld rows", n, b->o.rows);
         goto fail;
     }
     srand(1);
-    for (long i = 0; i < rows * l.in; i++)
+    for (long i = 0; i < b->o.rows * b->l.in; i++)
         x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
-    for (long i = 0; i < warmup + iters; i++) {
-        double t0 = timing_now_s();
-
-        if (kserve_infer(c, model, &l, x, rows, y, &err) < 0)
+    for (long i = 0; i < n; i++)
+        if (client_setup(b, conn, (int)i, x, &err) < 0) {
+            tp_err_prefix(&err, "client %ld: ", i);
             goto fail;
-        if (i >= warmup)
-            lat[i - warmup] = timing_now_s() - t0;
+        }
+    free(x);
+    x = NULL;
+    for (; started < n; started++) {
+        if (pthread_create(&b->cl[started].thread, NULL, client_main, &b->cl[started]) != 0) {
+            tp_err_set(&err, TP_ESYS, "cannot start client thread %ld", started);
+            fail(b, &err);
+            break;
+        }
     }
-    for (long i = 0; i < iters; i++)
-        total += lat[i];
-    timing_sort(lat, (size_t)iters);
-    printf("bench: model %s, %ld x %lld -> %lld, %ld calls after %ld warm-up\n", model, rows,
-           (long long)l.in, (long long)l.out, iters, warmup);
-    printf("latency ms: p50 %.3f  p90 %.3f  p99 %.3f  mean %.3f\n",
-           timing_percentile(lat, (size_t)iters, 0.5) * 1e3,
-           timing_percentile(lat, (size_t)iters, 0.9) * 1e3,
-           timing_percentile(lat, (size_t)iters, 0.99) * 1e3, total / (double)iters * 1e3);
-    printf("throughput: %.1f requests/s, %.0f rows/s, %.2f GFLOP/s\n", (double)iters / total,
-           (double)(iters * rows) / total,
-           2.0 * (double)rows * (double)l.in * (double)l.out * (double)iters / total * 1e-9);
+    /* Every client warms up, then all start measuring at once. */
+    pthread_mutex_lock(&b->lock);
+    while (started == n && b->warmed < n)
+        pthread_cond_wait(&b->cond, &b->lock);
+    b->t0 = timing_now_s();
+    b->t_end = b->t0 + b->o.duration;
+    b->go = 1;
+    pthread_cond_broadcast(&b->cond);
+    pthread_mutex_unlock(&b->lock);
+    for (long i = 0; i < started; i++) {
+        pthread_join(b->cl[i].thread, NULL);
+        if (b->cl[i].t_last - b->t0 > window)
+            window = b->cl[i].t_last - b->t0;
+    }
+    if (b->failed) {
+        err = b->err;
+        goto fail;
+    }
+    print_results(b, window);
     status = 0;
     goto out;
 fail:
-    cmd_error("%s", err.msg);
+    cmd_error("bench: %s", err.msg);
 out:
+    for (long i = 0; b->cl && i < n; i++)
+        client_cleanup(&b->cl[i], conn);
+    free(b->cl);
     free(x);
-    free(y);
-    free(lat);
+    if (b->target)
+        gpr_free(b->target);
+    pthread_mutex_destroy(&b->lock);
+    pthread_cond_destroy(&b->cond);
+    free(b);
     return status;
 }
