@@ -11,12 +11,16 @@
 #include "infer.h"
 #include "log.h"
 
-/* A ModelInfer call between the handler and the scheduler's completion. */
+/* A ModelInfer call between the handler and the scheduler's completion. It lives in the call's
+ * storage (rpc_call_data), so it stays valid until gRPC is done with the call, after the reply and
+ * after any cancel callback. */
 struct infer_call {
     struct sched_req req; /* first: complete() gets back to the call from it */
     struct api *api;
     struct rpc_call *call;
-    Inference__ModelInferRequest *msg;
+    Inference__ModelInferRequest *msg; /* the request without its raw_input_contents */
+    grpc_byte_buffer *payload;         /* the received message, until its rows are in the slot */
+    struct infer_input in;
 };
 
 static int is_ready(struct api *a)
@@ -234,6 +238,27 @@ static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
+/* Copies the request's rows into its place in the slot: the one copy of the input in tpd. */
+static void infer_fill(struct sched_req *req, float *x)
+{
+    struct infer_call *ic = (struct infer_call *)req;
+    size_t bytes = (size_t)req->rows * (size_t)ic->api->model->in * sizeof(float);
+
+    if (ic->in.x)
+        memcpy(x, ic->in.x, bytes);
+    else
+        gbuf_copy(ic->payload, ic->in.raw_offset, bytes, x);
+    if (ic->payload) {
+        grpc_byte_buffer_destroy(ic->payload);
+        ic->payload = NULL;
+    }
+}
+
+static void unhold(void *hold)
+{
+    sched_unhold(hold);
+}
+
 static void infer_complete(struct sched_req *req, const float *y, const struct tp_err *err)
 {
     struct infer_call *ic = (struct infer_call *)req;
@@ -242,50 +267,78 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
         rpc_reply_err(ic->call, err);
     } else {
-        grpc_byte_buffer *bb = infer_response(ic->api->model, ic->msg, y, req->rows);
+        /* the reply points at the slot's output; gRPC releases the slot when it is done */
+        grpc_byte_buffer *bb =
+            infer_response(ic->api->model, ic->msg->id, y, req->rows, unhold, req->hold);
 
-        if (bb)
+        if (bb) {
             rpc_reply(ic->call, 0, NULL, bb);
-        else
+        } else {
+            sched_unhold(req->hold);
             rpc_reply(ic->call, 8, "out of memory packing the response", NULL);
+        }
     }
     protobuf_c_message_free_unpacked(&ic->msg->base, NULL);
-    free(ic);
+    ic->msg = NULL;
+    if (ic->payload) {
+        grpc_byte_buffer_destroy(ic->payload);
+        ic->payload = NULL;
+    }
+}
+
+static void infer_cancelled(void *arg)
+{
+    struct infer_call *ic = arg;
+
+    sched_cancel(ic->api->sched, &ic->req);
 }
 
 static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
-    struct infer_input in;
     struct infer_call *ic;
+    struct gbuf_field raw;
     struct tp_err err = {0};
-    Inference__ModelInferRequest *q = (Inference__ModelInferRequest *)unpack_or_reply(
-        call, payload, &inference__model_infer_request__descriptor);
+    Inference__ModelInferRequest *q = NULL;
 
-    if (!q)
+    if (!payload) {
+        rpc_reply(call, 3, "request message missing", NULL);
         return;
-    if (infer_validate(a->model, q, &in, &err) < 0) {
-        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
-        goto fail;
     }
-    ic = calloc(1, sizeof(*ic));
+    /* raw_input_contents (field 7) stays in the received slices until it is copied to the slot */
+    if (gbuf_unpack_except(payload, &inference__model_infer_request__descriptor, 7,
+                           (ProtobufCMessage **)&q, &raw, &err) < 0)
+        goto fail;
+    ic = rpc_call_data(call, sizeof(*ic));
     if (!ic) {
         tp_err_set(&err, TP_ENOMEM, "no memory for the request");
         goto fail;
     }
-    *ic = (struct infer_call){.req = {.x = in.x, .rows = in.rows, .complete = infer_complete},
-                              .api = a,
-                              .call = call,
-                              .msg = q};
-    tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, in.rows);
-    if (sched_submit(a->sched, &ic->req, &err) < 0) {
-        free(ic);
+    *ic = (struct infer_call){.api = a, .call = call, .msg = q};
+    if (infer_validate(a->model, q, &raw, &ic->in, &err) < 0) {
+        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
         goto fail;
     }
+    ic->req = (struct sched_req){.rows = ic->in.rows,
+                                 .deadline_ns = rpc_call_deadline_ns(call),
+                                 .fill = infer_fill,
+                                 .complete = infer_complete};
+    if (!ic->in.x)
+        ic->payload = rpc_call_take_payload(call);
+    tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, ic->in.rows);
+    if (sched_submit(a->sched, &ic->req, &err) < 0) {
+        if (ic->payload) {
+            grpc_byte_buffer_destroy(ic->payload);
+            ic->payload = NULL;
+        }
+        goto fail;
+    }
+    rpc_call_on_cancel(call, infer_cancelled, ic);
     return;
 fail:
     rpc_reply_err(call, &err);
-    protobuf_c_message_free_unpacked(&q->base, NULL);
+    if (q)
+        protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
 const struct rpc_method api_methods[] = {

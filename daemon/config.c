@@ -26,6 +26,8 @@ static void usage(FILE *f)
         "  --slots N               requests computed at once (default: 4)\n"
         "  --max-queue N           requests waiting for a slot before RESOURCE_EXHAUSTED\n"
         "                          (default: 1024)\n"
+        "  --batch-delay-us US     most a batch of requests waits for more while other batches\n"
+        "                          compute; 0 turns dynamic batching off (default: 200)\n"
         "  --worker PATH           worker executable (default: tpd-worker beside tpd)\n"
         "  --grpc-threads N        threads serving gRPC (default: 1)\n"
         "  --restart-backoff-ms MS first delay before restarting dead workers (default: 500)\n"
@@ -75,6 +77,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         O_GRPC_THREADS,
         O_BACKOFF,
         O_LOG_LEVEL,
+        O_BATCH_DELAY,
         O_HELP,
         O_VERSION,
     };
@@ -91,6 +94,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                                          {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
                                          {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
                                          {"log-level", required_argument, NULL, O_LOG_LEVEL},
+                                         {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
                                          {"help", no_argument, NULL, O_HELP},
                                          {"version", no_argument, NULL, O_VERSION},
                                          {NULL, 0, NULL, 0}};
@@ -104,6 +108,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .max_batch = 256,
                          .slots = 4,
                          .max_queue = 1024,
+                         .batch_delay_us = 200,
                          .grpc_threads = 1,
                          .restart_backoff_ms = 500,
                          .log_level = TP_LOG_NOTICE};
@@ -163,6 +168,11 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                         optarg);
                 return CONFIG_USAGE;
             }
+            break;
+        case O_BATCH_DELAY:
+            if (parse_num("--batch-delay-us", optarg, 0, 1000000, &v))
+                return CONFIG_USAGE;
+            c->batch_delay_us = (uint32_t)v;
             break;
         case O_HELP: usage(stdout); return CONFIG_EXIT_OK;
         case O_VERSION: printf("tpd %s\n", TP_VERSION); return CONFIG_EXIT_OK;

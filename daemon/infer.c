@@ -1,6 +1,7 @@
-/* infer.c -- ModelInfer validation and responses (see infer.h). The input data is used where
- * protobuf-c unpacked it; the only copies are into the shared-memory slot (sched.c) and out of it
- * into the packed response here. */
+/* infer.c -- ModelInfer validation and responses (see infer.h). A response is two slices: the
+ * message without its raw_output_contents, packed by protobuf-c, ending with the tag and length
+ * of raw_output_contents, then the data itself, which protobuf allows to come last. So the data
+ * slice can point straight at the slot's output. */
 #include "infer.h"
 
 #include <inttypes.h>
@@ -33,11 +34,12 @@ int infer_check_model(const struct model *m, const char *name, const char *versi
 }
 
 int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
-                   struct infer_input *in, struct tp_err *err)
+                   const struct gbuf_field *raw, struct infer_input *in, struct tp_err *err)
 {
     const Inference__ModelInferRequest__InferInputTensor *t;
     char shape[128];
     uint64_t want;
+    size_t nraw = raw ? raw->count : r->n_raw_input_contents;
 
     if (infer_check_model(m, r->model_name, r->model_version, err) < 0)
         return -1;
@@ -64,20 +66,25 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                               "unknown requested output '%.64s', the model's output is '%s'",
                               r->outputs[i]->name, MODEL_OUTPUT);
     want = (uint64_t)t->shape[0] * (uint64_t)m->in;
-    if (r->n_raw_input_contents > 0) {
-        if (r->n_raw_input_contents != 1)
-            return tp_err_set(err, TP_EINVAL, "expected 1 raw_input_contents, got %zu",
-                              r->n_raw_input_contents);
+    *in = (struct infer_input){0};
+    if (nraw > 0) {
+        size_t len = raw ? raw->len : r->raw_input_contents[0].len;
+
+        if (nraw != 1)
+            return tp_err_set(err, TP_EINVAL, "expected 1 raw_input_contents, got %zu", nraw);
         if (t->contents)
             return tp_err_set(err, TP_EINVAL,
                               "input '%s' has both raw_input_contents and typed contents",
                               MODEL_INPUT);
-        if (r->raw_input_contents[0].len != want * 4)
+        if (len != want * 4)
             return tp_err_set(err, TP_EINVAL,
                               "input '%s' %s FP32 needs %" PRIu64
                               " bytes, raw_input_contents has %zu",
-                              MODEL_INPUT, shape, want * 4, r->raw_input_contents[0].len);
-        in->x = (const float *)(const void *)r->raw_input_contents[0].data;
+                              MODEL_INPUT, shape, want * 4, len);
+        if (raw)
+            in->raw_offset = raw->offset;
+        else
+            in->x = (const float *)(const void *)r->raw_input_contents[0].data;
     } else if (t->contents) {
         if (t->contents->n_fp32_contents != want)
             return tp_err_set(err, TP_EINVAL,
@@ -93,27 +100,54 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
     return 0;
 }
 
-grpc_byte_buffer *infer_response(const struct model *m, const Inference__ModelInferRequest *r,
-                                 const float *y, uint32_t rows)
+grpc_byte_buffer *infer_response(const struct model *m, const char *id, const float *y,
+                                 uint32_t rows, void (*release)(void *user), void *user)
 {
     Inference__ModelInferResponse resp = INFERENCE__MODEL_INFER_RESPONSE__INIT;
     Inference__ModelInferResponse__InferOutputTensor out =
         INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__INIT;
     Inference__ModelInferResponse__InferOutputTensor *outs[1] = {&out};
     int64_t shape[2] = {rows, m->out};
-    ProtobufCBinaryData raw = {.len = (size_t)rows * (size_t)m->out * sizeof(float),
-                               .data = (uint8_t *)(uintptr_t)y};
+    size_t len = (size_t)rows * (size_t)m->out * sizeof(float), hlen, n;
+    grpc_slice s[2];
+    grpc_byte_buffer *bb;
+    uint8_t *h;
 
     resp.model_name = (char *)m->name;
     resp.model_version = MODEL_VERSION;
-    resp.id = r->id;
+    resp.id = (char *)id;
     out.name = MODEL_OUTPUT;
     out.datatype = "FP32";
     out.n_shape = 2;
     out.shape = shape;
     resp.n_outputs = 1;
     resp.outputs = outs;
-    resp.n_raw_output_contents = 1;
-    resp.raw_output_contents = &raw;
-    return gbuf_pack(&resp.base);
+    hlen = protobuf_c_message_get_packed_size(&resp.base);
+    /* room for raw_output_contents' tag (field 6, length-delimited) and length */
+    s[0] = grpc_slice_malloc(hlen + (y ? 11 : 0));
+    h = GRPC_SLICE_START_PTR(s[0]);
+    n = protobuf_c_message_pack(&resp.base, h);
+    if (y) {
+        uint64_t v = len;
+
+        h[n++] = (6 << 3) | 2;
+        do {
+            h[n++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+            v >>= 7;
+        } while (v);
+    }
+    s[0] = grpc_slice_sub_no_ref(s[0], 0, n);
+    if (!y) {
+        bb = grpc_raw_byte_buffer_create(s, 1);
+        grpc_slice_unref(s[0]);
+        return bb;
+    }
+    if (release)
+        s[1] = grpc_slice_new_with_user_data((void *)(uintptr_t)y, len, release, user);
+    else
+        s[1] = grpc_slice_from_copied_buffer((const char *)y, len);
+    bb = grpc_raw_byte_buffer_create(s, 2);
+    grpc_slice_unref(s[0]);
+    grpc_slice_unref(s[1]);
+    return bb;
 }

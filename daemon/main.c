@@ -165,14 +165,17 @@ int main(int argc, char **argv)
                                               .out = (uint32_t)m.out},
                          &err) < 0)
         goto fail;
-    if (sched_create(&sched, &arena, c.max_queue, &err) < 0)
+    if (sched_create(
+            &sched, &arena,
+            &(struct sched_config){.max_queue = c.max_queue, .batch_delay_us = c.batch_delay_us},
+            &err) < 0)
         goto fail;
     tp_log(TP_LOG_NOTICE,
            "model '%s': in %lld, out %lld, %s weights%s; %d cpu ranks of %lld rows, %d BLAS "
-           "threads each; %u slots of %u rows",
+           "threads each; %u slots of %u rows, batch delay %u us",
            m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
            m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
-           c.slots, c.max_batch);
+           c.slots, c.max_batch, c.batch_delay_us);
     /* Bind before starting workers, so that a bad --listen fails at once. */
     grpc_init();
     gpr_set_log_function(grpc_log);

@@ -60,7 +60,7 @@ static void expect_fail(struct req *q, enum tp_code code, const char *word)
     struct infer_input in;
     struct tp_err err = {0};
 
-    ASSERT_EQ(infer_validate(&model, &q->r, &in, &err), -1);
+    ASSERT_EQ(infer_validate(&model, &q->r, NULL, &in, &err), -1);
     ASSERT_EQ(err.code, code);
     ASSERT_STR_HAS(err.msg, word);
     make(q);
@@ -73,27 +73,27 @@ static void test_valid_forms(void)
     struct tp_err err = {0};
 
     make(&q);
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     ASSERT_EQ(in.rows, 2);
     ASSERT_TRUE(in.x == q.x);
     q.r.model_version = "1";
     q.r.n_outputs = 1;
     q.r.outputs = q.os;
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     /* typed contents instead of raw */
     make(&q);
     q.r.n_raw_input_contents = 0;
     q.contents.n_fp32_contents = 6;
     q.contents.fp32_contents = q.x;
     q.t.contents = &q.contents;
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     ASSERT_EQ(in.rows, 2);
     ASSERT_TRUE(in.x == q.x);
     /* max_batch rows */
     make(&q);
     q.shape[0] = 4;
     q.raw[0].len = 48;
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
 }
 
 static void test_rejects(void)
@@ -157,7 +157,7 @@ static void test_response(void)
     struct tp_err err = {0};
 
     make(&q);
-    bb = infer_response(&model, &q.r, y, 2);
+    bb = infer_response(&model, q.r.id, y, 2, NULL, NULL);
     ASSERT_TRUE(bb != NULL);
     ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
                           &err),
