@@ -327,6 +327,7 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
         ic->payload = rpc_call_take_payload(call);
     tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, ic->in.rows);
     if (sched_submit(a->sched, &ic->req, &err) < 0) {
+        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", q->id, err.msg);
         if (ic->payload) {
             grpc_byte_buffer_destroy(ic->payload);
             ic->payload = NULL;

@@ -21,6 +21,7 @@ struct sched_slot {
     int busy;               /* taken by a batch, until holds drops to 0 */
     uint32_t holds;         /* the job in flight + rows lent out */
     uint64_t id;            /* job id */
+    uint32_t rows, n;       /* rows and requests of the job */
     struct sched_req *reqs; /* the batch, in row order */
 };
 
@@ -36,8 +37,9 @@ struct sched {
     struct sched_slot *slots;      /* nslots */
     struct sched_req *head, *tail; /* FIFO of requests waiting for a batch */
     uint32_t queued;
-    uint32_t running; /* requests in jobs not yet done */
-    uint32_t busy;    /* busy slots */
+    uint32_t running;   /* requests in jobs not yet done */
+    uint32_t busy;      /* busy slots */
+    uint32_t computing; /* slots whose job the workers have not finished */
     uint64_t next_id;
     int ready;
     struct sched_stats st;
@@ -126,16 +128,54 @@ static struct sched_slot *free_slot(struct sched *s)
     return NULL;
 }
 
-/* Copies a batch into its slot and sends the job; fails the batch if the group cannot take it. */
-static void launch(struct sched *s, struct sched_slot *sl, uint32_t rows)
+/* Moves the queue's first n requests (up to last) into slot sl as one job. Called with the lock
+ * held. Returns the batch's rows. */
+static uint32_t take_batch(struct sched *s, struct sched_slot *sl, struct sched_req *last,
+                           uint32_t n)
+{
+    uint32_t rows = 0;
+    struct sched_req *r;
+
+    sl->reqs = s->head;
+    s->head = last->next;
+    if (!s->head)
+        s->tail = NULL;
+    last->next = NULL;
+    s->queued -= n;
+    for (r = sl->reqs; r; r = r->next) {
+        r->state = R_RUNNING;
+        r->row0 = rows;
+        rows += r->rows;
+    }
+    sl->busy = 1;
+    sl->holds = 1;
+    sl->id = s->next_id++;
+    sl->rows = rows;
+    sl->n = n;
+    s->busy++;
+    s->computing++;
+    s->running += n;
+    s->st.batches++;
+    s->st.requests += n;
+    s->st.rows += rows;
+    s->st.multi += n > 1;
+    if (n > s->st.max_reqs)
+        s->st.max_reqs = n;
+    return rows;
+}
+
+/* Copies a batch into its slot and sends the job; fails the batch if the group cannot take it.
+ * Called without the lock. */
+static void launch(struct sched *s, struct sched_slot *sl)
 {
     struct tp_err err = {0};
     struct sched_req *r, *failed = NULL;
     float *x = shm_slot_input(s->arena, sl->idx);
 
+    tp_log(TP_LOG_DEBUG, "batch of %u requests, %u rows on slot %u", sl->n, sl->rows, sl->idx);
     for (r = sl->reqs; r; r = r->next)
         r->fill(r, x + (size_t)r->row0 * s->arena->layout.in);
-    if (sup_dispatch(s->sup, sl->idx, sl->id, rows, &err) == 0)
+    if (sup_dispatch(s->sup, sl->idx, sl->id, sl->rows, &err) == 0)
         return;
     pthread_mutex_lock(&s->lock);
     failed = sl->reqs;
@@ -143,6 +183,7 @@ static void launch(struct sched *s, struct sched_slot *sl, uint32_t rows)
         r->state = R_DONE;
         s->running--;
     }
+    s->computing--;
     unhold_locked(s, sl);
     pthread_mutex_unlock(&s->lock);
     fail_list(failed, &err);
@@ -183,7 +224,7 @@ static void *sched_thread(void *arg)
         }
         /* Not full, others computing: give more requests a chance to join, up to the delay
          * counted from the oldest one's arrival. An idle server starts at once. */
-        if (r == NULL && rows < max_rows && delay_ns > 0 && s->busy > 0 &&
+        if (r == NULL && rows < max_rows && delay_ns > 0 && s->computing > 0 &&
             now < s->head->enq_ns + delay_ns) {
             int64_t until = s->head->enq_ns + delay_ns;
             struct timespec ts;
@@ -193,32 +234,9 @@ static void *sched_thread(void *arg)
             pthread_cond_timedwait(&s->cond, &s->lock, &ts);
             continue;
         }
-        sl->reqs = s->head;
-        s->head = last->next;
-        if (!s->head)
-            s->tail = NULL;
-        last->next = NULL;
-        s->queued -= n;
-        rows = 0;
-        for (r = sl->reqs; r; r = r->next) {
-            r->state = R_RUNNING;
-            r->row0 = rows;
-            rows += r->rows;
-        }
-        sl->busy = 1;
-        sl->holds = 1;
-        sl->id = s->next_id++;
-        s->busy++;
-        s->running += n;
-        s->st.batches++;
-        s->st.requests += n;
-        s->st.rows += rows;
-        s->st.multi += n > 1;
-        if (n > s->st.max_reqs)
-            s->st.max_reqs = n;
+        take_batch(s, sl, last, n);
         pthread_mutex_unlock(&s->lock);
-        tp_log(TP_LOG_DEBUG, "batch of %u requests, %u rows on slot %u", n, rows, sl->idx);
-        launch(s, sl, rows);
+        launch(s, sl);
         pthread_mutex_lock(&s->lock);
     }
     pthread_mutex_unlock(&s->lock);
@@ -291,6 +309,18 @@ int sched_submit(struct sched *s, struct sched_req *r, struct tp_err *err)
         s->head = r;
     s->tail = r;
     s->queued++;
+    /* Alone on an idle server (or batching off): start it on this thread, sparing the hand-off
+     * to the scheduler's thread. Otherwise that thread forms the batch. */
+    if (s->queued == 1 && (s->computing == 0 || s->c.batch_delay_us == 0)) {
+        struct sched_slot *sl = free_slot(s);
+
+        if (sl) {
+            take_batch(s, sl, r, 1);
+            pthread_mutex_unlock(&s->lock);
+            launch(s, sl);
+            return 0;
+        }
+    }
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
     return 0;
@@ -337,6 +367,7 @@ void sched_on_done(void *ctx, uint32_t slot, uint64_t id, const struct tp_err *e
     }
     r = sl->reqs;
     sl->reqs = NULL;
+    s->computing--;
     /* decide every request's fate under the lock: a cancel arriving later finds R_DONE */
     for (struct sched_req *q = r; q; q = q->next) {
         s->running--;

@@ -177,10 +177,63 @@ static void test_response(void)
     grpc_byte_buffer_destroy(bb);
 }
 
+static int released;
+
+static void release(void *user)
+{
+    ASSERT_TRUE(user == &released);
+    released++;
+}
+
+/* the data slice points at y and is released exactly once, when the buffer is gone */
+static void test_response_in_place(void)
+{
+    float y[6] = {1, 2, 3, 4, 5, 6};
+    grpc_byte_buffer *bb = infer_response(&model, "id-9", y, 3, release, &released);
+    Inference__ModelInferResponse *r;
+    grpc_byte_buffer_reader rd;
+    grpc_slice *s;
+    int nslices = 0, points_at_y = 0;
+    struct tp_err err = {0};
+
+    ASSERT_TRUE(bb != NULL);
+    ASSERT_TRUE(grpc_byte_buffer_reader_init(&rd, bb));
+    while (grpc_byte_buffer_reader_peek(&rd, &s)) {
+        nslices++;
+        points_at_y += GRPC_SLICE_START_PTR(*s) == (uint8_t *)y;
+    }
+    grpc_byte_buffer_reader_destroy(&rd);
+    ASSERT_EQ(nslices, 2);
+    ASSERT_EQ(points_at_y, 1);
+    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
+                          &err),
+              0);
+    ASSERT_STR_EQ(r->id, "id-9");
+    ASSERT_EQ(r->outputs[0]->shape[0], 3);
+    ASSERT_EQ(r->n_raw_output_contents, 1);
+    ASSERT_EQ(r->raw_output_contents[0].len, sizeof(y));
+    ASSERT_EQ(memcmp(r->raw_output_contents[0].data, y, sizeof(y)), 0);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    ASSERT_EQ(released, 0);
+    grpc_byte_buffer_destroy(bb);
+    ASSERT_EQ(released, 1);
+    /* output in shared memory: no raw_output_contents at all */
+    bb = infer_response(&model, "id-9", NULL, 3, release, &released);
+    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
+                          &err),
+              0);
+    ASSERT_EQ(r->n_raw_output_contents, 0);
+    ASSERT_EQ(r->outputs[0]->shape[1], 2);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    grpc_byte_buffer_destroy(bb);
+    ASSERT_EQ(released, 1);
+}
+
 int main(void)
 {
     TEST_RUN(test_valid_forms);
     TEST_RUN(test_rejects);
     TEST_RUN(test_response);
+    TEST_RUN(test_response_in_place);
     return 0;
 }
