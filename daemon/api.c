@@ -21,6 +21,8 @@ struct infer_call {
     Inference__ModelInferRequest *msg; /* the request without its raw_input_contents */
     grpc_byte_buffer *payload;         /* the received message, until its rows are in the slot */
     struct infer_input in;
+    struct shmreg_region *in_reg, *out_reg; /* shared-memory regions in use, or NULL */
+    void *out_p;                            /* where the output goes in out_reg */
 };
 
 static int is_ready(struct api *a)
@@ -122,6 +124,8 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     protobuf_c_message_free_unpacked(m, NULL);
     r.name = "tpd";
     r.version = TP_VERSION;
+    r.n_extensions = 1;
+    r.extensions = (char *[]){"system_shared_memory"};
     reply_msg(call, &r.base);
 }
 
@@ -254,6 +258,20 @@ static void infer_fill(struct sched_req *req, float *x)
     }
 }
 
+/* Frees what a ModelInfer call holds besides its storage (which rpc frees). */
+static void release_call(struct infer_call *ic)
+{
+    if (ic->msg)
+        protobuf_c_message_free_unpacked(&ic->msg->base, NULL);
+    ic->msg = NULL;
+    if (ic->payload)
+        grpc_byte_buffer_destroy(ic->payload);
+    ic->payload = NULL;
+    shmreg_release(ic->in_reg);
+    shmreg_release(ic->out_reg);
+    ic->in_reg = ic->out_reg = NULL;
+}
+
 static void unhold(void *hold)
 {
     sched_unhold(hold);
@@ -266,6 +284,17 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     if (err) {
         tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
         rpc_reply_err(ic->call, err);
+    } else if (ic->out_p) {
+        /* the output goes to the client's region: the reply carries no data */
+        grpc_byte_buffer *bb;
+
+        memcpy(ic->out_p, y, (size_t)req->rows * (size_t)ic->api->model->out * sizeof(float));
+        sched_unhold(req->hold);
+        bb = infer_response(ic->api->model, ic->msg->id, NULL, req->rows, NULL, NULL);
+        if (bb)
+            rpc_reply(ic->call, 0, NULL, bb);
+        else
+            rpc_reply(ic->call, 8, "out of memory packing the response", NULL);
     } else {
         /* the reply points at the slot's output; gRPC releases the slot when it is done */
         grpc_byte_buffer *bb =
@@ -278,12 +307,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
             rpc_reply(ic->call, 8, "out of memory packing the response", NULL);
         }
     }
-    protobuf_c_message_free_unpacked(&ic->msg->base, NULL);
-    ic->msg = NULL;
-    if (ic->payload) {
-        grpc_byte_buffer_destroy(ic->payload);
-        ic->payload = NULL;
-    }
+    release_call(ic);
 }
 
 static void infer_cancelled(void *arg)
@@ -296,7 +320,7 @@ static void infer_cancelled(void *arg)
 static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
-    struct infer_call *ic;
+    struct infer_call *ic = NULL;
     struct gbuf_field raw;
     struct tp_err err = {0};
     Inference__ModelInferRequest *q = NULL;
@@ -319,6 +343,19 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
         tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
         goto fail;
     }
+    if (ic->in.in_region) {
+        void *p;
+
+        if (shmreg_acquire(a->shm, ic->in.in_region, ic->in.in_offset,
+                           (uint64_t)ic->in.rows * (uint64_t)a->model->in * 4, &ic->in_reg, &p,
+                           &err) < 0)
+            goto fail;
+        ic->in.x = p;
+    }
+    if (ic->in.out_region && shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
+                                            (uint64_t)ic->in.rows * (uint64_t)a->model->out * 4,
+                                            &ic->out_reg, &ic->out_p, &err) < 0)
+        goto fail;
     ic->req = (struct sched_req){.rows = ic->in.rows,
                                  .deadline_ns = rpc_call_deadline_ns(call),
                                  .fill = infer_fill,
@@ -328,18 +365,113 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, ic->in.rows);
     if (sched_submit(a->sched, &ic->req, &err) < 0) {
         tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", q->id, err.msg);
-        if (ic->payload) {
-            grpc_byte_buffer_destroy(ic->payload);
-            ic->payload = NULL;
-        }
         goto fail;
     }
     rpc_call_on_cancel(call, infer_cancelled, ic);
     return;
 fail:
     rpc_reply_err(call, &err);
-    if (q)
+    if (ic)
+        release_call(ic);
+    else if (q)
         protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+static void shm_status(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__SystemSharedMemoryStatusResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_STATUS_RESPONSE__INIT;
+    Inference__SystemSharedMemoryStatusRequest *q =
+        (Inference__SystemSharedMemoryStatusRequest *)unpack_or_reply(
+            call, payload, &inference__system_shared_memory_status_request__descriptor);
+    struct shmreg_info *info = NULL;
+    Inference__SystemSharedMemoryStatusResponse__RegionStatus *st = NULL;
+    Inference__SystemSharedMemoryStatusResponse__RegionsEntry *e = NULL, **ep = NULL;
+    size_t n;
+
+    if (!q)
+        return;
+    info = calloc(SHMREG_MAX_REGIONS, sizeof(*info));
+    st = calloc(SHMREG_MAX_REGIONS, sizeof(*st));
+    e = calloc(SHMREG_MAX_REGIONS, sizeof(*e));
+    ep = calloc(SHMREG_MAX_REGIONS, sizeof(*ep));
+    if (!info || !st || !e || !ep) {
+        rpc_reply(call, 8, "out of memory", NULL);
+        goto out;
+    }
+    n = shmreg_status(a->shm, q->name, info, SHMREG_MAX_REGIONS);
+    if (q->name[0] && n == 0) {
+        struct tp_err err;
+
+        tp_err_set(&err, TP_ENOTFOUND, "no shared-memory region '%.100s'", q->name);
+        rpc_reply_err(call, &err);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        inference__system_shared_memory_status_response__region_status__init(&st[i]);
+        inference__system_shared_memory_status_response__regions_entry__init(&e[i]);
+        st[i].name = info[i].name;
+        st[i].key = info[i].key;
+        st[i].offset = info[i].offset;
+        st[i].byte_size = info[i].byte_size;
+        e[i].key = info[i].name;
+        e[i].value = &st[i];
+        ep[i] = &e[i];
+    }
+    r.n_regions = n;
+    r.regions = ep;
+    reply_msg(call, &r.base);
+out:
+    free(info);
+    free(st);
+    free(e);
+    free(ep);
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+static void shm_register(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__SystemSharedMemoryRegisterResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_REGISTER_RESPONSE__INIT;
+    Inference__SystemSharedMemoryRegisterRequest *q =
+        (Inference__SystemSharedMemoryRegisterRequest *)unpack_or_reply(
+            call, payload, &inference__system_shared_memory_register_request__descriptor);
+    struct tp_err err = {0};
+
+    if (!q)
+        return;
+    if (shmreg_register(a->shm, q->name, q->key, q->offset, q->byte_size, &err) < 0) {
+        rpc_reply_err(call, &err);
+    } else {
+        tp_log(TP_LOG_INFO, "registered shared-memory region '%s': %llu bytes at %llu of '%s'",
+               q->name, (unsigned long long)q->byte_size, (unsigned long long)q->offset, q->key);
+        reply_msg(call, &r.base);
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+static void shm_unregister(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__SystemSharedMemoryUnregisterResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_UNREGISTER_RESPONSE__INIT;
+    Inference__SystemSharedMemoryUnregisterRequest *q =
+        (Inference__SystemSharedMemoryUnregisterRequest *)unpack_or_reply(
+            call, payload, &inference__system_shared_memory_unregister_request__descriptor);
+    struct tp_err err = {0};
+
+    if (!q)
+        return;
+    if (shmreg_unregister(a->shm, q->name, &err) < 0) {
+        rpc_reply_err(call, &err);
+    } else {
+        tp_log(TP_LOG_INFO, "unregistered shared-memory region%s '%s'", q->name[0] ? "" : "s",
+               q->name[0] ? q->name : "(all)");
+        reply_msg(call, &r.base);
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
 const struct rpc_method api_methods[] = {
@@ -351,6 +483,9 @@ const struct rpc_method api_methods[] = {
     {"/inference.GRPCInferenceService/ModelInfer", model_infer},
     {"/inference.GRPCInferenceService/RepositoryIndex", repository_index},
     {"/grpc.health.v1.Health/Check", health_check},
+    {"/inference.GRPCInferenceService/SystemSharedMemoryStatus", shm_status},
+    {"/inference.GRPCInferenceService/SystemSharedMemoryRegister", shm_register},
+    {"/inference.GRPCInferenceService/SystemSharedMemoryUnregister", shm_unregister},
 };
 
 const int api_nmethods = sizeof(api_methods) / sizeof(api_methods[0]);

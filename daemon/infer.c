@@ -33,9 +33,75 @@ int infer_check_model(const struct model *m, const char *name, const char *versi
     return 0;
 }
 
+/* An integer parameter, >= 0: int64_param (what tritonclient sends) or uint64_param. */
+static int param_u64(const char *tensor, const char *key, const Inference__InferParameter *v,
+                     uint64_t *out, struct tp_err *err)
+{
+    if (v && v->parameter_choice_case == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM &&
+        v->int64_param >= 0) {
+        *out = (uint64_t)v->int64_param;
+        return 0;
+    }
+    if (v &&
+        v->parameter_choice_case == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
+        *out = v->uint64_param;
+        return 0;
+    }
+    return tp_err_set(err, TP_EINVAL, "'%s' parameter %s must be an integer >= 0", tensor, key);
+}
+
+/* The shared-memory parameters of a tensor (keys[i] = vals[i]); *region stays NULL without
+ * shared_memory_region. Other parameters are ignored. want: the bytes the tensor has. */
+static int shm_params(const char *tensor, size_t n, char *const *keys,
+                      Inference__InferParameter *const *vals, uint64_t want, const char **region,
+                      uint64_t *offset, struct tp_err *err)
+{
+    uint64_t size = 0;
+    int has_size = 0;
+
+    *region = NULL;
+    *offset = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(keys[i], "shared_memory_region") == 0) {
+            if (!vals[i] || vals[i]->parameter_choice_case !=
+                                INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
+                return tp_err_set(err, TP_EINVAL,
+                                  "'%s' parameter shared_memory_region must be a string", tensor);
+            *region = vals[i]->string_param;
+        } else if (strcmp(keys[i], "shared_memory_byte_size") == 0) {
+            if (param_u64(tensor, keys[i], vals[i], &size, err) < 0)
+                return -1;
+            has_size = 1;
+        } else if (strcmp(keys[i], "shared_memory_offset") == 0) {
+            if (param_u64(tensor, keys[i], vals[i], offset, err) < 0)
+                return -1;
+        }
+    }
+    if (!*region) {
+        if (has_size || *offset)
+            return tp_err_set(err, TP_EINVAL,
+                              "'%s' has shared-memory parameters but no shared_memory_region",
+                              tensor);
+        return 0;
+    }
+    if (!has_size)
+        return tp_err_set(err, TP_EINVAL,
+                          "'%s' in shared-memory region '%.64s' needs shared_memory_byte_size",
+                          tensor, *region);
+    if (size != want)
+        return tp_err_set(err, TP_EINVAL,
+                          "'%s' FP32 needs %" PRIu64 " bytes, shared_memory_byte_size is %" PRIu64,
+                          tensor, want, size);
+    return 0;
+}
+
+#define MAX_PARAMS 16
+
 int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                    const struct gbuf_field *raw, struct infer_input *in, struct tp_err *err)
 {
+    char *keys[MAX_PARAMS];
+    Inference__InferParameter *vals[MAX_PARAMS];
     const Inference__ModelInferRequest__InferInputTensor *t;
     char shape[128];
     uint64_t want;
@@ -67,7 +133,34 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                               r->outputs[i]->name, MODEL_OUTPUT);
     want = (uint64_t)t->shape[0] * (uint64_t)m->in;
     *in = (struct infer_input){0};
-    if (nraw > 0) {
+    if (t->n_parameters > MAX_PARAMS)
+        return tp_err_set(err, TP_EINVAL, "input '%s' has %zu parameters, at most %d", MODEL_INPUT,
+                          t->n_parameters, MAX_PARAMS);
+    for (size_t i = 0; i < t->n_parameters; i++)
+        keys[i] = t->parameters[i]->key, vals[i] = t->parameters[i]->value;
+    if (shm_params("input", t->n_parameters, keys, vals, want * 4, &in->in_region, &in->in_offset,
+                   err) < 0)
+        return -1;
+    for (size_t o = 0; o < r->n_outputs; o++) {
+        const Inference__ModelInferRequest__InferRequestedOutputTensor *ot = r->outputs[o];
+
+        if (ot->n_parameters > MAX_PARAMS)
+            return tp_err_set(err, TP_EINVAL, "output '%s' has %zu parameters, at most %d",
+                              MODEL_OUTPUT, ot->n_parameters, MAX_PARAMS);
+        for (size_t i = 0; i < ot->n_parameters; i++)
+            keys[i] = ot->parameters[i]->key, vals[i] = ot->parameters[i]->value;
+        if (shm_params("output", ot->n_parameters, keys, vals,
+                       (uint64_t)t->shape[0] * (uint64_t)m->out * 4, &in->out_region,
+                       &in->out_offset, err) < 0)
+            return -1;
+    }
+    if (in->in_region) {
+        if (nraw > 0 || t->contents)
+            return tp_err_set(err, TP_EINVAL,
+                              "input '%s' is in shared-memory region '%.64s' and also has data "
+                              "in the request",
+                              MODEL_INPUT, in->in_region);
+    } else if (nraw > 0) {
         size_t len = raw ? raw->len : r->raw_input_contents[0].len;
 
         if (nraw != 1)

@@ -13,9 +13,13 @@
 #include "model.h"
 
 struct infer_input {
-    uint32_t rows;     /* batch rows */
-    const float *x;    /* [rows, in] in the unpacked message; NULL when the data is elsewhere */
-    size_t raw_offset; /* x NULL: offset of raw_input_contents[0] in the received message */
+    uint32_t rows;         /* batch rows */
+    const float *x;        /* [rows, in] in the unpacked message; NULL when the data is elsewhere */
+    size_t raw_offset;     /* x NULL: offset of raw_input_contents[0] in the received message */
+    const char *in_region; /* input in this shared-memory region (in the message), or NULL */
+    uint64_t in_offset;    /* bytes into the region */
+    const char *out_region; /* output to this shared-memory region, or NULL */
+    uint64_t out_offset;
 };
 
 /* Accepts the model's name with version "" or MODEL_VERSION; TP_ENOTFOUND otherwise. */
@@ -25,10 +29,13 @@ int infer_check_model(const struct model *m, const char *name, const char *versi
 /* Accepts exactly one input named MODEL_INPUT, datatype FP32, shape [B, in] with
  * 1 <= B <= max_batch, data in raw_input_contents[0] (exactly B*in*4 bytes) or in
  * contents.fp32_contents (exactly B*in values), for model m (version "" or MODEL_VERSION);
- * requested outputs, if any, must be MODEL_OUTPUT. raw: where the scan found raw_input_contents
- * when they were left in the byte buffer (then r has none), or NULL when r carries them itself.
- * Errors: TP_ENOTFOUND for the model or version, TP_EINVAL for the rest, each saying what was
- * expected and what came. */
+ * requested outputs, if any, must be MODEL_OUTPUT. The input, or the output, may instead lie in
+ * a system shared-memory region: parameters shared_memory_region (string),
+ * shared_memory_byte_size (exactly B*in*4, or B*out*4 bytes) and shared_memory_offset (>= 0,
+ * default 0); the region's bounds are checked where it is looked up. raw: where the scan found
+ * raw_input_contents when they were left in the byte buffer (then r has none), or NULL when r
+ * carries them itself. Errors: TP_ENOTFOUND for the model or version, TP_EINVAL for the rest, each
+ * saying what was expected and what came. */
 int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                    const struct gbuf_field *raw, struct infer_input *in, struct tp_err *err);
 

@@ -181,6 +181,8 @@ int main(int argc, char **argv)
     gpr_set_log_function(grpc_log);
     api.model = &m;
     api.sched = sched;
+    if (shmreg_create(&api.shm, &err) < 0)
+        goto fail_grpc;
     if (rpc_server_create(
             &rpc,
             &(struct rpc_config){.listen = c.listen,
@@ -234,6 +236,7 @@ fail:
         tp_log(TP_LOG_ERR, "%s", err.msg);
     sup_stop(sup);
     sched_destroy(sched);
+    shmreg_destroy(api.shm);
     shm_arena_destroy(&arena);
     if (status == 0)
         tp_log(TP_LOG_NOTICE, "stopped");

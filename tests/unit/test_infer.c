@@ -177,6 +177,104 @@ static void test_response(void)
     grpc_byte_buffer_destroy(bb);
 }
 
+/* a request whose input (and optionally output) lies in a shared-memory region */
+struct shm_req {
+    struct req q;
+    Inference__InferParameter pv[3];
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry e[3], *ep[3];
+};
+
+static void make_shm(struct shm_req *s, int64_t byte_size, int64_t offset)
+{
+    static const char *const keys[3] = {"shared_memory_region", "shared_memory_byte_size",
+                                        "shared_memory_offset"};
+
+    make(&s->q);
+    s->q.r.n_raw_input_contents = 0;
+    for (int i = 0; i < 3; i++) {
+        inference__infer_parameter__init(&s->pv[i]);
+        inference__model_infer_request__infer_input_tensor__parameters_entry__init(&s->e[i]);
+        s->e[i].key = (char *)keys[i];
+        s->e[i].value = &s->pv[i];
+        s->ep[i] = &s->e[i];
+    }
+    s->pv[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    s->pv[0].string_param = "reg";
+    s->pv[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    s->pv[1].int64_param = byte_size;
+    s->pv[2].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    s->pv[2].int64_param = offset;
+    s->q.t.n_parameters = 3;
+    s->q.t.parameters = s->ep;
+}
+
+static void expect_shm_fail(struct shm_req *s, const char *word)
+{
+    struct infer_input in;
+    struct tp_err err = {0};
+
+    ASSERT_EQ(infer_validate(&model, &s->q.r, NULL, &in, &err), -1);
+    ASSERT_EQ(err.code, TP_EINVAL);
+    ASSERT_STR_HAS(err.msg, word);
+}
+
+static void test_shm_params(void)
+{
+    struct shm_req s;
+    struct infer_input in;
+    struct tp_err err = {0};
+    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[2], *oep[2];
+    Inference__InferParameter ov[2];
+
+    make_shm(&s, 24, 4096);
+    ASSERT_EQ(infer_validate(&model, &s.q.r, NULL, &in, &err), 0);
+    ASSERT_STR_EQ(in.in_region, "reg");
+    ASSERT_EQ(in.in_offset, 4096);
+    ASSERT_TRUE(in.x == NULL);
+    ASSERT_TRUE(in.out_region == NULL);
+    make_shm(&s, 20, 0); /* 2 rows x 3 floats are 24 bytes */
+    expect_shm_fail(&s, "24 bytes, shared_memory_byte_size is 20");
+    make_shm(&s, 24, -8);
+    expect_shm_fail(&s, "shared_memory_offset must be an integer >= 0");
+    make_shm(&s, 24, 0);
+    s.pv[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    expect_shm_fail(&s, "must be a string");
+    make_shm(&s, 24, 0);
+    s.q.t.n_parameters = 1; /* no byte size */
+    expect_shm_fail(&s, "needs shared_memory_byte_size");
+    make_shm(&s, 24, 0);
+    s.q.r.n_raw_input_contents = 1; /* data in the request too */
+    expect_shm_fail(&s, "also has data");
+    make_shm(&s, 24, 8);
+    s.ep[0] = s.ep[2]; /* an offset without a region */
+    s.q.t.n_parameters = 1;
+    expect_shm_fail(&s, "no shared_memory_region");
+    /* output to a region: byte size is rows * out * 4 = 16 */
+    make_shm(&s, 24, 0);
+    for (int i = 0; i < 2; i++) {
+        inference__infer_parameter__init(&ov[i]);
+        inference__model_infer_request__infer_requested_output_tensor__parameters_entry__init(
+            &oe[i]);
+        oe[i].value = &ov[i];
+        oep[i] = &oe[i];
+    }
+    oe[0].key = "shared_memory_region";
+    ov[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    ov[0].string_param = "outreg";
+    oe[1].key = "shared_memory_byte_size";
+    ov[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM;
+    ov[1].uint64_param = 16;
+    s.q.o.n_parameters = 2;
+    s.q.o.parameters = oep;
+    s.q.r.n_outputs = 1;
+    s.q.r.outputs = s.q.os;
+    ASSERT_EQ(infer_validate(&model, &s.q.r, NULL, &in, &err), 0);
+    ASSERT_STR_EQ(in.out_region, "outreg");
+    ASSERT_EQ(in.out_offset, 0);
+    ov[1].uint64_param = 24;
+    expect_shm_fail(&s, "'output' FP32 needs 16 bytes");
+}
+
 static int released;
 
 static void release(void *user)
@@ -235,5 +333,6 @@ int main(void)
     TEST_RUN(test_rejects);
     TEST_RUN(test_response);
     TEST_RUN(test_response_in_place);
+    TEST_RUN(test_shm_params);
     return 0;
 }
