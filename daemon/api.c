@@ -277,37 +277,38 @@ static void unhold(void *hold)
     sched_unhold(hold);
 }
 
+/* Answers the call. Everything the call holds is released before rpc_reply: from this thread
+ * (not the call's), the call's storage, ic included, may be freed as soon as the reply is sent. */
 static void infer_complete(struct sched_req *req, const float *y, const struct tp_err *err)
 {
     struct infer_call *ic = (struct infer_call *)req;
+    struct rpc_call *call = ic->call;
+    grpc_byte_buffer *bb = NULL;
 
     if (err) {
-        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
-        rpc_reply_err(ic->call, err);
-    } else if (ic->out_p) {
-        /* the output goes to the client's region: the reply carries no data */
-        grpc_byte_buffer *bb;
+        struct tp_err e = *err;
 
+        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
+        release_call(ic);
+        rpc_reply_err(call, &e);
+        return;
+    }
+    if (ic->out_p) {
+        /* the output goes to the client's region: the reply carries no data */
         memcpy(ic->out_p, y, (size_t)req->rows * (size_t)ic->api->model->out * sizeof(float));
         sched_unhold(req->hold);
         bb = infer_response(ic->api->model, ic->msg->id, NULL, req->rows, NULL, NULL);
-        if (bb)
-            rpc_reply(ic->call, 0, NULL, bb);
-        else
-            rpc_reply(ic->call, 8, "out of memory packing the response", NULL);
     } else {
         /* the reply points at the slot's output; gRPC releases the slot when it is done */
-        grpc_byte_buffer *bb =
-            infer_response(ic->api->model, ic->msg->id, y, req->rows, unhold, req->hold);
-
-        if (bb) {
-            rpc_reply(ic->call, 0, NULL, bb);
-        } else {
+        bb = infer_response(ic->api->model, ic->msg->id, y, req->rows, unhold, req->hold);
+        if (!bb)
             sched_unhold(req->hold);
-            rpc_reply(ic->call, 8, "out of memory packing the response", NULL);
-        }
     }
     release_call(ic);
+    if (bb)
+        rpc_reply(call, 0, NULL, bb);
+    else
+        rpc_reply(call, 8, "out of memory packing the response", NULL);
 }
 
 static void infer_cancelled(void *arg)
@@ -370,11 +371,11 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     rpc_call_on_cancel(call, infer_cancelled, ic);
     return;
 fail:
-    rpc_reply_err(call, &err);
     if (ic)
         release_call(ic);
     else if (q)
         protobuf_c_message_free_unpacked(&q->base, NULL);
+    rpc_reply_err(call, &err);
 }
 
 static void shm_status(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)

@@ -51,8 +51,9 @@ void rpc_reply_err(struct rpc_call *call, const struct tp_err *err);
 
 /* Per-call storage of size bytes, zeroed, allocated on the first use (later uses return the same
  * block; size must not change). It lives until gRPC is done with the call: after the reply has
- * been sent AND the call is closed, so it outlives the handler's answer and any cancel callback.
- * NULL when memory runs out. Only from the handler's thread or after it returned. */
+ * been sent AND the call is closed, so it outlives any cancel callback. A thread other than the
+ * call's own must not touch it once it has called rpc_reply: the reply may complete, and the
+ * storage go, at once. NULL when memory runs out. From the handler (first use). */
 void *rpc_call_data(struct rpc_call *call, size_t size);
 
 /* Takes the request message from the call: the caller owns it from now on (destroys it with
