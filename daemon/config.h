@@ -16,14 +16,15 @@ struct config {
     int cpu;             /* CPU ranks */
     const char *listen[CONFIG_MAX_LISTEN];
     int nlisten;
-    uint32_t max_batch;      /* rows per request */
-    uint32_t slots;          /* requests computed at once */
-    uint32_t max_queue;      /* requests waiting for a slot */
-    uint32_t batch_delay_us; /* most a batch waits for more requests; 0: off */
-    const char *worker;      /* worker executable; NULL: next to tpd */
+    uint32_t max_batch; /* rows per request */
+    uint32_t slots;     /* requests computed at once */
+    uint32_t max_queue; /* requests waiting for a slot */
+    const char *worker; /* worker executable; NULL: next to tpd */
     int grpc_threads;
     int restart_backoff_ms; /* first restart delay */
     int log_level;
+
+    uint32_t batch_delay_us; /* most a batch waits for more requests; 0: batching off */
 };
 
 enum config_result { CONFIG_OK, CONFIG_EXIT_OK, CONFIG_USAGE };

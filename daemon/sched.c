@@ -13,6 +13,9 @@
 
 #include "log.h"
 
+/* Jobs with the workers beyond which a batch that is not full keeps gathering requests. */
+#define PIPELINE 2
+
 enum req_state { R_QUEUED = 1, R_RUNNING, R_CANCELLED, R_DONE };
 
 struct sched_slot {
@@ -72,7 +75,8 @@ static void unhold_locked(struct sched *s, struct sched_slot *sl)
     sl->busy = 0;
     sl->reqs = NULL;
     s->busy--;
-    pthread_cond_broadcast(&s->cond);
+    if (s->head || s->stopping)
+        pthread_cond_broadcast(&s->cond);
 }
 
 void sched_unhold(struct sched_slot *sl)
@@ -222,17 +226,24 @@ static void *sched_thread(void *arg)
             n++;
             last = r;
         }
-        /* Not full, others computing: give more requests a chance to join, up to the delay
-         * counted from the oldest one's arrival. An idle server starts at once. */
-        if (r == NULL && rows < max_rows && delay_ns > 0 && s->computing > 0 &&
-            now < s->head->enq_ns + delay_ns) {
+        /* A batch that is not full, while jobs compute, waits for company: while PIPELINE jobs
+         * are already with the workers (who run their jobs one after the other, so another
+         * one could not start sooner), and otherwise up to the delay counted from the oldest
+         * request's arrival. An idle server starts at once. */
+        if (r == NULL && rows < max_rows && delay_ns > 0 && s->computing > 0) {
             int64_t until = s->head->enq_ns + delay_ns;
             struct timespec ts;
 
-            ts.tv_sec = (time_t)(until / 1000000000);
-            ts.tv_nsec = (long)(until % 1000000000);
-            pthread_cond_timedwait(&s->cond, &s->lock, &ts);
-            continue;
+            if (s->computing >= PIPELINE) {
+                pthread_cond_wait(&s->cond, &s->lock);
+                continue;
+            }
+            if (now < until) {
+                ts.tv_sec = (time_t)(until / 1000000000);
+                ts.tv_nsec = (long)(until % 1000000000);
+                pthread_cond_timedwait(&s->cond, &s->lock, &ts);
+                continue;
+            }
         }
         take_batch(s, sl, last, n);
         pthread_mutex_unlock(&s->lock);
@@ -368,6 +379,8 @@ void sched_on_done(void *ctx, uint32_t slot, uint64_t id, const struct tp_err *e
     r = sl->reqs;
     sl->reqs = NULL;
     s->computing--;
+    if (s->head)
+        pthread_cond_broadcast(&s->cond); /* a batch may be waiting for the workers */
     /* decide every request's fate under the lock: a cancel arriving later finds R_DONE */
     for (struct sched_req *q = r; q; q = q->next) {
         s->running--;

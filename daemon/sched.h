@@ -3,9 +3,9 @@
  * as many as fit into max_batch rows, copies each one's rows into one free slot at its own row
  * offset (the request's fill callback), sends one job for all the rows to every rank
  * (sup_dispatch), and when the last rank is done hands each request its own rows of the slot's
- * output (its complete callback). While other slots are computing, a batch that is not full may
- * wait up to the batch delay for more requests; a request that finds the server idle starts at
- * once. A slot is reused only after every request of its batch has released its rows
+ * output (its complete callback). While jobs compute, a batch that is not full gathers requests:
+ * as long as two jobs are already with the workers, else up to the batch delay from its oldest
+ * request's arrival; a request that finds the server idle starts at once. A slot is reused only after every request of its batch has released its rows
  * (sched_unhold), so a reply can be sent straight from the slot without copying it first. */
 #ifndef TPD_SCHED_H
 #define TPD_SCHED_H
