@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TOL = 1e-5
 IN, OUT, ROWS = 1024, 4096, 256
+BLOCKERS = 12
 BATCH_RE = re.compile(r"tpd: debug: batch of (\d+) requests, (\d+) rows on slot")
 
 VICTIM = r"""
@@ -73,7 +74,7 @@ class TestDeadline(TpdTestCase):
         self.assertLessEqual(err, TOL, "relative error %.3g\n%s" % (err, self.d.log_tail()))
 
     def test_queued_request_past_deadline_is_dropped(self):
-        # keep the one slot busy: 8 blockers of 256 rows, sent at once
+        # keep the one slot busy: BLOCKERS requests of 256 rows, sent at once
         xb = self.rng.standard_normal((ROWS, IN)).astype(np.float32)
         results, lock = [], threading.Lock()
 
@@ -81,25 +82,33 @@ class TestDeadline(TpdTestCase):
             with lock:
                 results.append((result, error))
 
-        for i in range(8):
+        for i in range(BLOCKERS):
             self.client.async_infer("lin", [infer_input(xb)], done, request_id="blocker-%d" % i)
         # wait until the first blocker runs, so the timed-out ones queue behind the rest
         t0 = time.monotonic()
         while not self.batches() and time.monotonic() - t0 < 30:
             time.sleep(0.01)
         self.assertTrue(self.batches(), "no batch started\n" + self.d.log_tail())
-        codes = []
+        # three short requests at once, each with a 50 ms deadline, behind the blockers
+        late, late_done = [None] * 3, threading.Semaphore(0)
+
+        def late_cb(i, result, error):
+            late[i] = (result, error)
+            late_done.release()
+
         for i in range(3):
             x = self.rng.standard_normal((3, IN)).astype(np.float32)
-            with self.assertRaises(InferenceServerException) as cm:
-                self.client.infer("lin", [infer_input(x)], request_id="late-%d" % i,
-                                  client_timeout=0.05)
-            codes.append(cm.exception.status())
+            self.client.async_infer("lin", [infer_input(x)],
+                                    lambda result, error, i=i: late_cb(i, result, error),
+                                    request_id="late-%d" % i, client_timeout=0.05)
+        for _ in range(3):
+            self.assertTrue(late_done.acquire(timeout=60), "a late request got no answer")
+        codes = [e.status() if e is not None else "OK" for _, e in late]
         self.assertEqual(codes, ["StatusCode.DEADLINE_EXCEEDED"] * 3)
         t0 = time.monotonic()
-        while len(results) < 8 and time.monotonic() - t0 < 60:
+        while len(results) < BLOCKERS and time.monotonic() - t0 < 60:
             time.sleep(0.02)
-        self.assertEqual(len(results), 8, "blockers did not all finish")
+        self.assertEqual(len(results), BLOCKERS, "blockers did not all finish")
         for result, error in results:
             self.assertIsNone(error, str(error))
             self.check(result.as_numpy("output"), xb)
@@ -109,7 +118,7 @@ class TestDeadline(TpdTestCase):
             self.assertRegex(log, r"request 'late-%d' failed: (deadline exceeded|call cancelled)"
                              % i)
         rows = [r for _, r in self.batches()]
-        self.assertEqual(rows, [ROWS] * 8,
+        self.assertEqual(rows, [ROWS] * BLOCKERS,
                          "a batch ran other rows than the blockers' 256: %s" % rows)
         # and still serves
         x = self.rng.standard_normal((2, IN)).astype(np.float32)
