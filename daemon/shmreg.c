@@ -16,6 +16,7 @@
 struct shmreg_region {
     struct shmreg *owner;
     struct shmreg_info info;
+    int fd;         /* the object, kept to re-check its size at each use */
     void *map;      /* mapping */
     size_t map_len; /* bytes mapped */
     uint8_t *base;  /* the region's first byte, inside map */
@@ -44,6 +45,7 @@ int shmreg_create(struct shmreg **out, struct tp_err *err)
 static void unmap(struct shmreg_region *g)
 {
     munmap(g->map, g->map_len);
+    close(g->fd);
     free(g);
 }
 
@@ -127,14 +129,13 @@ int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_
                    (unsigned long long)map_len, key);
         goto fail;
     }
-    close(fd);
-    fd = -1;
     g = calloc(1, sizeof(*g));
     if (!g) {
         tp_err_set(err, TP_ENOMEM, "no memory for region '%s'", name);
         goto fail;
     }
     *g = (struct shmreg_region){.owner = r,
+                                .fd = fd,
                                 .map = map,
                                 .map_len = (size_t)map_len,
                                 .base = (uint8_t *)map + (offset - map_off),
@@ -235,6 +236,19 @@ int shmreg_acquire(struct shmreg *r, const char *name, uint64_t offset, uint64_t
     }
     g->refs++;
     pthread_mutex_unlock(&r->lock);
+    /* An object shrunk under the mapping would turn the copy into SIGBUS: refuse it. (Only a
+     * check: an owner shrinking it right now is the trust limit documented in shmreg.h.) */
+    {
+        struct stat st;
+
+        if (fstat(g->fd, &st) < 0 || (uint64_t)st.st_size < g->info.offset + g->info.byte_size) {
+            tp_err_set(err, TP_EINVAL,
+                       "shared-memory region '%.100s': its object '%.100s' shrank below the region",
+                       name, g->info.key);
+            shmreg_release(g);
+            return -1;
+        }
+    }
     *reg = g;
     *p = g->base + offset;
     return 0;

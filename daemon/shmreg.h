@@ -5,8 +5,9 @@
  * the bytes over gRPC. Regions are reference counted: unregistering one that a request is still
  * using removes its name at once and unmaps it when the last request is done with it.
  * Trust: a client that can reach tpd can make it map any shared-memory object tpd's user may
- * open, and the owner of an object can shrink it under tpd's feet; serve this extension only to
- * local clients you trust (the default listen address is loopback). */
+ * open, and the owner of an object can shrink it under tpd's feet (each use re-checks the size,
+ * but a shrink during the copy itself would still end tpd with SIGBUS); serve this extension only
+ * to local clients you trust (the default listen address is loopback). */
 #ifndef TPD_SHMREG_H
 #define TPD_SHMREG_H
 
@@ -49,8 +50,9 @@ int shmreg_unregister(struct shmreg *r, const char *name, struct tp_err *err);
 size_t shmreg_status(struct shmreg *r, const char *name, struct shmreg_info *out, size_t max);
 
 /* Takes a reference on region name and returns in *p the address of [offset, offset + size) of
- * it, after checking that the range lies inside the region (overflow-safe). TP_ENOTFOUND for an
- * unknown region, TP_EINVAL for a range outside it. Release with shmreg_release. */
+ * it, after checking that the range lies inside the region (overflow-safe) and that the object
+ * still covers the region (fstat). TP_ENOTFOUND for an unknown region, TP_EINVAL for a range
+ * outside it or a shrunk object. Release with shmreg_release. */
 int shmreg_acquire(struct shmreg *r, const char *name, uint64_t offset, uint64_t size,
                    struct shmreg_region **reg, void **p, struct tp_err *err);
 

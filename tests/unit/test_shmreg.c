@@ -75,6 +75,13 @@ int main(void)
     ASSERT_EQ(memcmp(held, pattern + 10, 90), 0);
     shmreg_release(g);
     ASSERT_EQ(shmreg_unregister(r, "b", &err), 0); /* idempotent */
+    /* the object shrinks under region a: refused, not a SIGBUS */
+    fd = shm_open(key, O_RDWR, 0);
+    ASSERT_TRUE(fd >= 0);
+    ASSERT_EQ(ftruncate(fd, 6000), 0);
+    close(fd);
+    ASSERT_EQ(shmreg_acquire(r, "a", 0, 8, &g, &p, &err), -1);
+    ASSERT_STR_HAS(err.msg, "shrank");
     ASSERT_EQ(shmreg_unregister(r, "", &err), 0);
     ASSERT_EQ(shmreg_status(r, "", info, 4), 0);
     shmreg_destroy(r);
