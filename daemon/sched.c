@@ -165,6 +165,13 @@ static uint32_t take_batch(struct sched *s, struct sched_slot *sl, struct sched_
     s->st.multi += n > 1;
     if (n > s->st.max_reqs)
         s->st.max_reqs = n;
+    {
+        int b = 0;
+
+        while (b < 7 && (n >> (b + 1)) != 0)
+            b++;
+        s->st.by_reqs[b]++;
+    }
     return rows;
 }
 

@@ -5,8 +5,9 @@
  * (sup_dispatch), and when the last rank is done hands each request its own rows of the slot's
  * output (its complete callback). While jobs compute, a batch that is not full gathers requests:
  * as long as two jobs are already with the workers, else up to the batch delay from its oldest
- * request's arrival; a request that finds the server idle starts at once. A slot is reused only after every request of its batch has released its rows
- * (sched_unhold), so a reply can be sent straight from the slot without copying it first. */
+ * request's arrival; a request that finds the server idle starts at once. A slot is reused only
+ * after every request of its batch has released its rows (sched_unhold), so a reply can be sent
+ * straight from the slot without copying it first. */
 #ifndef TPD_SCHED_H
 #define TPD_SCHED_H
 
@@ -58,6 +59,8 @@ struct sched_stats {
     uint32_t max_reqs;  /* most requests in one job */
     uint64_t expired;   /* dropped with TP_ETIMEDOUT before they started */
     uint64_t cancelled; /* cancelled by their client (queued or running) */
+    /* jobs by the requests in them: [0] 1, [1] 2-3, [2] 4-7, ..., [7] 128 or more */
+    uint64_t by_reqs[8];
 };
 
 /* Creates a scheduler over the arena (borrowed) and starts its thread. Not ready until

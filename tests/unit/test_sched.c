@@ -191,6 +191,9 @@ static void test_batching_holds_cancel(void)
         ASSERT_EQ(st.max_reqs, 2);
         ASSERT_EQ(st.expired, 1);
         ASSERT_EQ(st.cancelled, 2);
+        ASSERT_EQ(st.by_reqs[0], 2); /* r1, r4 */
+        ASSERT_EQ(st.by_reqs[1], 1); /* r2 + r3 */
+        ASSERT_EQ(st.by_reqs[2], 0);
     }
     ASSERT_EQ(sched_busy(s), 0);
     sched_destroy(s);
