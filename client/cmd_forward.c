@@ -1,6 +1,7 @@
 /* cmd_forward.c -- `tpclient forward IN [-o OUT] ...`: reads activations (.npy or raw .bin),
  * sends them in requests of at most the model's max_batch rows, writes or summarises the output,
- * and with --verify checks every element against the independent CPU reference (tests/ref). */
+ * and with --verify checks every element against the independent CPU reference (tests/ref).
+ * With --shm the tensors go through a system shared-memory region instead of the messages. */
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -157,7 +158,8 @@ int cmd_forward(struct conn *c, int argc, char **argv)
     struct tp_err err = {0};
     float *x = NULL, *y = NULL;
     int64_t rows = 0, chunk;
-    int status = EXIT_ERROR;
+    int status = EXIT_ERROR, use_shm = 0;
+    struct kserve_shm shm = {0};
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -173,6 +175,8 @@ int cmd_forward(struct conn *c, int argc, char **argv)
             weight = argv[++i];
         else if (strcmp(a, "--bias") == 0 && has_val)
             bias = argv[++i];
+        else if (strcmp(a, "--shm") == 0)
+            use_shm = 1;
         else if (strcmp(a, "--tolerance") == 0 && has_val) {
             char *end;
 
@@ -219,13 +223,19 @@ int cmd_forward(struct conn *c, int argc, char **argv)
         tp_err_set(&err, TP_ENOMEM, "no memory for %lld output rows", (long long)rows);
         goto fail;
     }
-    chunk = l.max_batch > 0 ? l.max_batch : rows;
+    chunk = l.max_batch > 0 && l.max_batch < rows ? l.max_batch : rows;
+    if (use_shm &&
+        kserve_shm_open(c, (size_t)(chunk * l.in) * 4, (size_t)(chunk * l.out) * 4, &shm, &err) < 0)
+        goto fail;
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
         int64_t n = rows - r0 < chunk ? rows - r0 : chunk;
 
-        if (kserve_infer(c, model, &l, x + r0 * l.in, n, y + r0 * l.out, &err) < 0)
+        if (use_shm
+                ? kserve_infer_shm(c, model, &l, &shm, x + r0 * l.in, n, y + r0 * l.out, &err) < 0
+                : kserve_infer(c, model, &l, x + r0 * l.in, n, y + r0 * l.out, &err) < 0)
             goto fail;
     }
+    kserve_shm_close(c, &shm);
     if (out_path) {
         int64_t shape[2] = {rows, l.out};
 
@@ -240,6 +250,7 @@ int cmd_forward(struct conn *c, int argc, char **argv)
     free(y);
     return status;
 fail:
+    kserve_shm_close(c, &shm);
     cmd_error("%s", err.msg);
     free(x);
     free(y);

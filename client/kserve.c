@@ -1,8 +1,11 @@
 /* kserve.c -- ModelMetadata and ModelInfer as tpclient uses them (see kserve.h). */
 #include "kserve.h"
 
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "grpc_service.pb-c.h"
 
@@ -101,4 +104,153 @@ int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *
 out:
     protobuf_c_message_free_unpacked(&r->base, NULL);
     return rc;
+}
+
+int kserve_shm_open(struct conn *c, size_t in_bytes, size_t out_bytes, struct kserve_shm *s,
+                    struct tp_err *err)
+{
+    static unsigned seq;
+    Inference__SystemSharedMemoryRegisterRequest req =
+        INFERENCE__SYSTEM_SHARED_MEMORY_REGISTER_REQUEST__INIT;
+    ProtobufCMessage *resp;
+    char key[80];
+    int fd;
+
+    *s = (struct kserve_shm){.out_off = (in_bytes + 63) / 64 * 64};
+    s->size = s->out_off + out_bytes;
+    snprintf(s->name, sizeof(s->name), "tpclient-%d-%u", (int)getpid(), seq++);
+    snprintf(key, sizeof(key), "/%s", s->name);
+    fd = shm_open(key, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return tp_err_sys(err, "creating shared memory %s", key);
+    s->created = 1;
+    if (ftruncate(fd, (off_t)s->size) < 0) {
+        tp_err_sys(err, "sizing shared memory %s to %zu bytes", key, s->size);
+        close(fd);
+        goto fail;
+    }
+    s->p = mmap(NULL, s->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (s->p == MAP_FAILED) {
+        s->p = NULL;
+        tp_err_sys(err, "mapping shared memory %s", key);
+        goto fail;
+    }
+    req.name = s->name;
+    req.key = key;
+    req.offset = 0;
+    req.byte_size = s->size;
+    if (conn_call(c, "/inference.GRPCInferenceService/SystemSharedMemoryRegister", &req.base,
+                  &inference__system_shared_memory_register_response__descriptor, &resp, err) < 0) {
+        tp_err_prefix(err, "registering shared memory: ");
+        goto fail;
+    }
+    protobuf_c_message_free_unpacked(resp, NULL);
+    s->registered = 1;
+    return 0;
+fail:
+    kserve_shm_close(c, s);
+    return -1;
+}
+
+int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layout *l,
+                     struct kserve_shm *s, const float *x, int64_t rows, float *y,
+                     struct tp_err *err)
+{
+    Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
+    Inference__ModelInferRequest__InferInputTensor t =
+        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
+    Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
+    Inference__ModelInferRequest__InferRequestedOutputTensor o =
+        INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__INIT;
+    Inference__ModelInferRequest__InferRequestedOutputTensor *os[1] = {&o};
+    Inference__InferParameter pv[6];
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry ie[3], *iep[3];
+    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[3], *oep[3];
+    static const char *const keys[3] = {"shared_memory_region", "shared_memory_byte_size",
+                                        "shared_memory_offset"};
+    Inference__ModelInferResponse *r;
+    int64_t shape[2] = {rows, l->in};
+    size_t in_bytes = (size_t)(rows * l->in) * 4, out_bytes = (size_t)(rows * l->out) * 4;
+    int rc = -1;
+
+    for (int i = 0; i < 6; i++) {
+        inference__infer_parameter__init(&pv[i]);
+        pv[i].parameter_choice_case =
+            i % 3 == 0 ? INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM
+                       : INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    }
+    pv[0].string_param = pv[3].string_param = s->name;
+    pv[1].int64_param = (int64_t)in_bytes;
+    pv[2].int64_param = 0;
+    pv[4].int64_param = (int64_t)out_bytes;
+    pv[5].int64_param = (int64_t)s->out_off;
+    for (int i = 0; i < 3; i++) {
+        inference__model_infer_request__infer_input_tensor__parameters_entry__init(&ie[i]);
+        inference__model_infer_request__infer_requested_output_tensor__parameters_entry__init(
+            &oe[i]);
+        ie[i].key = oe[i].key = (char *)keys[i];
+        ie[i].value = &pv[i];
+        oe[i].value = &pv[3 + i];
+        iep[i] = &ie[i];
+        oep[i] = &oe[i];
+    }
+    memcpy(s->p, x, in_bytes);
+    req.model_name = (char *)model;
+    t.name = "input";
+    t.datatype = "FP32";
+    t.n_shape = 2;
+    t.shape = shape;
+    t.n_parameters = 3;
+    t.parameters = iep;
+    o.name = "output";
+    o.n_parameters = 3;
+    o.parameters = oep;
+    req.n_inputs = 1;
+    req.inputs = ts;
+    req.n_outputs = 1;
+    req.outputs = os;
+    if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
+                  &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err) < 0)
+        return -1;
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, "FP32") != 0 ||
+        r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
+        r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 0) {
+        tp_err_set(err, TP_EINTERNAL,
+                   "server answered something else than FP32 [%lld, %lld] in shared memory",
+                   (long long)rows, (long long)l->out);
+        goto out;
+    }
+    memcpy(y, (char *)s->p + s->out_off, out_bytes);
+    rc = 0;
+out:
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return rc;
+}
+
+void kserve_shm_close(struct conn *c, struct kserve_shm *s)
+{
+    char key[80];
+
+    if (s->registered) {
+        Inference__SystemSharedMemoryUnregisterRequest req =
+            INFERENCE__SYSTEM_SHARED_MEMORY_UNREGISTER_REQUEST__INIT;
+        ProtobufCMessage *resp;
+        struct tp_err err = {0};
+
+        req.name = s->name;
+        if (conn_call(c, "/inference.GRPCInferenceService/SystemSharedMemoryUnregister", &req.base,
+                      &inference__system_shared_memory_unregister_response__descriptor, &resp,
+                      &err) == 0)
+            protobuf_c_message_free_unpacked(resp, NULL);
+        s->registered = 0;
+    }
+    if (s->p)
+        munmap(s->p, s->size);
+    s->p = NULL;
+    if (s->created) {
+        snprintf(key, sizeof(key), "/%s", s->name);
+        shm_unlink(key);
+        s->created = 0;
+    }
 }

@@ -1,5 +1,6 @@
 /* kserve.h -- the KServe v2 calls tpclient's commands share: the model's layout from
- * ModelMetadata, and one ModelInfer of float32 rows. */
+ * ModelMetadata, and one ModelInfer of float32 rows, either in the message or through a system
+ * shared-memory region that tpclient creates, registers, uses and removes (kserve_shm_*). */
 #ifndef TPC_KSERVE_H
 #define TPC_KSERVE_H
 
@@ -24,5 +25,30 @@ int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, st
  * the response's datatype, shape and size. */
 int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *l, const float *x,
                  int64_t rows, float *y, struct tp_err *err);
+
+/* A POSIX shared-memory object of tpclient's, registered with the server as one region: inputs at
+ * offset 0, outputs at out_off. */
+struct kserve_shm {
+    char name[64];  /* region name; the object's key is "/" + name */
+    void *p;        /* mapping, NULL when closed */
+    size_t size;    /* bytes */
+    size_t out_off; /* bytes */
+    int created, registered;
+};
+
+/* Creates the object for in_bytes + out_bytes, maps it and registers it. On failure everything
+ * done is undone. */
+int kserve_shm_open(struct conn *c, size_t in_bytes, size_t out_bytes, struct kserve_shm *s,
+                    struct tp_err *err);
+
+/* Like kserve_infer, through the region: copies x in, names the region for input and output,
+ * checks that the response carries no data, copies y out. rows*in*4 and rows*out*4 must fit the
+ * sizes given to kserve_shm_open. */
+int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layout *l,
+                     struct kserve_shm *s, const float *x, int64_t rows, float *y,
+                     struct tp_err *err);
+
+/* Unregisters the region, unmaps and unlinks the object. Takes a closed or half-open one. */
+void kserve_shm_close(struct conn *c, struct kserve_shm *s);
 
 #endif

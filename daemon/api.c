@@ -12,14 +12,20 @@
 #include "log.h"
 #include "metrics.h"
 
-/* A ModelInfer call between the handler and the scheduler's completion. */
+/* A ModelInfer call between the handler and the scheduler's completion. It lives in the call's
+ * storage (rpc_call_data), so it stays valid until gRPC is done with the call, after the reply and
+ * after any cancel callback. */
 struct infer_call {
     struct sched_req req; /* first: complete() gets back to the call from it */
     struct api *api;
     struct rpc_call *call;
-    Inference__ModelInferRequest *msg;
-    int64_t t0_ns;   /* arrival, metrics_now_ns() */
-    size_t bytes_in; /* request message */
+    Inference__ModelInferRequest *msg; /* the request without its raw_input_contents */
+    grpc_byte_buffer *payload;         /* the received message, until its rows are in the slot */
+    struct infer_input in;
+    struct shmreg_region *in_reg, *out_reg; /* shared-memory regions in use, or NULL */
+    void *out_p;                            /* where the output goes in out_reg */
+    int64_t t0_ns;                          /* arrival, metrics_now_ns() */
+    size_t bytes_in;                        /* request message */
 };
 
 static int is_ready(struct api *a)
@@ -121,9 +127,9 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     protobuf_c_message_free_unpacked(m, NULL);
     r.name = "tpd";
     r.version = TP_VERSION;
-    /* only what is implemented: the ModelConfig RPC */
-    r.n_extensions = 1;
-    r.extensions = (char *[]){"model_configuration"};
+    /* only what is implemented: the ModelConfig RPC and system shared memory */
+    r.n_extensions = 2;
+    r.extensions = (char *[]){"model_configuration", "system_shared_memory"};
     reply_msg(call, &r.base);
 }
 
@@ -197,7 +203,7 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
 }
 
 /* Triton's ModelConfig: the model as a batching model (max_batch_size rows, dims without the
- * batch dimension). Dynamic batching is not reported: tpd runs each request as its own job. */
+ * batch dimension), and dynamic batching with its delay when it is on. */
 static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
@@ -208,6 +214,7 @@ static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     Inference__ModelOutput out = INFERENCE__MODEL_OUTPUT__INIT;
     Inference__ModelInput *ins[1] = {&in};
     Inference__ModelOutput *outs[1] = {&out};
+    Inference__ModelDynamicBatching db = INFERENCE__MODEL_DYNAMIC_BATCHING__INIT;
     int64_t in_dims[1] = {md->in}, out_dims[1] = {md->out};
     Inference__ModelConfigRequest *q = (Inference__ModelConfigRequest *)unpack_or_reply(
         call, payload, &inference__model_config_request__descriptor);
@@ -234,6 +241,11 @@ static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     mc.n_input = mc.n_output = 1;
     mc.input = ins;
     mc.output = outs;
+    if (a->batch_delay_us) {
+        db.max_queue_delay_microseconds = a->batch_delay_us;
+        mc.scheduling_choice_case = INFERENCE__MODEL_CONFIG__SCHEDULING_CHOICE_DYNAMIC_BATCHING;
+        mc.dynamic_batching = &db;
+    }
     r.config = &mc;
     reply_msg(call, &r.base);
 }
@@ -282,69 +294,246 @@ static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
+/* Copies the request's rows into its place in the slot: the one copy of the input in tpd. */
+static void infer_fill(struct sched_req *req, float *x)
+{
+    struct infer_call *ic = (struct infer_call *)req;
+    size_t bytes = (size_t)req->rows * (size_t)ic->api->model->in * sizeof(float);
+
+    if (ic->in.x)
+        memcpy(x, ic->in.x, bytes);
+    else
+        gbuf_copy(ic->payload, ic->in.raw_offset, bytes, x);
+    if (ic->payload) {
+        grpc_byte_buffer_destroy(ic->payload);
+        ic->payload = NULL;
+    }
+}
+
+/* Frees what a ModelInfer call holds besides its storage (which rpc frees). */
+static void release_call(struct infer_call *ic)
+{
+    if (ic->msg)
+        protobuf_c_message_free_unpacked(&ic->msg->base, NULL);
+    ic->msg = NULL;
+    if (ic->payload)
+        grpc_byte_buffer_destroy(ic->payload);
+    ic->payload = NULL;
+    shmreg_release(ic->in_reg);
+    shmreg_release(ic->out_reg);
+    ic->in_reg = ic->out_reg = NULL;
+}
+
+static void unhold(void *hold)
+{
+    sched_unhold(hold);
+}
+
+/* Answers the call. Everything the call holds is released before rpc_reply: from this thread
+ * (not the call's), the call's storage, ic included, may be freed as soon as the reply is sent. */
 static void infer_complete(struct sched_req *req, const float *y, const struct tp_err *err)
 {
     struct infer_call *ic = (struct infer_call *)req;
+    struct rpc_call *call = ic->call;
+    grpc_byte_buffer *bb = NULL;
 
     if (err) {
+        struct tp_err e = *err;
+
         tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
         metrics_request_done(ic->msg->model_name, tp_code_grpc(err->code), metrics_since(ic->t0_ns),
                              req->rows, ic->bytes_in, 0);
-        rpc_reply_err(ic->call, err);
-    } else {
-        grpc_byte_buffer *bb = infer_response(ic->api->model, ic->msg, y, req->rows);
-
-        metrics_queue_time(req->slot, ic->t0_ns);
-        metrics_request_done(ic->msg->model_name, bb ? 0 : 8, metrics_since(ic->t0_ns), req->rows,
-                             ic->bytes_in, bb ? grpc_byte_buffer_length(bb) : 0);
-        if (bb)
-            rpc_reply(ic->call, 0, NULL, bb);
-        else
-            rpc_reply(ic->call, 8, "out of memory packing the response", NULL);
+        release_call(ic);
+        rpc_reply_err(call, &e);
+        return;
     }
-    protobuf_c_message_free_unpacked(&ic->msg->base, NULL);
-    free(ic);
+    metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
+    if (ic->out_p) {
+        /* the output goes to the client's region: the reply carries no data */
+        memcpy(ic->out_p, y, (size_t)req->rows * (size_t)ic->api->model->out * sizeof(float));
+        sched_unhold(req->hold);
+        bb = infer_response(ic->api->model, ic->msg->id, NULL, req->rows, NULL, NULL);
+    } else {
+        /* the reply points at the slot's output; gRPC releases the slot when it is done */
+        bb = infer_response(ic->api->model, ic->msg->id, y, req->rows, unhold, req->hold);
+        if (!bb)
+            sched_unhold(req->hold);
+    }
+    metrics_request_done(ic->msg->model_name, bb ? 0 : 8, metrics_since(ic->t0_ns), req->rows,
+                         ic->bytes_in, bb ? grpc_byte_buffer_length(bb) : 0);
+    release_call(ic);
+    if (bb)
+        rpc_reply(call, 0, NULL, bb);
+    else
+        rpc_reply(call, 8, "out of memory packing the response", NULL);
+}
+
+static void infer_cancelled(void *arg)
+{
+    struct infer_call *ic = arg;
+
+    sched_cancel(ic->api->sched, &ic->req);
 }
 
 static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
-    struct infer_input in;
-    struct infer_call *ic;
+    struct infer_call *ic = NULL;
+    struct gbuf_field raw;
     struct tp_err err = {0};
     int64_t t0 = metrics_now_ns();
     size_t bytes_in = payload ? grpc_byte_buffer_length(payload) : 0;
-    Inference__ModelInferRequest *q = (Inference__ModelInferRequest *)unpack_or_reply(
-        call, payload, &inference__model_infer_request__descriptor);
+    Inference__ModelInferRequest *q = NULL;
 
-    if (!q) {
-        metrics_request_done(NULL, 3, metrics_since(t0), 0, bytes_in, 0);
+    if (!payload) {
+        metrics_request_done(NULL, 3, metrics_since(t0), 0, 0, 0);
+        rpc_reply(call, 3, "request message missing", NULL);
         return;
     }
-    if (infer_validate(a->model, q, &in, &err) < 0) {
-        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
+    /* raw_input_contents (field 7) stays in the received slices until it is copied to the slot */
+    if (gbuf_unpack_except(payload, &inference__model_infer_request__descriptor, 7,
+                           (ProtobufCMessage **)&q, &raw, &err) < 0)
         goto fail;
-    }
-    ic = calloc(1, sizeof(*ic));
+    ic = rpc_call_data(call, sizeof(*ic));
     if (!ic) {
         tp_err_set(&err, TP_ENOMEM, "no memory for the request");
         goto fail;
     }
-    *ic = (struct infer_call){.req = {.x = in.x, .rows = in.rows, .complete = infer_complete},
-                              .api = a,
-                              .call = call,
-                              .msg = q,
-                              .t0_ns = t0,
-                              .bytes_in = bytes_in};
-    tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, in.rows);
-    if (sched_submit(a->sched, &ic->req, &err) < 0) {
-        free(ic);
+    *ic = (struct infer_call){.api = a, .call = call, .msg = q, .t0_ns = t0, .bytes_in = bytes_in};
+    if (infer_validate(a->model, q, &raw, &ic->in, &err) < 0) {
+        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
         goto fail;
     }
+    if (ic->in.in_region) {
+        void *p;
+
+        if (shmreg_acquire(a->shm, ic->in.in_region, ic->in.in_offset,
+                           (uint64_t)ic->in.rows * (uint64_t)a->model->in * 4, &ic->in_reg, &p,
+                           &err) < 0)
+            goto fail;
+        ic->in.x = p;
+    }
+    if (ic->in.out_region && shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
+                                            (uint64_t)ic->in.rows * (uint64_t)a->model->out * 4,
+                                            &ic->out_reg, &ic->out_p, &err) < 0)
+        goto fail;
+    ic->req = (struct sched_req){.rows = ic->in.rows,
+                                 .deadline_ns = rpc_call_deadline_ns(call),
+                                 .fill = infer_fill,
+                                 .complete = infer_complete};
+    if (!ic->in.x)
+        ic->payload = rpc_call_take_payload(call);
+    tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, ic->in.rows);
+    if (sched_submit(a->sched, &ic->req, &err) < 0) {
+        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", q->id, err.msg);
+        goto fail;
+    }
+    rpc_call_on_cancel(call, infer_cancelled, ic);
     return;
 fail:
-    metrics_request_done(q->model_name, tp_code_grpc(err.code), metrics_since(t0), 0, bytes_in, 0);
+    metrics_request_done(q ? q->model_name : NULL, tp_code_grpc(err.code), metrics_since(t0), 0,
+                         bytes_in, 0);
+    if (ic)
+        release_call(ic);
+    else if (q)
+        protobuf_c_message_free_unpacked(&q->base, NULL);
     rpc_reply_err(call, &err);
+}
+
+static void shm_status(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__SystemSharedMemoryStatusResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_STATUS_RESPONSE__INIT;
+    Inference__SystemSharedMemoryStatusRequest *q =
+        (Inference__SystemSharedMemoryStatusRequest *)unpack_or_reply(
+            call, payload, &inference__system_shared_memory_status_request__descriptor);
+    struct shmreg_info *info = NULL;
+    Inference__SystemSharedMemoryStatusResponse__RegionStatus *st = NULL;
+    Inference__SystemSharedMemoryStatusResponse__RegionsEntry *e = NULL, **ep = NULL;
+    size_t n;
+
+    if (!q)
+        return;
+    info = calloc(SHMREG_MAX_REGIONS, sizeof(*info));
+    st = calloc(SHMREG_MAX_REGIONS, sizeof(*st));
+    e = calloc(SHMREG_MAX_REGIONS, sizeof(*e));
+    ep = calloc(SHMREG_MAX_REGIONS, sizeof(*ep));
+    if (!info || !st || !e || !ep) {
+        rpc_reply(call, 8, "out of memory", NULL);
+        goto out;
+    }
+    n = shmreg_status(a->shm, q->name, info, SHMREG_MAX_REGIONS);
+    if (q->name[0] && n == 0) {
+        struct tp_err err;
+
+        tp_err_set(&err, TP_ENOTFOUND, "no shared-memory region '%.100s'", q->name);
+        rpc_reply_err(call, &err);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        inference__system_shared_memory_status_response__region_status__init(&st[i]);
+        inference__system_shared_memory_status_response__regions_entry__init(&e[i]);
+        st[i].name = info[i].name;
+        st[i].key = info[i].key;
+        st[i].offset = info[i].offset;
+        st[i].byte_size = info[i].byte_size;
+        e[i].key = info[i].name;
+        e[i].value = &st[i];
+        ep[i] = &e[i];
+    }
+    r.n_regions = n;
+    r.regions = ep;
+    reply_msg(call, &r.base);
+out:
+    free(info);
+    free(st);
+    free(e);
+    free(ep);
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+static void shm_register(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__SystemSharedMemoryRegisterResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_REGISTER_RESPONSE__INIT;
+    Inference__SystemSharedMemoryRegisterRequest *q =
+        (Inference__SystemSharedMemoryRegisterRequest *)unpack_or_reply(
+            call, payload, &inference__system_shared_memory_register_request__descriptor);
+    struct tp_err err = {0};
+
+    if (!q)
+        return;
+    if (shmreg_register(a->shm, q->name, q->key, q->offset, q->byte_size, &err) < 0) {
+        rpc_reply_err(call, &err);
+    } else {
+        tp_log(TP_LOG_INFO, "registered shared-memory region '%s': %llu bytes at %llu of '%s'",
+               q->name, (unsigned long long)q->byte_size, (unsigned long long)q->offset, q->key);
+        reply_msg(call, &r.base);
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
+static void shm_unregister(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__SystemSharedMemoryUnregisterResponse r =
+        INFERENCE__SYSTEM_SHARED_MEMORY_UNREGISTER_RESPONSE__INIT;
+    Inference__SystemSharedMemoryUnregisterRequest *q =
+        (Inference__SystemSharedMemoryUnregisterRequest *)unpack_or_reply(
+            call, payload, &inference__system_shared_memory_unregister_request__descriptor);
+    struct tp_err err = {0};
+
+    if (!q)
+        return;
+    if (shmreg_unregister(a->shm, q->name, &err) < 0) {
+        rpc_reply_err(call, &err);
+    } else {
+        tp_log(TP_LOG_INFO, "unregistered shared-memory region%s '%s'", q->name[0] ? "" : "s",
+               q->name[0] ? q->name : "(all)");
+        reply_msg(call, &r.base);
+    }
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
@@ -358,6 +547,9 @@ const struct rpc_method api_methods[] = {
     {"/inference.GRPCInferenceService/RepositoryIndex", repository_index},
     {"/inference.GRPCInferenceService/ModelConfig", model_config},
     {"/grpc.health.v1.Health/Check", health_check},
+    {"/inference.GRPCInferenceService/SystemSharedMemoryStatus", shm_status},
+    {"/inference.GRPCInferenceService/SystemSharedMemoryRegister", shm_register},
+    {"/inference.GRPCInferenceService/SystemSharedMemoryUnregister", shm_unregister},
 };
 
 const int api_nmethods = sizeof(api_methods) / sizeof(api_methods[0]);

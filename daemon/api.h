@@ -1,5 +1,6 @@
 /* api.h -- the methods tpd serves: the KServe v2 GRPCInferenceService (ServerLive, ServerReady,
- * ModelReady, ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex) and
+ * ModelReady, ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex, the system
+ * shared-memory extension: SystemSharedMemoryRegister/Status/Unregister) and
  * grpc.health.v1.Health/Check. Each handler parses its request, answers from the model and the
  * scheduler's state, or hands ModelInfer to the scheduler, which answers when the workers are
  * done. */
@@ -11,11 +12,14 @@
 #include "model.h"
 #include "rpc.h"
 #include "sched.h"
+#include "shmreg.h"
 
 struct api {
     const struct model *model;
     struct sched *sched;
-    atomic_int draining; /* SIGTERM received: not ready any more */
+    struct shmreg *shm;      /* system shared-memory regions */
+    uint32_t batch_delay_us; /* dynamic batching's delay (ModelConfig); 0: off */
+    atomic_int draining;     /* SIGTERM received: not ready any more */
 };
 
 extern const struct rpc_method api_methods[];

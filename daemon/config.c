@@ -42,6 +42,8 @@ static void usage(FILE *f)
         "  --slots N               requests computed at once (default: 4)\n"
         "  --max-queue N           requests waiting for a slot before RESOURCE_EXHAUSTED\n"
         "                          (default: 1024)\n"
+        "  --batch-delay-us US     most a batch of requests waits for more while other batches\n"
+        "                          compute; 0 turns dynamic batching off (default: 200)\n"
         "  --worker PATH           worker executable (default: tpd-worker beside tpd)\n"
         "  --grpc-threads N        threads serving gRPC (default: 1)\n"
         "  --restart-backoff-ms MS first delay before restarting dead workers (default: 500)\n"
@@ -58,8 +60,8 @@ static void usage(FILE *f)
 /* Set while a line of the configuration file is applied: "FILE:LINE: key 'cpu'". Messages about
  * a value name it instead of the flag, so that a bad file says where. */
 static char origin[600];
-static int origin_used;   /* a message named origin */
-static const char *model; /* --model, NULL for the default */
+static int origin_used;            /* a message named origin */
+static const char *model;          /* --model, NULL for the default */
 static const char *gather, *dtype; /* --gather, --dtype, checked once all flags are known */
 static int cpu_given;              /* --cpu was given */
 
@@ -204,6 +206,7 @@ enum {
     O_GATHER,
     O_DTYPE,
     O_TF32,
+    O_BATCH_DELAY,
     O_METRICS_LISTEN,
     O_CONFIG,
     O_HELP,
@@ -227,6 +230,7 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"gather", required_argument, NULL, O_GATHER},
                                      {"dtype", required_argument, NULL, O_DTYPE},
                                      {"tf32", no_argument, NULL, O_TF32},
+                                     {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
                                      {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
                                      {"config", required_argument, NULL, O_CONFIG},
                                      {"help", no_argument, NULL, O_HELP},
@@ -305,6 +309,11 @@ static enum config_result apply(struct config *c, int o)
                     subject("--log-level"), optarg);
             return CONFIG_USAGE;
         }
+        break;
+    case O_BATCH_DELAY:
+        if (parse_num("--batch-delay-us", optarg, 0, 1000000, &v))
+            return CONFIG_USAGE;
+        c->batch_delay_us = (uint32_t)v;
         break;
     case O_METRICS_LISTEN:
         c->metrics_listen = (!optarg[0] || strcmp(optarg, "off") == 0) ? NULL : optarg;
@@ -427,6 +436,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .max_batch = 256,
                          .slots = 4,
                          .max_queue = 1024,
+                         .batch_delay_us = 200,
                          .grpc_threads = 1,
                          .restart_backoff_ms = 500,
                          .log_level = TP_LOG_NOTICE,

@@ -32,6 +32,7 @@ struct config {
     const char *metrics_listen; /* HOST:PORT of the HTTP server; NULL: none ("off") */
     const char *config;         /* configuration file that was read; NULL: none */
     int listen_cmdline;         /* a --listen came from the command line */
+    uint32_t batch_delay_us;    /* most a batch waits for more requests; 0: batching off */
 };
 
 enum config_result { CONFIG_OK, CONFIG_EXIT_OK, CONFIG_USAGE, CONFIG_BAD_FILE };

@@ -1,6 +1,7 @@
-/* infer.c -- ModelInfer validation and responses (see infer.h). The input data is used where
- * protobuf-c unpacked it; the only copies are into the shared-memory slot (sched.c) and out of it
- * into the packed response here. */
+/* infer.c -- ModelInfer validation and responses (see infer.h). A response is two slices: the
+ * message without its raw_output_contents, packed by protobuf-c, ending with the tag and length
+ * of raw_output_contents, then the data itself, which protobuf allows to come last. So the data
+ * slice can point straight at the slot's output. */
 #include "infer.h"
 
 #include <inttypes.h>
@@ -32,12 +33,79 @@ int infer_check_model(const struct model *m, const char *name, const char *versi
     return 0;
 }
 
-int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
-                   struct infer_input *in, struct tp_err *err)
+/* An integer parameter, >= 0: int64_param (what tritonclient sends) or uint64_param. */
+static int param_u64(const char *tensor, const char *key, const Inference__InferParameter *v,
+                     uint64_t *out, struct tp_err *err)
 {
+    if (v && v->parameter_choice_case == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM &&
+        v->int64_param >= 0) {
+        *out = (uint64_t)v->int64_param;
+        return 0;
+    }
+    if (v &&
+        v->parameter_choice_case == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
+        *out = v->uint64_param;
+        return 0;
+    }
+    return tp_err_set(err, TP_EINVAL, "'%s' parameter %s must be an integer >= 0", tensor, key);
+}
+
+/* The shared-memory parameters of a tensor (keys[i] = vals[i]); *region stays NULL without
+ * shared_memory_region. Other parameters are ignored. want: the bytes the tensor has. */
+static int shm_params(const char *tensor, size_t n, char *const *keys,
+                      Inference__InferParameter *const *vals, uint64_t want, const char **region,
+                      uint64_t *offset, struct tp_err *err)
+{
+    uint64_t size = 0;
+    int has_size = 0;
+
+    *region = NULL;
+    *offset = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(keys[i], "shared_memory_region") == 0) {
+            if (!vals[i] || vals[i]->parameter_choice_case !=
+                                INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM)
+                return tp_err_set(err, TP_EINVAL,
+                                  "'%s' parameter shared_memory_region must be a string", tensor);
+            *region = vals[i]->string_param;
+        } else if (strcmp(keys[i], "shared_memory_byte_size") == 0) {
+            if (param_u64(tensor, keys[i], vals[i], &size, err) < 0)
+                return -1;
+            has_size = 1;
+        } else if (strcmp(keys[i], "shared_memory_offset") == 0) {
+            if (param_u64(tensor, keys[i], vals[i], offset, err) < 0)
+                return -1;
+        }
+    }
+    if (!*region) {
+        if (has_size || *offset)
+            return tp_err_set(err, TP_EINVAL,
+                              "'%s' has shared-memory parameters but no shared_memory_region",
+                              tensor);
+        return 0;
+    }
+    if (!has_size)
+        return tp_err_set(err, TP_EINVAL,
+                          "'%s' in shared-memory region '%.64s' needs shared_memory_byte_size",
+                          tensor, *region);
+    if (size != want)
+        return tp_err_set(err, TP_EINVAL,
+                          "'%s' FP32 needs %" PRIu64 " bytes, shared_memory_byte_size is %" PRIu64,
+                          tensor, want, size);
+    return 0;
+}
+
+#define MAX_PARAMS 16
+
+int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
+                   const struct gbuf_field *raw, struct infer_input *in, struct tp_err *err)
+{
+    char *keys[MAX_PARAMS];
+    Inference__InferParameter *vals[MAX_PARAMS];
     const Inference__ModelInferRequest__InferInputTensor *t;
     char shape[128];
     uint64_t want;
+    size_t nraw = raw ? raw->count : r->n_raw_input_contents;
 
     if (infer_check_model(m, r->model_name, r->model_version, err) < 0)
         return -1;
@@ -64,20 +132,52 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                               "unknown requested output '%.64s', the model's output is '%s'",
                               r->outputs[i]->name, MODEL_OUTPUT);
     want = (uint64_t)t->shape[0] * (uint64_t)m->in;
-    if (r->n_raw_input_contents > 0) {
-        if (r->n_raw_input_contents != 1)
-            return tp_err_set(err, TP_EINVAL, "expected 1 raw_input_contents, got %zu",
-                              r->n_raw_input_contents);
+    *in = (struct infer_input){0};
+    if (t->n_parameters > MAX_PARAMS)
+        return tp_err_set(err, TP_EINVAL, "input '%s' has %zu parameters, at most %d", MODEL_INPUT,
+                          t->n_parameters, MAX_PARAMS);
+    for (size_t i = 0; i < t->n_parameters; i++)
+        keys[i] = t->parameters[i]->key, vals[i] = t->parameters[i]->value;
+    if (shm_params("input", t->n_parameters, keys, vals, want * 4, &in->in_region, &in->in_offset,
+                   err) < 0)
+        return -1;
+    for (size_t o = 0; o < r->n_outputs; o++) {
+        const Inference__ModelInferRequest__InferRequestedOutputTensor *ot = r->outputs[o];
+
+        if (ot->n_parameters > MAX_PARAMS)
+            return tp_err_set(err, TP_EINVAL, "output '%s' has %zu parameters, at most %d",
+                              MODEL_OUTPUT, ot->n_parameters, MAX_PARAMS);
+        for (size_t i = 0; i < ot->n_parameters; i++)
+            keys[i] = ot->parameters[i]->key, vals[i] = ot->parameters[i]->value;
+        if (shm_params("output", ot->n_parameters, keys, vals,
+                       (uint64_t)t->shape[0] * (uint64_t)m->out * 4, &in->out_region,
+                       &in->out_offset, err) < 0)
+            return -1;
+    }
+    if (in->in_region) {
+        if (nraw > 0 || t->contents)
+            return tp_err_set(err, TP_EINVAL,
+                              "input '%s' is in shared-memory region '%.64s' and also has data "
+                              "in the request",
+                              MODEL_INPUT, in->in_region);
+    } else if (nraw > 0) {
+        size_t len = raw ? raw->len : r->raw_input_contents[0].len;
+
+        if (nraw != 1)
+            return tp_err_set(err, TP_EINVAL, "expected 1 raw_input_contents, got %zu", nraw);
         if (t->contents)
             return tp_err_set(err, TP_EINVAL,
                               "input '%s' has both raw_input_contents and typed contents",
                               MODEL_INPUT);
-        if (r->raw_input_contents[0].len != want * 4)
+        if (len != want * 4)
             return tp_err_set(err, TP_EINVAL,
                               "input '%s' %s FP32 needs %" PRIu64
                               " bytes, raw_input_contents has %zu",
-                              MODEL_INPUT, shape, want * 4, r->raw_input_contents[0].len);
-        in->x = (const float *)(const void *)r->raw_input_contents[0].data;
+                              MODEL_INPUT, shape, want * 4, len);
+        if (raw)
+            in->raw_offset = raw->offset;
+        else
+            in->x = (const float *)(const void *)r->raw_input_contents[0].data;
     } else if (t->contents) {
         if (t->contents->n_fp32_contents != want)
             return tp_err_set(err, TP_EINVAL,
@@ -93,27 +193,54 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
     return 0;
 }
 
-grpc_byte_buffer *infer_response(const struct model *m, const Inference__ModelInferRequest *r,
-                                 const float *y, uint32_t rows)
+grpc_byte_buffer *infer_response(const struct model *m, const char *id, const float *y,
+                                 uint32_t rows, void (*release)(void *user), void *user)
 {
     Inference__ModelInferResponse resp = INFERENCE__MODEL_INFER_RESPONSE__INIT;
     Inference__ModelInferResponse__InferOutputTensor out =
         INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__INIT;
     Inference__ModelInferResponse__InferOutputTensor *outs[1] = {&out};
     int64_t shape[2] = {rows, m->out};
-    ProtobufCBinaryData raw = {.len = (size_t)rows * (size_t)m->out * sizeof(float),
-                               .data = (uint8_t *)(uintptr_t)y};
+    size_t len = (size_t)rows * (size_t)m->out * sizeof(float), hlen, n;
+    grpc_slice s[2];
+    grpc_byte_buffer *bb;
+    uint8_t *h;
 
     resp.model_name = (char *)m->name;
     resp.model_version = MODEL_VERSION;
-    resp.id = r->id;
+    resp.id = (char *)id;
     out.name = MODEL_OUTPUT;
     out.datatype = "FP32";
     out.n_shape = 2;
     out.shape = shape;
     resp.n_outputs = 1;
     resp.outputs = outs;
-    resp.n_raw_output_contents = 1;
-    resp.raw_output_contents = &raw;
-    return gbuf_pack(&resp.base);
+    hlen = protobuf_c_message_get_packed_size(&resp.base);
+    /* room for raw_output_contents' tag (field 6, length-delimited) and length */
+    s[0] = grpc_slice_malloc(hlen + (y ? 11 : 0));
+    h = GRPC_SLICE_START_PTR(s[0]);
+    n = protobuf_c_message_pack(&resp.base, h);
+    if (y) {
+        uint64_t v = len;
+
+        h[n++] = (6 << 3) | 2;
+        do {
+            h[n++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+            v >>= 7;
+        } while (v);
+    }
+    s[0] = grpc_slice_sub_no_ref(s[0], 0, n);
+    if (!y) {
+        bb = grpc_raw_byte_buffer_create(s, 1);
+        grpc_slice_unref(s[0]);
+        return bb;
+    }
+    if (release)
+        s[1] = grpc_slice_new_with_user_data((void *)(uintptr_t)y, len, release, user);
+    else
+        s[1] = grpc_slice_from_copied_buffer((const char *)y, len);
+    bb = grpc_raw_byte_buffer_create(s, 2);
+    grpc_slice_unref(s[0]);
+    grpc_slice_unref(s[1]);
+    return bb;
 }

@@ -22,8 +22,8 @@
 #include "log.h"
 #include "metrics.h"
 #include "model.h"
-#include "notify.h"
 #include "ncclid.h"
+#include "notify.h"
 #include "proc.h"
 #include "rpc.h"
 #include "safetensors.h"
@@ -263,23 +263,26 @@ int main(int argc, char **argv)
                                               .out = (uint32_t)m.out},
                          &err) < 0)
         goto fail;
-    if (sched_create(&sched, &arena, c.max_queue, &err) < 0)
+    if (sched_create(
+            &sched, &arena,
+            &(struct sched_config){.max_queue = c.max_queue, .batch_delay_us = c.batch_delay_us},
+            &err) < 0)
         goto fail;
     if (c.ngpus)
         tp_log(TP_LOG_NOTICE,
                "model '%s': in %lld, out %lld, %s weights%s; %d GPU ranks of %lld rows, %s GEMM%s, "
-               "gather %s; %u slots of %u rows",
+               "gather %s; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
                m.has_bias ? " with bias" : ", no bias", m.ranks, (long long)(m.out / m.ranks),
                tp_dtype_wire_name((enum tp_dtype)c.dtype), c.tf32 ? " (TF32)" : "",
-               c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch);
+               c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch, c.batch_delay_us);
     else
         tp_log(TP_LOG_NOTICE,
                "model '%s': in %lld, out %lld, %s weights%s; %d cpu ranks of %lld rows, %d BLAS "
-               "threads each; %u slots of %u rows",
+               "threads each; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
                m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
-               c.slots, c.max_batch);
+               c.slots, c.max_batch, c.batch_delay_us);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
         goto fail;
@@ -288,6 +291,9 @@ int main(int argc, char **argv)
     gpr_set_log_function(grpc_log);
     api.model = &m;
     api.sched = sched;
+    api.batch_delay_us = c.batch_delay_us;
+    if (shmreg_create(&api.shm, &err) < 0)
+        goto fail_grpc;
     if (rpc_server_create(
             &rpc,
             &(struct rpc_config){.listen = c.listen,
@@ -360,6 +366,7 @@ fail:
     metrics_server_stop(http);
     sup_stop(sup);
     sched_destroy(sched);
+    shmreg_destroy(api.shm);
     shm_arena_destroy(&arena);
     if (status == 0)
         tp_log(TP_LOG_NOTICE, "stopped");

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -39,6 +40,9 @@ struct rpc_call {
     grpc_byte_buffer *reply;
     int cancelled;      /* set by the close batch */
     atomic_int pending; /* batches still to complete */
+    void *data;         /* rpc_call_data, freed with the call */
+    void (*on_cancel)(void *arg);
+    void *on_cancel_arg;
     struct rpc_tag t_new, t_send, t_close;
 };
 
@@ -73,6 +77,7 @@ static void call_free(struct rpc_call *c)
         grpc_byte_buffer_destroy(c->reply);
     grpc_metadata_array_destroy(&c->md);
     grpc_call_details_destroy(&c->details);
+    free(c->data);
     free(c);
 }
 
@@ -145,6 +150,45 @@ void rpc_reply_err(struct rpc_call *c, const struct tp_err *err)
     rpc_reply(c, tp_code_grpc(err->code), err->msg, NULL);
 }
 
+void *rpc_call_data(struct rpc_call *c, size_t size)
+{
+    if (!c->data)
+        c->data = calloc(1, size);
+    return c->data;
+}
+
+grpc_byte_buffer *rpc_call_take_payload(struct rpc_call *c)
+{
+    grpc_byte_buffer *bb = c->payload;
+
+    c->payload = NULL;
+    return bb;
+}
+
+int64_t rpc_call_deadline_ns(struct rpc_call *c)
+{
+    gpr_timespec now, left;
+    struct timespec ts;
+    int64_t ns;
+
+    if (gpr_time_cmp(c->deadline, gpr_inf_future(c->deadline.clock_type)) == 0)
+        return INT64_MAX;
+    /* gRPC's clocks need not share an origin with ours: carry over the time left */
+    now = gpr_now(c->deadline.clock_type);
+    left = gpr_time_sub(c->deadline, now);
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    if (left.tv_sec > 1000000000)
+        return INT64_MAX;
+    ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return ns + (int64_t)left.tv_sec * 1000000000 + left.tv_nsec;
+}
+
+void rpc_call_on_cancel(struct rpc_call *c, void (*fn)(void *arg), void *arg)
+{
+    c->on_cancel = fn;
+    c->on_cancel_arg = arg;
+}
+
 static void on_new(struct rpc_server *s, struct rpc_call *c)
 {
     grpc_op op;
@@ -206,8 +250,13 @@ static void *poll_thread(void *arg)
             }
             on_new(s, t->call);
             break;
-        case T_SEND:
-        case T_CLOSE: call_release(t->call); break;
+        case T_CLOSE:
+            /* the call's storage lives until this release, so the callback may use it */
+            if (t->call->cancelled && t->call->on_cancel)
+                t->call->on_cancel(t->call->on_cancel_arg);
+            call_release(t->call);
+            break;
+        case T_SEND: call_release(t->call); break;
         }
     }
     return NULL;

@@ -8,6 +8,7 @@
 
 #include <grpc/byte_buffer.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "err.h"
 
@@ -47,6 +48,26 @@ void rpc_reply(struct rpc_call *call, int status, const char *msg, grpc_byte_buf
 
 /* Answers with an error: the gRPC status that err->code maps to, and err->msg. */
 void rpc_reply_err(struct rpc_call *call, const struct tp_err *err);
+
+/* Per-call storage of size bytes, zeroed, allocated on the first use (later uses return the same
+ * block; size must not change). It lives until gRPC is done with the call: after the reply has
+ * been sent AND the call is closed, so it outlives any cancel callback. A thread other than the
+ * call's own must not touch it once it has called rpc_reply: the reply may complete, and the
+ * storage go, at once. NULL when memory runs out. From the handler (first use). */
+void *rpc_call_data(struct rpc_call *call, size_t size);
+
+/* Takes the request message from the call: the caller owns it from now on (destroys it with
+ * grpc_byte_buffer_destroy) instead of rpc, which otherwise destroys it when the handler returns.
+ * From the handler only. */
+grpc_byte_buffer *rpc_call_take_payload(struct rpc_call *call);
+
+/* The call's deadline on CLOCK_MONOTONIC in nanoseconds; INT64_MAX when the client set none. */
+int64_t rpc_call_deadline_ns(struct rpc_call *call);
+
+/* Asks for fn(arg) when the call ends cancelled (client cancelled or gone, deadline passed, server
+ * shutdown), on the call's gRPC thread, while the call's storage is still alive. It may come
+ * before or after the reply was started; fn must cope with both. From the handler only. */
+void rpc_call_on_cancel(struct rpc_call *call, void (*fn)(void *arg), void *arg);
 
 /* Stops accepting, lets calls in progress finish for up to grace_ms, cancels the rest, stops the
  * threads, removes the unix socket files it made and frees everything. Takes NULL. */

@@ -1,38 +1,300 @@
-/* sched.c -- slots and the wait queue (see sched.h). The lock covers only bookkeeping; the
- * copies into a slot, the dispatch and the complete callbacks run outside it. A slot taken by a
- * request stays its own until its complete callback has returned. */
+/* sched.c -- slots, the wait queue and dynamic batching (see sched.h). One lock covers the
+ * bookkeeping; the copies into a slot, the dispatch and the complete callbacks run outside it.
+ * A slot is busy from the moment a batch takes it until its hold count drops to zero: one hold
+ * for the job while the workers compute, plus one per request whose rows were lent out by a
+ * successful complete. Only then may the next batch overwrite it. */
 #include "sched.h"
 
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+/* Jobs with the workers beyond which a batch that is not full keeps gathering requests. */
+#define PIPELINE 2
+
+enum req_state { R_QUEUED = 1, R_RUNNING, R_CANCELLED, R_DONE };
+
+struct sched_slot {
+    struct sched *s;
+    uint32_t idx;
+    int busy;               /* taken by a batch, until holds drops to 0 */
+    uint32_t holds;         /* the job in flight + rows lent out */
+    uint64_t id;            /* job id */
+    uint32_t rows, n;       /* rows and requests of the job */
+    struct sched_req *reqs; /* the batch, in row order */
+};
 
 struct sched {
     struct shm_arena *arena;
     struct sup *sup;
+    struct sched_config c;
     pthread_mutex_t lock;
-    struct sched_req **slot;       /* nslots; NULL when free */
-    struct sched_req *head, *tail; /* FIFO of requests waiting for a slot */
-    uint32_t queued, max_queue;
-    uint32_t running;
+    pthread_cond_t cond; /* queue, slots or readiness changed */
+    pthread_t thread;
+    int thread_started;
+    int stopping;
+    struct sched_slot *slots;      /* nslots */
+    struct sched_req *head, *tail; /* FIFO of requests waiting for a batch */
+    uint32_t queued;
+    uint32_t running;   /* requests in jobs not yet done */
+    uint32_t busy;      /* busy slots */
+    uint32_t computing; /* slots whose job the workers have not finished */
     uint64_t next_id;
     int ready;
+    struct sched_stats st;
 };
 
-int sched_create(struct sched **out, struct shm_arena *arena, uint32_t max_queue,
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Completes every request of a list linked by next, with err. */
+static void fail_list(struct sched_req *r, const struct tp_err *err)
+{
+    struct sched_req *next;
+
+    for (; r; r = next) {
+        next = r->next;
+        r->complete(r, NULL, err);
+    }
+}
+
+/* Drops one hold of a slot. Called with the lock held. */
+static void unhold_locked(struct sched *s, struct sched_slot *sl)
+{
+    if (--sl->holds > 0)
+        return;
+    sl->busy = 0;
+    sl->reqs = NULL;
+    s->busy--;
+    if (s->head || s->stopping)
+        pthread_cond_broadcast(&s->cond);
+}
+
+uint32_t sched_slot_index(const struct sched_slot *hold)
+{
+    return hold->idx;
+}
+
+void sched_unhold(struct sched_slot *sl)
+{
+    struct sched *s = sl->s;
+
+    pthread_mutex_lock(&s->lock);
+    unhold_locked(s, sl);
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* Removes r from the queue; 1 if it was there. Called with the lock held. */
+static int unqueue(struct sched *s, struct sched_req *r)
+{
+    struct sched_req **p = &s->head, *prev = NULL;
+
+    for (; *p; prev = *p, p = &(*p)->next) {
+        if (*p != r)
+            continue;
+        *p = r->next;
+        if (s->tail == r)
+            s->tail = prev;
+        s->queued--;
+        r->next = NULL;
+        return 1;
+    }
+    return 0;
+}
+
+/* Takes the queued requests whose deadline has passed. Called with the lock held. */
+static struct sched_req *take_expired(struct sched *s, int64_t now)
+{
+    struct sched_req *out = NULL, **tailp = &out, *r = s->head, *next;
+
+    for (; r; r = next) {
+        next = r->next;
+        if (r->deadline_ns > now)
+            continue;
+        unqueue(s, r);
+        r->state = R_DONE;
+        s->st.expired++;
+        *tailp = r;
+        tailp = &r->next;
+    }
+    return out;
+}
+
+static struct sched_slot *free_slot(struct sched *s)
+{
+    for (uint32_t i = 0; i < s->arena->layout.nslots; i++)
+        if (!s->slots[i].busy)
+            return &s->slots[i];
+    return NULL;
+}
+
+/* Moves the queue's first n requests (up to last) into slot sl as one job. Called with the lock
+ * held. Returns the batch's rows. */
+static uint32_t take_batch(struct sched *s, struct sched_slot *sl, struct sched_req *last,
+                           uint32_t n)
+{
+    uint32_t rows = 0;
+    struct sched_req *r;
+
+    sl->reqs = s->head;
+    s->head = last->next;
+    if (!s->head)
+        s->tail = NULL;
+    last->next = NULL;
+    s->queued -= n;
+    for (r = sl->reqs; r; r = r->next) {
+        r->state = R_RUNNING;
+        r->row0 = rows;
+        rows += r->rows;
+    }
+    sl->busy = 1;
+    sl->holds = 1;
+    sl->id = s->next_id++;
+    sl->rows = rows;
+    sl->n = n;
+    s->busy++;
+    s->computing++;
+    s->running += n;
+    s->st.batches++;
+    s->st.requests += n;
+    s->st.rows += rows;
+    s->st.multi += n > 1;
+    if (n > s->st.max_reqs)
+        s->st.max_reqs = n;
+    {
+        int b = 0;
+
+        while (b < 7 && (n >> (b + 1)) != 0)
+            b++;
+        s->st.by_reqs[b]++;
+    }
+    return rows;
+}
+
+/* Copies a batch into its slot and sends the job; fails the batch if the group cannot take it.
+ * Called without the lock. */
+static void launch(struct sched *s, struct sched_slot *sl)
+{
+    struct tp_err err = {0};
+    struct sched_req *r, *failed = NULL;
+    float *x = shm_slot_input(s->arena, sl->idx);
+
+    tp_log(TP_LOG_DEBUG, "batch of %u requests, %u rows on slot %u", sl->n, sl->rows, sl->idx);
+    for (r = sl->reqs; r; r = r->next)
+        r->fill(r, x + (size_t)r->row0 * s->arena->layout.in);
+    if (sup_dispatch(s->sup, sl->idx, sl->id, sl->rows, &err) == 0)
+        return;
+    pthread_mutex_lock(&s->lock);
+    failed = sl->reqs;
+    for (r = failed; r; r = r->next) {
+        r->state = R_DONE;
+        s->running--;
+    }
+    s->computing--;
+    unhold_locked(s, sl);
+    pthread_mutex_unlock(&s->lock);
+    fail_list(failed, &err);
+}
+
+static void *sched_thread(void *arg)
+{
+    struct sched *s = arg;
+    const uint32_t max_rows = s->arena->layout.max_batch;
+    const int64_t delay_ns = (int64_t)s->c.batch_delay_us * 1000;
+
+    pthread_mutex_lock(&s->lock);
+    while (!s->stopping) {
+        int64_t now = now_ns();
+        struct sched_req *expired = take_expired(s, now), *r, *last = NULL;
+        struct sched_slot *sl;
+        uint32_t rows = 0, n = 0;
+
+        if (expired) {
+            struct tp_err err;
+
+            pthread_mutex_unlock(&s->lock);
+            tp_err_set(&err, TP_ETIMEDOUT, "deadline exceeded while waiting in the queue");
+            fail_list(expired, &err);
+            pthread_mutex_lock(&s->lock);
+            continue;
+        }
+        if (!s->head || !s->ready || !(sl = free_slot(s))) {
+            pthread_cond_wait(&s->cond, &s->lock);
+            continue;
+        }
+        /* delay 0 turns batching off: one request per job */
+        for (r = s->head; r && rows + r->rows <= max_rows && (delay_ns > 0 || n == 0);
+             r = r->next) {
+            rows += r->rows;
+            n++;
+            last = r;
+        }
+        /* A batch that is not full, while jobs compute, waits for company: while PIPELINE jobs
+         * are already with the workers (who run their jobs one after the other, so another
+         * one could not start sooner), and otherwise up to the delay counted from the oldest
+         * request's arrival. An idle server starts at once. */
+        if (r == NULL && rows < max_rows && delay_ns > 0 && s->computing > 0) {
+            int64_t until = s->head->enq_ns + delay_ns;
+            struct timespec ts;
+
+            if (s->computing >= PIPELINE) {
+                pthread_cond_wait(&s->cond, &s->lock);
+                continue;
+            }
+            if (now < until) {
+                ts.tv_sec = (time_t)(until / 1000000000);
+                ts.tv_nsec = (long)(until % 1000000000);
+                pthread_cond_timedwait(&s->cond, &s->lock, &ts);
+                continue;
+            }
+        }
+        take_batch(s, sl, last, n);
+        pthread_mutex_unlock(&s->lock);
+        launch(s, sl);
+        pthread_mutex_lock(&s->lock);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+int sched_create(struct sched **out, struct shm_arena *arena, const struct sched_config *c,
                  struct tp_err *err)
 {
     struct sched *s = calloc(1, sizeof(*s));
 
     *out = NULL;
-    if (!s || !(s->slot = calloc(arena->layout.nslots, sizeof(*s->slot)))) {
+    if (!s || !(s->slots = calloc(arena->layout.nslots, sizeof(*s->slots)))) {
         free(s);
         return tp_err_set(err, TP_ENOMEM, "no memory for the scheduler");
     }
     s->arena = arena;
-    s->max_queue = max_queue;
+    s->c = *c;
     s->next_id = 1;
+    for (uint32_t i = 0; i < arena->layout.nslots; i++)
+        s->slots[i] = (struct sched_slot){.s = s, .idx = i};
     pthread_mutex_init(&s->lock, NULL);
+    {
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the delay is timed on it */
+        pthread_cond_init(&s->cond, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    if (pthread_create(&s->thread, NULL, sched_thread, s) != 0) {
+        sched_destroy(s);
+        return tp_err_set(err, TP_ESYS, "cannot start the scheduler thread");
+    }
+    s->thread_started = 1;
     *out = s;
     return 0;
 }
@@ -42,97 +304,125 @@ void sched_attach(struct sched *s, struct sup *sup)
     s->sup = sup;
 }
 
-/* Frees a slot and hands it to the first waiting request, which is returned (or NULL). */
-static struct sched_req *release_slot(struct sched *s, uint32_t slot)
-{
-    struct sched_req *next;
-
-    pthread_mutex_lock(&s->lock);
-    s->slot[slot] = NULL;
-    s->running--;
-    next = s->head;
-    if (next) {
-        s->head = next->next;
-        if (!s->head)
-            s->tail = NULL;
-        s->queued--;
-        s->slot[slot] = next;
-        next->slot = slot;
-        s->running++;
-    }
-    pthread_mutex_unlock(&s->lock);
-    return next;
-}
-
-/* Copies r's input into its slot and sends the job. When the group cannot take it, r fails at
- * once and its slot goes to the next request, and so on. */
-static void start(struct sched *s, struct sched_req *r)
-{
-    while (r) {
-        struct tp_err err = {0};
-        uint32_t slot = r->slot;
-
-        memcpy(shm_slot_input(s->arena, slot), r->x,
-               (size_t)r->rows * s->arena->layout.in * sizeof(float));
-        if (sup_dispatch(s->sup, slot, r->id, r->rows, &err) == 0)
-            return;
-        r->complete(r, NULL, &err);
-        r = release_slot(s, slot);
-    }
-}
-
 int sched_submit(struct sched *s, struct sched_req *r, struct tp_err *err)
 {
+    int64_t now = now_ns();
+
+    if (r->deadline_ns <= now)
+        return tp_err_set(err, TP_ETIMEDOUT, "deadline exceeded before the request was queued");
     pthread_mutex_lock(&s->lock);
     if (!s->ready) {
         pthread_mutex_unlock(&s->lock);
         return tp_err_set(err, TP_EUNAVAIL, "server is not ready: workers are (re)starting");
     }
-    r->id = s->next_id++;
-    r->next = NULL;
-    for (uint32_t i = 0; i < s->arena->layout.nslots; i++) {
-        if (!s->slot[i]) {
-            s->slot[i] = r;
-            r->slot = i;
-            s->running++;
-            pthread_mutex_unlock(&s->lock);
-            start(s, r);
-            return 0;
-        }
-    }
-    if (s->queued >= s->max_queue) {
+    if (s->queued >= s->c.max_queue) {
+        uint32_t q = s->queued;
+
         pthread_mutex_unlock(&s->lock);
-        return tp_err_set(err, TP_EBUSY, "queue full: %u requests waiting (--max-queue %u)",
-                          s->queued, s->max_queue);
+        return tp_err_set(err, TP_EBUSY, "queue full: %u requests waiting (--max-queue %u)", q,
+                          s->c.max_queue);
     }
+    r->state = R_QUEUED;
+    r->enq_ns = now;
+    r->hold = NULL;
+    r->next = NULL;
     if (s->tail)
         s->tail->next = r;
     else
         s->head = r;
     s->tail = r;
     s->queued++;
+    /* Alone on an idle server (or batching off): start it on this thread, sparing the hand-off
+     * to the scheduler's thread. Otherwise that thread forms the batch. */
+    if (s->queued == 1 && (s->computing == 0 || s->c.batch_delay_us == 0)) {
+        struct sched_slot *sl = free_slot(s);
+
+        if (sl) {
+            take_batch(s, sl, r, 1);
+            pthread_mutex_unlock(&s->lock);
+            launch(s, sl);
+            return 0;
+        }
+    }
+    pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
     return 0;
+}
+
+void sched_cancel(struct sched *s, struct sched_req *r)
+{
+    int was_queued = 0;
+
+    pthread_mutex_lock(&s->lock);
+    if (r->state == R_QUEUED) {
+        was_queued = unqueue(s, r);
+        r->state = R_DONE;
+        s->st.cancelled++;
+    } else if (r->state == R_RUNNING) {
+        r->state = R_CANCELLED;
+        s->st.cancelled++;
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (was_queued) {
+        struct tp_err err;
+
+        tp_err_set(&err, TP_EUNAVAIL, "call cancelled by the client");
+        r->complete(r, NULL, &err);
+    }
 }
 
 void sched_on_done(void *ctx, uint32_t slot, uint64_t id, const struct tp_err *err)
 {
     struct sched *s = ctx;
-    struct sched_req *r;
+    struct sched_slot *sl;
+    struct sched_req *r, *next;
+    const float *y;
+    uint32_t out = s->arena->layout.out;
 
-    pthread_mutex_lock(&s->lock);
-    r = slot < s->arena->layout.nslots ? s->slot[slot] : NULL;
-    pthread_mutex_unlock(&s->lock);
-    if (!r || r->id != id)
+    if (slot >= s->arena->layout.nslots)
         return;
-    r->complete(r, err ? NULL : shm_slot_output(s->arena, slot), err);
-    start(s, release_slot(s, slot));
+    sl = &s->slots[slot];
+    y = shm_slot_output(s->arena, slot);
+    pthread_mutex_lock(&s->lock);
+    if (!sl->busy || sl->id != id || !sl->reqs) {
+        pthread_mutex_unlock(&s->lock);
+        return;
+    }
+    r = sl->reqs;
+    sl->reqs = NULL;
+    s->computing--;
+    if (s->head)
+        pthread_cond_broadcast(&s->cond); /* a batch may be waiting for the workers */
+    /* decide every request's fate under the lock: a cancel arriving later finds R_DONE */
+    for (struct sched_req *q = r; q; q = q->next) {
+        s->running--;
+        if (q->state == R_RUNNING && !err) {
+            sl->holds++;
+            q->hold = sl;
+        }
+        q->state = R_DONE;
+    }
+    pthread_mutex_unlock(&s->lock);
+    for (; r; r = next) {
+        next = r->next;
+        if (r->hold) {
+            r->complete(r, y + (size_t)r->row0 * out, NULL);
+        } else if (err) {
+            r->complete(r, NULL, err);
+        } else {
+            struct tp_err e;
+
+            tp_err_set(&e, TP_EUNAVAIL, "call cancelled by the client");
+            r->complete(r, NULL, &e);
+        }
+    }
+    sched_unhold(sl); /* the job's own hold */
 }
 
 void sched_on_state(void *ctx, int ready)
 {
     struct sched *s = ctx;
-    struct sched_req *r = NULL, *next;
+    struct sched_req *r = NULL;
     struct tp_err err;
 
     pthread_mutex_lock(&s->lock);
@@ -141,13 +431,13 @@ void sched_on_state(void *ctx, int ready)
         r = s->head;
         s->head = s->tail = NULL;
         s->queued = 0;
+        for (struct sched_req *q = r; q; q = q->next)
+            q->state = R_DONE;
     }
+    pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);
     tp_err_set(&err, TP_EUNAVAIL, "workers failed; the server is restarting them");
-    for (; r; r = next) {
-        next = r->next;
-        r->complete(r, NULL, &err);
-    }
+    fail_list(r, &err);
 }
 
 int sched_ready(struct sched *s)
@@ -170,11 +460,48 @@ uint32_t sched_busy(struct sched *s)
     return n;
 }
 
+void sched_get_stats(struct sched *s, struct sched_stats *st)
+{
+    pthread_mutex_lock(&s->lock);
+    *st = s->st;
+    pthread_mutex_unlock(&s->lock);
+}
+
 void sched_destroy(struct sched *s)
 {
+    uint32_t busy = 0;
+
     if (!s)
         return;
+    pthread_mutex_lock(&s->lock);
+    if (s->st.batches)
+        tp_log(TP_LOG_NOTICE,
+               "scheduler: %llu jobs for %llu requests of %llu rows, %llu jobs of more than one "
+               "request (at most %u), %llu requests expired in the queue, %llu cancelled",
+               (unsigned long long)s->st.batches, (unsigned long long)s->st.requests,
+               (unsigned long long)s->st.rows, (unsigned long long)s->st.multi, s->st.max_reqs,
+               (unsigned long long)s->st.expired, (unsigned long long)s->st.cancelled);
+    s->stopping = 1;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+    if (s->thread_started)
+        pthread_join(s->thread, NULL);
+    /* gRPC may still hold a reply slice that points into a slot for a moment after its call
+     * ended; its release comes here. Wait a little, and never free under it. */
+    for (int i = 0; i < 200; i++) {
+        pthread_mutex_lock(&s->lock);
+        busy = s->busy;
+        pthread_mutex_unlock(&s->lock);
+        if (busy == 0)
+            break;
+        usleep(5000);
+    }
+    if (busy) {
+        tp_log(TP_LOG_WARN, "%u slots still held by replies at exit", busy);
+        return;
+    }
     pthread_mutex_destroy(&s->lock);
-    free(s->slot);
+    pthread_cond_destroy(&s->cond);
+    free(s->slots);
     free(s);
 }

@@ -62,3 +62,171 @@ grpc_byte_buffer *gbuf_pack(const ProtobufCMessage *msg)
     grpc_slice_unref(s);
     return bb;
 }
+
+/* A forward-only cursor over the slices of a byte buffer. */
+struct cursor {
+    grpc_byte_buffer_reader rd;
+    const uint8_t *p; /* rest of the current slice */
+    size_t n;
+    size_t pos;   /* bytes consumed */
+    size_t total; /* bytes in the message */
+};
+
+static int cursor_init(struct cursor *c, grpc_byte_buffer *bb)
+{
+    *c = (struct cursor){.total = grpc_byte_buffer_length(bb)};
+    return grpc_byte_buffer_reader_init(&c->rd, bb) ? 0 : -1;
+}
+
+/* Copies (dst != NULL) or skips len bytes; -1 when the message ends first. */
+static int cursor_take(struct cursor *c, size_t len, uint8_t *dst)
+{
+    if (len > c->total - c->pos)
+        return -1;
+    while (len > 0) {
+        size_t k;
+
+        while (c->n == 0) {
+            grpc_slice *s;
+
+            if (!grpc_byte_buffer_reader_peek(&c->rd, &s))
+                return -1;
+            c->p = GRPC_SLICE_START_PTR(*s);
+            c->n = GRPC_SLICE_LENGTH(*s);
+        }
+        k = len < c->n ? len : c->n;
+        if (dst) {
+            memcpy(dst, c->p, k);
+            dst += k;
+        }
+        c->p += k;
+        c->n -= k;
+        c->pos += k;
+        len -= k;
+    }
+    return 0;
+}
+
+/* Reads a varint, keeping its bytes in raw (up to 10) and their count in *nraw. */
+static int cursor_varint(struct cursor *c, uint64_t *v, uint8_t raw[10], size_t *nraw)
+{
+    *v = 0;
+    for (size_t i = 0; i < 10; i++) {
+        if (cursor_take(c, 1, &raw[i]) < 0)
+            return -1;
+        *v |= (uint64_t)(raw[i] & 0x7f) << (7 * i);
+        if (!(raw[i] & 0x80)) {
+            *nraw = i + 1;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Appends to out (when out->buf is NULL only counts). */
+struct sink {
+    uint8_t *buf;
+    size_t len;
+};
+
+static void sink_put(struct sink *o, const uint8_t *p, size_t n)
+{
+    if (o->buf)
+        memcpy(o->buf + o->len, p, n);
+    o->len += n;
+}
+
+/* One pass over the message: field `field` located into f, everything else to out. */
+static int scan(grpc_byte_buffer *bb, uint32_t field, struct sink *out, struct gbuf_field *f)
+{
+    struct cursor c;
+    int rc = -1;
+
+    *f = (struct gbuf_field){0};
+    if (cursor_init(&c, bb) < 0)
+        return -1;
+    while (c.pos < c.total) {
+        uint8_t tag[10], len[10];
+        size_t ntag, nlen;
+        uint64_t key, n;
+
+        if (cursor_varint(&c, &key, tag, &ntag) < 0 || key >> 3 == 0 || key >> 3 > 0x1fffffff)
+            goto out;
+        if (key >> 3 == field) {
+            if ((key & 7) != 2 || cursor_varint(&c, &n, len, &nlen) < 0 || n > c.total - c.pos)
+                goto out;
+            if (f->count++ == 0) {
+                f->offset = c.pos;
+                f->len = (size_t)n;
+            }
+            if (cursor_take(&c, (size_t)n, NULL) < 0)
+                goto out;
+            continue;
+        }
+        sink_put(out, tag, ntag);
+        switch (key & 7) {
+        case 0:
+            if (cursor_varint(&c, &n, len, &nlen) < 0)
+                goto out;
+            sink_put(out, len, nlen);
+            break;
+        case 1:
+        case 5: {
+            size_t k = (key & 7) == 1 ? 8 : 4;
+
+            if (cursor_take(&c, k, out->buf ? out->buf + out->len : NULL) < 0)
+                goto out;
+            out->len += k;
+            break;
+        }
+        case 2:
+            if (cursor_varint(&c, &n, len, &nlen) < 0 || n > c.total - c.pos)
+                goto out;
+            sink_put(out, len, nlen);
+            if (cursor_take(&c, (size_t)n, out->buf ? out->buf + out->len : NULL) < 0)
+                goto out;
+            out->len += (size_t)n;
+            break;
+        default: goto out; /* groups (3, 4) and unknown wire types */
+        }
+    }
+    rc = 0;
+out:
+    grpc_byte_buffer_reader_destroy(&c.rd);
+    return rc;
+}
+
+int gbuf_unpack_except(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc, uint32_t field,
+                       ProtobufCMessage **msg, struct gbuf_field *f, struct tp_err *err)
+{
+    uint8_t small[4096];
+    struct sink out = {0};
+    size_t len = grpc_byte_buffer_length(bb);
+
+    *msg = NULL;
+    if (scan(bb, field, &out, f) < 0)
+        return tp_err_set(err, TP_EINVAL, "malformed %s message of %zu bytes", desc->name, len);
+    /* the rest is small unless a tensor came as typed contents */
+    out.buf = out.len <= sizeof(small) ? small : malloc(out.len);
+    if (!out.buf)
+        return tp_err_set(err, TP_ENOMEM, "no memory for a message of %zu bytes", len);
+    out.len = 0;
+    if (scan(bb, field, &out, f) == 0)
+        *msg = protobuf_c_message_unpack(desc, NULL, out.len, out.buf);
+    if (out.buf != small)
+        free(out.buf);
+    if (!*msg)
+        return tp_err_set(err, TP_EINVAL, "malformed %s message of %zu bytes", desc->name, len);
+    return 0;
+}
+
+void gbuf_copy(grpc_byte_buffer *bb, size_t offset, size_t len, void *dst)
+{
+    struct cursor c;
+
+    if (cursor_init(&c, bb) < 0)
+        return;
+    if (cursor_take(&c, offset, NULL) == 0)
+        cursor_take(&c, len, dst);
+    grpc_byte_buffer_reader_destroy(&c.rd);
+}

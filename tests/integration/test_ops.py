@@ -648,8 +648,9 @@ class TestModelConfig(OpsCase):
         self.assertEqual(cfg.output[0].data_type, tgrpc.model_config_pb2.TYPE_FP32)
         self.assertEqual(list(cfg.input[0].dims), [IN])
         self.assertEqual(list(cfg.output[0].dims), [OUT])
-        # tpd runs each request as its own job: no dynamic batching to report
-        self.assertIsNone(cfg.WhichOneof("scheduling_choice"))
+        # dynamic batching, with the default delay
+        self.assertEqual(cfg.WhichOneof("scheduling_choice"), "dynamic_batching")
+        self.assertEqual(cfg.dynamic_batching.max_queue_delay_microseconds, 200)
         as_json = client.get_model_config(MODEL, model_version="1", as_json=True)
         self.assertEqual(as_json["config"]["input"][0]["data_type"], "TYPE_FP32")
         self.assertEqual(as_json["config"]["input"][0]["dims"], [str(IN)])
@@ -659,7 +660,15 @@ class TestModelConfig(OpsCase):
             self.assertIn("NOT_FOUND", str(cm.exception.status()))
             self.assertIn(name if name != MODEL else "'2'", cm.exception.message())
         meta = client.get_server_metadata()
-        self.assertEqual(list(meta.extensions), ["model_configuration"])
+        self.assertEqual(list(meta.extensions), ["model_configuration", "system_shared_memory"])
+        client.close()
+        d.stop()
+        # batching off: no scheduling choice at all
+        d = self.start_daemon(self.layer(), "--cpu", RANKS, "--model", MODEL,
+                              "--batch-delay-us", 0, name="config-nobatch")
+        client = tgrpc.InferenceServerClient(url=d.addr)
+        cfg = client.get_model_config(MODEL).config
+        self.assertIsNone(cfg.WhichOneof("scheduling_choice"))
         client.close()
         d.stop()
 

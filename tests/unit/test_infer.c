@@ -60,7 +60,7 @@ static void expect_fail(struct req *q, enum tp_code code, const char *word)
     struct infer_input in;
     struct tp_err err = {0};
 
-    ASSERT_EQ(infer_validate(&model, &q->r, &in, &err), -1);
+    ASSERT_EQ(infer_validate(&model, &q->r, NULL, &in, &err), -1);
     ASSERT_EQ(err.code, code);
     ASSERT_STR_HAS(err.msg, word);
     make(q);
@@ -73,27 +73,27 @@ static void test_valid_forms(void)
     struct tp_err err = {0};
 
     make(&q);
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     ASSERT_EQ(in.rows, 2);
     ASSERT_TRUE(in.x == q.x);
     q.r.model_version = "1";
     q.r.n_outputs = 1;
     q.r.outputs = q.os;
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     /* typed contents instead of raw */
     make(&q);
     q.r.n_raw_input_contents = 0;
     q.contents.n_fp32_contents = 6;
     q.contents.fp32_contents = q.x;
     q.t.contents = &q.contents;
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     ASSERT_EQ(in.rows, 2);
     ASSERT_TRUE(in.x == q.x);
     /* max_batch rows */
     make(&q);
     q.shape[0] = 4;
     q.raw[0].len = 48;
-    ASSERT_EQ(infer_validate(&model, &q.r, &in, &err), 0);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
 }
 
 static void test_rejects(void)
@@ -157,7 +157,7 @@ static void test_response(void)
     struct tp_err err = {0};
 
     make(&q);
-    bb = infer_response(&model, &q.r, y, 2);
+    bb = infer_response(&model, q.r.id, y, 2, NULL, NULL);
     ASSERT_TRUE(bb != NULL);
     ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
                           &err),
@@ -177,10 +177,162 @@ static void test_response(void)
     grpc_byte_buffer_destroy(bb);
 }
 
+/* a request whose input (and optionally output) lies in a shared-memory region */
+struct shm_req {
+    struct req q;
+    Inference__InferParameter pv[3];
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry e[3], *ep[3];
+};
+
+static void make_shm(struct shm_req *s, int64_t byte_size, int64_t offset)
+{
+    static const char *const keys[3] = {"shared_memory_region", "shared_memory_byte_size",
+                                        "shared_memory_offset"};
+
+    make(&s->q);
+    s->q.r.n_raw_input_contents = 0;
+    for (int i = 0; i < 3; i++) {
+        inference__infer_parameter__init(&s->pv[i]);
+        inference__model_infer_request__infer_input_tensor__parameters_entry__init(&s->e[i]);
+        s->e[i].key = (char *)keys[i];
+        s->e[i].value = &s->pv[i];
+        s->ep[i] = &s->e[i];
+    }
+    s->pv[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    s->pv[0].string_param = "reg";
+    s->pv[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    s->pv[1].int64_param = byte_size;
+    s->pv[2].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    s->pv[2].int64_param = offset;
+    s->q.t.n_parameters = 3;
+    s->q.t.parameters = s->ep;
+}
+
+static void expect_shm_fail(struct shm_req *s, const char *word)
+{
+    struct infer_input in;
+    struct tp_err err = {0};
+
+    ASSERT_EQ(infer_validate(&model, &s->q.r, NULL, &in, &err), -1);
+    ASSERT_EQ(err.code, TP_EINVAL);
+    ASSERT_STR_HAS(err.msg, word);
+}
+
+static void test_shm_params(void)
+{
+    struct shm_req s;
+    struct infer_input in;
+    struct tp_err err = {0};
+    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[2], *oep[2];
+    Inference__InferParameter ov[2];
+
+    make_shm(&s, 24, 4096);
+    ASSERT_EQ(infer_validate(&model, &s.q.r, NULL, &in, &err), 0);
+    ASSERT_STR_EQ(in.in_region, "reg");
+    ASSERT_EQ(in.in_offset, 4096);
+    ASSERT_TRUE(in.x == NULL);
+    ASSERT_TRUE(in.out_region == NULL);
+    make_shm(&s, 20, 0); /* 2 rows x 3 floats are 24 bytes */
+    expect_shm_fail(&s, "24 bytes, shared_memory_byte_size is 20");
+    make_shm(&s, 24, -8);
+    expect_shm_fail(&s, "shared_memory_offset must be an integer >= 0");
+    make_shm(&s, 24, 0);
+    s.pv[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    expect_shm_fail(&s, "must be a string");
+    make_shm(&s, 24, 0);
+    s.q.t.n_parameters = 1; /* no byte size */
+    expect_shm_fail(&s, "needs shared_memory_byte_size");
+    make_shm(&s, 24, 0);
+    s.q.r.n_raw_input_contents = 1; /* data in the request too */
+    expect_shm_fail(&s, "also has data");
+    make_shm(&s, 24, 8);
+    s.ep[0] = s.ep[2]; /* an offset without a region */
+    s.q.t.n_parameters = 1;
+    expect_shm_fail(&s, "no shared_memory_region");
+    /* output to a region: byte size is rows * out * 4 = 16 */
+    make_shm(&s, 24, 0);
+    for (int i = 0; i < 2; i++) {
+        inference__infer_parameter__init(&ov[i]);
+        inference__model_infer_request__infer_requested_output_tensor__parameters_entry__init(
+            &oe[i]);
+        oe[i].value = &ov[i];
+        oep[i] = &oe[i];
+    }
+    oe[0].key = "shared_memory_region";
+    ov[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    ov[0].string_param = "outreg";
+    oe[1].key = "shared_memory_byte_size";
+    ov[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM;
+    ov[1].uint64_param = 16;
+    s.q.o.n_parameters = 2;
+    s.q.o.parameters = oep;
+    s.q.r.n_outputs = 1;
+    s.q.r.outputs = s.q.os;
+    ASSERT_EQ(infer_validate(&model, &s.q.r, NULL, &in, &err), 0);
+    ASSERT_STR_EQ(in.out_region, "outreg");
+    ASSERT_EQ(in.out_offset, 0);
+    ov[1].uint64_param = 24;
+    expect_shm_fail(&s, "'output' FP32 needs 16 bytes");
+}
+
+static int released;
+
+static void release(void *user)
+{
+    ASSERT_TRUE(user == &released);
+    released++;
+}
+
+/* the data slice points at y and is released exactly once, when the buffer is gone */
+static void test_response_in_place(void)
+{
+    float y[6] = {1, 2, 3, 4, 5, 6};
+    grpc_byte_buffer *bb = infer_response(&model, "id-9", y, 3, release, &released);
+    Inference__ModelInferResponse *r;
+    grpc_byte_buffer_reader rd;
+    grpc_slice *s;
+    int nslices = 0, points_at_y = 0;
+    struct tp_err err = {0};
+
+    ASSERT_TRUE(bb != NULL);
+    ASSERT_TRUE(grpc_byte_buffer_reader_init(&rd, bb));
+    while (grpc_byte_buffer_reader_peek(&rd, &s)) {
+        nslices++;
+        points_at_y += GRPC_SLICE_START_PTR(*s) == (uint8_t *)y;
+    }
+    grpc_byte_buffer_reader_destroy(&rd);
+    ASSERT_EQ(nslices, 2);
+    ASSERT_EQ(points_at_y, 1);
+    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
+                          &err),
+              0);
+    ASSERT_STR_EQ(r->id, "id-9");
+    ASSERT_EQ(r->outputs[0]->shape[0], 3);
+    ASSERT_EQ(r->n_raw_output_contents, 1);
+    ASSERT_EQ(r->raw_output_contents[0].len, sizeof(y));
+    ASSERT_EQ(memcmp(r->raw_output_contents[0].data, y, sizeof(y)), 0);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    ASSERT_EQ(released, 0);
+    grpc_byte_buffer_destroy(bb);
+    ASSERT_EQ(released, 1);
+    /* output in shared memory: no raw_output_contents at all */
+    bb = infer_response(&model, "id-9", NULL, 3, release, &released);
+    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
+                          &err),
+              0);
+    ASSERT_EQ(r->n_raw_output_contents, 0);
+    ASSERT_EQ(r->outputs[0]->shape[1], 2);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    grpc_byte_buffer_destroy(bb);
+    ASSERT_EQ(released, 1);
+}
+
 int main(void)
 {
     TEST_RUN(test_valid_forms);
     TEST_RUN(test_rejects);
     TEST_RUN(test_response);
+    TEST_RUN(test_response_in_place);
+    TEST_RUN(test_shm_params);
     return 0;
 }

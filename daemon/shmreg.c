@@ -1,0 +1,268 @@
+/* shmreg.c -- registered system shared-memory regions (see shmreg.h). One mutex over a small
+ * list; the reference count of a region is changed under it too. The mapping starts at the page
+ * below the region's offset, so that any offset works. */
+#include "shmreg.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+struct shmreg_region {
+    struct shmreg *owner;
+    struct shmreg_info info;
+    int fd;         /* the object, kept to re-check its size at each use */
+    void *map;      /* mapping */
+    size_t map_len; /* bytes mapped */
+    uint8_t *base;  /* the region's first byte, inside map */
+    int refs;       /* the registry's (while registered) + one per acquire */
+    struct shmreg_region *next;
+};
+
+struct shmreg {
+    pthread_mutex_t lock;
+    struct shmreg_region *head;
+    size_t count;
+};
+
+int shmreg_create(struct shmreg **out, struct tp_err *err)
+{
+    struct shmreg *r = calloc(1, sizeof(*r));
+
+    *out = NULL;
+    if (!r)
+        return tp_err_set(err, TP_ENOMEM, "no memory for the shared-memory registry");
+    pthread_mutex_init(&r->lock, NULL);
+    *out = r;
+    return 0;
+}
+
+static void unmap(struct shmreg_region *g)
+{
+    munmap(g->map, g->map_len);
+    close(g->fd);
+    free(g);
+}
+
+/* Drops one reference. Called with the lock held; returns the region to unmap after unlocking. */
+static struct shmreg_region *unref_locked(struct shmreg_region *g)
+{
+    return --g->refs == 0 ? g : NULL;
+}
+
+void shmreg_destroy(struct shmreg *r)
+{
+    struct shmreg_region *g, *next;
+
+    if (!r)
+        return;
+    for (g = r->head; g; g = next) {
+        next = g->next;
+        unmap(g);
+    }
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+}
+
+static struct shmreg_region *find(struct shmreg *r, const char *name)
+{
+    for (struct shmreg_region *g = r->head; g; g = g->next)
+        if (strcmp(g->info.name, name) == 0)
+            return g;
+    return NULL;
+}
+
+int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_t offset,
+                    uint64_t byte_size, struct tp_err *err)
+{
+    struct shmreg_region *g = NULL;
+    struct stat st;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), map_off, map_len;
+    void *map = MAP_FAILED;
+    int fd = -1;
+
+    if (!name[0] || strlen(name) >= SHMREG_NAME_MAX)
+        return tp_err_set(err, TP_EINVAL, "region name must have 1 to %d bytes, got %zu",
+                          SHMREG_NAME_MAX - 1, strlen(name));
+    if (!key[0] || strlen(key) >= SHMREG_NAME_MAX)
+        return tp_err_set(err, TP_EINVAL, "region '%s': key must have 1 to %d bytes, got %zu", name,
+                          SHMREG_NAME_MAX - 1, strlen(key));
+    if (byte_size == 0)
+        return tp_err_set(err, TP_EINVAL, "region '%s': byte_size is 0", name);
+    if (offset > UINT64_MAX - byte_size || offset + byte_size > (uint64_t)INT64_MAX)
+        return tp_err_set(err, TP_EINVAL,
+                          "region '%s': offset %llu + byte_size %llu is out of range", name,
+                          (unsigned long long)offset, (unsigned long long)byte_size);
+    fd = shm_open(key, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return tp_err_set(err, TP_ENOTFOUND, "region '%s': no shared-memory object '%.100s'",
+                              name, key);
+        return tp_err_sys(err, "region '%s': opening shared-memory object '%.100s'", name, key);
+    }
+    if (fstat(fd, &st) < 0) {
+        tp_err_sys(err, "region '%s': fstat of '%.100s'", name, key);
+        goto fail;
+    }
+    if ((uint64_t)st.st_size < offset + byte_size) {
+        tp_err_set(err, TP_EINVAL,
+                   "region '%s': shared-memory object '%.100s' has %lld bytes, offset %llu + "
+                   "byte_size %llu needs %llu",
+                   name, key, (long long)st.st_size, (unsigned long long)offset,
+                   (unsigned long long)byte_size, (unsigned long long)(offset + byte_size));
+        goto fail;
+    }
+    map_off = offset / page * page;
+    map_len = offset - map_off + byte_size;
+    if (map_len > SIZE_MAX) {
+        tp_err_set(err, TP_EINVAL, "region '%s' is too big to map", name);
+        goto fail;
+    }
+    map = mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)map_off);
+    if (map == MAP_FAILED) {
+        tp_err_sys(err, "region '%s': mapping %llu bytes of '%.100s'", name,
+                   (unsigned long long)map_len, key);
+        goto fail;
+    }
+    g = calloc(1, sizeof(*g));
+    if (!g) {
+        tp_err_set(err, TP_ENOMEM, "no memory for region '%s'", name);
+        goto fail;
+    }
+    *g = (struct shmreg_region){.owner = r,
+                                .fd = fd,
+                                .map = map,
+                                .map_len = (size_t)map_len,
+                                .base = (uint8_t *)map + (offset - map_off),
+                                .refs = 1};
+    snprintf(g->info.name, sizeof(g->info.name), "%s", name);
+    snprintf(g->info.key, sizeof(g->info.key), "%s", key);
+    g->info.offset = offset;
+    g->info.byte_size = byte_size;
+    pthread_mutex_lock(&r->lock);
+    if (find(r, name)) {
+        pthread_mutex_unlock(&r->lock);
+        tp_err_set(err, TP_EINVAL, "region '%s' is already registered", name);
+        goto fail;
+    }
+    if (r->count >= SHMREG_MAX_REGIONS) {
+        pthread_mutex_unlock(&r->lock);
+        tp_err_set(err, TP_EBUSY, "too many shared-memory regions (at most %d)",
+                   SHMREG_MAX_REGIONS);
+        goto fail;
+    }
+    g->next = r->head;
+    r->head = g;
+    r->count++;
+    pthread_mutex_unlock(&r->lock);
+    return 0;
+fail:
+    free(g);
+    if (map != MAP_FAILED)
+        munmap(map, (size_t)map_len);
+    if (fd >= 0)
+        close(fd);
+    return -1;
+}
+
+int shmreg_unregister(struct shmreg *r, const char *name, struct tp_err *err)
+{
+    struct shmreg_region **p, *dead = NULL, *g;
+
+    pthread_mutex_lock(&r->lock);
+    for (p = &r->head; *p;) {
+        g = *p;
+        if (name[0] && strcmp(g->info.name, name) != 0) {
+            p = &g->next;
+            continue;
+        }
+        *p = g->next;
+        r->count--;
+        if (unref_locked(g)) {
+            g->next = dead;
+            dead = g;
+        }
+        if (name[0])
+            break;
+    }
+    pthread_mutex_unlock(&r->lock);
+    (void)err; /* an unknown name is not an error: unregistering is idempotent, as upstream */
+    for (; dead; dead = g) {
+        g = dead->next;
+        unmap(dead);
+    }
+    return 0;
+}
+
+size_t shmreg_status(struct shmreg *r, const char *name, struct shmreg_info *out, size_t max)
+{
+    size_t n = 0;
+
+    pthread_mutex_lock(&r->lock);
+    for (struct shmreg_region *g = r->head; g && n < max; g = g->next)
+        if (!name[0] || strcmp(g->info.name, name) == 0)
+            out[n++] = g->info;
+    pthread_mutex_unlock(&r->lock);
+    return n;
+}
+
+int shmreg_acquire(struct shmreg *r, const char *name, uint64_t offset, uint64_t size,
+                   struct shmreg_region **reg, void **p, struct tp_err *err)
+{
+    struct shmreg_region *g;
+    uint64_t have;
+
+    *reg = NULL;
+    *p = NULL;
+    pthread_mutex_lock(&r->lock);
+    g = find(r, name);
+    if (!g) {
+        pthread_mutex_unlock(&r->lock);
+        return tp_err_set(err, TP_ENOTFOUND, "no shared-memory region '%.100s'", name);
+    }
+    have = g->info.byte_size;
+    if (offset > have || size > have - offset) {
+        pthread_mutex_unlock(&r->lock);
+        return tp_err_set(err, TP_EINVAL,
+                          "shared-memory region '%.100s' has %llu bytes: offset %llu + %llu "
+                          "bytes lies outside it",
+                          name, (unsigned long long)have, (unsigned long long)offset,
+                          (unsigned long long)size);
+    }
+    g->refs++;
+    pthread_mutex_unlock(&r->lock);
+    /* An object shrunk under the mapping would turn the copy into SIGBUS: refuse it. (Only a
+     * check: an owner shrinking it right now is the trust limit documented in shmreg.h.) */
+    {
+        struct stat st;
+
+        if (fstat(g->fd, &st) < 0 || (uint64_t)st.st_size < g->info.offset + g->info.byte_size) {
+            tp_err_set(err, TP_EINVAL,
+                       "shared-memory region '%.100s': its object '%.100s' shrank below the region",
+                       name, g->info.key);
+            shmreg_release(g);
+            return -1;
+        }
+    }
+    *reg = g;
+    *p = g->base + offset;
+    return 0;
+}
+
+void shmreg_release(struct shmreg_region *g)
+{
+    struct shmreg_region *dead;
+
+    if (!g)
+        return;
+    pthread_mutex_lock(&g->owner->lock);
+    dead = unref_locked(g);
+    pthread_mutex_unlock(&g->owner->lock);
+    if (dead)
+        unmap(dead);
+}

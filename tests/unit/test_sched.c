@@ -1,0 +1,246 @@
+/* test_sched.c -- the scheduler without workers: sup_dispatch is a stub that records jobs, and the
+ * test plays the supervisor by calling sched_on_done. A lone request starts at once; requests that
+ * arrive while a job computes are batched into one job at their own row offsets, and each gets
+ * its own rows of the output; a slot whose rows a reply still holds is not reused; a queued
+ * request cancelled or past its deadline never runs; a running one cancelled is answered with an
+ * error when its job ends and frees its slot; with a delay of 0 every job has one request. */
+#include <pthread.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../../daemon/sched.h"
+#include "test.h"
+
+#define IN 2
+#define OUT 3
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static struct job {
+    uint32_t slot, rows;
+    uint64_t id;
+} jobs[32];
+static int njobs;
+
+int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struct tp_err *err)
+{
+    (void)s;
+    (void)err;
+    pthread_mutex_lock(&mu);
+    jobs[njobs++] = (struct job){slot, rows, id};
+    pthread_cond_broadcast(&cv);
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+
+/* waits up to 2 s for job n (0-based) to be dispatched; returns 1 if it was */
+static int wait_job(int n, int ms)
+{
+    struct timespec ts;
+    int ok;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&mu);
+    while (njobs <= n && pthread_cond_timedwait(&cv, &mu, &ts) == 0)
+        ;
+    ok = njobs > n;
+    pthread_mutex_unlock(&mu);
+    return ok;
+}
+
+struct treq {
+    struct sched_req r;
+    float x[8 * IN];
+    const float *y; /* as completed */
+    struct tp_err err;
+    int completions;
+};
+
+static void fill(struct sched_req *r, float *x)
+{
+    memcpy(x, ((struct treq *)r)->x, (size_t)r->rows * IN * sizeof(float));
+}
+
+static void complete(struct sched_req *r, const float *y, const struct tp_err *err)
+{
+    struct treq *t = (struct treq *)r;
+
+    t->y = y;
+    t->err = err ? *err : (struct tp_err){0};
+    t->completions++;
+}
+
+static void init(struct treq *t, uint32_t rows, float base)
+{
+    *t = (struct treq){
+        .r = {.rows = rows, .deadline_ns = INT64_MAX, .fill = fill, .complete = complete}};
+    for (uint32_t i = 0; i < rows * IN; i++)
+        t->x[i] = base + (float)i;
+}
+
+static int64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void test_batching_holds_cancel(void)
+{
+    struct shm_arena a;
+    struct sched *s;
+    struct tp_err err = {0};
+    struct treq r1, r2, r3, r4, r5, r6;
+    float *in0, *in1;
+
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){2, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(
+        sched_create(&s, &a, &(struct sched_config){.max_queue = 8, .batch_delay_us = 30000}, &err),
+        0);
+    sched_on_state(s, 1);
+    in0 = shm_slot_input(&a, 0);
+    in1 = shm_slot_input(&a, 1);
+
+    /* idle: a lone request starts at once */
+    init(&r1, 2, 100);
+    ASSERT_EQ(sched_submit(s, &r1.r, &err), 0);
+    ASSERT_EQ(njobs, 1);
+    ASSERT_EQ(jobs[0].slot, 0);
+    ASSERT_EQ(jobs[0].rows, 2);
+    ASSERT_EQ(memcmp(in0, r1.x, 2 * IN * sizeof(float)), 0);
+
+    /* while job 1 computes, two requests gather into one job of 4 rows */
+    init(&r2, 3, 200);
+    init(&r3, 1, 300);
+    ASSERT_EQ(sched_submit(s, &r2.r, &err), 0);
+    ASSERT_EQ(sched_submit(s, &r3.r, &err), 0);
+    ASSERT_TRUE(wait_job(1, 2000));
+    ASSERT_EQ(jobs[1].slot, 1);
+    ASSERT_EQ(jobs[1].rows, 4);
+    ASSERT_EQ(memcmp(in1, r2.x, 3 * IN * sizeof(float)), 0);
+    ASSERT_EQ(memcmp(in1 + 3 * IN, r3.x, 1 * IN * sizeof(float)), 0);
+    ASSERT_EQ(sched_busy(s), 3);
+
+    /* each gets its own rows of its slot's output */
+    sched_on_done(s, 0, jobs[0].id, NULL);
+    ASSERT_EQ(r1.completions, 1);
+    ASSERT_TRUE(r1.y == shm_slot_output(&a, 0));
+    sched_on_done(s, 1, jobs[1].id, NULL);
+    ASSERT_TRUE(r2.y == shm_slot_output(&a, 1));
+    ASSERT_TRUE(r3.y == shm_slot_output(&a, 1) + 3 * OUT);
+    ASSERT_EQ(r3.err.code, TP_OK);
+
+    /* both slots still held by replies: a new request waits */
+    init(&r4, 1, 400);
+    ASSERT_EQ(sched_submit(s, &r4.r, &err), 0);
+    ASSERT_TRUE(!wait_job(2, 100));
+    sched_unhold(r2.r.hold);
+    ASSERT_TRUE(!wait_job(2, 100)); /* r3 still holds slot 1 */
+    sched_unhold(r1.r.hold);
+    ASSERT_TRUE(wait_job(2, 2000));
+    ASSERT_EQ(jobs[2].slot, 0);
+
+    /* a queued request cancelled leaves at once and never runs */
+    init(&r5, 1, 500);
+    ASSERT_EQ(sched_submit(s, &r5.r, &err), 0);
+    sched_cancel(s, &r5.r);
+    ASSERT_EQ(r5.completions, 1);
+    ASSERT_TRUE(r5.y == NULL);
+    ASSERT_STR_HAS(r5.err.msg, "cancelled");
+    sched_cancel(s, &r5.r); /* again: nothing */
+    ASSERT_EQ(r5.completions, 1);
+
+    /* a queued request whose deadline passes before a slot frees is dropped, not run */
+    init(&r6, 1, 600);
+    r6.r.deadline_ns = mono_ns() + 20 * 1000000;
+    ASSERT_EQ(sched_submit(s, &r6.r, &err), 0);
+    usleep(40000);
+    /* a running request cancelled: its job ends with an error for it, and frees the slot */
+    sched_cancel(s, &r4.r);
+    ASSERT_EQ(r4.completions, 0);
+    sched_on_done(s, 0, jobs[2].id, NULL);
+    ASSERT_EQ(r4.completions, 1);
+    ASSERT_TRUE(r4.y == NULL);
+    ASSERT_STR_HAS(r4.err.msg, "cancelled");
+    for (int i = 0; i < 200 && r6.completions == 0; i++)
+        usleep(5000);
+    ASSERT_EQ(r6.completions, 1);
+    ASSERT_EQ(r6.err.code, TP_ETIMEDOUT);
+    ASSERT_TRUE(!wait_job(3, 100));
+    /* a deadline already gone is refused at once */
+    init(&r6, 1, 600);
+    r6.r.deadline_ns = mono_ns() - 1;
+    ASSERT_EQ(sched_submit(s, &r6.r, &err), -1);
+    ASSERT_EQ(err.code, TP_ETIMEDOUT);
+    sched_unhold(r3.r.hold);
+    {
+        struct sched_stats st;
+
+        sched_get_stats(s, &st);
+        ASSERT_EQ(st.batches, 3);
+        ASSERT_EQ(st.requests, 4);
+        ASSERT_EQ(st.multi, 1);
+        ASSERT_EQ(st.max_reqs, 2);
+        ASSERT_EQ(st.expired, 1);
+        ASSERT_EQ(st.cancelled, 2);
+        ASSERT_EQ(st.by_reqs[0], 2); /* r1, r4 */
+        ASSERT_EQ(st.by_reqs[1], 1); /* r2 + r3 */
+        ASSERT_EQ(st.by_reqs[2], 0);
+    }
+    ASSERT_EQ(sched_busy(s), 0);
+    sched_destroy(s);
+    shm_arena_destroy(&a);
+}
+
+static void test_no_batching(void)
+{
+    struct shm_arena a;
+    struct sched *s;
+    struct tp_err err = {0};
+    struct treq r[3];
+
+    njobs = 0;
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){1, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(
+        sched_create(&s, &a, &(struct sched_config){.max_queue = 1, .batch_delay_us = 0}, &err), 0);
+    for (int i = 0; i < 3; i++)
+        init(&r[i], 1, (float)i);
+    ASSERT_EQ(sched_submit(s, &r[0].r, &err), -1); /* not ready yet */
+    ASSERT_EQ(err.code, TP_EUNAVAIL);
+    sched_on_state(s, 1);
+    ASSERT_EQ(sched_submit(s, &r[0].r, &err), 0);  /* runs */
+    ASSERT_EQ(sched_submit(s, &r[1].r, &err), 0);  /* queued */
+    ASSERT_EQ(sched_submit(s, &r[2].r, &err), -1); /* queue of 1 is full */
+    ASSERT_EQ(err.code, TP_EBUSY);
+    sched_on_done(s, 0, jobs[0].id, NULL);
+    sched_unhold(r[0].r.hold);
+    ASSERT_TRUE(wait_job(1, 2000));
+    ASSERT_EQ(jobs[1].rows, 1);
+    /* the group fails: the running job fails, nothing is held */
+    {
+        struct tp_err down;
+
+        tp_err_set(&down, TP_EUNAVAIL, "worker group died");
+        sched_on_done(s, 0, jobs[1].id, &down);
+        ASSERT_EQ(r[1].err.code, TP_EUNAVAIL);
+        ASSERT_TRUE(r[1].y == NULL);
+    }
+    ASSERT_EQ(sched_busy(s), 0);
+    sched_destroy(s);
+    shm_arena_destroy(&a);
+}
+
+int main(void)
+{
+    TEST_RUN(test_batching_holds_cancel);
+    TEST_RUN(test_no_batching);
+    return 0;
+}
