@@ -30,6 +30,10 @@ static void usage(FILE *f)
         "  --grpc-threads N        threads serving gRPC (default: 1)\n"
         "  --restart-backoff-ms MS first delay before restarting dead workers (default: 500)\n"
         "  --log-level LEVEL       err, warn, notice, info or debug (default: notice)\n"
+        "  --socket-mode MODE      octal file mode of unix: sockets (default: 0660)\n"
+        "  --tls-cert PATH         serve TCP addresses over TLS with this PEM certificate chain\n"
+        "  --tls-key PATH          PEM private key of --tls-cert (required with it)\n"
+        "  --tls-client-ca PATH    require client certificates signed by this PEM CA (mTLS)\n"
         "  --help, --version\n");
 }
 
@@ -44,6 +48,23 @@ static int parse_num(const char *flag, const char *s, long lo, long hi, long *v)
                 s);
         return -1;
     }
+    return 0;
+}
+
+/* An octal file mode, 0 to 0777 ("660", "0660"). */
+static int parse_mode(const char *s, unsigned *mode)
+{
+    char *end;
+    unsigned long v;
+
+    errno = 0;
+    v = strtoul(s, &end, 8);
+    if (errno || end == s || *end || s[0] == '-' || s[0] == '+' || v > 0777) {
+        fprintf(stderr, "tpd: --socket-mode takes an octal file mode from 0 to 0777, got '%s'\n",
+                s);
+        return -1;
+    }
+    *mode = (unsigned)v;
     return 0;
 }
 
@@ -75,6 +96,10 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         O_GRPC_THREADS,
         O_BACKOFF,
         O_LOG_LEVEL,
+        O_SOCK_MODE,
+        O_TLS_CERT,
+        O_TLS_KEY,
+        O_TLS_CA,
         O_HELP,
         O_VERSION,
     };
@@ -91,6 +116,10 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                                          {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
                                          {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
                                          {"log-level", required_argument, NULL, O_LOG_LEVEL},
+                                         {"socket-mode", required_argument, NULL, O_SOCK_MODE},
+                                         {"tls-cert", required_argument, NULL, O_TLS_CERT},
+                                         {"tls-key", required_argument, NULL, O_TLS_KEY},
+                                         {"tls-client-ca", required_argument, NULL, O_TLS_CA},
                                          {"help", no_argument, NULL, O_HELP},
                                          {"version", no_argument, NULL, O_VERSION},
                                          {NULL, 0, NULL, 0}};
@@ -106,7 +135,8 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .max_queue = 1024,
                          .grpc_threads = 1,
                          .restart_backoff_ms = 500,
-                         .log_level = TP_LOG_NOTICE};
+                         .log_level = TP_LOG_NOTICE,
+                         .socket_mode = 0660};
     opterr = 0;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (o) {
@@ -164,6 +194,13 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                 return CONFIG_USAGE;
             }
             break;
+        case O_SOCK_MODE:
+            if (parse_mode(optarg, &c->socket_mode))
+                return CONFIG_USAGE;
+            break;
+        case O_TLS_CERT: c->tls_cert = optarg; break;
+        case O_TLS_KEY: c->tls_key = optarg; break;
+        case O_TLS_CA: c->tls_client_ca = optarg; break;
         case O_HELP: usage(stdout); return CONFIG_EXIT_OK;
         case O_VERSION: printf("tpd %s\n", TP_VERSION); return CONFIG_EXIT_OK;
         default:
@@ -179,6 +216,15 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
     if (!c->weights) {
         fprintf(stderr, "tpd: --weights PATH is required\n");
         usage(stderr);
+        return CONFIG_USAGE;
+    }
+    if (!c->tls_cert != !c->tls_key) {
+        fprintf(stderr, "tpd: --tls-cert and --tls-key go together, got only %s\n",
+                c->tls_cert ? "--tls-cert" : "--tls-key");
+        return CONFIG_USAGE;
+    }
+    if (c->tls_client_ca && !c->tls_cert) {
+        fprintf(stderr, "tpd: --tls-client-ca needs --tls-cert and --tls-key\n");
         return CONFIG_USAGE;
     }
     if (c->nlisten == 0)

@@ -23,6 +23,10 @@ struct config {
     int grpc_threads;
     int restart_backoff_ms; /* first restart delay */
     int log_level;
+    unsigned socket_mode;      /* file mode of unix: sockets */
+    const char *tls_cert;      /* PEM certificate chain; NULL: no TLS */
+    const char *tls_key;       /* PEM private key of tls_cert */
+    const char *tls_client_ca; /* PEM CA bundle: clients must present a cert it signed */
 };
 
 enum config_result { CONFIG_OK, CONFIG_EXIT_OK, CONFIG_USAGE };

@@ -184,7 +184,11 @@ int main(int argc, char **argv)
                                  .nlisten = c.nlisten,
                                  .threads = c.grpc_threads,
                                  .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
-                                 .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM},
+                                 .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM,
+                                 .tls_cert = c.tls_cert,
+                                 .tls_key = c.tls_key,
+                                 .tls_client_ca = c.tls_client_ca,
+                                 .socket_mode = c.socket_mode},
             api_methods, api_nmethods, &api, &err) < 0)
         goto fail_grpc;
     if (sup_start(&sup,
