@@ -6,6 +6,7 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +52,13 @@ static enum tp_code code_of(grpc_status_code s)
     }
 }
 
+/* gRPC's own log lines would break tpclient's one-line errors (a failed TLS handshake is logged
+ * by gRPC, then reported again by the call's status, which says it better): drop them. */
+static void quiet_log(gpr_log_func_args *args)
+{
+    (void)args;
+}
+
 /* Channel credentials for tls: plaintext, or TLS with the given roots and client pair. */
 static grpc_channel_credentials *make_creds(const struct conn_tls *tls, struct tp_err *err)
 {
@@ -88,6 +96,7 @@ int conn_open(struct conn *c, const char *target, int timeout_ms, const struct c
     grpc_channel_args chargs = {2, args};
     grpc_channel_credentials *creds;
 
+    gpr_set_log_function(quiet_log);
     grpc_init();
     creds = make_creds(tls, err);
     if (!creds)

@@ -271,11 +271,13 @@ static int add_port(struct rpc_server *s, const char *addr, const struct rpc_con
         snprintf(s->unix_paths[s->nunix++], sizeof(s->unix_paths[0]), "%s", addr + 5);
     if (is_unix && chmod(addr + 5, (mode_t)c->socket_mode) < 0)
         return tp_err_sys(err, "setting mode %04o on %s", c->socket_mode, addr + 5);
-    tp_log(TP_LOG_NOTICE, "listening on %s%s", addr,
-           is_unix            ? " (plaintext, local)"
-           : !s->tls          ? " (plaintext)"
-           : c->tls_client_ca ? " (TLS, client certificate required)"
-                              : " (TLS)");
+    if (is_unix)
+        tp_log(TP_LOG_NOTICE, "listening on %s (plaintext, mode %04o)", addr, c->socket_mode);
+    else /* the port tells which one the system chose for HOST:0 */
+        tp_log(TP_LOG_NOTICE, "listening on %s (port %d, %s)", addr, port,
+               !s->tls            ? "plaintext"
+               : c->tls_client_ca ? "TLS, client certificate required"
+                                  : "TLS");
     return 0;
 }
 
