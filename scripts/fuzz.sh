@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets of tests/fuzz with clang (ASan+UBSan) in build-fuzz/ and runs each
-# for a fixed time (FUZZ_SECONDS, default 20) from a copy of its kept corpus, so the repository's
-# corpus is never changed by a run. A crash fails the script; the input that caused it is left in
-# build-fuzz/crashes/ and belongs, once fixed, in tests/fuzz/regress/<target>/.
+# for a fixed time (FUZZ_SECONDS, default 20) from a copy of its kept corpus
+# (build-fuzz/corpus-<target>/), so the repository's corpus is never changed by a run. A crash
+# fails the script; the input that caused it is left in build-fuzz/crashes/ and belongs, once
+# fixed, in tests/fuzz/regress/<target>/.
 # Prints one line per target: executions, executions per second, corpus size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,9 @@ fi
 mkdir -p build-fuzz/crashes
 status=0
 for t in "${targets[@]}"; do
-    work=$(mktemp -d)
+    work=build-fuzz/corpus-$t
+    rm -rf "$work"
+    mkdir -p "$work"
     cp -r "tests/fuzz/corpus/$t/." "$work/"
     [ -d "tests/fuzz/regress/$t" ] && cp -r "tests/fuzz/regress/$t/." "$work/"
     log=build-fuzz/fuzz_$t.log
@@ -34,6 +37,5 @@ for t in "${targets[@]}"; do
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
     echo "fuzz_$t: ${runs:-?} executions in ${seconds} s (${rate:-?}/s), corpus $(ls "$work" | wc -l) inputs"
-    rm -rf "$work"
 done
 exit $status
