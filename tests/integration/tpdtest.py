@@ -301,6 +301,7 @@ STARTED_RE = re.compile(r"tpd: notice: started worker rank (\d+) pid (\d+)")
 LOADED_RE = re.compile(r"tpd-worker rank (\d+): \w+: loaded rows \[(\d+), (\d+)\) of (\d+) from "
                        r"'([^']*)' \((\w+)\): read (\d+) bytes of weight and (\d+) bytes of bias")
 ACCEPTED_RE = re.compile(r"tpd: debug: accepted request")
+SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)[^\n]*|runtime error: [^\n]*")
 
 
 class Daemon:
@@ -398,6 +399,12 @@ class Daemon:
             self.logf = None
         if self.final_log is None:
             self.final_log = self.log()
+            # in a sanitizer build, a report by tpd or any worker (their stderr is this log)
+            # fails the test, even when the process that made it was not checked otherwise
+            m = SANITIZER_RE.search(self.final_log)
+            if m:
+                raise AssertionError("sanitizer report in %s's log: %s\n%s" % (
+                    self.name, m.group(0), self.log_tail(80)))
 
     def __enter__(self):
         return self
