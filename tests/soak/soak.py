@@ -78,8 +78,12 @@ def main():
         rss_warm = None
         next_kill = t0 + rng.uniform(a.kill_min, a.kill_max)
         kills, last_kill = 0, None
+        samples, next_sample = [], t0
         while time.monotonic() < t_end:
             now = time.monotonic()
+            if now >= next_sample and d.running():
+                samples.append(rss_mib(pid))
+                next_sample += a.duration / 10
             if rss_warm is None and now >= t_warm:
                 rss_warm = rss_mib(pid)
             if now >= next_kill and now < t_end - 3:
@@ -123,6 +127,8 @@ def main():
         print("soak: tpd RSS: start %.1f MiB, warm %.1f MiB, end %.1f MiB (growth after warm "
               "%.1f MiB, limit %.0f)" % (rss_start, rss_warm, rss_end, rss_end - rss_warm,
                                          a.rss_growth_mib))
+        print("soak: tpd RSS every tenth of the run: %s MiB" % " ".join("%.1f" % v
+                                                                    for v in samples))
         problems = []
         if wrong:
             problems.append("%d wrong answers, e.g. %s" % (len(wrong), wrong[0].detail))
