@@ -70,6 +70,17 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def health_status(channel):
+    """grpc.health.v1.Health/Check of service "": 1 SERVING, 2 NOT_SERVING (the response is one
+    enum field, number 1)."""
+    check = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                request_serializer=lambda m: m, response_deserializer=lambda m: m)
+    resp = check(b"", timeout=10)
+    if resp[:1] != b"\x08" or len(resp) != 2:
+        raise AssertionError("unexpected health response %r" % resp)
+    return resp[1]
+
+
 def processes_with(needle):
     """Pids of live processes whose command line contains needle (bytes)."""
     found = []
@@ -122,7 +133,10 @@ class TestWorkerKill(ReliabilityCase):
         probe = self.triton(d)
         self.assertTrue(ld.wait_ok(20), "no answers before the first kill\n" + d.log_tail())
         rng = np.random.default_rng(9)
-        recovery, unready, in_flight_failed = [], [], 0
+        recovery, unready, in_flight_failed, not_serving = [], [], 0, 0
+        hch = grpc.insecure_channel(d.addr)
+        self.addCleanup(hch.close)
+        self.assertEqual(health_status(hch), 1, "health is not SERVING before the kills")
         for k in range(kills):
             before = d.worker_pids()
             self.assertEqual(sorted(before), list(range(ranks)), d.log_tail())
@@ -134,6 +148,8 @@ class TestWorkerKill(ReliabilityCase):
             seen_unready = None
             while time.monotonic() - t_kill < 30:
                 ready = probe.is_server_ready(client_timeout=10)
+                if seen_unready is not None and health_status(hch) == 2:
+                    not_serving += 1
                 if not ready and seen_unready is None:
                     seen_unready = time.monotonic() - t_kill
                 if ready and seen_unready is not None:
@@ -149,6 +165,7 @@ class TestWorkerKill(ReliabilityCase):
                 self.assertNotEqual(after.get(r), before[r], "kill %d: rank %d not rebuilt" % (
                     k, r))
             self.assertEqual(wait_gone(before.values()), [], "old workers left running")
+            self.assertEqual(health_status(hch), 1, "kill %d: health not SERVING once ready" % k)
             recovery.append(t_ready)
             unready.append(seen_unready)
             t_back = time.monotonic()
@@ -160,6 +177,8 @@ class TestWorkerKill(ReliabilityCase):
                 self.assertIn(r.outcome, ("OK", "UNAVAILABLE"), "in flight at kill %d: %s %s" % (
                     k, r.outcome, r.detail))
         out = self.finish(d, ld, allowed=("OK", "UNAVAILABLE"))
+        self.assertGreater(not_serving, 0, "grpc.health.v1 never said NOT_SERVING while the "
+                           "server was not ready")
         self.assertGreater(in_flight_failed, 0,
                            "no request in flight at any of the kills failed UNAVAILABLE: the "
                            "kills missed the load (outcomes %s)" % dict(out))
