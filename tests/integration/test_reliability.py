@@ -11,7 +11,10 @@ the right answer or a proper failure status; never a wrong answer, never a hang.
 (b) a worker that keeps dying at start (a --worker wrapper that runs the real worker only the
     first time): tpd logs why, backs off with a doubling delay, stays not-ready and does not
     spin (its CPU time stays small); once the worker can start again, tpd is ready again.
-(c) kill -9 tpd under load: every worker exits by itself, nothing is left in /dev/shm.
+(c) kill -9 tpd under load: every worker exits by itself, nothing is left in /dev/shm. Once
+    through PR_SET_PDEATHSIG, and once through EOF on the control socket alone: a --worker
+    wrapper runs the real worker as its own child, which has no parent-death signal (it is not
+    inherited across fork), so only the closed socket can tell it that tpd is gone.
 (d) --slots 1 --max-queue 1 with the only slot held (its worker stopped with SIGSTOP): one more
     request waits, the ones after it get RESOURCE_EXHAUSTED at once; after SIGCONT the two
     accepted requests get their right answers.
@@ -271,6 +274,35 @@ class TestCoordinatorDeath(ReliabilityCase):
         # clients see the connection go; no answer may be wrong, none may hang
         self.finish(d, ld, allowed=("OK", "UNAVAILABLE", "CANCELLED", "UNKNOWN"))
         print("coordinator killed: all %d workers gone %.2f s later" % (len(pids), took))
+
+
+    def test_workers_exit_on_control_socket_eof(self):
+        wpath, W, b = self.layer(2 * 20, 32, seed=67)
+        real = os.path.join(os.path.dirname(tpdtest.TPD), "tpd-worker")
+        wrapper = self.path("fork.sh")
+        with open(wrapper, "w") as f:
+            f.write("""#!/bin/sh
+# the real worker as a child of this shell: no parent-death signal for it
+"%s" "$@" &
+echo "test wrapper: real worker pid $!" >&2
+wait $!
+""" % real)
+        os.chmod(wrapper, 0o755)
+        d = self.start_daemon(wpath, "--cpu", 2, "--worker", wrapper, name="eof")
+        model = os.path.basename(wpath)[:-len(".safetensors")]
+        real_pids = [int(p) for p in re.findall(r"test wrapper: real worker pid (\d+)", d.log())]
+        self.assertEqual(len(real_pids), 2, d.log_tail())
+        self.assertTrue(all(pid_alive(p) for p in real_pids), "real workers not running")
+        ld = self.load(d, model, W, b, clients=2, seed=5)
+        self.assertTrue(ld.wait_ok(10), d.log_tail())
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(timeout=10)
+        t0 = time.monotonic()
+        left = wait_gone(real_pids, timeout=10)
+        self.assertEqual(left, [], "workers did not exit on EOF of their control socket")
+        print("coordinator killed, workers without a parent-death signal: gone %.2f s later" % (
+            time.monotonic() - t0))
+        self.finish(d, ld, allowed=("OK", "UNAVAILABLE", "CANCELLED", "UNKNOWN"))
 
 
 class TestBackpressure(ReliabilityCase):
