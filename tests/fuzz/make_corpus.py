@@ -1,7 +1,8 @@
 """Writes the seed corpus of the fuzz targets into tests/fuzz/corpus/<target>/: valid inputs of
-every kind each parser accepts, and a few near misses. Run it again only to change the seeds;
-the files it writes are kept in the repository, and inputs that once crashed a target go to
-tests/fuzz/regress/<target>/ by hand (never overwritten here).
+every kind each parser accepts, and a few near misses, under names that say what they are. The
+files named by a SHA-1 beside them are inputs the fuzzers found that add coverage (merged in with
+`fuzz_<target> -merge=1 NEW tests/fuzz/corpus/<target> RUN_CORPUS`); this script leaves them
+alone. Inputs that once crashed a target go to tests/fuzz/regress/<target>/ by hand.
 
     python tests/fuzz/make_corpus.py      (needs numpy and tritonclient[grpc])
 """
@@ -9,7 +10,6 @@ tests/fuzz/regress/<target>/ by hand (never overwritten here).
 import io
 import json
 import os
-import shutil
 import struct
 
 import numpy as np
@@ -141,8 +141,6 @@ def ctl():
 
 
 if __name__ == "__main__":
-    for t in ("infer", "npy", "safetensors", "ctl"):
-        shutil.rmtree(os.path.join(HERE, "corpus", t), ignore_errors=True)
     infer()
     npy()
     safetensors()
