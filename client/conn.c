@@ -81,6 +81,8 @@ static grpc_channel_credentials *make_creds(const struct conn_tls *tls, struct t
     if (!creds)
         tp_err_set(err, TP_EINVAL, "cannot set up TLS with these certificates");
 out:
+    if (key)
+        explicit_bzero(key, strlen(key));
     free(ca);
     free(cert);
     free(key);

@@ -216,7 +216,8 @@ static void *poll_thread(void *arg)
     return NULL;
 }
 
-/* Server credentials from the PEM files of c, or NULL without --tls-cert. */
+/* Sets s->tls from the PEM files of c (left NULL without tls_cert). The private key is wiped
+ * from our memory once gRPC has its own copy. */
 static int make_tls(struct rpc_server *s, const struct rpc_config *c, struct tp_err *err)
 {
     grpc_ssl_pem_key_cert_pair pair;
@@ -241,6 +242,8 @@ static int make_tls(struct rpc_server *s, const struct rpc_config *c, struct tp_
     }
     rc = 0;
 out:
+    if (key)
+        explicit_bzero(key, strlen(key));
     free(cert);
     free(key);
     free(ca);
@@ -265,6 +268,13 @@ static int add_port(struct rpc_server *s, const char *addr, const struct rpc_con
         umask(old_mask);
     if (creds != s->tls)
         grpc_server_credentials_release(creds);
+    if (port == 0 && creds == s->tls) /* gRPC checks the certificate and key only here */
+        return tp_err_set(err, TP_EINVAL,
+                          "cannot listen on %s with TLS: is %s a certificate, %s its private key"
+                          "%s%s%s?",
+                          addr, c->tls_cert, c->tls_key, c->tls_client_ca ? " and " : "",
+                          c->tls_client_ca ? c->tls_client_ca : "",
+                          c->tls_client_ca ? " a CA certificate" : "");
     if (port == 0)
         return tp_err_set(err, TP_ESYS, "cannot listen on %s", addr);
     if (is_unix && s->nunix < 8)
@@ -348,7 +358,9 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
     if (!s)
         return;
     atomic_store(&s->shutting_down, 1);
-    if (s->started) {
+    /* also when never started: gRPC aborts in grpc_server_destroy if a server with bound
+     * listeners was not shut down (a start that fails after binding comes here) */
+    if (s->server) {
         grpc_completion_queue *scq = grpc_completion_queue_create_for_pluck(NULL);
         int tag;
         grpc_event ev;

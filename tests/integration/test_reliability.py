@@ -19,6 +19,9 @@ the right answer or a proper failure status; never a wrong answer, never a hang.
     request waits, the ones after it get RESOURCE_EXHAUSTED at once; after SIGCONT the two
     accepted requests get their right answers.
 (e) a message over the size limit gets RESOURCE_EXHAUSTED from gRPC; other clients are served.
+(g) a start that fails after the listen addresses are bound (a worker that cannot start, a
+    second address that cannot be bound) exits 1 with the reason, not with an abort, and
+    removes the unix socket it made.
 (f) random bytes, broken HTTP/2 and idle half-open connections on the TCP port and on the unix
     socket do not disturb the clients that are being served.
 """
@@ -389,6 +392,24 @@ class TestMessageLimits(ReliabilityCase):
         self.finish(d, ld)
         self.assertEqual(d.worker_pids(), pids, "workers restarted")
         d.stop()
+
+
+class TestStartFailures(ReliabilityCase):
+
+    def test_failures_after_binding_exit_1(self):
+        seed = os.path.join(tpdtest.SEED_DIR, "seed.safetensors")
+        sock = self.path("start.sock")
+        cases = (
+            (["--worker", "/bin/false"], "exited with status 1"),
+            (["--listen", "unix:" + self.path("no-such-dir/b.sock")], "no-such-dir/b.sock"),
+        )
+        for args, needle in cases:
+            with self.subTest(args=args):
+                res = tpdtest.run([tpdtest.TPD, "--weights", seed, "--listen", "unix:" + sock] +
+                                  args, timeout=30)
+                self.assertEqual(res.rc, 1, repr(res))
+                self.assertIn(needle, res.err, repr(res))
+                self.assertFalse(os.path.exists(sock), "unix socket left behind")
 
 
 def h2_frame(ftype, flags, stream, payload, length=None):

@@ -203,6 +203,10 @@ class TestTls(TlsCase):
                 (["--tls-cert", self.path("missing.pem"), "--tls-key", p["server.key"]], 1,
                  "missing.pem"),
                 (["--tls-cert", p["server.pem"], "--tls-key", junk], 1, "junk.pem"),
+                (["--tls-cert", p["server.pem"], "--tls-key", p["ca.key"], "--listen",
+                  "127.0.0.1:0"], 1, "ca.key"),
+                (["--tls-cert", p["server.pem"], "--tls-key", p["server.key"], "--tls-client-ca",
+                  p["server.key"], "--listen", "127.0.0.1:0"], 1, "a CA certificate"),
                 (["--tls-cert", p["server.pem"], "--tls-key", p["server.key"],
                   "--tls-client-ca", self.path("nope.pem")], 1, "nope.pem")):
             with self.subTest(args=args):
