@@ -6,11 +6,14 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "gbuf.h"
+#include "pem.h"
 
 #define MAX_MSG (1 << 30)
 
@@ -49,7 +52,45 @@ static enum tp_code code_of(grpc_status_code s)
     }
 }
 
-int conn_open(struct conn *c, const char *target, int timeout_ms, struct tp_err *err)
+/* gRPC's own log lines would break tpclient's one-line errors (a failed TLS handshake is logged
+ * by gRPC, then reported again by the call's status, which says it better): drop them. */
+static void quiet_log(gpr_log_func_args *args)
+{
+    (void)args;
+}
+
+/* Channel credentials for tls: plaintext, or TLS with the given roots and client pair. */
+static grpc_channel_credentials *make_creds(const struct conn_tls *tls, struct tp_err *err)
+{
+    grpc_channel_credentials *creds = NULL;
+    grpc_ssl_pem_key_cert_pair pair;
+    char *ca = NULL, *cert = NULL, *key = NULL;
+
+    if (!tls || !(tls->on || tls->ca || tls->cert || tls->key))
+        return grpc_insecure_credentials_create();
+    if (!tls->cert != !tls->key) {
+        tp_err_set(err, TP_EINVAL, "--tls-cert and --tls-key go together, got only %s",
+                   tls->cert ? "--tls-cert" : "--tls-key");
+        return NULL;
+    }
+    if ((tls->ca && pem_read(tls->ca, &ca, err) < 0) ||
+        (tls->cert && (pem_read(tls->cert, &cert, err) < 0 || pem_read(tls->key, &key, err) < 0)))
+        goto out;
+    pair = (grpc_ssl_pem_key_cert_pair){.private_key = key, .cert_chain = cert};
+    creds = grpc_ssl_credentials_create_ex(ca, cert ? &pair : NULL, NULL, NULL);
+    if (!creds)
+        tp_err_set(err, TP_EINVAL, "cannot set up TLS with these certificates");
+out:
+    if (key)
+        explicit_bzero(key, strlen(key));
+    free(ca);
+    free(cert);
+    free(key);
+    return creds;
+}
+
+int conn_open(struct conn *c, const char *target, int timeout_ms, const struct conn_tls *tls,
+              struct tp_err *err)
 {
     grpc_arg args[2] = {
         {GRPC_ARG_INTEGER, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, {.integer = MAX_MSG}},
@@ -57,8 +98,11 @@ int conn_open(struct conn *c, const char *target, int timeout_ms, struct tp_err 
     grpc_channel_args chargs = {2, args};
     grpc_channel_credentials *creds;
 
+    gpr_set_log_function(quiet_log);
     grpc_init();
-    creds = grpc_insecure_credentials_create();
+    creds = make_creds(tls, err);
+    if (!creds)
+        return -1;
     c->ch = grpc_channel_create(target, creds, &chargs);
     grpc_channel_credentials_release(creds);
     c->cq = grpc_completion_queue_create_for_next(NULL);

@@ -15,8 +15,18 @@ struct conn {
     int timeout_ms; /* deadline of each call */
 };
 
-/* target: "HOST:PORT" or "unix:PATH". Calls grpc_init. */
-int conn_open(struct conn *c, const char *target, int timeout_ms, struct tp_err *err);
+/* TLS settings of a connection: PEM file paths, each NULL when not given. */
+struct conn_tls {
+    int on;           /* use TLS (also implied by any path below) */
+    const char *ca;   /* CA bundle that signed the server's certificate; NULL: system roots */
+    const char *cert; /* client certificate chain, for servers that require one */
+    const char *key;  /* private key of cert */
+};
+
+/* target: "HOST:PORT" or "unix:PATH"; tls NULL or not on: plaintext. Calls grpc_init. Reads the
+ * PEM files; fails naming the file that cannot be read. */
+int conn_open(struct conn *c, const char *target, int timeout_ms, const struct conn_tls *tls,
+              struct tp_err *err);
 
 /* Calls method with req; on success *resp (of type desc) is the caller's to free with
  * protobuf_c_message_free_unpacked. */

@@ -30,7 +30,11 @@ static void usage(FILE *f)
                "                  --shm moves the tensors through registered POSIX shared memory\n"
                "\n"
                "  --server ADDR   HOST:PORT or unix:PATH (default: $TPD_SERVER or 127.0.0.1:8001)\n"
-               "  --timeout MS    deadline of each call (default: 30000)\n");
+               "  --timeout MS    deadline of each call (default: 30000)\n"
+               "  --tls           connect with TLS, verifying the server against the system's CAs\n"
+               "  --tls-ca PATH   connect with TLS, verifying the server against this PEM CA\n"
+               "  --tls-cert PATH --tls-key PATH\n"
+               "                  client certificate and key (PEM) for servers that require one\n");
 }
 
 void cmd_error(const char *fmt, ...)
@@ -68,6 +72,7 @@ int main(int argc, char **argv)
                 {"bench", cmd_bench}};
     const char *server = getenv("TPD_SERVER");
     struct conn c = {0};
+    struct conn_tls tls = {0};
     struct tp_err err = {0};
     char **rest = calloc((size_t)argc + 1, sizeof(char *));
     int nrest = 0, timeout_ms = 30000, status;
@@ -86,6 +91,22 @@ int main(int argc, char **argv)
             printf("tpclient %s\n", TP_VERSION);
             free(rest);
             return 0;
+        } else if (strcmp(argv[i], "--tls") == 0) {
+            tls.on = 1;
+        } else if (strcmp(argv[i], "--tls-ca") == 0 || strcmp(argv[i], "--tls-cert") == 0 ||
+                   strcmp(argv[i], "--tls-key") == 0) {
+            if (i + 1 >= argc) {
+                cmd_error("%s needs a value", argv[i]);
+                free(rest);
+                return EXIT_USAGE;
+            }
+            if (strcmp(argv[i], "--tls-ca") == 0)
+                tls.ca = argv[i + 1];
+            else if (strcmp(argv[i], "--tls-cert") == 0)
+                tls.cert = argv[i + 1];
+            else
+                tls.key = argv[i + 1];
+            i++;
         } else if (strcmp(argv[i], "--server") == 0 || strcmp(argv[i], "--timeout") == 0) {
             if (i + 1 >= argc) {
                 cmd_error("%s needs a value", argv[i]);
@@ -119,7 +140,7 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
         if (strcmp(rest[0], cmds[i].name) != 0)
             continue;
-        if (conn_open(&c, server, timeout_ms, &err) < 0) {
+        if (conn_open(&c, server, timeout_ms, &tls, &err) < 0) {
             cmd_error("%s", err.msg);
             conn_close(&c);
             free(rest);

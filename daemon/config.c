@@ -51,6 +51,10 @@ static void usage(FILE *f)
         "  --metrics-listen ADDR   HOST:PORT of the HTTP server for /metrics and the health\n"
         "                          endpoints; port 0 picks a free one; 'off' disables it\n"
         "                          (default: 127.0.0.1:8002)\n"
+        "  --socket-mode MODE      octal file mode of unix: sockets (default: 0660)\n"
+        "  --tls-cert PATH         serve TCP addresses over TLS with this PEM certificate chain\n"
+        "  --tls-key PATH          PEM private key of --tls-cert (required with it)\n"
+        "  --tls-client-ca PATH    require client certificates signed by this PEM CA (mTLS)\n"
         "  --config PATH           configuration file: one 'key = value' per line, a key per\n"
         "                          flag; flags override it; 'none' reads no file (default:\n"
         "                          " DEFAULT_CONFIG " when it exists)\n"
@@ -176,6 +180,23 @@ static int check_backend(struct config *c)
     return 0;
 }
 
+/* An octal file mode, 0 to 0777 ("660", "0660"). */
+static int parse_mode(const char *s, unsigned *mode)
+{
+    char *end;
+    unsigned long v;
+
+    errno = 0;
+    v = strtoul(s, &end, 8);
+    if (errno || end == s || *end || s[0] == '-' || s[0] == '+' || v > 0777) {
+        fprintf(stderr, "tpd: %s takes an octal file mode from 0 to 0777, got '%s'\n",
+                subject("--socket-mode"), s);
+        return -1;
+    }
+    *mode = (unsigned)v;
+    return 0;
+}
+
 static void model_from_path(char *name, size_t len, const char *path)
 {
     const char *base = strrchr(path, '/');
@@ -208,6 +229,10 @@ enum {
     O_TF32,
     O_BATCH_DELAY,
     O_METRICS_LISTEN,
+    O_SOCK_MODE,
+    O_TLS_CERT,
+    O_TLS_KEY,
+    O_TLS_CA,
     O_CONFIG,
     O_HELP,
     O_VERSION,
@@ -232,6 +257,10 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"tf32", no_argument, NULL, O_TF32},
                                      {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
                                      {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
+                                     {"socket-mode", required_argument, NULL, O_SOCK_MODE},
+                                     {"tls-cert", required_argument, NULL, O_TLS_CERT},
+                                     {"tls-key", required_argument, NULL, O_TLS_KEY},
+                                     {"tls-client-ca", required_argument, NULL, O_TLS_CA},
                                      {"config", required_argument, NULL, O_CONFIG},
                                      {"help", no_argument, NULL, O_HELP},
                                      {"version", no_argument, NULL, O_VERSION},
@@ -318,6 +347,13 @@ static enum config_result apply(struct config *c, int o)
     case O_METRICS_LISTEN:
         c->metrics_listen = (!optarg[0] || strcmp(optarg, "off") == 0) ? NULL : optarg;
         break;
+    case O_SOCK_MODE:
+        if (parse_mode(optarg, &c->socket_mode))
+            return CONFIG_USAGE;
+        break;
+    case O_TLS_CERT: c->tls_cert = optarg; break;
+    case O_TLS_KEY: c->tls_key = optarg; break;
+    case O_TLS_CA: c->tls_client_ca = optarg; break;
     case O_CONFIG: break; /* read before everything else, in config_parse */
     case O_HELP: usage(stdout); return CONFIG_EXIT_OK;
     case O_VERSION: printf("tpd %s\n", TP_VERSION); return CONFIG_EXIT_OK;
@@ -442,7 +478,8 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .log_level = TP_LOG_NOTICE,
                          .gather_nccl = 1,
                          .dtype = TP_F32,
-                         .metrics_listen = "127.0.0.1:8002"};
+                         .metrics_listen = "127.0.0.1:8002",
+                         .socket_mode = 0660};
     model = gather = dtype = NULL;
     cpu_given = 0;
     file = find_config(argc, argv, &info);
@@ -472,6 +509,15 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
     }
     if (check_backend(c) < 0)
         return CONFIG_USAGE;
+    if (!c->tls_cert != !c->tls_key) {
+        fprintf(stderr, "tpd: --tls-cert and --tls-key go together, got only %s\n",
+                c->tls_cert ? "--tls-cert" : "--tls-key");
+        return CONFIG_USAGE;
+    }
+    if (c->tls_client_ca && !c->tls_cert) {
+        fprintf(stderr, "tpd: --tls-client-ca needs --tls-cert and --tls-key\n");
+        return CONFIG_USAGE;
+    }
     if (c->nlisten == 0)
         c->listen[c->nlisten++] = "127.0.0.1:8001";
     if (model)

@@ -33,6 +33,10 @@ struct config {
     const char *config;         /* configuration file that was read; NULL: none */
     int listen_cmdline;         /* a --listen came from the command line */
     uint32_t batch_delay_us;    /* most a batch waits for more requests; 0: batching off */
+    unsigned socket_mode;      /* file mode of unix: sockets */
+    const char *tls_cert;      /* PEM certificate chain; NULL: no TLS */
+    const char *tls_key;       /* PEM private key of tls_cert */
+    const char *tls_client_ca; /* PEM CA bundle: clients must present a cert it signed */
 };
 
 enum config_result { CONFIG_OK, CONFIG_EXIT_OK, CONFIG_USAGE, CONFIG_BAD_FILE };

@@ -300,7 +300,11 @@ int main(int argc, char **argv)
                                  .nlisten = c.nlisten,
                                  .threads = c.grpc_threads,
                                  .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
-                                 .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM},
+                                 .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM,
+                                 .tls_cert = c.tls_cert,
+                                 .tls_key = c.tls_key,
+                                 .tls_client_ca = c.tls_client_ca,
+                                 .socket_mode = c.socket_mode},
             api_methods, api_nmethods, &api, &err) < 0)
         goto fail_grpc;
     startup.usec = notify_watchdog_usec();
@@ -327,9 +331,6 @@ int main(int argc, char **argv)
                                        .log_level = level_names[c.log_level]},
                   sched_on_done, sched_on_state, sched, &err) < 0) {
         tp_err_prefix(&err, "starting workers: ");
-        /* gRPC core aborts when a bound server that never started is destroyed: leave it to
-         * the exit, so that a worker's start error ends in exit status 1, not SIGABRT. */
-        rpc = NULL;
         goto fail_grpc;
     }
     sched_attach(sched, sup);

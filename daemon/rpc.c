@@ -13,10 +13,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "log.h"
+#include "pem.h"
 
 #define POSTED_PER_METHOD 8 /* requests waiting for calls, per method and queue */
 #define POSTED_UNKNOWN 2
@@ -62,7 +64,8 @@ struct rpc_server {
     void **handles; /* registered method handles */
     void *ctx;
     atomic_int shutting_down;
-    int started; /* grpc_server_start was called */
+    int started;                  /* grpc_server_start was called */
+    grpc_server_credentials *tls; /* for TCP addresses; NULL: plaintext */
     char unix_paths[8][108];
     int nunix;
 };
@@ -262,17 +265,78 @@ static void *poll_thread(void *arg)
     return NULL;
 }
 
-static int add_port(struct rpc_server *s, const char *addr, struct tp_err *err)
+/* Sets s->tls from the PEM files of c (left NULL without tls_cert). The private key is wiped
+ * from our memory once gRPC has its own copy. */
+static int make_tls(struct rpc_server *s, const struct rpc_config *c, struct tp_err *err)
 {
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    int port = grpc_server_add_http2_port(s->server, addr, creds);
+    grpc_ssl_pem_key_cert_pair pair;
+    char *cert = NULL, *key = NULL, *ca = NULL;
+    int rc = -1;
 
-    grpc_server_credentials_release(creds);
+    if (!c->tls_cert)
+        return 0;
+    if (pem_read(c->tls_cert, &cert, err) < 0 || pem_read(c->tls_key, &key, err) < 0 ||
+        (c->tls_client_ca && pem_read(c->tls_client_ca, &ca, err) < 0))
+        goto out;
+    pair = (grpc_ssl_pem_key_cert_pair){.private_key = key, .cert_chain = cert};
+    s->tls = grpc_ssl_server_credentials_create_ex(
+        ca, &pair, 1,
+        ca ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+           : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+        NULL);
+    if (!s->tls) {
+        tp_err_set(err, TP_EINVAL, "cannot use TLS certificate %s with key %s", c->tls_cert,
+                   c->tls_key);
+        goto out;
+    }
+    rc = 0;
+out:
+    if (key)
+        explicit_bzero(key, strlen(key));
+    free(cert);
+    free(key);
+    free(ca);
+    return rc;
+}
+
+static int add_port(struct rpc_server *s, const char *addr, const struct rpc_config *c,
+                    struct tp_err *err)
+{
+    int is_unix = strncmp(addr, "unix:", 5) == 0;
+    grpc_server_credentials *creds =
+        is_unix || !s->tls ? grpc_insecure_server_credentials_create() : s->tls;
+    mode_t old_mask = 0;
+    int port;
+
+    /* The socket file is created by bind() inside gRPC with mode 0777 & ~umask: set the umask
+     * so that it never exists with wider permissions, then chmod to be exact. */
+    if (is_unix)
+        old_mask = umask(~(mode_t)c->socket_mode & 0777);
+    port = grpc_server_add_http2_port(s->server, addr, creds);
+    if (is_unix)
+        umask(old_mask);
+    if (creds != s->tls)
+        grpc_server_credentials_release(creds);
+    if (port == 0 && creds == s->tls) /* gRPC checks the certificate and key only here */
+        return tp_err_set(err, TP_EINVAL,
+                          "cannot listen on %s with TLS: is %s a certificate, %s its private key"
+                          "%s%s%s?",
+                          addr, c->tls_cert, c->tls_key, c->tls_client_ca ? " and " : "",
+                          c->tls_client_ca ? c->tls_client_ca : "",
+                          c->tls_client_ca ? " a CA certificate" : "");
     if (port == 0)
         return tp_err_set(err, TP_ESYS, "cannot listen on %s", addr);
-    if (strncmp(addr, "unix:", 5) == 0 && s->nunix < 8)
+    if (is_unix && s->nunix < 8)
         snprintf(s->unix_paths[s->nunix++], sizeof(s->unix_paths[0]), "%s", addr + 5);
-    tp_log(TP_LOG_INFO, "listening on %s", addr);
+    if (is_unix && chmod(addr + 5, (mode_t)c->socket_mode) < 0)
+        return tp_err_sys(err, "setting mode %04o on %s", c->socket_mode, addr + 5);
+    if (is_unix)
+        tp_log(TP_LOG_NOTICE, "listening on %s (plaintext, mode %04o)", addr, c->socket_mode);
+    else /* the port tells which one the system chose for HOST:0 */
+        tp_log(TP_LOG_NOTICE, "listening on %s (port %d, %s)", addr, port,
+               !s->tls            ? "plaintext"
+               : c->tls_client_ca ? "TLS, client certificate required"
+                                  : "TLS");
     return 0;
 }
 
@@ -307,8 +371,10 @@ int rpc_server_create(struct rpc_server **out, const struct rpc_config *c,
         s->pollers[q].cq = grpc_completion_queue_create_for_next(NULL);
         grpc_server_register_completion_queue(s->server, s->pollers[q].cq, NULL);
     }
+    if (make_tls(s, c, err) < 0)
+        goto fail;
     for (int i = 0; i < c->nlisten; i++)
-        if (add_port(s, c->listen[i], err) < 0)
+        if (add_port(s, c->listen[i], c, err) < 0)
             goto fail;
     *out = s;
     return 0;
@@ -341,7 +407,9 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
     if (!s)
         return;
     atomic_store(&s->shutting_down, 1);
-    if (s->started) {
+    /* also when never started: gRPC aborts in grpc_server_destroy if a server with bound
+     * listeners was not shut down (a start that fails after binding comes here) */
+    if (s->server) {
         grpc_completion_queue *scq = grpc_completion_queue_create_for_pluck(NULL);
         int tag;
         grpc_event ev;
@@ -391,6 +459,8 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
             grpc_completion_queue_destroy(s->pollers[q].cq);
     for (int i = 0; i < s->nunix; i++)
         unlink(s->unix_paths[i]);
+    if (s->tls)
+        grpc_server_credentials_release(s->tls);
     free(s->pollers);
     free(s->handles);
     free(s);

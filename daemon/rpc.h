@@ -29,6 +29,14 @@ struct rpc_config {
     int threads;
     long max_recv; /* bytes of one request message */
     long max_send; /* bytes of one response message */
+    /* Security of the listeners. TCP addresses use TLS when tls_cert is set (PEM files, read at
+     * create), and then also require a client certificate signed by tls_client_ca when that is
+     * set. unix: sockets stay plain: they are local, and socket_mode (file mode bits) says who
+     * may connect. */
+    const char *tls_cert;      /* PEM certificate chain path, NULL: plaintext */
+    const char *tls_key;       /* PEM private key path */
+    const char *tls_client_ca; /* PEM CA bundle path, NULL: no client certificate asked */
+    unsigned socket_mode;      /* e.g. 0660 */
 };
 
 /* Creates the server and binds every address, without serving yet, so that a bad address fails

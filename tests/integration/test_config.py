@@ -30,6 +30,7 @@ KEY_LINE_RE = re.compile(r"^#?\s*([a-z][a-z0-9-]*)\s*=\s*(.*?)\s*$")
 
 
 GPU_KEYS = ("gpus", "gather", "dtype", "tf32")
+TLS_KEYS = ("tls-cert", "tls-key", "tls-client-ca")
 
 
 def example_keys():
@@ -124,6 +125,14 @@ class TestConfig(TpdTestCase):
         self.assertEqual(p.returncode, 1, "GPU keys of the example: " + err)
         self.assertRegex(err, r"GPU", "GPU keys of the example: " + err)
 
+    def check_tls_keys(self, tls_lines):
+        """The example's TLS keys are accepted: tpd gets past the configuration and fails only
+        because this host has none of the example's certificate files (exit 1, naming one)."""
+        conf = self.write("tls.conf", "weights = %s\n" % self.wpath + "".join(tls_lines))
+        res = self.tpd("--config", conf)
+        self.assertEqual(res.rc, 1, "TLS keys of the example: %r" % (res,))
+        self.assertRegex(res.err, r"/etc/tpd/tls/", "TLS keys of the example: %r" % (res,))
+
     def test_example_accepts_every_key_and_documents_every_flag(self):
         keys = example_keys()
         flags = [f for f in help_flags() if f not in ("help", "version", "config")]
@@ -136,9 +145,12 @@ class TestConfig(TpdTestCase):
         with open(EXAMPLE) as f:
             lines = [re.sub(r"^#\s*(?=[a-z][a-z0-9-]*\s*=)", "", line) for line in f]
         gpu_lines = [l for l in lines if l.split("=")[0].strip() in GPU_KEYS]
-        text = "".join(l for l in lines if l not in gpu_lines)
+        tls_lines = [l for l in lines if l.split("=")[0].strip() in TLS_KEYS]
+        text = "".join(l for l in lines if l not in gpu_lines and l not in tls_lines)
         self.assertEqual(len(gpu_lines), len(GPU_KEYS), "GPU keys of the example")
+        self.assertEqual(len(tls_lines), len(TLS_KEYS), "TLS keys of the example")
         self.check_gpu_keys(gpu_lines)
+        self.check_tls_keys(tls_lines)
         conf = self.write("example.conf", text)
         real_worker = os.path.join(os.path.dirname(os.path.abspath(tpdtest.TPD)), "tpd-worker")
         # the example's paths and addresses are a production host's: flags override them

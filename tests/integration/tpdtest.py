@@ -302,6 +302,7 @@ LOADED_RE = re.compile(r"tpd-worker rank (\d+): \w+: loaded rows \[(\d+), (\d+)\
                        r"'([^']*)' \((\w+)\): read (\d+) bytes of weight and (\d+) bytes of bias")
 ACCEPTED_RE = re.compile(r"tpd: debug: accepted request")
 METRICS_RE = re.compile(r"tpd: notice: metrics and health on http://(\S+)/metrics")
+SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)[^\n]*|runtime error: [^\n]*")
 
 
 class Daemon:
@@ -412,6 +413,12 @@ class Daemon:
             self.logf = None
         if self.final_log is None:
             self.final_log = self.log()
+            # in a sanitizer build, a report by tpd or any worker (their stderr is this log)
+            # fails the test, even when the process that made it was not checked otherwise
+            m = SANITIZER_RE.search(self.final_log)
+            if m:
+                raise AssertionError("sanitizer report in %s's log: %s\n%s" % (
+                    self.name, m.group(0), self.log_tail(80)))
 
     def __enter__(self):
         return self

@@ -1,0 +1,147 @@
+"""Writes the seed corpus of the fuzz targets into tests/fuzz/corpus/<target>/: valid inputs of
+every kind each parser accepts, and a few near misses, under names that say what they are. The
+files named by a SHA-1 beside them are inputs the fuzzers found that add coverage (merged in with
+`fuzz_<target> -merge=1 NEW tests/fuzz/corpus/<target> RUN_CORPUS`); this script leaves them
+alone. Inputs that once crashed a target go to tests/fuzz/regress/<target>/ by hand.
+
+    python tests/fuzz/make_corpus.py      (needs numpy and tritonclient[grpc])
+"""
+
+import io
+import json
+import os
+import struct
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEED = os.path.join(HERE, "..", "data", "seed")
+
+
+def put(target, name, data):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def infer_request(rows=2, in_=3, model="lin", version="", raw=True, name="input",
+                  dtype="FP32", outputs=("output",), shape=None, nraw=1):
+    r = pb.ModelInferRequest(model_name=model, model_version=version, id="r1")
+    t = r.inputs.add(name=name, datatype=dtype, shape=shape or [rows, in_])
+    x = np.arange(rows * in_, dtype=np.float32)
+    if raw:
+        for _ in range(nraw):
+            r.raw_input_contents.append(x.tobytes())
+    else:
+        t.contents.fp32_contents.extend(x.tolist())
+    for o in outputs:
+        r.outputs.add(name=o)
+    return r.SerializeToString()
+
+
+def infer():
+    put("infer", "raw-2x3", infer_request())
+    put("infer", "raw-4x3-v1", infer_request(rows=4, version="1"))
+    put("infer", "typed-1x3", infer_request(rows=1, raw=False))
+    put("infer", "no-outputs", infer_request(outputs=()))
+    put("infer", "bad-model", infer_request(model="other"))
+    put("infer", "bad-version", infer_request(version="7"))
+    put("infer", "bad-name", infer_request(name="x"))
+    put("infer", "bad-dtype", infer_request(dtype="FP16"))
+    put("infer", "bad-shape-3d", infer_request(shape=[1, 2, 3]))
+    put("infer", "too-many-rows", infer_request(rows=5))
+    put("infer", "negative-rows", infer_request(shape=[-1, 3]))
+    put("infer", "two-raw", infer_request(nraw=2))
+    put("infer", "short-raw", infer_request()[:-5])
+    put("infer", "empty", b"")
+
+
+def npy_bytes(a, version=None):
+    buf = io.BytesIO()
+    if version is None:
+        np.save(buf, a)
+    else:
+        np.lib.format.write_array(buf, a, version=version)
+    return buf.getvalue()
+
+
+def npy():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    put("npy", "f32-2x3", npy_bytes(x))
+    put("npy", "f16-3", npy_bytes(np.arange(3, dtype=np.float16)))
+    put("npy", "f64-2x2", npy_bytes(np.eye(2)))
+    put("npy", "f32-scalar", npy_bytes(np.float32(1.5)))
+    put("npy", "f32-empty", npy_bytes(np.zeros((0, 4), np.float32)))
+    put("npy", "v2", npy_bytes(x, version=(2, 0)))
+    put("npy", "v3", npy_bytes(x, version=(3, 0)))
+    put("npy", "fortran", npy_bytes(np.asfortranarray(np.ones((2, 3), np.float32))))
+    put("npy", "big-endian", npy_bytes(x.astype(">f4")))
+    put("npy", "int32", npy_bytes(np.arange(4, dtype=np.int32)))
+    put("npy", "truncated", npy_bytes(x)[:-4])
+    with open(os.path.join(SEED, "seed.x.npy"), "rb") as f:
+        put("npy", "seed-x", f.read())
+
+
+def st_bytes(tensors, metadata=None, pad=True):
+    header = {}
+    off = 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(data)]}
+        off += len(data)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(t[3] for t in tensors)
+
+
+def safetensors():
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)
+    b = np.ones(4, np.float32)
+    put("safetensors", "f32-w-b", st_bytes([("weight", "F32", [4, 3], w.tobytes()),
+                                             ("bias", "F32", [4], b.tobytes())],
+                                            {"format": "pt"}))
+    put("safetensors", "f16", st_bytes([("weight", "F16", [2, 2], np.ones(4, np.float16).tobytes())]))
+    put("safetensors", "bf16", st_bytes([("w", "BF16", [3, 1], b"\x80\x3f" * 3)]))
+    put("safetensors", "f64", st_bytes([("w", "F64", [1, 2], np.ones(2).tobytes())]))
+    put("safetensors", "scalar", st_bytes([("s", "F32", [], b"\0\0\x80\x3f")]))
+    put("safetensors", "i32", st_bytes([("w", "I32", [2], b"\0" * 8)]))
+    put("safetensors", "bad-range", st_bytes([("w", "F32", [4], b"\0" * 12)]))
+    put("safetensors", "unpadded", st_bytes([("w", "F32", [1], b"\0" * 4)], pad=False))
+    put("safetensors", "empty-header", struct.pack("<Q", 2) + b"{}")
+    put("safetensors", "huge-length", struct.pack("<Q", 1 << 62) + b"{}")
+    with open(os.path.join(SEED, "seed.safetensors"), "rb") as f:
+        put("safetensors", "seed", f.read())
+
+
+CTL_FMT = "<IHHQIIiIQ256s"  # struct ctl_msg, 296 bytes
+
+
+def ctl_msg(type_, id_=1, slot=0, rows=1, status=0, rank=0, nbytes=0, text=b"",
+            magic=0x74706431, version=1):
+    return struct.pack(CTL_FMT, magic, version, type_, id_, slot, rows, status, rank, nbytes,
+                       text)
+
+
+def ctl():
+    assert struct.calcsize(CTL_FMT) == 296
+    put("ctl", "ready", ctl_msg(1, nbytes=432))
+    put("ctl", "ready-failed", ctl_msg(1, status=1, text=b"cannot read weights"))
+    put("ctl", "job", ctl_msg(2, id_=7, slot=3, rows=256))
+    put("ctl", "done", ctl_msg(3, id_=7, slot=1))
+    put("ctl", "done-error", ctl_msg(3, id_=7, slot=1, status=3, text=b"bad"))
+    put("ctl", "bad-magic", ctl_msg(2, magic=0))
+    put("ctl", "bad-slot", ctl_msg(2, slot=4))
+    put("ctl", "unterminated", ctl_msg(3)[:40] + b"x" * 256)
+    put("ctl", "short", ctl_msg(2)[:100])
+    put("ctl", "long", ctl_msg(2) + b"\0" * 8)
+
+
+if __name__ == "__main__":
+    infer()
+    npy()
+    safetensors()
+    ctl()
