@@ -1,9 +1,16 @@
 /* tensor.c -- element types and conversions (see tensor.h). The half-precision decoders are
  * bit-exact and need no FPU support for F16, so the CPU backend and the reference agree on every
- * weight value loaded from a file. */
+ * weight value loaded from a file. The buffer conversions, which tpd runs on every FP16 request
+ * and response, use the x86 F16C instructions when the CPU has them; they give the same bits as
+ * the scalar code (tests/unit/test_tensor.c checks both against each other). */
 #include "tensor.h"
 
 #include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_F16C_PATH 1
+#endif
 
 /* Files and the wire are little-endian; F32 and F64 are copied as they are. */
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "tpd assumes a little-endian host");
@@ -147,16 +154,66 @@ uint16_t tp_f32_to_f16(float f)
     return (uint16_t)(sign | h);
 }
 
+#ifdef HAVE_F16C_PATH
+/* The F16C instructions convert 8 elements at once, rounding to nearest even (the immediate),
+ * with the same results as the scalar code on every input: NaNs keep their sign and top payload
+ * bits and become quiet, overflow gives inf, subnormals are exact (tested over every FP16 value
+ * and the rounding midpoints). On the coordinator's hot path they are about 10x faster. Chosen
+ * at run time, so the build runs on any x86-64. Both loops work in place as the scalar ones do:
+ * a vector's source is loaded before its result is stored, and a store never reaches a source
+ * byte not yet loaded. Returns how many elements they did (a multiple of 8). */
+__attribute__((target("f16c,avx"))) static size_t narrow_f16c(unsigned char *dst, const float *src,
+                                                              size_t n)
+{
+    size_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps((const float *)(const void *)((const char *)src + 4 * i));
+        __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+
+        _mm_storeu_si128((__m128i *)(void *)(dst + 2 * i), h);
+    }
+    return i;
+}
+
+__attribute__((target("f16c,avx"))) static size_t widen_f16c(unsigned char *dst,
+                                                             const unsigned char *src, size_t n)
+{
+    size_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)(src + 2 * i));
+
+        _mm256_storeu_ps((float *)(void *)(dst + 4 * i), _mm256_cvtph_ps(h));
+    }
+    return i;
+}
+
+static int have_f16c(void)
+{
+    static int known = -1; /* a benign race: every thread computes the same answer */
+
+    if (known < 0)
+        known = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    return known;
+}
+#endif
+
 void tp_convert_from_f32(void *dst, const float *src, size_t n, enum tp_dtype t)
 {
     unsigned char *p = dst;
+    size_t i = 0;
 
     if (t == TP_F32) {
         if ((void *)src != dst)
             memcpy(dst, src, n * 4);
         return;
     }
-    for (size_t i = 0; i < n; i++) {
+#ifdef HAVE_F16C_PATH
+    if (t == TP_F16 && have_f16c())
+        i = narrow_f16c(p, src, n);
+#endif
+    for (; i < n; i++) {
         float f;
         uint16_t h;
 
@@ -171,10 +228,16 @@ void tp_convert_from_f32(void *dst, const float *src, size_t n, enum tp_dtype t)
 void tp_widen_in_place(float *buf, size_t n, enum tp_dtype t)
 {
     unsigned char *b = (unsigned char *)buf, *src = b + 2 * n;
+    size_t i = 0;
 
     /* float i's bytes [4i, 4i+4) end before element i+1's at 2n+2i+2, so every element is read
-     * before a float covers it */
-    for (size_t i = 0; i < n; i++) {
+     * before a float covers it (and 8 floats from i end at 4i+32, no later than the elements
+     * from i+8 begin, at 2n+2i+16, while i+8 <= n) */
+#ifdef HAVE_F16C_PATH
+    if (t == TP_F16 && have_f16c())
+        i = widen_f16c(b, src, n);
+#endif
+    for (; i < n; i++) {
         uint16_t h = (uint16_t)(src[2 * i] | (src[2 * i + 1] << 8));
         float f = t == TP_BF16 ? tp_bf16_to_f32(h) : tp_f16_to_f32(h);
 
@@ -185,19 +248,24 @@ void tp_widen_in_place(float *buf, size_t n, enum tp_dtype t)
 void tp_convert_to_f32(float *dst, const void *src, size_t n, enum tp_dtype t)
 {
     const unsigned char *p = src;
+    size_t i = 0;
 
     switch (t) {
     case TP_F32: memcpy(dst, src, n * 4); break;
     case TP_F16:
-        for (size_t i = 0; i < n; i++)
+#ifdef HAVE_F16C_PATH
+        if (have_f16c())
+            i = widen_f16c((unsigned char *)dst, p, n);
+#endif
+        for (; i < n; i++)
             dst[i] = tp_f16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
         break;
     case TP_BF16:
-        for (size_t i = 0; i < n; i++)
+        for (; i < n; i++)
             dst[i] = tp_bf16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
         break;
     case TP_F64:
-        for (size_t i = 0; i < n; i++) {
+        for (; i < n; i++) {
             double d;
 
             memcpy(&d, p + 8 * i, sizeof(d));

@@ -302,6 +302,92 @@ static void test_convert_in_place(void)
     }
 }
 
+/* The buffer conversions (which may use vector instructions) agree with the scalar ones on every
+ * FP16/BF16 value, on every FP16 rounding midpoint and its neighbours, and on random floats, in
+ * place and not, at lengths that are not multiples of the vector width. */
+static void test_buffers_match_scalar(void)
+{
+    enum { N = 65536 + 3 * 0x7c00 + 5 };
+    static float f[N], g[N];
+    static uint16_t h[N];
+    uint64_t seed = 99;
+    int bad = 0;
+    size_t n = 0;
+
+    for (uint32_t k = 0; k < 65536; k++)
+        h[k] = (uint16_t)k;
+    for (int t = 0; t < 2; t++) {
+        enum tp_dtype dt = t ? TP_BF16 : TP_F16;
+
+        tp_convert_to_f32(f, h, 65536, dt);
+        for (uint32_t k = 0; k < 65536; k++) {
+            float s = dt == TP_F16 ? tp_f16_to_f32((uint16_t)k) : tp_bf16_to_f32((uint16_t)k);
+
+            bad += isnan(s) ? !isnan(f[k]) || signbit(s) != signbit(f[k])
+                            : f32_bits(s) != f32_bits(f[k]);
+        }
+    }
+    ASSERT_EQ(bad, 0);
+    /* floats to narrow: every FP16 value, midpoints and neighbours, specials, random bits */
+    for (uint32_t k = 0; k < 65536; k++)
+        f[n++] = tp_f16_to_f32((uint16_t)k);
+    for (int k = 0; k < 0x7c00; k++) {
+        float a = tp_f16_to_f32((uint16_t)k),
+              b = k + 1 < 0x7c00 ? tp_f16_to_f32((uint16_t)(k + 1)) : 65536.0f;
+        float m = (float)(((double)a + (double)b) / 2);
+
+        f[n++] = m;
+        f[n++] = nextafterf(m, 0);
+        f[n++] = -nextafterf(m, INFINITY);
+    }
+    f[n++] = INFINITY;
+    f[n++] = bits_f32(0x7f800001u);
+    f[n++] = bits_f32(0xffc00000u);
+    f[n++] = FLT_MAX;
+    f[n++] = 0x1p-149f;
+    ASSERT_EQ(n, N);
+    for (int t = 0; t < 2; t++) {
+        enum tp_dtype dt = t ? TP_BF16 : TP_F16;
+        uint16_t (*enc)(float) = t ? tp_f32_to_bf16 : tp_f32_to_f16;
+
+        for (int pass = 0; pass < 2; pass++) {
+            unsigned char *out = pass ? (unsigned char *)g : (unsigned char *)h;
+
+            if (pass) { /* in place, on random floats */
+                for (size_t i = 0; i < N; i++)
+                    f[i] = bits_f32(lcg(&seed));
+                memcpy(g, f, sizeof(g));
+                tp_convert_from_f32(g, g, N - 1, dt); /* an odd length */
+            } else {
+                tp_convert_from_f32(h, f, N - 1, dt);
+            }
+            for (size_t i = 0; i < N - 1; i++) {
+                uint16_t want = enc(f[i]), got = (uint16_t)(out[2 * i] | out[2 * i + 1] << 8);
+                int nan = t ? (want & 0x7fff) > 0x7f80 : (want & 0x7fff) > 0x7c00;
+
+                bad += nan ? (t ? (got & 0x7fff) <= 0x7f80 : (got & 0x7fff) <= 0x7c00) ||
+                                 (got & 0x8000) != (want & 0x8000)
+                           : got != want;
+            }
+        }
+    }
+    ASSERT_EQ(bad, 0);
+    /* widening in place at an odd length, from the second half */
+    for (int t = 0; t < 2; t++) {
+        enum tp_dtype dt = t ? TP_BF16 : TP_F16;
+        size_t m = 1001;
+
+        for (size_t i = 0; i < m; i++)
+            h[i] = (uint16_t)(lcg(&seed) & 0x7bff); /* finite in both types */
+        memcpy((unsigned char *)g + 2 * m, h, 2 * m);
+        tp_widen_in_place(g, m, dt);
+        for (size_t i = 0; i < m; i++)
+            bad += f32_bits(g[i]) !=
+                   f32_bits(dt == TP_F16 ? tp_f16_to_f32(h[i]) : tp_bf16_to_f32(h[i]));
+    }
+    ASSERT_EQ(bad, 0);
+}
+
 static void test_shape_count(void)
 {
     int64_t d[4] = {4, 8, 3, 0};
@@ -346,6 +432,7 @@ int main(void)
     TEST_RUN(test_round_f16);
     TEST_RUN(test_round_bf16);
     TEST_RUN(test_convert_in_place);
+    TEST_RUN(test_buffers_match_scalar);
     TEST_RUN(test_shape_count);
     return 0;
 }
