@@ -1,8 +1,9 @@
 /* tensor.c -- element types and conversions (see tensor.h). The half-precision decoders are
  * bit-exact and need no FPU support for F16, so the CPU backend and the reference agree on every
- * weight value loaded from a file. The buffer conversions, which tpd runs on every FP16 request
- * and response, use the x86 F16C instructions when the CPU has them; they give the same bits as
- * the scalar code (tests/unit/test_tensor.c checks both against each other). */
+ * weight value loaded from a file. The buffer conversions, which tpd runs on every FP16/BF16
+ * request and response, use the x86 F16C (FP16) and AVX2 (BF16) instructions when the CPU has
+ * them; they give the same bits as the scalar code (tests/unit/test_tensor.c checks both against
+ * each other). */
 #include "tensor.h"
 
 #include <string.h>
@@ -189,12 +190,59 @@ __attribute__((target("f16c,avx"))) static size_t widen_f16c(unsigned char *dst,
     return i;
 }
 
+/* BF16 with AVX2 integer operations: the same rounding as tp_f32_to_bf16, NaNs included. */
+__attribute__((target("avx2"))) static size_t narrow_bf16_avx2(unsigned char *dst, const float *src,
+                                                               size_t n)
+{
+    const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    const __m256i quiet = _mm256_set1_epi32(0x40);
+    size_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m256i u = _mm256_loadu_si256((const __m256i *)(const void *)((const char *)src + 4 * i));
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
+        __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+        __m256i h = _mm256_blendv_epi8(r, q, nan);
+        /* 8 x 32 -> 8 x 16: packus works within 128-bit lanes, so gather qwords 0 and 2 */
+        __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+
+        _mm_storeu_si128((__m128i *)(void *)(dst + 2 * i), _mm256_castsi256_si128(p));
+    }
+    return i;
+}
+
+__attribute__((target("avx2"))) static size_t widen_bf16_avx2(unsigned char *dst,
+                                                              const unsigned char *src, size_t n)
+{
+    size_t i = 0;
+
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(const void *)(src + 2 * i));
+        __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+
+        _mm256_storeu_si256((__m256i *)(void *)(dst + 4 * i), u);
+    }
+    return i;
+}
+
 static int have_f16c(void)
 {
     static int known = -1; /* a benign race: every thread computes the same answer */
 
     if (known < 0)
         known = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    return known;
+}
+
+static int have_avx2(void)
+{
+    static int known = -1;
+
+    if (known < 0)
+        known = __builtin_cpu_supports("avx2");
     return known;
 }
 #endif
@@ -212,6 +260,8 @@ void tp_convert_from_f32(void *dst, const float *src, size_t n, enum tp_dtype t)
 #ifdef HAVE_F16C_PATH
     if (t == TP_F16 && have_f16c())
         i = narrow_f16c(p, src, n);
+    else if (t == TP_BF16 && have_avx2())
+        i = narrow_bf16_avx2(p, src, n);
 #endif
     for (; i < n; i++) {
         float f;
@@ -236,6 +286,8 @@ void tp_widen_in_place(float *buf, size_t n, enum tp_dtype t)
 #ifdef HAVE_F16C_PATH
     if (t == TP_F16 && have_f16c())
         i = widen_f16c(b, src, n);
+    else if (t == TP_BF16 && have_avx2())
+        i = widen_bf16_avx2(b, src, n);
 #endif
     for (; i < n; i++) {
         uint16_t h = (uint16_t)(src[2 * i] | (src[2 * i + 1] << 8));
@@ -261,6 +313,10 @@ void tp_convert_to_f32(float *dst, const void *src, size_t n, enum tp_dtype t)
             dst[i] = tp_f16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
         break;
     case TP_BF16:
+#ifdef HAVE_F16C_PATH
+        if (have_avx2())
+            i = widen_bf16_avx2((unsigned char *)dst, p, n);
+#endif
         for (; i < n; i++)
             dst[i] = tp_bf16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
         break;
