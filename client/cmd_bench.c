@@ -750,9 +750,10 @@ static void print_results(struct bench *b, double window)
     for (long i = 0; i < n; i++)
         printf("%s%zu", i ? "," : "", b->cl[i].nlat);
     printf(" seconds=%.9f rps=%.4f rows_per_s=%.2f gflops=%.6f p50_ms=%.4f p90_ms=%.4f "
-           "p99_ms=%.4f mean_ms=%.4f max_ms=%.4f\n",
+           "p99_ms=%.4f mean_ms=%.4f max_ms=%.4f dtype=%s\n",
            window, rps, rps * (double)b->o.rows, rps * flop * 1e-9, p50, p90, p99,
-           total ? sum / (double)total * 1e3 : 0, total ? all[total - 1] * 1e3 : 0);
+           total ? sum / (double)total * 1e3 : 0, total ? all[total - 1] * 1e3 : 0,
+           tp_dtype_wire_name(b->l.dtype));
     free(all);
 }
 

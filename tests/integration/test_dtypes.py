@@ -199,6 +199,7 @@ class DtypeCase(TpdTestCase):
                            "--concurrency", "2")
             self.assertEqual(res.rc, 0, repr(res))
             self.assertIn("bench-result:", res.out)
+            self.assertIn(" dtype=FP16", res.out)
             res = d.client("bench", "--rows", "7", "--iters", "10", "--warmup", "1", "--shm")
             self.assertEqual(res.rc, 0, repr(res))
 
