@@ -12,7 +12,8 @@
  * copied no further. So the client costs what a correct client must and no more, and the numbers
  * describe the server and the transport. With --shm the tensors travel through POSIX shared memory
  * that each thread registers once (KServe v2's system shared memory extension, as Triton defines
- * it): only the small request and response messages cross the socket. */
+ * it): only the small request and response messages cross the socket. The input rows have the
+ * model's datatype (FP32, FP16 or BF16, from ModelMetadata), converted once before the start. */
 #include <errno.h>
 #include <fcntl.h>
 #include <grpc/byte_buffer.h>
@@ -305,8 +306,9 @@ static void region_destroy(struct region *r)
     r->fd = -1;
 }
 
-/* Packs the ModelInferRequest this client sends on every call. */
-static int pack_request(struct client *c, const float *x, struct tp_err *err)
+/* Packs the ModelInferRequest this client sends on every call; x holds the rows in the model's
+ * datatype. */
+static int pack_request(struct client *c, const void *x, struct tp_err *err)
 {
     struct bench *b = c->b;
     Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
@@ -329,13 +331,14 @@ static int pack_request(struct client *c, const float *x, struct tp_err *err)
         INFERENCE__INFER_PARAMETER__INIT, INFERENCE__INFER_PARAMETER__INIT,
         INFERENCE__INFER_PARAMETER__INIT, INFERENCE__INFER_PARAMETER__INIT};
     int64_t shape[2] = {b->o.rows, b->l.in};
-    ProtobufCBinaryData raw = {.len = (size_t)(b->o.rows * b->l.in) * 4, .data = (uint8_t *)x};
+    ProtobufCBinaryData raw = {.len = (size_t)(b->o.rows * b->l.in) * tp_dtype_size(b->l.dtype),
+                               .data = (uint8_t *)x};
     size_t len;
     uint8_t *buf;
 
     req.model_name = b->model;
     t.name = "input";
-    t.datatype = "FP32";
+    t.datatype = (char *)tp_dtype_wire_name(b->l.dtype);
     t.n_shape = 2;
     t.shape = shape;
     req.n_inputs = 1;
@@ -441,8 +444,10 @@ static int check_response(struct client *c, grpc_byte_buffer *bb, int check, str
 {
     struct bench *b = c->b;
     Inference__ModelInferResponse *r;
-    size_t want = (size_t)(b->o.rows * b->l.out) * 4, n = want / 4;
-    const float *y = NULL;
+    size_t esize = tp_dtype_size(b->l.dtype);
+    size_t want = (size_t)(b->o.rows * b->l.out) * esize, n = want / esize;
+    const char *dt = tp_dtype_wire_name(b->l.dtype);
+    const unsigned char *y = NULL;
     int rc = -1;
 
     ProtobufCAllocator alloc = {.alloc = arena_alloc, .free = arena_free, .allocator_data = c};
@@ -450,10 +455,10 @@ static int check_response(struct client *c, grpc_byte_buffer *bb, int check, str
     r = unpack_response(c, bb, &alloc, err);
     if (!r)
         return -1;
-    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, "FP32") != 0 ||
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, dt) != 0 ||
         r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != b->o.rows ||
         r->outputs[0]->shape[1] != b->l.out) {
-        tp_err_set(err, TP_EINTERNAL, "server answered something else than one FP32 [%ld, %lld]",
+        tp_err_set(err, TP_EINTERNAL, "server answered something else than one %s [%ld, %lld]", dt,
                    b->o.rows, (long long)b->l.out);
         goto out;
     }
@@ -471,12 +476,18 @@ static int check_response(struct client *c, grpc_byte_buffer *bb, int check, str
                        r->n_raw_output_contents ? r->raw_output_contents[0].len : 0, want);
             goto out;
         }
-        y = (const float *)r->raw_output_contents[0].data;
+        y = r->raw_output_contents[0].data;
     }
     for (size_t i = 0; check && i < n; i++) {
-        if (!isfinite(y[i])) {
+        float v;
+
+        if (esize == 4)
+            memcpy(&v, y + 4 * i, sizeof(v));
+        else
+            tp_convert_to_f32(&v, y + 2 * i, 1, b->l.dtype);
+        if (!isfinite(v)) {
             tp_err_set(err, TP_EINTERNAL, "output element %zu is %g, not a finite number", i,
-                       (double)y[i]);
+                       (double)v);
             goto out;
         }
     }
@@ -568,12 +579,12 @@ static void *client_main(void *arg)
 }
 
 /* Channel, queue, shared memory and request of client i; the caller cleans up on failure. */
-static int client_setup(struct bench *b, struct conn *conn, int i, const float *x,
+static int client_setup(struct bench *b, struct conn *conn, int i, const void *x,
                         struct tp_err *err)
 {
     struct client *c = &b->cl[i];
-    size_t in_bytes = (size_t)(b->o.rows * b->l.in) * 4,
-           out_bytes = (size_t)(b->o.rows * b->l.out) * 4;
+    size_t in_bytes = (size_t)(b->o.rows * b->l.in) * tp_dtype_size(b->l.dtype),
+           out_bytes = (size_t)(b->o.rows * b->l.out) * tp_dtype_size(b->l.dtype);
 
     c->b = b;
     c->idx = i;
@@ -739,9 +750,10 @@ static void print_results(struct bench *b, double window)
     for (long i = 0; i < n; i++)
         printf("%s%zu", i ? "," : "", b->cl[i].nlat);
     printf(" seconds=%.9f rps=%.4f rows_per_s=%.2f gflops=%.6f p50_ms=%.4f p90_ms=%.4f "
-           "p99_ms=%.4f mean_ms=%.4f max_ms=%.4f\n",
+           "p99_ms=%.4f mean_ms=%.4f max_ms=%.4f dtype=%s\n",
            window, rps, rps * (double)b->o.rows, rps * flop * 1e-9, p50, p90, p99,
-           total ? sum / (double)total * 1e3 : 0, total ? all[total - 1] * 1e3 : 0);
+           total ? sum / (double)total * 1e3 : 0, total ? all[total - 1] * 1e3 : 0,
+           tp_dtype_wire_name(b->l.dtype));
     free(all);
 }
 
@@ -782,6 +794,7 @@ int cmd_bench(struct conn *conn, int argc, char **argv)
     srand(1);
     for (long i = 0; i < b->o.rows * b->l.in; i++)
         x[i] = (float)rand() / (float)RAND_MAX - 0.5f;
+    tp_convert_from_f32(x, x, (size_t)(b->o.rows * b->l.in), b->l.dtype); /* in place */
     for (long i = 0; i < n; i++)
         if (client_setup(b, conn, (int)i, x, &err) < 0) {
             tp_err_prefix(&err, "client %ld: ", i);

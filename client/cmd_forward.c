@@ -1,7 +1,11 @@
 /* cmd_forward.c -- `tpclient forward IN [-o OUT] ...`: reads activations (.npy or raw .bin),
  * sends them in requests of at most the model's max_batch rows, writes or summarises the output,
  * and with --verify checks every element against the independent CPU reference (tests/ref).
- * With --shm the tensors go through a system shared-memory region instead of the messages. */
+ * With --shm the tensors go through a system shared-memory region instead of the messages.
+ * A model with FP16 or BF16 on the wire: .npy float16 input goes as it is (to BF16 rounded),
+ * float32 input is rounded to the model's datatype here, with a note; a .npy output is float16
+ * for FP16 and float32 for BF16 (NumPy has no bfloat16), every value exactly as received; and
+ * --verify feeds the reference the rounded input, with a default tolerance of 1e-2. */
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -84,7 +88,7 @@ static int write_bin(const char *path, const float *y, size_t n, struct tp_err *
     return 0;
 }
 
-static void summarise(const float *y, int64_t rows, int64_t out)
+static void summarise(const float *y, int64_t rows, int64_t out, enum tp_dtype dt)
 {
     double lo = INFINITY, hi = -INFINITY, sum = 0;
     size_t n = (size_t)(rows * out);
@@ -94,12 +98,28 @@ static void summarise(const float *y, int64_t rows, int64_t out)
         hi = y[i] > hi ? y[i] : hi;
         sum += y[i];
     }
-    printf("output [%lld, %lld] FP32\n", (long long)rows, (long long)out);
+    printf("output [%lld, %lld] %s\n", (long long)rows, (long long)out, tp_dtype_wire_name(dt));
     printf("min %.6g  max %.6g  mean %.6g\n", lo, hi, sum / (double)n);
     printf("row 0:");
     for (int64_t j = 0; j < out && j < 6; j++)
         printf(" %.6g", y[j]);
     printf("%s\n", out > 6 ? " ..." : "");
+}
+
+/* Writes FP16 outputs (exact FP16 values widened to float) as a float16 .npy. */
+static int save_f16(const char *path, const float *y, const int64_t *shape, struct tp_err *err)
+{
+    size_t n = (size_t)(shape[0] * shape[1]);
+    uint16_t *h = malloc(n * sizeof(*h) + 1);
+    int rc;
+
+    if (!h)
+        return tp_err_set(err, TP_ENOMEM, "no memory for %zu outputs", n);
+    for (size_t i = 0; i < n; i++)
+        h[i] = tp_f32_to_f16(y[i]);
+    rc = npy_save_f16(path, h, 2, shape, err);
+    free(h);
+    return rc;
 }
 
 /* Compares y with the reference. Returns the exit status. */
@@ -151,7 +171,7 @@ int cmd_forward(struct conn *c, int argc, char **argv)
 {
     const char *in_path = NULL, *out_path = NULL, *model_opt = NULL, *verify_path = NULL;
     const char *weight = "weight", *bias = NULL;
-    double tol = 1e-5;
+    double tol = 0;
     char model[256];
     struct kserve_layout l;
     struct npy_info info;
@@ -217,7 +237,26 @@ int cmd_forward(struct conn *c, int argc, char **argv)
         rows = info.ndim == 2 ? info.shape[0] : 1;
     } else if (read_bin(in_path, l.in, &x, &rows, &err) < 0) {
         goto fail;
+    } else {
+        info.dtype = TP_F32;
     }
+    if (l.dtype != TP_F32 && info.dtype != l.dtype) {
+        size_t n = (size_t)(rows * l.in);
+
+        /* what the server will see, so that --verify checks the server and not the rounding */
+        fprintf(stderr,
+                "tpclient: note: %s holds %s values; the model takes %s, so they are rounded "
+                "to %s (nearest even)\n",
+                in_path, tp_dtype_wire_name(info.dtype), tp_dtype_wire_name(l.dtype),
+                tp_dtype_wire_name(l.dtype));
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h = l.dtype == TP_F16 ? tp_f32_to_f16(x[i]) : tp_f32_to_bf16(x[i]);
+
+            x[i] = l.dtype == TP_F16 ? tp_f16_to_f32(h) : tp_bf16_to_f32(h);
+        }
+    }
+    if (tol == 0)
+        tol = l.dtype == TP_F32 ? 1e-5 : 1e-2;
     y = malloc((size_t)(rows * l.out) * sizeof(float));
     if (!y) {
         tp_err_set(&err, TP_ENOMEM, "no memory for %lld output rows", (long long)rows);
@@ -239,11 +278,16 @@ int cmd_forward(struct conn *c, int argc, char **argv)
     if (out_path) {
         int64_t shape[2] = {rows, l.out};
 
-        if (ends_with(out_path, ".npy") ? npy_save_f32(out_path, y, 2, shape, &err) < 0
-                                        : write_bin(out_path, y, (size_t)(rows * l.out), &err) < 0)
+        if (ends_with(out_path, ".npy") && l.dtype == TP_F16) {
+            if (save_f16(out_path, y, shape, &err) < 0)
+                goto fail;
+        } else if (ends_with(out_path, ".npy")
+                       ? npy_save_f32(out_path, y, 2, shape, &err) < 0
+                       : write_bin(out_path, y, (size_t)(rows * l.out), &err) < 0) {
             goto fail;
+        }
     } else {
-        summarise(y, rows, l.out);
+        summarise(y, rows, l.out, l.dtype);
     }
     status = verify_path ? verify(verify_path, weight, bias, tol, x, y, rows, &l) : 0;
     free(x);

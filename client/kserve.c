@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -49,9 +50,17 @@ int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, st
                   err) < 0)
         return -1;
     if (r->n_inputs != 1 || r->n_outputs != 1 || r->inputs[0]->n_shape != 2 ||
-        r->outputs[0]->n_shape != 2 || strcmp(r->inputs[0]->datatype, "FP32") != 0 ||
-        r->inputs[0]->shape[1] < 1 || r->outputs[0]->shape[1] < 1) {
-        tp_err_set(err, TP_EINVAL, "model '%s' is not one FP32 [-1, in] -> [-1, out] layer", model);
+        r->outputs[0]->n_shape != 2 || r->inputs[0]->shape[1] < 1 || r->outputs[0]->shape[1] < 1) {
+        tp_err_set(err, TP_EINVAL, "model '%s' is not one [-1, in] -> [-1, out] layer", model);
+        goto out;
+    }
+    l->dtype = tp_dtype_from_wire_name(r->inputs[0]->datatype);
+    if ((l->dtype != TP_F32 && l->dtype != TP_F16 && l->dtype != TP_BF16) ||
+        strcmp(r->inputs[0]->datatype, r->outputs[0]->datatype) != 0) {
+        tp_err_set(err, TP_EINVAL,
+                   "model '%s' takes %.16s and returns %.16s; tpclient speaks FP32, FP16 or BF16, "
+                   "the same both ways",
+                   model, r->inputs[0]->datatype, r->outputs[0]->datatype);
         goto out;
     }
     l->in = r->inputs[0]->shape[1];
@@ -75,31 +84,43 @@ int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *
     Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
     Inference__ModelInferResponse *r;
     int64_t shape[2] = {rows, l->in};
-    ProtobufCBinaryData raw = {.len = (size_t)(rows * l->in) * 4, .data = (uint8_t *)x};
-    size_t want = (size_t)(rows * l->out) * 4;
+    size_t esize = tp_dtype_size(l->dtype), nx = (size_t)(rows * l->in);
+    ProtobufCBinaryData raw = {.len = nx * esize, .data = (uint8_t *)x};
+    size_t want = (size_t)(rows * l->out) * esize;
+    void *narrow = NULL;
     int rc = -1;
 
+    if (l->dtype != TP_F32) {
+        narrow = malloc(raw.len);
+        if (!narrow)
+            return tp_err_set(err, TP_ENOMEM, "no memory for %lld rows", (long long)rows);
+        tp_convert_from_f32(narrow, x, nx, l->dtype);
+        raw.data = narrow;
+    }
     req.model_name = (char *)model;
     t.name = "input";
-    t.datatype = "FP32";
+    t.datatype = (char *)tp_dtype_wire_name(l->dtype);
     t.n_shape = 2;
     t.shape = shape;
     req.n_inputs = 1;
     req.inputs = ts;
     req.n_raw_input_contents = 1;
     req.raw_input_contents = &raw;
-    if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
-                  &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err) < 0)
+    rc = conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
+                   &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err);
+    free(narrow);
+    if (rc < 0)
         return -1;
-    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, "FP32") != 0 ||
+    rc = -1;
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, t.datatype) != 0 ||
         r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
         r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 1 ||
         r->raw_output_contents[0].len != want) {
-        tp_err_set(err, TP_EINTERNAL, "server answered something else than FP32 [%lld, %lld]",
-                   (long long)rows, (long long)l->out);
+        tp_err_set(err, TP_EINTERNAL, "server answered something else than %s [%lld, %lld]",
+                   t.datatype, (long long)rows, (long long)l->out);
         goto out;
     }
-    memcpy(y, r->raw_output_contents[0].data, want);
+    tp_convert_to_f32(y, r->raw_output_contents[0].data, (size_t)(rows * l->out), l->dtype);
     rc = 0;
 out:
     protobuf_c_message_free_unpacked(&r->base, NULL);
@@ -171,7 +192,8 @@ int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layo
                                         "shared_memory_offset"};
     Inference__ModelInferResponse *r;
     int64_t shape[2] = {rows, l->in};
-    size_t in_bytes = (size_t)(rows * l->in) * 4, out_bytes = (size_t)(rows * l->out) * 4;
+    size_t esize = tp_dtype_size(l->dtype);
+    size_t in_bytes = (size_t)(rows * l->in) * esize, out_bytes = (size_t)(rows * l->out) * esize;
     int rc = -1;
 
     for (int i = 0; i < 6; i++) {
@@ -195,10 +217,10 @@ int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layo
         iep[i] = &ie[i];
         oep[i] = &oe[i];
     }
-    memcpy(s->p, x, in_bytes);
+    tp_convert_from_f32(s->p, x, (size_t)(rows * l->in), l->dtype);
     req.model_name = (char *)model;
     t.name = "input";
-    t.datatype = "FP32";
+    t.datatype = (char *)tp_dtype_wire_name(l->dtype);
     t.n_shape = 2;
     t.shape = shape;
     t.n_parameters = 3;
@@ -213,15 +235,15 @@ int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layo
     if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
                   &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err) < 0)
         return -1;
-    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, "FP32") != 0 ||
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, t.datatype) != 0 ||
         r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
         r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 0) {
         tp_err_set(err, TP_EINTERNAL,
-                   "server answered something else than FP32 [%lld, %lld] in shared memory",
-                   (long long)rows, (long long)l->out);
+                   "server answered something else than %s [%lld, %lld] in shared memory",
+                   t.datatype, (long long)rows, (long long)l->out);
         goto out;
     }
-    memcpy(y, (char *)s->p + s->out_off, out_bytes);
+    tp_convert_to_f32(y, (char *)s->p + s->out_off, (size_t)(rows * l->out), l->dtype);
     rc = 0;
 out:
     protobuf_c_message_free_unpacked(&r->base, NULL);

@@ -1,6 +1,8 @@
 /* kserve.h -- the KServe v2 calls tpclient's commands share: the model's layout from
  * ModelMetadata, and one ModelInfer of float32 rows, either in the message or through a system
- * shared-memory region that tpclient creates, registers, uses and removes (kserve_shm_*). */
+ * shared-memory region that tpclient creates, registers, uses and removes (kserve_shm_*). The
+ * commands hold float32; on the wire the rows have the model's datatype (FP32, FP16 or BF16),
+ * converted here: float32 to FP16/BF16 rounds to nearest even, the way back is exact. */
 #ifndef TPC_KSERVE_H
 #define TPC_KSERVE_H
 
@@ -8,21 +10,24 @@
 #include <stdint.h>
 
 #include "conn.h"
+#include "tensor.h"
 
 struct kserve_layout {
-    int64_t in;        /* input features */
-    int64_t out;       /* output features */
-    int64_t max_batch; /* rows per request the server takes; 0 when it does not say */
+    int64_t in;          /* input features */
+    int64_t out;         /* output features */
+    int64_t max_batch;   /* rows per request the server takes; 0 when it does not say */
+    enum tp_dtype dtype; /* input and output datatype on the wire: TP_F32, TP_F16 or TP_BF16 */
 };
 
 /* The model to use: opt when given, else the server's one model (RepositoryIndex). */
 int kserve_model(struct conn *c, const char *opt, char *buf, size_t len, struct tp_err *err);
 
-/* Reads the layout of model; fails unless it is one FP32 [-1, in] -> [-1, out] tensor pair. */
+/* Reads the layout of model; fails unless it is one [-1, in] -> [-1, out] tensor pair whose
+ * input and output have the same datatype, FP32, FP16 or BF16. */
 int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, struct tp_err *err);
 
-/* One ModelInfer of rows of x ([rows, in] float32); writes [rows, out] floats to y after checking
- * the response's datatype, shape and size. */
+/* One ModelInfer of rows of x ([rows, in] float32, sent as l->dtype); writes [rows, out] floats
+ * to y after checking the response's datatype, shape and size. */
 int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *l, const float *x,
                  int64_t rows, float *y, struct tp_err *err);
 
@@ -42,8 +47,8 @@ int kserve_shm_open(struct conn *c, size_t in_bytes, size_t out_bytes, struct ks
                     struct tp_err *err);
 
 /* Like kserve_infer, through the region: copies x in, names the region for input and output,
- * checks that the response carries no data, copies y out. rows*in*4 and rows*out*4 must fit the
- * sizes given to kserve_shm_open. */
+ * checks that the response carries no data, copies y out. rows*in*4 and rows*out*4 bytes must
+ * fit the sizes given to kserve_shm_open (enough for any dtype). */
 int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layout *l,
                      struct kserve_shm *s, const float *x, int64_t rows, float *y,
                      struct tp_err *err);

@@ -1,5 +1,6 @@
 /* main.c -- tpclient, the command-line client of tpd: global options, then one subcommand
- * (cmd_<name>.c). Any KServe v2 gRPC server with one FP32 [-1, in] -> [-1, out] model works. */
+ * (cmd_<name>.c). Any KServe v2 gRPC server with one [-1, in] -> [-1, out] model of FP32, FP16
+ * or BF16 works. */
 #include <errno.h>
 #include <malloc.h>
 #include <stdarg.h>
@@ -16,7 +17,9 @@ static void usage(FILE *f)
                "commands:\n"
                "  forward IN [-o OUT] [--model NAME] [--verify W.safetensors [--weight NAME]\n"
                "          [--bias NAME] [--tolerance REL]] [--shm]\n"
-               "                  y = layer(x) for IN (.npy float32, or raw float32 .bin);\n"
+               "                  y = layer(x) for IN (.npy float32 or float16, or raw\n"
+               "                  float32 .bin), sent in the model's datatype (FP16/BF16: OUT.npy\n"
+               "                  is float16/float32; --tolerance defaults to 1e-2, else 1e-5);\n"
                "                  --shm: tensors through system shared memory (same host)\n"
                "  health [--model NAME]    server liveness and readiness (exit 3: not ready)\n"
                "  metadata [--model NAME]  the model's inputs, outputs and parallel layout\n"

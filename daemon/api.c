@@ -148,13 +148,18 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     Inference__InferParameter p_dtype = INFERENCE__INFER_PARAMETER__INIT;
     Inference__InferParameter p_bias = INFERENCE__INFER_PARAMETER__INIT;
     Inference__InferParameter p_batch = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__ModelMetadataResponse__ParametersEntry e[5] = {
+    Inference__InferParameter p_io = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__InferParameter p_gemm = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__ModelMetadataResponse__ParametersEntry e[7] = {
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT};
-    Inference__ModelMetadataResponse__ParametersEntry *ep[5] = {&e[0], &e[1], &e[2], &e[3], &e[4]};
+    Inference__ModelMetadataResponse__ParametersEntry *ep[7] = {&e[0], &e[1], &e[2], &e[3],
+                                                                &e[4], &e[5], &e[6]};
     int64_t in_shape[2] = {-1, md->in}, out_shape[2] = {-1, md->out};
     char *versions[1] = {MODEL_VERSION};
     Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)unpack_or_reply(
@@ -172,11 +177,11 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     r.versions = versions;
     r.platform = MODEL_PLATFORM;
     in.name = MODEL_INPUT;
-    in.datatype = "FP32";
+    in.datatype = (char *)tp_dtype_wire_name(md->io_dtype);
     in.n_shape = 2;
     in.shape = in_shape;
     out.name = MODEL_OUTPUT;
-    out.datatype = "FP32";
+    out.datatype = (char *)tp_dtype_wire_name(md->io_dtype);
     out.n_shape = 2;
     out.shape = out_shape;
     r.n_inputs = r.n_outputs = 1;
@@ -197,9 +202,22 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     e[2].key = "weight_dtype", e[2].value = &p_dtype;
     e[3].key = "bias", e[3].value = &p_bias;
     e[4].key = "max_batch", e[4].value = &p_batch;
-    r.n_parameters = 5;
+    p_io.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p_io.string_param = (char *)tp_dtype_wire_name(md->io_dtype);
+    p_gemm.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p_gemm.string_param = (char *)tp_dtype_wire_name(md->gemm_dtype);
+    e[5].key = "io_dtype", e[5].value = &p_io;
+    e[6].key = "gemm_dtype", e[6].value = &p_gemm;
+    r.n_parameters = 7;
     r.parameters = ep;
     reply_msg(call, &r.base);
+}
+
+static Inference__DataType config_type(enum tp_dtype t)
+{
+    return t == TP_F16    ? INFERENCE__DATA_TYPE__TYPE_FP16
+           : t == TP_BF16 ? INFERENCE__DATA_TYPE__TYPE_BF16
+                          : INFERENCE__DATA_TYPE__TYPE_FP32;
 }
 
 /* Triton's ModelConfig: the model as a batching model (max_batch_size rows, dims without the
@@ -231,11 +249,11 @@ static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     mc.backend = (char *)md->backend;
     mc.max_batch_size = (int32_t)md->max_batch;
     in.name = MODEL_INPUT;
-    in.data_type = INFERENCE__DATA_TYPE__TYPE_FP32;
+    in.data_type = config_type(md->io_dtype);
     in.n_dims = 1;
     in.dims = in_dims;
     out.name = MODEL_OUTPUT;
-    out.data_type = INFERENCE__DATA_TYPE__TYPE_FP32;
+    out.data_type = config_type(md->io_dtype);
     out.n_dims = 1;
     out.dims = out_dims;
     mc.n_input = mc.n_output = 1;
@@ -294,16 +312,26 @@ static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
-/* Copies the request's rows into its place in the slot: the one copy of the input in tpd. */
+/* Copies the request's rows into its place in the slot: the one copy of the input in tpd, which
+ * widens FP16 or BF16 to the workers' FP32 on the way (exactly). Data still in the received
+ * slices is first copied into the second half of the rows' room, then widened in place, so no
+ * buffer is needed besides the slot. */
 static void infer_fill(struct sched_req *req, float *x)
 {
     struct infer_call *ic = (struct infer_call *)req;
-    size_t bytes = (size_t)req->rows * (size_t)ic->api->model->in * sizeof(float);
+    enum tp_dtype dt = ic->api->model->io_dtype;
+    size_t n = (size_t)req->rows * (size_t)ic->api->model->in;
 
-    if (ic->in.x)
-        memcpy(x, ic->in.x, bytes);
-    else
-        gbuf_copy(ic->payload, ic->in.raw_offset, bytes, x);
+    if (dt == TP_F32 && ic->in.x)
+        memcpy(x, ic->in.x, n * sizeof(float));
+    else if (dt == TP_F32)
+        gbuf_copy(ic->payload, ic->in.raw_offset, n * sizeof(float), x);
+    else if (ic->in.x)
+        tp_convert_to_f32(x, ic->in.x, n, dt);
+    else {
+        gbuf_copy(ic->payload, ic->in.raw_offset, n * tp_dtype_size(dt), (char *)x + 2 * n);
+        tp_widen_in_place(x, n, dt);
+    }
     if (ic->payload) {
         grpc_byte_buffer_destroy(ic->payload);
         ic->payload = NULL;
@@ -336,6 +364,8 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     struct infer_call *ic = (struct infer_call *)req;
     struct rpc_call *call = ic->call;
     grpc_byte_buffer *bb = NULL;
+    enum tp_dtype dt = ic->api->model->io_dtype;
+    size_t n = (size_t)req->rows * (size_t)ic->api->model->out;
 
     if (err) {
         struct tp_err e = *err;
@@ -350,10 +380,14 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
     if (ic->out_p) {
         /* the output goes to the client's region: the reply carries no data */
-        memcpy(ic->out_p, y, (size_t)req->rows * (size_t)ic->api->model->out * sizeof(float));
+        tp_convert_from_f32(ic->out_p, y, n, dt);
         sched_unhold(req->hold);
         bb = infer_response(ic->api->model, ic->msg->id, NULL, req->rows, NULL, NULL);
     } else {
+        /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds
+         * until gRPC has sent them; so the reply stays zero-copy and needs no buffer */
+        if (dt != TP_F32)
+            tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
         /* the reply points at the slot's output; gRPC releases the slot when it is done */
         bb = infer_response(ic->api->model, ic->msg->id, y, req->rows, unhold, req->hold);
         if (!bb)
@@ -384,6 +418,7 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     int64_t t0 = metrics_now_ns();
     size_t bytes_in = payload ? grpc_byte_buffer_length(payload) : 0;
     Inference__ModelInferRequest *q = NULL;
+    uint64_t esize = tp_dtype_size(a->model->io_dtype);
 
     if (!payload) {
         metrics_request_done(NULL, 3, metrics_since(t0), 0, 0, 0);
@@ -408,13 +443,13 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
         void *p;
 
         if (shmreg_acquire(a->shm, ic->in.in_region, ic->in.in_offset,
-                           (uint64_t)ic->in.rows * (uint64_t)a->model->in * 4, &ic->in_reg, &p,
+                           (uint64_t)ic->in.rows * (uint64_t)a->model->in * esize, &ic->in_reg, &p,
                            &err) < 0)
             goto fail;
         ic->in.x = p;
     }
     if (ic->in.out_region && shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
-                                            (uint64_t)ic->in.rows * (uint64_t)a->model->out * 4,
+                                            (uint64_t)ic->in.rows * (uint64_t)a->model->out * esize,
                                             &ic->out_reg, &ic->out_p, &err) < 0)
         goto fail;
     ic->req = (struct sched_req){.rows = ic->in.rows,

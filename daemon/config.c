@@ -34,8 +34,13 @@ static void usage(FILE *f)
         "                          (a device may be listed twice only with --gather host)\n"
         "  --gather nccl|host      GPUs: all-gather the shards with NCCL, or let each rank\n"
         "                          copy its columns to the host (default: nccl)\n"
+        "  --io-dtype fp32|fp16|bf16\n"
+        "                          datatype of the model's input and output on the wire (FP32,\n"
+        "                          FP16 or BF16 in requests, responses and shared memory); tpd\n"
+        "                          converts to and from FP32 itself, so any backend takes any\n"
+        "                          (default: fp32)\n"
         "  --dtype fp32|fp16|bf16  GPUs: what the GEMM multiplies in, accumulating in FP32;\n"
-        "                          requests and responses stay FP32 (default: fp32)\n"
+        "                          independent of --io-dtype (default: fp32)\n"
         "  --tf32                  GPUs: let FP32 GEMMs use TF32 tensor cores (default: off)\n"
         "  --listen ADDR           HOST:PORT or unix:PATH, repeatable (default: 127.0.0.1:8001)\n"
         "  --max-batch ROWS        most rows in one request (default: 256)\n"
@@ -227,6 +232,7 @@ enum {
     O_GATHER,
     O_DTYPE,
     O_TF32,
+    O_IO_DTYPE,
     O_BATCH_DELAY,
     O_METRICS_LISTEN,
     O_SOCK_MODE,
@@ -255,6 +261,7 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"gather", required_argument, NULL, O_GATHER},
                                      {"dtype", required_argument, NULL, O_DTYPE},
                                      {"tf32", no_argument, NULL, O_TF32},
+                                     {"io-dtype", required_argument, NULL, O_IO_DTYPE},
                                      {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
                                      {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
                                      {"socket-mode", required_argument, NULL, O_SOCK_MODE},
@@ -292,6 +299,17 @@ static enum config_result apply(struct config *c, int o)
     case O_GATHER: gather = optarg; break;
     case O_DTYPE: dtype = optarg; break;
     case O_TF32: c->tf32 = 1; break;
+    case O_IO_DTYPE:
+        c->io_dtype = strcasecmp(optarg, "fp32") == 0   ? TP_F32
+                      : strcasecmp(optarg, "fp16") == 0 ? TP_F16
+                      : strcasecmp(optarg, "bf16") == 0 ? TP_BF16
+                                                        : TP_DTYPE_INVALID;
+        if (c->io_dtype == TP_DTYPE_INVALID) {
+            fprintf(stderr, "tpd: %s takes fp32, fp16 or bf16, got '%s'\n", subject("--io-dtype"),
+                    optarg);
+            return CONFIG_USAGE;
+        }
+        break;
     case O_LISTEN:
         /* the first --listen of the command line replaces the file's addresses too */
         if (!origin[0] && !c->listen_cmdline) {
@@ -478,6 +496,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .log_level = TP_LOG_NOTICE,
                          .gather_nccl = 1,
                          .dtype = TP_F32,
+                         .io_dtype = TP_F32,
                          .metrics_listen = "127.0.0.1:8002",
                          .socket_mode = 0660};
     model = gather = dtype = NULL;

@@ -53,8 +53,8 @@ static int param_u64(const char *tensor, const char *key, const Inference__Infer
 /* The shared-memory parameters of a tensor (keys[i] = vals[i]); *region stays NULL without
  * shared_memory_region. Other parameters are ignored. want: the bytes the tensor has. */
 static int shm_params(const char *tensor, size_t n, char *const *keys,
-                      Inference__InferParameter *const *vals, uint64_t want, const char **region,
-                      uint64_t *offset, struct tp_err *err)
+                      Inference__InferParameter *const *vals, uint64_t want, const char *dtype,
+                      const char **region, uint64_t *offset, struct tp_err *err)
 {
     uint64_t size = 0;
     int has_size = 0;
@@ -90,8 +90,8 @@ static int shm_params(const char *tensor, size_t n, char *const *keys,
                           tensor, *region);
     if (size != want)
         return tp_err_set(err, TP_EINVAL,
-                          "'%s' FP32 needs %" PRIu64 " bytes, shared_memory_byte_size is %" PRIu64,
-                          tensor, want, size);
+                          "'%s' %s needs %" PRIu64 " bytes, shared_memory_byte_size is %" PRIu64,
+                          tensor, dtype, want, size);
     return 0;
 }
 
@@ -106,6 +106,8 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
     char shape[128];
     uint64_t want;
     size_t nraw = raw ? raw->count : r->n_raw_input_contents;
+    const char *dt = tp_dtype_wire_name(m->io_dtype);
+    uint64_t esize = tp_dtype_size(m->io_dtype);
 
     if (infer_check_model(m, r->model_name, r->model_version, err) < 0)
         return -1;
@@ -115,9 +117,10 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
     if (strcmp(t->name, MODEL_INPUT) != 0)
         return tp_err_set(err, TP_EINVAL, "unexpected input '%.64s', the model's input is '%s'",
                           t->name, MODEL_INPUT);
-    if (strcmp(t->datatype, "FP32") != 0)
-        return tp_err_set(err, TP_EINVAL, "input '%s' has datatype '%.32s', expected FP32",
-                          MODEL_INPUT, t->datatype);
+    if (strcmp(t->datatype, dt) != 0)
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' has datatype '%.32s', expected %s (the model's io dtype)",
+                          MODEL_INPUT, t->datatype, dt);
     shape_str(shape, sizeof(shape), t->shape, t->n_shape < 8 ? t->n_shape : 8);
     if (t->n_shape != 2 || t->shape[1] != m->in)
         return tp_err_set(err, TP_EINVAL, "input '%s' has shape %s, expected [B, %" PRId64 "]",
@@ -138,8 +141,8 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                           t->n_parameters, MAX_PARAMS);
     for (size_t i = 0; i < t->n_parameters; i++)
         keys[i] = t->parameters[i]->key, vals[i] = t->parameters[i]->value;
-    if (shm_params("input", t->n_parameters, keys, vals, want * 4, &in->in_region, &in->in_offset,
-                   err) < 0)
+    if (shm_params("input", t->n_parameters, keys, vals, want * esize, dt, &in->in_region,
+                   &in->in_offset, err) < 0)
         return -1;
     for (size_t o = 0; o < r->n_outputs; o++) {
         const Inference__ModelInferRequest__InferRequestedOutputTensor *ot = r->outputs[o];
@@ -150,7 +153,7 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
         for (size_t i = 0; i < ot->n_parameters; i++)
             keys[i] = ot->parameters[i]->key, vals[i] = ot->parameters[i]->value;
         if (shm_params("output", ot->n_parameters, keys, vals,
-                       (uint64_t)t->shape[0] * (uint64_t)m->out * 4, &in->out_region,
+                       (uint64_t)t->shape[0] * (uint64_t)m->out * esize, dt, &in->out_region,
                        &in->out_offset, err) < 0)
             return -1;
     }
@@ -169,15 +172,20 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
             return tp_err_set(err, TP_EINVAL,
                               "input '%s' has both raw_input_contents and typed contents",
                               MODEL_INPUT);
-        if (len != want * 4)
+        if (len != want * esize)
             return tp_err_set(err, TP_EINVAL,
-                              "input '%s' %s FP32 needs %" PRIu64
+                              "input '%s' %s %s needs %" PRIu64
                               " bytes, raw_input_contents has %zu",
-                              MODEL_INPUT, shape, want * 4, len);
+                              MODEL_INPUT, shape, dt, want * esize, len);
         if (raw)
             in->raw_offset = raw->offset;
         else
-            in->x = (const float *)(const void *)r->raw_input_contents[0].data;
+            in->x = r->raw_input_contents[0].data;
+    } else if (t->contents && m->io_dtype != TP_F32) {
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' is %s: its data goes in raw_input_contents (typed contents "
+                          "carry FP32 only)",
+                          MODEL_INPUT, dt);
     } else if (t->contents) {
         if (t->contents->n_fp32_contents != want)
             return tp_err_set(err, TP_EINVAL,
@@ -185,15 +193,14 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                               shape, want, t->contents->n_fp32_contents);
         in->x = t->contents->fp32_contents;
     } else {
-        return tp_err_set(err, TP_EINVAL,
-                          "input '%s' has no data: expected raw_input_contents or fp32_contents",
-                          MODEL_INPUT);
+        return tp_err_set(err, TP_EINVAL, "input '%s' has no data: expected raw_input_contents%s",
+                          MODEL_INPUT, m->io_dtype == TP_F32 ? " or fp32_contents" : "");
     }
     in->rows = (uint32_t)t->shape[0];
     return 0;
 }
 
-grpc_byte_buffer *infer_response(const struct model *m, const char *id, const float *y,
+grpc_byte_buffer *infer_response(const struct model *m, const char *id, const void *y,
                                  uint32_t rows, void (*release)(void *user), void *user)
 {
     Inference__ModelInferResponse resp = INFERENCE__MODEL_INFER_RESPONSE__INIT;
@@ -201,7 +208,7 @@ grpc_byte_buffer *infer_response(const struct model *m, const char *id, const fl
         INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__INIT;
     Inference__ModelInferResponse__InferOutputTensor *outs[1] = {&out};
     int64_t shape[2] = {rows, m->out};
-    size_t len = (size_t)rows * (size_t)m->out * sizeof(float), hlen, n;
+    size_t len = (size_t)rows * (size_t)m->out * tp_dtype_size(m->io_dtype), hlen, n;
     grpc_slice s[2];
     grpc_byte_buffer *bb;
     uint8_t *h;
@@ -210,7 +217,7 @@ grpc_byte_buffer *infer_response(const struct model *m, const char *id, const fl
     resp.model_version = MODEL_VERSION;
     resp.id = (char *)id;
     out.name = MODEL_OUTPUT;
-    out.datatype = "FP32";
+    out.datatype = (char *)tp_dtype_wire_name(m->io_dtype);
     out.n_shape = 2;
     out.shape = shape;
     resp.n_outputs = 1;

@@ -13,11 +13,12 @@
 #include "model.h"
 
 struct infer_input {
-    uint32_t rows;         /* batch rows */
-    const float *x;        /* [rows, in] in the unpacked message; NULL when the data is elsewhere */
-    size_t raw_offset;     /* x NULL: offset of raw_input_contents[0] in the received message */
-    const char *in_region; /* input in this shared-memory region (in the message), or NULL */
-    uint64_t in_offset;    /* bytes into the region */
+    uint32_t rows;          /* batch rows */
+    const void *x;          /* [rows, in] of the model's io dtype in the unpacked message or a
+                               shared-memory region; NULL when the data is elsewhere */
+    size_t raw_offset;      /* x NULL: offset of raw_input_contents[0] in the received message */
+    const char *in_region;  /* input in this shared-memory region (in the message), or NULL */
+    uint64_t in_offset;     /* bytes into the region */
     const char *out_region; /* output to this shared-memory region, or NULL */
     uint64_t out_offset;
 };
@@ -26,12 +27,14 @@ struct infer_input {
 int infer_check_model(const struct model *m, const char *name, const char *version,
                       struct tp_err *err);
 
-/* Accepts exactly one input named MODEL_INPUT, datatype FP32, shape [B, in] with
- * 1 <= B <= max_batch, data in raw_input_contents[0] (exactly B*in*4 bytes) or in
- * contents.fp32_contents (exactly B*in values), for model m (version "" or MODEL_VERSION);
- * requested outputs, if any, must be MODEL_OUTPUT. The input, or the output, may instead lie in
- * a system shared-memory region: parameters shared_memory_region (string),
- * shared_memory_byte_size (exactly B*in*4, or B*out*4 bytes) and shared_memory_offset (>= 0,
+/* Accepts exactly one input named MODEL_INPUT, datatype the model's io dtype (FP32, FP16 or
+ * BF16; E bytes an element), shape [B, in] with 1 <= B <= max_batch, data in
+ * raw_input_contents[0] (exactly B*in*E bytes) or, for FP32 only, in contents.fp32_contents
+ * (exactly B*in values; as in Triton, FP16 and BF16 travel only as raw bytes), for model m
+ * (version "" or MODEL_VERSION); requested outputs, if any, must be MODEL_OUTPUT. The input, or
+ * the output, may instead lie in a system shared-memory region: parameters
+ * shared_memory_region (string), shared_memory_byte_size (exactly B*in*E, or B*out*E bytes)
+ * and shared_memory_offset (>= 0,
  * default 0); the region's bounds are checked where it is looked up. raw: where the scan found
  * raw_input_contents when they were left in the byte buffer (then r has none), or NULL when r
  * carries them itself. Errors: TP_ENOTFOUND for the model or version, TP_EINVAL for the rest, each
@@ -39,13 +42,14 @@ int infer_check_model(const struct model *m, const char *name, const char *versi
 int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                    const struct gbuf_field *raw, struct infer_input *in, struct tp_err *err);
 
-/* The response for rows of y ([rows, out] float32): echoes the request's id, names the output,
- * datatype FP32, shape [rows, out], data in raw_output_contents. The data is not copied when
+/* The response for rows of y ([rows, out] in the model's io dtype, already converted): echoes
+ * the request's id, names the output, datatype the io dtype, shape [rows, out], data in
+ * raw_output_contents. The data is not copied when
  * release is given: the outgoing slice points at y, which must stay valid until gRPC calls
  * release(user) (on some gRPC thread, possibly after the call ended). Without release, y is
  * copied. y NULL: no raw_output_contents (the output went to shared memory). NULL when memory
  * runs out; release is then never called. */
-grpc_byte_buffer *infer_response(const struct model *m, const char *id, const float *y,
+grpc_byte_buffer *infer_response(const struct model *m, const char *id, const void *y,
                                  uint32_t rows, void (*release)(void *user), void *user);
 
 #endif

@@ -72,6 +72,8 @@ static int describe_model(const struct config *c, struct model *m, const char **
     *m = (struct model){.in = w->shape[1],
                         .out = w->shape[0],
                         .wdtype = w->dtype,
+                        .io_dtype = (enum tp_dtype)c->io_dtype,
+                        .gemm_dtype = (enum tp_dtype)c->dtype,
                         .has_bias = b != NULL,
                         .ranks = c->ngpus ? c->ngpus : c->cpu,
                         .backend = c->ngpus ? "cuda" : "cpu",
@@ -270,19 +272,20 @@ int main(int argc, char **argv)
         goto fail;
     if (c.ngpus)
         tp_log(TP_LOG_NOTICE,
-               "model '%s': in %lld, out %lld, %s weights%s; %d GPU ranks of %lld rows, %s GEMM%s, "
-               "gather %s; %u slots of %u rows, batch delay %u us",
+               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d GPU ranks of %lld "
+               "rows, %s GEMM%s, gather %s; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
-               m.has_bias ? " with bias" : ", no bias", m.ranks, (long long)(m.out / m.ranks),
-               tp_dtype_wire_name((enum tp_dtype)c.dtype), c.tf32 ? " (TF32)" : "",
-               c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch, c.batch_delay_us);
+               m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), m.ranks,
+               (long long)(m.out / m.ranks), tp_dtype_wire_name((enum tp_dtype)c.dtype),
+               c.tf32 ? " (TF32)" : "", c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch,
+               c.batch_delay_us);
     else
         tp_log(TP_LOG_NOTICE,
-               "model '%s': in %lld, out %lld, %s weights%s; %d cpu ranks of %lld rows, %d BLAS "
-               "threads each; %u slots of %u rows, batch delay %u us",
+               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d cpu ranks of %lld "
+               "rows, %d BLAS threads each; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
-               m.has_bias ? " with bias" : ", no bias", c.cpu, (long long)(m.out / c.cpu), threads,
-               c.slots, c.max_batch, c.batch_delay_us);
+               m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), c.cpu,
+               (long long)(m.out / c.cpu), threads, c.slots, c.max_batch, c.batch_delay_us);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
         goto fail;

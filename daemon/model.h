@@ -1,5 +1,7 @@
 /* model.h -- what tpd serves: one linear layer, described once at start from the weights file's
- * header and the command line, then read (never written) by every thread. */
+ * header and the command line, then read (never written) by every thread. The workers always
+ * read and write FP32 in the slots; io_dtype is what clients send and receive, and the
+ * coordinator converts at its one copy in and out. */
 #ifndef TPD_MODEL_H
 #define TPD_MODEL_H
 
@@ -14,9 +16,11 @@
 
 struct model {
     char name[128];
-    int64_t in;           /* input features */
-    int64_t out;          /* output features */
-    enum tp_dtype wdtype; /* dtype of W in the file */
+    int64_t in;               /* input features */
+    int64_t out;              /* output features */
+    enum tp_dtype wdtype;     /* dtype of W in the file */
+    enum tp_dtype io_dtype;   /* input and output on the wire (--io-dtype): F32, F16 or BF16 */
+    enum tp_dtype gemm_dtype; /* what the GPU GEMM multiplies in (--dtype); F32 on cpu */
     int has_bias;
     int ranks;
     const char *backend; /* "cpu" */

@@ -426,7 +426,7 @@ static int write_full(int fd, const void *buf, size_t n)
 /* The preamble and a header dict padded with spaces and ended by '\n', as numpy writes it, so
  * that the data starts at a multiple of ALIGN. Returns the length; buf holds 512 bytes, enough
  * for TP_MAX_DIMS dims of 19 digits. */
-static size_t build_header(char *buf, int ndim, const int64_t *shape)
+static size_t build_header(char *buf, const char *descr, int ndim, const int64_t *shape)
 {
     char s[SHAPE_TEXT];
     size_t n, total;
@@ -434,7 +434,7 @@ static size_t build_header(char *buf, int ndim, const int64_t *shape)
     format_shape(s, sizeof(s), shape, ndim);
     memcpy(buf, MAGIC "\x01\x00", MAGIC_LEN + 2);
     n = 10 + (size_t)snprintf(buf + 10, 512 - 10,
-                              "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }", s);
+                              "{'descr': '%s', 'fortran_order': False, 'shape': %s, }", descr, s);
     total = (n + 1 + ALIGN - 1) / ALIGN * ALIGN;
     memset(buf + n, ' ', total - 1 - n);
     buf[total - 1] = '\n';
@@ -443,8 +443,9 @@ static size_t build_header(char *buf, int ndim, const int64_t *shape)
     return total;
 }
 
-int npy_save_f32(const char *path, const float *data, int ndim, const int64_t *shape,
-                 struct tp_err *err)
+/* Writes count elements of esize bytes described by descr ('<f4', '<f2'). */
+static int save(const char *path, const void *data, const char *descr, size_t esize, int ndim,
+                const int64_t *shape, struct tp_err *err)
 {
     char tmp[PATH_MAX], hdr[512];
     uint64_t count;
@@ -460,7 +461,7 @@ int npy_save_f32(const char *path, const float *data, int ndim, const int64_t *s
             tp_err_set(err, TP_EINVAL, "negative dim %" PRId64 " in shape", shape[i]);
             goto fail;
         }
-    if (tp_shape_count(shape, ndim, sizeof(float), NPY_MAX_DATA, &count) < 0) {
+    if (tp_shape_count(shape, ndim, esize, NPY_MAX_DATA, &count) < 0) {
         char s[SHAPE_TEXT];
 
         format_shape(s, sizeof(s), shape, ndim);
@@ -476,14 +477,14 @@ int npy_save_f32(const char *path, const float *data, int ndim, const int64_t *s
         tp_err_set(err, TP_EINVAL, "path longer than %d bytes", PATH_MAX);
         goto fail;
     }
-    hlen = build_header(hdr, ndim, shape);
+    hlen = build_header(hdr, descr, ndim, shape);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd < 0) {
         tp_err_sys(err, "creating %s", tmp);
         goto fail;
     }
     created = 1;
-    if (write_full(fd, hdr, hlen) < 0 || write_full(fd, data, (size_t)count * sizeof(float)) < 0) {
+    if (write_full(fd, hdr, hlen) < 0 || write_full(fd, data, (size_t)count * esize) < 0) {
         tp_err_sys(err, "writing %s", tmp);
         goto fail;
     }
@@ -510,4 +511,16 @@ fail:
     if (created)
         unlink(tmp);
     return -1;
+}
+
+int npy_save_f32(const char *path, const float *data, int ndim, const int64_t *shape,
+                 struct tp_err *err)
+{
+    return save(path, data, "<f4", 4, ndim, shape, err);
+}
+
+int npy_save_f16(const char *path, const uint16_t *data, int ndim, const int64_t *shape,
+                 struct tp_err *err)
+{
+    return save(path, data, "<f2", 2, ndim, shape, err);
 }

@@ -39,4 +39,8 @@ int npy_load_f32(const char *path, float **data, struct npy_info *info, struct t
 int npy_save_f32(const char *path, const float *data, int ndim, const int64_t *shape,
                  struct tp_err *err);
 
+/* The same for float16 elements (IEEE binary16 bit patterns, '<f2'). */
+int npy_save_f16(const char *path, const uint16_t *data, int ndim, const int64_t *shape,
+                 struct tp_err *err);
+
 #endif

@@ -31,6 +31,22 @@ enum tp_dtype tp_dtype_from_wire_name(const char *name);
 float tp_f16_to_f32(uint16_t h);
 float tp_bf16_to_f32(uint16_t h);
 
+/* float to FP16 / BF16, rounding to nearest, ties to even. NaN stays NaN (quiet, sign kept),
+ * infinities stay infinite; FP16 overflows to +-inf from 65520 in magnitude on and rounds into
+ * its subnormals below 2^-14; BF16 has FP32's range, so only values that round past its largest
+ * finite value become inf. */
+uint16_t tp_f32_to_f16(float f);
+uint16_t tp_f32_to_bf16(float f);
+
+/* Converts n floats at src into little-endian elements of type t (F32, F16 or BF16) at dst.
+ * dst may be src itself (in place: each element is read before its bytes are overwritten, and
+ * F16/BF16 are narrower), otherwise they may not overlap. */
+void tp_convert_from_f32(void *dst, const float *src, size_t n, enum tp_dtype t);
+
+/* Converts n F16 or BF16 elements into floats in place: the elements lie in the second half of
+ * the n floats' bytes at buf, i.e. at (char *)buf + 2 * n, and are widened front to back. */
+void tp_widen_in_place(float *buf, size_t n, enum tp_dtype t);
+
 /* Converts n little-endian elements of type t at src into floats at dst (F64 is rounded).
  * src and dst may not overlap. */
 void tp_convert_to_f32(float *dst, const void *src, size_t n, enum tp_dtype t);

@@ -1,7 +1,7 @@
 /* fuzz_infer.c -- ModelInfer request checking, from the bytes a client sends: the message is put
  * in a gRPC byte buffer (whole, and split in three slices, as TCP reads deliver it), scanned and
  * unpacked by gbuf_unpack_except (raw_input_contents stay in the buffer, as in tpd) and checked by
- * infer_validate against a small model. A request that passes must describe exactly rows * in
+ * infer_validate against a small model-> A request that passes must describe exactly rows * in
  * floats that can be read (from the message, or from the received buffer at the offset the scan
  * found), and its response must pack. These are the steps tpd's ModelInfer handler runs before a
  * request reaches the scheduler. */
@@ -13,20 +13,34 @@
 #include "fuzz.h"
 #include "gbuf.h"
 #include "infer.h"
+#include "tensor.h"
 
-static const struct model model = {.name = "lin",
-                                   .in = 3,
-                                   .out = 2,
-                                   .wdtype = TP_F32,
-                                   .has_bias = 1,
-                                   .ranks = 2,
-                                   .backend = "cpu",
-                                   .max_batch = 4};
+/* the same layer with FP32 and with FP16 on the wire: the byte counts differ */
+static const struct model models[2] = {{.name = "lin",
+                                        .in = 3,
+                                        .out = 2,
+                                        .wdtype = TP_F32,
+                                        .io_dtype = TP_F32,
+                                        .gemm_dtype = TP_F32,
+                                        .has_bias = 1,
+                                        .ranks = 2,
+                                        .backend = "cpu",
+                                        .max_batch = 4},
+                                       {.name = "lin",
+                                        .in = 3,
+                                        .out = 2,
+                                        .wdtype = TP_F32,
+                                        .io_dtype = TP_F16,
+                                        .gemm_dtype = TP_F32,
+                                        .has_bias = 1,
+                                        .ranks = 2,
+                                        .backend = "cpu",
+                                        .max_batch = 4}};
 
-static void check(grpc_slice *slices, size_t n)
+static void check(const struct model *model, grpc_slice *slices, size_t n)
 {
     static const float y[4 * 2];
-    static float x[4 * 3];
+    static unsigned char x[4 * 3 * 4];
     grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(slices, n);
     ProtobufCMessage *m = NULL;
     Inference__ModelInferRequest *q;
@@ -42,25 +56,25 @@ static void check(grpc_slice *slices, size_t n)
         return;
     }
     q = (Inference__ModelInferRequest *)m;
-    infer_check_model(&model, q->model_name, q->model_version, &err);
-    if (infer_validate(&model, q, &raw, &in, &err) == 0) {
+    infer_check_model(model, q->model_name, q->model_version, &err);
+    if (infer_validate(model, q, &raw, &in, &err) == 0) {
         grpc_byte_buffer *resp;
-        size_t count = (size_t)in.rows * (size_t)model.in;
+        size_t bytes = (size_t)in.rows * (size_t)model->in * tp_dtype_size(model->io_dtype);
 
-        if (in.rows < 1 || in.rows > model.max_batch)
+        if (in.rows < 1 || in.rows > model->max_batch)
             abort();
-        /* every float the scheduler would copy into the slot must be readable */
+        /* every byte the scheduler would copy into the slot must be readable */
         if (in.x) {
-            for (size_t i = 0; i < count; i++)
-                fuzz_sink += in.x[i];
+            for (size_t i = 0; i < bytes; i++)
+                fuzz_sink += ((const unsigned char *)in.x)[i];
         } else if (!in.in_region) {
-            if (in.raw_offset + count * sizeof(float) > grpc_byte_buffer_length(bb))
+            if (in.raw_offset + bytes > grpc_byte_buffer_length(bb))
                 abort();
-            gbuf_copy(bb, in.raw_offset, count * sizeof(float), x);
-            for (size_t i = 0; i < count; i++)
+            gbuf_copy(bb, in.raw_offset, bytes, x);
+            for (size_t i = 0; i < bytes; i++)
                 fuzz_sink += x[i];
         }
-        resp = infer_response(&model, q->id, in.out_region ? NULL : y, in.rows, NULL, NULL);
+        resp = infer_response(model, q->id, in.out_region ? NULL : y, in.rows, NULL, NULL);
         if (!resp)
             abort();
         grpc_byte_buffer_destroy(resp);
@@ -76,14 +90,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     grpc_slice s[3];
 
     s[0] = grpc_slice_from_copied_buffer((const char *)data, size);
-    check(s, 1);
+    for (int k = 0; k < 2; k++)
+        check(&models[k], s, 1);
     grpc_slice_unref(s[0]);
 
     s[0] = grpc_slice_from_copied_buffer((const char *)data, size / 3);
     s[1] = grpc_slice_from_copied_buffer((const char *)data + size / 3, size / 3);
     s[2] =
         grpc_slice_from_copied_buffer((const char *)data + 2 * (size / 3), size - 2 * (size / 3));
-    check(s, 3);
+    for (int k = 0; k < 2; k++)
+        check(&models[k], s, 3);
     for (int i = 0; i < 3; i++)
         grpc_slice_unref(s[i]);
     return 0;

@@ -93,6 +93,7 @@ class TestGpuFlags(unittest.TestCase):
             (["--gpus", "0", "--dtype", "fp8"], r"--dtype takes fp32, fp16 or bf16, got 'fp8'"),
             (["--gpus", "0", "--dtype", "bf16", "--tf32"], r"--tf32 applies to --dtype fp32"),
             (["--dtype", "fp16"], r"--dtype needs --gpus"),
+            (["--gpus", "0", "--io-dtype", "fp8"], r"--io-dtype takes fp32, fp16 or bf16, got 'fp8'"),
             (["--tf32"], r"--tf32 needs --gpus"),
             (["--gather", "nccl"], r"--gather nccl needs --gpus"),
             (["--gpus", "0,1,2,3,4", "--gather", "host"], r"out 12 is not divisible by 5 ranks"),
@@ -108,7 +109,8 @@ class TestGpuFlags(unittest.TestCase):
     def test_help(self):
         res = run([gputest.TPD, "--help"])
         self.assertEqual(res.rc, 0, repr(res))
-        for flag in ("--gpus LIST", "--gather nccl|host", "--dtype fp32|fp16|bf16", "--tf32"):
+        for flag in ("--gpus LIST", "--gather nccl|host", "--dtype fp32|fp16|bf16", "--tf32",
+                     "--io-dtype fp32|fp16|bf16"):
             self.assertIn(flag, res.out)
 
     def test_gather_host_with_cpu_is_fine(self):

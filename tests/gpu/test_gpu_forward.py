@@ -8,6 +8,8 @@ layer of in 320, out 840, so that out/N is not a power of two for N = 2 (420) an
 N up to 8. Groups: one rank with NCCL, two ranks on GPU 0 with --gather host, and every
 visible GPU with NCCL (and with the host gather) when there are two or more. Weights stored as
 F32, F16 and BF16. A killed worker must be replaced and the group must answer correctly again.
+With --io-dtype fp16/bf16 the requests and responses are FP16/BF16 (tpclient rounds the input and
+verifies against the rounded input), alone and combined with FP16/BF16 GEMMs, to 1e-2.
 """
 import os
 import signal
@@ -91,6 +93,16 @@ class TestGpuForward(unittest.TestCase):
                              batches=(7, 1024))
         if NGPUS >= 2:
             self.serve_and_check("bf16all", "BF16", TOL16, "--gpus", "0,1", "--dtype", "bf16")
+
+    def test_io_dtypes(self):
+        # FP16 on the wire into an FP16 GEMM (the coordinator widens, the worker narrows again:
+        # exact), and BF16 on the wire into FP32 GEMMs over two ranks of one GPU
+        self.serve_and_check("io16", "F16", TOL16, "--gpus", "0", "--dtype", "fp16",
+                             "--io-dtype", "fp16", batches=(1, 7, 64))
+        self.serve_and_check("iobf16", "F32", TOL16, "--gpus", "0,0", "--gather", "host",
+                             "--io-dtype", "bf16", batches=(7, 1024))
+        self.serve_and_check("io16bf", "BF16", TOL16, "--gpus", "0", "--dtype", "bf16",
+                             "--io-dtype", "fp16", batches=(64,))
 
     def test_no_bias_and_tf32(self):
         self.serve_and_check("nob", "nobias", TOL32, "--gpus", "0,0", "--gather", "host",

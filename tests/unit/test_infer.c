@@ -1,6 +1,8 @@
 /* test_infer.c -- ModelInfer validation: a valid request in each data form, then one bad field at
  * a time, each refused with the right code and a message that says what was expected and what
- * came; and the response echoes the id, names the output and carries exactly the rows given. */
+ * came; and the response echoes the id, names the output and carries exactly the rows given. The
+ * same for models with FP16 and BF16 on the wire: sizes in 2-byte elements, raw bytes only, the
+ * datatype named in responses, and a wrong datatype refused naming both. */
 #include <grpc/byte_buffer_reader.h>
 
 #include "gbuf.h"
@@ -11,6 +13,8 @@ static const struct model model = {.name = "lin",
                                    .in = 3,
                                    .out = 2,
                                    .wdtype = TP_F32,
+                                   .io_dtype = TP_F32,
+                                   .gemm_dtype = TP_F32,
                                    .has_bias = 1,
                                    .ranks = 2,
                                    .backend = "cpu",
@@ -327,6 +331,89 @@ static void test_response_in_place(void)
     ASSERT_EQ(released, 1);
 }
 
+/* FP16 and BF16 models: the same layer with 2-byte elements on the wire. */
+static void test_half_dtypes(void)
+{
+    static const enum tp_dtype types[2] = {TP_F16, TP_BF16};
+    static const char *const names[2] = {"FP16", "BF16"};
+
+    for (int k = 0; k < 2; k++) {
+        struct model m = model;
+        struct req q;
+        struct shm_req s;
+        struct infer_input in;
+        struct tp_err err = {0};
+        uint16_t y[6] = {0x3c00, 0xc000, 0x0001, 0x7bff, 0x8000, 0x3555};
+        grpc_byte_buffer *bb;
+        Inference__ModelInferResponse *r;
+
+        m.io_dtype = types[k];
+        /* 2 rows x 3 elements x 2 bytes */
+        make(&q);
+        q.t.datatype = (char *)names[k];
+        q.raw[0].len = 12;
+        ASSERT_EQ(infer_validate(&m, &q.r, NULL, &in, &err), 0);
+        ASSERT_EQ(in.rows, 2);
+        ASSERT_TRUE(in.x == q.x);
+        /* FP32-sized data */
+        q.raw[0].len = 24;
+        ASSERT_EQ(infer_validate(&m, &q.r, NULL, &in, &err), -1);
+        ASSERT_EQ(err.code, TP_EINVAL);
+        ASSERT_STR_HAS(err.msg, names[k]);
+        ASSERT_STR_HAS(err.msg, "needs 12 bytes, raw_input_contents has 24");
+        /* the wrong datatype: both named */
+        make(&q);
+        q.raw[0].len = 12;
+        ASSERT_EQ(infer_validate(&m, &q.r, NULL, &in, &err), -1);
+        ASSERT_EQ(err.code, TP_EINVAL);
+        ASSERT_STR_HAS(err.msg, "'FP32'");
+        ASSERT_STR_HAS(err.msg, names[k]);
+        q.t.datatype = (char *)names[1 - k];
+        ASSERT_EQ(infer_validate(&m, &q.r, NULL, &in, &err), -1);
+        ASSERT_STR_HAS(err.msg, names[1 - k]);
+        ASSERT_STR_HAS(err.msg, names[k]);
+        /* and an FP32 model refuses the half types */
+        q.t.datatype = (char *)names[k];
+        q.raw[0].len = 24;
+        ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), -1);
+        ASSERT_STR_HAS(err.msg, names[k]);
+        ASSERT_STR_HAS(err.msg, "expected FP32");
+        /* typed contents carry FP32 only */
+        make(&q);
+        q.t.datatype = (char *)names[k];
+        q.r.n_raw_input_contents = 0;
+        q.contents.n_fp32_contents = 6;
+        q.contents.fp32_contents = q.x;
+        q.t.contents = &q.contents;
+        ASSERT_EQ(infer_validate(&m, &q.r, NULL, &in, &err), -1);
+        ASSERT_STR_HAS(err.msg, "raw_input_contents");
+        q.t.contents = NULL;
+        ASSERT_EQ(infer_validate(&m, &q.r, NULL, &in, &err), -1);
+        ASSERT_STR_HAS(err.msg, "no data");
+        /* shared memory: byte sizes in 2-byte elements */
+        make_shm(&s, 12, 0);
+        s.q.t.datatype = (char *)names[k];
+        ASSERT_EQ(infer_validate(&m, &s.q.r, NULL, &in, &err), 0);
+        s.pv[1].int64_param = 24;
+        ASSERT_EQ(infer_validate(&m, &s.q.r, NULL, &in, &err), -1);
+        ASSERT_STR_HAS(err.msg, "needs 12 bytes, shared_memory_byte_size is 24");
+        /* the response: the datatype, and 2-byte elements as given */
+        bb = infer_response(&m, "h", y, 3, NULL, NULL);
+        ASSERT_TRUE(bb != NULL);
+        ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor,
+                              (ProtobufCMessage **)&r, &err),
+                  0);
+        ASSERT_STR_EQ(r->outputs[0]->datatype, names[k]);
+        ASSERT_EQ(r->outputs[0]->shape[0], 3);
+        ASSERT_EQ(r->outputs[0]->shape[1], 2);
+        ASSERT_EQ(r->n_raw_output_contents, 1);
+        ASSERT_EQ(r->raw_output_contents[0].len, sizeof(y));
+        ASSERT_EQ(memcmp(r->raw_output_contents[0].data, y, sizeof(y)), 0);
+        protobuf_c_message_free_unpacked(&r->base, NULL);
+        grpc_byte_buffer_destroy(bb);
+    }
+}
+
 int main(void)
 {
     TEST_RUN(test_valid_forms);
@@ -334,5 +421,6 @@ int main(void)
     TEST_RUN(test_response);
     TEST_RUN(test_response_in_place);
     TEST_RUN(test_shm_params);
+    TEST_RUN(test_half_dtypes);
     return 0;
 }

@@ -189,6 +189,28 @@ static void test_save_overwrites(void)
     ASSERT_EQ(unlink(path), 0);
 }
 
+/* float16 files: '<f2' header, 2-byte elements, read back exactly. */
+static void test_save_f16(void)
+{
+    uint16_t h[6] = {0x3c00, 0xc000, 0x0001, 0x7bff, 0x8000, 0x3555};
+    int64_t shape[2] = {2, 3};
+    struct npy_info info;
+    struct tp_err err = {0};
+    float *out = NULL;
+    char path[128];
+
+    path_in_dir(path, sizeof(path), "h.npy");
+    ASSERT_EQ(npy_save_f16(path, h, 2, shape, &err), 0);
+    ASSERT_EQ(npy_load_f32(path, &out, &info, &err), 0);
+    ASSERT_EQ(info.dtype, TP_F16);
+    ASSERT_EQ(info.count, 6);
+    ASSERT_EQ(file_size(path), info.data_offset + 6 * 2);
+    for (int i = 0; i < 6; i++)
+        ASSERT_TRUE(out[i] == tp_f16_to_f32(h[i]));
+    free(out);
+    ASSERT_EQ(unlink(path), 0);
+}
+
 static void test_save_errors(void)
 {
     float a[2] = {1, 2};
@@ -499,6 +521,7 @@ int main(void)
         TEST_FAIL_("mkdtemp: %s", strerror(errno));
     TEST_RUN(test_round_trip);
     TEST_RUN(test_save_overwrites);
+    TEST_RUN(test_save_f16);
     TEST_RUN(test_save_errors);
     TEST_RUN(test_parse_handwritten);
     TEST_RUN(test_parse_errors);
