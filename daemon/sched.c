@@ -13,9 +13,6 @@
 
 #include "log.h"
 
-/* Jobs with the workers beyond which a batch that is not full keeps gathering requests. */
-#define PIPELINE 2
-
 enum req_state { R_QUEUED = 1, R_RUNNING, R_CANCELLED, R_DONE };
 
 struct sched_slot {
@@ -238,15 +235,16 @@ static void *sched_thread(void *arg)
             n++;
             last = r;
         }
-        /* A batch that is not full, while jobs compute, waits for company: while PIPELINE jobs
-         * are already with the workers (who run their jobs one after the other, so another
-         * one could not start sooner), and otherwise up to the delay counted from the oldest
-         * request's arrival. An idle server starts at once. */
-        if (r == NULL && rows < max_rows && delay_ns > 0 && s->computing > 0) {
+        /* A batch that is not full waits for company while the workers compute: they run their
+         * jobs one after the other, so it could not start sooner, and every request that comes
+         * meanwhile joins it. Once they are free it waits at most until its oldest request is
+         * --batch-delay-us old. (A request that finds the workers idle does not come here: the
+         * thread that received it starts it at once.) */
+        if (r == NULL && rows < max_rows && delay_ns > 0) {
             int64_t until = s->head->enq_ns + delay_ns;
             struct timespec ts;
 
-            if (s->computing >= PIPELINE) {
+            if (s->computing > 0) {
                 pthread_cond_wait(&s->cond, &s->lock);
                 continue;
             }

@@ -47,7 +47,8 @@ struct sched_req {
 
 struct sched_config {
     uint32_t max_queue;      /* requests waiting; beyond it TP_EBUSY */
-    uint32_t batch_delay_us; /* most a batch waits for more requests; 0: no waiting */
+    uint32_t batch_delay_us; /* once the workers are free, a batch waits for more until its oldest
+                                request is this old; 0: batching off, one request per job */
 };
 
 /* Counters since start, for logs and metrics. */

@@ -1,9 +1,11 @@
 /* test_sched.c -- the scheduler without workers: sup_dispatch is a stub that records jobs, and the
  * test plays the supervisor by calling sched_on_done. A lone request starts at once; requests that
- * arrive while a job computes are batched into one job at their own row offsets, and each gets
- * its own rows of the output; a slot whose rows a reply still holds is not reused; a queued
- * request cancelled or past its deadline never runs; a running one cancelled is answered with an
- * error when its job ends and frees its slot; with a delay of 0 every job has one request. */
+ * arrive while a job computes wait for it to end (whatever the delay) and are batched into one job
+ * at their own row offsets, and each gets its own rows of the output; a slot whose rows a reply
+ * still holds is not reused; a queued request cancelled or past its deadline never runs; a running
+ * one cancelled is answered with an error when its job ends and frees its slot; with a delay of 0
+ * every job has one request; once the workers are free a young batch waits out the delay, never
+ * less. */
 #include <pthread.h>
 #include <string.h>
 #include <time.h>
@@ -117,22 +119,27 @@ static void test_batching_holds_cancel(void)
     ASSERT_EQ(jobs[0].rows, 2);
     ASSERT_EQ(memcmp(in0, r1.x, 2 * IN * sizeof(float)), 0);
 
-    /* while job 1 computes, two requests gather into one job of 4 rows */
+    /* while job 1 computes, two requests gather, past the 30 ms delay: the workers are busy, so
+     * they could not start sooner */
     init(&r2, 3, 200);
     init(&r3, 1, 300);
     ASSERT_EQ(sched_submit(s, &r2.r, &err), 0);
     ASSERT_EQ(sched_submit(s, &r3.r, &err), 0);
+    ASSERT_TRUE(!wait_job(1, 100));
+    ASSERT_EQ(sched_busy(s), 3);
+
+    /* job 1 done: the two go as one job of 4 rows, on the other slot (r1's reply holds slot 0) */
+    sched_on_done(s, 0, jobs[0].id, NULL);
+    ASSERT_EQ(r1.completions, 1);
+    ASSERT_TRUE(r1.y == shm_slot_output(&a, 0));
     ASSERT_TRUE(wait_job(1, 2000));
     ASSERT_EQ(jobs[1].slot, 1);
     ASSERT_EQ(jobs[1].rows, 4);
     ASSERT_EQ(memcmp(in1, r2.x, 3 * IN * sizeof(float)), 0);
     ASSERT_EQ(memcmp(in1 + 3 * IN, r3.x, 1 * IN * sizeof(float)), 0);
-    ASSERT_EQ(sched_busy(s), 3);
+    ASSERT_EQ(sched_busy(s), 2);
 
     /* each gets its own rows of its slot's output */
-    sched_on_done(s, 0, jobs[0].id, NULL);
-    ASSERT_EQ(r1.completions, 1);
-    ASSERT_TRUE(r1.y == shm_slot_output(&a, 0));
     sched_on_done(s, 1, jobs[1].id, NULL);
     ASSERT_TRUE(r2.y == shm_slot_output(&a, 1));
     ASSERT_TRUE(r3.y == shm_slot_output(&a, 1) + 3 * OUT);
@@ -238,9 +245,48 @@ static void test_no_batching(void)
     shm_arena_destroy(&a);
 }
 
+/* Workers just freed and the queued batch is young: it waits until its oldest request is
+ * --batch-delay-us old, never less (and gathers what comes meanwhile). */
+static void test_delay_once_free(void)
+{
+    struct shm_arena a;
+    struct sched *s;
+    struct tp_err err = {0};
+    struct treq r1, r2, r3;
+    int64_t t0, waited;
+    int base = njobs;
+
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){2, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(
+        sched_create(&s, &a, &(struct sched_config){.max_queue = 8, .batch_delay_us = 50000}, &err),
+        0);
+    sched_on_state(s, 1);
+    init(&r1, 1, 100);
+    ASSERT_EQ(sched_submit(s, &r1.r, &err), 0); /* idle: starts at once */
+    ASSERT_EQ(njobs, base + 1);
+    t0 = mono_ns();
+    init(&r2, 1, 200);
+    ASSERT_EQ(sched_submit(s, &r2.r, &err), 0);
+    sched_on_done(s, jobs[base].slot, jobs[base].id, NULL); /* free again, r2 is young */
+    init(&r3, 2, 300);
+    ASSERT_EQ(sched_submit(s, &r3.r, &err), 0);
+    ASSERT_TRUE(wait_job(base + 1, 5000));
+    waited = mono_ns() - t0;
+    ASSERT_TRUE(waited >= 50 * 1000000);
+    ASSERT_EQ(jobs[base + 1].rows, 3); /* r2 and r3 together */
+    sched_on_done(s, jobs[base + 1].slot, jobs[base + 1].id, NULL);
+    sched_unhold(r1.r.hold);
+    sched_unhold(r2.r.hold);
+    sched_unhold(r3.r.hold);
+    ASSERT_EQ(sched_busy(s), 0);
+    sched_destroy(s);
+    shm_arena_destroy(&a);
+}
+
 int main(void)
 {
     TEST_RUN(test_batching_holds_cancel);
     TEST_RUN(test_no_batching);
+    TEST_RUN(test_delay_once_free);
     return 0;
 }
