@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "cmd.h"
+#include "conn.h"
 #include "grpc_service.pb-c.h"
 #include "kserve.h"
 #include "timing.h"
@@ -104,150 +105,44 @@ struct bench {
     int failed;
 };
 
-static const char *status_name(grpc_status_code s)
-{
-    static const char *const names[] = {"OK",
-                                        "CANCELLED",
-                                        "UNKNOWN",
-                                        "INVALID_ARGUMENT",
-                                        "DEADLINE_EXCEEDED",
-                                        "NOT_FOUND",
-                                        "ALREADY_EXISTS",
-                                        "PERMISSION_DENIED",
-                                        "RESOURCE_EXHAUSTED",
-                                        "FAILED_PRECONDITION",
-                                        "ABORTED",
-                                        "OUT_OF_RANGE",
-                                        "UNIMPLEMENTED",
-                                        "INTERNAL",
-                                        "UNAVAILABLE",
-                                        "DATA_LOSS",
-                                        "UNAUTHENTICATED"};
-
-    return (unsigned)s < sizeof(names) / sizeof(names[0]) ? names[s] : "UNKNOWN";
-}
-
 /* One unary call of method (registered as handle when not NULL) with the bytes of req, which stay
- * the caller's. On OK, *resp is the caller's to destroy. */
+ * the caller's, on this client's own channel and queue. On OK, *resp is the caller's to destroy. */
 static int unary(struct client *c, const char *method, void *handle, grpc_slice req,
                  grpc_byte_buffer **resp, struct tp_err *err)
 {
-    gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                         gpr_time_from_millis(c->b->timeout_ms, GPR_TIMESPAN));
-    grpc_metadata_array md_initial, md_trailing;
+    struct conn cc = {.ch = c->ch, .cq = c->cq, .timeout_ms = c->b->timeout_ms};
     grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&req, 1);
-    grpc_status_code status = GRPC_STATUS_UNKNOWN;
-    grpc_slice details = grpc_empty_slice();
-    grpc_call *call;
-    grpc_op ops[6];
-    grpc_event ev;
-    int rc = -1;
+    int rc = conn_call_raw(&cc, method, handle, send, resp, err);
 
-    *resp = NULL;
-    grpc_metadata_array_init(&md_initial);
-    grpc_metadata_array_init(&md_trailing);
-    if (handle)
-        call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
-                                                   handle, deadline, NULL);
-    else
-        call =
-            grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
-                                     grpc_slice_from_static_string(method), NULL, deadline, NULL);
-    memset(ops, 0, sizeof(ops));
-    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[1].op = GRPC_OP_SEND_MESSAGE;
-    ops[1].data.send_message.send_message = send;
-    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-    ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_initial;
-    ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = resp;
-    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-    ops[5].data.recv_status_on_client.trailing_metadata = &md_trailing;
-    ops[5].data.recv_status_on_client.status = &status;
-    ops[5].data.recv_status_on_client.status_details = &details;
-    if (grpc_call_start_batch(call, ops, 6, call, NULL) != GRPC_CALL_OK) {
-        tp_err_set(err, TP_EINTERNAL, "cannot start a call to %s", method);
-        goto out;
-    }
-    do
-        ev = grpc_completion_queue_next(c->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-    while (ev.type != GRPC_OP_COMPLETE || ev.tag != call);
-    if (status != GRPC_STATUS_OK) {
-        char *d = grpc_slice_to_c_string(details);
-
-        tp_err_set(err, status == GRPC_STATUS_UNAVAILABLE ? TP_EUNAVAIL : TP_EINTERNAL,
-                   "%s: %s: %s", method + strlen(SERVICE), status_name(status), d);
-        gpr_free(d);
-        goto out;
-    }
-    if (!*resp) {
-        tp_err_set(err, TP_EINTERNAL, "%s returned no message", method + strlen(SERVICE));
-        goto out;
-    }
-    rc = 0;
-out:
-    if (rc < 0 && *resp) {
-        grpc_byte_buffer_destroy(*resp);
-        *resp = NULL;
-    }
-    grpc_slice_unref(details);
-    grpc_metadata_array_destroy(&md_initial);
-    grpc_metadata_array_destroy(&md_trailing);
     grpc_byte_buffer_destroy(send);
-    grpc_call_unref(call);
+    if (rc < 0)
+        tp_err_prefix(err, "%s: ", method + strlen(SERVICE));
     return rc;
 }
 
-/* Protobuf wire encoding of the two small messages of the shared-memory extension, which this
- * file writes by hand: SystemSharedMemoryRegisterRequest {string name = 1; string key = 2;
- * uint64 offset = 3; uint64 byte_size = 4} and SystemSharedMemoryUnregisterRequest {string name =
- * 1}, field numbers as in Triton's grpc_service.proto. Their responses are empty messages. */
-static size_t put_varint(uint8_t *p, uint64_t v)
+/* Calls one of the shared-memory extension's methods, whose responses are empty messages. */
+static int shm_call(struct client *c, const char *method, const ProtobufCMessage *req,
+                    const ProtobufCMessageDescriptor *resp_desc, struct tp_err *err)
 {
-    size_t n = 0;
+    struct conn cc = {.ch = c->ch, .cq = c->cq, .timeout_ms = c->b->timeout_ms};
+    ProtobufCMessage *resp = NULL;
 
-    while (v >= 0x80) {
-        p[n++] = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    p[n++] = (uint8_t)v;
-    return n;
-}
-
-static size_t put_string(uint8_t *p, unsigned field, const char *s)
-{
-    size_t len = strlen(s), n = put_varint(p, field << 3 | 2);
-
-    n += put_varint(p + n, len);
-    memcpy(p + n, s, len);
-    return n + len;
-}
-
-static int shm_call(struct client *c, const char *method, const uint8_t *msg, size_t len,
-                    struct tp_err *err)
-{
-    grpc_slice s = grpc_slice_from_copied_buffer((const char *)msg, len);
-    grpc_byte_buffer *resp = NULL;
-    int rc = unary(c, method, NULL, s, &resp, err);
-
-    grpc_slice_unref(s);
-    if (resp)
-        grpc_byte_buffer_destroy(resp);
-    return rc;
+    if (conn_call(&cc, method, req, resp_desc, &resp, err) < 0)
+        return -1;
+    protobuf_c_message_free_unpacked(resp, NULL);
+    return 0;
 }
 
 static int region_register(struct client *c, struct region *r, struct tp_err *err)
 {
-    uint8_t msg[256];
-    size_t n = 0;
+    Inference__SystemSharedMemoryRegisterRequest q =
+        INFERENCE__SYSTEM_SHARED_MEMORY_REGISTER_REQUEST__INIT;
 
-    n += put_string(msg + n, 1, r->name);
-    n += put_string(msg + n, 2, r->key);
-    /* offset 0 is proto3's default, left out as every encoder does */
-    n += put_varint(msg + n, 4 << 3 | 0);
-    n += put_varint(msg + n, r->size);
-    if (shm_call(c, SERVICE "SystemSharedMemoryRegister", msg, n, err) < 0)
+    q.name = r->name;
+    q.key = r->key;
+    q.byte_size = r->size;
+    if (shm_call(c, SERVICE "SystemSharedMemoryRegister", &q.base,
+                 &inference__system_shared_memory_register_response__descriptor, err) < 0)
         return tp_err_prefix(err, "registering shared memory '%s': ", r->name), -1;
     r->registered = 1;
     return 0;
@@ -255,14 +150,16 @@ static int region_register(struct client *c, struct region *r, struct tp_err *er
 
 static void region_unregister(struct client *c, struct region *r)
 {
-    uint8_t msg[128];
+    Inference__SystemSharedMemoryUnregisterRequest q =
+        INFERENCE__SYSTEM_SHARED_MEMORY_UNREGISTER_REQUEST__INIT;
     struct tp_err err = {0};
 
     if (!r->registered)
         return;
     r->registered = 0;
-    if (shm_call(c, SERVICE "SystemSharedMemoryUnregister", msg, put_string(msg, 1, r->name),
-                 &err) < 0)
+    q.name = r->name;
+    if (shm_call(c, SERVICE "SystemSharedMemoryUnregister", &q.base,
+                 &inference__system_shared_memory_unregister_response__descriptor, &err) < 0)
         fprintf(stderr, "tpclient: warning: unregistering shared memory '%s': %s\n", r->name,
                 err.msg);
 }

@@ -112,13 +112,12 @@ int conn_open(struct conn *c, const char *target, int timeout_ms, const struct c
     return 0;
 }
 
-int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp, struct tp_err *err)
+int conn_call_raw(struct conn *c, const char *method, void *handle, grpc_byte_buffer *send,
+                  grpc_byte_buffer **recv, struct tp_err *err)
 {
     gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(c->timeout_ms, GPR_TIMESPAN));
     grpc_metadata_array md_initial, md_trailing;
-    grpc_byte_buffer *send = gbuf_pack(req), *recv = NULL;
     grpc_status_code status = GRPC_STATUS_UNKNOWN;
     grpc_slice details = grpc_empty_slice();
     grpc_call *call;
@@ -126,13 +125,16 @@ int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
     grpc_event ev;
     int rc = -1;
 
-    *resp = NULL;
-    if (!send)
-        return tp_err_set(err, TP_ENOMEM, "no memory for the request");
+    *recv = NULL;
     grpc_metadata_array_init(&md_initial);
     grpc_metadata_array_init(&md_trailing);
-    call = grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
-                                    grpc_slice_from_static_string(method), NULL, deadline, NULL);
+    if (handle)
+        call = grpc_channel_create_registered_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
+                                                   handle, deadline, NULL);
+    else
+        call =
+            grpc_channel_create_call(c->ch, NULL, GRPC_PROPAGATE_DEFAULTS, c->cq,
+                                     grpc_slice_from_static_string(method), NULL, deadline, NULL);
     memset(ops, 0, sizeof(ops));
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
     ops[1].op = GRPC_OP_SEND_MESSAGE;
@@ -141,7 +143,7 @@ int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
     ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
     ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_initial;
     ops[4].op = GRPC_OP_RECV_MESSAGE;
-    ops[4].data.recv_message.recv_message = &recv;
+    ops[4].data.recv_message.recv_message = recv;
     ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
     ops[5].data.recv_status_on_client.trailing_metadata = &md_trailing;
     ops[5].data.recv_status_on_client.status = &status;
@@ -160,23 +162,43 @@ int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
         gpr_free(d);
         goto out;
     }
-    if (!recv) {
+    if (!*recv) {
         tp_err_set(err, TP_EINTERNAL, "%s returned no message", method);
         goto out;
     }
+    rc = 0;
+out:
+    if (rc < 0 && *recv) {
+        grpc_byte_buffer_destroy(*recv);
+        *recv = NULL;
+    }
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&md_initial);
+    grpc_metadata_array_destroy(&md_trailing);
+    grpc_call_unref(call);
+    return rc;
+}
+
+int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
+              const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp, struct tp_err *err)
+{
+    grpc_byte_buffer *send = gbuf_pack(req), *recv = NULL;
+    int rc = -1;
+
+    *resp = NULL;
+    if (!send)
+        return tp_err_set(err, TP_ENOMEM, "no memory for the request");
+    if (conn_call_raw(c, method, NULL, send, &recv, err) < 0)
+        goto out;
     if (gbuf_unpack(recv, desc, resp, err) < 0) {
         tp_err_prefix(err, "response of %s: ", method);
         goto out;
     }
     rc = 0;
 out:
-    grpc_slice_unref(details);
-    grpc_metadata_array_destroy(&md_initial);
-    grpc_metadata_array_destroy(&md_trailing);
     grpc_byte_buffer_destroy(send);
     if (recv)
         grpc_byte_buffer_destroy(recv);
-    grpc_call_unref(call);
     return rc;
 }
 

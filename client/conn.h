@@ -33,6 +33,12 @@ int conn_open(struct conn *c, const char *target, int timeout_ms, const struct c
 int conn_call(struct conn *c, const char *method, const ProtobufCMessage *req,
               const ProtobufCMessageDescriptor *desc, ProtobufCMessage **resp, struct tp_err *err);
 
+/* The same call with a message already packed: send stays the caller's; on success *recv is the
+ * caller's to destroy. handle: method registered on c->ch (grpc_channel_register_call), or NULL
+ * to call method by name. Any thread that owns c->cq. */
+int conn_call_raw(struct conn *c, const char *method, void *handle, grpc_byte_buffer *send,
+                  grpc_byte_buffer **recv, struct tp_err *err);
+
 /* Takes a closed or half-open connection. Calls grpc_shutdown. */
 void conn_close(struct conn *c);
 
