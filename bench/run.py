@@ -540,8 +540,8 @@ def main():
                     help="extra 'tpclient bench' flags for every tpd and echo measurement")
     ap.add_argument("--batch-clients", type=int, default=16,
                     help="concurrent batch-1 clients of the batching case (default 16)")
-    ap.add_argument("--batch-delay-us", type=int, default=2000,
-                    help="tpd --batch-delay-us of the batching case's 'on' side (default 2000)")
+    ap.add_argument("--batch-delay-us", type=int, default=200,
+                    help="tpd --batch-delay-us of the batching case's 'on' side (default 200, as tpd)")
     ap.add_argument("--batch-cpu", type=int, default=1, help="tpd --cpu of the batching case")
     ap.add_argument("--no-batching", action="store_true", help="leave out the batching case")
     ap.add_argument("--perf-analyzer", help="path of Triton's perf_analyzer (default: on PATH)")
