@@ -9,6 +9,7 @@
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define HAVE_F16C_PATH 1
 #endif
@@ -232,8 +233,18 @@ static int have_f16c(void)
 {
     static int known = -1; /* a benign race: every thread computes the same answer */
 
-    if (known < 0)
-        known = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    /* CPUID and XGETBV by hand: clang 14 has no "f16c" for __builtin_cpu_supports. F16C needs
+     * AVX, and AVX needs the OS to save the YMM registers (OSXSAVE, XCR0 bits 1 and 2). */
+    if (known < 0) {
+        unsigned a, b, c, d, lo, hi;
+
+        known = 0;
+        if (__get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) && (c & bit_AVX) &&
+            (c & bit_OSXSAVE)) {
+            __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+            known = (lo & 6) == 6;
+        }
+    }
     return known;
 }
 
