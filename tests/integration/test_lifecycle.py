@@ -21,29 +21,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpdtest  # noqa: E402
-from tpdtest import (ACCEPTED_RE, TpdTestCase, make_layer, one_line_error, pid_alive,  # noqa: E402
-                     reference, rel_err, run, tpclient)
+from tpdtest import (ACCEPTED_RE, TpdTestCase, make_layer, one_line_error,  # noqa: E402
+                     reference, rel_err, run, shm_entries, tpclient, wait_gone)
 
 import tritonclient.grpc as tgrpc  # noqa: E402
 
 TOL = 1e-5
-
-
-def shm_entries():
-    try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:
-        return set()
-
-
-def wait_gone(pids, timeout=5.0):
-    """Pids still alive (not zombies) after up to timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in pids if pid_alive(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
 
 
 class TestDrain(TpdTestCase):

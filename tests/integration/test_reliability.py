@@ -41,7 +41,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpdtest  # noqa: E402
 from loadgen import Load  # noqa: E402
-from tpdtest import ACCEPTED_RE, TpdTestCase, make_layer, one_line_error, pid_alive  # noqa: E402
+from tpdtest import (ACCEPTED_RE, TpdTestCase, make_layer, one_line_error, pid_alive,  # noqa: E402
+                     shm_entries, wait_gone)
 
 import grpc  # noqa: E402
 import tritonclient.grpc as tgrpc  # noqa: E402
@@ -51,22 +52,6 @@ from tritonclient.grpc import service_pb2_grpc as pbg  # noqa: E402
 TOL = 1e-5
 PORT_RE = re.compile(r"listening on 127\.0\.0\.1:0 \(port (\d+),")
 BACKOFF_RE = re.compile(r"restarting the group in (\d+) ms")
-
-
-def shm_entries():
-    try:
-        return set(os.listdir("/dev/shm"))
-    except OSError:
-        return set()
-
-
-def wait_gone(pids, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in pids if pid_alive(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
 
 
 def cpu_seconds(pid):

@@ -280,6 +280,24 @@ def pid_alive(pid, name=b"tpd-worker"):
     return name is None or name in cmdline
 
 
+def wait_gone(pids, timeout=5.0):
+    """Pids still alive (not zombies) after up to timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def shm_entries():
+    """Names in /dev/shm (tpd's arena is a memfd, so it must never add one)."""
+    try:
+        return set(os.listdir("/dev/shm"))
+    except OSError:
+        return set()
+
+
 def free_tcp_port():
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
