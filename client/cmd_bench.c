@@ -208,67 +208,19 @@ static void region_destroy(struct region *r)
 static int pack_request(struct client *c, const void *x, struct tp_err *err)
 {
     struct bench *b = c->b;
-    Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
-    Inference__ModelInferRequest__InferInputTensor t =
-        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
-    Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
-    Inference__ModelInferRequest__InferRequestedOutputTensor o =
-        INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__INIT;
-    Inference__ModelInferRequest__InferRequestedOutputTensor *os[1] = {&o};
-    Inference__ModelInferRequest__InferInputTensor__ParametersEntry ie[2] =
-        {INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__PARAMETERS_ENTRY__INIT,
-         INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__PARAMETERS_ENTRY__INIT},
-                                                                    *iep[2] = {&ie[0], &ie[1]};
-    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[2] =
-        {INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__PARAMETERS_ENTRY__INIT,
-         INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__PARAMETERS_ENTRY__INIT},
-                                                                              *oep[2] = {&oe[0],
-                                                                                         &oe[1]};
-    Inference__InferParameter p[4] = {
-        INFERENCE__INFER_PARAMETER__INIT, INFERENCE__INFER_PARAMETER__INIT,
-        INFERENCE__INFER_PARAMETER__INIT, INFERENCE__INFER_PARAMETER__INIT};
-    int64_t shape[2] = {b->o.rows, b->l.in};
-    ProtobufCBinaryData raw = {.len = (size_t)(b->o.rows * b->l.in) * tp_dtype_size(b->l.dtype),
-                               .data = (uint8_t *)x};
+    struct kserve_shm_ref in = {.region = c->in.name, .bytes = c->in.size},
+                          out = {.region = c->out.name, .bytes = c->out.size};
+    struct kserve_request q;
     size_t len;
     uint8_t *buf;
 
-    req.model_name = b->model;
-    t.name = "input";
-    t.datatype = (char *)tp_dtype_wire_name(b->l.dtype);
-    t.n_shape = 2;
-    t.shape = shape;
-    req.n_inputs = 1;
-    req.inputs = ts;
-    if (b->o.shm) {
-        p[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
-        p[0].string_param = c->in.name;
-        p[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
-        p[1].int64_param = (int64_t)c->in.size;
-        p[2].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
-        p[2].string_param = c->out.name;
-        p[3].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
-        p[3].int64_param = (int64_t)c->out.size;
-        ie[0].key = oe[0].key = "shared_memory_region";
-        ie[1].key = oe[1].key = "shared_memory_byte_size";
-        ie[0].value = &p[0];
-        ie[1].value = &p[1];
-        oe[0].value = &p[2];
-        oe[1].value = &p[3];
-        t.n_parameters = 2;
-        t.parameters = iep;
-        o.name = "output";
-        o.n_parameters = 2;
-        o.parameters = oep;
-        req.n_outputs = 1;
-        req.outputs = os;
-    } else {
-        req.n_raw_input_contents = 1;
-        req.raw_input_contents = &raw;
-    }
-    len = inference__model_infer_request__get_packed_size(&req);
+    if (b->o.shm)
+        kserve_request_init(&q, b->model, &b->l, b->o.rows, NULL, &in, &out);
+    else
+        kserve_request_init(&q, b->model, &b->l, b->o.rows, x, NULL, NULL);
+    len = inference__model_infer_request__get_packed_size(&q.req);
     buf = gpr_malloc(len);
-    inference__model_infer_request__pack(&req, buf);
+    inference__model_infer_request__pack(&q.req, buf);
     c->req = grpc_slice_new(buf, len, gpr_free);
     c->has_req = 1;
     (void)err;

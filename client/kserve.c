@@ -75,49 +75,102 @@ out:
     return rc;
 }
 
+static const char *const shm_keys[3] = {"shared_memory_region", "shared_memory_byte_size",
+                                        "shared_memory_offset"};
+
+/* Fills v with the parameters naming r, in the order of shm_keys: region, byte size and, unless
+ * it is 0, offset. Returns how many. */
+static size_t shm_params(const struct kserve_shm_ref *r, Inference__InferParameter *v)
+{
+    for (int i = 0; i < 3; i++)
+        inference__infer_parameter__init(&v[i]);
+    v[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    v[0].string_param = (char *)r->region;
+    v[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    v[1].int64_param = (int64_t)r->bytes;
+    v[2].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    v[2].int64_param = (int64_t)r->offset;
+    return r->offset ? 3 : 2;
+}
+
+void kserve_request_init(struct kserve_request *q, const char *model, const struct kserve_layout *l,
+                         int64_t rows, const void *raw, const struct kserve_shm_ref *in,
+                         const struct kserve_shm_ref *out)
+{
+    inference__model_infer_request__init(&q->req);
+    inference__model_infer_request__infer_input_tensor__init(&q->t);
+    inference__model_infer_request__infer_requested_output_tensor__init(&q->o);
+    q->ts[0] = &q->t;
+    q->os[0] = &q->o;
+    q->shape[0] = rows;
+    q->shape[1] = l->in;
+    q->req.model_name = (char *)model;
+    q->t.name = "input";
+    q->t.datatype = (char *)tp_dtype_wire_name(l->dtype);
+    q->t.n_shape = 2;
+    q->t.shape = q->shape;
+    q->req.n_inputs = 1;
+    q->req.inputs = q->ts;
+    if (raw) {
+        q->raw.len = (size_t)(rows * l->in) * tp_dtype_size(l->dtype);
+        q->raw.data = (uint8_t *)raw;
+        q->req.n_raw_input_contents = 1;
+        q->req.raw_input_contents = &q->raw;
+    } else if (in) {
+        q->t.n_parameters = shm_params(in, q->pv);
+        for (size_t i = 0; i < q->t.n_parameters; i++) {
+            inference__model_infer_request__infer_input_tensor__parameters_entry__init(&q->ie[i]);
+            q->ie[i].key = (char *)shm_keys[i];
+            q->ie[i].value = &q->pv[i];
+            q->iep[i] = &q->ie[i];
+        }
+        q->t.parameters = q->iep;
+    }
+    if (out) {
+        q->o.n_parameters = shm_params(out, q->pv + 3);
+        for (size_t i = 0; i < q->o.n_parameters; i++) {
+            inference__model_infer_request__infer_requested_output_tensor__parameters_entry__init(
+                &q->oe[i]);
+            q->oe[i].key = (char *)shm_keys[i];
+            q->oe[i].value = &q->pv[3 + i];
+            q->oep[i] = &q->oe[i];
+        }
+        q->o.parameters = q->oep;
+        q->o.name = "output";
+        q->req.n_outputs = 1;
+        q->req.outputs = q->os;
+    }
+}
+
 int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *l, const float *x,
                  int64_t rows, float *y, struct tp_err *err)
 {
-    Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
-    Inference__ModelInferRequest__InferInputTensor t =
-        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
-    Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
+    struct kserve_request q;
     Inference__ModelInferResponse *r;
-    int64_t shape[2] = {rows, l->in};
     size_t esize = tp_dtype_size(l->dtype), nx = (size_t)(rows * l->in);
-    ProtobufCBinaryData raw = {.len = nx * esize, .data = (uint8_t *)x};
     size_t want = (size_t)(rows * l->out) * esize;
     void *narrow = NULL;
     int rc = -1;
 
     if (l->dtype != TP_F32) {
-        narrow = malloc(raw.len);
+        narrow = malloc(nx * esize);
         if (!narrow)
             return tp_err_set(err, TP_ENOMEM, "no memory for %lld rows", (long long)rows);
         tp_convert_from_f32(narrow, x, nx, l->dtype);
-        raw.data = narrow;
     }
-    req.model_name = (char *)model;
-    t.name = "input";
-    t.datatype = (char *)tp_dtype_wire_name(l->dtype);
-    t.n_shape = 2;
-    t.shape = shape;
-    req.n_inputs = 1;
-    req.inputs = ts;
-    req.n_raw_input_contents = 1;
-    req.raw_input_contents = &raw;
-    rc = conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
+    kserve_request_init(&q, model, l, rows, narrow ? narrow : (const void *)x, NULL, NULL);
+    rc = conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &q.req.base,
                    &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err);
     free(narrow);
     if (rc < 0)
         return -1;
     rc = -1;
-    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, t.datatype) != 0 ||
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, q.t.datatype) != 0 ||
         r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
         r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 1 ||
         r->raw_output_contents[0].len != want) {
         tp_err_set(err, TP_EINTERNAL, "server answered something else than %s [%lld, %lld]",
-                   t.datatype, (long long)rows, (long long)l->out);
+                   q.t.datatype, (long long)rows, (long long)l->out);
         goto out;
     }
     tp_convert_to_f32(y, r->raw_output_contents[0].data, (size_t)(rows * l->out), l->dtype);
@@ -178,69 +231,26 @@ int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layo
                      struct kserve_shm *s, const float *x, int64_t rows, float *y,
                      struct tp_err *err)
 {
-    Inference__ModelInferRequest req = INFERENCE__MODEL_INFER_REQUEST__INIT;
-    Inference__ModelInferRequest__InferInputTensor t =
-        INFERENCE__MODEL_INFER_REQUEST__INFER_INPUT_TENSOR__INIT;
-    Inference__ModelInferRequest__InferInputTensor *ts[1] = {&t};
-    Inference__ModelInferRequest__InferRequestedOutputTensor o =
-        INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__INIT;
-    Inference__ModelInferRequest__InferRequestedOutputTensor *os[1] = {&o};
-    Inference__InferParameter pv[6];
-    Inference__ModelInferRequest__InferInputTensor__ParametersEntry ie[3], *iep[3];
-    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[3], *oep[3];
-    static const char *const keys[3] = {"shared_memory_region", "shared_memory_byte_size",
-                                        "shared_memory_offset"};
-    Inference__ModelInferResponse *r;
-    int64_t shape[2] = {rows, l->in};
     size_t esize = tp_dtype_size(l->dtype);
-    size_t in_bytes = (size_t)(rows * l->in) * esize, out_bytes = (size_t)(rows * l->out) * esize;
+    struct kserve_shm_ref in = {.region = s->name, .bytes = (uint64_t)(rows * l->in) * esize},
+                          out = {.region = s->name,
+                                 .bytes = (uint64_t)(rows * l->out) * esize,
+                                 .offset = s->out_off};
+    struct kserve_request q;
+    Inference__ModelInferResponse *r;
     int rc = -1;
 
-    for (int i = 0; i < 6; i++) {
-        inference__infer_parameter__init(&pv[i]);
-        pv[i].parameter_choice_case =
-            i % 3 == 0 ? INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM
-                       : INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
-    }
-    pv[0].string_param = pv[3].string_param = s->name;
-    pv[1].int64_param = (int64_t)in_bytes;
-    pv[2].int64_param = 0;
-    pv[4].int64_param = (int64_t)out_bytes;
-    pv[5].int64_param = (int64_t)s->out_off;
-    for (int i = 0; i < 3; i++) {
-        inference__model_infer_request__infer_input_tensor__parameters_entry__init(&ie[i]);
-        inference__model_infer_request__infer_requested_output_tensor__parameters_entry__init(
-            &oe[i]);
-        ie[i].key = oe[i].key = (char *)keys[i];
-        ie[i].value = &pv[i];
-        oe[i].value = &pv[3 + i];
-        iep[i] = &ie[i];
-        oep[i] = &oe[i];
-    }
     tp_convert_from_f32(s->p, x, (size_t)(rows * l->in), l->dtype);
-    req.model_name = (char *)model;
-    t.name = "input";
-    t.datatype = (char *)tp_dtype_wire_name(l->dtype);
-    t.n_shape = 2;
-    t.shape = shape;
-    t.n_parameters = 3;
-    t.parameters = iep;
-    o.name = "output";
-    o.n_parameters = 3;
-    o.parameters = oep;
-    req.n_inputs = 1;
-    req.inputs = ts;
-    req.n_outputs = 1;
-    req.outputs = os;
-    if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &req.base,
+    kserve_request_init(&q, model, l, rows, NULL, &in, &out);
+    if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &q.req.base,
                   &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r, err) < 0)
         return -1;
-    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, t.datatype) != 0 ||
+    if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, q.t.datatype) != 0 ||
         r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
         r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 0) {
         tp_err_set(err, TP_EINTERNAL,
                    "server answered something else than %s [%lld, %lld] in shared memory",
-                   t.datatype, (long long)rows, (long long)l->out);
+                   q.t.datatype, (long long)rows, (long long)l->out);
         goto out;
     }
     tp_convert_to_f32(y, (char *)s->p + s->out_off, (size_t)(rows * l->out), l->dtype);

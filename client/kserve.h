@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "conn.h"
+#include "grpc_service.pb-c.h"
 #include "tensor.h"
 
 struct kserve_layout {
@@ -18,6 +19,33 @@ struct kserve_layout {
     int64_t max_batch;   /* rows per request the server takes; 0 when it does not say */
     enum tp_dtype dtype; /* input and output datatype on the wire: TP_F32, TP_F16 or TP_BF16 */
 };
+
+/* Where a tensor lies in a registered system shared-memory region. */
+struct kserve_shm_ref {
+    const char *region; /* registered name */
+    uint64_t bytes;     /* shared_memory_byte_size */
+    uint64_t offset;    /* shared_memory_offset; 0 is not sent (it is the default) */
+};
+
+/* A ModelInferRequest for rows of the model's input, with the storage its pointers lead to: so
+ * it must not be copied or moved once built. */
+struct kserve_request {
+    Inference__ModelInferRequest req;
+    Inference__ModelInferRequest__InferInputTensor t, *ts[1];
+    Inference__ModelInferRequest__InferRequestedOutputTensor o, *os[1];
+    Inference__InferParameter pv[6];
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry ie[3], *iep[3];
+    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[3], *oep[3];
+    int64_t shape[2];
+    ProtobufCBinaryData raw;
+};
+
+/* Builds q: input "input" of [rows, l->in] in l->dtype, its bytes raw (rows*in elements, in the
+ * message) or, raw NULL, in the region in; output "output" to the region out when given. model,
+ * raw, in and out are borrowed for as long as q is used. */
+void kserve_request_init(struct kserve_request *q, const char *model, const struct kserve_layout *l,
+                         int64_t rows, const void *raw, const struct kserve_shm_ref *in,
+                         const struct kserve_shm_ref *out);
 
 /* The model to use: opt when given, else the server's one model (RepositoryIndex). */
 int kserve_model(struct conn *c, const char *opt, char *buf, size_t len, struct tp_err *err);
