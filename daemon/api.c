@@ -150,7 +150,9 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     Inference__InferParameter p_batch = INFERENCE__INFER_PARAMETER__INIT;
     Inference__InferParameter p_io = INFERENCE__INFER_PARAMETER__INIT;
     Inference__InferParameter p_gemm = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__ModelMetadataResponse__ParametersEntry e[7] = {
+    Inference__InferParameter p_inv = INFERENCE__INFER_PARAMETER__INIT;
+    Inference__ModelMetadataResponse__ParametersEntry e[8] = {
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
@@ -158,8 +160,8 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT};
-    Inference__ModelMetadataResponse__ParametersEntry *ep[7] = {&e[0], &e[1], &e[2], &e[3],
-                                                                &e[4], &e[5], &e[6]};
+    Inference__ModelMetadataResponse__ParametersEntry *ep[8] = {&e[0], &e[1], &e[2], &e[3],
+                                                                &e[4], &e[5], &e[6], &e[7]};
     int64_t in_shape[2] = {-1, md->in}, out_shape[2] = {-1, md->out};
     char *versions[1] = {MODEL_VERSION};
     Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)unpack_or_reply(
@@ -208,7 +210,10 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     p_gemm.string_param = (char *)tp_dtype_wire_name(md->gemm_dtype);
     e[5].key = "io_dtype", e[5].value = &p_io;
     e[6].key = "gemm_dtype", e[6].value = &p_gemm;
-    r.n_parameters = 7;
+    p_inv.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM;
+    p_inv.bool_param = md->batch_invariant;
+    e[7].key = "batch_invariant", e[7].value = &p_inv;
+    r.n_parameters = 8;
     r.parameters = ep;
     reply_msg(call, &r.base);
 }

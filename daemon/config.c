@@ -42,6 +42,12 @@ static void usage(FILE *f)
         "  --dtype fp32|fp16|bf16  GPUs: what the GEMM multiplies in, accumulating in FP32;\n"
         "                          independent of --io-dtype (default: fp32)\n"
         "  --tf32                  GPUs: let FP32 GEMMs use TF32 tensor cores (default: off)\n"
+        "  --cpu-gemm invariant|openblas\n"
+        "                          CPU ranks: 'invariant' computes every output as one\n"
+        "                          multiply-add chain in input order, so a row's answer is the\n"
+        "                          same bits whatever it is batched with; 'openblas' calls\n"
+        "                          cblas_sgemm, whose kernels (and bits) change with the batch's\n"
+        "                          shape (default: invariant)\n"
         "  --listen ADDR           HOST:PORT or unix:PATH, repeatable (default: 127.0.0.1:8001)\n"
         "  --max-batch ROWS        most rows in one request (default: 256)\n"
         "  --slots N               requests computed at once (default: 4)\n"
@@ -74,6 +80,7 @@ static char origin[600];
 static int origin_used;            /* a message named origin */
 static const char *model;          /* --model, NULL for the default */
 static const char *gather, *dtype; /* --gather, --dtype, checked once all flags are known */
+static const char *cpu_gemm;       /* --cpu-gemm, likewise */
 static int cpu_given;              /* --cpu was given */
 
 /* What a message about flag's value calls it: the flag, or the file's line and key. */
@@ -153,6 +160,17 @@ static int check_backend(struct config *c)
             fprintf(stderr, "tpd: --dtype takes fp32, fp16 or bf16, got '%s'\n", dtype);
             return -1;
         }
+    }
+    if (cpu_gemm) {
+        if (strcmp(cpu_gemm, "invariant") != 0 && strcmp(cpu_gemm, "openblas") != 0) {
+            fprintf(stderr, "tpd: --cpu-gemm takes invariant or openblas, got '%s'\n", cpu_gemm);
+            return -1;
+        }
+        if (c->ngpus) {
+            fprintf(stderr, "tpd: --cpu-gemm applies to cpu ranks, not to --gpus\n");
+            return -1;
+        }
+        c->cpu_gemm = cpu_gemm;
     }
     if (!c->ngpus) {
         if (gather && c->gather_nccl) {
@@ -235,6 +253,7 @@ enum {
     O_DTYPE,
     O_TF32,
     O_IO_DTYPE,
+    O_CPU_GEMM,
     O_BATCH_DELAY,
     O_METRICS_LISTEN,
     O_SOCK_MODE,
@@ -264,6 +283,7 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"dtype", required_argument, NULL, O_DTYPE},
                                      {"tf32", no_argument, NULL, O_TF32},
                                      {"io-dtype", required_argument, NULL, O_IO_DTYPE},
+                                     {"cpu-gemm", required_argument, NULL, O_CPU_GEMM},
                                      {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
                                      {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
                                      {"socket-mode", required_argument, NULL, O_SOCK_MODE},
@@ -301,6 +321,7 @@ static enum config_result apply(struct config *c, int o)
     case O_GATHER: gather = optarg; break;
     case O_DTYPE: dtype = optarg; break;
     case O_TF32: c->tf32 = 1; break;
+    case O_CPU_GEMM: cpu_gemm = optarg; break;
     case O_IO_DTYPE:
         c->io_dtype = strcasecmp(optarg, "fp32") == 0   ? TP_F32
                       : strcasecmp(optarg, "fp16") == 0 ? TP_F16
@@ -499,9 +520,10 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .gather_nccl = 1,
                          .dtype = TP_F32,
                          .io_dtype = TP_F32,
+                         .cpu_gemm = "invariant",
                          .metrics_listen = "127.0.0.1:8002",
                          .socket_mode = 0660};
-    model = gather = dtype = NULL;
+    model = gather = dtype = cpu_gemm = NULL;
     cpu_given = 0;
     file = find_config(argc, argv, &info);
     if (file && !info && (r = apply_file(c, file)) != CONFIG_OK)

@@ -21,6 +21,7 @@ struct config {
     int dtype;                 /* enum tp_dtype the GEMM multiplies in: TP_F32, TP_F16, TP_BF16 */
     int tf32;                  /* FP32 GEMMs may use TF32 tensor cores */
     int io_dtype;              /* enum tp_dtype of input and output on the wire, any backend */
+    const char *cpu_gemm;      /* cpu: "invariant" (batch-invariant, the default) or "openblas" */
     const char *listen[CONFIG_MAX_LISTEN];
     int nlisten;
     uint32_t max_batch; /* rows per request */

@@ -77,6 +77,7 @@ static int describe_model(const struct config *c, struct model *m, const char **
                         .has_bias = b != NULL,
                         .ranks = c->ngpus ? c->ngpus : c->cpu,
                         .backend = c->ngpus ? "cuda" : "cpu",
+                        .batch_invariant = !c->ngpus && strcmp(c->cpu_gemm, "invariant") == 0,
                         .max_batch = c->max_batch};
     snprintf(m->name, sizeof(m->name), "%s", c->model);
     *bias = b ? c->bias : NULL;
@@ -282,10 +283,11 @@ int main(int argc, char **argv)
     else
         tp_log(TP_LOG_NOTICE,
                "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d cpu ranks of %lld "
-               "rows, %d BLAS threads each; %u slots of %u rows, batch delay %u us",
+               "rows, %d threads each, %s GEMM; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
                m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), c.cpu,
-               (long long)(m.out / c.cpu), threads, c.slots, c.max_batch, c.batch_delay_us);
+               (long long)(m.out / c.cpu), threads, c.cpu_gemm, c.slots, c.max_batch,
+               c.batch_delay_us);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
         goto fail;
@@ -326,6 +328,7 @@ int main(int argc, char **argv)
                                                 : c.dtype == TP_F16 ? "fp16"
                                                                     : "fp32",
                                        .tf32 = c.tf32,
+                                       .cpu_gemm = c.ngpus ? NULL : c.cpu_gemm,
                                        .threads = threads,
                                        .slots = c.slots,
                                        .max_batch = c.max_batch,

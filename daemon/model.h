@@ -23,7 +23,8 @@ struct model {
     enum tp_dtype gemm_dtype; /* what the GPU GEMM multiplies in (--dtype); F32 on cpu */
     int has_bias;
     int ranks;
-    const char *backend; /* "cpu" */
+    const char *backend; /* "cpu" or "cuda" */
+    int batch_invariant; /* a row's answer never depends on its batch (cpu, --cpu-gemm invariant) */
     uint32_t max_batch;  /* rows per request */
 };
 

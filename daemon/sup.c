@@ -119,6 +119,8 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
         if (s->c.tf32)
             argv[n++] = "--tf32";
     }
+    if (s->c.cpu_gemm)
+        argv[n++] = "--cpu-gemm", argv[n++] = (char *)s->c.cpu_gemm;
     argv[n] = NULL;
     fds[0] = sv[1];
     fds[1] = s->c.arena_fd;

@@ -30,6 +30,7 @@ struct sup_config {
     int gather_nccl;       /* cuda: all-gather with NCCL; a fresh unique id per group start */
     const char *dtype;     /* cuda: "fp32", "fp16" or "bf16"; NULL for cpu */
     int tf32;              /* cuda: FP32 GEMMs may use TF32 */
+    const char *cpu_gemm;  /* cpu: "invariant" or "openblas"; NULL for cuda */
 };
 
 /* Called on the supervisor's thread, with no lock held, when every rank has finished job id on

@@ -24,6 +24,11 @@ enum backend_gather {
     BACKEND_GATHER_NCCL, /* all-gather across ranks, then rank 0 writes the whole output */
 };
 
+enum backend_cpu_gemm {
+    BACKEND_GEMM_INVARIANT, /* lib/gemm.c: a row's bits independent of its batch (the default) */
+    BACKEND_GEMM_OPENBLAS,  /* cblas_sgemm: OpenBLAS's kernels, chosen by the call's shape */
+};
+
 struct backend_config {
     int rank;
     int nranks;
@@ -33,6 +38,7 @@ struct backend_config {
     enum backend_gather gather; /* the cpu backend always gathers through the host */
     enum tp_dtype dtype;        /* what the GEMM multiplies: TP_F32, TP_F16 or TP_BF16 */
     int tf32;                   /* let FP32 GEMMs use TF32 tensor cores */
+    enum backend_cpu_gemm cpu_gemm; /* the cpu backend's GEMM */
     const uint8_t *nccl_id;     /* CTL_NCCL_ID_BYTES from the coordinator, with GATHER_NCCL */
     void *arena;                /* the shared arena's mapping, to pin once */
     size_t arena_size;          /* bytes */

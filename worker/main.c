@@ -27,6 +27,7 @@
 
 struct worker_args {
     int rank, nranks, threads, device, tf32;
+    enum backend_cpu_gemm cpu_gemm;
     uint32_t slots, max_batch;
     enum backend_gather gather;
     enum tp_dtype dtype;
@@ -40,6 +41,7 @@ static void usage(void)
         "usage: tpd-worker --rank R --ranks N --weights PATH --weight NAME [--bias NAME]\n"
         "                  --slots S --max-batch B [--threads T] [--backend cpu|cuda]\n"
         "                  [--device D] [--gather host|nccl] [--dtype fp32|fp16|bf16] [--tf32]\n"
+        "                  [--cpu-gemm invariant|openblas]\n"
         "                  [--log-level LEVEL]\n"
         "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
         "shared-memory arena on fd 4; it is not meant to be run by hand.\n");
@@ -69,6 +71,7 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
                                          {"gather", required_argument, NULL, 'g'},
                                          {"dtype", required_argument, NULL, 'y'},
                                          {"tf32", no_argument, NULL, 'T'},
+                                         {"cpu-gemm", required_argument, NULL, 'G'},
                                          {"log-level", required_argument, NULL, 'l'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
@@ -134,6 +137,14 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
                 return -1;
             break;
         case 'T': a->tf32 = 1; break;
+        case 'G':
+            if (strcmp(optarg, "invariant") == 0)
+                a->cpu_gemm = BACKEND_GEMM_INVARIANT;
+            else if (strcmp(optarg, "openblas") == 0)
+                a->cpu_gemm = BACKEND_GEMM_OPENBLAS;
+            else
+                return -1;
+            break;
         case 'l':
             if (tp_log_parse_level(optarg) < 0)
                 return -1;
@@ -265,6 +276,7 @@ int main(int argc, char **argv)
                                  .gather = a.gather,
                                  .dtype = a.dtype,
                                  .tf32 = a.tf32,
+                                 .cpu_gemm = a.cpu_gemm,
                                  .nccl_id = nccl_id};
     if (ops->probe && ops->probe(&bc, &err) < 0)
         goto fail;
