@@ -18,6 +18,9 @@ The layer: in 40, out 42, bias, F32 weights, 2 cpu ranks (21 columns each, not a
 (e) `tpclient forward --verify`: float16 .npy input, float16 .npy output (float32 for BF16, values
     exactly BF16), verification passes with the default tolerance and fails with 1e-6; float32
     input is rounded by tpclient with a note. `tpclient bench` runs against the FP16 model.
+    The same rows sent by tpclient (in a 64 + 6 row split) and by tritonclient (alone) are the
+    same bits where the model says batch_invariant (the default GEMM), and only within the
+    tolerance with --cpu-gemm openblas, whose kernels change with the number of rows.
 (f) A bad --io-dtype is refused in one line naming the value.
 """
 
@@ -87,6 +90,16 @@ class DtypeCase(TpdTestCase):
         inp.set_data_from_numpy(x)
         return client.infer("lin", [inp]).as_numpy("output")
 
+    def assert_same_rows(self, y, y_alone, x, dt, invariant, what):
+        """The same input rows answered in different jobs: bit-equal where the GEMM is batch-
+        invariant, each within the tolerance of the reference otherwise."""
+        if invariant:
+            self.assertTrue(np.array_equal(y.view(np.uint16), y_alone.view(np.uint16)),
+                            "%s: answers differ between jobs of a batch-invariant model" % what)
+        else:
+            self.check(y, x, dt, what)
+            self.check(y_alone, x, dt, what + ", alone")
+
     def expect_invalid(self, client, datatype, arr, words):
         inp = tgrpc.InferInput("input", list(arr.shape), datatype)
         inp.set_data_from_numpy(arr)
@@ -110,6 +123,7 @@ class DtypeCase(TpdTestCase):
             self.assertEqual(m.rc, 0, repr(m))
             self.assertIn("io_dtype: %s\n" % dt, m.out)
             self.assertIn("gemm_dtype: FP32\n", m.out)
+            self.assertIn("batch_invariant: true\n", m.out)
             self.assertRegex(m.out, r"input: .*%s" % dt)
             cfg = client.get_model_config("lin").config
             want = getattr(tgrpc.model_config_pb2, "TYPE_" + dt)
@@ -178,8 +192,10 @@ class DtypeCase(TpdTestCase):
             self.assertNotIn("note", res.err)
             y = np.load(yout)
             self.check(y, x, "FP16", "tpclient forward")
-            # the same answer as tritonclient's
-            self.assertTrue(np.array_equal(y[:7], self.infer(client, x[:7], "FP16")))
+            # the same answer as tritonclient's for the same rows, sent alone
+            self.assertEqual(y[:7].dtype, np.float16)
+            self.assert_same_rows(y[:7], self.infer(client, x[:7], "FP16"), x[:7], "FP16", True,
+                                  "tpclient forward and tritonclient")
             # a tolerance below FP16's rounding fails
             res = d.client("forward", xin, "--verify", self.wpath, "--tolerance", "1e-6")
             self.assertEqual(res.rc, 2, repr(res))
@@ -218,9 +234,24 @@ class DtypeCase(TpdTestCase):
             yb = y.astype(ml_dtypes.bfloat16)
             self.assertTrue(np.array_equal(yb.astype(np.float32), y), "not BF16 values")
             self.check(yb, x, "BF16", "tpclient forward")
-            self.assertTrue(np.array_equal(yb, self.infer(client, x, "BF16")))
+            self.assert_same_rows(yb, self.infer(client, x, "BF16"), x, "BF16", True,
+                                  "tpclient forward and tritonclient")
             res = d.client("forward", xin, "--verify", self.wpath, "--tolerance", "1e-6")
             self.assertEqual(res.rc, 2, repr(res))
+
+    def test_openblas_answers_within_tolerance(self):
+        d, client = self.start("fp16", "--cpu-gemm", "openblas")
+        m = d.client("metadata")
+        self.assertIn("batch_invariant: false\n", m.out, repr(m))
+        x = self.x(70, "FP16")
+        xin, yout = self.path("x16b.npy"), self.path("y16b.npy")
+        np.save(xin, x)
+        res = d.client("forward", xin, "-o", yout, "--verify", self.wpath)
+        self.assertEqual(res.rc, 0, repr(res))
+        y = np.load(yout)
+        self.check(y, x, "FP16", "tpclient forward, openblas")
+        self.assert_same_rows(y[:7], self.infer(client, x[:7], "FP16"), x[:7], "FP16", False,
+                              "tpclient forward and tritonclient, openblas")
 
     def test_fp32_model_refuses_half(self):
         d, client = self.start("fp32")
