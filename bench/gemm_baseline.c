@@ -5,12 +5,15 @@
  * machine-readable `gemm-result:` line.
  *
  *   gemm_baseline --rows B --in N --out M [--threads T] [--ranks R] [--duration S | --iters K]
- *                 [--warmup W]
+ *                 [--warmup W] [--gemm openblas|invariant]
  *
  * With --ranks 1 (the default) it is one call in this process with T threads. With --ranks R it
  * is tpd's layout without tpd: R forked processes of T threads each compute their column block
  * straight into one shared output (ldc = out), woken by a byte on a pipe and answering with
  * one, so what is left between this and tpd is gRPC, the request path and the copies.
+ *
+ * --gemm invariant (default openblas) runs tpd's batch-invariant GEMM (lib/gemm.c) instead, W
+ * packed once before timing and T threads of a gemm_pool per rank, as tpd's cpu ranks do.
  *
  * OPENBLAS_CORETYPE and the other OPENBLAS_* variables of the environment apply as they do to
  * tpd's workers, which inherit tpd's environment. */
@@ -25,6 +28,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "gemm.h"
 #include "timing.h"
 
 #define MAX_CALLS (1L << 24)
@@ -34,11 +38,43 @@ struct layer {
     long rows, in, out;
     const float *x, *w, *b; /* [rows, in], [out, in], [out] */
     float *y;               /* [rows, out] */
+    int invariant;          /* --gemm invariant */
 };
 
-/* Columns [c0, c0 + n) of y, as a worker of rank c0 / n computes them. */
-static void compute(const struct layer *l, long c0, long n)
+/* The invariant GEMM of one rank: its columns packed, and its threads. */
+struct inv {
+    struct gemm_weights g;
+    struct gemm_pool *pool;
+};
+
+static int inv_start(struct inv *v, const struct layer *l, long c0, long n, long threads)
 {
+    struct tp_err err = {0};
+
+    if (gemm_pack(&v->g, l->w + c0 * l->in, (uint32_t)n, (uint32_t)l->in, (size_t)l->in, &err) <
+            0 ||
+        gemm_pool_create(&v->pool, (int)threads, &err) < 0) {
+        fprintf(stderr, "gemm_baseline: %s\n", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static void inv_stop(struct inv *v)
+{
+    gemm_pool_destroy(v->pool);
+    gemm_free(&v->g);
+}
+
+/* Columns [c0, c0 + n) of y, as a worker of rank c0 / n computes them (v: with the invariant
+ * GEMM, already packed for those columns). */
+static void compute(const struct layer *l, long c0, long n, struct inv *v)
+{
+    if (v) {
+        gemm_pool_run(v->pool, &v->g, l->x, (size_t)l->in, (uint32_t)l->rows, l->b + c0,
+                      l->y + c0, (size_t)l->out);
+        return;
+    }
     for (long r = 0; r < l->rows; r++)
         memcpy(l->y + r * l->out + c0, l->b + c0, (size_t)n * sizeof(float));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)l->rows, (int)n, (int)l->in, 1.0f,
@@ -48,7 +84,7 @@ static void compute(const struct layer *l, long c0, long n)
 static int usage(void)
 {
     fprintf(stderr, "usage: gemm_baseline --rows B --in N --out M [--threads T] [--ranks R] "
-                    "[--duration S | --iters K] [--warmup W]\n");
+                    "[--duration S | --iters K] [--warmup W] [--gemm openblas|invariant]\n");
     return 64;
 }
 
@@ -76,6 +112,7 @@ static int ranks_start(struct ranks *k, int n, long threads, const struct layer 
             return -1;
         }
         if (pid == 0) {
+            struct inv v = {0};
             char c;
 
             close(go[1]);
@@ -84,9 +121,11 @@ static int ranks_start(struct ranks *k, int n, long threads, const struct layer 
                 close(k->go[i]);
                 close(k->done[i]);
             }
-            openblas_set_num_threads((int)threads);
+            openblas_set_num_threads(l->invariant ? 1 : (int)threads);
+            if (l->invariant && inv_start(&v, l, r * (l->out / n), l->out / n, threads) < 0)
+                _exit(1);
             while (read(go[0], &c, 1) == 1) {
-                compute(l, r * (l->out / n), l->out / n);
+                compute(l, r * (l->out / n), l->out / n, l->invariant ? &v : NULL);
                 if (write(done[1], &c, 1) != 1)
                     _exit(1);
             }
@@ -130,6 +169,8 @@ static void ranks_stop(struct ranks *k)
 int main(int argc, char **argv)
 {
     long rows = 64, in = 4096, out = 4096, iters = 0, threads = 1, warmup = 2, nranks = 1;
+    int invariant = 0;
+    struct inv ig = {0};
     double duration = 0, total = 0, t_start, flop;
     float *x, *w, *b, *y;
     struct layer l;
@@ -147,6 +188,15 @@ int main(int argc, char **argv)
         }
         if (i + 1 >= argc)
             return usage();
+        if (strcmp(argv[i], "--gemm") == 0) {
+            if (strcmp(argv[i + 1], "invariant") != 0 && strcmp(argv[i + 1], "openblas") != 0) {
+                fprintf(stderr, "gemm_baseline: --gemm takes openblas or invariant, got '%s'\n",
+                        argv[i + 1]);
+                return 64;
+            }
+            invariant = strcmp(argv[++i], "invariant") == 0;
+            continue;
+        }
         errno = 0;
         v = strtod(argv[i + 1], &end);
         if (errno || end == argv[i + 1] || *end || v < 0 || v > 1e9) {
@@ -202,13 +252,18 @@ int main(int argc, char **argv)
     for (long i = 0; i < out; i++)
         b[i] = 0.5f;
     memset(y, 0xff, (size_t)(rows * out) * sizeof(float)); /* NaN until computed */
-    l = (struct layer){.rows = rows, .in = in, .out = out, .x = x, .w = w, .b = b, .y = y};
+    l = (struct layer){
+        .rows = rows, .in = in, .out = out, .x = x, .w = w, .b = b, .y = y, .invariant = invariant};
     if (nranks > 1) {
         signal(SIGPIPE, SIG_IGN);
         if (ranks_start(&k, (int)nranks, threads, &l) < 0) {
             ranks_stop(&k);
             return 1;
         }
+    } else if (invariant) {
+        openblas_set_num_threads(1);
+        if (inv_start(&ig, &l, 0, out, threads) < 0)
+            return 1;
     } else {
         openblas_set_num_threads((int)threads);
     }
@@ -223,7 +278,7 @@ int main(int argc, char **argv)
             break;
         t0 = timing_now_s();
         if (nranks == 1) {
-            compute(&l, 0, out);
+            compute(&l, 0, out, invariant ? &ig : NULL);
         } else if (ranks_step(&k) < 0) {
             fprintf(stderr, "gemm_baseline: a rank process died\n");
             ranks_stop(&k);
@@ -236,16 +291,20 @@ int main(int argc, char **argv)
     ranks_stop(&k);
     timing_sort(t, (size_t)n);
     flop = 2.0 * (double)rows * (double)in * (double)out;
-    printf("gemm_baseline: %ld x %ld -> %ld, %ld rank%s x %ld threads, %ld calls in %.3f s: "
+    printf("gemm_baseline: %ld x %ld -> %ld, %s, %ld rank%s x %ld threads, %ld calls in %.3f s: "
            "median %.3f ms, %.1f calls/s, %.2f GFLOP/s\n",
-           rows, in, out, nranks, nranks > 1 ? "s" : "", threads, n, total,
+           rows, in, out, invariant ? "invariant gemm" : "cblas_sgemm", nranks,
+           nranks > 1 ? "s" : "", threads, n, total,
            timing_percentile(t, (size_t)n, 0.5) * 1e3, (double)n / total,
            flop * (double)n / total * 1e-9);
     /* the kernel OpenBLAS picked (OPENBLAS_CORETYPE overrides its detection) */
     printf("openblas: %s; core %s\n", openblas_get_config(), openblas_get_corename());
-    printf("gemm-result: rows=%ld in=%ld out=%ld ranks=%ld threads=%ld calls=%ld seconds=%.9f "
-           "rps=%.4f rows_per_s=%.2f gflops=%.6f p50_ms=%.4f p90_ms=%.4f p99_ms=%.4f\n",
-           rows, in, out, nranks, threads, n, total, (double)n / total, (double)(n * rows) / total,
+    if (invariant)
+        printf("invariant gemm: %s kernel\n", gemm_kernel_name());
+    printf("gemm-result: gemm=%s rows=%ld in=%ld out=%ld ranks=%ld threads=%ld calls=%ld "
+           "seconds=%.9f rps=%.4f rows_per_s=%.2f gflops=%.6f p50_ms=%.4f p90_ms=%.4f "
+           "p99_ms=%.4f\n",
+           invariant ? "invariant" : "openblas", rows, in, out, nranks, threads, n, total, (double)n / total, (double)(n * rows) / total,
            flop * (double)n / total * 1e-9, timing_percentile(t, (size_t)n, 0.5) * 1e3,
            timing_percentile(t, (size_t)n, 0.9) * 1e3, timing_percentile(t, (size_t)n, 0.99) * 1e3);
     /* proves every rank wrote its columns: y was NaN before */
@@ -267,7 +326,8 @@ int main(int argc, char **argv)
         }
         memcpy(ys, y, ny * sizeof(float));
         openblas_set_num_threads((int)(threads * nranks));
-        compute(&l, 0, out);
+        l.invariant = 0;
+        compute(&l, 0, out, NULL);
         for (size_t i = 0; i < ny; i++) {
             double d = fabs((double)ys[i] - (double)y[i]) / (fabs((double)y[i]) + 1.0);
 
@@ -279,6 +339,7 @@ int main(int argc, char **argv)
             return 1;
         }
     }
+    inv_stop(&ig);
     free(x);
     free(w);
     free(b);

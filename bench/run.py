@@ -12,16 +12,20 @@ round, runs back to back:
           (cores / N) OpenBLAS threads -- the cores tpd's N ranks get, cores / N threads each;
   sgemm-ranks  (N > 1) gemm_baseline --ranks N: tpd's layout without tpd, N forked processes of
           cores / N threads, each computing its column block into one shared output;
+  igemm   gemm_baseline --gemm invariant: the same in-process call with tpd's batch-invariant
+          GEMM (lib/gemm.c), the one tpd's cpu ranks use by default;
   echo    tpclient bench against echo_server: the same client, request and response sizes and
           socket, with a server that answers at once without computing (gRPC + protobuf floor);
-  tpd     tpclient bench against tpd;
+  tpd     tpclient bench against tpd (its default GEMM: invariant);
+  tpd-openblas  the same against a tpd with --cpu-gemm openblas: what batch invariance costs
+          end to end;
   tpd-shm the same with --shm (tensors in registered POSIX shared memory), where both tpclient
           and tpd support it;
   perf_analyzer  Triton's load generator against tpd over TCP, where it runs on this machine.
 
 It prints every round, then the median over rounds of each number and of the per-round ratios
-tpd / sgemm (throughput) and tpd p50 / (echo p50 + sgemm p50) (latency), and the targets of
-docs/performance.md. A last case measures dynamic batching: many concurrent batch-1 clients with
+tpd / sgemm (throughput) and tpd p50 / (echo p50 + sgemm p50) (latency), the cost of batch
+invariance (igemm / sgemm, tpd / tpd-openblas), and the targets of docs/performance.md. A last case measures dynamic batching: many concurrent batch-1 clients with
 tpd's --batch-delay-us 0 and with a delay. Rows that the build cannot run (a missing tpd or
 tpclient flag) print "n/a (not supported by this build)"; nothing else is skipped.
 
@@ -128,6 +132,7 @@ class Harness:
         self.tpd_help = run([self.exe("tpd"), "--help"], 30)
         self.client_help = run([self.exe("tpclient"), "--help"], 30)
         self.has_batch_delay = "--batch-delay-us" in self.tpd_help
+        self.has_cpu_gemm = "--cpu-gemm" in self.tpd_help
         self.client_shm = "--shm" in self.client_help
         self.server_shm = {}  # tpd socket -> supports shared memory (probed once)
         self.perf_analyzer, self.perf_analyzer_why = self.find_perf_analyzer()
@@ -158,8 +163,10 @@ class Harness:
             log("%s=%s" % (var, os.environ.get(var, "(unset)")))
         log(blas)
         log("tpd flags: %s" % (" ".join(self.a.tpd_args) or "(none extra)"))
-        log("features: --batch-delay-us %s; tpclient bench --shm %s; perf_analyzer %s" % (
-            "yes" if self.has_batch_delay else "no", "yes" if self.client_shm else "no",
+        log("features: --batch-delay-us %s; --cpu-gemm %s; tpclient bench --shm %s; "
+            "perf_analyzer %s" % (
+            "yes" if self.has_batch_delay else "no", "yes" if self.has_cpu_gemm else "no",
+            "yes" if self.client_shm else "no",
             self.perf_analyzer or "no (%s)" % self.perf_analyzer_why))
         log("rounds %d, %.1f s per measurement" % (self.a.rounds, self.a.seconds))
 
@@ -256,10 +263,12 @@ class Harness:
         cmd += list(extra) + self.a.client_args
         return parse_kv(run(cmd, 300 + 10 * self.a.seconds), "bench-result:")
 
-    def sgemm(self, rows, n_in, n_out, threads, ranks=1):
+    def sgemm(self, rows, n_in, n_out, threads, ranks=1, gemm="openblas"):
         cmd = [self.exe("gemm_baseline"), "--rows", str(rows), "--in", str(n_in), "--out",
                str(n_out), "--threads", str(threads), "--ranks", str(ranks), "--duration",
                str(self.a.seconds), "--warmup", str(self.warmup_for(rows, n_in, n_out))]
+        if gemm != "openblas":
+            cmd += ["--gemm", gemm]
         return parse_kv(run(cmd, 300 + 10 * self.a.seconds), "gemm-result:")
 
     def probe_shm(self, sock, n_in):
@@ -329,6 +338,11 @@ class Harness:
                 port = free_port() if self.perf_analyzer else None
                 tpd, sock = self.start_tpd(self.make_layer(n_in, n_out), cpu,
                                            max(max(s[0] for s in mine), 1), [], port)
+                blas = None
+                if self.has_cpu_gemm:
+                    blas = self.start_tpd(self.make_layer(n_in, n_out), cpu,
+                                          max(max(s[0] for s in mine), 1),
+                                          ["--cpu-gemm", "openblas"])
                 shm = self.probe_shm(sock, n_in)
                 for (rows, _, _) in mine:
                     case = "%dx%d->%d cpu%d" % (rows, n_in, n_out, cpu)
@@ -342,8 +356,13 @@ class Harness:
                                 "n/a (this tpd does not implement system shared memory)")
                     if not self.perf_analyzer:
                         self.na(case, "perf_analyzer", "n/a (%s)" % self.perf_analyzer_why)
-                    kinds = ["sgemm"] + (["sgemm-ranks"] if cpu > 1 else []) + \
-                        ["echo", "tpd"] + (["tpd-shm"] if shm else []) + \
+                    if not blas:
+                        self.na(case, "igemm", NA)
+                        self.na(case, "tpd-openblas", NA)
+                    kinds = ["sgemm"] + (["igemm"] if blas else []) + \
+                        (["sgemm-ranks"] if cpu > 1 else []) + \
+                        ["echo", "tpd"] + (["tpd-openblas"] if blas else []) + \
+                        (["tpd-shm"] if shm else []) + \
                         (["perf_analyzer"] if self.perf_analyzer else [])
                     for rnd in range(1, self.a.rounds + 1):
                         # rotate the order, so that no kind always runs after the same one
@@ -351,12 +370,16 @@ class Harness:
                         for kind in kinds[k:] + kinds[:k]:
                             if kind == "sgemm":
                                 r = self.sgemm(rows, n_in, n_out, threads)
+                            elif kind == "igemm":
+                                r = self.sgemm(rows, n_in, n_out, threads, gemm="invariant")
                             elif kind == "sgemm-ranks":
                                 r = self.sgemm(rows, n_in, n_out, threads // cpu, cpu)
                             elif kind == "echo":
                                 r = self.bench(echo[(rows, n_in, n_out)], rows, n_in, n_out, conc)
                             elif kind == "tpd":
                                 r = self.bench(sock, rows, n_in, n_out, conc)
+                            elif kind == "tpd-openblas":
+                                r = self.bench(blas[1], rows, n_in, n_out, conc)
                             else:
                                 # optional rows: a failure is reported in the table, and the
                                 # other rows still run
@@ -372,6 +395,8 @@ class Harness:
                                     continue
                             self.record(case, kind, rnd, r, flop)
                 self.procs.stop(tpd)
+                if blas:
+                    self.procs.stop(blas[0])
 
     def run_batching(self):
         rows, n_in, n_out = 1, self.a.batch_in, self.a.batch_out
@@ -431,8 +456,8 @@ class Harness:
             for r in self.results:
                 if r["case"] == case and r["kind"] not in kinds:
                     kinds.append(r["kind"])
-            order = ["sgemm", "sgemm-ranks", "echo", "tpd", "tpd-shm", "perf_analyzer",
-                     "batch-off"]
+            order = ["sgemm", "igemm", "sgemm-ranks", "echo", "tpd", "tpd-openblas", "tpd-shm",
+                     "perf_analyzer", "batch-off"]
             kinds.sort(key=lambda k: order.index(k) if k in order else len(order))
             for kind in kinds:
                 na = [r["na"] for r in self.results
@@ -472,6 +497,24 @@ class Harness:
                 case, fmt(thr), fmt(shm, shm_na[0] if shm_na else "n/a"), fmt(lat),
                 fmt(ranks, "- (1 rank: same as sgemm)")))
         log("")
+        log("## batch invariance: the invariant GEMM against OpenBLAS (median of the per-round "
+            "ratios)")
+        log("| invariance cost of case | igemm / sgemm throughput | tpd / tpd-openblas throughput "
+            "| tpd p50 / tpd-openblas p50 |")
+        log("| --- | ---: | ---: | ---: |")
+        self.inv_ratios = {}
+        for case in cases:
+            if case.startswith("batching"):
+                continue
+            ig = self.ratio(case, "igemm", lambda r, s: r["rps"] / s["sgemm"]["rps"]
+                            if "sgemm" in s else None)
+            thr = self.ratio(case, "tpd", lambda r, s: r["rps"] / s["tpd-openblas"]["rps"]
+                             if "tpd-openblas" in s else None)
+            lat = self.ratio(case, "tpd", lambda r, s: r["p50_ms"] / s["tpd-openblas"]["p50_ms"]
+                             if "tpd-openblas" in s else None)
+            self.inv_ratios[case] = (ig, thr, lat)
+            log("| %s | %s | %s | %s |" % (case, fmt(ig), fmt(thr), fmt(lat)))
+        log("")
         log("## targets")
         for case, (thr, shm, lat, _) in self.ratios.items():
             if case.startswith("2048x1024->4096"):
@@ -479,6 +522,11 @@ class Harness:
                 log(target("%s: tpd / sgemm throughput" % case, thr, ">=", 0.6))
             if case.startswith("1x1024->4096"):
                 log(target("%s: tpd p50 / (echo p50 + sgemm p50)" % case, lat, "<=", 1.5))
+        for case, (_, thr, lat) in self.inv_ratios.items():
+            if case.startswith("64x4096->4096"):
+                log(target("%s: tpd / tpd-openblas throughput" % case, thr, ">=", 0.95))
+            if case.startswith("1x1024->4096"):
+                log(target("%s: tpd p50 / tpd-openblas p50" % case, lat, "<=", 1.05))
         for case in cases:
             if not case.startswith("batching"):
                 continue
@@ -586,7 +634,10 @@ def main():
                            "ratios": {c: dict(zip(("tpd_over_sgemm", "shm_over_sgemm",
                                                    "p50_over_echo_plus_sgemm",
                                                    "tpd_over_sgemm_ranks"), v))
-                                      for c, v in h.ratios.items()}}, f, indent=1)
+                                      for c, v in h.ratios.items()},
+                           "invariance": {c: dict(zip(("igemm_over_sgemm", "tpd_over_openblas",
+                                                       "p50_over_openblas"), v))
+                                          for c, v in h.inv_ratios.items()}}, f, indent=1)
     except BenchError as e:
         print("run.py: error: %s" % e, file=sys.stderr)
         return 1

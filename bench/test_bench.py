@@ -166,13 +166,23 @@ class TestBench(TpdTestCase):
         self.assertAlmostEqual(float(kv["rps"]), 20 / float(kv["seconds"]),
                                delta=float(kv["rps"]) * 1e-3)
         self.assertRegex(res.out, r"openblas: .*core \w+")
+        self.assertEqual(kv["gemm"], "openblas")
+        # the invariant GEMM: the same numbers, and the kernel it ran
+        res = run([GEMM_BASELINE, "--rows", "3", "--in", str(IN), "--out", str(OUT), "--iters",
+                   "20", "--threads", "2", "--gemm", "invariant"])
+        kv = result_line(self, res, "gemm-result:")
+        self.assertEqual((kv["gemm"], int(kv["calls"])), ("invariant", 20))
+        self.assertRegex(res.out, r"invariant gemm: (avx2|generic) kernel")
+        res = run([GEMM_BASELINE, "--rows", "5", "--in", str(IN), "--out", str(OUT), "--iters",
+                   "10", "--ranks", "3", "--gemm", "invariant"])
+        self.assertEqual(int(result_line(self, res, "gemm-result:")["ranks"]), 3)
         # tpd's layout: 3 processes of a 32-column block each, checked against one GEMM inside
         res = run([GEMM_BASELINE, "--rows", "5", "--in", str(IN), "--out", str(OUT), "--iters",
                    "10", "--ranks", "3"])
         kv = result_line(self, res, "gemm-result:")
         self.assertEqual((int(kv["ranks"]), int(kv["calls"])), (3, 10))
         for bad in (["--rows", "0"], ["--ranks", "5", "--out", "96"], ["--iters", "1", "--duration",
-                                                                       "1"]):
+                                                                       "1"], ["--gemm", "mkl"]):
             res = run([GEMM_BASELINE] + bad)
             self.assertEqual(res.rc, 64, repr(res))
 
@@ -188,7 +198,11 @@ class TestBench(TpdTestCase):
         # 3 shapes x (sgemm, echo, tpd; and sgemm-ranks on --cpu 2) and the batching case's 'off'
         self.assertEqual(len(measured), 3 * 3 + 3 * 4 + 1, out)
         ratios = [ln for ln in table if re.match(r"\| \d+x\d+->\d+ cpu\d \| [0-9.]+ \|", ln)]
-        self.assertEqual(len(ratios), 6, out)
+        # the ratios table and the batch-invariance table, a line per shape and --cpu each
+        self.assertEqual(len(ratios), 2 * 6, out)
+        self.assertIn("## batch invariance", out)
+        inv = [ln for ln in table if re.search(r"\| (igemm|tpd-openblas) \| [0-9]", ln)]
+        self.assertEqual(len(inv), 2 * 6, out)
         self.assertIn("## targets", out)
 
 
