@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: on a machine with an NVIDIA GPU (no network needed), runs the gpu tests, times
+# The GPU check: on a machine with an NVIDIA GPU (no network needed), runs the gpu tests (among
+# them the batch-invariance measurement: does a row's answer change with its batch?), times
 # cuBLAS GEMMs at 4096^3 (FP32, TF32, BF16) and tpd's end-to-end forward latency at
 # in = out = 4096 for batch 1, 64 and 1024 in both gather modes, and prints a short table last.
 # Takes a few minutes; its parts have time limits that keep the whole under 8 minutes.
@@ -150,11 +151,14 @@ want() { [[ "$parts" == *" $1 "* ]]; }
 
 # --- the gpu tests ------------------------------------------------------------------------------
 declare -A result
-want tests && for t in test_gpu_cli:120 test_gpu_forward:240; do
+invariance=
+want tests && for t in test_gpu_cli:120 test_gpu_forward:240 test_gpu_invariance:120; do
     limit=${t#*:} t=${t%:*}
     echo "== $t"
-    timeout -k 10 "$(tmo "$limit")" "$py" "tests/gpu/$t.py" 2>&1 | tail -60
-    rc=${PIPESTATUS[0]}
+    timeout -k 10 "$(tmo "$limit")" "$py" "tests/gpu/$t.py" >"$work/$t.out" 2>&1
+    rc=$?
+    tail -60 "$work/$t.out"
+    [ "$t" = test_gpu_invariance ] && invariance=$(grep "^batch invariance" "$work/$t.out")
     case $rc in
     0) result[$t]=ok ;; 77) result[$t]=skipped ;; 124) result[$t]="TIMED OUT"; status=1 ;;
     *) result[$t]="FAILED (exit $rc)"; status=1 ;;
@@ -231,7 +235,9 @@ done
 # --- the table ----------------------------------------------------------------------------------
 echo
 echo "== GPU check summary ($ngpus GPU(s); gpu 0: $gpu_name; $(($(date +%s) - start)) s)"
-echo "tests: test_gpu_cli ${result[test_gpu_cli]:-not run}, test_gpu_forward ${result[test_gpu_forward]:-not run}"
+echo "tests: test_gpu_cli ${result[test_gpu_cli]:-not run}, test_gpu_forward ${result[test_gpu_forward]:-not run}," \
+    "test_gpu_invariance ${result[test_gpu_invariance]:-not run}"
+[ -n "$invariance" ] && echo "$invariance"
 printf "cuBLAS 4096^3 TFLOP/s: FP32 %s, TF32 %s, BF16 %s\n" "$(tflops fp32)" "$(tflops tf32)" \
     "$(tflops bf16)"
 echo "tpd forward, in = out = 4096, FP32, p50 ms (p99), tpclient bench over a unix socket:"
