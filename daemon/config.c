@@ -9,7 +9,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <unistd.h>
 
 #include "conffile.h"
@@ -152,10 +151,7 @@ static int check_backend(struct config *c)
         c->gather_nccl = strcmp(gather, "nccl") == 0;
     }
     if (dtype) {
-        c->dtype = strcasecmp(dtype, "fp32") == 0   ? TP_F32
-                   : strcasecmp(dtype, "fp16") == 0 ? TP_F16
-                   : strcasecmp(dtype, "bf16") == 0 ? TP_BF16
-                                                    : TP_DTYPE_INVALID;
+        c->dtype = tp_dtype_from_flag(dtype);
         if (c->dtype == TP_DTYPE_INVALID) {
             fprintf(stderr, "tpd: --dtype takes fp32, fp16 or bf16, got '%s'\n", dtype);
             return -1;
@@ -323,10 +319,7 @@ static enum config_result apply(struct config *c, int o)
     case O_TF32: c->tf32 = 1; break;
     case O_CPU_GEMM: cpu_gemm = optarg; break;
     case O_IO_DTYPE:
-        c->io_dtype = strcasecmp(optarg, "fp32") == 0   ? TP_F32
-                      : strcasecmp(optarg, "fp16") == 0 ? TP_F16
-                      : strcasecmp(optarg, "bf16") == 0 ? TP_BF16
-                                                        : TP_DTYPE_INVALID;
+        c->io_dtype = tp_dtype_from_flag(optarg);
         if (c->io_dtype == TP_DTYPE_INVALID) {
             fprintf(stderr, "tpd: %s takes fp32, fp16 or bf16, got '%s'\n", subject("--io-dtype"),
                     optarg);

@@ -7,6 +7,7 @@
 #include "tensor.h"
 
 #include <string.h>
+#include <strings.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <cpuid.h>
@@ -69,6 +70,14 @@ enum tp_dtype tp_dtype_from_wire_name(const char *name)
         if (strcmp(dtypes[i].wire, name) == 0)
             return dtypes[i].t;
     return TP_DTYPE_INVALID;
+}
+
+enum tp_dtype tp_dtype_from_flag(const char *flag)
+{
+    return strcasecmp(flag, "fp32") == 0   ? TP_F32
+           : strcasecmp(flag, "fp16") == 0 ? TP_F16
+           : strcasecmp(flag, "bf16") == 0 ? TP_BF16
+                                           : TP_DTYPE_INVALID;
 }
 
 static float bits_to_f32(uint32_t u)

@@ -27,6 +27,9 @@ const char *tp_dtype_file_name(enum tp_dtype t);
 const char *tp_dtype_wire_name(enum tp_dtype t);
 enum tp_dtype tp_dtype_from_file_name(const char *name);
 enum tp_dtype tp_dtype_from_wire_name(const char *name);
+/* The value of a --dtype or --io-dtype flag: fp32, fp16 or bf16, in any case; TP_DTYPE_INVALID
+ * for anything else. */
+enum tp_dtype tp_dtype_from_flag(const char *flag);
 
 float tp_f16_to_f32(uint16_t h);
 float tp_bf16_to_f32(uint16_t h);

@@ -12,7 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -129,10 +128,7 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
                 return -1;
             break;
         case 'y':
-            a->dtype = strcasecmp(optarg, "fp32") == 0   ? TP_F32
-                       : strcasecmp(optarg, "fp16") == 0 ? TP_F16
-                       : strcasecmp(optarg, "bf16") == 0 ? TP_BF16
-                                                         : TP_DTYPE_INVALID;
+            a->dtype = tp_dtype_from_flag(optarg);
             if (a->dtype == TP_DTYPE_INVALID)
                 return -1;
             break;

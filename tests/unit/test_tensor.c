@@ -70,6 +70,13 @@ static void test_names(void)
     ASSERT_EQ(tp_dtype_from_file_name("f32"), TP_DTYPE_INVALID);
     ASSERT_EQ(tp_dtype_from_file_name("I64"), TP_DTYPE_INVALID);
     ASSERT_EQ(tp_dtype_from_file_name(""), TP_DTYPE_INVALID);
+    /* the command line's spelling, in any case */
+    ASSERT_EQ(tp_dtype_from_flag("fp32"), TP_F32);
+    ASSERT_EQ(tp_dtype_from_flag("FP16"), TP_F16);
+    ASSERT_EQ(tp_dtype_from_flag("Bf16"), TP_BF16);
+    ASSERT_EQ(tp_dtype_from_flag("fp64"), TP_DTYPE_INVALID);
+    ASSERT_EQ(tp_dtype_from_flag("f32"), TP_DTYPE_INVALID);
+    ASSERT_EQ(tp_dtype_from_flag(""), TP_DTYPE_INVALID);
 }
 
 static void test_convert(void)
