@@ -5,6 +5,7 @@
 #include "sup.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -469,10 +470,23 @@ void sup_stop(struct sup *s)
             tp_log(TP_LOG_ERR, "supervisor: waking thread: %s", strerror(errno));
         pthread_join(s->thread, NULL);
     }
-    /* EOF on the control socket tells each worker to finish and exit */
+    /* STOP, then EOF: each worker finishes and exits in order. EOF alone would tell a worker
+     * that tpd died, and it would leave without its teardown (worker/main.c). The send does not
+     * wait: a worker that no longer reads its socket (stopped, or stuck in a device call) must not
+     * hold up the stop; it gets EOF alone, and SIGKILL below if it does not exit. */
     for (int r = 0; s->w && r < s->c.nranks; r++) {
-        if (s->w[r].fd >= 0)
-            close(s->w[r].fd);
+        struct ctl_msg m = {.type = CTL_STOP, .rank = (uint32_t)r};
+        struct tp_err e = {0};
+
+        if (s->w[r].fd < 0)
+            continue;
+        if (fcntl(s->w[r].fd, F_SETFL, O_NONBLOCK) < 0)
+            tp_err_sys(&e, "making the control socket non-blocking");
+        else
+            ctl_send(s->w[r].fd, &m, &e);
+        if (e.code != TP_OK)
+            tp_log(TP_LOG_WARN, "worker rank %d: sending STOP: %s", r, e.msg);
+        close(s->w[r].fd);
         s->w[r].fd = -1;
     }
     deadline = now_ms() + 5000;

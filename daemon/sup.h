@@ -50,8 +50,9 @@ int sup_start(struct sup **s, const struct sup_config *c, sup_done_fn done, sup_
  * not ready; then no done callback will come for this job. */
 int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struct tp_err *err);
 
-/* Stops the thread and the workers: closes the control sockets (workers exit on EOF), waits up
- * to 5 s, then kills what is left and reaps everything. Takes NULL. */
+/* Stops the thread and the workers: sends each worker STOP and closes its control socket (a
+ * worker that sees EOF without STOP takes tpd for dead: ctl.h), waits up to 5 s, then kills what
+ * is left and reaps everything. Takes NULL. */
 void sup_stop(struct sup *s);
 
 #endif

@@ -52,13 +52,14 @@ int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, s
     if (m->version != CTL_VERSION)
         return tp_err_set(err, TP_EINTERNAL, "control message version %u, expected %u", m->version,
                           CTL_VERSION);
-    if (m->type != CTL_READY && m->type != CTL_JOB && m->type != CTL_DONE && m->type != CTL_INIT)
+    if (m->type != CTL_READY && m->type != CTL_JOB && m->type != CTL_DONE && m->type != CTL_INIT &&
+        m->type != CTL_STOP)
         return tp_err_set(err, TP_EINTERNAL, "control message type %u unknown", m->type);
     if (!memchr(m->text, '\0', sizeof(m->text)))
         return tp_err_set(err, TP_EINTERNAL, "control message text not terminated");
     if (m->status < 0 || m->status >= TP_ERR_COUNT)
         return tp_err_set(err, TP_EINTERNAL, "control message status %d unknown", m->status);
-    if (m->type == CTL_READY || m->type == CTL_INIT)
+    if (m->type == CTL_READY || m->type == CTL_INIT || m->type == CTL_STOP)
         return 0;
     if (m->slot >= nslots)
         return tp_err_set(err, TP_EINTERNAL, "control message slot %u, arena has %u", m->slot,

@@ -1,7 +1,6 @@
 /* ctl.h -- the control messages between the coordinator and a worker. One socketpair
  * (AF_UNIX, SOCK_SEQPACKET) per worker carries fixed-size, versioned messages, one per
  * datagram; the activations themselves travel through the shared-memory arena (shm.h).
- * EOF on the socket is how either side learns that the other is gone.
  *
  *   coordinator -> worker  INIT   right after the start of a GPU worker that gathers with NCCL:
  *                                 the communicator's unique id (the coordinator made it and
@@ -9,8 +8,12 @@
  *   worker -> coordinator  READY  once its shard is loaded (status, error text on failure)
  *   coordinator -> worker  JOB    compute rows of a slot: id, slot, rows
  *   worker -> coordinator  DONE   id, slot, status and error text
+ *   coordinator -> worker  STOP   the coordinator is stopping: finish, tear down and exit; the
+ *                                 coordinator closes its end next and waits for the exit
  *
- * The coordinator closes its end to stop a worker. */
+ * EOF is how either side learns that the other is gone. A worker tells the two endings apart:
+ * after STOP it exits in order, while EOF without STOP means that the coordinator died, and the
+ * worker leaves at once with _exit (worker/main.c says why). */
 #ifndef TP_CTL_H
 #define TP_CTL_H
 
@@ -19,7 +22,7 @@
 #include "err.h"
 
 #define CTL_MAGIC 0x74706431u /* "tpd1" */
-#define CTL_VERSION 2
+#define CTL_VERSION 3         /* 3: STOP, and EOF without it means the coordinator died */
 #define CTL_NCCL_ID_BYTES 128 /* NCCL_UNIQUE_ID_BYTES */
 
 enum ctl_type {
@@ -27,6 +30,7 @@ enum ctl_type {
     CTL_JOB = 2,
     CTL_DONE = 3,
     CTL_INIT = 4,
+    CTL_STOP = 5,
 };
 
 struct ctl_msg {
@@ -53,9 +57,9 @@ int ctl_send(int fd, struct ctl_msg *m, struct tp_err *err);
 int ctl_recv(int fd, struct ctl_msg *m, struct tp_err *err);
 
 /* Checks a message that came from outside this process: magic, version, known type, a
- * NUL-terminated text, slot < nslots and 1 <= rows <= max_batch for JOB (READY and INIT carry
- * no slot). Returns -1 with a
- * message naming the bad field. Exposed for tests and fuzzing. */
+ * NUL-terminated text, slot < nslots for JOB and DONE and 1 <= rows <= max_batch for JOB (READY,
+ * INIT and STOP carry no slot). Returns -1 with a message naming the bad field. Exposed for tests
+ * and fuzzing. */
 int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, struct tp_err *err);
 
 #endif

@@ -1,11 +1,21 @@
 /* main.c -- tpd-worker: one rank of a column-parallel linear layer. Started by tpd (fork+exec),
  * never by hand: fd 3 is its control socket (ctl.h) and fd 4 the shared-memory arena (shm.h).
  * It loads only its own rows of W, reports READY, then computes one JOB at a time until the
- * coordinator closes the socket, and exits. A load failure is reported in the READY message, so
- * the coordinator can say why the worker failed, and the worker exits 1. With --gather nccl the
- * first message it reads is INIT, which carries the NCCL unique id. A device or communicator
- * failure during a job is reported in its DONE message, and then the worker exits 1: the device
- * state is unknown, and the supervisor rebuilds the whole group. */
+ * coordinator sends STOP, and then exits in order: everything freed, so that a sanitizer build
+ * checks it for leaks. A load failure is reported in the READY message, so the coordinator can
+ * say why the worker failed, and the worker exits 1. With --gather nccl the first message it
+ * reads is INIT, which carries the NCCL unique id. A device or communicator failure during a job
+ * is reported in its DONE message, and then the worker exits 1: the device state is unknown, and
+ * the supervisor rebuilds the whole group.
+ *
+ * EOF on the control socket without a STOP before it means that the coordinator died; the worker
+ * then logs one line and leaves with _exit(1), skipping its teardown and atexit handlers. Nothing
+ * is lost: the kernel frees its memory and the arena is a memfd. The hurry matters because the
+ * kernel closes a dead coordinator's sockets before it sends the parent-death signal (proc.c), so
+ * without it, a worker could still be in its exit path when the SIGKILL arrives. In a sanitizer
+ * build that path is LeakSanitizer's check, whose tracer is a separate process sharing the
+ * worker's memory (and so its command line): SIGKILL takes the worker first and the tracer a
+ * moment later, a process that outlives the worker it belongs to. */
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
@@ -168,6 +178,15 @@ static void send_ready(const struct worker_args *a, const struct tp_err *failed,
         tp_log(TP_LOG_ERR, "reporting readiness: %s", err.msg);
 }
 
+/* The control socket reached EOF without a STOP: the coordinator is gone (see the top of this
+ * file). Logging is one write(2) to stderr, which the coordinator's death leaves open; if stderr
+ * is a pipe that nobody reads any more, SIGPIPE ends the worker just as well. */
+static _Noreturn void coordinator_gone(void)
+{
+    tp_log(TP_LOG_WARN, "control socket closed without STOP: the coordinator is gone, exiting");
+    _exit(1);
+}
+
 /* Reads the INIT message that carries the NCCL unique id. */
 static int recv_init(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
 {
@@ -175,7 +194,7 @@ static int recv_init(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
     int r = ctl_recv(CTL_FD, &m, err);
 
     if (r == 0)
-        return tp_err_set(err, TP_EUNAVAIL, "control socket closed before the NCCL id came");
+        coordinator_gone();
     if (r < 0 || ctl_validate(&m, 1, 1, err) < 0)
         return -1;
     if (m.type != CTL_INIT)
@@ -184,7 +203,8 @@ static int recv_init(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
     return 0;
 }
 
-/* Serves jobs until the coordinator closes the socket. Returns the exit status. */
+/* Serves jobs until the coordinator sends STOP; returns the exit status. Does not return when the
+ * coordinator is gone. */
 static int serve(const struct worker_args *a, const struct backend_ops *ops, struct backend *be,
                  const struct shm_arena *arena)
 {
@@ -197,11 +217,13 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
         err = (struct tp_err){0};
         r = ctl_recv(CTL_FD, &m, &err);
         if (r == 0)
-            return 0;
+            coordinator_gone();
         if (r < 0 || ctl_validate(&m, a->slots, a->max_batch, &err) < 0) {
             tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
             return 1;
         }
+        if (m.type == CTL_STOP)
+            return 0;
         if (m.type != CTL_JOB) {
             tp_log(TP_LOG_ERR, "control channel: unexpected message type %u", m.type);
             return 1;

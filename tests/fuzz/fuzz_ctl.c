@@ -2,7 +2,7 @@
  * the coordinator): the bytes go through a real SOCK_SEQPACKET socketpair as one datagram of any
  * size, ctl_recv takes it, and ctl_validate checks it. A message that passes must satisfy what
  * the supervisor then relies on: known type and status, a terminated text, slot and rows in
- * range for JOB and DONE (READY and INIT name no slot). */
+ * range for JOB and DONE (READY, INIT and STOP name no slot). */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -23,7 +23,8 @@ static void check(const struct ctl_msg *m)
             abort();
         return;
     }
-    if (m->type != CTL_READY && m->type != CTL_JOB && m->type != CTL_DONE && m->type != CTL_INIT)
+    if (m->type != CTL_READY && m->type != CTL_JOB && m->type != CTL_DONE && m->type != CTL_INIT &&
+        m->type != CTL_STOP)
         abort();
     if (m->status < 0 || m->status >= TP_ERR_COUNT || !memchr(m->text, '\0', sizeof(m->text)))
         abort();

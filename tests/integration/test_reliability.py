@@ -72,13 +72,37 @@ def health_status(channel):
     return resp[1]
 
 
+STATUS_FIELDS = ("Name", "State", "PPid", "Tgid")
+
+
+def proc_status(pid):
+    """The STATUS_FIELDS of /proc/PID/status as {field: value}; {} once pid is gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    return {k: fields[k].strip() for k in STATUS_FIELDS if k in fields}
+
+
 def processes_with(needle):
-    """Pids of live processes whose command line contains needle (bytes)."""
-    found = []
+    """{pid: proc_status(pid)} of live processes whose command line contains needle (bytes). The
+    status is read as soon as the pid is found: such a process may be about to vanish, and a
+    failure message needs to say what it was."""
+    found = {}
     for e in os.listdir("/proc"):
         if e.isdigit() and pid_alive(int(e), needle):
-            found.append(int(e))
+            found[int(e)] = proc_status(int(e))
     return found
+
+
+def describe_processes(found, workers):
+    """One line per pid of processes_with(), saying whether it is one of the worker pids."""
+    return "\n".join("  pid %d: %s; %s" % (
+        pid, ", ".join("%s %s" % kv for kv in st.items()) or "gone before its status was read",
+        "a worker pid from the log" if pid in workers else "not a worker pid from the log")
+        for pid, st in sorted(found.items()))
 
 
 class ReliabilityCase(TpdTestCase):
@@ -260,8 +284,11 @@ class TestCoordinatorDeath(ReliabilityCase):
         left = wait_gone(pids, timeout=10)
         took = time.monotonic() - t0
         self.assertEqual(left, [], "workers outlived tpd: %s" % left)
-        self.assertEqual(processes_with(wpath.encode()), [],
-                         "processes still running with the weights file")
+        stray = processes_with(wpath.encode())
+        self.assertEqual(stray, {}, "processes still running with the weights file (workers "
+                         "in the log: %s):\n%s\n%s" % (
+                             d.all_worker_pids(), describe_processes(stray, d.all_worker_pids()),
+                             d.log_tail()))
         self.assertEqual(sorted(shm_entries() - shm_before), [], "new entries in /dev/shm")
         # clients see the connection go; no answer may be wrong, none may hang
         self.finish(d, ld, allowed=("OK", "UNAVAILABLE", "CANCELLED", "UNKNOWN"))

@@ -1,5 +1,5 @@
-/* test_ctl.c -- control messages over a real SEQPACKET socketpair: round trip, EOF, and every
- * field ctl_validate must refuse. */
+/* test_ctl.c -- control messages over a real SEQPACKET socketpair: round trip, EOF, STOP, and
+ * every field ctl_validate must refuse. */
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -93,12 +93,36 @@ static void test_init_carries_id(void)
     ASSERT_EQ(ctl_send(sv[0], &m, &err), 0);
     ASSERT_EQ(ctl_recv(sv[1], &got, &err), 1);
     ASSERT_EQ(got.type, CTL_INIT);
-    ASSERT_EQ(got.version, 2);
+    ASSERT_EQ(got.version, CTL_VERSION);
     ASSERT_EQ(ctl_validate(&got, 4, 8, &err), 0);
     for (int i = 0; i < CTL_NCCL_ID_BYTES; i++)
         ASSERT_EQ(got.nccl_id[i], 255 - i);
     close(sv[0]);
     close(sv[1]);
+}
+
+/* STOP names no slot and no rows, like READY; after it, the sender's close reads as EOF. A
+ * version-2 peer (whose EOF meant "stop") is refused by its version. */
+static void test_stop(void)
+{
+    struct ctl_msg m = {.type = CTL_STOP, .slot = 999, .rows = 0}, got;
+    struct tp_err err = {0};
+    int sv[2];
+
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv), 0);
+    ASSERT_EQ(ctl_send(sv[0], &m, &err), 0);
+    close(sv[0]);
+    ASSERT_EQ(ctl_recv(sv[1], &got, &err), 1);
+    ASSERT_EQ(got.type, CTL_STOP);
+    ASSERT_EQ(ctl_validate(&got, 4, 8, &err), 0);
+    ASSERT_EQ(ctl_recv(sv[1], &got, &err), 0);
+    close(sv[1]);
+    got.version = 2;
+    ASSERT_EQ(ctl_validate(&got, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "version 2");
+    got.version = CTL_VERSION, got.type = CTL_STOP + 1;
+    ASSERT_EQ(ctl_validate(&got, 4, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "type 6 unknown");
 }
 
 /* A version-1 peer sent 296-byte messages: refused by size, never read as version 2. */
@@ -123,6 +147,7 @@ int main(void)
     TEST_RUN(test_wrong_size);
     TEST_RUN(test_validate_rejects);
     TEST_RUN(test_init_carries_id);
+    TEST_RUN(test_stop);
     TEST_RUN(test_old_size_refused);
     return 0;
 }
