@@ -442,6 +442,10 @@ class Harness:
                 out.append(v)
         return statistics.median(out) if out else None
 
+    def over(self, case, kind, base, key="rps"):
+        """Median over rounds of kind's key / base's key of the same round."""
+        return self.ratio(case, kind, lambda r, s: r[key] / s[base][key] if base in s else None)
+
     def summary(self):
         cases = []
         for r in self.results:
@@ -481,15 +485,12 @@ class Harness:
         for case in cases:
             if case.startswith("batching"):
                 continue
-            thr = self.ratio(case, "tpd", lambda r, s: r["rps"] / s["sgemm"]["rps"]
-                             if "sgemm" in s else None)
-            shm = self.ratio(case, "tpd-shm", lambda r, s: r["rps"] / s["sgemm"]["rps"]
-                             if "sgemm" in s else None)
+            thr = self.over(case, "tpd", "sgemm")
+            shm = self.over(case, "tpd-shm", "sgemm")
             lat = self.ratio(case, "tpd", lambda r, s: r["p50_ms"] / (
                 s["echo"]["p50_ms"] + s["sgemm"]["p50_ms"]) if "echo" in s and "sgemm" in s
                 else None)
-            ranks = self.ratio(case, "tpd", lambda r, s: r["rps"] / s["sgemm-ranks"]["rps"]
-                               if "sgemm-ranks" in s else None)
+            ranks = self.over(case, "tpd", "sgemm-ranks")
             self.ratios[case] = (thr, shm, lat, ranks)
             shm_na = [r["na"] for r in self.results
                       if r["case"] == case and r["kind"] == "tpd-shm" and "na" in r]
@@ -506,12 +507,9 @@ class Harness:
         for case in cases:
             if case.startswith("batching"):
                 continue
-            ig = self.ratio(case, "igemm", lambda r, s: r["rps"] / s["sgemm"]["rps"]
-                            if "sgemm" in s else None)
-            thr = self.ratio(case, "tpd", lambda r, s: r["rps"] / s["tpd-openblas"]["rps"]
-                             if "tpd-openblas" in s else None)
-            lat = self.ratio(case, "tpd", lambda r, s: r["p50_ms"] / s["tpd-openblas"]["p50_ms"]
-                             if "tpd-openblas" in s else None)
+            ig = self.over(case, "igemm", "sgemm")
+            thr = self.over(case, "tpd", "tpd-openblas")
+            lat = self.over(case, "tpd", "tpd-openblas", "p50_ms")
             self.inv_ratios[case] = (ig, thr, lat)
             log("| %s | %s | %s | %s |" % (case, fmt(ig), fmt(thr), fmt(lat)))
         log("")
@@ -534,8 +532,7 @@ class Harness:
             if not on:
                 log(target("%s: batching on / off requests/s" % case, None, ">=", 4))
                 continue
-            v = self.ratio(case, on[0], lambda r, s: r["rps"] / s["batch-off"]["rps"]
-                           if "batch-off" in s else None)
+            v = self.over(case, on[0], "batch-off")
             log(target("%s: batching on / off requests/s" % case, v, ">=", 4))
 
 

@@ -153,6 +153,11 @@ static int have_avx2_fma(void)
     /* gcc and clang check that the OS saves the YMM registers for these */
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+#else
+static int have_avx2_fma(void)
+{
+    return 0;
+}
 #endif
 
 /* 1 for the AVX2 kernel, 0 for the generic one, -1 until chosen; the choice is the same for
@@ -164,11 +169,7 @@ static int use_avx2_kernel(void)
     int k = __atomic_load_n(&kernel, __ATOMIC_RELAXED);
 
     if (k < 0) {
-#ifdef HAVE_AVX2_PATH
         k = have_avx2_fma();
-#else
-        k = 0;
-#endif
         __atomic_store_n(&kernel, k, __ATOMIC_RELAXED);
     }
     return k;
@@ -204,16 +205,13 @@ const char *gemm_kernel_name(void)
 
 int gemm_set_kernel(const char *name)
 {
-    int k = strcmp(name, "avx2") == 0 ? 1 : strcmp(name, "generic") == 0 ? 0 : -1;
+    int k;
 
-#ifdef HAVE_AVX2_PATH
-    if (k == 1 && !have_avx2_fma())
-        return -1;
-#else
-    if (k == 1)
-        return -1;
-#endif
-    if (k < 0)
+    if (strcmp(name, "generic") == 0)
+        k = 0;
+    else if (strcmp(name, "avx2") == 0 && have_avx2_fma())
+        k = 1;
+    else
         return -1;
     __atomic_store_n(&kernel, k, __ATOMIC_RELAXED);
     return 0;
