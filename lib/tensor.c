@@ -99,8 +99,8 @@ float tp_f16_to_f32(uint16_t h)
     uint32_t exp = (h >> 10) & 0x1f;
     uint32_t man = h & 0x3ff;
 
-    if (exp == 0x1f) /* inf or nan */
-        return bits_to_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0x1f) /* inf, or a NaN made quiet with its payload kept, as F16C does */
+        return bits_to_f32(sign | 0x7f800000u | (man << 13) | (man ? 0x00400000u : 0));
     if (exp == 0) {
         if (man == 0)
             return bits_to_f32(sign);

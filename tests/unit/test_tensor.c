@@ -309,9 +309,11 @@ static void test_convert_in_place(void)
     }
 }
 
-/* The buffer conversions (which may use vector instructions) agree with the scalar ones on every
+/* The buffer conversions (which may use vector instructions) give the scalar ones' bits on every
  * FP16/BF16 value, on every FP16 rounding midpoint and its neighbours, and on random floats, in
- * place and not, at lengths that are not multiples of the vector width. */
+ * place and not, at lengths that are not multiples of the vector width: NaNs included, since
+ * where an element falls (vector body or scalar tail) depends on the rows before it, and a row's
+ * answer must not. */
 static void test_buffers_match_scalar(void)
 {
     enum { N = 65536 + 3 * 0x7c00 + 5 };
@@ -330,8 +332,7 @@ static void test_buffers_match_scalar(void)
         for (uint32_t k = 0; k < 65536; k++) {
             float s = dt == TP_F16 ? tp_f16_to_f32((uint16_t)k) : tp_bf16_to_f32((uint16_t)k);
 
-            bad += isnan(s) ? !isnan(f[k]) || signbit(s) != signbit(f[k])
-                            : f32_bits(s) != f32_bits(f[k]);
+            bad += f32_bits(s) != f32_bits(f[k]);
         }
     }
     ASSERT_EQ(bad, 0);
@@ -373,11 +374,8 @@ static void test_buffers_match_scalar(void)
             }
             for (size_t i = 0; i < N - 1; i++) {
                 uint16_t want = enc(f[i]), got = (uint16_t)(out[2 * i] | out[2 * i + 1] << 8);
-                int nan = t ? (want & 0x7fff) > 0x7f80 : (want & 0x7fff) > 0x7c00;
 
-                bad += nan ? (t ? (got & 0x7fff) <= 0x7f80 : (got & 0x7fff) <= 0x7c00) ||
-                                 (got & 0x8000) != (want & 0x8000)
-                           : got != want;
+                bad += got != want;
             }
         }
     }
