@@ -238,32 +238,39 @@ __attribute__((target("avx2"))) static size_t widen_bf16_avx2(unsigned char *dst
     return i;
 }
 
+/* Each answer is computed once; threads that race to compute it get the same one, and atomics
+ * keep the race defined. */
 static int have_f16c(void)
 {
-    static int known = -1; /* a benign race: every thread computes the same answer */
+    static int known = -1;
+    int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
 
     /* CPUID and XGETBV by hand: clang 14 has no "f16c" for __builtin_cpu_supports. F16C needs
      * AVX, and AVX needs the OS to save the YMM registers (OSXSAVE, XCR0 bits 1 and 2). */
-    if (known < 0) {
+    if (k < 0) {
         unsigned a, b, c, d, lo, hi;
 
-        known = 0;
+        k = 0;
         if (__get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) && (c & bit_AVX) &&
             (c & bit_OSXSAVE)) {
             __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-            known = (lo & 6) == 6;
+            k = (lo & 6) == 6;
         }
+        __atomic_store_n(&known, k, __ATOMIC_RELAXED);
     }
-    return known;
+    return k;
 }
 
 static int have_avx2(void)
 {
     static int known = -1;
+    int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
 
-    if (known < 0)
-        known = __builtin_cpu_supports("avx2");
-    return known;
+    if (k < 0) {
+        k = __builtin_cpu_supports("avx2");
+        __atomic_store_n(&known, k, __ATOMIC_RELAXED);
+    }
+    return k;
 }
 #endif
 
