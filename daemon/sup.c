@@ -1,7 +1,7 @@
 /* sup.c -- the worker supervisor (see sup.h). One thread polls the control sockets of all ranks
  * and an eventfd that wakes it to stop. The mutex guards the worker table and the in-flight jobs;
- * callbacks into the scheduler run without it, since the scheduler dispatches the next job from
- * inside its done callback. */
+ * callbacks into the scheduler run without it, so that completing requests (the scheduler's
+ * lock, replies to clients) never holds up sup_dispatch on the scheduler's threads. */
 #include "sup.h"
 
 #include <errno.h>
