@@ -312,7 +312,7 @@ static int check_response(struct client *c, grpc_byte_buffer *bb, int check, str
         goto out;
     }
     if (b->o.shm) {
-        if (r->n_raw_output_contents != 0) {
+        if (!kserve_no_inline_output(r)) {
             tp_err_set(err, TP_EINTERNAL,
                        "server sent the output inline instead of writing shared memory '%s'",
                        c->out.name);

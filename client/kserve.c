@@ -142,6 +142,14 @@ void kserve_request_init(struct kserve_request *q, const char *model, const stru
     }
 }
 
+int kserve_no_inline_output(const Inference__ModelInferResponse *r)
+{
+    for (size_t i = 0; i < r->n_raw_output_contents; i++)
+        if (r->raw_output_contents[i].len != 0)
+            return 0;
+    return 1;
+}
+
 int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *l, const float *x,
                  int64_t rows, float *y, struct tp_err *err)
 {
@@ -247,7 +255,7 @@ int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layo
         return -1;
     if (r->n_outputs != 1 || strcmp(r->outputs[0]->datatype, q.t.datatype) != 0 ||
         r->outputs[0]->n_shape != 2 || r->outputs[0]->shape[0] != rows ||
-        r->outputs[0]->shape[1] != l->out || r->n_raw_output_contents != 0) {
+        r->outputs[0]->shape[1] != l->out || !kserve_no_inline_output(r)) {
         tp_err_set(err, TP_EINTERNAL,
                    "server answered something else than %s [%lld, %lld] in shared memory",
                    q.t.datatype, (long long)rows, (long long)l->out);

@@ -54,6 +54,10 @@ int kserve_model(struct conn *c, const char *opt, char *buf, size_t len, struct 
  * input and output have the same datatype, FP32, FP16 or BF16. */
 int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, struct tp_err *err);
 
+/* Whether a response whose output went to shared memory carries no data inline: no
+ * raw_output_contents, or only empty ones (Triton sends one empty entry per output). */
+int kserve_no_inline_output(const Inference__ModelInferResponse *r);
+
 /* One ModelInfer of rows of x ([rows, in] float32, sent as l->dtype); writes [rows, out] floats
  * to y after checking the response's datatype, shape and size. */
 int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *l, const float *x,

@@ -223,12 +223,14 @@ grpc_byte_buffer *infer_response(const struct model *m, const char *id, const vo
     resp.n_outputs = 1;
     resp.outputs = outs;
     hlen = protobuf_c_message_get_packed_size(&resp.base);
-    /* room for raw_output_contents' tag (field 6, length-delimited) and length */
-    s[0] = grpc_slice_malloc(hlen + (y ? 11 : 0));
+    /* room for raw_output_contents' tag (field 6, length-delimited) and length. An output that
+     * went to shared memory still gets its entry, empty, as Triton sends it: clients (Triton's
+     * C++ client among them) index raw_output_contents by output. */
+    s[0] = grpc_slice_malloc(hlen + 11);
     h = GRPC_SLICE_START_PTR(s[0]);
     n = protobuf_c_message_pack(&resp.base, h);
-    if (y) {
-        uint64_t v = len;
+    {
+        uint64_t v = y ? len : 0;
 
         h[n++] = (6 << 3) | 2;
         do {

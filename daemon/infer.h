@@ -47,7 +47,8 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
  * raw_output_contents. The data is not copied when
  * release is given: the outgoing slice points at y, which must stay valid until gRPC calls
  * release(user) (on some gRPC thread, possibly after the call ended). Without release, y is
- * copied. y NULL: no raw_output_contents (the output went to shared memory). NULL when memory
+ * copied. y NULL (the output went to shared memory): one empty raw_output_contents, as Triton
+ * sends for every output in a region. NULL when memory
  * runs out; release is then never called. */
 grpc_byte_buffer *infer_response(const struct model *m, const char *id, const void *y,
                                  uint32_t rows, void (*release)(void *user), void *user);

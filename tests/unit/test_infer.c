@@ -319,12 +319,14 @@ static void test_response_in_place(void)
     ASSERT_EQ(released, 0);
     grpc_byte_buffer_destroy(bb);
     ASSERT_EQ(released, 1);
-    /* output in shared memory: no raw_output_contents at all */
+    /* output in shared memory: one empty raw_output_contents per output, as Triton sends (its
+     * C++ client reads raw_output_contents[i] for output i, and crashed without it) */
     bb = infer_response(&model, "id-9", NULL, 3, release, &released);
     ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
                           &err),
               0);
-    ASSERT_EQ(r->n_raw_output_contents, 0);
+    ASSERT_EQ(r->n_raw_output_contents, 1);
+    ASSERT_EQ(r->raw_output_contents[0].len, 0);
     ASSERT_EQ(r->outputs[0]->shape[1], 2);
     protobuf_c_message_free_unpacked(&r->base, NULL);
     grpc_byte_buffer_destroy(bb);
