@@ -577,6 +577,25 @@ static void shm_unregister(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
+/* tpd registers no CUDA shared memory (CudaSharedMemoryRegister stays UNIMPLEMENTED), so there
+ * is never one to unregister; as with system regions, unregistering an unknown name is not an
+ * error (as upstream). Clients that clean up every kind of region at exit, as perf_analyzer does,
+ * need this to succeed. */
+static void cuda_shm_unregister(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    Inference__CudaSharedMemoryUnregisterResponse r =
+        INFERENCE__CUDA_SHARED_MEMORY_UNREGISTER_RESPONSE__INIT;
+    Inference__CudaSharedMemoryUnregisterRequest *q =
+        (Inference__CudaSharedMemoryUnregisterRequest *)unpack_or_reply(
+            call, payload, &inference__cuda_shared_memory_unregister_request__descriptor);
+
+    (void)ctx;
+    if (!q)
+        return;
+    reply_msg(call, &r.base);
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+}
+
 const struct rpc_method api_methods[] = {
     {"/inference.GRPCInferenceService/ServerLive", server_live},
     {"/inference.GRPCInferenceService/ServerReady", server_ready},
@@ -590,6 +609,7 @@ const struct rpc_method api_methods[] = {
     {"/inference.GRPCInferenceService/SystemSharedMemoryStatus", shm_status},
     {"/inference.GRPCInferenceService/SystemSharedMemoryRegister", shm_register},
     {"/inference.GRPCInferenceService/SystemSharedMemoryUnregister", shm_unregister},
+    {"/inference.GRPCInferenceService/CudaSharedMemoryUnregister", cuda_shm_unregister},
 };
 
 const int api_nmethods = sizeof(api_methods) / sizeof(api_methods[0]);

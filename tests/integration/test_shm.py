@@ -1,11 +1,14 @@
 """System shared memory (Triton's extension). One tpd (in 48, out 40, 2 ranks, --max-batch 8).
 
 * tritonclient with its own shared-memory utilities (tritonclient.utils.shared_memory): input and
-  output in registered regions, at offsets; the response has no raw data and the output region
-  holds the answer (checked against float64 NumPy); region status lists what was registered;
+  output in registered regions, at offsets; the response has no raw data (one empty
+  raw_output_contents entry for the output, as Triton sends) and the output region holds the
+  answer (checked against float64 NumPy); region status lists what was registered;
   requests with the input in shared memory and the output in the message, and the reverse.
 * Bad bounds and bad parameters get INVALID_ARGUMENT (or NOT_FOUND for an unknown region or
   object), and the daemon keeps serving with the same workers.
+* CUDA shared memory: tpd has none; unregistering it (all, as perf_analyzer does at exit, or an
+  unknown name, as for system regions) succeeds, and registering is UNIMPLEMENTED.
 * `tpclient forward --shm` gives the same answer as without, over several requests (rows above
   max-batch), and leaves nothing in /dev/shm.
 """
@@ -108,6 +111,13 @@ class TestShm(TpdTestCase):
         self.client.unregister_system_shared_memory()
         self.assertEqual(len(self.client.get_system_shared_memory_status().regions), 0)
         self.d.stop()
+
+    def test_cuda_regions_none(self):
+        self.client.unregister_cuda_shared_memory()
+        self.client.unregister_cuda_shared_memory("gpu_region")
+        with self.assertRaises(InferenceServerException) as cm:
+            self.client.register_cuda_shared_memory("g", b"\0" * 64, 0, 64)
+        self.assertEqual(cm.exception.status(), "StatusCode.UNIMPLEMENTED", str(cm.exception))
 
     def test_bad_bounds(self):
         pids = self.d.worker_pids()
