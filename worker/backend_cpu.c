@@ -1,9 +1,9 @@
 /* backend_cpu.c -- the CPU backend: this rank's column block of y = x·Wᵀ + b, written straight
  * into the slot's shared output (ldc = out), so no gather step is needed. Two GEMMs:
  *
- *   invariant (the default)  lib/gemm.c: every output element is one fused multiply-add chain
- *                            in k order from the bias, so a row's bits never depend on the rows
- *                            it was batched with, on how many there were, or on the rank count.
+ *   invariant (the default)  lib/gemm.c: every output element is summed in one order fixed by
+ *                            the layer (gemm.h), so a row's bits never depend on the rows it
+ *                            was batched with, on how many there were, or on the rank count.
  *                            W is packed into panels at create; this rank's threads split the
  *                            panels (whole output columns), which keeps that promise.
  *   openblas                 one cblas_sgemm (bias written first, beta = 1): OpenBLAS picks its

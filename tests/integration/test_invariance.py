@@ -16,8 +16,8 @@ one daemon with dynamic batching on (a 20 ms delay), and 16 probe rows:
     places with random other rows, so the scheduler batches them into shared jobs (the debug log
     must show jobs of more than one request, or the case proves nothing); every probe row must be
     bit-equal to (a), and every other row within the tolerance of its reference.
-(d) the rank count: the alone answers at N = 1, 2 and 3 are the same bits (every element is one
-    multiply-add chain, whichever rank computes it).
+(d) the rank count: the alone answers at N = 1, 2 and 3 are the same bits (every element is summed
+    in the same order, whichever rank computes it).
 ModelMetadata says batch_invariant true; with --cpu-gemm openblas it says false.
 
 TP_INVARIANCE_GEMM=openblas runs the same cases against cblas_sgemm, to see them fail where its
