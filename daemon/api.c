@@ -23,7 +23,7 @@ struct infer_call {
     grpc_byte_buffer *payload;         /* the received message, until its rows are in the slot */
     struct infer_input in;
     struct shmreg_region *in_reg, *out_reg; /* shared-memory regions in use, or NULL */
-    void *out_p;                            /* where the output goes in out_reg */
+    struct tp_err fill_err;                 /* the input could not be read from in_reg */
     int64_t t0_ns;                          /* arrival, metrics_now_ns() */
     size_t bytes_in;                        /* request message */
 };
@@ -326,15 +326,22 @@ static void infer_fill(struct sched_req *req, float *x)
     struct infer_call *ic = (struct infer_call *)req;
     enum tp_dtype dt = ic->api->model->io_dtype;
     size_t n = (size_t)req->rows * (size_t)ic->api->model->in;
+    char *narrow = dt == TP_F32 ? (char *)x : (char *)x + 2 * n; /* where raw bytes land */
 
-    if (dt == TP_F32 && ic->in.x)
+    if (ic->in_reg) {
+        /* a failed read (the client shrank its object) fails the request when it completes */
+        if (shmreg_read(ic->in_reg, ic->in.in_offset, narrow, n * tp_dtype_size(dt),
+                        &ic->fill_err) == 0 &&
+            dt != TP_F32)
+            tp_widen_in_place(x, n, dt);
+    } else if (dt == TP_F32 && ic->in.x)
         memcpy(x, ic->in.x, n * sizeof(float));
     else if (dt == TP_F32)
         gbuf_copy(ic->payload, ic->in.raw_offset, n * sizeof(float), x);
     else if (ic->in.x)
         tp_convert_to_f32(x, ic->in.x, n, dt);
     else {
-        gbuf_copy(ic->payload, ic->in.raw_offset, n * tp_dtype_size(dt), (char *)x + 2 * n);
+        gbuf_copy(ic->payload, ic->in.raw_offset, n * tp_dtype_size(dt), narrow);
         tp_widen_in_place(x, n, dt);
     }
     if (ic->payload) {
@@ -372,6 +379,10 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     enum tp_dtype dt = ic->api->model->io_dtype;
     size_t n = (size_t)req->rows * (size_t)ic->api->model->out;
 
+    if (!err && ic->fill_err.code != TP_OK) {
+        sched_unhold(req->hold);
+        err = &ic->fill_err;
+    }
     if (err) {
         struct tp_err e = *err;
 
@@ -383,10 +394,22 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         return;
     }
     metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
-    if (ic->out_p) {
-        /* the output goes to the client's region: the reply carries no data */
-        tp_convert_from_f32(ic->out_p, y, n, dt);
+    if (ic->out_reg) {
+        /* the output goes to the client's region, narrowed in place in the slot first: the
+         * reply carries no data */
+        struct tp_err e = {0};
+        int r;
+
+        tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
+        r = shmreg_write(ic->out_reg, ic->in.out_offset, y, n * tp_dtype_size(dt), &e);
         sched_unhold(req->hold);
+        if (r < 0) {
+            metrics_request_done(ic->msg->model_name, tp_code_grpc(e.code),
+                                 metrics_since(ic->t0_ns), req->rows, ic->bytes_in, 0);
+            release_call(ic);
+            rpc_reply_err(call, &e);
+            return;
+        }
         bb = infer_response(ic->api->model, ic->msg->id, NULL, req->rows, NULL, NULL);
     } else {
         /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds
@@ -444,24 +467,21 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
         tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
         goto fail;
     }
-    if (ic->in.in_region) {
-        void *p;
-
-        if (shmreg_acquire(a->shm, ic->in.in_region, ic->in.in_offset,
-                           (uint64_t)ic->in.rows * (uint64_t)a->model->in * esize, &ic->in_reg, &p,
-                           &err) < 0)
-            goto fail;
-        ic->in.x = p;
-    }
-    if (ic->in.out_region && shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
-                                            (uint64_t)ic->in.rows * (uint64_t)a->model->out * esize,
-                                            &ic->out_reg, &ic->out_p, &err) < 0)
+    if (ic->in.in_region &&
+        shmreg_acquire(a->shm, ic->in.in_region, ic->in.in_offset,
+                       (uint64_t)ic->in.rows * (uint64_t)a->model->in * esize, &ic->in_reg,
+                       &err) < 0)
+        goto fail;
+    if (ic->in.out_region &&
+        shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
+                       (uint64_t)ic->in.rows * (uint64_t)a->model->out * esize, &ic->out_reg,
+                       &err) < 0)
         goto fail;
     ic->req = (struct sched_req){.rows = ic->in.rows,
                                  .deadline_ns = rpc_call_deadline_ns(call),
                                  .fill = infer_fill,
                                  .complete = infer_complete};
-    if (!ic->in.x)
+    if (!ic->in.x && !ic->in_reg)
         ic->payload = rpc_call_take_payload(call);
     tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, ic->in.rows);
     if (sched_submit(a->sched, &ic->req, &err) < 0) {

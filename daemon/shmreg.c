@@ -1,6 +1,7 @@
 /* shmreg.c -- registered system shared-memory regions (see shmreg.h). One mutex over a small
- * list; the reference count of a region is changed under it too. The mapping starts at the page
- * below the region's offset, so that any offset works. */
+ * list; the reference count of a region is changed under it too. A region is the object's
+ * descriptor and a byte range: tpd copies with pread and pwrite, never through a mapping, so an
+ * object that its owner shrinks costs a request an error instead of killing tpd by SIGBUS. */
 #include "shmreg.h"
 
 #include <errno.h>
@@ -16,11 +17,8 @@
 struct shmreg_region {
     struct shmreg *owner;
     struct shmreg_info info;
-    int fd;         /* the object, kept to re-check its size at each use */
-    void *map;      /* mapping */
-    size_t map_len; /* bytes mapped */
-    uint8_t *base;  /* the region's first byte, inside map */
-    int refs;       /* the registry's (while registered) + one per acquire */
+    int fd;   /* the object: every copy goes through it */
+    int refs; /* the registry's (while registered) + one per acquire */
     struct shmreg_region *next;
 };
 
@@ -44,7 +42,6 @@ int shmreg_create(struct shmreg **out, struct tp_err *err)
 
 static void unmap(struct shmreg_region *g)
 {
-    munmap(g->map, g->map_len);
     close(g->fd);
     free(g);
 }
@@ -82,8 +79,6 @@ int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_
 {
     struct shmreg_region *g = NULL;
     struct stat st;
-    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), map_off, map_len;
-    void *map = MAP_FAILED;
     int fd = -1;
 
     if (!name[0] || strlen(name) >= SHMREG_NAME_MAX)
@@ -117,29 +112,12 @@ int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_
                    (unsigned long long)byte_size, (unsigned long long)(offset + byte_size));
         goto fail;
     }
-    map_off = offset / page * page;
-    map_len = offset - map_off + byte_size;
-    if (map_len > SIZE_MAX) {
-        tp_err_set(err, TP_EINVAL, "region '%s' is too big to map", name);
-        goto fail;
-    }
-    map = mmap(NULL, (size_t)map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)map_off);
-    if (map == MAP_FAILED) {
-        tp_err_sys(err, "region '%s': mapping %llu bytes of '%.100s'", name,
-                   (unsigned long long)map_len, key);
-        goto fail;
-    }
     g = calloc(1, sizeof(*g));
     if (!g) {
         tp_err_set(err, TP_ENOMEM, "no memory for region '%s'", name);
         goto fail;
     }
-    *g = (struct shmreg_region){.owner = r,
-                                .fd = fd,
-                                .map = map,
-                                .map_len = (size_t)map_len,
-                                .base = (uint8_t *)map + (offset - map_off),
-                                .refs = 1};
+    *g = (struct shmreg_region){.owner = r, .fd = fd, .refs = 1};
     snprintf(g->info.name, sizeof(g->info.name), "%s", name);
     snprintf(g->info.key, sizeof(g->info.key), "%s", key);
     g->info.offset = offset;
@@ -163,8 +141,6 @@ int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_
     return 0;
 fail:
     free(g);
-    if (map != MAP_FAILED)
-        munmap(map, (size_t)map_len);
     if (fd >= 0)
         close(fd);
     return -1;
@@ -211,14 +187,26 @@ size_t shmreg_status(struct shmreg *r, const char *name, struct shmreg_info *out
     return n;
 }
 
+/* The region's object still covers the region. */
+static int check_size(const struct shmreg_region *g, struct tp_err *err)
+{
+    struct stat st;
+
+    if (fstat(g->fd, &st) < 0 || (uint64_t)st.st_size < g->info.offset + g->info.byte_size)
+        return tp_err_set(err, TP_EINVAL,
+                          "shared-memory region '%.100s': its object '%.100s' shrank below the "
+                          "region",
+                          g->info.name, g->info.key);
+    return 0;
+}
+
 int shmreg_acquire(struct shmreg *r, const char *name, uint64_t offset, uint64_t size,
-                   struct shmreg_region **reg, void **p, struct tp_err *err)
+                   struct shmreg_region **reg, struct tp_err *err)
 {
     struct shmreg_region *g;
     uint64_t have;
 
     *reg = NULL;
-    *p = NULL;
     pthread_mutex_lock(&r->lock);
     g = find(r, name);
     if (!g) {
@@ -236,22 +224,59 @@ int shmreg_acquire(struct shmreg *r, const char *name, uint64_t offset, uint64_t
     }
     g->refs++;
     pthread_mutex_unlock(&r->lock);
-    /* An object shrunk under the mapping would turn the copy into SIGBUS: refuse it. (Only a
-     * check: an owner shrinking it right now is the trust limit documented in shmreg.h.) */
-    {
-        struct stat st;
-
-        if (fstat(g->fd, &st) < 0 || (uint64_t)st.st_size < g->info.offset + g->info.byte_size) {
-            tp_err_set(err, TP_EINVAL,
-                       "shared-memory region '%.100s': its object '%.100s' shrank below the region",
-                       name, g->info.key);
-            shmreg_release(g);
-            return -1;
-        }
+    /* refused early if it shrank already; shmreg_read and shmreg_write notice it later too */
+    if (check_size(g, err) < 0) {
+        shmreg_release(g);
+        return -1;
     }
     *reg = g;
-    *p = g->base + offset;
     return 0;
+}
+
+/* pread (write 0) or pwrite (write 1) of n bytes at offset of the region, to the end. */
+static int transfer(const struct shmreg_region *g, int write, uint64_t offset, void *buf, size_t n,
+                    struct tp_err *err)
+{
+    uint64_t at = g->info.offset + offset;
+    size_t done = 0;
+
+    if (offset > g->info.byte_size || n > g->info.byte_size - offset)
+        return tp_err_set(err, TP_EINTERNAL, "shared-memory region '%.100s': %zu bytes at %llu "
+                          "lie outside it",
+                          g->info.name, n, (unsigned long long)offset);
+    while (done < n) {
+        ssize_t k = write ? pwrite(g->fd, (const char *)buf + done, n - done, (off_t)(at + done))
+                          : pread(g->fd, (char *)buf + done, n - done, (off_t)(at + done));
+
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0)
+            return tp_err_sys(err, "shared-memory region '%.100s': %s", g->info.name,
+                              write ? "writing the output" : "reading the input");
+        if (k == 0) /* end of the object: it shrank since the check */
+            return check_size(g, err) < 0
+                       ? -1
+                       : tp_err_set(err, TP_EINVAL, "shared-memory region '%.100s' ended early",
+                                    g->info.name);
+        done += (size_t)k;
+    }
+    return 0;
+}
+
+int shmreg_read(const struct shmreg_region *g, uint64_t offset, void *dst, size_t n,
+                struct tp_err *err)
+{
+    return transfer(g, 0, offset, dst, n, err);
+}
+
+int shmreg_write(const struct shmreg_region *g, uint64_t offset, const void *src, size_t n,
+                 struct tp_err *err)
+{
+    /* writing past the end would grow a shrunk object back: refuse instead, and look again
+     * after, in case it shrank during the copy */
+    if (check_size(g, err) < 0 || transfer(g, 1, offset, (void *)(uintptr_t)src, n, err) < 0)
+        return -1;
+    return check_size(g, err);
 }
 
 void shmreg_release(struct shmreg_region *g)

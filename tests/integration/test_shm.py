@@ -9,12 +9,17 @@
   object), and the daemon keeps serving with the same workers.
 * CUDA shared memory: tpd has none; unregistering it (all, as perf_analyzer does at exit, or an
   unknown name, as for system regions) succeeds, and registering is UNIMPLEMENTED.
+* A hostile client shrinks its objects (ftruncate to 0) while its requests wait in the queue
+  behind long jobs, one with its output in a region and one with its input in one: each of the
+  two gets INVALID_ARGUMENT saying the object shrank, tpd and its workers live on (a mapping would
+  have ended tpd by SIGBUS), and every other request is answered correctly.
 * `tpclient forward --shm` gives the same answer as without, over several requests (rows above
   max-batch), and leaves nothing in /dev/shm.
 """
 
 import os
 import sys
+import time
 import unittest
 
 import numpy as np
@@ -118,6 +123,74 @@ class TestShm(TpdTestCase):
         with self.assertRaises(InferenceServerException) as cm:
             self.client.register_cuda_shared_memory("g", b"\0" * 64, 0, 64)
         self.assertEqual(cm.exception.status(), "StatusCode.UNIMPLEMENTED", str(cm.exception))
+
+    def test_object_shrinks_while_queued(self):
+        n = 2048
+        wpath = self.path("big.safetensors")
+        W, b = make_layer(wpath, n, n, bias=True, dtype="F32", seed=23)
+        d = self.start_daemon(wpath, "--cpu", 1, "--slots", 1, "--batch-delay-us", 0,
+                              "--max-batch", 256, "--model", "big", name="shrink")
+        client = tgrpc.InferenceServerClient(url=d.addr)
+        self.addCleanup(client.close)
+        pids = d.worker_pids()
+        rows = 4
+        h_out, key_out = self.region("big_out", rows * n * 4)
+        h_in, key_in = self.region("big_in", rows * n * 4)
+        client.register_system_shared_memory("big_out", key_out, rows * n * 4)
+        client.register_system_shared_memory("big_in", key_in, rows * n * 4)
+        x_in = self.rng.standard_normal((rows, n)).astype(np.float32)
+        shm.set_shared_memory_region(h_in, [x_in])
+        results, done = {}, []
+
+        def send(tag, inp, outputs=None):
+            def callback(result, error):  # tritonclient passes them by name
+                results[tag] = (result, error)
+                done.append(tag)
+
+            client.async_infer("big", [inp], callback, outputs=outputs, client_timeout=120)
+
+        # long jobs first, so that the two hostile requests wait in the queue behind them
+        xs = [self.rng.standard_normal((256, n)).astype(np.float32) for _ in range(16)]
+        for i, x in enumerate(xs):
+            inp = tgrpc.InferInput("input", [256, n], "FP32")
+            inp.set_data_from_numpy(x)
+            send("long%d" % i, inp)
+        inp = tgrpc.InferInput("input", [rows, n], "FP32")
+        inp.set_data_from_numpy(self.rng.standard_normal((rows, n)).astype(np.float32))
+        out = tgrpc.InferRequestedOutput("output")
+        out.set_shared_memory("big_out", rows * n * 4)
+        send("out_shrunk", inp, [out])
+        inp = tgrpc.InferInput("input", [rows, n], "FP32")
+        inp.set_shared_memory("big_in", rows * n * 4)
+        send("in_shrunk", inp)
+        time.sleep(0.05)  # both accepted; the long jobs take far longer
+        for key in (key_out, key_in):
+            os.truncate("/dev/shm" + key, 0)
+        deadline = time.monotonic() + 120
+        while len(done) < len(xs) + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(done), len(xs) + 2, "requests got no answer: %s" % d.log_tail())
+        self.assertTrue(d.running(), "tpd died:\n%s" % d.log_tail())
+        for i, x in enumerate(xs):
+            r, e = results["long%d" % i]
+            self.assertIsNone(e, str(e))
+            ref, mag = reference(x, W, b)
+            self.assertLessEqual(rel_err(r.as_numpy("output"), ref, mag), TOL)
+        for tag in ("out_shrunk", "in_shrunk"):
+            r, e = results[tag]
+            self.assertIsNotNone(e, "%s was answered from a shrunk object" % tag)
+            self.assertEqual(e.status(), "StatusCode.INVALID_ARGUMENT", "%s: %s" % (tag, e))
+            self.assertIn("shrank", e.message(), tag)
+        # the daemon serves on, with the same workers
+        x = self.rng.standard_normal((3, n)).astype(np.float32)
+        inp = tgrpc.InferInput("input", [3, n], "FP32")
+        inp.set_data_from_numpy(x)
+        ref, mag = reference(x, W, b)
+        self.assertLessEqual(rel_err(client.infer("big", [inp]).as_numpy("output"), ref, mag), TOL)
+        self.assertEqual(d.worker_pids(), pids)
+        client.unregister_system_shared_memory()
+        d.stop()
+        self.assertEqual(d.proc.returncode, 0, d.log_tail())
 
     def test_bad_bounds(self):
         pids = self.d.worker_pids()

@@ -1,12 +1,14 @@
 /* test_shmreg.c -- the registry of system shared-memory regions: registering checks the object's
  * size against offset + byte_size (overflow-safe), names are unique, lookups check the range
- * inside the region at its edges and against wrap-around, the bytes seen through a region are the
- * object's at the region's offset, and a region unregistered while in use stays mapped until
- * released. */
+ * inside the region at its edges and against wrap-around, the bytes read and written through a
+ * region are the object's at the region's offset, a region unregistered while in use stays
+ * usable until released, and an object shrunk under a held region makes reads and writes fail
+ * (not SIGBUS) without growing it back. */
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../../daemon/shmreg.h"
@@ -19,9 +21,9 @@ int main(void)
     struct shmreg_region *g, *g2;
     struct shmreg_info info[4];
     struct tp_err err = {0};
-    void *p, *held;
     int fd;
-    unsigned char pattern[10000];
+    unsigned char pattern[10000], buf[10000];
+    struct stat st;
 
     snprintf(key, sizeof(key), "/test_shmreg-%d", (int)getpid());
     fd = shm_open(key, O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -53,34 +55,61 @@ int main(void)
     ASSERT_EQ(shmreg_status(r, "zz", info, 4), 0);
 
     /* lookups */
-    ASSERT_EQ(shmreg_acquire(r, "a", 0, 5001, &g, &p, &err), 0);
-    ASSERT_EQ(memcmp(p, pattern + 4999, 5001), 0);
+    ASSERT_EQ(shmreg_acquire(r, "a", 0, 5001, &g, &err), 0);
+    ASSERT_EQ(shmreg_read(g, 0, buf, 5001, &err), 0);
+    ASSERT_EQ(memcmp(buf, pattern + 4999, 5001), 0);
+    ASSERT_EQ(shmreg_read(g, 5000, buf, 1, &err), 0);
+    ASSERT_EQ(buf[0], pattern[9999]);
+    ASSERT_EQ(shmreg_read(g, 5000, buf, 2, &err), -1); /* past the region: refused */
     shmreg_release(g);
-    ASSERT_EQ(shmreg_acquire(r, "a", 5000, 1, &g, &p, &err), 0);
-    ASSERT_EQ(*(unsigned char *)p, pattern[9999]);
-    shmreg_release(g);
-    ASSERT_EQ(shmreg_acquire(r, "a", 5000, 2, &g, &p, &err), -1);
+    ASSERT_EQ(shmreg_acquire(r, "a", 5000, 2, &g, &err), -1);
     ASSERT_EQ(err.code, TP_EINVAL);
-    ASSERT_EQ(shmreg_acquire(r, "a", 5002, 0, &g, &p, &err), -1);
-    ASSERT_EQ(shmreg_acquire(r, "a", UINT64_MAX, 2, &g, &p, &err), -1);
-    ASSERT_EQ(shmreg_acquire(r, "a", 2, UINT64_MAX - 1, &g, &p, &err), -1);
-    ASSERT_EQ(shmreg_acquire(r, "c", 0, 1, &g, &p, &err), -1);
+    ASSERT_EQ(shmreg_acquire(r, "a", 5002, 0, &g, &err), -1);
+    ASSERT_EQ(shmreg_acquire(r, "a", UINT64_MAX, 2, &g, &err), -1);
+    ASSERT_EQ(shmreg_acquire(r, "a", 2, UINT64_MAX - 1, &g, &err), -1);
+    ASSERT_EQ(shmreg_acquire(r, "c", 0, 1, &g, &err), -1);
     ASSERT_EQ(err.code, TP_ENOTFOUND);
 
-    /* unregistered while in use: gone by name, still mapped for the holder */
-    ASSERT_EQ(shmreg_acquire(r, "b", 10, 90, &g, &held, &err), 0);
+    /* writes land at the region's offset in the object */
+    ASSERT_EQ(shmreg_acquire(r, "b", 0, 100, &g, &err), 0);
+    memset(buf, 0xab, 4);
+    ASSERT_EQ(shmreg_write(g, 20, buf, 4, &err), 0);
+    pattern[20] = pattern[21] = pattern[22] = pattern[23] = 0xab;
+    ASSERT_EQ(shmreg_read(g, 0, buf, 100, &err), 0);
+    ASSERT_EQ(memcmp(buf, pattern, 100), 0);
+    shmreg_release(g);
+
+    /* unregistered while in use: gone by name, still readable for the holder */
+    ASSERT_EQ(shmreg_acquire(r, "b", 10, 90, &g, &err), 0);
     ASSERT_EQ(shmreg_unregister(r, "b", &err), 0);
-    ASSERT_EQ(shmreg_acquire(r, "b", 0, 1, &g2, &p, &err), -1);
+    ASSERT_EQ(shmreg_acquire(r, "b", 0, 1, &g2, &err), -1);
     ASSERT_EQ(err.code, TP_ENOTFOUND);
-    ASSERT_EQ(memcmp(held, pattern + 10, 90), 0);
+    ASSERT_EQ(shmreg_read(g, 10, buf, 90, &err), 0);
+    ASSERT_EQ(memcmp(buf, pattern + 10, 90), 0);
     shmreg_release(g);
     ASSERT_EQ(shmreg_unregister(r, "b", &err), 0); /* idempotent */
-    /* the object shrinks under region a: refused, not a SIGBUS */
+
+    /* the object shrinks under a held region a: reads and writes fail, tpd lives, and the
+     * object is not grown back */
+    ASSERT_EQ(shmreg_acquire(r, "a", 0, 5001, &g, &err), 0);
     fd = shm_open(key, O_RDWR, 0);
     ASSERT_TRUE(fd >= 0);
     ASSERT_EQ(ftruncate(fd, 6000), 0);
+    err = (struct tp_err){0};
+    ASSERT_EQ(shmreg_read(g, 0, buf, 5001, &err), -1);
+    ASSERT_EQ(err.code, TP_EINVAL);
+    ASSERT_STR_HAS(err.msg, "shrank");
+    ASSERT_EQ(shmreg_read(g, 0, buf, 8, &err), 0); /* what is left is still there */
+    ASSERT_EQ(memcmp(buf, pattern + 4999, 8), 0);
+    ASSERT_EQ(shmreg_write(g, 4000, buf, 8, &err), -1);
+    ASSERT_STR_HAS(err.msg, "shrank");
+    ASSERT_EQ(fstat(fd, &st), 0);
+    ASSERT_EQ(st.st_size, 6000);
+    ASSERT_EQ(ftruncate(fd, 0), 0);
+    ASSERT_EQ(shmreg_read(g, 0, buf, 1, &err), -1);
     close(fd);
-    ASSERT_EQ(shmreg_acquire(r, "a", 0, 8, &g, &p, &err), -1);
+    shmreg_release(g);
+    ASSERT_EQ(shmreg_acquire(r, "a", 0, 8, &g, &err), -1);
     ASSERT_STR_HAS(err.msg, "shrank");
     ASSERT_EQ(shmreg_unregister(r, "", &err), 0);
     ASSERT_EQ(shmreg_status(r, "", info, 4), 0);
