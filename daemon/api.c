@@ -378,10 +378,19 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     grpc_byte_buffer *bb = NULL;
     enum tp_dtype dt = ic->api->model->io_dtype;
     size_t n = (size_t)req->rows * (size_t)ic->api->model->out;
+    struct tp_err failed = {0}; /* this request's own failure, found here */
 
     if (!err && ic->fill_err.code != TP_OK) {
-        sched_unhold(req->hold);
-        err = &ic->fill_err;
+        failed = ic->fill_err;
+    } else if (!err && ic->out_reg) {
+        /* the output goes to the client's region, narrowed in place in the slot first: the
+         * reply carries no data */
+        tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
+        shmreg_write(ic->out_reg, ic->in.out_offset, y, n * tp_dtype_size(dt), &failed);
+    }
+    if (!err && failed.code != TP_OK) {
+        sched_unhold(req->hold); /* computed, but the answer cannot be given */
+        err = &failed;
     }
     if (err) {
         struct tp_err e = *err;
@@ -395,21 +404,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     }
     metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
     if (ic->out_reg) {
-        /* the output goes to the client's region, narrowed in place in the slot first: the
-         * reply carries no data */
-        struct tp_err e = {0};
-        int r;
-
-        tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
-        r = shmreg_write(ic->out_reg, ic->in.out_offset, y, n * tp_dtype_size(dt), &e);
         sched_unhold(req->hold);
-        if (r < 0) {
-            metrics_request_done(ic->msg->model_name, tp_code_grpc(e.code),
-                                 metrics_since(ic->t0_ns), req->rows, ic->bytes_in, 0);
-            release_call(ic);
-            rpc_reply_err(call, &e);
-            return;
-        }
         bb = infer_response(ic->api->model, ic->msg->id, NULL, req->rows, NULL, NULL);
     } else {
         /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds

@@ -40,13 +40,13 @@ int shmreg_create(struct shmreg **out, struct tp_err *err)
     return 0;
 }
 
-static void unmap(struct shmreg_region *g)
+static void close_region(struct shmreg_region *g)
 {
     close(g->fd);
     free(g);
 }
 
-/* Drops one reference. Called with the lock held; returns the region to unmap after unlocking. */
+/* Drops one reference. Called with the lock held; returns the region to close after unlocking. */
 static struct shmreg_region *unref_locked(struct shmreg_region *g)
 {
     return --g->refs == 0 ? g : NULL;
@@ -60,7 +60,7 @@ void shmreg_destroy(struct shmreg *r)
         return;
     for (g = r->head; g; g = next) {
         next = g->next;
-        unmap(g);
+        close_region(g);
     }
     pthread_mutex_destroy(&r->lock);
     free(r);
@@ -170,7 +170,7 @@ int shmreg_unregister(struct shmreg *r, const char *name, struct tp_err *err)
     (void)err; /* an unknown name is not an error: unregistering is idempotent, as upstream */
     for (; dead; dead = g) {
         g = dead->next;
-        unmap(dead);
+        close_region(dead);
     }
     return 0;
 }
@@ -289,5 +289,5 @@ void shmreg_release(struct shmreg_region *g)
     dead = unref_locked(g);
     pthread_mutex_unlock(&g->owner->lock);
     if (dead)
-        unmap(dead);
+        close_region(dead);
 }
