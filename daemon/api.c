@@ -405,14 +405,16 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
     if (ic->out_reg) {
         sched_unhold(req->hold);
-        bb = infer_response(ic->api->model, ic->msg->id, NULL, req->rows, NULL, NULL);
+        bb = infer_response_dims(ic->api->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead,
+                                 NULL, NULL);
     } else {
         /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds
          * until gRPC has sent them; so the reply stays zero-copy and needs no buffer */
         if (dt != TP_F32)
             tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
         /* the reply points at the slot's output; gRPC releases the slot when it is done */
-        bb = infer_response(ic->api->model, ic->msg->id, y, req->rows, unhold, req->hold);
+        bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead,
+                                 unhold, req->hold);
         if (!bb)
             sched_unhold(req->hold);
     }

@@ -4,21 +4,76 @@
  * slice can point straight at the slot's output. */
 #include "infer.h"
 
+#include <assert.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "gbuf.h"
 
+#define SHOW_DIMS 6 /* dims of a received shape shown in a message; more end in ", ..." */
+
 static void shape_str(char *buf, size_t len, const int64_t *shape, size_t n)
 {
     size_t off = 0;
 
     off += (size_t)snprintf(buf, len, "[");
-    for (size_t i = 0; i < n && off < len; i++)
+    for (size_t i = 0; i < n && i < SHOW_DIMS && off < len; i++)
         off += (size_t)snprintf(buf + off, len - off, "%s%" PRId64, i ? ", " : "", shape[i]);
+    if (n > SHOW_DIMS && off < len)
+        off += (size_t)snprintf(buf + off, len - off, ", ...");
     if (off < len)
         snprintf(buf + off, len - off, "]");
+}
+
+/* The input's shape [..., in]: 1 to INFER_MAX_DIMS dims, the last the model's in, every dim at
+ * least 1, and leading dims that make 1 to max_batch rows. Fills rows, nlead and lead. The
+ * rows are counted in 64 bits, saturating, so that no shape can wrap around to a small count. */
+static int check_shape(const struct model *m, const int64_t *dims, size_t n, const char *shape,
+                       struct infer_input *in, struct tp_err *err)
+{
+    uint64_t rows = 1;
+    char count[32];
+
+    if (n < 1)
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' has shape [], expected [..., %" PRId64 "]: it has no dims",
+                          MODEL_INPUT, m->in);
+    if (n > INFER_MAX_DIMS)
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' has shape %s, expected [..., %" PRId64 "]: it has %zu dims, "
+                          "at most %d dims are accepted",
+                          MODEL_INPUT, shape, m->in, n, INFER_MAX_DIMS);
+    if (dims[n - 1] != m->in)
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' has shape %s, expected [..., %" PRId64 "]: last dim %" PRId64
+                          " is not the model's %" PRId64 " inputs",
+                          MODEL_INPUT, shape, m->in, dims[n - 1], m->in);
+    for (size_t i = 0; i + 1 < n; i++) {
+        uint64_t d = (uint64_t)dims[i];
+
+        if (dims[i] < 1)
+            return tp_err_set(err, TP_EINVAL,
+                              "input '%s' has shape %s, expected [..., %" PRId64 "]: dim %zu is "
+                              "%" PRId64 ", every dim must be at least 1",
+                              MODEL_INPUT, shape, m->in, i, dims[i]);
+        rows = rows > UINT64_MAX / d ? UINT64_MAX : rows * d;
+    }
+    if (rows > m->max_batch) {
+        if (rows == UINT64_MAX)
+            snprintf(count, sizeof(count), "over 2^63");
+        else
+            snprintf(count, sizeof(count), "%" PRIu64, rows);
+        return tp_err_set(err, TP_EINVAL,
+                          "input '%s' has shape %s, expected [..., %" PRId64 "] with 1 to %u rows "
+                          "(--max-batch): its leading dims make %s rows",
+                          MODEL_INPUT, shape, m->in, m->max_batch, count);
+    }
+    in->rows = (uint32_t)rows;
+    in->nlead = (uint32_t)(n - 1);
+    for (size_t i = 0; i + 1 < n; i++)
+        in->lead[i] = dims[i];
+    return 0;
 }
 
 int infer_check_model(const struct model *m, const char *name, const char *version,
@@ -121,21 +176,16 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
         return tp_err_set(err, TP_EINVAL,
                           "input '%s' has datatype '%.32s', expected %s (the model's io dtype)",
                           MODEL_INPUT, t->datatype, dt);
-    shape_str(shape, sizeof(shape), t->shape, t->n_shape < 8 ? t->n_shape : 8);
-    if (t->n_shape != 2 || t->shape[1] != m->in)
-        return tp_err_set(err, TP_EINVAL, "input '%s' has shape %s, expected [B, %" PRId64 "]",
-                          MODEL_INPUT, shape, m->in);
-    if (t->shape[0] < 1 || t->shape[0] > (int64_t)m->max_batch)
-        return tp_err_set(err, TP_EINVAL,
-                          "input '%s' has %" PRId64 " rows, expected 1 to %u (--max-batch)",
-                          MODEL_INPUT, t->shape[0], m->max_batch);
+    shape_str(shape, sizeof(shape), t->shape, t->n_shape);
+    *in = (struct infer_input){0};
+    if (check_shape(m, t->shape, t->n_shape, shape, in, err) < 0)
+        return -1;
     for (size_t i = 0; i < r->n_outputs; i++)
         if (strcmp(r->outputs[i]->name, MODEL_OUTPUT) != 0)
             return tp_err_set(err, TP_EINVAL,
                               "unknown requested output '%.64s', the model's output is '%s'",
                               r->outputs[i]->name, MODEL_OUTPUT);
-    want = (uint64_t)t->shape[0] * (uint64_t)m->in;
-    *in = (struct infer_input){0};
+    want = (uint64_t)in->rows * (uint64_t)m->in;
     if (t->n_parameters > MAX_PARAMS)
         return tp_err_set(err, TP_EINVAL, "input '%s' has %zu parameters, at most %d", MODEL_INPUT,
                           t->n_parameters, MAX_PARAMS);
@@ -153,7 +203,7 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
         for (size_t i = 0; i < ot->n_parameters; i++)
             keys[i] = ot->parameters[i]->key, vals[i] = ot->parameters[i]->value;
         if (shm_params("output", ot->n_parameters, keys, vals,
-                       (uint64_t)t->shape[0] * (uint64_t)m->out * esize, dt, &in->out_region,
+                       (uint64_t)in->rows * (uint64_t)m->out * esize, dt, &in->out_region,
                        &in->out_offset, err) < 0)
             return -1;
     }
@@ -196,29 +246,37 @@ int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
         return tp_err_set(err, TP_EINVAL, "input '%s' has no data: expected raw_input_contents%s",
                           MODEL_INPUT, m->io_dtype == TP_F32 ? " or fp32_contents" : "");
     }
-    in->rows = (uint32_t)t->shape[0];
     return 0;
 }
 
-grpc_byte_buffer *infer_response(const struct model *m, const char *id, const void *y,
-                                 uint32_t rows, void (*release)(void *user), void *user)
+grpc_byte_buffer *infer_response_dims(const struct model *m, const char *id, const void *y,
+                                      const int64_t *lead, uint32_t nlead,
+                                      void (*release)(void *user), void *user)
 {
     Inference__ModelInferResponse resp = INFERENCE__MODEL_INFER_RESPONSE__INIT;
     Inference__ModelInferResponse__InferOutputTensor out =
         INFERENCE__MODEL_INFER_RESPONSE__INFER_OUTPUT_TENSOR__INIT;
     Inference__ModelInferResponse__InferOutputTensor *outs[1] = {&out};
-    int64_t shape[2] = {rows, m->out};
-    size_t len = (size_t)rows * (size_t)m->out * tp_dtype_size(m->io_dtype), hlen, n;
+    int64_t shape[INFER_MAX_DIMS];
+    size_t rows = 1, len, hlen, n;
     grpc_slice s[2];
     grpc_byte_buffer *bb;
     uint8_t *h;
+
+    assert(nlead < INFER_MAX_DIMS);
+    for (uint32_t i = 0; i < nlead; i++) {
+        shape[i] = lead[i];
+        rows *= (size_t)lead[i];
+    }
+    shape[nlead] = m->out;
+    len = rows * (size_t)m->out * tp_dtype_size(m->io_dtype);
 
     resp.model_name = (char *)m->name;
     resp.model_version = MODEL_VERSION;
     resp.id = (char *)id;
     out.name = MODEL_OUTPUT;
     out.datatype = (char *)tp_dtype_wire_name(m->io_dtype);
-    out.n_shape = 2;
+    out.n_shape = nlead + 1;
     out.shape = shape;
     resp.n_outputs = 1;
     resp.outputs = outs;
@@ -252,4 +310,12 @@ grpc_byte_buffer *infer_response(const struct model *m, const char *id, const vo
     grpc_slice_unref(s[0]);
     grpc_slice_unref(s[1]);
     return bb;
+}
+
+grpc_byte_buffer *infer_response(const struct model *m, const char *id, const void *y,
+                                 uint32_t rows, void (*release)(void *user), void *user)
+{
+    int64_t lead[1] = {rows};
+
+    return infer_response_dims(m, id, y, lead, 1, release, user);
 }

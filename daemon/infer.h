@@ -12,8 +12,13 @@
 #include "grpc_service.pb-c.h"
 #include "model.h"
 
+#define INFER_MAX_DIMS 4 /* dims of an input: [in], [B, in], [B, S, in] or [A, B, S, in] */
+
 struct infer_input {
-    uint32_t rows;          /* batch rows */
+    uint32_t rows;                    /* the product of the leading dims; 1 for [in] */
+    uint32_t nlead;                   /* leading dims, 0 to INFER_MAX_DIMS - 1 */
+    int64_t lead[INFER_MAX_DIMS - 1]; /* the input's shape without its last dim, in: the
+                                         output's shape is these dims, then out */
     const void *x;          /* [rows, in] of the model's io dtype in the unpacked message or a
                                shared-memory region; NULL when the data is elsewhere */
     size_t raw_offset;      /* x NULL: offset of raw_input_contents[0] in the received message */
@@ -28,28 +33,35 @@ int infer_check_model(const struct model *m, const char *name, const char *versi
                       struct tp_err *err);
 
 /* Accepts exactly one input named MODEL_INPUT, datatype the model's io dtype (FP32, FP16 or
- * BF16; E bytes an element), shape [B, in] with 1 <= B <= max_batch, data in
- * raw_input_contents[0] (exactly B*in*E bytes) or, for FP32 only, in contents.fp32_contents
- * (exactly B*in values; as in Triton, FP16 and BF16 travel only as raw bytes), for model m
- * (version "" or MODEL_VERSION); requested outputs, if any, must be MODEL_OUTPUT. The input, or
- * the output, may instead lie in a system shared-memory region: parameters
- * shared_memory_region (string), shared_memory_byte_size (exactly B*in*E, or B*out*E bytes)
- * and shared_memory_offset (>= 0,
- * default 0); the region's bounds are checked where it is looked up. raw: where the scan found
- * raw_input_contents when they were left in the byte buffer (then r has none), or NULL when r
- * carries them itself. Errors: TP_ENOTFOUND for the model or version, TP_EINVAL for the rest, each
- * saying what was expected and what came. */
+ * BF16; E bytes an element), shape [..., in] of 1 to INFER_MAX_DIMS dims, every dim at least 1:
+ * the leading dims are flattened into B rows (their product; 1 for [in]), 1 <= B <= max_batch.
+ * Data in raw_input_contents[0] (exactly B*in*E bytes) or, for FP32 only, in
+ * contents.fp32_contents (exactly B*in values; as in Triton, FP16 and BF16 travel only as raw
+ * bytes), for model m (version "" or MODEL_VERSION); requested outputs, if any, must be
+ * MODEL_OUTPUT. The input, or the output, may instead lie in a system shared-memory region:
+ * parameters shared_memory_region (string), shared_memory_byte_size (exactly B*in*E, or
+ * B*out*E bytes) and shared_memory_offset (>= 0, default 0); the region's bounds are checked
+ * where it is looked up. raw: where the scan found raw_input_contents when they were left in
+ * the byte buffer (then r has none), or NULL when r carries them itself. Fills in, the leading
+ * dims included, for infer_response_dims. Errors: TP_ENOTFOUND for the model or version,
+ * TP_EINVAL for the rest, each saying what was expected and what came. */
 int infer_validate(const struct model *m, const Inference__ModelInferRequest *r,
                    const struct gbuf_field *raw, struct infer_input *in, struct tp_err *err);
 
-/* The response for rows of y ([rows, out] in the model's io dtype, already converted): echoes
- * the request's id, names the output, datatype the io dtype, shape [rows, out], data in
- * raw_output_contents. The data is not copied when
- * release is given: the outgoing slice points at y, which must stay valid until gRPC calls
- * release(user) (on some gRPC thread, possibly after the call ended). Without release, y is
- * copied. y NULL (the output went to shared memory): one empty raw_output_contents, as Triton
- * sends for every output in a region. NULL when memory
- * runs out; release is then never called. */
+/* The response for the rows of y ([rows, out] in the model's io dtype, already converted, where
+ * rows is the product of the nlead (< INFER_MAX_DIMS) leading dims lead; 1 when nlead is 0):
+ * echoes the request's id, names the output, datatype the io dtype, shape lead + [out] (so a
+ * request answers in its own input's shape, its last dim replaced), data in
+ * raw_output_contents. The data is not copied when release is given: the outgoing slice points
+ * at y, which must stay valid until gRPC calls release(user) (on some gRPC thread, possibly
+ * after the call ended). Without release, y is copied. y NULL (the output went to shared
+ * memory): one empty raw_output_contents, as Triton sends for every output in a region. NULL
+ * when memory runs out; release is then never called. */
+grpc_byte_buffer *infer_response_dims(const struct model *m, const char *id, const void *y,
+                                      const int64_t *lead, uint32_t nlead,
+                                      void (*release)(void *user), void *user);
+
+/* infer_response_dims for an output of shape [rows, out]. */
 grpc_byte_buffer *infer_response(const struct model *m, const char *id, const void *y,
                                  uint32_t rows, void (*release)(void *user), void *user);
 

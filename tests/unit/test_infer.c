@@ -2,7 +2,9 @@
  * a time, each refused with the right code and a message that says what was expected and what
  * came; and the response echoes the id, names the output and carries exactly the rows given. The
  * same for models with FP16 and BF16 on the wire: sizes in 2-byte elements, raw bytes only, the
- * datatype named in responses, and a wrong datatype refused naming both. */
+ * datatype named in responses, and a wrong datatype refused naming both. Inputs of 1 to 4 dims
+ * flatten their leading dims into rows and are answered in their own shape with out last;
+ * every bad shape is refused naming the shape and the dim at fault. */
 #include <grpc/byte_buffer_reader.h>
 
 #include "gbuf.h"
@@ -27,7 +29,7 @@ struct req {
     Inference__InferTensorContents contents;
     Inference__ModelInferRequest__InferRequestedOutputTensor o;
     Inference__ModelInferRequest__InferRequestedOutputTensor *os[1];
-    int64_t shape[3];
+    int64_t shape[12];
     float x[16];
     ProtobufCBinaryData raw[2];
 };
@@ -120,14 +122,14 @@ static void test_rejects(void)
     q.t.datatype = "INT32";
     expect_fail(&q, TP_EINVAL, "expected FP32");
     q.t.n_shape = 1;
-    expect_fail(&q, TP_EINVAL, "[B, 3]");
+    expect_fail(&q, TP_EINVAL, "has shape [2], expected [..., 3]: last dim 2 is not the model's 3");
     q.t.n_shape = 3;
     expect_fail(&q, TP_EINVAL, "[2, 3, 0]");
     q.shape[1] = 4;
     expect_fail(&q, TP_EINVAL, "[2, 4]");
     q.shape[0] = 0;
     q.raw[0].len = 0;
-    expect_fail(&q, TP_EINVAL, "1 to 4");
+    expect_fail(&q, TP_EINVAL, "dim 0 is 0");
     q.shape[0] = 5;
     q.raw[0].len = 60;
     expect_fail(&q, TP_EINVAL, "5 rows");
@@ -179,6 +181,152 @@ static void test_response(void)
     ASSERT_EQ(memcmp(r->raw_output_contents[0].data, y, sizeof(y)), 0);
     protobuf_c_message_free_unpacked(&r->base, NULL);
     grpc_byte_buffer_destroy(bb);
+}
+
+/* sets q's input shape to dims (n of them) and its raw data to the bytes they need in FP32 */
+static void set_shape(struct req *q, const int64_t *dims, size_t n)
+{
+    size_t count = 1;
+
+    for (size_t i = 0; i < n; i++) {
+        q->shape[i] = dims[i];
+        count *= dims[i] > 0 ? (size_t)dims[i] : 0;
+    }
+    q->t.n_shape = n;
+    q->raw[0].len = count * sizeof(float);
+}
+
+static void expect_shape_ok(const int64_t *dims, size_t n, uint32_t rows)
+{
+    struct req q;
+    struct infer_input in;
+    struct tp_err err = {0};
+
+    make(&q);
+    set_shape(&q, dims, n);
+    if (infer_validate(&model, &q.r, NULL, &in, &err) != 0)
+        TEST_FAIL_("shape of %zu dims refused: %s", n, err.msg);
+    ASSERT_EQ(in.rows, rows);
+    ASSERT_EQ(in.nlead, n - 1);
+    for (size_t i = 0; i + 1 < n; i++)
+        ASSERT_EQ(in.lead[i], dims[i]);
+    ASSERT_TRUE(in.x == q.x);
+}
+
+static void expect_shape_fail(const int64_t *dims, size_t n, const char *a, const char *b)
+{
+    struct req q;
+    struct infer_input in;
+    struct tp_err err = {0};
+
+    make(&q);
+    set_shape(&q, dims, n);
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), -1);
+    ASSERT_EQ(err.code, TP_EINVAL);
+    ASSERT_STR_HAS(err.msg, a);
+    ASSERT_STR_HAS(err.msg, b);
+    ASSERT_TRUE(strchr(err.msg, '\n') == NULL);
+}
+
+/* The output shape of a response, checked against want (n dims). */
+static void expect_response_shape(const int64_t *lead, uint32_t nlead, const int64_t *want,
+                                  size_t n)
+{
+    float y[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    grpc_byte_buffer *bb = infer_response_dims(&model, "s", y, lead, nlead, NULL, NULL);
+    Inference__ModelInferResponse *r;
+    struct tp_err err = {0};
+    size_t rows = 1;
+
+    ASSERT_TRUE(bb != NULL);
+    ASSERT_EQ(gbuf_unpack(bb, &inference__model_infer_response__descriptor, (ProtobufCMessage **)&r,
+                          &err),
+              0);
+    ASSERT_EQ(r->outputs[0]->n_shape, n);
+    for (size_t i = 0; i < n; i++)
+        ASSERT_EQ(r->outputs[0]->shape[i], want[i]);
+    for (uint32_t i = 0; i < nlead; i++)
+        rows *= (size_t)lead[i];
+    ASSERT_EQ(r->n_raw_output_contents, 1);
+    ASSERT_EQ(r->raw_output_contents[0].len, rows * 2 * sizeof(float));
+    ASSERT_EQ(memcmp(r->raw_output_contents[0].data, y, rows * 2 * sizeof(float)), 0);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    grpc_byte_buffer_destroy(bb);
+}
+
+/* [in], [B, S, in] and [A, B, S, in]: leading dims flattened into rows, sizes counted in rows,
+ * the output in the input's shape with out last; and every way a shape can be wrong. */
+static void test_shapes(void)
+{
+    struct req q;
+    struct shape_case {
+        int64_t dims[4];
+        size_t n;
+        uint32_t rows;
+    } ok[] = {{{3}, 1, 1},       {{4, 3}, 2, 4},       {{1, 2, 3}, 3, 2},    {{2, 2, 3}, 3, 4},
+              {{4, 1, 3}, 3, 4}, {{1, 1, 1, 3}, 4, 1}, {{2, 1, 2, 3}, 4, 4}, {{1, 4, 1, 3}, 4, 4}};
+    struct infer_input in;
+    struct tp_err err = {0};
+
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+        expect_shape_ok(ok[i].dims, ok[i].n, ok[i].rows);
+    /* typed contents count rows of the flattened shape */
+    make(&q);
+    set_shape(&q, (int64_t[]){1, 2, 3}, 3);
+    q.r.n_raw_input_contents = 0;
+    q.contents.n_fp32_contents = 6;
+    q.contents.fp32_contents = q.x;
+    q.t.contents = &q.contents;
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
+    ASSERT_EQ(in.rows, 2);
+    q.contents.n_fp32_contents = 5;
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), -1);
+    ASSERT_STR_HAS(err.msg, "input 'input' [1, 2, 3] needs 6 fp32_contents, got 5");
+    /* raw bytes likewise, the message naming the shape */
+    make(&q);
+    set_shape(&q, (int64_t[]){2, 1, 2, 3}, 4);
+    q.raw[0].len = 44;
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), -1);
+    ASSERT_STR_HAS(err.msg, "input 'input' [2, 1, 2, 3] FP32 needs 48 bytes, raw_input_contents "
+                            "has 44");
+    make(&q);
+    set_shape(&q, (int64_t[]){3}, 1);
+    q.raw[0].len = 24;
+    ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), -1);
+    ASSERT_STR_HAS(err.msg, "[3] FP32 needs 12 bytes, raw_input_contents has 24");
+
+    /* rank */
+    expect_shape_fail((int64_t[]){1, 1, 1, 2, 3}, 5, "has shape [1, 1, 1, 2, 3], expected [..., 3]",
+                      "it has 5 dims, at most 4 dims are accepted");
+    expect_shape_fail((int64_t[]){1, 1, 1, 1, 1, 1, 1, 1, 1, 3}, 10, "[1, 1, 1, 1, 1, 1, ...]",
+                      "it has 10 dims");
+    expect_shape_fail(NULL, 0, "has shape [], expected [..., 3]", "no dims");
+    /* the last dim */
+    expect_shape_fail((int64_t[]){1, 2, 4}, 3, "has shape [1, 2, 4], expected [..., 3]",
+                      "last dim 4 is not the model's 3 inputs");
+    expect_shape_fail((int64_t[]){5}, 1, "has shape [5], expected [..., 3]", "last dim 5");
+    expect_shape_fail((int64_t[]){1, 2, 3, 3, 0}, 5, "[1, 2, 3, 3, 0]", "at most 4 dims");
+    expect_shape_fail((int64_t[]){2, 0}, 2, "[2, 0]", "last dim 0 is not the model's 3");
+    /* a leading dim of 0 or less */
+    expect_shape_fail((int64_t[]){2, 0, 3}, 3, "has shape [2, 0, 3], expected [..., 3]",
+                      "dim 1 is 0, every dim must be at least 1");
+    expect_shape_fail((int64_t[]){0, 2, 1, 3}, 4, "[0, 2, 1, 3]", "dim 0 is 0");
+    expect_shape_fail((int64_t[]){1, 1, -2, 3}, 4, "[1, 1, -2, 3]", "dim 2 is -2");
+    /* more rows than --max-batch, in any dims */
+    expect_shape_fail((int64_t[]){2, 3, 3}, 3,
+                      "has shape [2, 3, 3], expected [..., 3] with 1 to 4 rows (--max-batch)",
+                      "its leading dims make 6 rows");
+    expect_shape_fail((int64_t[]){1, 5, 1, 3}, 4, "[1, 5, 1, 3]", "make 5 rows");
+    expect_shape_fail((int64_t[]){1LL << 40, 1LL << 40, 1LL << 40, 3}, 4, "1 to 4 rows",
+                      "make over 2^63 rows");
+    expect_shape_fail((int64_t[]){1LL << 31, 1LL << 31, 3}, 3, "1 to 4 rows",
+                      "make 4611686018427387904 rows");
+
+    /* the response: the leading dims, then out */
+    expect_response_shape(NULL, 0, (int64_t[]){2}, 1);
+    expect_response_shape((int64_t[]){3}, 1, (int64_t[]){3, 2}, 2);
+    expect_response_shape((int64_t[]){1, 2}, 2, (int64_t[]){1, 2, 2}, 3);
+    expect_response_shape((int64_t[]){2, 1, 2}, 3, (int64_t[]){2, 1, 2, 2}, 4);
 }
 
 /* a request whose input (and optionally output) lies in a shared-memory region */
@@ -277,6 +425,25 @@ static void test_shm_params(void)
     ASSERT_EQ(in.out_offset, 0);
     ov[1].uint64_param = 24;
     expect_shm_fail(&s, "'output' FP32 needs 16 bytes");
+    /* a 3-D input [1, 2, 3] is 2 rows: 24 bytes in, 16 out */
+    make_shm(&s, 24, 0);
+    s.q.shape[0] = 1, s.q.shape[1] = 2, s.q.shape[2] = 3;
+    s.q.t.n_shape = 3;
+    s.q.o.n_parameters = 2;
+    s.q.o.parameters = oep;
+    s.q.r.n_outputs = 1;
+    s.q.r.outputs = s.q.os;
+    ov[1].uint64_param = 16;
+    ASSERT_EQ(infer_validate(&model, &s.q.r, NULL, &in, &err), 0);
+    ASSERT_EQ(in.rows, 2);
+    ASSERT_EQ(in.nlead, 2);
+    ASSERT_STR_EQ(in.in_region, "reg");
+    ASSERT_STR_EQ(in.out_region, "outreg");
+    ov[1].uint64_param = 24;
+    expect_shm_fail(&s, "'output' FP32 needs 16 bytes, shared_memory_byte_size is 24");
+    ov[1].uint64_param = 16;
+    s.pv[1].int64_param = 48;
+    expect_shm_fail(&s, "'input' FP32 needs 24 bytes, shared_memory_byte_size is 48");
 }
 
 static int released;
@@ -421,6 +588,7 @@ int main(void)
     TEST_RUN(test_valid_forms);
     TEST_RUN(test_rejects);
     TEST_RUN(test_response);
+    TEST_RUN(test_shapes);
     TEST_RUN(test_response_in_place);
     TEST_RUN(test_shm_params);
     TEST_RUN(test_half_dtypes);
