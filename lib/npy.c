@@ -3,7 +3,9 @@
  * literal; it is never evaluated, but read by a small strict parser that accepts exactly the three
  * keys numpy writes, each once, and nothing but whitespace around them. Every size the header
  * implies is checked against the caps in npy.h, and when loading against the real file size,
- * before anything is allocated. Data is little-endian, as on every host tpd runs on. */
+ * before anything is allocated. Data is little-endian, as on every host tpd runs on; a
+ * Fortran-order array is read as it lies and then transposed into C order, which costs a second
+ * buffer of the same size for as long as the transpose runs. */
 #include "npy.h"
 
 #include <errno.h>
@@ -173,6 +175,14 @@ static int parse_shape(struct cursor *c, struct npy_info *info, struct tp_err *e
     return 0;
 }
 
+/* The descrs npy.h lists, each with its type. '<V2' and '|V2' are bfloat16 (see npy.h). */
+static const struct {
+    const char *descr;
+    enum tp_dtype dtype;
+} descrs[] = {
+    {"<f4", TP_F32}, {"<f2", TP_F16}, {"<f8", TP_F64}, {"<V2", TP_BF16}, {"|V2", TP_BF16},
+};
+
 static int parse_descr(struct cursor *c, struct npy_info *info, struct tp_err *err)
 {
     char s[MAX_STR];
@@ -184,21 +194,24 @@ static int parse_descr(struct cursor *c, struct npy_info *info, struct tp_err *e
                           pos(c));
     if (parse_str(c, s, "a string for 'descr'", err) < 0)
         return -1;
-    if (strcmp(s, "<f4") == 0)
-        info->dtype = TP_F32;
-    else if (strcmp(s, "<f2") == 0)
-        info->dtype = TP_F16;
-    else if (strcmp(s, "<f8") == 0)
-        info->dtype = TP_F64;
-    else
+    for (size_t i = 0; i < sizeof(descrs) / sizeof(descrs[0]); i++)
+        if (strcmp(s, descrs[i].descr) == 0) {
+            info->dtype = descrs[i].dtype;
+            memcpy(info->descr, s, strlen(s) + 1);
+            return 0;
+        }
+    if (s[0] == '>' && s[1] == 'f')
         return tp_err_set(err, TP_EINVAL,
-                          "unsupported dtype '%s' (expected '<f4', '<f2' or "
-                          "'<f8')",
-                          s);
-    return 0;
+                          "big-endian dtype '%s' is not supported (save it little-endian, "
+                          "'<%s')",
+                          s, s + 1);
+    return tp_err_set(err, TP_EINVAL,
+                      "unsupported dtype '%s' (expected '<f4', '<f2', '<f8', or '<V2' or '|V2' "
+                      "for bfloat16)",
+                      s);
 }
 
-static int parse_fortran(struct cursor *c, struct tp_err *err)
+static int parse_fortran(struct cursor *c, struct npy_info *info, struct tp_err *err)
 {
     char word[8];
     size_t n = 0;
@@ -207,10 +220,10 @@ static int parse_fortran(struct cursor *c, struct tp_err *err)
            ((*c->p >= 'a' && *c->p <= 'z') || (*c->p >= 'A' && *c->p <= 'Z')))
         word[n++] = *c->p++;
     word[n] = '\0';
-    if (strcmp(word, "False") == 0)
+    if (strcmp(word, "False") == 0 || strcmp(word, "True") == 0) {
+        info->fortran_order = word[0] == 'T';
         return 0;
-    if (strcmp(word, "True") == 0)
-        return tp_err_set(err, TP_EINVAL, "fortran_order True is not supported (only C order)");
+    }
     return syntax(c, "True or False for 'fortran_order'", err);
 }
 
@@ -244,7 +257,7 @@ static int parse_dict(struct cursor *c, struct npy_info *info, struct tp_err *er
         skip_ws(c);
         if (k == KEY_DESCR && parse_descr(c, info, err) < 0)
             return -1;
-        if (k == KEY_FORTRAN && parse_fortran(c, err) < 0)
+        if (k == KEY_FORTRAN && parse_fortran(c, info, err) < 0)
             return -1;
         if (k == KEY_SHAPE && parse_shape(c, info, err) < 0)
             return -1;
@@ -333,10 +346,33 @@ int npy_parse_header(const void *buf, size_t len, struct npy_info *info, struct 
     return 0;
 }
 
+/* Rearranges the column-major array src of the given shape into C order at dst. Walks dst in
+ * order, keeping the multi-index and the matching offset into src; the first axis of src is the
+ * one that varies fastest. */
+static void fortran_to_c(float *dst, const float *src, const int64_t *shape, int ndim,
+                         uint64_t count)
+{
+    int64_t idx[TP_MAX_DIMS] = {0}, stride[TP_MAX_DIMS];
+    uint64_t off = 0;
+
+    for (int k = 0; k < ndim; k++)
+        stride[k] = k ? stride[k - 1] * shape[k - 1] : 1;
+    for (uint64_t i = 0; i < count; i++) {
+        dst[i] = src[off];
+        for (int k = ndim - 1; k >= 0; k--) {
+            off += (uint64_t)stride[k];
+            if (++idx[k] < shape[k])
+                break;
+            off -= (uint64_t)(shape[k] * stride[k]);
+            idx[k] = 0;
+        }
+    }
+}
+
 int npy_load_f32(const char *path, float **data, struct npy_info *info, struct tp_err *err)
 {
     unsigned char pre[12], *hdr = NULL;
-    float *out = NULL;
+    float *out = NULL, *col = NULL;
     struct npy_info ni;
     struct stat st;
     uint64_t size, expect;
@@ -393,6 +429,20 @@ int npy_load_f32(const char *path, float **data, struct npy_info *info, struct t
     }
     if (fileio_read_f32(fd, ni.data_offset, ni.count, ni.dtype, out, err) < 0)
         goto fail;
+    /* with one dim or fewer, or a single element, both orders are the same bytes */
+    if (ni.fortran_order && ni.ndim > 1 && ni.count > 1) {
+        col = out;
+        out = malloc((size_t)ni.count * sizeof(float));
+        if (!out) {
+            tp_err_set(err, TP_ENOMEM,
+                       "no memory for %" PRIu64 " floats to transpose the fortran-order array",
+                       ni.count);
+            goto fail;
+        }
+        fortran_to_c(out, col, ni.shape, ni.ndim, ni.count);
+        free(col);
+        col = NULL;
+    }
     free(hdr);
     close(fd);
     *data = out;
@@ -402,6 +452,7 @@ fail:
     tp_err_prefix(err, "%s: ", path);
     free(hdr);
     free(out);
+    free(col);
     if (fd >= 0)
         close(fd);
     return -1;

@@ -1,7 +1,13 @@
 /* npy.h -- NumPy's .npy format (versions 1.0, 2.0 and 3.0), as tpclient reads inputs and writes
- * outputs. Only little-endian float32/float16/float64 arrays in C order are loaded; everything
- * else is rejected with a message naming what was found. The header is a Python dict literal,
- * parsed here by a small strict parser (keys 'descr', 'fortran_order', 'shape'). */
+ * outputs. Little-endian float arrays are loaded: float32 ('<f4'), float16 ('<f2'), float64
+ * ('<f8') and bfloat16, in C or Fortran order; everything else (big-endian, integers, structured
+ * dtypes) is rejected with a message naming the descr found. The header is a Python dict
+ * literal, parsed here by a small strict parser (keys 'descr', 'fortran_order', 'shape').
+ *
+ * NumPy has no bfloat16 of its own. An array of ml_dtypes.bfloat16 (the type tritonclient and
+ * JAX use) is saved by np.save with the descr '<V2', and the same bit patterns viewed as 'V2' in
+ * plain NumPy with '|V2': so a 2-byte void descr, '<V2' or '|V2', is taken here as bfloat16,
+ * because that is what ml_dtypes writes; no other 2-byte void array is worth reading as floats. */
 #ifndef TP_NPY_H
 #define TP_NPY_H
 
@@ -16,7 +22,9 @@
 #define NPY_MAX_DATA (4ull << 30) /* bytes of array data */
 
 struct npy_info {
-    enum tp_dtype dtype; /* TP_F32, TP_F16 or TP_F64 */
+    enum tp_dtype dtype; /* TP_F32, TP_F16, TP_BF16 ('<V2' or '|V2') or TP_F64 */
+    char descr[8];       /* the descr as the header spells it, e.g. "<f4" or "|V2" */
+    int fortran_order;   /* 1: the file's data is column-major; npy_load_f32 returns C order */
     int ndim;            /* 0..TP_MAX_DIMS */
     int64_t shape[TP_MAX_DIMS];
     uint64_t count;     /* elements: product of shape */
@@ -25,11 +33,13 @@ struct npy_info {
 
 /* Parses the preamble and header dict at buf (len bytes: the start of a file, at least the whole
  * header). Fills info on success. Errors (TP_EINVAL): bad magic, unknown version, header length
- * past len or over NPY_MAX_HEADER, malformed dict, big-endian or unsupported descr, fortran_order
- * True, negative or overflowing shape. Never reads outside [buf, buf+len). */
+ * past len or over NPY_MAX_HEADER, malformed dict, big-endian or unsupported descr (the message
+ * names it), negative or overflowing shape. Never reads outside [buf, buf+len). */
 int npy_parse_header(const void *buf, size_t len, struct npy_info *info, struct tp_err *err);
 
-/* Loads a whole .npy file as float32 (F16 and F64 are converted). On success *data is a malloc'd
+/* Loads a whole .npy file as float32, in C order: F16 and BF16 are widened exactly, F64 is
+ * rounded to nearest, and a Fortran-order array is transposed (info->shape is the array's shape
+ * either way, info->fortran_order says which order the file had). On success *data is a malloc'd
  * array of info->count floats owned by the caller. Fails if the file is shorter or longer than the
  * header says. On failure *data is NULL. */
 int npy_load_f32(const char *path, float **data, struct npy_info *info, struct tp_err *err);

@@ -83,6 +83,14 @@ def npy():
     put("npy", "fortran", npy_bytes(np.asfortranarray(np.ones((2, 3), np.float32))))
     put("npy", "big-endian", npy_bytes(x.astype(">f4")))
     put("npy", "int32", npy_bytes(np.arange(4, dtype=np.int32)))
+    put("npy", "int64", npy_bytes(np.arange(4, dtype="<i8")))
+    bits = np.arange(0x3f80, 0x3f80 + 24, dtype=np.uint16).reshape(2, 3, 4)
+    put("npy", "bf16-void", npy_bytes(bits.view("V2")))  # '|V2', plain NumPy
+    put("npy", "bf16-ml-dtypes", npy_bytes(bits.view("V2")).replace(b"'|V2'", b"'<V2'"))
+    put("npy", "bf16-fortran", npy_bytes(np.asfortranarray(bits).view("V2")))
+    put("npy", "fortran-3d", npy_bytes(np.asfortranarray(np.arange(24, dtype=np.float32)
+                                                          .reshape(2, 3, 4))))
+    put("npy", "f16-fortran-4d", npy_bytes(np.asfortranarray(np.ones((2, 1, 3, 2), np.float16))))
     put("npy", "truncated", npy_bytes(x)[:-4])
     with open(os.path.join(SEED, "seed.x.npy"), "rb") as f:
         put("npy", "seed-x", f.read())

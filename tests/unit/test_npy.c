@@ -1,6 +1,7 @@
 /* test_npy.c -- unit tests of lib/npy.c: save/load round trips, headers written by hand in every
  * version and spacing numpy and people produce, every way a header or file can be wrong (each
- * must fail with TP_EINVAL and say what was wrong), and the seed files from tests/data/seed.
+ * must fail with TP_EINVAL and say what was wrong), the other dtypes (bfloat16 as '<V2' and
+ * '|V2', float64) and Fortran order, and the seed files from tests/data/seed.
  * Headers under test are copied to buffers of their exact size so that ASan catches a parser
  * that reads past the end. Files go to a fresh mkdtemp directory, removed at the end. */
 #include <dirent.h>
@@ -26,6 +27,42 @@ static void write_file(const char *path, const void *buf, size_t len)
     ASSERT_TRUE(fp != NULL);
     ASSERT_EQ(fwrite(buf, 1, len, fp), len);
     ASSERT_EQ(fclose(fp), 0);
+}
+
+/* A small .npy writer: header dict with descr, fortran_order and shape (a Python tuple as
+ * text), then len bytes of data; the file is loaded with npy_load_f32, which must succeed, and
+ * removed. Returns the floats (caller frees) and fills info. */
+static float *load_npy(const char *name, const char *descr, int fortran, const char *shape,
+                       const void *data, size_t len, struct npy_info *info)
+{
+    char path[128], dict[160];
+    unsigned char *buf = malloc(512 + len);
+    struct tp_err err = {0};
+    float *out = NULL;
+    size_t hlen;
+    FILE *fp;
+
+    ASSERT_TRUE(buf != NULL);
+    path_in_dir(path, sizeof(path), name);
+    ASSERT_LT(snprintf(dict, sizeof(dict), "{'descr': '%s', 'fortran_order': %s, 'shape': %s, }\n",
+                       descr, fortran ? "True" : "False", shape),
+              (long long)sizeof(dict));
+    memcpy(buf, "\x93NUMPY\x01\x00", 8);
+    hlen = strlen(dict);
+    buf[8] = (unsigned char)(hlen & 0xff);
+    buf[9] = (unsigned char)(hlen >> 8);
+    memcpy(buf + 10, dict, hlen);
+    memcpy(buf + 10 + hlen, data, len);
+    fp = fopen(path, "wb");
+    ASSERT_TRUE(fp != NULL);
+    ASSERT_EQ(fwrite(buf, 1, 10 + hlen + len, fp), 10 + hlen + len);
+    ASSERT_EQ(fclose(fp), 0);
+    free(buf);
+    if (npy_load_f32(path, &out, info, &err) != 0)
+        TEST_FAIL_("loading %s ('%s', fortran_order %d, shape %s): %s", name, descr, fortran, shape,
+                   err.msg);
+    ASSERT_EQ(unlink(path), 0);
+    return out;
 }
 
 static size_t file_size(const char *path)
@@ -270,6 +307,27 @@ static void test_parse_handwritten(void)
     expect_parse_ok(1, "{'descr':'<f4','fortran_order':False,'shape':(4,8,)}", TP_F32, 2, s48, 32);
     expect_parse_ok(1, "{'descr':'<f4','fortran_order':False,'shape':(1,2,3,4,5,6,7,8)}", TP_F32, 8,
                     s8, 40320);
+    /* bfloat16 in both spellings, and Fortran order */
+    expect_parse_ok(1, "{'descr': '<V2', 'fortran_order': False, 'shape': (4, 8), }", TP_BF16, 2,
+                    s48, 32);
+    expect_parse_ok(1, "{'descr': '|V2', 'fortran_order': True, 'shape': (4, 8), }", TP_BF16, 2,
+                    s48, 32);
+    {
+        unsigned char buf[128];
+        struct npy_info info;
+        struct tp_err err = {0};
+        size_t len = build(buf, sizeof(buf), 1,
+                           "{'descr': '|V2', 'fortran_order': True, 'shape': (4, 8), }", -1);
+
+        ASSERT_EQ(parse_exact(buf, len, &info, &err), 0);
+        ASSERT_EQ(info.fortran_order, 1);
+        ASSERT_STR_EQ(info.descr, "|V2");
+        len =
+            build(buf, sizeof(buf), 1, "{'descr': '<f2', 'fortran_order': False, 'shape': ()}", -1);
+        ASSERT_EQ(parse_exact(buf, len, &info, &err), 0);
+        ASSERT_EQ(info.fortran_order, 0);
+        ASSERT_STR_EQ(info.descr, "<f2");
+    }
 }
 
 static void test_parse_errors(void)
@@ -312,13 +370,17 @@ static void test_parse_errors(void)
     ASSERT_EQ(parse_exact(buf, len, &info, &err), 0);
 
     expect_parse_fail(1, "{'descr': '>f4', 'fortran_order': False, 'shape': (4,)}",
-                      "unsupported dtype '>f4' (expected '<f4', '<f2' or '<f8')");
+                      "big-endian dtype '>f4' is not supported (save it little-endian, '<f4')");
+    expect_parse_fail(1, "{'descr': '>f2', 'fortran_order': False, 'shape': (4,)}", "'>f2'");
+    expect_parse_fail(1, "{'descr': '<i8', 'fortran_order': False, 'shape': (4,)}",
+                      "unsupported dtype '<i8' (expected '<f4', '<f2', '<f8', or '<V2' or '|V2' "
+                      "for bfloat16)");
+    expect_parse_fail(1, "{'descr': '<V4', 'fortran_order': False, 'shape': (4,)}", "'<V4'");
+    expect_parse_fail(1, "{'descr': '>V2', 'fortran_order': False, 'shape': (4,)}", "'>V2'");
     expect_parse_fail(1, "{'descr': '|f4', 'fortran_order': False, 'shape': (4,)}", "'|f4'");
     expect_parse_fail(1, "{'descr': '<i4', 'fortran_order': False, 'shape': (4,)}", "'<i4'");
     expect_parse_fail(1, "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (4,)}",
                       "descr at byte 10 is not a string");
-    expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': True, 'shape': (4,)}",
-                      "fortran_order True");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': Maybe, 'shape': (4,)}",
                       "True or False");
     expect_parse_fail(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (3, -1)}",
@@ -406,6 +468,150 @@ static void test_load_f16_f64(void)
     ASSERT_EQ(info.ndim, 2);
     ASSERT_TRUE(out[0] == 1.5f && out[1] == -0.25f && isinf(out[2]));
     free(out);
+    ASSERT_EQ(unlink(path), 0);
+
+    /* float64 that float32 cannot hold exactly is rounded to nearest */
+    {
+        double d[4] = {0.1, 1.0 / 3.0, -1e-40, 16777217.0};
+        float *got = load_npy("f64r.npy", "<f8", 0, "(4,)", d, sizeof(d), &info);
+
+        ASSERT_EQ(info.dtype, TP_F64);
+        ASSERT_STR_EQ(info.descr, "<f8");
+        for (int i = 0; i < 4; i++)
+            ASSERT_TRUE(got[i] == (float)d[i]);
+        ASSERT_TRUE(got[3] == 16777216.0f); /* the tie goes to the even neighbour */
+        free(got);
+    }
+}
+
+static uint32_t f32_bits(float f)
+{
+    uint32_t u;
+
+    memcpy(&u, &f, sizeof(u));
+    return u;
+}
+
+/* bfloat16 as ml_dtypes saves it ('<V2') and as plain numpy saves the same bits viewed as 'V2'
+ * ('|V2'): every element widens to exactly its bits in the top half of a float32, NaN payloads,
+ * subnormals and signed zeros included. 37 elements run the vector path and its tail. */
+static void test_load_bf16(void)
+{
+    static const char *const descrs[] = {"<V2", "|V2"};
+    uint16_t h[37] = {0x3f80, 0xc000, 0x7f80, 0xff80, 0x0001, 0x8000, 0x0000,
+                      0x7fc1, 0xff81, 0x7f7f, 0x0080, 0x807f, 0x4049, 0x3eaa};
+    struct npy_info info;
+
+    for (int i = 14; i < 37; i++)
+        h[i] = (uint16_t)(0x3c00 + 977 * i);
+    for (int d = 0; d < 2; d++) {
+        float *got = load_npy("bf.npy", descrs[d], 0, "(37,)", h, sizeof(h), &info);
+
+        ASSERT_EQ(info.dtype, TP_BF16);
+        ASSERT_STR_EQ(info.descr, descrs[d]);
+        ASSERT_EQ(info.count, 37);
+        ASSERT_EQ(info.fortran_order, 0);
+        for (int i = 0; i < 37; i++)
+            if (f32_bits(got[i]) != (uint32_t)h[i] << 16)
+                TEST_FAIL_("%s element %d: bits 0x%08x, expected 0x%04x0000", descrs[d], i,
+                           f32_bits(got[i]), h[i]);
+        free(got);
+    }
+}
+
+/* Fortran order: the file holds the array column-major; the loader returns it in C order, for
+ * 2, 3 and 4 dims and through a conversion (float16). Each element's value spells its index in
+ * decimal digits (element [1, 2, 3] is 123), so a wrong transpose names itself. */
+static void test_load_fortran(void)
+{
+    static const int64_t shapes[3][4] = {{2, 3}, {2, 3, 4}, {3, 1, 2, 5}};
+    static const int ndims[3] = {2, 3, 4};
+    static const char *const texts[3] = {"(2, 3)", "(2, 3, 4)", "(3, 1, 2, 5)"};
+    struct npy_info info;
+
+    for (int t = 0; t < 3; t++) {
+        int nd = ndims[t];
+        const int64_t *sh = shapes[t];
+        uint64_t n = 1;
+        float col[120], want[120], *got;
+        uint16_t col16[120];
+
+        for (int k = 0; k < nd; k++)
+            n *= (uint64_t)sh[k];
+        /* walk the C-order indices; column-major puts index k at stride shape[0]*..*shape[k-1] */
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t rest = i, value = 0, off = 0, stride = 1, scale = 1;
+
+            for (int k = nd - 1; k >= 0; k--) {
+                value += rest % (uint64_t)sh[k] * scale;
+                rest /= (uint64_t)sh[k];
+                scale *= 10;
+            }
+            for (int k = 0; k < nd; k++) {
+                uint64_t digit = value;
+
+                for (int j = nd - 1; j > k; j--)
+                    digit /= 10;
+                off += digit % 10 * stride;
+                stride *= (uint64_t)sh[k];
+            }
+            want[i] = (float)value;
+            col[off] = (float)value;
+            col16[off] = tp_f32_to_f16((float)value);
+        }
+        for (int half = 0; half < 2; half++) {
+            got = half ? load_npy("fo.npy", "<f2", 1, texts[t], col16, n * 2, &info)
+                       : load_npy("fo.npy", "<f4", 1, texts[t], col, n * 4, &info);
+            ASSERT_EQ(info.fortran_order, 1);
+            ASSERT_EQ(info.ndim, nd);
+            for (int k = 0; k < nd; k++)
+                ASSERT_EQ(info.shape[k], sh[k]);
+            ASSERT_EQ(info.count, n);
+            for (uint64_t i = 0; i < n; i++)
+                if (got[i] != want[i])
+                    TEST_FAIL_("%s %s element %llu: %g, expected %g", texts[t],
+                               half ? "<f2" : "<f4", (unsigned long long)i, got[i], want[i]);
+            free(got);
+        }
+    }
+    /* one dim: both orders are the same bytes */
+    {
+        float v[3] = {1, 2, 3}, *got = load_npy("f1.npy", "<f4", 1, "(3,)", v, sizeof(v), &info);
+
+        ASSERT_EQ(info.fortran_order, 1);
+        ASSERT_TRUE(got[0] == 1 && got[1] == 2 && got[2] == 3);
+        free(got);
+    }
+}
+
+/* Refused dtypes also fail as whole files, naming the path and the descr. */
+static void test_load_refused_dtypes(void)
+{
+    static const char *const bad[] = {">f4", "<i8", "|u1", "<c8"};
+    unsigned char zeros[64] = {0};
+    unsigned char buf[512];
+    struct npy_info info;
+    struct tp_err err = {0};
+    float *out = NULL;
+    char path[128], dict[128], quoted[8];
+
+    path_in_dir(path, sizeof(path), "refused.npy");
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        size_t len;
+
+        snprintf(dict, sizeof(dict), "{'descr': '%s', 'fortran_order': False, 'shape': (2,), }\n",
+                 bad[i]);
+        len = build(buf, sizeof(buf), 1, dict, -1);
+        memcpy(buf + len, zeros, 16);
+        write_file(path, buf, len + 16);
+        err = (struct tp_err){0};
+        ASSERT_EQ(npy_load_f32(path, &out, &info, &err), -1);
+        ASSERT_TRUE(out == NULL);
+        ASSERT_EQ(err.code, TP_EINVAL);
+        ASSERT_STR_HAS(err.msg, path);
+        snprintf(quoted, sizeof(quoted), "'%s'", bad[i]);
+        ASSERT_STR_HAS(err.msg, quoted);
+    }
     ASSERT_EQ(unlink(path), 0);
 }
 
@@ -526,6 +732,9 @@ int main(void)
     TEST_RUN(test_parse_handwritten);
     TEST_RUN(test_parse_errors);
     TEST_RUN(test_load_f16_f64);
+    TEST_RUN(test_load_bf16);
+    TEST_RUN(test_load_fortran);
+    TEST_RUN(test_load_refused_dtypes);
     TEST_RUN(test_load_errors);
     TEST_RUN(test_seed);
     /* remove what the round trips left */
