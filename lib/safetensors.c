@@ -3,7 +3,9 @@
  * read at open; it is parsed with cJSON and every value in it is checked before it is trusted:
  * numbers must be exact integers (cJSON keeps them as doubles), each tensor's byte range must
  * match its shape and dtype, lie inside the file and overlap no other tensor. After that, row
- * reads need no checks beyond the row range. */
+ * reads need no checks beyond the row range. Tensors of dtypes tpd does not compute with are
+ * checked all the same, so that a file is accepted or refused whole at open; only a dtype
+ * string outside the format's list has no element size to check its shape against. */
 #include "safetensors.h"
 
 #include <cJSON.h>
@@ -22,6 +24,23 @@
 #define SHOW 64                        /* bytes of a name or dtype from the file in a message */
 #define SHAPE_TEXT 200                 /* bytes of a shape formatted for a message */
 
+/* The dtypes of the safetensors format and the bytes of one element. */
+static const struct {
+    const char *name;
+    size_t size;
+} spec_dtypes[] = {{"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1},
+                   {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},
+                   {"U32", 4},  {"F32", 4}, {"F64", 8}, {"I64", 8},     {"U64", 8}};
+
+/* Bytes of an element of the dtype called name; 0 for a name outside the format's list. */
+static size_t spec_size(const char *name)
+{
+    for (size_t i = 0; i < sizeof(spec_dtypes) / sizeof(spec_dtypes[0]); i++)
+        if (strcmp(name, spec_dtypes[i].name) == 0)
+            return spec_dtypes[i].size;
+    return 0;
+}
+
 /* Copies a string from the file for a message: control bytes become '?' so that the message
  * stays one line, and a long string is cut with "...". */
 static const char *show(const char *s, char *buf)
@@ -34,6 +53,17 @@ static const char *show(const char *s, char *buf)
     if (s[n])
         memcpy(buf + SHOW - 4, "...", 4);
     return buf;
+}
+
+/* The dtype string as a table keeps it: cut to fit, control bytes as '?', so that it can be
+ * printed as it is. */
+static void keep_dtype_name(char *dst, const char *s)
+{
+    size_t n = 0;
+
+    for (; n < ST_MAX_DTYPE_NAME - 1 && s[n]; n++)
+        dst[n] = ((unsigned char)s[n] < 0x20 || s[n] == 0x7f) ? '?' : s[n];
+    dst[n] = '\0';
 }
 
 static void format_shape(char *buf, size_t cap, const int64_t *shape, int ndim)
@@ -77,9 +107,9 @@ static int parse_tensor(struct st_tensor *t, const cJSON *item, uint64_t data_st
                         uint64_t file_size, struct tp_err *err)
 {
     const cJSON *dtype, *shape, *offs, *d;
-    char nm[SHOW], sh[SHAPE_TEXT], what[40];
+    char nm[SHOW], dt[SHOW], sh[SHAPE_TEXT], what[40];
     uint64_t begin = 0, end = 0, count, v;
-    size_t len = strlen(item->string);
+    size_t len = strlen(item->string), es;
     int i;
 
     show(item->string, nm);
@@ -94,15 +124,11 @@ static int parse_tensor(struct st_tensor *t, const cJSON *item, uint64_t data_st
     offs = cJSON_GetObjectItemCaseSensitive(item, "data_offsets");
     if (!cJSON_IsString(dtype))
         return tp_err_set(err, TP_EINVAL, "tensor '%s' has no dtype string", nm);
+    /* F32, F16, BF16 and F64 can be read; every other dtype is kept by name only */
     t->dtype = tp_dtype_from_file_name(dtype->valuestring);
-    if (t->dtype == TP_DTYPE_INVALID) {
-        char dt[SHOW];
-
-        return tp_err_set(err, TP_EINVAL,
-                          "tensor '%s' has dtype %s, expected F32, F16, BF16 "
-                          "or F64",
-                          nm, show(dtype->valuestring, dt));
-    }
+    keep_dtype_name(t->dtype_name, dtype->valuestring);
+    es = spec_size(dtype->valuestring);
+    show(dtype->valuestring, dt);
     if (!cJSON_IsArray(shape))
         return tp_err_set(err, TP_EINVAL, "tensor '%s' has no shape array", nm);
     t->ndim = cJSON_GetArraySize(shape);
@@ -144,18 +170,22 @@ static int parse_tensor(struct st_tensor *t, const cJSON *item, uint64_t data_st
                           "tensor '%s' has data_offsets [%" PRIu64 ", %" PRIu64
                           "] past the end of the %" PRIu64 "-byte data section",
                           nm, begin, end, file_size - data_start);
+    t->begin = data_start + begin;
+    t->end = data_start + end;
+    /* a dtype outside the format's list (a newer format's F4, a typo) has no known element size:
+     * its bytes stay inside the file and apart from the others, which is all a reader needs to
+     * skip it safely */
+    if (es == 0)
+        return 0;
     format_shape(sh, sizeof(sh), t->shape, t->ndim);
-    if (tp_shape_count(t->shape, t->ndim, tp_dtype_size(t->dtype), UINT64_MAX, &count) < 0)
+    if (tp_shape_count(t->shape, t->ndim, es, UINT64_MAX, &count) < 0)
         return tp_err_set(err, TP_EINVAL, "tensor '%s' has shape %s whose size overflows 64 bits",
                           nm, sh);
-    if (count * tp_dtype_size(t->dtype) != end - begin)
+    if (count * es != end - begin)
         return tp_err_set(err, TP_EINVAL,
                           "tensor '%s' has shape %s of %s (%" PRIu64 " bytes) "
                           "but data_offsets [%" PRIu64 ", %" PRIu64 "] hold %" PRIu64 " bytes",
-                          nm, sh, tp_dtype_file_name(t->dtype), count * tp_dtype_size(t->dtype),
-                          begin, end, end - begin);
-    t->begin = data_start + begin;
-    t->end = data_start + end;
+                          nm, sh, dt, count * es, begin, end, end - begin);
     return 0;
 }
 
@@ -366,11 +396,19 @@ int st_read_rows_f32(const struct st_file *f, const struct st_tensor *t, int64_t
 
     if (bytes_read)
         *bytes_read = 0;
-    if (!f || !t || es == 0) {
+    if (!f || !t) {
         tp_err_set(err, TP_EINVAL, "no tensor to read");
         goto fail;
     }
     show(t->name, nm);
+    if (es == 0) {
+        char dt[ST_MAX_DTYPE_NAME];
+
+        keep_dtype_name(dt, t->dtype_name[0] ? t->dtype_name : "?");
+        tp_err_set(err, TP_EINVAL, "tensor '%s' has dtype %s, expected F32, F16, BF16 or F64", nm,
+                   dt);
+        goto fail;
+    }
     if (f->fd < 0) {
         tp_err_set(err, TP_EINVAL, "reading tensor '%s': file is not open", nm);
         goto fail;

@@ -121,6 +121,15 @@ def safetensors():
     put("safetensors", "f64", st_bytes([("w", "F64", [1, 2], np.ones(2).tobytes())]))
     put("safetensors", "scalar", st_bytes([("s", "F32", [], b"\0\0\x80\x3f")]))
     put("safetensors", "i32", st_bytes([("w", "I32", [2], b"\0" * 8)]))
+    put("safetensors", "other-dtypes", st_bytes([
+        ("position_ids", "I64", [1, 4], np.arange(4, dtype="<i8").tobytes()),
+        ("weight", "F32", [4, 3], w.tobytes()),
+        ("masked_bias", "BOOL", [2, 2], b"\1\0\0\1"),
+        ("scale", "F8_E4M3", [4], b"\x38" * 4),
+        ("zero", "U16", [3], b"\0" * 6)]))
+    put("safetensors", "unknown-dtype", st_bytes([("weight", "F32", [1, 2], b"\0" * 8),
+                                                  ("packed", "F4", [5], b"\x21\x43\x05")]))
+    put("safetensors", "i64-bad-size", st_bytes([("w", "I64", [3], b"\0" * 20)]))
     put("safetensors", "bad-range", st_bytes([("w", "F32", [4], b"\0" * 12)]))
     put("safetensors", "unpadded", st_bytes([("w", "F32", [1], b"\0" * 4)], pad=False))
     put("safetensors", "empty-header", struct.pack("<Q", 2) + b"{}")

@@ -23,9 +23,19 @@ int ref_layer_load(struct ref_layer *l, const char *path, const char *weight_nam
         tp_err_set(err, TP_EINVAL, "%s: no 2-d tensor '%s'", path, weight_name);
         goto fail;
     }
+    if (w->dtype == TP_DTYPE_INVALID) {
+        tp_err_set(err, TP_EINVAL, "%s: weight '%s' has dtype %s, expected F32, F16, BF16 or F64",
+                   path, weight_name, w->dtype_name);
+        goto fail;
+    }
     b = st_find(&f, bname);
     if (!b && bias_name) {
         tp_err_set(err, TP_EINVAL, "%s: no tensor '%s'", path, bias_name);
+        goto fail;
+    }
+    if (b && b->dtype == TP_DTYPE_INVALID) {
+        tp_err_set(err, TP_EINVAL, "%s: bias '%s' has dtype %s, expected F32, F16, BF16 or F64",
+                   path, bname, b->dtype_name);
         goto fail;
     }
     if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) {

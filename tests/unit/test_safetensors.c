@@ -2,8 +2,10 @@
  * directory and read back in every supported dtype, row ranges that must read exactly their own
  * bytes, every way a header can lie (each must fail with TP_EINVAL and say what was wrong),
  * st_close on every state a struct can be in, and the seed files from tests/data/seed, where the
- * BF16 copy must hold the round-to-nearest-even of the F32 weights. Headers under test are parsed
- * from buffers of their exact size so that ASan catches a read past the end. */
+ * BF16 copy must hold the round-to-nearest-even of the F32 weights. Tensors of the other dtypes
+ * of the format (I64, BOOL, ...) and of unknown dtype strings open beside a weight, checked like
+ * it, and fail only when read. Headers under test are parsed from buffers of their exact size so
+ * that ASan catches a read past the end. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -146,6 +148,10 @@ static void test_read_dtypes(void)
     ASSERT_STR_EQ(f.tensors[0].name, "a"); /* file order */
     ASSERT_STR_EQ(f.tensors[3].name, "d");
     ASSERT_EQ(a->dtype, TP_F32);
+    ASSERT_STR_EQ(a->dtype_name, "F32");
+    ASSERT_STR_EQ(h->dtype_name, "F16");
+    ASSERT_STR_EQ(b->dtype_name, "BF16");
+    ASSERT_STR_EQ(d->dtype_name, "F64");
     ASSERT_EQ(a->ndim, 2);
     ASSERT_EQ(a->shape[0], 3);
     ASSERT_EQ(a->shape[1], 4);
@@ -341,13 +347,25 @@ static void test_header_errors(void)
     expect_parse_fail("{" T("w", "F32", "[3]", "[-12,0]") "}", 48, "data_offsets[0] -12");
     expect_parse_fail("{" T("w", "F32", "[3]", "[0,12.5]") "}", 48, "data_offsets[1] 12.5");
     expect_parse_fail("{" T("w", "F32", "[3]", "[0,\"12\"]") "}", 48, "data_offsets[1] a string");
-    /* dtypes */
-    expect_parse_fail("{" T("weight", "I64", "[3]", "[0,24]") "}", 48,
-                      "tensor 'weight' has dtype I64, expected F32, F16, BF16 or F64");
-    expect_parse_fail("{" T("w", "I8", "[3]", "[0,3]") "}", 48, "dtype I8,");
-    expect_parse_fail("{" T("w", "F8_E4M3", "[3]", "[0,3]") "}", 48, "dtype F8_E4M3,");
-    expect_parse_fail("{" T("w", "f32", "[3]", "[0,12]") "}", 48, "dtype f32,");
-    expect_parse_fail("{" T("w", "nonsense", "[3]", "[0,12]") "}", 48, "dtype nonsense,");
+    /* dtypes: the other dtypes of the format are checked by their element size */
+    expect_parse_fail("{" T("weight", "I64", "[3]", "[0,20]") "}", 48,
+                      "tensor 'weight' has shape [3] of I64 (24 bytes) but data_offsets [0, 20] "
+                      "hold 20 bytes");
+    expect_parse_fail("{" T("w", "I8", "[3]", "[0,4]") "}", 48, "of I8 (3 bytes)");
+    expect_parse_fail("{" T("w", "BOOL", "[2,2]", "[0,8]") "}", 48, "[2, 2] of BOOL (4 bytes)");
+    expect_parse_fail("{" T("w", "F8_E4M3", "[3]", "[0,6]") "}", 48, "of F8_E4M3 (3 bytes)");
+    expect_parse_fail("{" T("w", "U16", "[3]", "[0,3]") "}", 48, "of U16 (6 bytes)");
+    expect_parse_fail("{" T("w", "I64", "[4294967296,4294967296]", "[0,8]") "}", 48,
+                      "tensor 'w' has shape [4294967296, 4294967296] whose size overflows");
+    /* an unknown dtype string: only its byte range is checked */
+    expect_parse_fail("{" T("w", "nonsense", "[3]", "[0,50]") "}", 48,
+                      "tensor 'w' has data_offsets [0, 50] past the end of the 48-byte data");
+    expect_parse_fail("{" T("a", "F32", "[3]", "[0,12]") "," T("b", "F4", "[3]", "[8,10]") "}", 48,
+                      "tensors 'a' and 'b' overlap: data_offsets [0, 12] and [8, 10]");
+    expect_parse_fail("{" T("a", "I64", "[1]", "[0,8]") "," T("a", "x", "[1]", "[8,10]") "}", 48,
+                      "duplicate tensor name 'a'");
+    expect_parse_fail("{" T("w", "F4", "[3]", "[4,0]") "}", 48, "[4, 0] with begin after end");
+    expect_parse_fail("{" T("w", "F4", "[-3]", "[0,2]") "}", 48, "shape[0] -3, expected");
     expect_parse_fail("{\"w\":{\"dtype\":4,\"shape\":[3],\"data_offsets\":[0,12]}}", 48,
                       "tensor 'w' has no dtype string");
     /* shapes */
@@ -372,9 +390,9 @@ static void test_header_errors(void)
     expect_parse_fail("{" T("a", "F32", "[1]", "[0,4]") "," T("a", "F32", "[1]", "[4,8]") "}", 48,
                       "duplicate tensor name 'a'");
     expect_parse_fail("{\"a\":5}", 0, "tensor 'a' is not a JSON object");
-    expect_parse_fail("{" T("a\\nb", "F32", "[1]", "[0,4]") "," T("c", "I4", "[1]", "[4,8]") "}",
-                      48, "tensor 'c' has dtype I4");
-    expect_parse_fail("{" T("a\\nb", "I4", "[1]", "[0,4]") "}", 48, "tensor 'a?b' has dtype I4");
+    expect_parse_fail("{" T("a\\nb", "F32", "[1]", "[0,4]") "," T("c", "I16", "[1]", "[4,8]") "}",
+                      48, "tensor 'c' has shape [1] of I16 (2 bytes)");
+    expect_parse_fail("{" T("a\\nb", "I16", "[1]", "[0,4]") "}", 48, "tensor 'a?b' has shape [1]");
     {
         char json[512], name[301];
 
@@ -401,6 +419,109 @@ static void test_header_errors(void)
         ASSERT_EQ(parse_exact(&f, "{}  \0", 5, 0, &err), -1);
         ASSERT_STR_HAS(err.msg, "header has data after the JSON at byte 4 of 5");
     }
+}
+
+/* A checkpoint's weight beside tensors of other dtypes (position ids, a mask, a scale, and a
+ * dtype string no version of the format has): the file opens, the weight reads, and each other
+ * tensor is listed by its dtype string and fails only when read. */
+static void test_other_dtypes(void)
+{
+    static const char *const json =
+        "{\"position_ids\":{\"dtype\":\"I64\",\"shape\":[1,4],\"data_offsets\":[0,32]},"
+        "\"weight\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[32,56]},"
+        "\"masked_bias\":{\"dtype\":\"BOOL\",\"shape\":[2,2],\"data_offsets\":[56,60]},"
+        "\"scale\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[60,64]},"
+        "\"packed\":{\"dtype\":\"Q4_K_MAGIC_LONG_NAME\",\"shape\":[7],\"data_offsets\":[64,67]}}";
+    static const char *const unknown =
+        "{\"w\":{\"dtype\":\"f32\",\"shape\":[3],\"data_offsets\":[0,5]},"
+        "\"e\":{\"dtype\":\"\",\"shape\":[9],\"data_offsets\":[5,5]},"
+        "\"c\":{\"dtype\":\"I\\u0001X\",\"shape\":[1],\"data_offsets\":[5,6]}}";
+    unsigned char data[67] = {0};
+    struct st_file f = {.fd = -1};
+    struct tp_err err = {0};
+    const struct st_tensor *w, *p, *m, *u, *q;
+    float out[8];
+    uint64_t got = 99;
+
+    for (int i = 0; i < 6; i++) {
+        float v = (float)i + 0.5f;
+
+        memcpy(data + 32 + 4 * i, &v, 4);
+    }
+    if (st_open(&f, write_st(json, data, sizeof(data)), &err) != 0)
+        TEST_FAIL_("%s", err.msg);
+    ASSERT_EQ(f.ntensors, 5);
+    w = st_find(&f, "weight");
+    p = st_find(&f, "position_ids");
+    m = st_find(&f, "masked_bias");
+    u = st_find(&f, "scale");
+    q = st_find(&f, "packed");
+    ASSERT_TRUE(w && p && m && u && q);
+    ASSERT_EQ(w->dtype, TP_F32);
+    ASSERT_STR_EQ(w->dtype_name, "F32");
+    ASSERT_EQ(p->dtype, TP_DTYPE_INVALID);
+    ASSERT_STR_EQ(p->dtype_name, "I64");
+    ASSERT_EQ(p->ndim, 2);
+    ASSERT_EQ(p->shape[1], 4);
+    ASSERT_EQ(m->dtype, TP_DTYPE_INVALID);
+    ASSERT_STR_EQ(m->dtype_name, "BOOL");
+    ASSERT_STR_EQ(u->dtype_name, "U8");
+    ASSERT_EQ(q->dtype, TP_DTYPE_INVALID);
+    ASSERT_STR_EQ(q->dtype_name, "Q4_K_MAGIC_LONG"); /* cut to 15 bytes */
+    ASSERT_EQ(q->end - q->begin, 3);
+    ASSERT_EQ(st_read_rows_f32(&f, w, 0, 2, out, &got, &err), 0);
+    ASSERT_EQ(got, 24);
+    for (int i = 0; i < 6; i++)
+        ASSERT_TRUE(out[i] == (float)i + 0.5f);
+    got = 99;
+    ASSERT_EQ(st_read_rows_f32(&f, p, 0, 1, out, &got, &err), -1);
+    ASSERT_EQ(err.code, TP_EINVAL);
+    ASSERT_STR_EQ(err.msg, "tensor 'position_ids' has dtype I64, expected F32, F16, BF16 or F64");
+    ASSERT_EQ(got, 0);
+    ASSERT_EQ(st_read_rows_f32(&f, m, 0, 0, NULL, NULL, &err), -1);
+    ASSERT_STR_EQ(err.msg, "tensor 'masked_bias' has dtype BOOL, expected F32, F16, BF16 or F64");
+    ASSERT_EQ(st_read_rows_f32(&f, q, 0, 1, out, NULL, &err), -1);
+    ASSERT_STR_HAS(err.msg, "tensor 'packed' has dtype Q4_K_MAGIC_LONG, expected F32");
+    st_close(&f);
+
+    /* every dtype of the format, with its element size */
+    {
+        static const struct {
+            const char *name;
+            int size;
+        } spec[] = {{"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1},
+                    {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},
+                    {"U32", 4},  {"F32", 4}, {"F64", 8}, {"I64", 8},     {"U64", 8}};
+        char hdr[160], want[160];
+
+        for (size_t i = 0; i < sizeof(spec) / sizeof(spec[0]); i++) {
+            snprintf(hdr, sizeof(hdr),
+                     "{\"t\":{\"dtype\":\"%s\",\"shape\":[2,3],\"data_offsets\":[0,%d]}}",
+                     spec[i].name, 6 * spec[i].size);
+            if (parse_exact(&f, hdr, strlen(hdr), 64, &err) != 0)
+                TEST_FAIL_("%s: %s", spec[i].name, err.msg);
+            ASSERT_STR_EQ(f.tensors[0].dtype_name, spec[i].name);
+            st_close(&f);
+            snprintf(hdr, sizeof(hdr),
+                     "{\"t\":{\"dtype\":\"%s\",\"shape\":[2,3],\"data_offsets\":[0,%d]}}",
+                     spec[i].name, 6 * spec[i].size + 1);
+            snprintf(want, sizeof(want), "tensor 't' has shape [2, 3] of %s (%d bytes)",
+                     spec[i].name, 6 * spec[i].size);
+            expect_parse_fail(hdr, 64, want);
+        }
+    }
+
+    /* unknown dtype strings: any byte size, an empty range, control bytes kept as '?' */
+    if (parse_exact(&f, unknown, strlen(unknown), 48, &err) != 0)
+        TEST_FAIL_("%s", err.msg);
+    ASSERT_EQ(f.ntensors, 3);
+    ASSERT_STR_EQ(st_find(&f, "w")->dtype_name, "f32");
+    ASSERT_EQ(st_find(&f, "w")->dtype, TP_DTYPE_INVALID);
+    ASSERT_STR_EQ(st_find(&f, "e")->dtype_name, "");
+    ASSERT_STR_EQ(st_find(&f, "c")->dtype_name, "I?X");
+    ASSERT_EQ(st_read_rows_f32(&f, st_find(&f, "e"), 0, 1, out, NULL, &err), -1);
+    ASSERT_STR_HAS(err.msg, "tensor 'e' has dtype ?, expected");
+    st_close(&f);
 }
 
 static void test_header_ok(void)
@@ -601,6 +722,7 @@ int main(void)
     TEST_RUN(test_short_read);
     TEST_RUN(test_open_errors);
     TEST_RUN(test_header_errors);
+    TEST_RUN(test_other_dtypes);
     TEST_RUN(test_header_ok);
     TEST_RUN(test_max_tensors);
     TEST_RUN(test_close);
