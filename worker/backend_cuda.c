@@ -5,15 +5,18 @@
  * is, on one stream:
  *
  *   x (pinned slot) --H2D--> [to FP16/BF16] --> bias broadcast --> cuBLAS GEMM (FP32 accumulate)
- *     GATHER_NCCL: in-place ncclAllGather, then rank 0 copies the [N][rows][cols] result to the
- *                  slot's [rows, out] output with one cudaMemcpy2DAsync per rank block
- *     GATHER_HOST: each rank copies its [rows, cols] block to its columns of the slot's output
+ *     GATHER_NCCL: in-place ncclAllGather of blocks padded to the widest shard, then rank 0
+ *                  copies the [N][rows·pad] result to the slot's [rows, out] output with one
+ *                  cudaMemcpy2DAsync per rank block, each as wide as that rank's shard
+ *     GATHER_HOST: each rank copies its [rows, cols] shard to its columns of the slot's output
  *
  * and the worker then polls the stream (cudaStreamQuery) and the communicator's asynchronous
  * error with a deadline, so a dead or stuck peer never hangs a rank: the communicator is
  * aborted, the job fails with TP_EUNAVAIL, and the worker exits so that the supervisor rebuilds
  * the group. Every CUDA, cuBLAS and NCCL call is checked; a failure names the call and the
- * library's message, and the supervisor prefixes the rank. */
+ * library's message, and the supervisor prefixes the rank. Ranks own uneven column ranges when
+ * N does not divide out (plan_split); where each shard goes is computed in backend_cuda_plan.c,
+ * which the unit tests check on the CPU. */
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -59,16 +62,18 @@ struct backend {
     enum backend_gather gather;
     enum tp_dtype dtype;
     uint32_t max_batch;
-    int64_t in, out, cols; /* cols: this rank's rows of W, its columns of y */
+    int64_t in;             /* inputs of the layer */
+    struct cuda_layout lay; /* this rank's columns of y (its rows of W) and the gather's blocks */
     cudaStream_t stream;
     cublasHandle_t blas;
     ncclComm_t comm;
     int broken;               /* a device or communicator error: nothing more runs */
-    void *w;                  /* [cols, in] of dtype, device */
-    float *bias;              /* [cols] or NULL, device */
+    void *w;                  /* [lay.cols, in] of dtype, device */
+    float *bias;              /* [lay.cols] or NULL, device */
     float *x32;               /* [max_batch, in] float32, device */
     void *x16;                /* [max_batch, in] FP16/BF16, device; NULL with FP32 */
-    float *y;                 /* NCCL: [nranks, max_batch, cols]; host: [max_batch, cols] */
+    float *y;                 /* cuda_plan_buffer: NCCL [nranks][max_batch·lay.pad]; host
+                                 [max_batch, lay.cols] */
     void *ws;                 /* cuBLAS workspace, device */
     void *pinned;             /* the registered arena, or NULL */
     struct cuda_copy2d *plan; /* nranks entries */
@@ -173,7 +178,7 @@ static int select_device(int device, struct tp_err *err)
     return 0;
 }
 
-/* Enqueues the GEMM of rows rows into out (row pitch cols), bias first. */
+/* Enqueues the GEMM of rows rows into out (dense, row pitch lay.cols), bias first. */
 static int enqueue_gemm(struct backend *b, uint32_t rows, float *out, struct tp_err *err)
 {
     struct cuda_gemm_shape g;
@@ -181,12 +186,13 @@ static int enqueue_gemm(struct backend *b, uint32_t rows, float *out, struct tp_
     const float *beta = &zero;
     cublasOperation_t ta, tb;
 
-    if (cuda_plan_gemm(rows, b->cols, b->in, &g, err) < 0)
+    if (cuda_plan_gemm(rows, b->lay.cols, b->in, &g, err) < 0)
         return -1;
     ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     if (b->bias) {
-        CUDA_GOTO(cuda_kern_fill_bias(out, b->bias, rows, (uint32_t)b->cols, b->stream), err, fail);
+        CUDA_GOTO(cuda_kern_fill_bias(out, b->bias, rows, (uint32_t)b->lay.cols, b->stream), err,
+                  fail);
         beta = &one;
     }
     if (b->dtype == TP_F32) {
@@ -224,11 +230,12 @@ static int cuda_forward(struct backend *b, const float *x, uint32_t rows, float 
     CUDA_GOTO(cudaMemcpyAsync(b->x32, x, (size_t)rows * (size_t)b->in * sizeof(float),
                               cudaMemcpyHostToDevice, b->stream),
               err, fail);
-    block = cuda_plan_block(b->gather, b->rank, rows, b->cols);
+    block = cuda_plan_block(&b->lay, rows);
     if (enqueue_gemm(b, rows, b->y + block, err) < 0)
         goto fail;
     if (b->gather == BACKEND_GATHER_NCCL) {
-        size_t count = (size_t)rows * (size_t)b->cols;
+        /* every rank sends rows·pad elements, its shard and then padding, which nobody copies */
+        size_t count = cuda_plan_count(&b->lay, rows);
         ncclResult_t r = ncclAllGather(b->y + block, b->y, count, ncclFloat32, b->comm, b->stream);
 
         if (r == ncclInProgress) {
@@ -239,8 +246,7 @@ static int cuda_forward(struct backend *b, const float *x, uint32_t rows, float 
             goto fail;
         }
     }
-    ncopies =
-        cuda_plan_copyout(b->gather, b->rank, b->nranks, rows, b->cols, sizeof(float), b->plan);
+    ncopies = cuda_plan_copyout(&b->lay, rows, sizeof(float), b->plan);
     for (int i = 0; i < ncopies; i++) {
         const struct cuda_copy2d *c = &b->plan[i];
 
@@ -367,9 +373,18 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
                           .gather = c->gather,
                           .dtype = c->dtype,
                           .max_batch = c->max_batch,
-                          .in = s->in,
-                          .out = s->out,
-                          .cols = s->rows};
+                          .in = s->in};
+    if (cuda_plan_layout(&b->lay, c->gather, s->out, c->nranks, c->rank, err) < 0)
+        goto fail;
+    /* The copy-out places every rank's columns by plan_split; a shard loaded by another split
+     * would be written to the wrong columns. */
+    if (s->row0 != b->lay.row0 || s->rows != b->lay.cols) {
+        tp_err_set(err, TP_EINTERNAL,
+                   "the shard holds rows [%lld, %lld) of %lld, but rank %d of %d owns [%lld, %lld)",
+                   (long long)s->row0, (long long)(s->row0 + s->rows), (long long)s->out, c->rank,
+                   c->nranks, (long long)b->lay.row0, (long long)(b->lay.row0 + b->lay.cols));
+        goto fail;
+    }
     b->plan = calloc((size_t)c->nranks, sizeof(*b->plan));
     if (!b->plan) {
         tp_err_set(err, TP_ENOMEM, "no memory for the cuda backend");
@@ -398,10 +413,11 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
               err, fail);
     if (b->dtype != TP_F32)
         CUDA_GOTO(cudaMalloc(&b->x16, (size_t)c->max_batch * (size_t)b->in * 2), err, fail);
-    ybytes = (size_t)c->max_batch * (size_t)b->cols * sizeof(float);
-    if (b->gather == BACKEND_GATHER_NCCL)
-        ybytes *= (size_t)b->nranks;
+    ybytes = cuda_plan_buffer(&b->lay, c->max_batch) * sizeof(float);
     CUDA_GOTO(cudaMalloc((void **)&b->y, ybytes), err, fail);
+    /* The padding of a rank block is gathered but never copied out; zeroing it once keeps what
+     * the all-gather moves defined. */
+    CUDA_GOTO(cudaMemsetAsync(b->y, 0, ybytes, b->stream), err, fail);
     /* Pinning makes the slot copies run at full PCIe speed; without it they are correct, only
      * slower (e.g. a memlock limit), so it is a warning. */
     if (c->arena && c->arena_size) {
@@ -422,8 +438,7 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
     CUDA_GOTO(
         cudaMemsetAsync(b->x32, 0, (size_t)c->max_batch * (size_t)b->in * sizeof(float), b->stream),
         err, fail);
-    if (enqueue_gemm(b, c->max_batch,
-                     b->y + cuda_plan_block(b->gather, b->rank, c->max_batch, b->cols), err) < 0)
+    if (enqueue_gemm(b, c->max_batch, b->y + cuda_plan_block(&b->lay, c->max_batch), err) < 0)
         goto fail;
     if (b->gather == BACKEND_GATHER_NCCL) {
         ncclResult_t r =

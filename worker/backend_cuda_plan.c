@@ -16,11 +16,23 @@
  *
  * and the same arguments for cublasGemmEx. tests/gpu/test_cuda_plan.c runs exactly these
  * parameters through a column-major GEMM written from the BLAS definition and compares with the
- * row-major product. */
+ * row-major product.
+ *
+ * The gather with an uneven split. Rank q owns columns [row0_q, row0_q + cols_q) of y, and
+ * cols_q is pad or pad - 1 (pad = cols_0). Each rank's GEMM writes its dense [rows, cols_q]
+ * shard at element q·rows·pad of a [nranks][rows·pad] buffer; ncclAllGather with count rows·pad
+ * then gives every rank all blocks, each followed by rows·(pad - cols_q) elements of padding.
+ * Rank 0 copies block q with source pitch cols_q (the shard is dense), width cols_q and
+ * destination pitch out to column row0_q, so no padding element is ever copied: the widths sum
+ * to out and the ranges tile [0, out). Writing the shard dense, rather than with row pitch pad,
+ * keeps the GEMM and the bias kernel the same for both gathers. */
 #include "backend_cuda_plan.h"
 
+#include <assert.h>
 #include <limits.h>
 #include <string.h>
+
+#include "plan.h"
 
 int cuda_plan_gemm(uint32_t rows, int64_t cols, int64_t in, struct cuda_gemm_shape *g,
                    struct tp_err *err)
@@ -39,39 +51,76 @@ int cuda_plan_gemm(uint32_t rows, int64_t cols, int64_t in, struct cuda_gemm_sha
     return 0;
 }
 
-size_t cuda_plan_block(enum backend_gather g, int rank, uint32_t rows, int64_t cols)
+int cuda_plan_layout(struct cuda_layout *l, enum backend_gather g, int64_t out, int nranks,
+                     int rank, struct tp_err *err)
 {
-    if (g != BACKEND_GATHER_NCCL)
-        return 0;
-    return (size_t)rank * (size_t)rows * (size_t)cols;
+    int64_t row0, cols, row0_0, pad;
+
+    if (plan_split(out, nranks, rank, &row0, &cols, err) < 0 ||
+        plan_split(out, nranks, 0, &row0_0, &pad, err) < 0)
+        return -1;
+    *l = (struct cuda_layout){.gather = g,
+                              .rank = rank,
+                              .nranks = nranks,
+                              .out = out,
+                              .row0 = row0,
+                              .cols = cols,
+                              .pad = pad};
+    return 0;
 }
 
-int cuda_plan_copyout(enum backend_gather g, int rank, int nranks, uint32_t rows, int64_t cols,
-                      size_t elem, struct cuda_copy2d *c)
+size_t cuda_plan_buffer(const struct cuda_layout *l, uint32_t max_batch)
 {
-    size_t width = (size_t)cols * elem;     /* bytes of one rank's part of a row */
-    size_t dpitch = width * (size_t)nranks; /* bytes of a whole output row */
-    size_t block = width * (size_t)rows;    /* bytes of one rank block after the gather */
+    if (l->gather == BACKEND_GATHER_NCCL)
+        return (size_t)l->nranks * (size_t)max_batch * (size_t)l->pad;
+    return (size_t)max_batch * (size_t)l->cols;
+}
 
-    if (g == BACKEND_GATHER_HOST) {
-        c[0] = (struct cuda_copy2d){.dst_off = (size_t)rank * width,
+size_t cuda_plan_block(const struct cuda_layout *l, uint32_t rows)
+{
+    if (l->gather != BACKEND_GATHER_NCCL)
+        return 0;
+    return (size_t)l->rank * cuda_plan_count(l, rows);
+}
+
+size_t cuda_plan_count(const struct cuda_layout *l, uint32_t rows)
+{
+    return (size_t)rows * (size_t)l->pad;
+}
+
+int cuda_plan_copyout(const struct cuda_layout *l, uint32_t rows, size_t elem,
+                      struct cuda_copy2d *c)
+{
+    size_t dpitch = (size_t)l->out * elem;          /* bytes of a whole output row */
+    size_t block = cuda_plan_count(l, rows) * elem; /* bytes of one padded rank block */
+
+    if (l->gather == BACKEND_GATHER_HOST) {
+        c[0] = (struct cuda_copy2d){.dst_off = (size_t)l->row0 * elem,
                                     .dpitch = dpitch,
                                     .src_off = 0,
-                                    .spitch = width,
-                                    .width = width,
+                                    .spitch = (size_t)l->cols * elem,
+                                    .width = (size_t)l->cols * elem,
                                     .height = rows};
         return 1;
     }
-    if (rank != 0)
+    if (l->rank != 0)
         return 0;
-    for (int q = 0; q < nranks; q++)
-        c[q] = (struct cuda_copy2d){.dst_off = (size_t)q * width,
+    for (int q = 0; q < l->nranks; q++) {
+        int64_t row0 = 0, cols = 0;
+        struct tp_err err;
+        int rc = plan_split(l->out, l->nranks, q, &row0, &cols, &err);
+
+        /* cuda_plan_layout checked out and nranks, so every rank's split exists */
+        assert(rc == 0);
+        (void)rc;
+        c[q] = (struct cuda_copy2d){.dst_off = (size_t)row0 * elem,
                                     .dpitch = dpitch,
                                     .src_off = (size_t)q * block,
-                                    .spitch = width,
-                                    .width = width,
+                                    .spitch = (size_t)cols * elem,
+                                    .width = (size_t)cols * elem,
                                     .height = rows};
-    return nranks;
+    }
+    return l->nranks;
 }
 
 int cuda_call_error(struct tp_err *err, enum tp_code code, const char *call_text,

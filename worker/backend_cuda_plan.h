@@ -1,12 +1,18 @@
-/* backend_cuda_plan.h -- the host-side arithmetic of the cuda backend: where the GEMM writes, the
- * cuBLAS parameters of y = x·Wᵀ in column-major terms, the copies that undo the all-gather's
- * layout, and the text of a failed CUDA, cuBLAS or NCCL call. Nothing here calls CUDA, so the
- * unit tests check all of it on machines without a GPU (tests/gpu/test_cuda_plan.c).
+/* backend_cuda_plan.h -- the host-side arithmetic of the cuda backend: which columns of y each
+ * rank owns, where the GEMM writes, the cuBLAS parameters of y = x·Wᵀ in column-major terms, the
+ * copies that undo the all-gather's layout, and the text of a failed CUDA, cuBLAS or NCCL call.
+ * Nothing here calls CUDA, so the unit tests check all of it on machines without a GPU
+ * (tests/gpu/test_cuda_plan.c, which runs a whole forward of every rank on the host).
  *
  * The layout trap: ncclAllGather concatenates the ranks' buffers, so after it the device holds
- * [nranks][rows][cols] (cols = out / nranks), not [rows][out]. Rank q's block must land at column
- * q·cols of every output row: one strided 2-D copy per rank block (cudaMemcpy2DAsync). With
- * rows == 1 the two layouts coincide, which is why tests need rows > 1 and nranks > 1. */
+ * [nranks][rows][pad] (pad = the widest shard's columns), not [rows][out]. Rank q's block must
+ * land at column row0_q of every output row: one strided 2-D copy per rank block
+ * (cudaMemcpy2DAsync), cols_q wide. The split is uneven when nranks does not divide out
+ * (plan_split: the first out mod nranks ranks own one column more), but ncclAllGather sends the
+ * same count from every rank, so each block is padded to pad columns: the GEMM writes its dense
+ * [rows, cols_q] shard at the start of its block, the rest of the block is padding that travels
+ * with the gather and is never copied out. With rows == 1 and an even split the gathered buffer
+ * is already [rows][out], which is why tests need rows > 1, nranks > 1 and uneven splits. */
 #ifndef TP_BACKEND_CUDA_PLAN_H
 #define TP_BACKEND_CUDA_PLAN_H
 
@@ -15,6 +21,16 @@
 
 #include "backend.h"
 #include "err.h"
+
+/* Where one rank's columns go, fixed at start (cuda_plan_layout). */
+struct cuda_layout {
+    enum backend_gather gather;
+    int rank, nranks;
+    int64_t out;  /* columns of y, all ranks together */
+    int64_t row0; /* this rank's first column of y (its first row of W) */
+    int64_t cols; /* this rank's columns of y (its rows of W), by plan_split */
+    int64_t pad;  /* columns of every rank block with NCCL: rank 0's, the widest shard's */
+};
 
 /* One cudaMemcpy2DAsync: height rows of width bytes, from src + src_off (pitch spitch) to
  * dst + dst_off (pitch dpitch). All in bytes. */
@@ -32,23 +48,37 @@ struct cuda_gemm_shape {
     int lda, ldb, ldc;
 };
 
+/* Fills l for rank of nranks over out columns, each rank's range by plan_split. Fails
+ * (TP_EINVAL, l untouched) when plan_split does: a rank outside 0..nranks-1, or fewer columns
+ * than ranks. */
+int cuda_plan_layout(struct cuda_layout *l, enum backend_gather g, int64_t out, int nranks,
+                     int rank, struct tp_err *err);
+
 /* The GEMM that computes a rank's shard y_r [rows, cols] = x [rows, in] · W_r [cols, in]ᵀ with
  * every matrix row-major and dense, y_r written with row pitch cols. Fails (TP_EINVAL) when a
  * dimension does not fit cuBLAS's int. */
 int cuda_plan_gemm(uint32_t rows, int64_t cols, int64_t in, struct cuda_gemm_shape *g,
                    struct tp_err *err);
 
-/* Element offset in the device output buffer where this rank's GEMM writes its [rows, cols]
- * block: rank·rows·cols with NCCL, so that the all-gather runs in place (NCCL's rule: sendbuff
- * == recvbuff + rank·sendcount); 0 with the host gather, whose buffer holds only this rank. */
-size_t cuda_plan_block(enum backend_gather g, int rank, uint32_t rows, int64_t cols);
+/* Elements of the device output buffer for jobs of up to max_batch rows: nranks·max_batch·pad
+ * with NCCL (every rank block, padded), max_batch·cols with the host gather (this rank's). */
+size_t cuda_plan_buffer(const struct cuda_layout *l, uint32_t max_batch);
 
-/* The copies from the device buffer to the [rows, nranks·cols] row-major host output of elem-byte
- * elements. GATHER_NCCL: rank 0 copies every rank block (nranks copies), other ranks none.
- * GATHER_HOST: each rank copies its own block to its columns (one copy). c has room for nranks
- * entries. Returns the number of copies. */
-int cuda_plan_copyout(enum backend_gather g, int rank, int nranks, uint32_t rows, int64_t cols,
-                      size_t elem, struct cuda_copy2d *c);
+/* Element offset in the device output buffer where this rank's GEMM writes its dense
+ * [rows, cols] shard: rank·rows·pad with NCCL, so that the all-gather runs in place (NCCL's
+ * rule: sendbuff == recvbuff + rank·sendcount); 0 with the host gather. */
+size_t cuda_plan_block(const struct cuda_layout *l, uint32_t rows);
+
+/* The ncclAllGather sendcount for a job of rows rows: rows·pad elements, the same on every
+ * rank; the tail of a block beyond rows·cols is padding. */
+size_t cuda_plan_count(const struct cuda_layout *l, uint32_t rows);
+
+/* The copies from the device buffer to the [rows, out] row-major host output of elem-byte
+ * elements. GATHER_NCCL: rank 0 copies every rank q's block, cols_q wide, to column row0_q
+ * (nranks copies); other ranks none. GATHER_HOST: each rank copies its own shard to its columns
+ * (one copy). c has room for nranks entries. Returns the number of copies. */
+int cuda_plan_copyout(const struct cuda_layout *l, uint32_t rows, size_t elem,
+                      struct cuda_copy2d *c);
 
 /* Sets err to "CALL: LIBMSG" where CALL is the function name of call_text (the text before its
  * first '('), e.g. "cudaMalloc: out of memory". Returns -1. */
