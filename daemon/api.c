@@ -2,6 +2,7 @@
  * every worker has loaded its shard, the group is up, and the server is not draining. */
 #include "api.h"
 
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,6 +12,7 @@
 #include "infer.h"
 #include "log.h"
 #include "metrics.h"
+#include "plan.h"
 
 /* A ModelInfer call between the handler and the scheduler's completion. It lives in the call's
  * storage (rpc_call_data), so it stays valid until gRPC is done with the call, after the reply and
@@ -133,6 +135,50 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     reply_msg(call, &r.base);
 }
 
+#define METADATA_PARAMS 16
+
+/* One more entry of ModelMetadata's parameters, in e[*n] with its value in v[*n]. */
+static Inference__InferParameter *param(Inference__ModelMetadataResponse__ParametersEntry *e,
+                                        Inference__InferParameter *v, size_t *n, const char *key)
+{
+    Inference__InferParameter *p = &v[*n];
+
+    assert(*n < METADATA_PARAMS);
+    e[*n] = (Inference__ModelMetadataResponse__ParametersEntry)
+        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT;
+    *p = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
+    e[*n].key = (char *)key;
+    e[(*n)++].value = p;
+    return p;
+}
+
+static void param_str(Inference__ModelMetadataResponse__ParametersEntry *e,
+                      Inference__InferParameter *v, size_t *n, const char *key, const char *val)
+{
+    Inference__InferParameter *p = param(e, v, n, key);
+
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    p->string_param = (char *)val;
+}
+
+static void param_int(Inference__ModelMetadataResponse__ParametersEntry *e,
+                      Inference__InferParameter *v, size_t *n, const char *key, int64_t val)
+{
+    Inference__InferParameter *p = param(e, v, n, key);
+
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
+    p->int64_param = val;
+}
+
+static void param_bool(Inference__ModelMetadataResponse__ParametersEntry *e,
+                       Inference__InferParameter *v, size_t *n, const char *key, int val)
+{
+    Inference__InferParameter *p = param(e, v, n, key);
+
+    p->parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM;
+    p->bool_param = val;
+}
+
 static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
@@ -143,25 +189,11 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     Inference__ModelMetadataResponse__TensorMetadata out =
         INFERENCE__MODEL_METADATA_RESPONSE__TENSOR_METADATA__INIT;
     Inference__ModelMetadataResponse__TensorMetadata *ins[1] = {&in}, *outs[1] = {&out};
-    Inference__InferParameter p_ranks = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__InferParameter p_backend = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__InferParameter p_dtype = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__InferParameter p_bias = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__InferParameter p_batch = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__InferParameter p_io = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__InferParameter p_gemm = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__InferParameter p_inv = INFERENCE__INFER_PARAMETER__INIT;
-    Inference__ModelMetadataResponse__ParametersEntry e[8] = {
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT,
-        INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT};
-    Inference__ModelMetadataResponse__ParametersEntry *ep[8] = {&e[0], &e[1], &e[2], &e[3],
-                                                                &e[4], &e[5], &e[6], &e[7]};
+    Inference__InferParameter pv[METADATA_PARAMS];
+    Inference__ModelMetadataResponse__ParametersEntry e[METADATA_PARAMS];
+    Inference__ModelMetadataResponse__ParametersEntry *ep[METADATA_PARAMS];
+    const struct plan *pl = md->plan;
+    size_t n = 0;
     int64_t in_shape[2] = {-1, md->in}, out_shape[2] = {-1, md->out};
     char *versions[1] = {MODEL_VERSION};
     Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)unpack_or_reply(
@@ -189,31 +221,22 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     r.n_inputs = r.n_outputs = 1;
     r.inputs = ins;
     r.outputs = outs;
-    p_ranks.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
-    p_ranks.int64_param = md->ranks;
-    p_backend.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
-    p_backend.string_param = (char *)md->backend;
-    p_dtype.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
-    p_dtype.string_param = (char *)tp_dtype_file_name(md->wdtype);
-    p_bias.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM;
-    p_bias.bool_param = md->has_bias;
-    p_batch.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM;
-    p_batch.int64_param = md->max_batch;
-    e[0].key = "ranks", e[0].value = &p_ranks;
-    e[1].key = "backend", e[1].value = &p_backend;
-    e[2].key = "weight_dtype", e[2].value = &p_dtype;
-    e[3].key = "bias", e[3].value = &p_bias;
-    e[4].key = "max_batch", e[4].value = &p_batch;
-    p_io.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
-    p_io.string_param = (char *)tp_dtype_wire_name(md->io_dtype);
-    p_gemm.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
-    p_gemm.string_param = (char *)tp_dtype_wire_name(md->gemm_dtype);
-    e[5].key = "io_dtype", e[5].value = &p_io;
-    e[6].key = "gemm_dtype", e[6].value = &p_gemm;
-    p_inv.parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_BOOL_PARAM;
-    p_inv.bool_param = md->batch_invariant;
-    e[7].key = "batch_invariant", e[7].value = &p_inv;
-    r.n_parameters = 8;
+    param_int(e, pv, &n, "ranks", md->ranks);
+    param_str(e, pv, &n, "backend", md->backend);
+    param_str(e, pv, &n, "weight_dtype", tp_dtype_file_name(md->wdtype));
+    param_bool(e, pv, &n, "bias", md->has_bias);
+    param_int(e, pv, &n, "max_batch", md->max_batch);
+    param_str(e, pv, &n, "io_dtype", tp_dtype_wire_name(md->io_dtype));
+    param_str(e, pv, &n, "gemm_dtype", tp_dtype_wire_name(md->gemm_dtype));
+    param_bool(e, pv, &n, "batch_invariant", md->batch_invariant);
+    param_str(e, pv, &n, "weight_tensor", pl->w.name);
+    param_str(e, pv, &n, "bias_tensor", pl->has_bias ? pl->b.name : "");
+    param_str(e, pv, &n, "weight_layout", pl->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]");
+    param_str(e, pv, &n, "tied_to", pl->tied_from);
+    param_str(e, pv, &n, "shard_rows", md->split);
+    for (size_t i = 0; i < n; i++)
+        ep[i] = &e[i];
+    r.n_parameters = n;
     r.parameters = ep;
     reply_msg(call, &r.base);
 }
@@ -405,16 +428,16 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
     if (ic->out_reg) {
         sched_unhold(req->hold);
-        bb = infer_response_dims(ic->api->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead,
-                                 NULL, NULL);
+        bb = infer_response_dims(ic->api->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead, NULL,
+                                 NULL);
     } else {
         /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds
          * until gRPC has sent them; so the reply stays zero-copy and needs no buffer */
         if (dt != TP_F32)
             tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
         /* the reply points at the slot's output; gRPC releases the slot when it is done */
-        bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead,
-                                 unhold, req->hold);
+        bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead, unhold,
+                                 req->hold);
         if (!bb)
             sched_unhold(req->hold);
     }

@@ -5,14 +5,17 @@
 #include "config.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "conffile.h"
 #include "log.h"
+#include "plan.h"
 #include "tensor.h"
 
 #define DEFAULT_CONFIG "/etc/tpd/tpd.conf"
@@ -24,10 +27,20 @@ static void usage(FILE *f)
         "usage: tpd --weights PATH [options]\n"
         "Serves y = x*W^T + b, column-parallel over worker processes, over gRPC (KServe v2).\n"
         "\n"
-        "  --weights PATH          safetensors file with the layer (required)\n"
-        "  --weight NAME           tensor name of W [out, in] (default: weight)\n"
-        "  --bias NAME             tensor name of b [out] (default: bias, if present)\n"
-        "  --model NAME            model name (default: the file name without .safetensors)\n"
+        "  --weights PATH          the checkpoint: a .safetensors file, a directory holding\n"
+        "                          model.safetensors or model.safetensors.index.json, or an\n"
+        "                          index file (required; see docs/checkpoints.md)\n"
+        "  --weight NAME           W: a tensor name, or a module name whose NAME.weight is\n"
+        "                          stored (default: weight)\n"
+        "  --bias NAME             b [out] (default: the weight's sibling MODULE.bias, when the\n"
+        "                          checkpoint has it)\n"
+        "  --no-bias               serve without a bias, even when the checkpoint has one\n"
+        "  --layout auto|linear|conv1d\n"
+        "                          how W is stored: linear [out, in] (torch.nn.Linear), conv1d\n"
+        "                          [in, out] (transformers' Conv1D, the GPT-2 family); auto reads\n"
+        "                          config.json and refuses what it cannot tell (default: auto)\n"
+        "  --model NAME            model name (default: the file name without .safetensors, or\n"
+        "                          the checkpoint directory's name)\n"
         "  --cpu N                 N CPU worker processes, one per rank (default: 1)\n"
         "  --gpus LIST             one GPU worker per listed device, in rank order, e.g. 0,1\n"
         "                          (a device may be listed twice only with --gather host)\n"
@@ -218,12 +231,27 @@ static int parse_mode(const char *s, unsigned *mode)
     return 0;
 }
 
+/* The file's name without .safetensors; for a checkpoint directory, or its model.safetensors or
+ * index, the directory's name. */
 static void model_from_path(char *name, size_t len, const char *path)
 {
-    const char *base = strrchr(path, '/');
+    char buf[PATH_MAX];
+    const char *base;
+    struct stat st;
     size_t n;
 
-    base = base ? base + 1 : path;
+    if (!realpath(path, buf))
+        snprintf(buf, sizeof(buf), "%s", path);
+    base = strrchr(buf, '/');
+    base = base ? base + 1 : buf;
+    if ((strcmp(base, "model.safetensors") == 0 ||
+         strcmp(base, "model.safetensors.index.json") == 0) &&
+        base > buf + 1) {
+        buf[base - buf - 1] = '\0';
+        base = strrchr(buf, '/') ? strrchr(buf, '/') + 1 : buf;
+    } else if (stat(buf, &st) == 0 && S_ISDIR(st.st_mode) && !base[0]) {
+        base = "model"; /* the root directory */
+    }
     n = strlen(base);
     if (n > 12 && strcmp(base + n - 12, ".safetensors") == 0)
         n -= 12;
@@ -234,6 +262,8 @@ enum {
     O_WEIGHTS = 256,
     O_WEIGHT,
     O_BIAS,
+    O_NO_BIAS,
+    O_LAYOUT,
     O_MODEL,
     O_CPU,
     O_LISTEN,
@@ -264,6 +294,8 @@ enum {
 static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIGHTS},
                                      {"weight", required_argument, NULL, O_WEIGHT},
                                      {"bias", required_argument, NULL, O_BIAS},
+                                     {"no-bias", no_argument, NULL, O_NO_BIAS},
+                                     {"layout", required_argument, NULL, O_LAYOUT},
                                      {"model", required_argument, NULL, O_MODEL},
                                      {"cpu", required_argument, NULL, O_CPU},
                                      {"listen", required_argument, NULL, O_LISTEN},
@@ -299,9 +331,20 @@ static enum config_result apply(struct config *c, int o)
     switch (o) {
     case O_WEIGHTS: c->weights = optarg; break;
     case O_WEIGHT: c->weight = optarg; break;
-    case O_BIAS:
-        c->bias = optarg;
-        c->bias_explicit = 1;
+    case O_BIAS: c->bias = optarg; break;
+    case O_NO_BIAS: c->no_bias = 1; break;
+    case O_LAYOUT:
+        if (strcmp(optarg, "auto") == 0)
+            c->layout = PLAN_LAYOUT_AUTO;
+        else if (strcmp(optarg, "linear") == 0)
+            c->layout = PLAN_LINEAR;
+        else if (strcmp(optarg, "conv1d") == 0)
+            c->layout = PLAN_CONV1D;
+        else {
+            fprintf(stderr, "tpd: %s takes auto, linear or conv1d, got '%s'\n",
+                    subject("--layout"), optarg);
+            return CONFIG_USAGE;
+        }
         break;
     case O_MODEL: model = optarg; break;
     case O_CPU:
@@ -501,7 +544,6 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
     enum config_result r;
 
     *c = (struct config){.weight = "weight",
-                         .bias = "bias",
                          .cpu = 1,
                          .max_batch = 256,
                          .slots = 4,
@@ -545,6 +587,10 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
     }
     if (check_backend(c) < 0)
         return CONFIG_USAGE;
+    if (c->bias && c->no_bias) {
+        fprintf(stderr, "tpd: --bias and --no-bias are exclusive\n");
+        return CONFIG_USAGE;
+    }
     if (!c->tls_cert != !c->tls_key) {
         fprintf(stderr, "tpd: --tls-cert and --tls-key go together, got only %s\n",
                 c->tls_cert ? "--tls-cert" : "--tls-key");

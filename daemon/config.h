@@ -9,10 +9,11 @@
 #define CONFIG_MAX_GPUS 64
 
 struct config {
-    const char *weights;       /* safetensors path */
-    const char *weight;        /* tensor name of W */
-    const char *bias;          /* tensor name of b */
-    int bias_explicit;         /* --bias given: the tensor must exist */
+    const char *weights;       /* checkpoint: file, directory or index */
+    const char *weight;        /* tensor or module name of W */
+    const char *bias;          /* tensor name of b; NULL: W's sibling when it exists */
+    int no_bias;               /* --no-bias */
+    int layout;                /* enum plan_layout; PLAN_LAYOUT_AUTO by default */
     char model[128];           /* model name */
     int cpu;                   /* CPU ranks; 0 with --gpus */
     int gpus[CONFIG_MAX_GPUS]; /* --gpus: the device of each rank, in rank order */

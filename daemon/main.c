@@ -26,7 +26,7 @@
 #include "notify.h"
 #include "proc.h"
 #include "rpc.h"
-#include "safetensors.h"
+#include "plan.h"
 #include "sched.h"
 #include "shm.h"
 #include "sup.h"
@@ -37,66 +37,56 @@
 #define MSG_HEADROOM (1L << 20) /* bytes of a message beyond its tensor data */
 #define MAX_MSG (1L << 30)      /* the largest gRPC message tpd accepts or sends */
 
-/* Describes the layer from the file's header: shapes, dtype, bias. Returns 0, or an exit status. */
-static int describe_model(const struct config *c, struct model *m, const char **bias)
+/* Plans the layer from the checkpoint's headers and describes the model. Returns 0, or an exit
+ * status after logging why. */
+static int describe_model(const struct config *c, struct plan *p, struct model *m)
 {
-    struct st_file f = {.fd = -1};
-    const struct st_tensor *w, *b;
     struct tp_err err = {0};
-    int status = 1;
+    char notes[2048], *line, *save = NULL;
+    long biggest;
 
-    if (st_open(&f, c->weights, &err) < 0) {
+    if (plan_build(p,
+                   &(struct plan_request){.weights = c->weights,
+                                          .weight = c->weight,
+                                          .bias = c->bias,
+                                          .no_bias = c->no_bias,
+                                          .layout = (enum plan_layout)c->layout},
+                   notes, sizeof(notes), &err) < 0) {
         tp_log(TP_LOG_ERR, "%s", err.msg);
         return 1;
     }
-    w = st_find(&f, c->weight);
-    if (!w) {
-        tp_log(TP_LOG_ERR, "%s has no tensor '%s' (use --weight NAME)", c->weights, c->weight);
-        goto out;
-    }
-    if (w->ndim != 2 || w->shape[0] < 1 || w->shape[1] < 1 || w->shape[0] > UINT32_MAX ||
-        w->shape[1] > UINT32_MAX) {
-        tp_log(TP_LOG_ERR, "tensor '%s' in %s must be 2-d [out, in]", c->weight, c->weights);
-        goto out;
-    }
-    b = st_find(&f, c->bias);
-    if (!b && c->bias_explicit) {
-        tp_log(TP_LOG_ERR, "%s has no tensor '%s' (given with --bias)", c->weights, c->bias);
-        goto out;
-    }
-    if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) {
-        tp_log(TP_LOG_ERR, "bias '%s' in %s has the wrong shape: expected [%lld]", c->bias,
-               c->weights, (long long)w->shape[0]);
-        goto out;
-    }
-    *m = (struct model){.in = w->shape[1],
-                        .out = w->shape[0],
-                        .wdtype = w->dtype,
+    for (line = strtok_r(notes, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+        tp_log(TP_LOG_NOTICE, "%s", line);
+    *m = (struct model){.in = p->in,
+                        .out = p->out,
+                        .wdtype = (enum tp_dtype)p->w.dtype,
                         .io_dtype = (enum tp_dtype)c->io_dtype,
                         .gemm_dtype = (enum tp_dtype)c->dtype,
-                        .has_bias = b != NULL,
+                        .has_bias = (int)p->has_bias,
                         .ranks = c->ngpus ? c->ngpus : c->cpu,
                         .backend = c->ngpus ? "cuda" : "cpu",
                         .batch_invariant = !c->ngpus && strcmp(c->cpu_gemm, "invariant") == 0,
-                        .max_batch = c->max_batch};
+                        .max_batch = c->max_batch,
+                        .plan = p};
     snprintf(m->name, sizeof(m->name), "%s", c->model);
-    *bias = b ? c->bias : NULL;
-    if (m->out % m->ranks != 0) {
-        tp_log(TP_LOG_ERR, "out %lld is not divisible by %d ranks (%s %d)", (long long)m->out,
-               m->ranks, c->ngpus ? "--gpus lists" : "--cpu", m->ranks);
-        status = EX_USAGE;
-        goto out;
+    if (plan_split(m->out, m->ranks, 0, &(int64_t){0}, &(int64_t){0}, &err) < 0) {
+        tp_log(TP_LOG_ERR, "%s (%s %d)", err.msg, c->ngpus ? "--gpus lists" : "--cpu", m->ranks);
+        return EX_USAGE;
     }
-    if ((long)c->max_batch * (long)(m->in > m->out ? m->in : m->out) * 4 > MAX_MSG - MSG_HEADROOM) {
-        tp_log(TP_LOG_ERR, "--max-batch %u rows of %lld floats exceed the %ld-byte message limit",
-               c->max_batch, (long long)(m->in > m->out ? m->in : m->out), MAX_MSG);
-        status = EX_USAGE;
-        goto out;
+    plan_split_text(m->out, m->ranks, m->split, sizeof(m->split));
+    tp_log(TP_LOG_NOTICE, "layer: W '%s' %s [%lld, %lld] in %s, stored %s (%s)%s%s; b %s",
+           p->w.name, tp_dtype_file_name(m->wdtype), (long long)p->w.shape[0],
+           (long long)p->w.shape[1], p->w.path,
+           p->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]", p->layout_why,
+           p->tied_from[0] ? ", standing in for " : "", p->tied_from,
+           p->has_bias ? p->b.name : "none");
+    biggest = (long)(m->in > m->out ? m->in : m->out);
+    if ((long)c->max_batch * biggest * 4 > MAX_MSG - MSG_HEADROOM) {
+        tp_log(TP_LOG_ERR, "--max-batch %u rows of %ld floats exceed the %ld-byte message limit",
+               c->max_batch, biggest, MAX_MSG);
+        return EX_USAGE;
     }
-    status = 0;
-out:
-    st_close(&f);
-    return status;
+    return 0;
 }
 
 /* gRPC's own log lines, in ours: its errors as warnings (tpd reports the failures it acts on
@@ -199,6 +189,7 @@ int main(int argc, char **argv)
                                               [TP_LOG_DEBUG] = "debug"};
     struct config c;
     struct model m;
+    static struct plan plan; /* read by every thread through m.plan */
     struct shm_arena arena = {.fd = -1};
     struct sched *sched = NULL;
     struct sup *sup = NULL;
@@ -209,7 +200,6 @@ int main(int argc, char **argv)
     pthread_t wd_thread = 0;
     int wd_started = 0;
     char worker[4096];
-    const char *bias = NULL;
     sigset_t sigs;
     int sig, status = 1, threads;
 
@@ -232,7 +222,7 @@ int main(int argc, char **argv)
     if (c.config)
         tp_log(TP_LOG_NOTICE, "read configuration file %s", c.config);
     notify_status("starting: reading %s", c.weights);
-    status = describe_model(&c, &m, &bias);
+    status = describe_model(&c, &plan, &m);
     if (status)
         return status;
     if (metrics_init(m.name, c.cpu, c.slots, &err) < 0) {
@@ -273,20 +263,20 @@ int main(int argc, char **argv)
         goto fail;
     if (c.ngpus)
         tp_log(TP_LOG_NOTICE,
-               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d GPU ranks of %lld "
+               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d GPU ranks of %s "
                "rows, %s GEMM%s, gather %s; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
                m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), m.ranks,
-               (long long)(m.out / m.ranks), tp_dtype_wire_name((enum tp_dtype)c.dtype),
+               m.split, tp_dtype_wire_name((enum tp_dtype)c.dtype),
                c.tf32 ? " (TF32)" : "", c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch,
                c.batch_delay_us);
     else
         tp_log(TP_LOG_NOTICE,
-               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d cpu ranks of %lld "
+               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d cpu ranks of %s "
                "rows, %d threads each, %s GEMM; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
                m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), c.cpu,
-               (long long)(m.out / c.cpu), threads, c.cpu_gemm, c.slots, c.max_batch,
+               m.split, threads, c.cpu_gemm, c.slots, c.max_batch,
                c.batch_delay_us);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
@@ -317,9 +307,7 @@ int main(int argc, char **argv)
         wd_started = 1;
     if (sup_start(&sup,
                   &(struct sup_config){.worker = worker,
-                                       .weights = c.weights,
-                                       .weight = c.weight,
-                                       .bias = bias,
+                                       .plan = &plan,
                                        .backend = m.backend,
                                        .nranks = m.ranks,
                                        .devices = c.ngpus ? c.gpus : NULL,

@@ -1,5 +1,5 @@
-/* model.h -- what tpd serves: one linear layer, described once at start from the weights file's
- * header and the command line, then read (never written) by every thread. The workers always
+/* model.h -- what tpd serves: one linear layer, described once at start from its plan (plan.h:
+ * the checkpoint's headers and the command line), then read (never written) by every thread. The workers always
  * read and write FP32 in the slots; io_dtype is what clients send and receive, and the
  * coordinator converts at its one copy in and out. */
 #ifndef TPD_MODEL_H
@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "plan.h"
 #include "tensor.h"
 
 #define MODEL_INPUT "input"
@@ -26,6 +27,8 @@ struct model {
     const char *backend; /* "cpu" or "cuda" */
     int batch_invariant; /* a row's answer never depends on its batch (cpu, --cpu-gemm invariant) */
     uint32_t max_batch;  /* rows per request */
+    const struct plan *plan; /* the tensors served and how they are stored */
+    char split[512];         /* output rows per rank, "251,251,250" */
 };
 
 #endif

@@ -103,10 +103,6 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
     argv[n++] = (char *)s->c.worker;
     argv[n++] = "--rank", argv[n++] = a_rank;
     argv[n++] = "--ranks", argv[n++] = a_ranks;
-    argv[n++] = "--weights", argv[n++] = (char *)s->c.weights;
-    argv[n++] = "--weight", argv[n++] = (char *)s->c.weight;
-    if (s->c.bias)
-        argv[n++] = "--bias", argv[n++] = (char *)s->c.bias;
     argv[n++] = "--slots", argv[n++] = a_slots;
     argv[n++] = "--max-batch", argv[n++] = a_batch;
     argv[n++] = "--threads", argv[n++] = a_threads;
@@ -133,8 +129,16 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
     close(sv[1]);
     s->w[rank] = (struct worker){.pid = pid, .fd = sv[0]};
     tp_log(TP_LOG_NOTICE, "started worker rank %d pid %d", rank, (int)pid);
+    {
+        /* a fresh socket's buffer takes the plan and the INIT below without blocking */
+        struct plan p = *s->c.plan;
+
+        if (ctl_send_plan(sv[0], &p, err) < 0) {
+            tp_err_prefix(err, "sending the plan to rank %d: ", rank);
+            return -1;
+        }
+    }
     if (s->c.devices && s->c.gather_nccl) {
-        /* a fresh socket's buffer takes one message without blocking */
         struct ctl_msg m = {.type = CTL_INIT, .rank = (uint32_t)rank};
 
         memcpy(m.nccl_id, s->nccl_id, sizeof(m.nccl_id));

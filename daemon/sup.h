@@ -3,7 +3,9 @@
  * DONE messages on its own thread. A worker that dies takes the whole group down (a collective
  * communicator cannot survive a lost member): every job in flight fails with TP_EUNAVAIL, the
  * other workers are killed, and the group is started again after a backoff that doubles up to
- * 30 s and resets once a group is ready. With the NCCL gather every group start gets a new unique
+ * 30 s and resets once a group is ready. Every worker gets the layer's plan as its first message,
+ * the same plan at every start, so a restarted worker checks its files against what tpd read at
+ * start and refuses weights that changed since. With the NCCL gather every group start gets a new unique
  * id (ncclid.h), sent to each worker in an INIT message right after it is spawned. */
 #ifndef TPD_SUP_H
 #define TPD_SUP_H
@@ -11,14 +13,13 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "plan.h"
 
 struct sup;
 
 struct sup_config {
     const char *worker;  /* worker executable */
-    const char *weights; /* safetensors path */
-    const char *weight;  /* tensor names */
-    const char *bias;    /* NULL: no bias */
+    const struct plan *plan; /* sent to every worker at every start; stays the caller's */
     const char *backend; /* "cpu" or "cuda" */
     int nranks;
     int threads; /* BLAS threads per rank */

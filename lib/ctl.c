@@ -7,30 +7,30 @@
 #include <string.h>
 #include <sys/socket.h>
 
-int ctl_send(int fd, struct ctl_msg *m, struct tp_err *err)
+/* One datagram of exactly len bytes. */
+static int send_raw(int fd, const void *buf, size_t len, struct tp_err *err)
 {
     ssize_t n;
 
-    m->magic = CTL_MAGIC;
-    m->version = CTL_VERSION;
     do
-        n = send(fd, m, sizeof(*m), MSG_NOSIGNAL);
+        n = send(fd, buf, len, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
-    if (n == (ssize_t)sizeof(*m))
+    if (n == (ssize_t)len)
         return 0;
     if (n < 0 && (errno == EPIPE || errno == ECONNRESET))
         return tp_err_set(err, TP_EUNAVAIL, "control socket closed by peer");
     if (n < 0)
         return tp_err_sys(err, "sending control message");
-    return tp_err_set(err, TP_ESYS, "short control message send: %zd of %zu bytes", n, sizeof(*m));
+    return tp_err_set(err, TP_ESYS, "short control message send: %zd of %zu bytes", n, len);
 }
 
-int ctl_recv(int fd, struct ctl_msg *m, struct tp_err *err)
+/* One datagram that must be exactly len bytes: 1, 0 on EOF, -1 on error. */
+static int recv_raw(int fd, void *buf, size_t len, struct tp_err *err)
 {
     ssize_t n;
 
     do
-        n = recv(fd, m, sizeof(*m), MSG_TRUNC);
+        n = recv(fd, buf, len, MSG_TRUNC);
     while (n < 0 && errno == EINTR);
     if (n == 0)
         return 0;
@@ -38,10 +38,39 @@ int ctl_recv(int fd, struct ctl_msg *m, struct tp_err *err)
         return 0;
     if (n < 0)
         return tp_err_sys(err, "receiving control message");
-    if ((size_t)n != sizeof(*m))
+    if ((size_t)n != len)
         return tp_err_set(err, TP_EINTERNAL, "control message of %zd bytes, expected %zu", n,
-                          sizeof(*m));
+                          len);
     return 1;
+}
+
+int ctl_send(int fd, struct ctl_msg *m, struct tp_err *err)
+{
+    m->magic = CTL_MAGIC;
+    m->version = CTL_VERSION;
+    return send_raw(fd, m, sizeof(*m), err);
+}
+
+int ctl_recv(int fd, struct ctl_msg *m, struct tp_err *err)
+{
+    return recv_raw(fd, m, sizeof(*m), err);
+}
+
+int ctl_send_plan(int fd, struct plan *p, struct tp_err *err)
+{
+    p->type = CTL_PLAN;
+    return send_raw(fd, p, sizeof(*p), err);
+}
+
+int ctl_recv_plan(int fd, struct plan *p, struct tp_err *err)
+{
+    int r = recv_raw(fd, p, sizeof(*p), err);
+
+    if (r != 1)
+        return r;
+    if (p->type != CTL_PLAN)
+        return tp_err_set(err, TP_EINTERNAL, "expected the PLAN message, got type %u", p->type);
+    return plan_validate(p, err) < 0 ? -1 : 1;
 }
 
 int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, struct tp_err *err)

@@ -2,7 +2,9 @@
  * (AF_UNIX, SOCK_SEQPACKET) per worker carries fixed-size, versioned messages, one per
  * datagram; the activations themselves travel through the shared-memory arena (shm.h).
  *
- *   coordinator -> worker  INIT   right after the start of a GPU worker that gathers with NCCL:
+ *   coordinator -> worker  PLAN   first, at every start: the layer's plan (plan.h), a datagram of
+ *                                 its own size, which the worker checks against its files
+ *   coordinator -> worker  INIT   right after the PLAN of a GPU worker that gathers with NCCL:
  *                                 the communicator's unique id (the coordinator made it and
  *                                 hosts its bootstrap root)
  *   worker -> coordinator  READY  once its shard is loaded (status, error text on failure)
@@ -20,9 +22,10 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "plan.h"
 
 #define CTL_MAGIC 0x74706431u /* "tpd1" */
-#define CTL_VERSION 3         /* 3: STOP, and EOF without it means the coordinator died */
+#define CTL_VERSION 4         /* 4: PLAN; 3: STOP, and EOF without it means the coordinator died */
 #define CTL_NCCL_ID_BYTES 128 /* NCCL_UNIQUE_ID_BYTES */
 
 enum ctl_type {
@@ -31,6 +34,7 @@ enum ctl_type {
     CTL_DONE = 3,
     CTL_INIT = 4,
     CTL_STOP = 5,
+    CTL_PLAN = 6, /* struct plan, not struct ctl_msg */
 };
 
 struct ctl_msg {
@@ -55,6 +59,11 @@ int ctl_send(int fd, struct ctl_msg *m, struct tp_err *err);
 
 /* Receives one message. Returns 1 with *m filled, 0 on EOF (peer gone), -1 on error. */
 int ctl_recv(int fd, struct ctl_msg *m, struct tp_err *err);
+
+/* Sends the plan (fills its type) / receives one and checks it with plan_validate: 1, 0 on EOF,
+ * -1 on error. */
+int ctl_send_plan(int fd, struct plan *p, struct tp_err *err);
+int ctl_recv_plan(int fd, struct plan *p, struct tp_err *err);
 
 /* Checks a message that came from outside this process: magic, version, known type, a
  * NUL-terminated text, slot < nslots for JOB and DONE and 1 <= rows <= max_batch for JOB (READY,

@@ -1,10 +1,11 @@
 /* main.c -- tpd-worker: one rank of a column-parallel linear layer. Started by tpd (fork+exec),
  * never by hand: fd 3 is its control socket (ctl.h) and fd 4 the shared-memory arena (shm.h).
- * It loads only its own rows of W, reports READY, then computes one JOB at a time until the
+ * The first message it reads is the PLAN of the layer (plan.h); it loads only its own rows of W
+ * by it, after checking that the files are still the ones the coordinator planned, reports READY, then computes one JOB at a time until the
  * coordinator sends STOP, and then exits in order: everything freed, so that a sanitizer build
  * checks it for leaks. A load failure is reported in the READY message, so the coordinator can
- * say why the worker failed, and the worker exits 1. With --gather nccl the first message it
- * reads is INIT, which carries the NCCL unique id. A device or communicator failure during a job
+ * say why the worker failed, and the worker exits 1. With --gather nccl the next message after
+ * the PLAN is INIT, which carries the NCCL unique id. A device or communicator failure during a job
  * is reported in its DONE message, and then the worker exits 1: the device state is unknown, and
  * the supervisor rebuilds the whole group.
  *
@@ -40,20 +41,21 @@ struct worker_args {
     uint32_t slots, max_batch;
     enum backend_gather gather;
     enum tp_dtype dtype;
-    const char *weights, *weight, *bias, *backend;
+    const char *backend;
 };
 
 static void usage(void)
 {
     fprintf(
         stderr,
-        "usage: tpd-worker --rank R --ranks N --weights PATH --weight NAME [--bias NAME]\n"
-        "                  --slots S --max-batch B [--threads T] [--backend cpu|cuda]\n"
+        "usage: tpd-worker --rank R --ranks N --slots S --max-batch B [--threads T]\n"
+        "                  [--backend cpu|cuda]\n"
         "                  [--device D] [--gather host|nccl] [--dtype fp32|fp16|bf16] [--tf32]\n"
         "                  [--cpu-gemm invariant|openblas]\n"
         "                  [--log-level LEVEL]\n"
         "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
-        "shared-memory arena on fd 4; it is not meant to be run by hand.\n");
+        "shared-memory arena on fd 4, and reads the layer's plan from the socket;\n"
+        "it is not meant to be run by hand.\n");
 }
 
 static int parse_int(const char *s, long lo, long hi, long *v)
@@ -69,9 +71,6 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
 {
     static const struct option opts[] = {{"rank", required_argument, NULL, 'r'},
                                          {"ranks", required_argument, NULL, 'n'},
-                                         {"weights", required_argument, NULL, 'f'},
-                                         {"weight", required_argument, NULL, 'w'},
-                                         {"bias", required_argument, NULL, 'b'},
                                          {"slots", required_argument, NULL, 's'},
                                          {"max-batch", required_argument, NULL, 'm'},
                                          {"threads", required_argument, NULL, 't'},
@@ -105,9 +104,6 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
                 return -1;
             a->nranks = (int)v;
             break;
-        case 'f': a->weights = optarg; break;
-        case 'w': a->weight = optarg; break;
-        case 'b': a->bias = optarg; break;
         case 's':
             if (parse_int(optarg, 1, 1024, &v))
                 return -1;
@@ -159,8 +155,8 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
         default: return -1;
         }
     }
-    if (optind != argc || a->rank < 0 || a->nranks < 1 || a->rank >= a->nranks || !a->weights ||
-        !a->weight || !a->slots || !a->max_batch)
+    if (optind != argc || a->rank < 0 || a->nranks < 1 || a->rank >= a->nranks || !a->slots ||
+        !a->max_batch)
         return -1;
     return 0;
 }
@@ -185,6 +181,20 @@ static _Noreturn void coordinator_gone(void)
 {
     tp_log(TP_LOG_WARN, "control socket closed without STOP: the coordinator is gone, exiting");
     _exit(1);
+}
+
+/* Reads the PLAN message, the first the coordinator sends. */
+static int recv_plan(struct plan *p, struct tp_err *err)
+{
+    int r = ctl_recv_plan(CTL_FD, p, err);
+
+    if (r == 0)
+        coordinator_gone();
+    if (r < 0) {
+        tp_err_prefix(err, "receiving the plan: ");
+        return -1;
+    }
+    return 0;
 }
 
 /* Reads the INIT message that carries the NCCL unique id. */
@@ -259,14 +269,15 @@ int main(int argc, char **argv)
 {
     struct worker_args a;
     struct shard s = {0};
+    struct plan plan;
     struct shm_arena arena = {.fd = -1};
     struct backend *be = NULL;
     struct backend_config bc;
-    const struct backend_ops *ops;
+    const struct backend_ops *ops = NULL;
     struct tp_err err = {0};
     char prefix[32];
     uint8_t nccl_id[CTL_NCCL_ID_BYTES];
-    uint64_t bytes;
+    double t0;
     int status = 1;
 
     tp_log_init("tpd-worker", NULL);
@@ -276,6 +287,8 @@ int main(int argc, char **argv)
     }
     snprintf(prefix, sizeof(prefix), "rank %d", a.rank);
     tp_log_init("tpd-worker", prefix);
+    if (recv_plan(&plan, &err) < 0)
+        goto fail;
     ops = backend_find(a.backend);
     if (!ops) {
         if (strcmp(a.backend, "cuda") == 0)
@@ -302,15 +315,17 @@ int main(int argc, char **argv)
         tp_err_prefix(&err, "receiving the NCCL id: ");
         goto fail;
     }
-    if (shard_load(&s, a.weights, a.weight, a.bias, a.rank, a.nranks, &err) < 0)
+    t0 = timing_now_s();
+    if (shard_load(&s, &plan, a.rank, a.nranks, &err) < 0)
         goto fail;
-    bytes = s.w_bytes + s.b_bytes;
     tp_log(TP_LOG_NOTICE,
            "loaded rows [%lld, %lld) of %lld from '%s' (%s): read %llu bytes of weight and %llu "
-           "bytes of bias",
-           (long long)s.row0, (long long)(s.row0 + s.rows), (long long)s.out, a.weight,
+           "bytes of bias%s%s%s in %.3f s; stored %s",
+           (long long)s.row0, (long long)(s.row0 + s.rows), (long long)s.out, plan.w.name,
            tp_dtype_file_name(s.dtype), (unsigned long long)s.w_bytes,
-           (unsigned long long)s.b_bytes);
+           (unsigned long long)s.b_bytes, plan.has_bias ? " ('" : "", plan.has_bias ? plan.b.name : "",
+           plan.has_bias ? "')" : "",
+           timing_now_s() - t0, plan.layout == PLAN_CONV1D ? "[in, out]" : "[out, in]");
     if (shm_arena_attach(&arena, ARENA_FD,
                          &(struct shm_layout){.nslots = a.slots,
                                               .max_batch = a.max_batch,
@@ -322,7 +337,7 @@ int main(int argc, char **argv)
     bc.arena_size = arena.size;
     if (ops->create(&be, &bc, &s, &err) < 0)
         goto fail;
-    send_ready(&a, NULL, bytes);
+    send_ready(&a, NULL, s.w_bytes + s.b_bytes);
     status = serve(&a, ops, be, &arena);
     goto out;
 fail:

@@ -1,20 +1,21 @@
-/* shard.h -- which rows of W a rank owns, and loading exactly those rows. Rank r of N owns rows
- * [r*out/N, (r+1)*out/N) of W [out, in] and the same slice of b: Megatron's ColumnParallelLinear
- * split. The rows are read from the safetensors file by byte range; a rank never reads or holds
- * the whole matrix. */
+/* shard.h -- a rank's shard of the layer: its output rows of W and slice of b, read by the plan
+ * that the coordinator sent (plan.h). Rank r of N owns rows [row0, row0 + rows) by plan_split;
+ * they are read from the checkpoint by byte range, so a rank never reads or holds the whole
+ * matrix, and plan_read first checks that the files are the ones the coordinator planned. */
 #ifndef TP_SHARD_H
 #define TP_SHARD_H
 
 #include <stdint.h>
 
 #include "err.h"
+#include "plan.h"
 #include "tensor.h"
 
 struct shard {
-    int64_t row0;        /* first row of W owned */
-    int64_t rows;        /* rows owned: out / nranks */
-    int64_t in;          /* columns of W */
-    int64_t out;         /* rows of W, all ranks together */
+    int64_t row0;        /* first output row of W owned */
+    int64_t rows;        /* output rows owned (plan_split) */
+    int64_t in;          /* inputs of the layer */
+    int64_t out;         /* outputs of the layer, all ranks together */
     enum tp_dtype dtype; /* dtype of W in the file */
     float *w;            /* [rows, in], converted to float32, owned */
     float *b;            /* [rows] or NULL without bias, owned */
@@ -22,14 +23,8 @@ struct shard {
     uint64_t b_bytes;    /* bytes of b read from the file */
 };
 
-/* Row range of a rank. Fails (TP_EINVAL) unless 0 <= rank < nranks and out % nranks == 0. */
-int shard_range(int64_t out, int nranks, int rank, int64_t *row0, int64_t *rows,
-                struct tp_err *err);
-
-/* Loads rank's rows of tensor weight_name (2-d) and, when bias_name is not NULL, of bias_name
- * (1-d, same out) from the safetensors file at path. On failure *s is empty. */
-int shard_load(struct shard *s, const char *path, const char *weight_name, const char *bias_name,
-               int rank, int nranks, struct tp_err *err);
+/* Loads rank's rows of the plan's layer. On failure *s is empty. */
+int shard_load(struct shard *s, const struct plan *p, int rank, int nranks, struct tp_err *err);
 
 /* Frees the rows; takes an empty shard. */
 void shard_free(struct shard *s);
