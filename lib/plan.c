@@ -109,11 +109,6 @@ static int fill_tensor(struct plan_tensor *pt, const struct ckpt_shard *sh,
     return 0;
 }
 
-static const char *dtype_text(const struct st_tensor *t)
-{
-    return tp_dtype_file_name(t->dtype);
-}
-
 static int computable(enum tp_dtype d)
 {
     return d == TP_F32 || d == TP_F16 || d == TP_BF16 || d == TP_F64;
@@ -259,7 +254,7 @@ static int find_bias(struct ckpt *c, struct plan *p, const struct plan_request *
     }
     if (!computable(t->dtype))
         return tp_err_set(err, TP_EINVAL, "bias '%.*s' has dtype %s, expected F32, F16, BF16 or F64",
-                          SHOW, name, dtype_text(t));
+                          SHOW, name, t->dtype_name);
     if (t->ndim != 1 || t->shape[0] != p->out)
         return tp_err_set(err, TP_EINVAL,
                           "bias '%.*s' has %d dims [%" PRId64 "%s], expected [%" PRId64
@@ -288,7 +283,7 @@ int plan_build(struct plan *p, const struct plan_request *req, char *notes, size
         goto fail;
     if (!computable(w->dtype)) {
         tp_err_set(err, TP_EINVAL, "tensor '%.*s' has dtype %s, expected F32, F16, BF16 or F64",
-                   SHOW, w->name, dtype_text(w));
+                   SHOW, w->name, w->dtype_name);
         goto fail;
     }
     if (w->ndim != 2 || w->shape[0] < 1 || w->shape[1] < 1 || w->shape[0] > UINT32_MAX ||

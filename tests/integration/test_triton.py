@@ -202,8 +202,11 @@ class TestBadRequests(TritonCase):
 
         shape_words = [("shape",), ("dim",), ("2-d",), ("rank",), ("[",)]
         bad_shapes = [
-            ("1-D", [IN], np.zeros(IN, np.float32), None, shape_words),
-            ("3-D", [1, 2, IN], np.zeros((2, IN), np.float32), None, shape_words),
+            # [IN] and [B, S, IN] are served (test_shapes.py); 5 dims are not
+            ("5-D", [1, 1, 1, 2, IN], np.zeros((2, IN), np.float32), ["5 dims", "at most 4"],
+             None),
+            ("3-D over --max-batch", [3, 3, IN], np.zeros((9, IN), np.float32),
+             ["9 rows", str(MAX_BATCH)], None),
             ("in+1", [2, IN + 1], np.zeros((2, IN + 1), np.float32), [str(IN + 1), str(IN)],
              None),
             ("batch 0", [0, IN], np.zeros((0, IN), np.float32), ["0"], None),
