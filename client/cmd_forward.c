@@ -1,6 +1,8 @@
 /* cmd_forward.c -- `tpclient forward IN [-o OUT] ...`: reads activations (.npy or raw .bin),
  * sends them in requests of at most the model's max_batch rows, writes or summarises the output,
- * and with --verify checks every element against the independent CPU reference (tests/ref).
+ * and with --verify CKPT checks every element against the independent CPU reference (tests/ref)
+ * on the whole layer, found in the checkpoint by tpd's own rules (--weight, --bias, --no-bias,
+ * --layout as tpd takes them: lib/plan.c), so that every layout tpd serves can be verified.
  * With --shm the tensors go through a system shared-memory region instead of the messages.
  *
  * An input has 1 to 4 dims, [in], [B, in], [B, S, in] or [A, B, S, in]: its leading dims are
@@ -30,6 +32,7 @@
 #include "fileio.h"
 #include "kserve.h"
 #include "npy.h"
+#include "plan.h"
 #include "ref.h"
 
 #define MAX_BIN (4ull << 30) /* bytes of a raw .bin input */
@@ -290,23 +293,39 @@ static int save_f16(const char *path, const float *y, size_t n, int ndim, const 
 }
 
 /* Compares y with the reference. Returns the exit status. */
-static int verify(const char *path, const char *weight, const char *bias, double tol,
-                  const float *x, const float *y, int64_t rows, const struct kserve_layout *l)
+static int verify(const struct plan_request *req, double tol, const float *x, const float *y,
+                  int64_t rows, const struct kserve_layout *l)
 {
-    struct ref_layer layer;
+    struct ref_layer layer = {0};
     struct ref_stats st;
     struct tp_err err = {0};
+    struct plan p;
     double *want = NULL, *mag = NULL;
     size_t n = (size_t)(rows * l->out);
     int status = EXIT_ERROR;
 
-    if (ref_layer_load(&layer, path, weight, bias, &err) < 0) {
+    /* the layer is found and read by tpd's own rules (the plan), the whole matrix at once */
+    if (plan_build(&p, req, NULL, 0, &err) < 0) {
         cmd_error("--verify: %s", err.msg);
         return EXIT_ERROR;
     }
-    if (layer.in != l->in || layer.out != l->out) {
-        cmd_error("--verify: %s holds a [%lld, %lld] layer, the model is [%lld, %lld]", path,
-                  (long long)layer.out, (long long)layer.in, (long long)l->out, (long long)l->in);
+    if (p.in != l->in || p.out != l->out) {
+        cmd_error("--verify: %s holds a layer of %lld inputs and %lld outputs ('%s'), the model "
+                  "has %lld and %lld",
+                  req->weights, (long long)p.in, (long long)p.out, p.w.name, (long long)l->in,
+                  (long long)l->out);
+        return EXIT_ERROR;
+    }
+    layer = (struct ref_layer){.out = p.out, .in = p.in};
+    layer.w = malloc((size_t)(p.out * p.in) * sizeof(float));
+    layer.b = p.has_bias ? malloc((size_t)p.out * sizeof(float)) : NULL;
+    if (!layer.w || (p.has_bias && !layer.b)) {
+        cmd_error("--verify: no memory for a [%lld, %lld] layer", (long long)p.out,
+                  (long long)p.in);
+        goto out;
+    }
+    if (plan_read(&p, 0, p.out, layer.w, layer.b, NULL, NULL, &err) < 0) {
+        cmd_error("--verify: %s", err.msg);
         goto out;
     }
     want = malloc(n * sizeof(double));
@@ -337,7 +356,7 @@ out:
 int cmd_forward(struct conn *c, int argc, char **argv)
 {
     const char *in_path = NULL, *out_path = NULL, *model_opt = NULL, *verify_path = NULL;
-    const char *weight = "weight", *bias = NULL;
+    struct plan_request vreq = {.weight = "weight"};
     double tol = 0;
     char model[256];
     struct kserve_layout l;
@@ -360,9 +379,22 @@ int cmd_forward(struct conn *c, int argc, char **argv)
         else if (strcmp(a, "--verify") == 0 && has_val)
             verify_path = argv[++i];
         else if (strcmp(a, "--weight") == 0 && has_val)
-            weight = argv[++i];
+            vreq.weight = argv[++i];
         else if (strcmp(a, "--bias") == 0 && has_val)
-            bias = argv[++i];
+            vreq.bias = argv[++i];
+        else if (strcmp(a, "--no-bias") == 0)
+            vreq.no_bias = 1;
+        else if (strcmp(a, "--layout") == 0 && has_val) {
+            const char *v = argv[++i];
+
+            vreq.layout = strcmp(v, "linear") == 0   ? PLAN_LINEAR
+                          : strcmp(v, "conv1d") == 0 ? PLAN_CONV1D
+                                                     : PLAN_LAYOUT_AUTO;
+            if (vreq.layout == PLAN_LAYOUT_AUTO && strcmp(v, "auto") != 0) {
+                cmd_error("forward: --layout takes auto, linear or conv1d, got '%s'", v);
+                return EXIT_USAGE;
+            }
+        }
         else if (strcmp(a, "--shm") == 0)
             use_shm = 1;
         else if (strcmp(a, "--input-dtype") == 0 && has_val) {
@@ -388,6 +420,10 @@ int cmd_forward(struct conn *c, int argc, char **argv)
             cmd_error("forward: unexpected argument '%s'", a);
             return EXIT_USAGE;
         }
+    }
+    if (vreq.bias && vreq.no_bias) {
+        cmd_error("forward: --bias and --no-bias are exclusive");
+        return EXIT_USAGE;
     }
     if (!in_path) {
         cmd_error("forward: no input file (usage: tpclient forward IN [-o OUT])");
@@ -450,7 +486,8 @@ int cmd_forward(struct conn *c, int argc, char **argv)
     } else {
         summarise(y, ondim, oshape, l.out, l.dtype);
     }
-    status = verify_path ? verify(verify_path, weight, bias, tol, inp.x, y, inp.rows, &l) : 0;
+    vreq.weights = verify_path;
+    status = verify_path ? verify(&vreq, tol, inp.x, y, inp.rows, &l) : 0;
     free(inp.x);
     free(y);
     return status;

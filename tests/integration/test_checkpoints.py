@@ -124,6 +124,26 @@ class TestCases(CheckpointCase):
                 with self.subTest(case=case["name"], ranks=ranks):
                     self.check_case(case, ranks, via_tpclient=ranks in (1, 3))
 
+    def test_tpclient_verify_every_layout(self):
+        # --verify reads the layer by tpd's rules: sharded, Conv1D, tied, biased, uneven
+        for name, ranks in (("llama.layers.0.mlp.up_proj.3d", 3), ("gpt2.h.0.attn.c_attn", 4),
+                            ("gpt2.lm_head", 3), ("qwen2.layers.0.self_attn.q_proj", 3)):
+            with self.subTest(name):
+                case = next(c for c in LINEAR if c["name"] == name)
+                ckpt = os.path.join(HF_DIR, case["checkpoint"])
+                d = self.serve(ckpt, "--weight", case["module"], ranks=ranks)
+                x = os.path.join(HF_DIR, case["x"])
+                res = d.client("forward", x, "--verify", ckpt, "--weight", case["module"])
+                self.assertEqual(res.rc, 0, repr(res))
+                self.assertIn(": ok", res.out)
+                # verifying against another layer of the same shape fails
+                if name.startswith("qwen2"):
+                    res = d.client("forward", x, "--verify", ckpt, "--weight", case["module"],
+                                   "--no-bias")
+                    self.assertEqual(res.rc, 2, repr(res))
+                    self.assertIn("FAILED", res.out)
+                d.stop()
+
     def test_index_file_and_model_safetensors_paths(self):
         case = next(c for c in LINEAR if c["name"] == "llama.layers.1.mlp.down_proj")
         x, y64 = case_arrays(case)
