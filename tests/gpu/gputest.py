@@ -9,14 +9,22 @@ environment (ctest sets it, bench/gpu-check.sh too):
     TPCLIENT      tpclient
     TP_GPU_PROBE  tp_gpu_probe: prints the visible GPUs, or why there are none; absent when tpd
                   was built without the CUDA backend
+    TP_SEED_DIR   the PyTorch seed layers (default tests/data/seed)
+    TP_HF_DIR     the Hugging Face checkpoints and their cases (default tests/data/hf)
 
-Layers and inputs are written by scripts/make_layer.py (standard library too).
+Layers and inputs are written by scripts/make_layer.py (standard library too). Answers that a
+`--verify` cannot judge (checkpoint directories) are read back from .npy files with read_npy and
+compared with the stored float64 references.
 """
 
+import array
+import ast
 import atexit
+import math
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,6 +37,8 @@ import make_layer  # noqa: E402  (scripts/make_layer.py)
 TPD = os.environ.get("TPD", "")
 TPCLIENT = os.environ.get("TPCLIENT", "")
 GPU_PROBE = os.environ.get("TP_GPU_PROBE", "")
+SEED_DIR = os.environ.get("TP_SEED_DIR") or os.path.join(ROOT, "tests", "data", "seed")
+HF_DIR = os.environ.get("TP_HF_DIR") or os.path.join(ROOT, "tests", "data", "hf")
 
 SKIP = 77  # ctest's SKIP_RETURN_CODE for the gpu tests
 
@@ -190,3 +200,68 @@ def verify(d, x_path, weights, tolerance):
         raise AssertionError("forward %s against %s (tolerance %g) failed: %r\ntpd log:\n%s" % (
             x_path, weights, tolerance, res, d.log()[-3000:]))
     return float(m.group(1)), res
+
+
+def split_rows(out, nranks):
+    """The rows of each rank, as plan_split gives them: the first out % nranks ranks own one
+    more."""
+    return [out // nranks + (r < out % nranks) for r in range(nranks)]
+
+
+def metadata(d):
+    """tpclient metadata as a dict of its `key: value` lines."""
+    res = d.client("metadata")
+    if res.rc != 0:
+        raise AssertionError("tpclient metadata failed: %r" % res)
+    return dict(line.split(": ", 1) for line in res.out.splitlines() if ": " in line)
+
+
+def read_npy(path):
+    """(shape, values) of a little-endian C-order float16, float32 or float64 .npy file; values
+    is a flat sequence of floats."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:6] != b"\x93NUMPY":
+        raise AssertionError("%s is not a .npy file" % path)
+    if data[6] == 1:
+        (hlen,), start = struct.unpack("<H", data[8:10]), 10
+    else:
+        (hlen,), start = struct.unpack("<I", data[8:12]), 12
+    head = ast.literal_eval(data[start:start + hlen].decode("latin1"))
+    codes = {"<f2": "e", "<f4": "f", "<f8": "d"}
+    if head["descr"] not in codes or head["fortran_order"]:
+        raise AssertionError("%s: descr %s fortran_order %s, expected little-endian float in C "
+                             "order" % (path, head["descr"], head["fortran_order"]))
+    shape = tuple(head["shape"])
+    n = 1
+    for dim in shape:
+        n *= dim
+    body = data[start + hlen:]
+    size = struct.calcsize(codes[head["descr"]])
+    if len(body) != n * size:
+        raise AssertionError("%s: %d bytes of data for shape %s" % (path, len(body), shape))
+    if codes[head["descr"]] == "e":
+        return shape, struct.unpack("<%de" % n, body)
+    values = array.array(codes[head["descr"]], body)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return shape, values
+
+
+def forward_npy(d, x_path, y_path):
+    """tpclient forward x_path -o y_path; returns read_npy(y_path). Fails unless it succeeds."""
+    res = d.client("forward", x_path, "-o", y_path)
+    if res.rc != 0:
+        raise AssertionError("forward %s failed: %r\ntpd log:\n%s" % (x_path, res,
+                                                                     d.log()[-3000:]))
+    return read_npy(y_path)
+
+
+def rel_error(y, ref):
+    """max |y - ref| / max |ref|: the error relative to the output's scale; inf when y holds a
+    NaN or an infinity."""
+    if not all(math.isfinite(v) for v in y):
+        return math.inf
+    scale = max(abs(v) for v in ref)
+    worst = max(abs(a - b) for a, b in zip(y, ref))
+    return worst / scale if scale > 0 else worst

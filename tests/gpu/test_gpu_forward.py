@@ -10,7 +10,29 @@ visible GPU with NCCL (and with the host gather) when there are two or more. Wei
 F32, F16 and BF16. A killed worker must be replaced and the group must answer correctly again.
 With --io-dtype fp16/bf16 the requests and responses are FP16/BF16 (tpclient rounds the input and
 verifies against the rounded input), alone and combined with FP16/BF16 GEMMs, to 1e-2.
+
+TestGpuUnevenSplit: ranks that own different numbers of outputs (plan_split: the first out mod N
+ranks own one more), where the NCCL gather pads every rank block to the widest shard and the
+copy-out must use each rank's own width and first column. The seed layers of tests/data/seed at
+two ranks of GPU 0 with the host gather and at the smallest N that does not divide their out;
+a layer of 841 outputs (no N from 2 to 8 divides it) and one of 5 outputs (ranks of one row);
+with NCCL over every GPU when there are two or more. ModelMetadata's shard_rows must show the
+uneven split, so a case cannot silently turn even.
+
+TestGpuHuggingFace: every case of tests/data/hf/cases.json of kind linear, linear_conv1d and
+lm_head_tied, served from its checkpoint directory by module name (tpd finds the shard file, the
+bias sibling, GPT-2's Conv1D layout from config.json and the tied lm_head itself), at 1 rank, 2
+ranks and every GPU, compared with the case's y64.npy: rel = max|y - y64| / max|y64| <= 1e-5,
+for FP16 and BF16 checkpoints too. Why that tolerance holds: y64 is the module on the weights as
+saved, upcast to float64, applied to the float32 x in float64. tpd widens FP16/BF16 weights to
+FP32 exactly and multiplies in FP32 (--dtype fp32, no TF32), so it computes the same products
+and differs only by FP32 rounding: sums of at most 480 products, which cuBLAS accumulates in
+FP32 with an error of a few 2^-24 times sqrt(in) of the products' scale (about 1e-6 of
+max|y64|), and the FP32 output itself (2^-24 relative). 1e-5 leaves a margin of about 10. The
+checkpoints' own-dtype outputs (y.npy) are not the reference: they are 3e-4 (FP16) to 3e-3
+(BF16) away from y64 by the rounding of the dtype alone (cases.json, y_rel_err_vs_y64).
 """
+import json
 import os
 import signal
 import sys
@@ -28,6 +50,41 @@ BATCHES = (1, 7, 64, 1024)
 TOL32, TOL16 = 1e-5, 1e-2
 
 
+def gpus(n, device=None):
+    """--gpus for n ranks: devices 0 to n-1, or device n times (for the host gather)."""
+    return ",".join(str(i if device is None else device) for i in range(n))
+
+
+def first_uneven(out, lo=2):
+    """The smallest N >= lo that does not divide out."""
+    n = lo
+    while out % n == 0:
+        n += 1
+    return n
+
+
+def serve_and_check(test, dir, name, weights, tol, xs, *args, max_batch=1024, split=None):
+    """Serves weights with args, checks every input of xs ((label, path) pairs) with --verify,
+    and, when split is given, that ModelMetadata's shard_rows is that split."""
+    d = Daemon(dir, name, "--weights", weights, "--max-batch", str(max_batch), *args)
+    try:
+        t0 = time.monotonic()
+        d.wait_ready()
+        ready = time.monotonic() - t0
+        if split is not None:
+            test.assertEqual(gputest.metadata(d).get("shard_rows"), ",".join(map(str, split)),
+                             "%s %s" % (weights, " ".join(args)))
+        errs = []
+        for label, x in xs:
+            rel, _ = gputest.verify(d, x, weights, tol)
+            errs.append("%s:%.2g" % (label, rel))
+        print("%-44s ready %.1f s; max rel error per batch %s" % (
+            " ".join(args) + " " + os.path.basename(weights), ready, " ".join(errs)))
+        test.assertEqual(d.stop(), 0, d.log()[-3000:])
+    finally:
+        d.kill()
+
+
 class TestGpuForward(unittest.TestCase):
 
     @classmethod
@@ -43,21 +100,8 @@ class TestGpuForward(unittest.TestCase):
                  for b in BATCHES}
 
     def serve_and_check(self, name, layer, tol, *args, batches=BATCHES):
-        d = Daemon(self.dir, name, "--weights", self.layers[layer], "--max-batch", "1024",
-                   *args)
-        try:
-            t0 = time.monotonic()
-            d.wait_ready()
-            ready = time.monotonic() - t0
-            errs = []
-            for b in batches:
-                rel, _ = gputest.verify(d, self.x[b], self.layers[layer], tol)
-                errs.append("%d:%.2g" % (b, rel))
-            print("%-44s ready %.1f s; max rel error per batch %s" % (
-                " ".join(args) + " " + layer, ready, " ".join(errs)))
-            self.assertEqual(d.stop(), 0, d.log()[-3000:])
-        finally:
-            d.kill()
+        serve_and_check(self, self.dir, name, self.layers[layer], tol,
+                        [(str(b), self.x[b]) for b in batches], *args)
 
     def test_one_rank_nccl_fp32(self):
         self.serve_and_check("n1", "F32", TOL32, "--gpus", "0")
@@ -137,6 +181,175 @@ class TestGpuForward(unittest.TestCase):
             self.assertEqual(d.stop(), 0, d.log()[-3000:])
         finally:
             d.kill()
+
+
+SEED_LAYERS = (("seed", 8, 12), ("nobias", 96, 60), ("mlp-up", 512, 1536))  # name, in, out
+ODD_OUT, FIVE_OUT = 841, 5  # 841 = 29^2: no N from 2 to 28 divides it
+
+
+class TestGpuUnevenSplit(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        if not os.path.isfile(os.path.join(gputest.SEED_DIR, "seed.safetensors")):
+            raise unittest.SkipTest("no seed layers in %s" % gputest.SEED_DIR)
+        cls.dir = gputest.tmpdir()
+        cls.layers = {"odd": gputest.write_layer(os.path.join(cls.dir, "odd"), IN, ODD_OUT),
+                      "odd.bf16": gputest.write_layer(os.path.join(cls.dir, "odd-bf16"), IN,
+                                                      ODD_OUT, dtype="BF16", seed=5),
+                      "five": gputest.write_layer(os.path.join(cls.dir, "five"), 64, FIVE_OUT,
+                                                  seed=9)}
+        cls.xs = {}  # in -> [(label, path)]
+        for in_ in sorted({IN, 64} | {layer[1] for layer in SEED_LAYERS}):
+            batches = BATCHES if in_ == IN else (1, 7, 64)
+            cls.xs[in_] = [(str(b), gputest.write_x(os.path.join(cls.dir, "x%d-%d.npy" % (
+                in_, b)), b, in_, seed=b + in_)) for b in batches]
+
+    def seed_case(self, name, in_, bf16=False):
+        """(weights, inputs) of a seed layer: its own x.npy and random batches."""
+        weights = os.path.join(gputest.SEED_DIR, name + (".bf16" if bf16 else "") +
+                               ".safetensors")
+        own = os.path.join(gputest.SEED_DIR, name + ".x.npy")
+        return weights, [("seed x", own)] + self.xs[in_]
+
+    def check(self, name, weights, tol, xs, nranks, out, *args):
+        serve_and_check(self, self.dir, name, weights, tol, xs, *args,
+                        split=gputest.split_rows(out, nranks))
+
+    def test_seed_layers_two_ranks_host(self):
+        for name, in_, out in SEED_LAYERS:
+            for bf16 in (False, True):
+                weights, xs = self.seed_case(name, in_, bf16)
+                self.check("s2-" + name + ("-bf16" if bf16 else ""), weights, TOL32, xs, 2, out,
+                           "--gpus", "0,0", "--gather", "host")
+
+    def test_seed_layers_uneven_host(self):
+        # seed 12 over 5 ranks (3,3,2,2,2), nobias 60 over 7, mlp-up 1536 over 5
+        for name, in_, out in SEED_LAYERS:
+            n = first_uneven(out)
+            self.assertNotEqual(out % n, 0)
+            for bf16 in (False, True) if name == "seed" else (False,):
+                weights, xs = self.seed_case(name, in_, bf16)
+                self.check("su-" + name + ("-bf16" if bf16 else ""), weights, TOL32, xs, n, out,
+                           "--gpus", gpus(n, 0), "--gather", "host")
+
+    def test_odd_layer_host(self):
+        for n in (2, 3):
+            self.check("odd%d" % n, self.layers["odd"], TOL32, self.xs[IN], n, ODD_OUT,
+                       "--gpus", gpus(n, 0), "--gather", "host")
+        self.check("oddbf", self.layers["odd.bf16"], TOL16, self.xs[IN][1:3], 3, ODD_OUT,
+                   "--gpus", gpus(3, 0), "--gather", "host", "--dtype", "bf16")
+
+    def test_one_row_ranks_host(self):
+        # 5 outputs over 4 ranks (2,1,1,1) and over 5 (one each)
+        for n in (4, 5):
+            self.check("five%d" % n, self.layers["five"], TOL32, self.xs[64], n, FIVE_OUT,
+                       "--gpus", gpus(n, 0), "--gather", "host")
+
+    @unittest.skipIf(NGPUS < 2, "NCCL needs a GPU per rank: needs two GPUs")
+    def test_uneven_nccl(self):
+        n_all = min(NGPUS, 8)
+        for n in sorted({2, n_all}):
+            self.check("oddn%d" % n, self.layers["odd"], TOL32, self.xs[IN], n, ODD_OUT,
+                       "--gpus", gpus(n))
+        self.check("oddh%d" % n_all, self.layers["odd"], TOL32, self.xs[IN][1:3], n_all,
+                   ODD_OUT, "--gpus", gpus(n_all), "--gather", "host")
+        self.check("oddnbf", self.layers["odd.bf16"], TOL16, self.xs[IN][1:3], 2, ODD_OUT,
+                   "--gpus", gpus(2), "--dtype", "bf16")
+        n = min(n_all, FIVE_OUT - 1)  # 5 over 2, 3 or 4 ranks: uneven
+        self.check("fiven%d" % n, self.layers["five"], TOL32, self.xs[64], n, FIVE_OUT,
+                   "--gpus", gpus(n))
+        for name, in_, out in SEED_LAYERS:
+            if out % n_all:
+                weights, xs = self.seed_case(name, in_)
+                self.check("sn-" + name, weights, TOL32, xs, n_all, out, "--gpus", gpus(n_all))
+
+
+HF_KINDS = ("linear", "linear_conv1d", "lm_head_tied")
+TOL_HF = 1e-5
+
+
+def hf_cases():
+    """{checkpoint: {module: [case]}} of the kinds tpd serves, in cases.json's order."""
+    with open(os.path.join(gputest.HF_DIR, "cases.json")) as f:
+        cases = json.load(f)
+    groups = {}
+    for c in cases:
+        if c["kind"] in HF_KINDS:
+            groups.setdefault(c["checkpoint"], {}).setdefault(c["module"], []).append(c)
+    return groups
+
+
+def hf_rank_configs():
+    """(ranks, args): 1 rank; 2 ranks (two GPUs with NCCL, else two ranks of GPU 0 with the host
+    gather); every GPU (at most 8) with NCCL."""
+    configs = [(1, ("--gpus", "0"))]
+    configs.append((2, ("--gpus", "0,1") if NGPUS >= 2 else ("--gpus", "0,0", "--gather", "host")))
+    if min(NGPUS, 8) > 2:
+        configs.append((min(NGPUS, 8), ("--gpus", gpus(min(NGPUS, 8)))))
+    return configs
+
+
+@unittest.skipUnless(os.path.isfile(os.path.join(gputest.HF_DIR, "cases.json")),
+                     "no Hugging Face cases in %s" % gputest.HF_DIR)
+class TestGpuHuggingFace(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = gputest.tmpdir()
+        cls.cases = hf_cases()
+        cls.served = 0
+
+    def serve_module(self, ckpt, module, cases, nranks, args):
+        """Serves module of ckpt with args and checks every case of it against its y64.npy."""
+        type(self).served += 1
+        name = "hf%d-%s" % (self.served, module.replace(".", "-"))
+        first = cases[0]
+        d = Daemon(self.dir, name, "--weights", os.path.join(gputest.HF_DIR, ckpt), "--weight",
+                   module, "--max-batch", "16", *args)
+        try:
+            d.wait_ready()
+            md = gputest.metadata(d)
+            self.assertEqual(md.get("shard_rows"),
+                             ",".join(map(str, gputest.split_rows(first["out"], nranks))))
+            self.assertEqual(md.get("weight_tensor"), first["weights"][0]["tensor"])
+            self.assertEqual(md.get("bias"), "true" if first["biases"] else "false")
+            self.assertEqual(md.get("weight_layout"),
+                             "[in, out]" if first["kind"] == "linear_conv1d" else "[out, in]")
+            if first["kind"] == "lm_head_tied":
+                self.assertEqual(md.get("tied_to"), "lm_head.weight")
+            errs = []
+            for c in cases:
+                y_path = os.path.join(self.dir, name + "." + c["name"] + ".y.npy")
+                shape, y = gputest.forward_npy(d, os.path.join(gputest.HF_DIR, c["x"]), y_path)
+                ref_shape, ref = gputest.read_npy(os.path.join(gputest.HF_DIR, c["y64"]))
+                self.assertEqual(list(shape), c["y_shape"], c["name"])
+                self.assertEqual(list(ref_shape), c["y_shape"], c["name"])
+                rel = gputest.rel_error(y, ref)
+                self.assertLessEqual(rel, TOL_HF, "%s at %s: max|y - y64| / max|y64| = %.3g" % (
+                    c["name"], " ".join(args), rel))
+                errs.append("%s %.2g" % (c["name"], rel))
+            print("%-34s %s" % (" ".join(args), "; ".join(errs)))
+            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        finally:
+            d.kill()
+
+    def check_checkpoint(self, ckpt):
+        modules = self.cases.get(ckpt)
+        self.assertTrue(modules, "cases.json has no %s case of kind %s" % (ckpt, HF_KINDS))
+        for nranks, args in hf_rank_configs():
+            for module, cases in modules.items():
+                with self.subTest(module=module, args=" ".join(args)):
+                    self.serve_module(ckpt, module, cases, nranks, args)
+
+    def test_llama_sharded_bf16(self):
+        self.check_checkpoint("llama-sharded-bf16")
+
+    def test_gpt2_tied_fp32(self):
+        self.check_checkpoint("gpt2-tied-fp32")
+
+    def test_qwen2_bias_fp16(self):
+        self.check_checkpoint("qwen2-bias-fp16")
 
 
 if __name__ == "__main__":
