@@ -161,8 +161,43 @@ def ctl():
     put("ctl", "long", ctl_msg(2) + b"\0" * 8)
 
 
+PLAN_TENSOR_FMT = "<256s4096sQQQqQQII2q"  # struct plan_tensor, 4424 bytes
+PLAN_HEAD_FMT = "<IHHIIqq256s256s128s"    # struct plan up to its tensors, 672 bytes
+
+
+def plan_tensor(name=b"", path=b"", dtype=0, shape=(0, 0), ndim=0, begin=0, esize=4):
+    count = shape[0] * (shape[1] if ndim == 2 else 1) if ndim else 0
+    return struct.pack(PLAN_TENSOR_FMT, name, path, 2049, 1234, 1 << 20, 1700000000 * 10**9,
+                       begin, begin + count * esize, dtype, ndim, shape[0], shape[1])
+
+
+def plan_msg(layout=1, in_=8, out=12, bias=True, dtype=1, esize=4, magic=0x74706c31, version=1,
+             type_=6, wshape=None):
+    wshape = wshape or ((out, in_) if layout == 1 else (in_, out))
+    w = plan_tensor(b"model.layers.0.mlp.up_proj.weight", b"model.safetensors", dtype, wshape,
+                    2, 64, esize)
+    b = (plan_tensor(b"model.layers.0.mlp.up_proj.bias", b"model.safetensors", dtype, (out, 0),
+                     1, 64 + in_ * out * esize, esize) if bias else plan_tensor())
+    head = struct.pack(PLAN_HEAD_FMT, magic, version, type_, layout, int(bias), in_, out,
+                       b"model.layers.0.mlp.up_proj", b"", b"config.json")
+    return head + w + b
+
+
+def plan():
+    assert struct.calcsize(PLAN_TENSOR_FMT) == 4424 and struct.calcsize(PLAN_HEAD_FMT) == 672
+    put("plan", "linear-f32-bias", plan_msg())
+    put("plan", "conv1d-bf16", plan_msg(layout=2, in_=120, out=360, dtype=3, esize=2))
+    put("plan", "linear-f16-no-bias", plan_msg(in_=128, out=64, bias=False, dtype=2, esize=2))
+    put("plan", "bad-layout", plan_msg(layout=3))
+    put("plan", "shape-disagrees", plan_msg(wshape=(8, 12)))
+    put("plan", "bad-magic", plan_msg(magic=0))
+    put("plan", "short", plan_msg()[:700])
+    put("plan", "long", plan_msg() + b"\0" * 8)
+
+
 if __name__ == "__main__":
     infer()
     npy()
     safetensors()
     ctl()
+    plan()

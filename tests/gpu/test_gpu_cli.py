@@ -96,7 +96,9 @@ class TestGpuFlags(unittest.TestCase):
             (["--gpus", "0", "--io-dtype", "fp8"], r"--io-dtype takes fp32, fp16 or bf16, got 'fp8'"),
             (["--tf32"], r"--tf32 needs --gpus"),
             (["--gather", "nccl"], r"--gather nccl needs --gpus"),
-            (["--gpus", "0,1,2,3,4", "--gather", "host"], r"out 12 is not divisible by 5 ranks"),
+            # 12 rows split over 5 ranks unevenly are served; 13 ranks would leave one without a row
+            (["--gpus", ",".join(map(str, range(13))), "--gather", "host"],
+             r"out 12 is smaller than 13 ranks"),
         ]
         for args, pattern in cases:
             with self.subTest(args=args):
