@@ -9,14 +9,13 @@ carries exactly one request. At the stop, tpd's summary line counts the same job
 import os
 import re
 import sys
-import threading
 import time
 import unittest
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import TpdTestCase, make_layer, reference, rel_err  # noqa: E402
+from tpdtest import TpdTestCase, infer_all_at_once, make_layer, reference, rel_err  # noqa: E402
 
 import tritonclient.grpc as tgrpc  # noqa: E402
 
@@ -40,20 +39,7 @@ class TestBatching(TpdTestCase):
             sizes = rng.permutation(np.arange(1, CLIENTS + 1))
             xs = [(rng.standard_normal((int(n), IN)) * (1 + i)).astype(np.float32)
                   for i, n in enumerate(sizes)]
-            results = [None] * CLIENTS
-            done = threading.Semaphore(0)
-
-            def callback(i, result, error):
-                results[i] = (result, error)
-                done.release()
-
-            for i, x in enumerate(xs):
-                inp = tgrpc.InferInput("input", list(x.shape), "FP32")
-                inp.set_data_from_numpy(x)
-                client.async_infer("lin", [inp], lambda result, error, i=i: callback(i, result, error),
-                                   request_id="w%d-c%d" % (wave, i), client_timeout=60)
-            for _ in range(CLIENTS):
-                self.assertTrue(done.acquire(timeout=90), "a request got no answer")
+            results = infer_all_at_once(client, "lin", xs, "w%d-c" % wave)
             for i, x in enumerate(xs):
                 result, error = results[i]
                 self.assertIsNone(error, "wave %d client %d: %s" % (wave, i, error))

@@ -75,6 +75,14 @@ class CheckpointCase(TpdTestCase):
     def serve(self, weights, *args, ranks=2):
         return self.start_daemon(weights, "--cpu", ranks, "--model", "m", *args)
 
+    def refused(self, weights, *args, rc=(1, 64)):
+        """Runs tpd, which must exit with a status in rc before starting a worker; -> stderr."""
+        res = tpdtest.run([tpdtest.TPD, "--weights", weights, "--config", "none"] + list(args))
+        self.assertIn(res.rc, rc, repr(res))
+        self.assertTrue(res.err.strip(), repr(res))
+        self.assertNotIn("started worker", res.err)
+        return res.err
+
     def assert_exact(self, y, y64, what):
         err = rel64(y, y64)
         self.assertLessEqual(err, TOL, "%s: rel %.3g > %.3g" % (what, err, TOL))
@@ -84,7 +92,7 @@ class CheckpointCase(TpdTestCase):
 class TestCases(CheckpointCase):
     """Every single-layer case of cases.json at N = 1..4."""
 
-    def check_case(self, case, ranks, via_tpclient):
+    def check_case(self, case, ranks):
         w = case["weights"][0]
         ckpt = os.path.join(HF_DIR, case["checkpoint"])
         x, y64 = case_arrays(case)
@@ -95,8 +103,7 @@ class TestCases(CheckpointCase):
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y64.reshape(-1, y64.shape[-1])
         self.assert_exact(triton_infer(d.addr, flat_x[:1]), flat_y[:1], what + " (1 row)")
         self.assert_exact(triton_infer(d.addr, flat_x[0]), flat_y[0], what + " (1-d)")
-        if via_tpclient:
-            self.assert_exact(self.forward(d, x), y64, what + " (tpclient)")
+        self.assert_exact(self.forward(d, x), y64, what + " (tpclient)")
         md = metadata(d)
         self.assertEqual(md["weight_tensor"], w["tensor"], what)
         self.assertEqual(md["bias_tensor"], case["biases"][0]["tensor"] if case["biases"] else "",
@@ -122,7 +129,7 @@ class TestCases(CheckpointCase):
         for case in LINEAR:
             for ranks in (1, 2, 3, 4):
                 with self.subTest(case=case["name"], ranks=ranks):
-                    self.check_case(case, ranks, via_tpclient=ranks in (1, 3))
+                    self.check_case(case, ranks)
 
     def test_tpclient_verify_every_layout(self):
         # --verify reads the layer by tpd's rules: sharded, Conv1D, tied, biased, uneven
@@ -185,10 +192,9 @@ class TestSilentWrongAnswers(CheckpointCase):
         self.assertEqual(metadata(d)["bias_tensor"], "")
         self.assert_exact(triton_infer(d.addr, x), y64 - b, "q_proj --no-bias")
         d.stop()
-        res = tpdtest.run([tpdtest.TPD, "--weights", ckpt, "--weight", "model.layers.0.mlp.up_proj",
-                           "--bias", "model.layers.0.self_attn.q_proj.bias", "--config", "none"])
-        self.assertEqual(res.rc, 1, repr(res))
-        self.assertIn("expected [352]", res.err)
+        self.assertIn("expected [352]",
+                      self.refused(ckpt, "--weight", "model.layers.0.mlp.up_proj", "--bias",
+                                   "model.layers.0.self_attn.q_proj.bias", rc=(1,)))
 
     def test_square_conv1d_is_never_guessed(self):
         case = next(c for c in LINEAR if c["name"] == "gpt2.h.0.attn.c_proj")
@@ -204,11 +210,9 @@ class TestSilentWrongAnswers(CheckpointCase):
         bare = self.path("bare")
         os.mkdir(bare)
         shutil.copy(os.path.join(HF_DIR, "gpt2-tied-fp32", "model.safetensors"), bare)
-        res = tpdtest.run([tpdtest.TPD, "--weights", bare, "--weight",
-                           "transformer.h.0.attn.c_proj", "--config", "none"])
-        self.assertEqual(res.rc, 1, repr(res))
-        self.assertIn("--layout conv1d", res.err)
-        self.assertIn("transformer.h.0.attn.c_proj.weight", res.err)
+        err = self.refused(bare, "--weight", "transformer.h.0.attn.c_proj", rc=(1,))
+        self.assertIn("--layout conv1d", err)
+        self.assertIn("transformer.h.0.attn.c_proj.weight", err)
         d = self.serve(bare, "--weight", "transformer.h.0.attn.c_proj", "--layout", "conv1d")
         self.assert_exact(triton_infer(d.addr, x), y64, "c_proj --layout conv1d")
         d.stop()
@@ -217,10 +221,7 @@ class TestSilentWrongAnswers(CheckpointCase):
         self.assertGreater(rel64(triton_infer(d.addr, x), y64), 0.05)
         d.stop()
         # a tied lm_head needs config.json to say it is tied
-        res = tpdtest.run([tpdtest.TPD, "--weights", bare, "--weight", "lm_head",
-                           "--config", "none"])
-        self.assertEqual(res.rc, 1, repr(res))
-        self.assertIn("no config.json", res.err)
+        self.assertIn("no config.json", self.refused(bare, "--weight", "lm_head", rc=(1,)))
 
     def test_changed_weights_are_never_served(self):
         # the issue's case: serve in=1001, replace the file by one of in=1004, kill a worker;
@@ -262,21 +263,11 @@ class TestSilentWrongAnswers(CheckpointCase):
         x = rng.standard_normal((4, 16)).astype(np.float32)
         self.assert_close(self.forward(d, x), x, W, None, TOL, "beside I64, BOOL, U8 tensors")
         d.stop()
-        res = tpdtest.run([tpdtest.TPD, "--weights", path, "--weight", "position_ids",
-                           "--config", "none"])
-        self.assertEqual(res.rc, 1, repr(res))
-        self.assertIn("I64", res.err)
+        self.assertIn("I64", self.refused(path, "--weight", "position_ids", rc=(1,)))
 
 
 class TestRefusedCheckpoints(CheckpointCase):
     """What cannot be served is refused at start, with a message that names it."""
-
-    def refused(self, weights, *args):
-        res = tpdtest.run([tpdtest.TPD, "--weights", weights, "--config", "none"] + list(args))
-        self.assertIn(res.rc, (1, 64), repr(res))
-        self.assertTrue(res.err.strip(), repr(res))
-        self.assertNotIn("started worker", res.err)
-        return res.err
 
     def test_refusals(self):
         llama = os.path.join(HF_DIR, "llama-sharded-bf16")

@@ -23,13 +23,13 @@ checked against a float64 NumPy reference computed from the weights file as the 
 import os
 import re
 import sys
-import threading
 import unittest
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import TpdTestCase, make_layer, read_safetensors, reference, rel_err  # noqa: E402
+from tpdtest import (TpdTestCase, infer_all_at_once, make_layer, read_safetensors,  # noqa: E402
+                     reference, rel_err)
 
 import grpc  # noqa: E402
 import ml_dtypes  # noqa: E402
@@ -172,22 +172,7 @@ class TestShapes(ShapesCase):
         sent_rows = 0
         for wave in range(2):
             xs = [self.x(s, scale=1 + i) for i, s in enumerate(shapes)]
-            results = [None] * len(xs)
-            done = threading.Semaphore(0)
-
-            def callback(i, result, error):
-                results[i] = (result, error)
-                done.release()
-
-            for i, x in enumerate(xs):
-                inp = tgrpc.InferInput("input", list(x.shape), "FP32")
-                inp.set_data_from_numpy(x)
-                # tritonclient passes result= and error= by name
-                client.async_infer("lin", [inp],
-                                   lambda result, error, i=i: callback(i, result, error),
-                                   request_id="w%d-%d" % (wave, i), client_timeout=60)
-            for _ in xs:
-                self.assertTrue(done.acquire(timeout=90), "a request got no answer")
+            results = infer_all_at_once(client, "lin", xs, "w%d" % wave)
             for i, x in enumerate(xs):
                 result, error = results[i]
                 self.assertIsNone(error, "wave %d request %d: %s" % (wave, i, error))

@@ -323,6 +323,30 @@ METRICS_RE = re.compile(r"tpd: notice: metrics and health on http://(\S+)/metric
 SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)[^\n]*|runtime error: [^\n]*")
 
 
+def infer_all_at_once(client, model, xs, tag, timeout=90):
+    """Sends every x of xs as one tritonclient async_infer (request ids TAG-i) before waiting for
+    any, then returns [(result, error)] in the order of xs; fails if a request gets no answer
+    within timeout. tritonclient calls the callback with result= and error= by name."""
+    import threading
+    import tritonclient.grpc as tgrpc
+    results = [None] * len(xs)
+    done = threading.Semaphore(0)
+
+    def callback(i, result, error):
+        results[i] = (result, error)
+        done.release()
+
+    for i, x in enumerate(xs):
+        inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        client.async_infer(model, [inp], lambda result, error, i=i: callback(i, result, error),
+                           request_id="%s-%d" % (tag, i), client_timeout=60)
+    for _ in xs:
+        if not done.acquire(timeout=timeout):
+            raise AssertionError("a request got no answer within %.0f s" % timeout)
+    return results
+
+
 class Daemon:
     """One tpd. Listens on a unix socket in workdir unless listen is given, and serves its metrics
     on a port the OS picks (--metrics-listen 127.0.0.1:0, unless args set --metrics-listen);

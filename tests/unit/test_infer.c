@@ -61,6 +61,15 @@ static void make(struct req *q)
     q->os[0] = &q->o;
 }
 
+/* Moves the data from raw_input_contents to n typed fp32_contents. */
+static void use_typed(struct req *q, size_t n)
+{
+    q->r.n_raw_input_contents = 0;
+    q->contents.n_fp32_contents = n;
+    q->contents.fp32_contents = q->x;
+    q->t.contents = &q->contents;
+}
+
 static void expect_fail(struct req *q, enum tp_code code, const char *word)
 {
     struct infer_input in;
@@ -88,10 +97,7 @@ static void test_valid_forms(void)
     ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     /* typed contents instead of raw */
     make(&q);
-    q.r.n_raw_input_contents = 0;
-    q.contents.n_fp32_contents = 6;
-    q.contents.fp32_contents = q.x;
-    q.t.contents = &q.contents;
+    use_typed(&q, 6);
     ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     ASSERT_EQ(in.rows, 2);
     ASSERT_TRUE(in.x == q.x);
@@ -273,10 +279,7 @@ static void test_shapes(void)
     /* typed contents count rows of the flattened shape */
     make(&q);
     set_shape(&q, (int64_t[]){1, 2, 3}, 3);
-    q.r.n_raw_input_contents = 0;
-    q.contents.n_fp32_contents = 6;
-    q.contents.fp32_contents = q.x;
-    q.t.contents = &q.contents;
+    use_typed(&q, 6);
     ASSERT_EQ(infer_validate(&model, &q.r, NULL, &in, &err), 0);
     ASSERT_EQ(in.rows, 2);
     q.contents.n_fp32_contents = 5;
