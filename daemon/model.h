@@ -28,7 +28,7 @@ struct model {
     int batch_invariant; /* a row's answer never depends on its batch (cpu, --cpu-gemm invariant) */
     uint32_t max_batch;  /* rows per request */
     const struct plan *plan; /* the tensors served and how they are stored */
-    char split[512];         /* output rows per rank, "251,251,250" */
+    char split[4096];        /* output rows per rank, "251,251,250" */
 };
 
 #endif

@@ -231,8 +231,10 @@ int ckpt_find(struct ckpt *c, const char *name, const struct ckpt_shard **shard,
         if (!e)
             return 0;
         (void)join(path, c->dir, e->valuestring); /* fits: open_index checked it */
-        while (strcmp(c->shards[idx].path, path) != 0)
-            idx++; /* open_index listed every shard */
+        while (idx < c->nshards && strcmp(c->shards[idx].path, path) != 0)
+            idx++;
+        if (idx == c->nshards) /* open_index listed every shard */
+            return tp_err_set(err, TP_EINTERNAL, "shard %s is not listed", path);
         if (!c->shards[idx].st.tensors && st_open(&c->shards[idx].st, path, err) < 0) {
             tp_err_prefix(err, "shard of '%.*s' (%s): ", SHOW, name, c->source);
             return -1;

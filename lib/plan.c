@@ -162,10 +162,12 @@ static int find_weight(struct ckpt *c, struct plan *p, const char *name,
                           "it with --weight",
                           c->source);
     }
-    return tp_err_set(err, TP_ENOTFOUND, "%s has no tensor '%.*s'%s%.*s%s (use --weight NAME)",
-                      c->source, SHOW, name, ends_with(name, ".weight") ? "" : " or '",
-                      ends_with(name, ".weight") ? 0 : SHOW, with,
-                      ends_with(name, ".weight") ? "" : "'");
+    if (ends_with(name, ".weight"))
+        return tp_err_set(err, TP_ENOTFOUND, "%s has no tensor '%.*s' (use --weight NAME)",
+                          c->source, SHOW, name);
+    return tp_err_set(err, TP_ENOTFOUND,
+                      "%s has no tensor '%.*s' or '%.*s' (use --weight NAME)", c->source, SHOW,
+                      name, SHOW, with);
 }
 
 /* Decides how W is stored; see the top of this file. */
@@ -302,8 +304,7 @@ int plan_build(struct plan *p, const struct plan_request *req, char *notes, size
     ckpt_close(&c);
     return 0;
 fail:
-    tp_err_prefix(err, "%s: ", req->weights);
-    ckpt_close(&c);
+    ckpt_close(&c); /* the messages name the file, or need none: "--layout" */
     return -1;
 }
 
@@ -389,7 +390,7 @@ static int open_checked(struct st_file *f, const struct plan_tensor *t, struct t
     int64_t mtime;
 
     if (st_open(f, t->path, err) < 0) {
-        tp_err_prefix(err, "weights changed since start? ");
+        tp_err_prefix(err, "weights changed since start: ");
         return -1;
     }
     if (fstat(f->fd, &st) < 0)
