@@ -5,9 +5,12 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define MAX_CONF (1 << 20)
 
@@ -25,14 +28,30 @@ static char *trim(char *s)
 
 int conffile_read(struct conffile *f, const char *path, char *errbuf, size_t errlen)
 {
-    FILE *fp = fopen(path, "re");
+    /* O_NONBLOCK: a FIFO opens at once and is refused, instead of hanging tpd at start */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    FILE *fp = NULL;
     size_t len = 0, cap = 0;
     char *line, *next;
+    struct stat st;
     int lineno = 0;
 
     *f = (struct conffile){0};
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        snprintf(errbuf, errlen, "%s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        snprintf(errbuf, errlen, "%s: not a regular file", path);
+        close(fd);
+        return -1;
+    }
+    fp = fdopen(fd, "r");
     if (!fp) {
         snprintf(errbuf, errlen, "%s: %s", path, strerror(errno));
+        close(fd);
         return -1;
     }
     f->path = strdup(path);

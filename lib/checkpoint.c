@@ -47,7 +47,7 @@ static int join(char *dst, const char *dir, const char *name)
 /* Reads and parses a JSON file of at most CKPT_MAX_JSON bytes. */
 static int read_json(const char *path, cJSON **out, struct tp_err *err)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO is refused, not waited on */
     char *text = NULL;
     const char *end = NULL;
     struct stat st;

@@ -381,7 +381,7 @@ int npy_load_f32(const char *path, float **data, struct npy_info *info, struct t
     int fd;
 
     *data = NULL;
-    fd = open(path, O_RDONLY | O_CLOEXEC);
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO is refused, not waited on */
     if (fd < 0) {
         tp_err_sys(err, "opening");
         goto fail;

@@ -15,7 +15,7 @@ int pem_read(const char *path, char **text, struct tp_err *err)
     struct stat st;
     char *buf = NULL;
     size_t done = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO is refused, not waited on */
 
     *text = NULL;
     if (fd < 0 || fstat(fd, &st) < 0) {

@@ -322,7 +322,9 @@ int st_open(struct st_file *f, const char *path, struct tp_err *err)
     uint64_t n = 0;
 
     *f = (struct st_file){.fd = -1};
-    f->fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO opens at once and is refused below, instead of blocking the open;
+     * reads of a regular file ignore the flag */
+    f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (f->fd < 0) {
         tp_err_sys(err, "opening");
         goto fail;

@@ -296,6 +296,18 @@ class TestRefusedCheckpoints(CheckpointCase):
         with open(os.path.join(evil, "model.safetensors.index.json"), "w") as f:
             json.dump({"weight_map": {"weight": "model-1.safetensors"}}, f)
         self.assertIn("model-1.safetensors", self.refused(evil))
+        # a FIFO is refused at once, not waited on (as --weights, as config.json, as --config)
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        self.assertIn("not a regular file", self.refused(fifo))
+        fifo_dir = self.path("fifo-config")
+        os.mkdir(fifo_dir)
+        shutil.copy(os.path.join(HF_DIR, "gpt2-tied-fp32", "model.safetensors"), fifo_dir)
+        os.mkfifo(os.path.join(fifo_dir, "config.json"))
+        self.assertIn("not a regular file", self.refused(fifo_dir))
+        res = tpdtest.run([tpdtest.TPD, "--weights", fifo_dir, "--config", fifo], timeout=10)
+        self.assertEqual(res.rc, 78, repr(res))
+        self.assertIn("not a regular file", res.err)
 
 
 if __name__ == "__main__":
