@@ -225,7 +225,7 @@ int main(int argc, char **argv)
     status = describe_model(&c, &plan, &m);
     if (status)
         return status;
-    if (metrics_init(m.name, c.cpu, c.slots, &err) < 0) {
+    if (metrics_init(m.name, m.ranks, c.slots, &err) < 0) {
         tp_log(TP_LOG_ERR, "%s", err.msg);
         return 1;
     }
@@ -335,7 +335,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < c.nlisten; i++)
         tp_log(TP_LOG_NOTICE, "ready: serving '%s' on %s", m.name, c.listen[i]);
     notify_send("READY=1");
-    notify_status("serving '%s' with %d ranks on %s", m.name, c.cpu, c.listen[0]);
+    notify_status("serving '%s' with %d ranks on %s", m.name, m.ranks, c.listen[0]);
     stop_startup_watchdog(&wd_started, wd_thread);
 
     sig = wait_for_stop(&sigs, startup.usec, sched);
