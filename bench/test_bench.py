@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark tools: `tpclient bench` as a load generator against a real tpd
-and against bench/echo_server, gemm_baseline, and the harness bench/run.py on tiny shapes.
+and against bench/echo_server, gemm_baseline, the harness bench/run.py on tiny shapes, and the
+load benchmark bench/load.py on a tiny layer.
 
 They check that the numbers are consistent -- counts that add up (the client's per-client calls,
 its total, and the requests tpd logged), rates that agree with counts and time, ordered
@@ -16,7 +17,8 @@ import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "integration"))
-from tpdtest import ACCEPTED_RE, TpdTestCase, make_layer, one_line_error, run  # noqa: E402
+from tpdtest import (ACCEPTED_RE, Result, TpdTestCase, make_layer, one_line_error,  # noqa: E402
+                     run)
 
 ECHO_SERVER = os.environ.get("ECHO_SERVER", "")
 GEMM_BASELINE = os.environ.get("GEMM_BASELINE", "")
@@ -204,6 +206,51 @@ class TestBench(TpdTestCase):
         inv = [ln for ln in table if re.search(r"\| (igemm|tpd-openblas) \| [0-9]", ln)]
         self.assertEqual(len(inv), 2 * 6, out)
         self.assertIn("## targets", out)
+
+    def test_load_smoke(self):
+        rows, cols = 96, 64
+        cache = self.path("cache")
+        layer = os.path.join(cache, "lm_head_%dx%d_bf16.safetensors" % (rows, cols))
+        tmp_load = [sys.executable, os.path.join(HERE, "load.py"), "--rows", str(rows), "--cols",
+                    str(cols), "--build", BUILD_DIR]
+        load = tmp_load + ["--dir", cache]
+        res = run(load + ["--ranks", "1,2", "--keep"], timeout=120)
+        self.assertEqual(res.rc, 0, repr(res))
+        self.assertIn("(made in ", res.out)
+        self.assertRegex(res.out, r"cat baseline: .* best of 3: [0-9.]+ s")
+        results = [ln for ln in res.out.splitlines() if ln.startswith("load-result:")]
+        self.assertEqual(len(results), 2, res.out)
+        for ranks, ln in zip((1, 2), results):
+            kv = result_line(self, Result(res.argv, 0, ln, ""), "load-result:")
+            self.assertEqual(int(kv["ranks"]), ranks)
+            # every rank read its own shard, and the shards make up the layer
+            self.assertEqual([int(b) for b in kv["bytes_per_rank"].split(",")],
+                             [rows // ranks * cols * 2] * ranks)
+            self.assertLessEqual(float(kv["checked"]), 1e-5)
+            self.assertLessEqual(float(kv["read_s"]), float(kv["ready_s"]))
+            self.assertGreater(float(kv["cat_s"]), 0)
+        table = [ln for ln in res.out.splitlines() if re.match(r"\| 1 \| [12] \| \d+", ln)]
+        self.assertEqual(len(table), 2, res.out)
+        self.assertEqual(len(re.findall(r"worker read / cat [0-9.]+ \(target <= 1.5\)", res.out)),
+                         2, res.out)
+        self.assertTrue(os.path.isfile(layer))
+        # the kept layer is found by the next run, which leaves it where it was
+        res = run(load + ["--ranks", "1", "--warm-memory"], timeout=120)
+        self.assertEqual(res.rc, 0, repr(res))
+        self.assertIn("(found there)", res.out)
+        self.assertRegex(res.out, r"first touched and freed [0-9.]+ GiB before the start")
+        self.assertEqual(len([ln for ln in res.out.splitlines()
+                              if ln.startswith("load-result:")]), 1, res.out)
+        self.assertTrue(os.path.isfile(layer))
+        # without --dir, the layer is made in a temporary directory that is gone at the end
+        res = run(tmp_load + ["--ranks", "1"], timeout=120)
+        self.assertEqual(res.rc, 0, repr(res))
+        made = re.search(r"GiB of weights, in (\S+) \(made in ", res.out)
+        self.assertTrue(made, res.out)
+        self.assertFalse(os.path.exists(os.path.dirname(made.group(1))), res.out)
+        for bad in (["--ranks", "0"], ["--ranks", "x"], ["--rows", "1", "--ranks", "2"]):
+            res = run(tmp_load + bad)
+            self.assertEqual(res.rc, 2, repr(res))
 
 
 class ShmServer:
