@@ -1,12 +1,124 @@
-/* ncclid.c -- the NCCL unique id (see ncclid.h). Compiled with or without NCCL. */
+/* ncclid.c -- the NCCL unique id (see ncclid.h). Compiled with or without NCCL's header. NCCL is
+ * loaded with dlopen at the first id, never before: tpd starts, and serves the cpu backend and
+ * --gather host, on machines without it. It is looked for in each directory of TPD_CUDA_LIBS
+ * (':'-separated), then by the loader's own search (LD_LIBRARY_PATH, the program's RPATH,
+ * ld.so.cache), then where the build found it; the worker looks for it the same way
+ * (worker/backend_cuda.c), so that both load the same file. */
 #include "ncclid.h"
 
 #include <string.h>
 
 #ifdef TP_HAVE_NCCL
+#include <dlfcn.h>
+#include <limits.h>
 #include <nccl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "log.h"
 
 _Static_assert(NCCL_UNIQUE_ID_BYTES == CTL_NCCL_ID_BYTES, "the ctl INIT message carries the id");
+
+#ifndef TP_CUDA_LIBDIRS
+#define TP_CUDA_LIBDIRS ""
+#endif
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#define NCCL_SONAME "libnccl.so." STR(NCCL_MAJOR) /* the header's major version */
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    void *handle;
+    __typeof__(ncclGetUniqueId) *ncclGetUniqueId;
+    __typeof__(ncclGetErrorString) *ncclGetErrorString;
+    __typeof__(ncclGetLastError) *ncclGetLastError;
+    __typeof__(ncclGetVersion) *ncclGetVersion;
+} nccl;
+
+/* Keeps the first reason why a library file that exists did not load; "not found" is none. */
+static void note_failure(char *why, size_t len, const char *msg)
+{
+    if (!why[0] && msg && !strstr(msg, "No such file or directory"))
+        snprintf(why, len, "%s", msg);
+}
+
+/* Opens NCCL from the first place that has it (see the top of the file); NULL with err saying
+ * what was tried, and why a file that exists did not load. */
+static void *open_nccl(struct tp_err *err)
+{
+    const char *env = getenv("TPD_CUDA_LIBS");
+    const char *lists[3] = {env, NULL, TP_CUDA_LIBDIRS};
+    char path[PATH_MAX], why[160] = "";
+    void *h;
+
+    for (int l = 0; l < 3; l++) {
+        const char *d = lists[l];
+
+        if (l == 1) {
+            h = dlopen(NCCL_SONAME, RTLD_NOW | RTLD_LOCAL);
+            if (h)
+                return h;
+            note_failure(why, sizeof(why), dlerror());
+            continue;
+        }
+        while (d && *d) {
+            size_t n = strcspn(d, ":");
+
+            if (n > 0 && n + sizeof(NCCL_SONAME) + 1 <= sizeof(path)) {
+                memcpy(path, d, n);
+                path[n] = '/';
+                memcpy(path + n + 1, NCCL_SONAME, sizeof(NCCL_SONAME));
+                h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+                if (h)
+                    return h;
+                note_failure(why, sizeof(why), dlerror());
+            }
+            d += n + (d[n] == ':');
+        }
+    }
+    if (why[0])
+        tp_err_set(err, TP_ENOTFOUND, "cannot load %s: %s", NCCL_SONAME, why);
+    else
+        tp_err_set(err, TP_ENOTFOUND,
+                   "%s is not in TPD_CUDA_LIBS (%.60s), the library path or '%.60s': set "
+                   "TPD_CUDA_LIBS to the directory that holds it, or use --gather host",
+                   NCCL_SONAME, env ? env : "unset", TP_CUDA_LIBDIRS);
+    return NULL;
+}
+
+/* Loads NCCL once; later calls return at once. */
+static int load_nccl(struct tp_err *err)
+{
+    Dl_info info;
+    void *h;
+    int v = 0;
+
+    if (nccl.handle)
+        return 0;
+    h = open_nccl(err);
+    if (!h)
+        return -1;
+    nccl.ncclGetUniqueId = (__typeof__(nccl.ncclGetUniqueId))dlsym(h, "ncclGetUniqueId");
+    nccl.ncclGetErrorString = (__typeof__(nccl.ncclGetErrorString))dlsym(h, "ncclGetErrorString");
+    nccl.ncclGetLastError = (__typeof__(nccl.ncclGetLastError))dlsym(h, "ncclGetLastError");
+    nccl.ncclGetVersion = (__typeof__(nccl.ncclGetVersion))dlsym(h, "ncclGetVersion");
+    if (!nccl.ncclGetUniqueId || !nccl.ncclGetErrorString || !nccl.ncclGetLastError ||
+        !nccl.ncclGetVersion) {
+        memset(&nccl, 0, sizeof(nccl));
+        dlclose(h);
+        return tp_err_set(err, TP_ENOTFOUND,
+                          "%s lacks ncclGetUniqueId, ncclGetErrorString, ncclGetLastError or "
+                          "ncclGetVersion: NCCL 2.14 or newer is needed",
+                          NCCL_SONAME);
+    }
+    nccl.handle = h;
+    nccl.ncclGetVersion(&v);
+    tp_log(TP_LOG_NOTICE, "NCCL %d.%d.%d from %s, for the unique ids of --gather nccl", v / 10000,
+           v / 100 % 100, v % 100,
+           dladdr((void *)nccl.ncclGetUniqueId, &info) && info.dli_fname ? info.dli_fname : "?");
+    return 0;
+}
 
 int ncclid_available(void)
 {
@@ -16,11 +128,18 @@ int ncclid_available(void)
 int ncclid_make(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
 {
     ncclUniqueId u;
-    ncclResult_t r = ncclGetUniqueId(&u);
+    ncclResult_t r;
+    int rc;
 
+    pthread_mutex_lock(&lock);
+    rc = load_nccl(err);
+    pthread_mutex_unlock(&lock);
+    if (rc < 0)
+        return -1;
+    r = nccl.ncclGetUniqueId(&u);
     if (r != ncclSuccess)
-        return tp_err_set(err, TP_EDEVICE, "ncclGetUniqueId: %s: %.120s", ncclGetErrorString(r),
-                          ncclGetLastError(NULL));
+        return tp_err_set(err, TP_EDEVICE, "ncclGetUniqueId: %s: %.120s",
+                          nccl.ncclGetErrorString(r), nccl.ncclGetLastError(NULL));
     memcpy(id, u.internal, CTL_NCCL_ID_BYTES);
     return 0;
 }

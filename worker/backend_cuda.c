@@ -1,8 +1,9 @@
 /* backend_cuda.c -- the cuda backend: one GPU per worker process. At start it selects its device,
- * uploads its shard once (converted to the GEMM's dtype), allocates every device buffer for
+ * loads cuBLAS (and, for the NCCL gather, NCCL) with dlopen, uploads its shard once (converted to
+ * the GEMM's dtype, refusing weights that dtype cannot hold), allocates every device buffer for
  * max_batch rows, pins the shared arena (cudaHostRegister) and, with the NCCL gather, joins a
- * non-blocking communicator of nranks ranks with the unique id the coordinator made. A forward
- * is, on one stream:
+ * non-blocking communicator of nranks ranks with the unique id the coordinator made; then it
+ * warms up at one row and at max_batch rows. A forward is, on one stream:
  *
  *   x (pinned slot) --H2D--> [to FP16/BF16] --> bias broadcast --> cuBLAS GEMM (FP32 accumulate)
  *     GATHER_NCCL: in-place ncclAllGather of blocks padded to the widest shard, then rank 0
@@ -12,18 +13,27 @@
  *
  * and the worker then polls the stream (cudaStreamQuery) and the communicator's asynchronous
  * error with a deadline, so a dead or stuck peer never hangs a rank: the communicator is
- * aborted, the job fails with TP_EUNAVAIL, and the worker exits so that the supervisor rebuilds
- * the group. Every CUDA, cuBLAS and NCCL call is checked; a failure names the call and the
- * library's message, and the supervisor prefixes the rank. Ranks own uneven column ranges when
- * N does not divide out (plan_split); where each shard goes is computed in backend_cuda_plan.c,
- * which the unit tests check on the CPU. */
+ * aborted, the stream drained (bounded), the job fails with TP_EUNAVAIL, and the worker exits so
+ * that the supervisor rebuilds the group. The one design fact: no call may block this thread
+ * without a deadline, which is why an arena that cannot be pinned gets a pinned stage (a copy
+ * into pageable memory would wait for the all-gather, however long a stuck peer makes it).
+ *
+ * Every CUDA, cuBLAS and NCCL call is checked; a failure names the call and the library's
+ * message, and the supervisor prefixes the rank. Ranks own uneven column ranges when N does not
+ * divide out (plan_split); where each shard goes is computed in backend_cuda_plan.c, which the
+ * unit tests check on the CPU. */
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
 #include <nccl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "backend.h"
 #include "backend_cuda_kern.h"
@@ -33,9 +43,27 @@
 
 _Static_assert(NCCL_UNIQUE_ID_BYTES == CTL_NCCL_ID_BYTES, "the ctl INIT message carries the id");
 
+#ifndef TP_CUDA_LIBDIRS
+#define TP_CUDA_LIBDIRS ""
+#endif
+#define STR_(x) #x
+#define STR(x) STR_(x)
+/* the major versions of the headers this was built with: the libraries must match them */
+#define CUBLAS_SONAME "libcublas.so." STR(CUBLAS_VER_MAJOR)
+#define NCCL_SONAME "libnccl.so." STR(NCCL_MAJOR)
+#define NCCL_OLDEST 21400 /* 2.14: ncclCommInitRankConfig, non-blocking communicators */
+
 #define INIT_TIMEOUT_S 120.0   /* NCCL communicator creation: every rank must have started */
 #define FORWARD_TIMEOUT_S 30.0 /* one forward, including the all-gather */
+#define DRAIN_TIMEOUT_S 5.0    /* the stream after a failure and an abort */
 #define BLAS_WORKSPACE (32u << 20)
+/* Waiting: polls without a pause for SPIN_S (a forward of up to ~64 rows of a 4096 x 4096 layer
+ * is done by then), then sleeps POLL_SLEEP_NS between polls. The thread's timer slack, 50 us by
+ * default, would be added to every such sleep, so it is lowered to TIMER_SLACK_NS. */
+#define SPIN_S 1e-3
+#define POLL_SLEEP_NS 20000
+#define TIMER_SLACK_NS 1000
+#define NO_OVERFLOW (~0ull) /* *first_inf when no input element overflowed */
 
 /* One wrapper per library: on failure, fill err with the call and the library's message and jump
  * to the label (NCCL's CUDACHECKGOTO pattern). */
@@ -52,10 +80,43 @@ _Static_assert(NCCL_UNIQUE_ID_BYTES == CTL_NCCL_ID_BYTES, "the ctl INIT message 
     do {                                                                                           \
         cublasStatus_t s_ = (call);                                                                \
         if (s_ != CUBLAS_STATUS_SUCCESS) {                                                         \
-            cuda_call_error((err), TP_EDEVICE, #call, cublasGetStatusString(s_));                  \
+            cuda_call_error((err), TP_EDEVICE, #call, blas.cublasGetStatusString(s_));             \
             goto label;                                                                            \
         }                                                                                          \
     } while (0)
+
+/* cuBLAS and NCCL, loaded once per process (load_blas, load_nccl). Each field has the type and
+ * the name of the library's function (cublas_v2.h maps cublasCreate to cublasCreate_v2, in the
+ * field's name as in the symbol looked up), so a call reads blas.cublasSgemm(...) and its error
+ * names cublasSgemm. */
+static struct {
+    void *handle;
+    __typeof__(cublasCreate) *cublasCreate;
+    __typeof__(cublasDestroy) *cublasDestroy;
+    __typeof__(cublasSetStream) *cublasSetStream;
+    __typeof__(cublasSetMathMode) *cublasSetMathMode;
+    __typeof__(cublasSetWorkspace) *cublasSetWorkspace;
+    __typeof__(cublasSgemm) *cublasSgemm;
+    __typeof__(cublasGemmEx) *cublasGemmEx;
+    __typeof__(cublasGetStatusString) *cublasGetStatusString;
+    __typeof__(cublasGetProperty) *cublasGetProperty;
+} blas;
+
+static struct {
+    void *handle;
+    __typeof__(ncclGetVersion) *ncclGetVersion;
+    __typeof__(ncclCommInitRankConfig) *ncclCommInitRankConfig;
+    __typeof__(ncclCommGetAsyncError) *ncclCommGetAsyncError;
+    __typeof__(ncclCommAbort) *ncclCommAbort;
+    __typeof__(ncclAllGather) *ncclAllGather;
+    __typeof__(ncclGetErrorString) *ncclGetErrorString;
+    __typeof__(ncclGetLastError) *ncclGetLastError;
+} nccl;
+
+/* Resolves lib.fn in lib.handle: 0, or -1 with *missing its symbol's name. */
+#define LOAD_SYM(lib, fn, missing)                                                                 \
+    (((lib).fn = (__typeof__((lib).fn))dlsym((lib).handle, STR(fn))) ? 0                           \
+                                                                     : (*(missing) = STR(fn), -1))
 
 struct backend {
     int rank, nranks, device;
@@ -67,38 +128,187 @@ struct backend {
     cudaStream_t stream;
     cublasHandle_t blas;
     ncclComm_t comm;
-    int broken;               /* a device or communicator error: nothing more runs */
-    void *w;                  /* [lay.cols, in] of dtype, device */
-    float *bias;              /* [lay.cols] or NULL, device */
-    float *x32;               /* [max_batch, in] float32, device */
-    void *x16;                /* [max_batch, in] FP16/BF16, device; NULL with FP32 */
-    float *y;                 /* cuda_plan_buffer: NCCL [nranks][max_batch·lay.pad]; host
-                                 [max_batch, lay.cols] */
-    void *ws;                 /* cuBLAS workspace, device */
-    void *pinned;             /* the registered arena, or NULL */
-    struct cuda_copy2d *plan; /* nranks entries */
+    int broken;                    /* a device or communicator error: nothing more runs */
+    void *w;                       /* [lay.cols, in] of dtype, device */
+    float *bias;                   /* [lay.cols] or NULL, device */
+    float *x32;                    /* [max_batch, in] float32, device */
+    void *x16;                     /* [max_batch, in] FP16/BF16, device; NULL with FP32 */
+    float *y;                      /* cuda_plan_buffer: NCCL [nranks][max_batch·lay.pad]; host
+                                      [max_batch, lay.cols] */
+    void *ws;                      /* cuBLAS workspace, device */
+    void *pinned;                  /* the registered arena, or NULL */
+    float *stage;                  /* cuda_plan_stage_bytes, pinned host, when the arena is not */
+    unsigned long long *first_inf; /* FP16/BF16: first input element that overflowed, device */
+    unsigned long long *first_inf_host; /* its copy, pinned host */
+    struct cuda_copy2d *plan;           /* nranks entries: the copies to the slot's output */
+    struct cuda_copy2d *staged;         /* nranks entries: the same copies into the stage */
+    double poll_sleep_us;               /* what one POLL_SLEEP_NS sleep takes here, measured */
 };
+
+/* Keeps the first reason why a library file that exists did not load; "not found" is none. */
+static void note_failure(char *why, size_t len, const char *msg)
+{
+    if (!why[0] && msg && !strstr(msg, "No such file or directory"))
+        snprintf(why, len, "%s", msg);
+}
+
+/* Opens soname from the first place that has it: each directory of TPD_CUDA_LIBS (':'-separated),
+ * then the loader's own search (LD_LIBRARY_PATH, the program's RPATH, ld.so.cache), then the
+ * directories where this build found the CUDA libraries. NULL with err saying what was tried,
+ * and why a file that exists did not load. */
+static void *open_library(const char *soname, const char *what, struct tp_err *err)
+{
+    const char *env = getenv("TPD_CUDA_LIBS");
+    const char *lists[3] = {env, NULL, TP_CUDA_LIBDIRS};
+    char path[PATH_MAX], why[160] = "";
+    void *h;
+
+    for (int l = 0; l < 3; l++) {
+        const char *d = lists[l];
+
+        if (l == 1) {
+            h = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
+            if (h)
+                return h;
+            note_failure(why, sizeof(why), dlerror());
+            continue;
+        }
+        while (d && *d) {
+            size_t n = strcspn(d, ":");
+
+            if (n > 0 && n + strlen(soname) + 2 <= sizeof(path)) {
+                memcpy(path, d, n);
+                path[n] = '/';
+                strcpy(path + n + 1, soname);
+                h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+                if (h)
+                    return h;
+                note_failure(why, sizeof(why), dlerror());
+            }
+            d += n + (d[n] == ':');
+        }
+    }
+    if (why[0])
+        tp_err_set(err, TP_ENOTFOUND, "cannot load %s (%s): %s", soname, what, why);
+    else
+        tp_err_set(err, TP_ENOTFOUND,
+                   "%s (%s) is not in TPD_CUDA_LIBS (%.60s), the library path or '%.60s': set "
+                   "TPD_CUDA_LIBS to the directory that holds it",
+                   soname, what, env ? env : "unset", TP_CUDA_LIBDIRS);
+    return NULL;
+}
+
+/* The file a loaded function comes from, for the log. */
+static const char *library_file(void *fn)
+{
+    Dl_info info;
+
+    return dladdr(fn, &info) && info.dli_fname ? info.dli_fname : "?";
+}
+
+static int load_blas(struct tp_err *err)
+{
+    const char *missing = NULL;
+    int v[3] = {0, 0, 0};
+
+    if (blas.handle)
+        return 0;
+    blas.handle = open_library(CUBLAS_SONAME, "cuBLAS", err);
+    if (!blas.handle)
+        return -1;
+    if (LOAD_SYM(blas, cublasCreate, &missing) < 0 || LOAD_SYM(blas, cublasDestroy, &missing) < 0 ||
+        LOAD_SYM(blas, cublasSetStream, &missing) < 0 ||
+        LOAD_SYM(blas, cublasSetMathMode, &missing) < 0 ||
+        LOAD_SYM(blas, cublasSetWorkspace, &missing) < 0 ||
+        LOAD_SYM(blas, cublasSgemm, &missing) < 0 || LOAD_SYM(blas, cublasGemmEx, &missing) < 0 ||
+        LOAD_SYM(blas, cublasGetStatusString, &missing) < 0 ||
+        LOAD_SYM(blas, cublasGetProperty, &missing) < 0) {
+        tp_err_set(err, TP_ENOTFOUND, "%s from %s has no %s", CUBLAS_SONAME,
+                   library_file(dlsym(blas.handle, STR(cublasCreate))), missing);
+        dlclose(blas.handle);
+        memset(&blas, 0, sizeof(blas));
+        return -1;
+    }
+    blas.cublasGetProperty(MAJOR_VERSION, &v[0]);
+    blas.cublasGetProperty(MINOR_VERSION, &v[1]);
+    blas.cublasGetProperty(PATCH_LEVEL, &v[2]);
+    tp_log(TP_LOG_NOTICE, "cuBLAS %d.%d.%d from %s", v[0], v[1], v[2],
+           library_file((void *)blas.cublasCreate));
+    return 0;
+}
+
+static int load_nccl(struct tp_err *err)
+{
+    const char *missing = NULL;
+    int v = 0;
+
+    if (nccl.handle)
+        return 0;
+    nccl.handle = open_library(NCCL_SONAME, "NCCL, for --gather nccl", err);
+    if (!nccl.handle)
+        return -1;
+    if (LOAD_SYM(nccl, ncclGetVersion, &missing) < 0 ||
+        LOAD_SYM(nccl, ncclCommInitRankConfig, &missing) < 0 ||
+        LOAD_SYM(nccl, ncclCommGetAsyncError, &missing) < 0 ||
+        LOAD_SYM(nccl, ncclCommAbort, &missing) < 0 ||
+        LOAD_SYM(nccl, ncclAllGather, &missing) < 0 ||
+        LOAD_SYM(nccl, ncclGetErrorString, &missing) < 0 ||
+        LOAD_SYM(nccl, ncclGetLastError, &missing) < 0 || nccl.ncclGetVersion(&v) != ncclSuccess ||
+        v < NCCL_OLDEST) {
+        if (missing)
+            tp_err_set(err, TP_ENOTFOUND, "%s has no %s: NCCL 2.14 or newer is needed", NCCL_SONAME,
+                       missing);
+        else
+            tp_err_set(err, TP_ENOTFOUND,
+                       "NCCL %d.%d.%d from %s is older than 2.14, which tpd needs", v / 10000,
+                       v / 100 % 100, v % 100, library_file((void *)nccl.ncclGetVersion));
+        dlclose(nccl.handle);
+        memset(&nccl, 0, sizeof(nccl));
+        return -1;
+    }
+    tp_log(TP_LOG_NOTICE, "NCCL %d.%d.%d from %s", v / 10000, v / 100 % 100, v % 100,
+           library_file((void *)nccl.ncclGetVersion));
+    return 0;
+}
 
 static int nccl_error(struct tp_err *err, const char *call, ncclResult_t r, ncclComm_t comm)
 {
     char msg[200];
-    const char *last = comm ? ncclGetLastError(comm) : NULL;
+    const char *last = comm ? nccl.ncclGetLastError(comm) : NULL;
 
-    snprintf(msg, sizeof(msg), "%s%s%.150s", ncclGetErrorString(r), last && last[0] ? ": " : "",
-             last ? last : "");
+    snprintf(msg, sizeof(msg), "%s%s%.150s", nccl.ncclGetErrorString(r),
+             last && last[0] ? ": " : "", last ? last : "");
     /* a remote or system error means a peer or the network is gone: the group must be rebuilt */
     return cuda_call_error(
         err, r == ncclRemoteError || r == ncclSystemError ? TP_EUNAVAIL : TP_EDEVICE, call, msg);
 }
 
+/* One pause of a poll loop that began at t0, now being now: none while spinning. */
+static void poll_pause(double t0, double now)
+{
+    if (now - t0 > SPIN_S)
+        nanosleep(&(struct timespec){.tv_nsec = POLL_SLEEP_NS}, NULL);
+}
+
+/* What a poll sleep costs on this machine, in microseconds: its length plus the timer slack and
+ * the kernel's wake-up. Measured once at start, for the start line. */
+static double measure_poll_sleep_us(void)
+{
+    double t0 = timing_now_s();
+
+    for (int i = 0; i < 20; i++)
+        nanosleep(&(struct timespec){.tv_nsec = POLL_SLEEP_NS}, NULL);
+    return (timing_now_s() - t0) / 20 * 1e6;
+}
+
 /* Waits until the non-blocking communicator has finished its pending call (init or enqueue). */
 static int nccl_settle(struct backend *b, const char *call, double timeout_s, struct tp_err *err)
 {
-    double deadline = timing_now_s() + timeout_s;
+    double t0 = timing_now_s(), now;
     ncclResult_t st = ncclInProgress;
 
     for (;;) {
-        ncclResult_t r = ncclCommGetAsyncError(b->comm, &st);
+        ncclResult_t r = nccl.ncclCommGetAsyncError(b->comm, &st);
 
         if (r != ncclSuccess)
             return nccl_error(err, "ncclCommGetAsyncError", r, b->comm);
@@ -106,42 +316,69 @@ static int nccl_settle(struct backend *b, const char *call, double timeout_s, st
             return 0;
         if (st != ncclInProgress)
             return nccl_error(err, call, st, b->comm);
-        if (timing_now_s() > deadline)
+        now = timing_now_s();
+        if (now - t0 > timeout_s)
             return tp_err_set(err, TP_EUNAVAIL,
                               "%s did not complete in %.0f s: a peer rank is gone or stuck", call,
                               timeout_s);
-        nanosleep(&(struct timespec){.tv_nsec = 100000}, NULL);
+        poll_pause(t0, now);
     }
 }
 
-/* Waits for the stream to drain while watching the communicator, at most timeout_s. Spins
- * briefly (a forward of a few rows takes tens of microseconds), then sleeps between polls. */
+/* The communicator's asynchronous error, as the all-gather's; 0 without one or without NCCL. */
+static int comm_check(struct backend *b, struct tp_err *err)
+{
+    ncclResult_t st = ncclSuccess, r;
+
+    if (!b->comm)
+        return 0;
+    r = nccl.ncclCommGetAsyncError(b->comm, &st);
+    if (r != ncclSuccess)
+        return nccl_error(err, "ncclCommGetAsyncError", r, b->comm);
+    if (st != ncclSuccess && st != ncclInProgress)
+        return nccl_error(err, "ncclAllGather", st, b->comm);
+    return 0;
+}
+
+/* Waits for the stream to drain while watching the communicator, at most timeout_s. A stream
+ * that is done gets one more look at the communicator: it may have failed while the last of the
+ * stream ran, and a failed collective does not always fail the stream. */
 static int wait_stream(struct backend *b, double timeout_s, struct tp_err *err)
 {
-    double deadline = timing_now_s() + timeout_s;
+    double t0 = timing_now_s(), now;
 
-    for (unsigned spins = 0;; spins++) {
+    for (;;) {
         cudaError_t e = cudaStreamQuery(b->stream);
 
         if (e == cudaSuccess)
-            return 0;
+            return comm_check(b, err);
         if (e != cudaErrorNotReady)
             return cuda_call_error(err, TP_EDEVICE, "cudaStreamQuery", cudaGetErrorString(e));
-        if (b->comm) {
-            ncclResult_t st = ncclSuccess, r = ncclCommGetAsyncError(b->comm, &st);
-
-            if (r != ncclSuccess)
-                return nccl_error(err, "ncclCommGetAsyncError", r, b->comm);
-            if (st != ncclSuccess && st != ncclInProgress)
-                return nccl_error(err, "ncclAllGather", st, b->comm);
-        }
-        if ((spins & 1023) == 1023 && timing_now_s() > deadline)
+        if (comm_check(b, err) < 0)
+            return -1;
+        now = timing_now_s();
+        if (now - t0 > timeout_s)
             return tp_err_set(err, TP_EUNAVAIL, "GPU work did not complete in %.0f s: %s",
                               timeout_s,
                               b->comm ? "a peer rank is gone or stuck" : "the GPU is stuck");
-        if (spins > 2000)
-            nanosleep(&(struct timespec){.tv_nsec = 20000}, NULL);
+        poll_pause(t0, now);
     }
+}
+
+/* Waits at most timeout_s for the stream to hold no more work, whatever its state: 0 when it
+ * holds none (done, or failed for good), -1 when work is still running. */
+static int drain(struct backend *b, double timeout_s)
+{
+    double t0 = timing_now_s(), now;
+
+    while (cudaStreamQuery(b->stream) == cudaErrorNotReady) {
+        now = timing_now_s();
+        if (now - t0 > timeout_s)
+            return -1;
+        poll_pause(t0, now);
+    }
+    cudaGetLastError(); /* a failed stream's error is not this caller's */
+    return 0;
 }
 
 /* Selects the device, failing with a message a user can act on. */
@@ -178,7 +415,8 @@ static int select_device(int device, struct tp_err *err)
     return 0;
 }
 
-/* Enqueues the GEMM of rows rows into out (dense, row pitch lay.cols), bias first. */
+/* Enqueues the GEMM of rows rows into out (dense, row pitch lay.cols), bias first. FP16/BF16:
+ * the conversion of x notes the first element that overflowed in first_inf. */
 static int enqueue_gemm(struct backend *b, uint32_t rows, float *out, struct tp_err *err)
 {
     struct cuda_gemm_shape g;
@@ -197,19 +435,22 @@ static int enqueue_gemm(struct backend *b, uint32_t rows, float *out, struct tp_
     }
     if (b->dtype == TP_F32) {
         /* A = W (column-major Wᵀ), B = x (column-major xᵀ): see backend_cuda_plan.c */
-        BLAS_GOTO(cublasSgemm(b->blas, ta, tb, g.m, g.n, g.k, &one, (const float *)b->w, g.lda,
-                              b->x32, g.ldb, beta, out, g.ldc),
+        BLAS_GOTO(blas.cublasSgemm(b->blas, ta, tb, g.m, g.n, g.k, &one, (const float *)b->w, g.lda,
+                                   b->x32, g.ldb, beta, out, g.ldc),
                   err, fail);
     } else {
         cudaDataType t = b->dtype == TP_BF16 ? CUDA_R_16BF : CUDA_R_16F;
         size_t n = (size_t)rows * (size_t)b->in;
 
-        CUDA_GOTO(cuda_kern_to_half(b->x16, b->x32, n, b->dtype == TP_BF16, b->stream), err, fail);
+        CUDA_GOTO(cudaMemsetAsync(b->first_inf, 0xff, sizeof(*b->first_inf), b->stream), err, fail);
+        CUDA_GOTO(
+            cuda_kern_to_half(b->x16, b->x32, n, b->dtype == TP_BF16, b->first_inf, b->stream), err,
+            fail);
         /* FP16/BF16 inputs, FP32 accumulation and FP32 output (a combination cublasGemmEx
          * lists for CUBLAS_COMPUTE_32F): only the inputs are rounded. */
-        BLAS_GOTO(cublasGemmEx(b->blas, ta, tb, g.m, g.n, g.k, &one, b->w, t, g.lda, b->x16, t,
-                               g.ldb, beta, out, CUDA_R_32F, g.ldc, CUBLAS_COMPUTE_32F,
-                               CUBLAS_GEMM_DEFAULT),
+        BLAS_GOTO(blas.cublasGemmEx(b->blas, ta, tb, g.m, g.n, g.k, &one, b->w, t, g.lda, b->x16, t,
+                                    g.ldb, beta, out, CUDA_R_32F, g.ldc, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT),
                   err, fail);
     }
     return 0;
@@ -217,10 +458,60 @@ fail:
     return -1;
 }
 
+/* Enqueues the in-place all-gather of a job of rows rows: every rank sends rows·pad elements,
+ * its shard and then padding, which nobody copies. */
+static int enqueue_gather(struct backend *b, uint32_t rows, double timeout_s, struct tp_err *err)
+{
+    ncclResult_t r =
+        nccl.ncclAllGather(b->y + cuda_plan_block(&b->lay, rows), b->y,
+                           cuda_plan_count(&b->lay, rows), ncclFloat32, b->comm, b->stream);
+
+    if (r == ncclInProgress)
+        return nccl_settle(b, "ncclAllGather", timeout_s, err);
+    if (r != ncclSuccess)
+        return nccl_error(err, "ncclAllGather", r, b->comm);
+    return 0;
+}
+
+/* After a failed job nothing more runs in this process. The communicator is aborted, which
+ * also ends its kernels, and the stream is given DRAIN_TIMEOUT_S to drain, so that no copy is
+ * still writing the slot when the job is answered. A stream that does not drain even then could
+ * still write the slot after the answer: the process leaves at once, without answering; the
+ * supervisor sees the exit, fails the job and rebuilds the group, and the exit ends the
+ * context and its copies. */
+static void abandon(struct backend *b, struct tp_err *err)
+{
+    b->broken = 1;
+    if (b->comm)
+        nccl.ncclCommAbort(b->comm);
+    b->comm = NULL;
+    if (err->code != TP_EUNAVAIL)
+        err->code = TP_EDEVICE;
+    if (drain(b, DRAIN_TIMEOUT_S) < 0) {
+        tp_log(TP_LOG_ERR, "%s; the GPU's stream still runs %.0f s after it: exiting unanswered",
+               err->msg, DRAIN_TIMEOUT_S);
+        _exit(1);
+    }
+}
+
+/* A job whose input holds a value that the GEMM's dtype turns into an infinity: refused, and
+ * the backend goes on (every rank saw the same input and refuses it too). */
+static int input_overflow(const struct backend *b, const float *x, unsigned long long i,
+                          struct tp_err *err)
+{
+    return tp_err_set(err, TP_EINVAL,
+                      "input row %llu, column %llu is %g, which %s turns into an infinity "
+                      "(|x| >= %g): scale the input or serve with --dtype %s",
+                      i / (unsigned long long)b->in, i % (unsigned long long)b->in, x[i],
+                      tp_dtype_wire_name(b->dtype), cuda_plan_half_limit(b->dtype),
+                      b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
+}
+
 static int cuda_forward(struct backend *b, const float *x, uint32_t rows, float *y,
                         struct tp_err *err)
 {
-    size_t block;
+    const struct cuda_copy2d *copies;
+    char *dst;
     int ncopies;
 
     if (b->broken)
@@ -230,43 +521,42 @@ static int cuda_forward(struct backend *b, const float *x, uint32_t rows, float 
     CUDA_GOTO(cudaMemcpyAsync(b->x32, x, (size_t)rows * (size_t)b->in * sizeof(float),
                               cudaMemcpyHostToDevice, b->stream),
               err, fail);
-    block = cuda_plan_block(&b->lay, rows);
-    if (enqueue_gemm(b, rows, b->y + block, err) < 0)
+    if (enqueue_gemm(b, rows, b->y + cuda_plan_block(&b->lay, rows), err) < 0)
         goto fail;
-    if (b->gather == BACKEND_GATHER_NCCL) {
-        /* every rank sends rows·pad elements, its shard and then padding, which nobody copies */
-        size_t count = cuda_plan_count(&b->lay, rows);
-        ncclResult_t r = ncclAllGather(b->y + block, b->y, count, ncclFloat32, b->comm, b->stream);
-
-        if (r == ncclInProgress) {
-            if (nccl_settle(b, "ncclAllGather", FORWARD_TIMEOUT_S, err) < 0)
-                goto fail;
-        } else if (r != ncclSuccess) {
-            nccl_error(err, "ncclAllGather", r, b->comm);
-            goto fail;
-        }
-    }
+    if (b->gather == BACKEND_GATHER_NCCL && enqueue_gather(b, rows, FORWARD_TIMEOUT_S, err) < 0)
+        goto fail;
     ncopies = cuda_plan_copyout(&b->lay, rows, sizeof(float), b->plan);
+    copies = b->plan;
+    dst = (char *)y;
+    if (b->stage) {
+        /* the arena is not pinned: to the stage, moved to the slot after the bounded wait */
+        cuda_plan_stage(&b->lay, b->plan, ncopies, b->staged);
+        copies = b->staged;
+        dst = (char *)b->stage;
+    }
     for (int i = 0; i < ncopies; i++) {
-        const struct cuda_copy2d *c = &b->plan[i];
+        const struct cuda_copy2d *c = &copies[i];
 
-        CUDA_GOTO(cudaMemcpy2DAsync((char *)y + c->dst_off, c->dpitch, (char *)b->y + c->src_off,
+        CUDA_GOTO(cudaMemcpy2DAsync(dst + c->dst_off, c->dpitch, (char *)b->y + c->src_off,
                                     c->spitch, c->width, c->height, cudaMemcpyDeviceToHost,
                                     b->stream),
                   err, fail);
     }
+    if (b->first_inf)
+        CUDA_GOTO(cudaMemcpyAsync(b->first_inf_host, b->first_inf, sizeof(*b->first_inf),
+                                  cudaMemcpyDeviceToHost, b->stream),
+                  err, fail);
     if (wait_stream(b, FORWARD_TIMEOUT_S, err) < 0)
         goto fail;
+    if (b->first_inf && *b->first_inf_host != NO_OVERFLOW)
+        return input_overflow(b, x, *b->first_inf_host, err);
+    if (b->stage)
+        cuda_plan_unstage(b->plan, b->staged, ncopies, b->stage, y);
     return 0;
 fail:
     /* The stream may still hold work that reads or writes the slot, and the context or the
-     * communicator may be broken: nothing more runs in this process. */
-    b->broken = 1;
-    if (b->comm)
-        ncclCommAbort(b->comm);
-    b->comm = NULL;
-    if (err->code != TP_EUNAVAIL)
-        err->code = TP_EDEVICE;
+     * communicator may be broken. */
+    abandon(b, err);
     return -1;
 }
 
@@ -289,7 +579,7 @@ static int upload_weights(struct backend *b, const struct shard *s, struct tp_er
         CUDA_GOTO(cudaMalloc((void **)&tmp, n * sizeof(float)), err, fail);
         CUDA_GOTO(cudaMemcpyAsync(tmp, s->w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
                   err, fail);
-        CUDA_GOTO(cuda_kern_to_half(b->w, tmp, n, b->dtype == TP_BF16, b->stream), err, fail);
+        CUDA_GOTO(cuda_kern_to_half(b->w, tmp, n, b->dtype == TP_BF16, NULL, b->stream), err, fail);
     }
     if (s->b) {
         CUDA_GOTO(cudaMalloc((void **)&b->bias, (size_t)s->rows * sizeof(float)), err, fail);
@@ -308,6 +598,66 @@ fail_freed:
     return -1;
 }
 
+/* Refuses weights that the GEMM's dtype would turn into infinities (FP16: |w| >= 65520), which
+ * would make every answer of their output infinite or NaN, naming the element. */
+static int check_weight_range(const struct backend *b, const struct shard *s, struct tp_err *err)
+{
+    size_t i = cuda_plan_first_overflow(s->w, (size_t)s->rows * (size_t)s->in, b->dtype);
+
+    if (i == SIZE_MAX)
+        return 0;
+    return tp_err_set(err, TP_EINVAL,
+                      "the weight's element [out %lld, in %lld] is %g, which %s turns into an "
+                      "infinity (|w| >= %g): serve with --dtype %s",
+                      (long long)(s->row0 + (int64_t)(i / (size_t)s->in)),
+                      (long long)(i % (size_t)s->in), s->w[i], tp_dtype_wire_name(b->dtype),
+                      cuda_plan_half_limit(b->dtype), b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
+}
+
+/* Pins the arena; when it cannot be pinned, allocates the pinned stage instead (see struct
+ * backend). Fails only when neither is possible with the NCCL gather. TPD_CUDA_PIN=0 leaves the
+ * arena unpinned, for the tests of the stage. */
+static int pin_or_stage(struct backend *b, const struct backend_config *c, struct tp_err *err)
+{
+    const char *pin = getenv("TPD_CUDA_PIN");
+    size_t bytes = cuda_plan_stage_bytes(&b->lay, c->max_batch, sizeof(float));
+    cudaError_t e = cudaErrorNotPermitted;
+
+    if (!c->arena || !c->arena_size)
+        return 0;
+    if (pin && strcmp(pin, "0") == 0)
+        tp_log(TP_LOG_NOTICE, "TPD_CUDA_PIN=0: the arena is not pinned");
+    else
+        e = cudaHostRegister(c->arena, c->arena_size, cudaHostRegisterDefault);
+    if (e == cudaSuccess) {
+        b->pinned = c->arena;
+        return 0;
+    }
+    if (!pin || strcmp(pin, "0") != 0) {
+        tp_log(TP_LOG_WARN, "cudaHostRegister of the %zu-byte arena: %s; copies go through a stage",
+               c->arena_size, cudaGetErrorString(e));
+        cudaGetLastError(); /* not sticky: clear it */
+    }
+    if (bytes == 0)
+        return 0;
+    e = cudaMallocHost((void **)&b->stage, bytes);
+    if (e == cudaSuccess)
+        return 0;
+    b->stage = NULL;
+    cudaGetLastError();
+    if (b->gather == BACKEND_GATHER_NCCL)
+        return tp_err_set(err, TP_EDEVICE,
+                          "neither the arena nor a %zu-byte stage could be pinned (%s), and "
+                          "--gather nccl cannot bound its wait without: raise the memlock "
+                          "limit or use --gather host",
+                          bytes, cudaGetErrorString(e));
+    tp_log(TP_LOG_WARN,
+           "cudaMallocHost of a %zu-byte stage: %s; copies stay pageable, and a stuck GPU can "
+           "hold this rank past its deadline",
+           bytes, cudaGetErrorString(e));
+    return 0;
+}
+
 static int join_nccl(struct backend *b, const uint8_t *id_bytes, struct tp_err *err)
 {
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
@@ -319,7 +669,7 @@ static int join_nccl(struct backend *b, const uint8_t *id_bytes, struct tp_err *
         return tp_err_set(err, TP_EINTERNAL, "the NCCL gather needs the coordinator's unique id");
     memcpy(id.internal, id_bytes, sizeof(id.internal));
     cfg.blocking = 0;
-    r = ncclCommInitRankConfig(&b->comm, b->nranks, id, b->rank, &cfg);
+    r = nccl.ncclCommInitRankConfig(&b->comm, b->nranks, id, b->rank, &cfg);
     if (r != ncclSuccess && r != ncclInProgress) {
         nccl_error(err, "ncclCommInitRankConfig", r, NULL);
         b->comm = NULL;
@@ -332,28 +682,64 @@ static int join_nccl(struct backend *b, const uint8_t *id_bytes, struct tp_err *
     return 0;
 }
 
+/* Warm-up, at one row and at max_batch rows: the first GEMM of a shape loads its kernels (CUDA
+ * loads them lazily, one by one), and NCCL connects an algorithm's peers at its first use, and
+ * which algorithm runs depends on the size; all of that belongs to the start, not to the first
+ * requests. The input is zeros; nothing is copied out. */
+static int warm_up(struct backend *b, struct tp_err *err)
+{
+    uint32_t sizes[2] = {1, b->max_batch};
+
+    CUDA_GOTO(
+        cudaMemsetAsync(b->x32, 0, (size_t)b->max_batch * (size_t)b->in * sizeof(float), b->stream),
+        err, fail);
+    for (int i = 0; i < (b->max_batch > 1 ? 2 : 1); i++) {
+        if (enqueue_gemm(b, sizes[i], b->y + cuda_plan_block(&b->lay, sizes[i]), err) < 0)
+            return -1;
+        if (b->gather == BACKEND_GATHER_NCCL &&
+            enqueue_gather(b, sizes[i], INIT_TIMEOUT_S, err) < 0)
+            return -1;
+    }
+    return wait_stream(b, INIT_TIMEOUT_S, err);
+fail:
+    return -1;
+}
+
 static void cuda_destroy(struct backend *b)
 {
     if (!b)
         return;
     /* Abort, not finalize: it is local and never waits for peers, which may be gone already. */
     if (b->comm)
-        ncclCommAbort(b->comm);
-    if (b->stream && !b->broken)
-        cudaStreamSynchronize(b->stream);
-    if (b->pinned)
-        cudaHostUnregister(b->pinned);
+        nccl.ncclCommAbort(b->comm);
+    b->comm = NULL;
+    /* Nothing is freed while the stream may still use it. A start that failed midway may have
+     * left work behind; if it does not drain, the process is about to exit anyway. */
+    if (b->stream && drain(b, b->broken ? DRAIN_TIMEOUT_S : FORWARD_TIMEOUT_S) < 0) {
+        tp_log(TP_LOG_WARN, "the GPU's stream did not drain; leaving its memory to the exit");
+        free(b->plan);
+        free(b->staged);
+        free(b);
+        return;
+    }
+    /* the handle before its workspace: cuBLAS may use the workspace until it is destroyed */
+    if (b->blas)
+        blas.cublasDestroy(b->blas);
+    cudaFree(b->ws);
     cudaFree(b->w);
     cudaFree(b->bias);
     cudaFree(b->x32);
     cudaFree(b->x16);
     cudaFree(b->y);
-    cudaFree(b->ws);
-    if (b->blas)
-        cublasDestroy(b->blas);
+    cudaFree(b->first_inf);
+    cudaFreeHost(b->first_inf_host);
+    cudaFreeHost(b->stage);
+    if (b->pinned)
+        cudaHostUnregister(b->pinned);
     if (b->stream)
         cudaStreamDestroy(b->stream);
     free(b->plan);
+    free(b->staged);
     free(b);
 }
 
@@ -386,7 +772,8 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
         goto fail;
     }
     b->plan = calloc((size_t)c->nranks, sizeof(*b->plan));
-    if (!b->plan) {
+    b->staged = calloc((size_t)c->nranks, sizeof(*b->staged));
+    if (!b->plan || !b->staged) {
         tp_err_set(err, TP_ENOMEM, "no memory for the cuda backend");
         goto fail;
     }
@@ -395,68 +782,56 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
                    tp_dtype_wire_name(b->dtype));
         goto fail;
     }
-    /* cuda_probe checked the device and its compute capability already */
+    if (check_weight_range(b, s, err) < 0)
+        goto fail;
+    /* cuda_probe loaded the libraries and checked the device and its compute capability */
+    if (load_blas(err) < 0 || (b->gather == BACKEND_GATHER_NCCL && load_nccl(err) < 0))
+        goto fail;
+    if (prctl(PR_SET_TIMERSLACK, (unsigned long)TIMER_SLACK_NS, 0UL, 0UL, 0UL) < 0)
+        tp_log(TP_LOG_WARN, "prctl(PR_SET_TIMERSLACK): %s; poll sleeps take longer",
+               strerror(errno));
+    b->poll_sleep_us = measure_poll_sleep_us();
     CUDA_GOTO(cudaSetDevice(c->device < 0 ? 0 : c->device), err, fail);
     CUDA_GOTO(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking), err, fail);
-    BLAS_GOTO(cublasCreate(&b->blas), err, fail);
-    BLAS_GOTO(cublasSetStream(b->blas, b->stream), err, fail);
+    BLAS_GOTO(blas.cublasCreate(&b->blas), err, fail);
+    BLAS_GOTO(blas.cublasSetStream(b->blas, b->stream), err, fail);
     /* CUBLAS_DEFAULT_MATH keeps FP32 GEMMs in FP32; TF32 tensor cores only when asked. */
     BLAS_GOTO(
-        cublasSetMathMode(b->blas, c->tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH), err,
-        fail);
+        blas.cublasSetMathMode(b->blas, c->tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
+        err, fail);
     /* Our own workspace, so cuBLAS allocates nothing while serving. */
     CUDA_GOTO(cudaMalloc(&b->ws, BLAS_WORKSPACE), err, fail);
-    BLAS_GOTO(cublasSetWorkspace(b->blas, b->ws, BLAS_WORKSPACE), err, fail);
+    BLAS_GOTO(blas.cublasSetWorkspace(b->blas, b->ws, BLAS_WORKSPACE), err, fail);
     if (upload_weights(b, s, err) < 0)
         goto fail;
     CUDA_GOTO(cudaMalloc((void **)&b->x32, (size_t)c->max_batch * (size_t)b->in * sizeof(float)),
               err, fail);
-    if (b->dtype != TP_F32)
+    if (b->dtype != TP_F32) {
         CUDA_GOTO(cudaMalloc(&b->x16, (size_t)c->max_batch * (size_t)b->in * 2), err, fail);
+        CUDA_GOTO(cudaMalloc((void **)&b->first_inf, sizeof(*b->first_inf)), err, fail);
+        CUDA_GOTO(cudaMallocHost((void **)&b->first_inf_host, sizeof(*b->first_inf_host)), err,
+                  fail);
+    }
     ybytes = cuda_plan_buffer(&b->lay, c->max_batch) * sizeof(float);
     CUDA_GOTO(cudaMalloc((void **)&b->y, ybytes), err, fail);
     /* The padding of a rank block is gathered but never copied out; zeroing it once keeps what
      * the all-gather moves defined. */
     CUDA_GOTO(cudaMemsetAsync(b->y, 0, ybytes, b->stream), err, fail);
-    /* Pinning makes the slot copies run at full PCIe speed; without it they are correct, only
-     * slower (e.g. a memlock limit), so it is a warning. */
-    if (c->arena && c->arena_size) {
-        cudaError_t e = cudaHostRegister(c->arena, c->arena_size, cudaHostRegisterDefault);
-
-        if (e == cudaSuccess)
-            b->pinned = c->arena;
-        else {
-            tp_log(TP_LOG_WARN, "cudaHostRegister of the %zu-byte arena: %s; copies stay pageable",
-                   c->arena_size, cudaGetErrorString(e));
-            cudaGetLastError(); /* not sticky: clear it */
-        }
-    }
+    if (pin_or_stage(b, c, err) < 0)
+        goto fail;
     if (b->gather == BACKEND_GATHER_NCCL && join_nccl(b, c->nccl_id, err) < 0)
         goto fail;
-    /* Warm-up: the first GEMM loads kernels and the first all-gather sets up NCCL's connections;
-     * both belong to the start, not to the first request. Its input is zeros. */
-    CUDA_GOTO(
-        cudaMemsetAsync(b->x32, 0, (size_t)c->max_batch * (size_t)b->in * sizeof(float), b->stream),
-        err, fail);
-    if (enqueue_gemm(b, c->max_batch, b->y + cuda_plan_block(&b->lay, c->max_batch), err) < 0)
+    if (warm_up(b, err) < 0)
         goto fail;
-    if (b->gather == BACKEND_GATHER_NCCL) {
-        ncclResult_t r =
-            ncclAllGather(b->y + (size_t)b->rank, b->y, 1, ncclFloat32, b->comm, b->stream);
-
-        if (r == ncclInProgress) {
-            if (nccl_settle(b, "ncclAllGather", INIT_TIMEOUT_S, err) < 0)
-                goto fail;
-        } else if (r != ncclSuccess) {
-            nccl_error(err, "ncclAllGather", r, b->comm);
-            goto fail;
-        }
-    }
-    if (wait_stream(b, INIT_TIMEOUT_S, err) < 0)
-        goto fail;
-    tp_log(TP_LOG_NOTICE, "cuda backend on GPU %d: %s GEMM%s, gather %s, ready in %.3f s",
+    tp_log(TP_LOG_NOTICE,
+           "cuda backend on GPU %d: %s GEMM%s, gather %s, arena %s, poll sleep %.0f us, ready in "
+           "%.3f s",
            c->device, tp_dtype_wire_name(b->dtype), c->tf32 && b->dtype == TP_F32 ? " (TF32)" : "",
-           b->gather == BACKEND_GATHER_NCCL ? "nccl" : "host", timing_now_s() - t0);
+           b->gather == BACKEND_GATHER_NCCL ? "nccl" : "host",
+           b->pinned  ? "pinned"
+           : b->stage ? "staged"
+                      : "unpinned",
+           b->poll_sleep_us, timing_now_s() - t0);
     shard_free(s);
     *out = b;
     return 0;
@@ -466,9 +841,25 @@ fail:
     return -1;
 }
 
+/* A worker whose probe fails with the NCCL gather leaves with the coordinator's INIT unread, and
+ * a unix socket closed with unread data resets the connection: the coordinator's next recv
+ * reports the reset before the READY that says why the start failed (only a second recv would
+ * find the READY). Leaving a moment later lets the coordinator read the READY first. */
+static void linger_unread_init(void)
+{
+    nanosleep(&(struct timespec){.tv_nsec = 300000000}, NULL);
+}
+
+/* Before the shard is read: the device, and the libraries this configuration needs. */
 static int cuda_probe(const struct backend_config *c, struct tp_err *err)
 {
-    return select_device(c->device < 0 ? 0 : c->device, err);
+    if (select_device(c->device < 0 ? 0 : c->device, err) < 0 || load_blas(err) < 0 ||
+        (c->gather == BACKEND_GATHER_NCCL && load_nccl(err) < 0)) {
+        if (c->gather == BACKEND_GATHER_NCCL)
+            atexit(linger_unread_init);
+        return -1;
+    }
+    return 0;
 }
 
 const struct backend_ops backend_cuda = {.name = "cuda",

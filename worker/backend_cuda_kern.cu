@@ -15,18 +15,35 @@ static unsigned int blocks_for(size_t n)
     return (unsigned int)(b < 1 ? 1 : (b > MAX_BLOCKS ? MAX_BLOCKS : b));
 }
 
-__global__ void to_f16(__half *dst, const float *src, size_t n)
+/* An element that was finite and became an infinity: the conversion overflowed. Only such an
+ * element touches first_inf, so a job without one costs a compare per element. */
+__device__ static void note_overflow(unsigned long long *first_inf, float v, float h, size_t i)
 {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = __float2half_rn(src[i]);
+    if (first_inf && isinf(h) && !isinf(v))
+        atomicMin(first_inf, (unsigned long long)i);
 }
 
-__global__ void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n)
+__global__ void to_f16(__half *dst, const float *src, size_t n, unsigned long long *first_inf)
 {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x)
-        dst[i] = __float2bfloat16_rn(src[i]);
+         i += (size_t)gridDim.x * blockDim.x) {
+        __half h = __float2half_rn(src[i]);
+
+        dst[i] = h;
+        note_overflow(first_inf, src[i], __half2float(h), i);
+    }
+}
+
+__global__ void to_bf16(__nv_bfloat16 *dst, const float *src, size_t n,
+                        unsigned long long *first_inf)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        __nv_bfloat16 h = __float2bfloat16_rn(src[i]);
+
+        dst[i] = h;
+        note_overflow(first_inf, src[i], __bfloat162float(h), i);
+    }
 }
 
 __global__ void fill_bias(float *y, const float *b, size_t n, uint32_t cols)
@@ -37,14 +54,14 @@ __global__ void fill_bias(float *y, const float *b, size_t n, uint32_t cols)
 }
 
 extern "C" cudaError_t cuda_kern_to_half(void *dst, const float *src, size_t n, int bf16,
-                                         cudaStream_t st)
+                                         unsigned long long *first_inf, cudaStream_t st)
 {
     if (n == 0)
         return cudaSuccess;
     if (bf16)
-        to_bf16<<<blocks_for(n), THREADS, 0, st>>>((__nv_bfloat16 *)dst, src, n);
+        to_bf16<<<blocks_for(n), THREADS, 0, st>>>((__nv_bfloat16 *)dst, src, n, first_inf);
     else
-        to_f16<<<blocks_for(n), THREADS, 0, st>>>((__half *)dst, src, n);
+        to_f16<<<blocks_for(n), THREADS, 0, st>>>((__half *)dst, src, n, first_inf);
     return cudaGetLastError();
 }
 

@@ -1,7 +1,8 @@
 /* backend_cuda_kern.h -- the few device kernels of the cuda backend, callable from C: float32 to
- * FP16/BF16 conversion (weights once at start, activations per forward) and the broadcast of the
- * bias into the output before a GEMM with beta = 1. Each launches on the given stream and returns
- * the launch's error (cudaGetLastError), never synchronizing. Built for sm_80 and sm_90. */
+ * FP16/BF16 conversion (weights once at start, activations per forward, noting the first element
+ * that overflowed) and the broadcast of the bias into the output before a GEMM with beta = 1.
+ * Each launches on the given stream and returns the launch's error (cudaGetLastError), never
+ * synchronizing. Built for sm_80 and sm_90. */
 #ifndef TP_BACKEND_CUDA_KERN_H
 #define TP_BACKEND_CUDA_KERN_H
 
@@ -14,8 +15,12 @@
 extern "C" {
 #endif
 
-/* dst[i] = round-to-nearest-even(src[i]) as FP16 (bf16 == 0) or BF16 (bf16 != 0), i < n. */
-cudaError_t cuda_kern_to_half(void *dst, const float *src, size_t n, int bf16, cudaStream_t st);
+/* dst[i] = round-to-nearest-even(src[i]) as FP16 (bf16 == 0) or BF16 (bf16 != 0), i < n. When
+ * first_inf (device memory) is not NULL, the kernel lowers *first_inf to the index of every
+ * finite src[i] that became an infinity (|src[i]| >= 65520 for FP16): set it to ~0 before, and
+ * ~0 afterwards means that nothing overflowed. */
+cudaError_t cuda_kern_to_half(void *dst, const float *src, size_t n, int bf16,
+                              unsigned long long *first_inf, cudaStream_t st);
 
 /* y[i, j] = b[j] for i < rows, j < cols (y row-major, dense). */
 cudaError_t cuda_kern_fill_bias(float *y, const float *b, uint32_t rows, uint32_t cols,

@@ -30,6 +30,8 @@
 
 #include <assert.h>
 #include <limits.h>
+#include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "plan.h"
@@ -123,13 +125,77 @@ int cuda_plan_copyout(const struct cuda_layout *l, uint32_t rows, size_t elem,
     return l->nranks;
 }
 
+size_t cuda_plan_stage_bytes(const struct cuda_layout *l, uint32_t max_batch, size_t elem)
+{
+    if (l->gather == BACKEND_GATHER_HOST)
+        return (size_t)max_batch * (size_t)l->cols * elem;
+    return l->rank == 0 ? (size_t)max_batch * (size_t)l->out * elem : 0;
+}
+
+void cuda_plan_stage(const struct cuda_layout *l, const struct cuda_copy2d *to_y, int n,
+                     struct cuda_copy2d *to_stage)
+{
+    for (int i = 0; i < n; i++) {
+        to_stage[i] = to_y[i];
+        /* the host gather's one copy lands dense at the start of the stage; rank 0's copies of
+         * the NCCL gather already tile [rows, out], which is what the stage holds */
+        if (l->gather == BACKEND_GATHER_HOST) {
+            to_stage[i].dst_off = 0;
+            to_stage[i].dpitch = to_y[i].width;
+        }
+    }
+}
+
+void cuda_plan_unstage(const struct cuda_copy2d *to_y, const struct cuda_copy2d *to_stage, int n,
+                       const void *stage, void *y)
+{
+    for (int i = 0; i < n; i++)
+        for (size_t h = 0; h < to_y[i].height; h++)
+            memcpy((char *)y + to_y[i].dst_off + h * to_y[i].dpitch,
+                   (const char *)stage + to_stage[i].dst_off + h * to_stage[i].dpitch,
+                   to_y[i].width);
+}
+
+float cuda_plan_half_limit(enum tp_dtype dt)
+{
+    /* FP16: the largest finite value is 65504 = (2 - 2^-10)·2^15, the next step would be 65536;
+     * from their midpoint 65520 on, round-to-nearest-even goes up (65504's last bit is odd).
+     * BF16: the largest finite value is 0x7f7f (3.3895e38); from the midpoint to 2^128, the
+     * float 0x7f7f8000, rounding goes up for the same reason. */
+    uint32_t bits = 0x7f7f8000u;
+    float f;
+
+    switch (dt) {
+    case TP_F16: return 65520.0f;
+    case TP_BF16: memcpy(&f, &bits, sizeof(f)); return f;
+    default: return INFINITY;
+    }
+}
+
+size_t cuda_plan_first_overflow(const float *v, size_t n, enum tp_dtype dt)
+{
+    float limit = cuda_plan_half_limit(dt);
+
+    if (isinf(limit))
+        return SIZE_MAX;
+    for (size_t i = 0; i < n; i++)
+        if (fabsf(v[i]) >= limit && isfinite(v[i]))
+            return i;
+    return SIZE_MAX;
+}
+
 int cuda_call_error(struct tp_err *err, enum tp_code code, const char *call_text,
                     const char *lib_msg)
 {
-    size_t n = strcspn(call_text, "(");
+    size_t n = strcspn(call_text, "("), start = 0;
 
     while (n > 0 && call_text[n - 1] == ' ')
         n--;
-    return tp_err_set(err, code, "%.*s: %s", (int)(n < 80 ? n : 80), call_text,
+    /* "blas.cublasSgemm(...)", a call through a loaded library's table: the function's name */
+    for (size_t i = 0; i < n; i++)
+        if (call_text[i] == '.' || call_text[i] == '>')
+            start = i + 1;
+    n -= start;
+    return tp_err_set(err, code, "%.*s: %s", (int)(n < 80 ? n : 80), call_text + start,
                       lib_msg ? lib_msg : "unknown error");
 }

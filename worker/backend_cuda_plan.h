@@ -1,6 +1,7 @@
 /* backend_cuda_plan.h -- the host-side arithmetic of the cuda backend: which columns of y each
  * rank owns, where the GEMM writes, the cuBLAS parameters of y = x·Wᵀ in column-major terms, the
- * copies that undo the all-gather's layout, and the text of a failed CUDA, cuBLAS or NCCL call.
+ * copies that undo the all-gather's layout (and their detour through a pinned stage), where FP16
+ * and BF16 overflow, and the text of a failed CUDA, cuBLAS or NCCL call.
  * Nothing here calls CUDA, so the unit tests check all of it on machines without a GPU
  * (tests/gpu/test_cuda_plan.c, which runs a whole forward of every rank on the host).
  *
@@ -21,6 +22,7 @@
 
 #include "backend.h"
 #include "err.h"
+#include "tensor.h"
 
 /* Where one rank's columns go, fixed at start (cuda_plan_layout). */
 struct cuda_layout {
@@ -80,8 +82,40 @@ size_t cuda_plan_count(const struct cuda_layout *l, uint32_t rows);
 int cuda_plan_copyout(const struct cuda_layout *l, uint32_t rows, size_t elem,
                       struct cuda_copy2d *c);
 
+/* Staging, for an arena that could not be pinned: a device-to-host copy into pageable memory
+ * blocks the calling thread until the stream reaches it, and after an all-gather that means until
+ * the collective ends, however long a stuck peer makes it. So the copies go to a pinned stage
+ * instead, and the host moves the stage into the output after its bounded wait.
+ *
+ * The bytes of the stage for jobs of up to max_batch rows of elem-byte elements: rank 0 of the
+ * NCCL gather stages the whole [rows, out] output, another rank of it nothing (it copies nothing
+ * out), a rank of the host gather its own dense [rows, cols]. */
+size_t cuda_plan_stage_bytes(const struct cuda_layout *l, uint32_t max_batch, size_t elem);
+
+/* to_stage[i] = to_y[i] (n copies from cuda_plan_copyout) redirected into the stage, which holds
+ * at most cuda_plan_stage_bytes. */
+void cuda_plan_stage(const struct cuda_layout *l, const struct cuda_copy2d *to_y, int n,
+                     struct cuda_copy2d *to_stage);
+
+/* On the host, after the device copies to_stage ran: moves what they wrote into the stage to
+ * where to_y would have written it in y. Writes exactly the bytes to_y would. */
+void cuda_plan_unstage(const struct cuda_copy2d *to_y, const struct cuda_copy2d *to_stage, int n,
+                       const void *stage, void *y);
+
+/* The smallest magnitude that round-to-nearest-even turns into an infinity when a float32 is
+ * converted to dt: 65520 for TP_F16, 0x1.fep127 + 2^119 (3.3962e38) for TP_BF16; INFINITY for
+ * any other dtype (nothing overflows). */
+float cuda_plan_half_limit(enum tp_dtype dt);
+
+/* The index of the first finite v[i] that becomes ±infinity converted to dt (|v[i]| >=
+ * cuda_plan_half_limit(dt)), or SIZE_MAX when none does. Infinities and NaNs stay what they are
+ * and are not counted. */
+size_t cuda_plan_first_overflow(const float *v, size_t n, enum tp_dtype dt);
+
 /* Sets err to "CALL: LIBMSG" where CALL is the function name of call_text (the text before its
- * first '('), e.g. "cudaMalloc: out of memory". Returns -1. */
+ * first '(', after a table's "name." if the call goes through one), e.g. "cudaMalloc: out of
+ * memory" for "cudaMalloc(&p, n)" and "cublasSgemm: ..." for "blas.cublasSgemm(h, ...)".
+ * Returns -1. */
 int cuda_call_error(struct tp_err *err, enum tp_code code, const char *call_text,
                     const char *lib_msg);
 

@@ -144,15 +144,17 @@ def alive(pid):
 
 
 class Daemon:
-    """One tpd on a unix socket in dir; its stderr goes to a log file."""
+    """One tpd on a unix socket in dir; its stderr goes to a log file. env: variables to add to
+    tpd's environment (its workers inherit them)."""
 
-    def __init__(self, dir, name, *args):
+    def __init__(self, dir, name, *args, env=None):
         self.sock = "unix:" + os.path.join(dir, name + ".sock")
         self.log_path = os.path.join(dir, name + ".log")
         self.log_file = open(self.log_path, "w")
         self.argv = [TPD, "--listen", self.sock, "--metrics-listen", "127.0.0.1:0"] + [
             str(a) for a in args]
-        self.proc = subprocess.Popen(self.argv, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **env) if env else None)
         _daemons.append(self)
 
     def log(self):

@@ -4,9 +4,14 @@
  * the backend runs it (GEMM into the planned block, all-gather as concatenation of the padded
  * blocks, the planned 2-D copies), must give exactly the [rows, out] product, for both gathers,
  * even and uneven splits, with every output element written once and no padding in the output;
- * a plan with any one offset, pitch, width or height off by one must fail that check; error texts
- * name the call. Shapes with rows > 1, nranks > 1 and cols not a power of two, where a wrong
- * layout shows. */
+ * a plan with any one offset, pitch, width or height off by one must fail that check; the same
+ * forward with its copies detoured through the pinned stage of an unpinned arena must give the
+ * same output; the FP16 and BF16 overflow limits agree with round-to-nearest-even conversions
+ * written here; error texts name the call. Shapes with rows > 1, nranks > 1 and cols not a power of
+ * two, where a wrong layout shows. */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -209,6 +214,7 @@ struct sim {
     uint32_t rows;      /* rows of the job */
     uint32_t max_batch; /* rows the device buffers are sized for, >= rows */
     int bias;
+    int staged; /* the copies go through the stage (cuda_plan_stage), then unstaged on the host */
     /* a deliberate fault, for the test of the test: add delta bytes to one field of copy
      * number fault_copy of rank fault_rank's plan (field: 0 none, 1 dst_off, 2 dpitch,
      * 3 src_off, 4 spitch, 5 width, 6 height, in rows) */
@@ -224,6 +230,49 @@ static void apply_fault(struct cuda_copy2d *c, int field, long long delta)
     size_t *f[] = {NULL, &c->dst_off, &c->dpitch, &c->src_off, &c->spitch, &c->width, &c->height};
 
     *f[field] = (size_t)((long long)*f[field] + delta);
+}
+
+/* Counts the elem-byte destination elements that copy c writes, as copy2d does. */
+static void count_writes(const struct cuda_copy2d *c, size_t elem, unsigned char *writes)
+{
+    for (size_t r = 0; r < c->height && c->width; r++) {
+        size_t d = c->dst_off + r * c->dpitch;
+
+        for (size_t e = d / elem; e < (d + c->width + elem - 1) / elem; e++)
+            if (writes[e] < 255)
+                writes[e]++;
+    }
+}
+
+/* Runs the copies of one rank through its stage, as the backend does with an unpinned arena:
+ * the device copies into the stage (bounds checked against cuda_plan_stage_bytes), then
+ * cuda_plan_unstage on the host. Returns the number of copies that left the stage. */
+static long staged_copies(const struct cuda_layout *l, uint32_t max_batch,
+                          const struct cuda_copy2d *plan, int n, const float *src, size_t srclen,
+                          float *y, unsigned char *writes)
+{
+    size_t sb = cuda_plan_stage_bytes(l, max_batch, sizeof(float));
+    float *stage = malloc(sb + sizeof(float));
+    unsigned char *stage_writes = calloc(sb / sizeof(float) + 1, 1);
+    struct cuda_copy2d st[16];
+    long bad = 0;
+
+    ASSERT_TRUE(stage && stage_writes && n <= 16);
+    for (size_t i = 0; i < sb / sizeof(float) + 1; i++)
+        stage[i] = PAD_MARK;
+    cuda_plan_stage(l, plan, n, st);
+    for (int i = 0; i < n; i++)
+        if (copy2d((char *)stage, sb, (const char *)src, srclen * sizeof(float), &st[i],
+                   sizeof(float), stage_writes) < 0)
+            bad++;
+    if (!bad) {
+        cuda_plan_unstage(plan, st, n, stage, y);
+        for (int i = 0; i < n; i++)
+            count_writes(&plan[i], sizeof(float), writes);
+    }
+    free(stage);
+    free(stage_writes);
+    return bad;
 }
 
 /* Runs s; returns the number of wrong output elements (a value other than the direct product,
@@ -333,9 +382,18 @@ static long simulate(const struct sim *s, int verbose)
             ASSERT_EQ(n, q == 0 ? s->nranks : 0);
         else
             ASSERT_EQ(n, 1);
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < n; i++)
             if (s->fault_field && q == s->fault_rank && i == s->fault_copy)
                 apply_fault(&plan[i], s->fault_field, s->delta);
+        if (s->staged) {
+            long left = staged_copies(&lay[q], s->max_batch, plan, n, src, devlen[q], y, writes);
+
+            if (left && verbose)
+                fprintf(stderr, "rank %d: %ld copies leave the stage\n", q, left);
+            bad += left;
+            continue;
+        }
+        for (int i = 0; i < n; i++) {
             if (copy2d((char *)y, ylen * sizeof(float), (const char *)src,
                        devlen[q] * sizeof(float), &plan[i], sizeof(float), writes) < 0) {
                 if (verbose)
@@ -390,8 +448,10 @@ static void test_uneven_splits(void)
         for (size_t j = 0; j < sizeof(rows) / sizeof(rows[0]); j++)
             for (size_t m = 0; m < 2; m++)
                 for (uint32_t extra = 0; extra <= 2; extra += 2) {
-                    /* max_batch above the job's rows: the blocks follow the job, not the buffer */
+                    /* max_batch above the job's rows: the blocks follow the job, not the buffer;
+                     * staged with it, so that the stage's size follows max_batch too */
                     struct sim s = {.mode = modes[m],
+                                    .staged = extra > 0,
                                     .out = splits[i].out,
                                     .in = 9,
                                     .nranks = splits[i].nranks,
@@ -402,10 +462,10 @@ static void test_uneven_splits(void)
 
                     if (bad)
                         TEST_FAIL_("%s gather, out %lld over %d ranks, %u rows (buffers for %u), "
-                                   "%s bias: %ld wrong output elements",
+                                   "%s bias%s: %ld wrong output elements",
                                    modes[m] == BACKEND_GATHER_NCCL ? "nccl" : "host",
                                    (long long)s.out, s.nranks, s.rows, s.max_batch,
-                                   s.bias ? "with" : "without", bad);
+                                   s.bias ? "with" : "without", s.staged ? ", staged" : "", bad);
                 }
 }
 
@@ -536,6 +596,90 @@ static void test_flat_copy_is_wrong(void)
     ASSERT_GT(wrong, 0);
 }
 
+/* The stage's size and layout: rank 0 of the NCCL gather stages [rows, out] as the output is
+ * laid out, the others nothing; the host gather stages its own columns dense. */
+static void test_stage_layout(void)
+{
+    struct cuda_layout l;
+    struct cuda_copy2d c[4], st[4];
+    struct tp_err err = {0};
+
+    ASSERT_EQ(cuda_plan_layout(&l, BACKEND_GATHER_NCCL, 750, 4, 0, &err), 0);
+    ASSERT_EQ(cuda_plan_stage_bytes(&l, 7, 4), 7 * 750 * 4);
+    ASSERT_EQ(cuda_plan_copyout(&l, 5, 4, c), 4);
+    cuda_plan_stage(&l, c, 4, st);
+    ASSERT_EQ(memcmp(c, st, sizeof(c)), 0);
+    ASSERT_EQ(cuda_plan_layout(&l, BACKEND_GATHER_NCCL, 750, 4, 2, &err), 0);
+    ASSERT_EQ(cuda_plan_stage_bytes(&l, 7, 4), 0);
+    ASSERT_EQ(cuda_plan_layout(&l, BACKEND_GATHER_HOST, 750, 4, 3, &err), 0);
+    ASSERT_EQ(cuda_plan_stage_bytes(&l, 7, 4), 7 * 187 * 4);
+    ASSERT_EQ(cuda_plan_copyout(&l, 5, 4, c), 1);
+    cuda_plan_stage(&l, c, 1, st);
+    ASSERT_EQ(st[0].dst_off, 0);
+    ASSERT_EQ(st[0].dpitch, 187 * 4);
+    ASSERT_EQ(st[0].width, c[0].width);
+    ASSERT_EQ(st[0].height, 5);
+    ASSERT_EQ(st[0].src_off, c[0].src_off);
+    ASSERT_EQ(st[0].spitch, c[0].spitch);
+}
+
+/* Does float f become an infinity in FP16 or BF16, by round-to-nearest-even, computed another
+ * way than the limit: FP16 has steps of 32 in [32768, 65536), so |f| rounds to a multiple of 32
+ * (ties to even, nearbyint's default mode) and overflows when that is 65536 or more; BF16 keeps
+ * the top 16 bits of the float after adding the rounding bias of the bits it drops. */
+static int overflows_f16(float f)
+{
+    float a = fabsf(f);
+
+    return isfinite(f) && a >= 32768.0f && nearbyintf(a / 32.0f) * 32.0f >= 65536.0f;
+}
+
+static int overflows_bf16(float f)
+{
+    uint32_t u;
+
+    memcpy(&u, &f, sizeof(u));
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return isfinite(f) && (u & 0x7fffu) == 0x7f80u;
+}
+
+static void test_half_limits(void)
+{
+    float v[4] = {1.0f, -65504.0f, 65520.0f, -70000.0f};
+    uint32_t u;
+    float f;
+
+    ASSERT_EQ(cuda_plan_half_limit(TP_F16) == 65520.0f, 1);
+    ASSERT_EQ(isinf(cuda_plan_half_limit(TP_F32)), 1);
+    /* every float from 60000 to 70000, both signs, against the conversion above */
+    for (f = 60000.0f; f < 70000.0f; f = nextafterf(f, INFINITY))
+        for (int sign = 0; sign < 2; sign++) {
+            float x = sign ? -f : f;
+
+            if ((fabsf(x) >= cuda_plan_half_limit(TP_F16)) != overflows_f16(x))
+                TEST_FAIL_("fp16: %.9g: limit says %d, rounding says %d", x,
+                           fabsf(x) >= cuda_plan_half_limit(TP_F16), overflows_f16(x));
+        }
+    for (u = 0x7f7e0000u; u <= 0x7f7fffffu; u++) {
+        memcpy(&f, &u, sizeof(f));
+        if ((f >= cuda_plan_half_limit(TP_BF16)) != overflows_bf16(f))
+            TEST_FAIL_("bf16: 0x%08x: limit says %d, rounding says %d", u,
+                       f >= cuda_plan_half_limit(TP_BF16), overflows_bf16(f));
+    }
+    ASSERT_EQ(cuda_plan_first_overflow(v, 4, TP_F16), 2);
+    ASSERT_EQ(cuda_plan_first_overflow(v, 2, TP_F16), SIZE_MAX);
+    ASSERT_EQ(cuda_plan_first_overflow(v, 4, TP_BF16), SIZE_MAX);
+    ASSERT_EQ(cuda_plan_first_overflow(v, 4, TP_F32), SIZE_MAX);
+    /* infinities and NaNs are the input's own, not an overflow */
+    v[2] = INFINITY;
+    v[3] = NAN;
+    ASSERT_EQ(cuda_plan_first_overflow(v, 4, TP_F16), SIZE_MAX);
+    v[0] = nextafterf(65520.0f, 0.0f);
+    ASSERT_EQ(cuda_plan_first_overflow(v, 1, TP_F16), SIZE_MAX);
+    v[0] = FLT_MAX;
+    ASSERT_EQ(cuda_plan_first_overflow(v, 1, TP_BF16), 0);
+}
+
 static void test_error_text(void)
 {
     struct tp_err err = {0};
@@ -547,6 +691,11 @@ static void test_error_text(void)
     ASSERT_STR_EQ(err.msg, "ncclAllGather: remote process exited");
     cuda_call_error(&err, TP_EDEVICE, "cublasSgemm (h, ...)", NULL);
     ASSERT_STR_EQ(err.msg, "cublasSgemm: unknown error");
+    /* calls through a loaded library's table name the function, not the table */
+    cuda_call_error(&err, TP_EDEVICE, "blas.cublasSgemm(b->blas, ta, tb, g.m)", "not supported");
+    ASSERT_STR_EQ(err.msg, "cublasSgemm: not supported");
+    cuda_call_error(&err, TP_EDEVICE, "lib->ncclCommAbort(c)", "x");
+    ASSERT_STR_EQ(err.msg, "ncclCommAbort: x");
 }
 
 int main(void)
@@ -559,6 +708,8 @@ int main(void)
     TEST_RUN(test_uneven_splits);
     TEST_RUN(test_simulation_catches_faults);
     TEST_RUN(test_flat_copy_is_wrong);
+    TEST_RUN(test_stage_layout);
+    TEST_RUN(test_half_limits);
     TEST_RUN(test_error_text);
     return 0;
 }

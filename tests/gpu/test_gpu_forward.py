@@ -19,6 +19,11 @@ a layer of 841 outputs (no N from 2 to 8 divides it) and one of 5 outputs (ranks
 with NCCL over every GPU when there are two or more. ModelMetadata's shard_rows must show the
 uneven split, so a case cannot silently turn even.
 
+TestGpuGuards: with --dtype fp16, a weight of 70000 makes the start fail naming the element (and
+BF16 serves it); an input element of 65520 or beyond fails its request naming row and column,
+while 65519.996 (which rounds to 65504) is served, and the worker answers on; with TPD_CUDA_PIN=0
+(an arena that cannot be pinned) the copies go through the pinned stage and the answers verify.
+
 TestGpuHuggingFace: every case of tests/data/hf/cases.json of kind linear, linear_conv1d and
 lm_head_tied, served from its checkpoint directory by module name (tpd finds the shard file, the
 bias sibling, GPT-2's Conv1D layout from config.json and the tied lm_head itself), at 1 rank, 2
@@ -34,6 +39,7 @@ checkpoints' own-dtype outputs (y.npy) are not the reference: they are 3e-4 (FP1
 """
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -181,6 +187,84 @@ class TestGpuForward(unittest.TestCase):
             self.assertEqual(d.stop(), 0, d.log()[-3000:])
         finally:
             d.kill()
+
+
+class TestGpuGuards(unittest.TestCase):
+    """What the backend refuses, and the path it takes when the arena cannot be pinned."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = gputest.tmpdir()
+        cls.layer = gputest.write_layer(os.path.join(cls.dir, "g"), IN, OUT)
+        cls.odd = gputest.write_layer(os.path.join(cls.dir, "g-odd"), IN, ODD_OUT)
+        # one weight that FP16 cannot hold: element [out 3, in 5]
+        import array
+        w = array.array("f", [0.01] * (16 * 8))
+        w[3 * 8 + 5] = 70000.0
+        cls.big = os.path.join(cls.dir, "big.safetensors")
+        gputest.make_layer.write_safetensors(cls.big, {"weight": ("F32", [16, 8], w.tobytes())})
+        cls.x = {b: gputest.write_x(os.path.join(cls.dir, "x%d.npy" % b), b, IN, seed=b)
+                 for b in (1, 7, 64)}
+
+    def test_fp16_weight_beyond_range_refused(self):
+        d = Daemon(self.dir, "big16", "--weights", self.big, "--gpus", "0", "--dtype", "fp16")
+        try:
+            rc = d.proc.wait(timeout=gputest.READY_TIMEOUT)
+        finally:
+            d.kill()
+        self.assertEqual(rc, 1, d.log()[-3000:])
+        self.assertRegex(d.log(), r"rank 0: the weight's element \[out 3, in 5\] is 70000, which "
+                         r"FP16 turns into an infinity .*--dtype bf16 or fp32", d.log()[-3000:])
+        # BF16 holds it
+        x = gputest.write_x(os.path.join(self.dir, "x8.npy"), 4, 8)
+        serve_and_check(self, self.dir, "big-bf16", self.big, TOL16, [("4", x)], "--gpus", "0",
+                        "--dtype", "bf16")
+
+    def test_fp16_input_beyond_range_refused(self):
+        import struct
+        d = Daemon(self.dir, "in16", "--weights", self.layer, "--gpus", "0", "--dtype", "fp16",
+                   "--max-batch", "64")
+        try:
+            d.wait_ready()
+            pids = gputest.worker_pids(d.log())
+            below = struct.unpack("<f", struct.pack("<I", 0x477fefff))[0]  # 65519.996
+            for value, ok in ((below, True), (65520.0, False), (-1e6, False)):
+                values = [0.5] * (3 * IN)
+                values[2 * IN + 7] = value
+                x = os.path.join(self.dir, "in16-%g.npy" % value)
+                gputest.make_layer.write_npy(x, values, [3, IN])
+                res = d.client("forward", x, "-o", os.path.join(self.dir, "in16.y.npy"))
+                if ok:
+                    self.assertEqual(res.rc, 0, repr(res))
+                else:
+                    self.assertNotEqual(res.rc, 0, repr(res))
+                    self.assertRegex(res.err, re.escape("input row 2, column 7 is %g, which FP16 "
+                                                        "turns into an infinity" % value),
+                                     repr(res))
+            # refusing a request is not a failure of the worker: the same processes answer on
+            gputest.verify(d, self.x[7], self.layer, TOL16)
+            self.assertEqual(gputest.worker_pids(d.log()), pids, d.log()[-3000:])
+            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        finally:
+            d.kill()
+
+    def test_unpinned_arena_staged(self):
+        # TPD_CUDA_PIN=0 leaves the arena unpinned, as a memlock limit would: the copies then go
+        # through the pinned stage, and the answers must be the same; 841 outputs over 3 ranks
+        # are uneven (281, 280, 280)
+        for name, args in (("st-n1", ("--gpus", "0")),
+                           ("st-h3", ("--gpus", "0,0,0", "--gather", "host"))):
+            d = Daemon(self.dir, name, "--weights", self.odd, "--max-batch", "64", *args,
+                       env={"TPD_CUDA_PIN": "0"})
+            try:
+                d.wait_ready()
+                self.assertIn("arena staged", d.log())
+                for b in (1, 7, 64):
+                    gputest.verify(d, self.x[b], self.odd, TOL32)
+                self.assertEqual(d.stop(), 0, d.log()[-3000:])
+            finally:
+                d.kill()
+            print("%s with TPD_CUDA_PIN=0: staged copies verified" % " ".join(args))
 
 
 SEED_LAYERS = (("seed", 8, 12), ("nobias", 96, 60), ("mlp-up", 512, 1536))  # name, in, out
