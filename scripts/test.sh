@@ -9,6 +9,12 @@ scripts/deps.sh
 python=$(scripts/venv.sh)
 scripts/build.sh -DTP_PYTHON="$python"
 (cd build && ctest --output-on-failure --timeout 600)
+# the GPU check's dry run (no GPU needed): the bundle a GPU machine gets, its programs on the CPU,
+# the script itself; a build without the CUDA backend has nothing to bundle
+if [ -x build/bin/tp_gpu_probe ]; then
+    bench/gpu-check.sh --bundle
+    bench/gpu-check.sh --dry-run build/gpu-bundle.tar.gz
+fi
 if [ "${TP_QUICK:-0}" = 1 ]; then exit 0; fi
 
 cmake -S . -B build-asan -DTP_WERROR=ON -DTP_SANITIZE=ON -DTP_PYTHON="$python" >/dev/null
