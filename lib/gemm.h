@@ -44,6 +44,14 @@ struct gemm_weights {
 int gemm_pack(struct gemm_weights *g, const float *w, uint32_t n, uint32_t k, size_t ldw,
               struct tp_err *err);
 
+/* gemm_pack in steps, so that W need never be held whole: gemm_pack_init allocates g for an [n, k]
+ * weight (the padding columns of the last panel zero, the rest unset; same failures as
+ * gemm_pack), then gemm_pack_rows packs rows [j0, j0 + rows) of W, given as rows rows of k floats
+ * ldw apart; every row must be packed once before g is used. */
+int gemm_pack_init(struct gemm_weights *g, uint32_t n, uint32_t k, struct tp_err *err);
+void gemm_pack_rows(struct gemm_weights *g, const float *w, uint32_t j0, uint32_t rows,
+                    size_t ldw);
+
 /* Frees the packed weights; takes an empty (zeroed) g. */
 void gemm_free(struct gemm_weights *g);
 

@@ -463,13 +463,30 @@ out:
     return rc;
 }
 
-int plan_read(const struct plan *p, int64_t row0, int64_t rows, float *w, float *b,
-              uint64_t *w_bytes, uint64_t *b_bytes, struct tp_err *err)
+/* Output rows [row0, row0 + rows) of W into w [rows, in], from the open, checked file f. */
+static int read_w(const struct st_file *f, const struct plan *p, int64_t row0, int64_t rows,
+                  float *w, uint64_t *bytes, struct tp_err *err)
+{
+    uint64_t n = 0;
+
+    if (p->layout == PLAN_CONV1D)
+        return read_columns(f, p, row0, rows, w, bytes, err);
+    if (st_read_rows_f32(f, st_find(f, p->w.name), row0, rows, w, &n, err) < 0)
+        return -1;
+    *bytes += n;
+    return 0;
+}
+
+/* Both readers: W whole into w, or (w NULL) in chunks through fn. */
+static int read_plan(const struct plan *p, int64_t row0, int64_t rows, float *w, int64_t chunk,
+                     plan_chunk_fn fn, void *ctx, float *b, uint64_t *w_bytes, uint64_t *b_bytes,
+                     struct tp_err *err)
 {
     struct st_file f = {.fd = -1};
     uint64_t got_w = 0, got_b = 0;
+    float *buf = NULL;
 
-    if (row0 < 0 || rows < 1 || row0 > p->out || rows > p->out - row0) {
+    if (row0 < 0 || rows < 1 || row0 > p->out || rows > p->out - row0 || (!w && chunk < 1)) {
         tp_err_set(err, TP_EINVAL,
                    "rows [%" PRId64 ", %" PRId64 ") are outside the %" PRId64 " outputs", row0,
                    row0 + rows, p->out);
@@ -477,16 +494,31 @@ int plan_read(const struct plan *p, int64_t row0, int64_t rows, float *w, float 
     }
     if (open_checked(&f, &p->w, err) < 0)
         goto fail;
-    if (p->layout == PLAN_CONV1D ? read_columns(&f, p, row0, rows, w, &got_w, err) < 0
-                                 : st_read_rows_f32(&f, st_find(&f, p->w.name), row0, rows, w,
-                                                    &got_w, err) < 0)
-        goto fail;
+    if (w) {
+        if (read_w(&f, p, row0, rows, w, &got_w, err) < 0)
+            goto fail;
+    } else {
+        if (chunk > rows)
+            chunk = rows;
+        buf = malloc((size_t)chunk * (size_t)p->in * sizeof(float));
+        if (!buf) {
+            tp_err_set(err, TP_ENOMEM, "no memory for %" PRId64 " rows of weights", chunk);
+            goto fail;
+        }
+        for (int64_t r = 0; r < rows; r += chunk) {
+            int64_t n = rows - r < chunk ? rows - r : chunk;
+
+            if (read_w(&f, p, row0 + r, n, buf, &got_w, err) < 0 || fn(ctx, r, n, buf, err) < 0)
+                goto fail;
+        }
+    }
     st_close(&f);
     if (p->has_bias && (open_checked(&f, &p->b, err) < 0 ||
                         st_read_rows_f32(&f, st_find(&f, p->b.name), row0, rows, b, &got_b,
                                          err) < 0))
         goto fail;
     st_close(&f);
+    free(buf);
     if (w_bytes)
         *w_bytes = got_w;
     if (b_bytes)
@@ -494,5 +526,21 @@ int plan_read(const struct plan *p, int64_t row0, int64_t rows, float *w, float 
     return 0;
 fail:
     st_close(&f);
+    free(buf);
     return -1;
+}
+
+int plan_read(const struct plan *p, int64_t row0, int64_t rows, float *w, float *b,
+              uint64_t *w_bytes, uint64_t *b_bytes, struct tp_err *err)
+{
+    if (!w)
+        return tp_err_set(err, TP_EINVAL, "no buffer for the weights");
+    return read_plan(p, row0, rows, w, 0, NULL, NULL, b, w_bytes, b_bytes, err);
+}
+
+int plan_read_chunks(const struct plan *p, int64_t row0, int64_t rows, int64_t chunk,
+                     plan_chunk_fn fn, void *ctx, float *b, uint64_t *w_bytes, uint64_t *b_bytes,
+                     struct tp_err *err)
+{
+    return read_plan(p, row0, rows, NULL, chunk, fn, ctx, b, w_bytes, b_bytes, err);
 }

@@ -93,6 +93,17 @@ int plan_split(int64_t out, int nranks, int rank, int64_t *row0, int64_t *rows,
 int plan_read(const struct plan *p, int64_t row0, int64_t rows, float *w, float *b,
               uint64_t *w_bytes, uint64_t *b_bytes, struct tp_err *err);
 
+/* Receives chunk rows [r, r + n) of a plan_read_chunks read (r counts from its row0): [n, in]
+ * float32 at w, valid during the call only. Returns 0, or -1 with err set to stop the read. */
+typedef int (*plan_chunk_fn)(void *ctx, int64_t r, int64_t n, const float *w, struct tp_err *err);
+
+/* plan_read, with W handed to fn in chunks of at most chunk rows instead of written whole: the
+ * reader never holds more than chunk rows of W at once (the invariant GEMM packs each chunk as
+ * it comes). b and the counts as in plan_read. */
+int plan_read_chunks(const struct plan *p, int64_t row0, int64_t rows, int64_t chunk,
+                     plan_chunk_fn fn, void *ctx, float *b, uint64_t *w_bytes, uint64_t *b_bytes,
+                     struct tp_err *err);
+
 /* Formats the split of out over nranks for metadata: "251,251,250" (rows per rank). */
 void plan_split_text(int64_t out, int nranks, char *buf, size_t len);
 

@@ -24,7 +24,7 @@
 #define MAX_THREADS 256
 
 struct backend {
-    struct shard s; /* s.w is NULL once packed (invariant) */
+    struct shard s; /* s.w is NULL once packed (invariant), s.packed empty */
     enum backend_cpu_gemm gemm;
     struct gemm_weights g;  /* invariant: the packed W */
     struct gemm_pool *pool; /* invariant: this rank's threads */
@@ -49,13 +49,15 @@ static int cpu_create(struct backend **out, const struct backend_config *c, stru
         return 0;
     }
     openblas_set_num_threads(1); /* not used for the layer; keeps its pool from spinning */
-    if (b->s.rows > UINT32_MAX || b->s.in > UINT32_MAX) {
+    if (b->s.packed.panels) { /* shard_load_packed did it */
+        b->g = b->s.packed;
+        b->s.packed = (struct gemm_weights){0};
+    } else if (b->s.rows > UINT32_MAX || b->s.in > UINT32_MAX) {
         tp_err_set(err, TP_EINVAL, "a shard of [%lld, %lld] is too large for the invariant gemm",
                    (long long)b->s.rows, (long long)b->s.in);
         goto fail;
-    }
-    if (gemm_pack(&b->g, b->s.w, (uint32_t)b->s.rows, (uint32_t)b->s.in, (size_t)b->s.in, err) <
-        0) {
+    } else if (gemm_pack(&b->g, b->s.w, (uint32_t)b->s.rows, (uint32_t)b->s.in, (size_t)b->s.in,
+                         err) < 0) {
         tp_err_prefix(err, "packing the shard: ");
         goto fail;
     }

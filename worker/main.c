@@ -316,7 +316,10 @@ int main(int argc, char **argv)
         goto fail;
     }
     t0 = timing_now_s();
-    if (shard_load(&s, &plan, a.rank, a.nranks, &err) < 0)
+    /* the cpu backend's invariant GEMM takes W packed: read it so, never whole */
+    if (strcmp(ops->name, "cpu") == 0 && a.cpu_gemm == BACKEND_GEMM_INVARIANT
+            ? shard_load_packed(&s, &plan, a.rank, a.nranks, &err) < 0
+            : shard_load(&s, &plan, a.rank, a.nranks, &err) < 0)
         goto fail;
     tp_log(TP_LOG_NOTICE,
            "loaded rows [%lld, %lld) of %lld from '%s' (%s): read %llu bytes of weight and %llu "

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "gemm.h"
 #include "plan.h"
 #include "tensor.h"
 
@@ -17,7 +18,8 @@ struct shard {
     int64_t in;          /* inputs of the layer */
     int64_t out;         /* outputs of the layer, all ranks together */
     enum tp_dtype dtype; /* dtype of W in the file */
-    float *w;            /* [rows, in], converted to float32, owned */
+    float *w;            /* [rows, in], converted to float32, owned; NULL when packed */
+    struct gemm_weights packed; /* shard_load_packed: W packed for the invariant GEMM */
     float *b;            /* [rows] or NULL without bias, owned */
     uint64_t w_bytes;    /* bytes of W read from the file */
     uint64_t b_bytes;    /* bytes of b read from the file */
@@ -25,6 +27,11 @@ struct shard {
 
 /* Loads rank's rows of the plan's layer. On failure *s is empty. */
 int shard_load(struct shard *s, const struct plan *p, int rank, int nranks, struct tp_err *err);
+
+/* shard_load for the invariant GEMM: W is read in chunks of rows and each chunk packed into
+ * s->packed as it comes, so the worker never holds W twice (s->w stays NULL). */
+int shard_load_packed(struct shard *s, const struct plan *p, int rank, int nranks,
+                      struct tp_err *err);
 
 /* Frees the rows; takes an empty shard. */
 void shard_free(struct shard *s);

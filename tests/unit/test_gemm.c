@@ -207,6 +207,36 @@ static void test_pool(void)
     gemm_pool_destroy(NULL);
 }
 
+/* packing in chunks of rows, of any size and alignment, gives the panels of one gemm_pack */
+static void test_pack_in_chunks(void)
+{
+    struct tp_err err = {0};
+    static const uint32_t ns[] = {1, 15, 16, 17, 37, 64};
+    static const uint32_t chunks[] = {1, 5, 16, 23, 64};
+
+    for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++)
+        for (size_t c = 0; c < sizeof(chunks) / sizeof(chunks[0]); c++) {
+            uint32_t n = ns[i], k = 19;
+            float *w = malloc((size_t)n * k * sizeof(float));
+            struct gemm_weights whole, parts;
+
+            for (size_t e = 0; e < (size_t)n * k; e++)
+                w[e] = (float)e * 0.5f - 3.0f;
+            ASSERT_EQ(gemm_pack(&whole, w, n, k, k, &err), 0);
+            ASSERT_EQ(gemm_pack_init(&parts, n, k, &err), 0);
+            for (uint32_t j0 = 0; j0 < n; j0 += chunks[c])
+                gemm_pack_rows(&parts, w + (size_t)j0 * k, j0,
+                               n - j0 < chunks[c] ? n - j0 : chunks[c], k);
+            ASSERT_EQ(parts.np, whole.np);
+            ASSERT_EQ(memcmp(parts.panels, whole.panels,
+                             (size_t)whole.np * GEMM_NR * k * sizeof(float)),
+                      0);
+            gemm_free(&whole);
+            gemm_free(&parts);
+            free(w);
+        }
+}
+
 static void test_errors(void)
 {
     struct gemm_weights g;
@@ -229,6 +259,7 @@ int main(void)
     TEST_RUN(test_avx2);
     TEST_RUN(test_batch_invariant);
     TEST_RUN(test_pool);
+    TEST_RUN(test_pack_in_chunks);
     TEST_RUN(test_errors);
     return 0;
 }

@@ -2,7 +2,8 @@
  * (worker/shard.c): the uneven split, finding tensors in the Hugging Face checkpoints of
  * tests/data/hf (sharded, a bias in another shard, GPT-2's Conv1D, a tied lm_head), the layouts
  * that are refused because they cannot be known, reading a rank's rows against the whole tensor
- * read independently, and weights that changed after the plan was made. */
+ * read independently (and packed for the invariant GEMM as it is read), and weights that changed
+ * after the plan was made. */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -264,6 +265,27 @@ static void check_shards(const char *weights, const char *weight, int conv1d)
                 }
             if (p.has_bias)
                 ASSERT_EQ(s.b_bytes, (uint64_t)s.rows * tp_dtype_size((enum tp_dtype)p.b.dtype));
+            /* read and packed in chunks: the same panels as packing the whole shard */
+            {
+                struct shard sp;
+                struct gemm_weights whole;
+
+                ASSERT_EQ(shard_load_packed(&sp, &p, r, n, &err), 0);
+                ASSERT_TRUE(sp.w == NULL);
+                ASSERT_EQ(sp.w_bytes, s.w_bytes);
+                ASSERT_EQ(sp.b_bytes, s.b_bytes);
+                ASSERT_EQ(gemm_pack(&whole, s.w, (uint32_t)s.rows, (uint32_t)s.in, (size_t)s.in,
+                                    &err),
+                          0);
+                ASSERT_EQ(sp.packed.np, whole.np);
+                ASSERT_EQ(memcmp(sp.packed.panels, whole.panels,
+                                 (size_t)whole.np * GEMM_NR * whole.k * sizeof(float)),
+                          0);
+                if (p.has_bias)
+                    ASSERT_EQ(memcmp(sp.b, s.b, (size_t)s.rows * sizeof(float)), 0);
+                gemm_free(&whole);
+                shard_free(&sp);
+            }
             shard_free(&s);
         }
     free(all);
