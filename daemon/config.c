@@ -72,6 +72,10 @@ static void usage(FILE *f)
         "  --worker PATH           worker executable (default: tpd-worker beside tpd)\n"
         "  --grpc-threads N        threads serving gRPC (default: 1)\n"
         "  --restart-backoff-ms MS first delay before restarting dead workers (default: 500)\n"
+        "  --job-timeout-ms MS     a rank that takes longer over a job (longer jobs get more,\n"
+        "                          in proportion to their rows), or over its load on a restart,\n"
+        "                          is taken for hung and its group restarted; 0 turns this off,\n"
+        "                          else 100 to 3600000 (default: 10000)\n"
         "  --log-level LEVEL       err, warn, notice, info or debug (default: notice)\n"
         "  --metrics-listen ADDR   HOST:PORT of the HTTP server for /metrics and the health\n"
         "                          endpoints; port 0 picks a free one; 'off' disables it\n"
@@ -273,6 +277,7 @@ enum {
     O_WORKER,
     O_GRPC_THREADS,
     O_BACKOFF,
+    O_JOB_TIMEOUT,
     O_LOG_LEVEL,
     O_GPUS,
     O_GATHER,
@@ -305,6 +310,7 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"worker", required_argument, NULL, O_WORKER},
                                      {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
                                      {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
+                                     {"job-timeout-ms", required_argument, NULL, O_JOB_TIMEOUT},
                                      {"log-level", required_argument, NULL, O_LOG_LEVEL},
                                      {"gpus", required_argument, NULL, O_GPUS},
                                      {"gather", required_argument, NULL, O_GATHER},
@@ -407,6 +413,17 @@ static enum config_result apply(struct config *c, int o)
         if (parse_num("--restart-backoff-ms", optarg, 1, 600000, &v))
             return CONFIG_USAGE;
         c->restart_backoff_ms = (int)v;
+        break;
+    case O_JOB_TIMEOUT:
+        if (parse_num("--job-timeout-ms", optarg, 0, 3600000, &v))
+            return CONFIG_USAGE;
+        /* below 100 ms, a busy host's scheduling alone would take groups down */
+        if (v > 0 && v < 100) {
+            fprintf(stderr, "tpd: %s takes 0 (off) or 100 to 3600000 ms, got '%s'\n",
+                    subject("--job-timeout-ms"), optarg);
+            return CONFIG_USAGE;
+        }
+        c->job_timeout_ms = (int)v;
         break;
     case O_LOG_LEVEL:
         c->log_level = tp_log_parse_level(optarg);
@@ -551,6 +568,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .batch_delay_us = 200,
                          .grpc_threads = 1,
                          .restart_backoff_ms = 500,
+                         .job_timeout_ms = 10000,
                          .log_level = TP_LOG_NOTICE,
                          .gather_nccl = 1,
                          .dtype = TP_F32,

@@ -31,6 +31,8 @@ struct config {
     const char *worker; /* worker executable; NULL: next to tpd */
     int grpc_threads;
     int restart_backoff_ms; /* first restart delay */
+    int job_timeout_ms;     /* least time a rank may take over a job before it is taken for hung
+                             * (longer jobs get more: daemon/sup.c); 0: never */
     int log_level;
     const char *metrics_listen; /* HOST:PORT of the HTTP server; NULL: none ("off") */
     const char *config;         /* configuration file that was read; NULL: none */

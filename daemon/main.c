@@ -322,6 +322,7 @@ int main(int argc, char **argv)
                                        .max_batch = c.max_batch,
                                        .arena_fd = arena.fd,
                                        .backoff_ms = c.restart_backoff_ms,
+                                       .job_timeout_ms = c.job_timeout_ms,
                                        .log_level = level_names[c.log_level]},
                   sched_on_done, sched_on_state, sched, &err) < 0) {
         tp_err_prefix(&err, "starting workers: ");

@@ -6,7 +6,11 @@
  * 30 s and resets once a group is ready. Every worker gets the layer's plan as its first message,
  * the same plan at every start, so a restarted worker checks its files against what tpd read at
  * start and refuses weights that changed since. With the NCCL gather every group start gets a new unique
- * id (ncclid.h), sent to each worker in an INIT message right after it is spawned. */
+ * id (ncclid.h), sent to each worker in an INIT message right after it is spawned. A rank that
+ * stops answering without dying (stopped, or stuck in a device call) is found by a bound on the
+ * time a job may take (job_timeout_ms, scaled up for long jobs) and takes the group down the same
+ * way; so does a restarted rank that does not finish loading in time. Nothing waits on a worker
+ * meanwhile: jobs that do not fit in a rank's control socket wait in tpd. */
 #ifndef TPD_SUP_H
 #define TPD_SUP_H
 
@@ -32,6 +36,8 @@ struct sup_config {
     const char *dtype;     /* cuda: "fp32", "fp16" or "bf16"; NULL for cpu */
     int tf32;              /* cuda: FP32 GEMMs may use TF32 */
     const char *cpu_gemm;  /* cpu: "invariant" or "openblas"; NULL for cuda */
+    int job_timeout_ms;    /* least time a rank may take over a job (more for long jobs, sup.c
+                            * says how) and a restarted group over its load; 0: no bound */
 };
 
 /* Called on the supervisor's thread, with no lock held, when every rank has finished job id on
@@ -47,8 +53,8 @@ typedef void (*sup_state_fn)(void *ctx, int ready);
 int sup_start(struct sup **s, const struct sup_config *c, sup_done_fn done, sup_state_fn state,
               void *ctx, struct tp_err *err);
 
-/* Sends job id (rows of slot) to every rank. Any thread. Fails with TP_EUNAVAIL when the group is
- * not ready; then no done callback will come for this job. */
+/* Sends job id (rows of slot) to every rank. Any thread; never waits on a worker. Fails with
+ * TP_EUNAVAIL when the group is not ready; then no done callback will come for this job. */
 int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struct tp_err *err);
 
 /* Stops the thread and the workers: sends each worker STOP and closes its control socket (a
