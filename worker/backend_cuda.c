@@ -841,24 +841,12 @@ fail:
     return -1;
 }
 
-/* A worker whose probe fails with the NCCL gather leaves with the coordinator's INIT unread, and
- * a unix socket closed with unread data resets the connection: the coordinator's next recv
- * reports the reset before the READY that says why the start failed (only a second recv would
- * find the READY). Leaving a moment later lets the coordinator read the READY first. */
-static void linger_unread_init(void)
-{
-    nanosleep(&(struct timespec){.tv_nsec = 300000000}, NULL);
-}
-
 /* Before the shard is read: the device, and the libraries this configuration needs. */
 static int cuda_probe(const struct backend_config *c, struct tp_err *err)
 {
     if (select_device(c->device < 0 ? 0 : c->device, err) < 0 || load_blas(err) < 0 ||
-        (c->gather == BACKEND_GATHER_NCCL && load_nccl(err) < 0)) {
-        if (c->gather == BACKEND_GATHER_NCCL)
-            atexit(linger_unread_init);
+        (c->gather == BACKEND_GATHER_NCCL && load_nccl(err) < 0))
         return -1;
-    }
     return 0;
 }
 

@@ -287,8 +287,15 @@ int main(int argc, char **argv)
     }
     snprintf(prefix, sizeof(prefix), "rank %d", a.rank);
     tp_log_init("tpd-worker", prefix);
+    /* Every message the coordinator sent at the start is read before anything can fail: a unix
+     * socket closed with unread data resets the connection, and the coordinator's recv would
+     * then report the reset instead of the READY that says why the start failed. */
     if (recv_plan(&plan, &err) < 0)
         goto fail;
+    if (a.gather == BACKEND_GATHER_NCCL && recv_init(nccl_id, &err) < 0) {
+        tp_err_prefix(&err, "receiving the NCCL id: ");
+        goto fail;
+    }
     ops = backend_find(a.backend);
     if (!ops) {
         if (strcmp(a.backend, "cuda") == 0)
@@ -311,10 +318,6 @@ int main(int argc, char **argv)
                                  .nccl_id = nccl_id};
     if (ops->probe && ops->probe(&bc, &err) < 0)
         goto fail;
-    if (a.gather == BACKEND_GATHER_NCCL && recv_init(nccl_id, &err) < 0) {
-        tp_err_prefix(&err, "receiving the NCCL id: ");
-        goto fail;
-    }
     t0 = timing_now_s();
     /* the cpu backend's invariant GEMM takes W packed: read it so, never whole */
     if (strcmp(ops->name, "cpu") == 0 && a.cpu_gemm == BACKEND_GEMM_INVARIANT
