@@ -3,7 +3,9 @@
  * and waits until all have loaded their shards, then serves gRPC and tells systemd READY=1. The
  * main thread then only waits for SIGTERM/SIGINT (blocked in every thread, taken with sigwait),
  * pinging the systemd watchdog while it waits, and then drains: STOPPING=1, stop accepting,
- * finish what is in flight, stop the workers, exit 0. */
+ * finish what is in flight, stop the workers, exit 0. SIGHUP is taken the same way and only
+ * logged: tpd reads its flags and configuration file at start only, and logs to stderr, so there
+ * is nothing to reload or reopen, and a hangup must not end a server. */
 #include <errno.h>
 #include <malloc.h>
 #include <pthread.h>
@@ -144,24 +146,28 @@ static void *startup_watchdog(void *arg)
     return NULL;
 }
 
-/* Waits for a stop signal. With a watchdog, wakes every half interval to ping it, after checking
- * that the scheduler's lock can be taken (a deadlocked scheduler then stops the pings and
- * systemd restarts tpd). Returns the signal. */
+/* Waits for a stop signal; a SIGHUP on the way is logged, and the wait goes on. With a watchdog,
+ * wakes every half interval to ping it, after checking that the scheduler's lock can be taken (a
+ * deadlocked scheduler then stops the pings and systemd restarts tpd). Returns the signal. */
 static int wait_for_stop(const sigset_t *sigs, uint64_t wd_usec, struct sched *sched)
 {
     struct timespec ts = {(time_t)(wd_usec / 2 / 1000000), (long)(wd_usec / 2 % 1000000) * 1000};
     int sig;
 
     for (;;) {
-        if (!wd_usec) {
-            if (sigwait(sigs, &sig) == 0)
-                return sig;
+        if (wd_usec)
+            sig = sigtimedwait(sigs, NULL, &ts);
+        else if (sigwait(sigs, &sig) != 0)
+            sig = -1;
+        if (sig == SIGHUP) {
+            tp_log(TP_LOG_NOTICE,
+                   "SIGHUP: nothing to reload, still serving (flags and the configuration file "
+                   "are read at start only: restart tpd to change them)");
             continue;
         }
-        sig = sigtimedwait(sigs, NULL, &ts);
         if (sig > 0)
             return sig;
-        if (errno == EAGAIN) {
+        if (wd_usec && errno == EAGAIN) {
             (void)sched_busy(sched);
             notify_send("WATCHDOG=1");
         }
@@ -241,11 +247,13 @@ int main(int argc, char **argv)
     if (threads < 1)
         threads = 1;
 
-    /* Block the stop signals before any thread exists, so every thread inherits the mask and
-     * only sigwait below takes them. Workers unblock them in proc_spawn. */
+    /* Block the stop signals and SIGHUP before any thread exists, so every thread inherits the
+     * mask and only sigwait below takes them. Workers start with an empty mask and default
+     * dispositions (proc_spawn). */
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
 

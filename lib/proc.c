@@ -1,7 +1,7 @@
 /* proc.c -- fork+exec of workers (see proc.h). Between fork and exec the child only calls
- * async-signal-safe functions: the parent is multi-threaded (gRPC's threads), so anything that
- * could take a lock (malloc, stdio) might deadlock. The environment is therefore built in the
- * parent. */
+ * async-signal-safe functions (dup2, sigaction, sigprocmask, execve): the parent is
+ * multi-threaded (gRPC's threads), so anything that could take a lock (malloc, stdio) might
+ * deadlock. The environment is therefore built in the parent. */
 #include "proc.h"
 
 #include <errno.h>
@@ -38,9 +38,19 @@ static void child(char *const argv[], char *const envp[], const int *fds, int nf
     for (int i = 0; i < nfds; i++)
         if (dup2(tmp[i], 3 + i) < 0) /* dup2 clears CLOEXEC on the new fd */
             goto fail;
+    /* The program starts as a fresh one would: every signal at its default, none blocked. exec
+     * resets caught signals itself but keeps ignored ones (tpd ignores SIGPIPE, so a worker
+     * writing to a closed pipe would get EPIPE where it expects to die) and the mask (tpd blocks
+     * its stop signals in every thread). Dispositions first, so that nothing the parent catches
+     * can run here once the mask is gone. Reserved signals refuse sigaction: nothing to undo. */
     {
+        struct sigaction dfl = {.sa_handler = SIG_DFL};
         sigset_t none;
 
+        sigemptyset(&dfl.sa_mask);
+        for (int sig = 1; sig < NSIG; sig++)
+            if (sig != SIGKILL && sig != SIGSTOP)
+                sigaction(sig, &dfl, NULL);
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
     }

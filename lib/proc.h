@@ -1,6 +1,7 @@
 /* proc.h -- starting child processes. Only this file decides what a child inherits: the fds
  * listed in the spawn call, placed at 3, 4, ... in order, plus stdin/stdout/stderr; everything
- * else is CLOEXEC. An exec failure comes back through a CLOEXEC pipe, so proc_spawn either
+ * else is CLOEXEC. Signals start at their defaults with none blocked, whatever the parent
+ * ignores or blocks. An exec failure comes back through a CLOEXEC pipe, so proc_spawn either
  * returns a running program or an error that says why exec failed. The child gets
  * PR_SET_PDEATHSIG(SIGKILL): a worker never outlives its coordinator. */
 #ifndef TP_PROC_H
