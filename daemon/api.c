@@ -30,9 +30,14 @@ struct infer_call {
     size_t bytes_in;                        /* request message */
 };
 
+int api_ready(struct api *a)
+{
+    return atomic_load(&a->serving) && !atomic_load(&a->draining) && sched_ready(a->sched);
+}
+
 static int is_ready(struct api *a)
 {
-    return !atomic_load(&a->draining) && sched_ready(a->sched);
+    return api_ready(a);
 }
 
 /* Unpacks the request or answers INVALID_ARGUMENT; returns NULL in that case. */

@@ -19,8 +19,14 @@ struct api {
     struct sched *sched;
     struct shmreg *shm;      /* system shared-memory regions */
     uint32_t batch_delay_us; /* dynamic batching's delay (ModelConfig); 0: off */
+    atomic_int serving;      /* gRPC started with every worker ready */
     atomic_int draining;     /* SIGTERM received: not ready any more */
 };
+
+/* The one readiness rule, for gRPC's ServerReady, ModelReady, RepositoryIndex and
+ * grpc.health.v1 and for the HTTP health endpoints alike: serving, not draining, and the
+ * scheduler's workers all up. Any thread. */
+int api_ready(struct api *a);
 
 extern const struct rpc_method api_methods[];
 extern const int api_nmethods;

@@ -108,14 +108,10 @@ static int online_cpus(void)
     return 1;
 }
 
-static atomic_int serving; /* gRPC started with every worker ready */
-
-/* The HTTP health endpoints' readiness: the same rule as the gRPC methods'. */
-static int ready(void *ctx)
+/* The HTTP health endpoints' readiness: the gRPC methods' own rule. */
+static int http_ready(void *ctx)
 {
-    struct api *a = ctx;
-
-    return atomic_load(&serving) && !atomic_load(&a->draining) && sched_ready(a->sched);
+    return api_ready(ctx);
 }
 
 /* Loading shards can take longer than the watchdog interval; this thread keeps the watchdog fed
@@ -287,7 +283,8 @@ int main(int argc, char **argv)
                m.split, threads, c.cpu_gemm, c.slots, c.max_batch,
                c.batch_delay_us);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
-    if (c.metrics_listen && metrics_server_start(&http, c.metrics_listen, ready, &api, &err) < 0)
+    if (c.metrics_listen &&
+        metrics_server_start(&http, c.metrics_listen, http_ready, &api, &err) < 0)
         goto fail;
     /* Bind before starting workers, so that a bad --listen fails at once. */
     grpc_init();
@@ -340,7 +337,7 @@ int main(int argc, char **argv)
     sched_on_state(sched, 1);
     if (rpc_server_start(rpc, &err) < 0)
         goto fail_grpc;
-    atomic_store(&serving, 1);
+    atomic_store(&api.serving, 1);
     for (int i = 0; i < c.nlisten; i++)
         tp_log(TP_LOG_NOTICE, "ready: serving '%s' on %s", m.name, c.listen[i]);
     notify_send("READY=1");
