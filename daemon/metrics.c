@@ -1,21 +1,22 @@
 /* metrics.c -- counters, histograms and the HTTP server of tpd (see metrics.h). One mutex guards
  * every counter: events are a few per request and the critical sections a handful of additions,
  * so a lock is cheaper to get right than a set of atomics that a scrape would read torn (a
- * histogram's buckets, _sum and _count must agree). The HTTP server is libmicrohttpd with one
- * internal thread; it renders the exposition under the same lock. */
+ * histogram's buckets, _sum and _count must agree). The HTTP server is tpd's own, one thread
+ * that polls every connection and holds none past a deadline (see "HTTP" below); it renders the
+ * exposition under the same lock. */
 #include "metrics.h"
 
 #include <errno.h>
 #include <netdb.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-
-#include <microhttpd.h>
 
 #include "log.h"
 
@@ -273,32 +274,143 @@ char *metrics_render(size_t *len)
     return buf;
 }
 
-/* ---- HTTP ---- */
+/* ---- HTTP ----
+ * A small HTTP/1.x server of tpd's own. The one thing it must do under any load is answer a
+ * health probe within a second; libmicrohttpd's only defence against slow clients is an idle
+ * timeout, which a client that trickles one header line every few seconds resets forever, so 70
+ * such clients held its 64 connections and every probe timed out. Here:
+ *  - a connection's whole request head must arrive within HTTP_HEAD_MS of its accept, however
+ *    it trickles, and its whole response must leave within HTTP_SEND_MS;
+ *  - with HTTP_MAX_CONNS open, a new connection closes the oldest one still sending its head
+ *    (or, if none is, the oldest of all): a newcomer, such as a prober, always gets in, and
+ *    is read at once, since its request has usually arrived with it;
+ *  - one request per connection (Connection: close), so no idle connection is ever kept; a
+ *    handshake per probe or scrape costs nothing on this port.
+ * One thread polls the listening socket, an eventfd that stops it, and the connections. */
 
-struct metrics_server {
-    struct MHD_Daemon *d;
-    metrics_ready_fn ready;
-    void *ctx;
+#define HTTP_MAX_CONNS 64
+#define HTTP_HEAD_MAX 8192 /* bytes of a request head (request line and headers) */
+#define HTTP_HEAD_MS 5000  /* from accept until the head is complete */
+#define HTTP_SEND_MS 10000 /* from the head until the response has left */
+/* after the response, what the client still sends is read for up to this long, so that closing
+ * does not reset the connection before the client read its answer */
+#define HTTP_LINGER_MS 1000
+#define HTTP_ACCEPT_PAUSE_MS 100 /* accept failed for lack of descriptors or memory */
+#define HTTP_PATH_MAX 1024       /* bytes of a decoded request path */
+
+enum conn_state { C_FREE, C_HEAD, C_SEND, C_LINGER };
+
+struct http_conn {
+    enum conn_state state;
+    int fd;
+    int64_t t0_ns;       /* accepted, metrics_now_ns() */
+    int64_t deadline_ns; /* of the current state */
+    size_t nhead;        /* bytes of head[] received */
+    char head[HTTP_HEAD_MAX + 1];
+    char *out; /* the response, status line to body; malloc'ed */
+    size_t nout, sent;
 };
 
-static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *type,
-                               char *body, size_t len, enum MHD_ResponseMemoryMode mode)
-{
-    struct MHD_Response *r = MHD_create_response_from_buffer(len, body, mode);
-    enum MHD_Result ret;
+struct metrics_server {
+    int lfd;  /* listening socket */
+    int wake; /* eventfd: metrics_server_stop ends the thread through it */
+    pthread_t thread;
+    int thread_started;
+    metrics_ready_fn ready;
+    void *ctx;
+    int64_t accept_paused_until_ns;
+    int64_t accept_warned_ns; /* last warning about a failed accept */
+    struct http_conn conns[HTTP_MAX_CONNS];
+};
 
-    if (!r)
-        return MHD_NO;
-    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type);
-    ret = MHD_queue_response(conn, status, r);
-    MHD_destroy_response(r);
-    return ret;
+static void conn_close(struct http_conn *c)
+{
+    close(c->fd);
+    free(c->out);
+    c->state = C_FREE;
+    c->fd = -1;
+    c->out = NULL;
 }
 
-static enum MHD_Result answer_text(struct MHD_Connection *conn, unsigned status, const char *text)
+static const char *reason(unsigned status)
 {
-    return respond(conn, status, "text/plain; charset=utf-8", (char *)text, strlen(text),
-                   MHD_RESPMEM_PERSISTENT);
+    switch (status) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 431: return "Request Header Fields Too Large";
+    case 503: return "Service Unavailable";
+    default: return "Internal Server Error";
+    }
+}
+
+/* Puts the response into c->out and starts sending it: body of len bytes (its headers only for
+ * HEAD, with the same Content-Length). */
+static void respond(struct http_conn *c, unsigned status, const char *type, const char *body,
+                    size_t len, int head_only)
+{
+    char hdr[256];
+    int n =
+        snprintf(hdr, sizeof(hdr),
+                 "HTTP/1.1 %u %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n%s"
+                 "Connection: close\r\n\r\n",
+                 status, reason(status), type, len, status == 405 ? "Allow: GET, HEAD\r\n" : "");
+    size_t blen = head_only ? 0 : len;
+
+    c->out = malloc((size_t)n + blen);
+    if (!c->out) {
+        conn_close(c);
+        return;
+    }
+    memcpy(c->out, hdr, (size_t)n);
+    if (blen)
+        memcpy(c->out + n, body, blen);
+    c->nout = (size_t)n + blen;
+    c->sent = 0;
+    c->state = C_SEND;
+    c->deadline_ns = metrics_now_ns() + (int64_t)HTTP_SEND_MS * 1000000;
+}
+
+static void respond_text(struct http_conn *c, unsigned status, const char *text, int head_only)
+{
+    respond(c, status, "text/plain; charset=utf-8", text, strlen(text), head_only);
+}
+
+static int hex(char ch)
+{
+    return ch >= '0' && ch <= '9'   ? ch - '0'
+           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
+           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
+                                    : -1;
+}
+
+/* The path of a request target ("/v2/models/a%20b/ready?x" -> "/v2/models/a b/ready"), percent
+ * decoded, without query or fragment. -1 for a target that is not a path, a bad or NUL escape,
+ * or one too long. */
+static int decode_path(const char *t, size_t n, char *path)
+{
+    size_t o = 0;
+
+    if (n == 0 || t[0] != '/')
+        return -1;
+    for (size_t i = 0; i < n && t[i] != '?' && t[i] != '#'; i++) {
+        char ch = t[i];
+
+        if (ch == '%') {
+            int hi = i + 2 < n ? hex(t[i + 1]) : -1, lo = hi >= 0 ? hex(t[i + 2]) : -1;
+
+            if (lo < 0 || (hi == 0 && lo == 0))
+                return -1;
+            ch = (char)(hi << 4 | lo);
+            i += 2;
+        }
+        if (o + 1 >= HTTP_PATH_MAX)
+            return -1;
+        path[o++] = ch;
+    }
+    path[o] = '\0';
+    return 0;
 }
 
 /* Splits what follows "/v2/models/": "NAME/ready" or "NAME/versions/V/ready". Returns 1 for
@@ -325,58 +437,265 @@ static int model_ready_path(const char *p, size_t *name_len, int *version_ok)
     return 0;
 }
 
-static enum MHD_Result handle(void *cls, struct MHD_Connection *conn, const char *url,
-                              const char *method, const char *version, const char *upload,
-                              size_t *upload_size, void **con_cls)
+/* Answers the complete head in c->head: its request line only, since no request here reads a
+ * header or a body (a body is read and dropped while the connection lingers). */
+static void answer(struct metrics_server *s, struct http_conn *c)
 {
-    struct metrics_server *s = cls;
-    size_t name_len;
-    int version_ok;
+    char path[HTTP_PATH_MAX];
+    const char *line = c->head, *eol = strchr(line, '\n');
+    const char *sp1 = memchr(line, ' ', (size_t)(eol - line)), *sp2;
+    size_t len = (size_t)(eol - line), name_len;
+    int head_only, version_ok;
 
-    (void)version;
-    (void)upload;
-    (void)con_cls;
-    if (*upload_size)
-        return MHD_NO; /* no request here has a body */
-    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
-        return answer_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n");
-    if (strcmp(url, "/metrics") == 0) {
-        size_t len = 0;
-        char *body = metrics_render(&len);
+    if (len && line[len - 1] == '\r')
+        len--;
+    sp2 = sp1 ? memchr(sp1 + 1, ' ', len - (size_t)(sp1 + 1 - line)) : NULL;
+    if (!sp1 || !sp2 || (size_t)(line + len - (sp2 + 1)) != 8 ||
+        strncmp(sp2 + 1, "HTTP/1.", 7) != 0 ||
+        decode_path(sp1 + 1, (size_t)(sp2 - sp1 - 1), path) < 0) {
+        respond_text(c, 400, "bad request line\n", 0);
+        return;
+    }
+    head_only = (size_t)(sp1 - line) == 4 && memcmp(line, "HEAD", 4) == 0;
+    if (!head_only && !((size_t)(sp1 - line) == 3 && memcmp(line, "GET", 3) == 0)) {
+        respond_text(c, 405, "only GET and HEAD\n", 0);
+        return;
+    }
+    if (strcmp(path, "/metrics") == 0) {
+        size_t n = 0;
+        char *body = metrics_render(&n);
 
-        if (!body)
-            return answer_text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory\n");
-        return respond(conn, MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8", body, len,
-                       MHD_RESPMEM_MUST_FREE);
+        if (!body) {
+            respond_text(c, 500, "out of memory\n", head_only);
+            return;
+        }
+        respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", body, n, head_only);
+        free(body);
+        return;
     }
-    if (strcmp(url, "/v2/health/live") == 0)
-        return answer_text(conn, MHD_HTTP_OK, "live\n");
-    if (strcmp(url, "/v2/health/ready") == 0)
-        return s->ready(s->ctx) ? answer_text(conn, MHD_HTTP_OK, "ready\n")
-                                : answer_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "not ready\n");
-    if (strncmp(url, "/v2/models/", 11) == 0 &&
-        model_ready_path(url + 11, &name_len, &version_ok)) {
-        if (!version_ok || name_len != strlen(M.model) || memcmp(url + 11, M.model, name_len) != 0)
-            return answer_text(conn, MHD_HTTP_NOT_FOUND, "unknown model or version\n");
-        return s->ready(s->ctx) ? answer_text(conn, MHD_HTTP_OK, "ready\n")
-                                : answer_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "not ready\n");
+    if (strcmp(path, "/v2/health/live") == 0) {
+        respond_text(c, 200, "live\n", head_only);
+        return;
     }
-    return answer_text(conn, MHD_HTTP_NOT_FOUND,
-                       "not found: tpd serves /metrics, /v2/health/live, /v2/health/ready and "
-                       "/v2/models/NAME/ready\n");
+    if (strcmp(path, "/v2/health/ready") == 0) {
+        if (s->ready(s->ctx))
+            respond_text(c, 200, "ready\n", head_only);
+        else
+            respond_text(c, 503, "not ready\n", head_only);
+        return;
+    }
+    if (strncmp(path, "/v2/models/", 11) == 0 &&
+        model_ready_path(path + 11, &name_len, &version_ok)) {
+        if (!version_ok || name_len != strlen(M.model) || memcmp(path + 11, M.model, name_len) != 0)
+            respond_text(c, 404, "unknown model or version\n", head_only);
+        else if (s->ready(s->ctx))
+            respond_text(c, 200, "ready\n", head_only);
+        else
+            respond_text(c, 503, "not ready\n", head_only);
+        return;
+    }
+    respond_text(c, 404,
+                 "not found: tpd serves /metrics, /v2/health/live, /v2/health/ready and "
+                 "/v2/models/NAME/ready\n",
+                 head_only);
 }
 
-static void mhd_log(void *cls, const char *fmt, va_list ap)
+/* Where the head ends (after its empty line, "\r\n\r\n" or a lenient "\n\n"), or NULL. */
+static const char *head_end(const char *h)
 {
-    char msg[256];
-    size_t n;
+    for (const char *p = strchr(h, '\n'); p; p = strchr(p + 1, '\n'))
+        if (p[1] == '\n' || (p[1] == '\r' && p[2] == '\n'))
+            return p;
+    return NULL;
+}
 
-    (void)cls;
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    n = strlen(msg);
-    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
-        msg[--n] = '\0';
-    tp_log(TP_LOG_WARN, "metrics http: %s", msg);
+static void on_send(struct http_conn *c)
+{
+    while (c->sent < c->nout) {
+        ssize_t k = send(c->fd, c->out + c->sent, c->nout - c->sent, MSG_NOSIGNAL);
+
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (k <= 0) {
+            conn_close(c);
+            return;
+        }
+        c->sent += (size_t)k;
+    }
+    free(c->out);
+    c->out = NULL;
+    shutdown(c->fd, SHUT_WR);
+    c->state = C_LINGER;
+    c->deadline_ns = metrics_now_ns() + (int64_t)HTTP_LINGER_MS * 1000000;
+}
+
+/* Reads what has arrived: more of the head, or (lingering) what is left to drop. */
+static void on_read(struct metrics_server *s, struct http_conn *c)
+{
+    for (;;) {
+        char drop[4096];
+        ssize_t k = c->state == C_HEAD
+                        ? recv(c->fd, c->head + c->nhead, HTTP_HEAD_MAX - c->nhead, 0)
+                        : recv(c->fd, drop, sizeof(drop), 0);
+
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (k <= 0) { /* gone, or done after its answer */
+            conn_close(c);
+            return;
+        }
+        if (c->state != C_HEAD)
+            continue;
+        c->nhead += (size_t)k;
+        c->head[c->nhead] = '\0';
+        if (memchr(c->head + c->nhead - (size_t)k, '\0', (size_t)k)) {
+            respond_text(c, 400, "NUL byte in the request head\n", 0);
+        } else if (head_end(c->head)) {
+            answer(s, c);
+        } else if (c->nhead == HTTP_HEAD_MAX) {
+            respond_text(c, 431, "request head over 8192 bytes\n", 0);
+        } else {
+            continue;
+        }
+        if (c->state == C_SEND)
+            on_send(c);
+        return;
+    }
+}
+
+/* A slot for a new connection: a free one, or the one of the oldest connection still sending
+ * its head (the kind a slow client holds), else of the oldest of all, closed for it. */
+static struct http_conn *make_room(struct metrics_server *s)
+{
+    struct http_conn *victim = NULL;
+
+    for (int i = 0; i < HTTP_MAX_CONNS; i++) {
+        struct http_conn *c = &s->conns[i];
+
+        if (c->state == C_FREE)
+            return c;
+        if (!victim || (c->state == C_HEAD && victim->state != C_HEAD) ||
+            ((c->state == C_HEAD) == (victim->state == C_HEAD) && c->t0_ns < victim->t0_ns))
+            victim = c;
+    }
+    tp_log(TP_LOG_DEBUG,
+           "metrics http: %d connections open: closing the oldest one %s (%zu bytes of its head "
+           "in %lld ms) for a new one",
+           HTTP_MAX_CONNS, victim->state == C_HEAD ? "still sending its head" : "of all",
+           victim->nhead, (long long)((metrics_now_ns() - victim->t0_ns) / 1000000));
+    conn_close(victim);
+    return victim;
+}
+
+static void on_accept(struct metrics_server *s)
+{
+    for (int n = 0; n < 4 * HTTP_MAX_CONNS; n++) {
+        int fd = accept4(s->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        struct http_conn *c;
+        int64_t now = metrics_now_ns();
+
+        if (fd < 0 && (errno == EINTR || errno == ECONNABORTED))
+            continue;
+        if (fd < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (fd < 0) {
+            /* out of descriptors or memory: the backlog waits, and the thread does not spin */
+            if (now - s->accept_warned_ns > 10 * (int64_t)1000000000) {
+                tp_log(TP_LOG_WARN, "metrics http: accepting a connection: %s; pausing %d ms",
+                       strerror(errno), HTTP_ACCEPT_PAUSE_MS);
+                s->accept_warned_ns = now;
+            }
+            s->accept_paused_until_ns = now + (int64_t)HTTP_ACCEPT_PAUSE_MS * 1000000;
+            return;
+        }
+        c = make_room(s);
+        c->state = C_HEAD;
+        c->fd = fd;
+        c->t0_ns = now;
+        c->deadline_ns = now + (int64_t)HTTP_HEAD_MS * 1000000;
+        c->nhead = 0;
+        c->head[0] = '\0';
+        on_read(s, c);
+    }
+}
+
+/* Closes the connections past their deadline; returns the nearest deadline of the others. */
+static int64_t expire(struct metrics_server *s, int64_t now)
+{
+    int64_t next = now + 1000000000;
+
+    for (int i = 0; i < HTTP_MAX_CONNS; i++) {
+        struct http_conn *c = &s->conns[i];
+
+        if (c->state == C_FREE)
+            continue;
+        if (now >= c->deadline_ns) {
+            if (c->state != C_LINGER)
+                tp_log(TP_LOG_DEBUG,
+                       "metrics http: closing a connection that %s within %d ms (%zu bytes of "
+                       "its head)",
+                       c->state == C_HEAD ? "did not send its request head"
+                                          : "did not take its response",
+                       c->state == C_HEAD ? HTTP_HEAD_MS : HTTP_SEND_MS, c->nhead);
+            conn_close(c);
+            continue;
+        }
+        if (c->deadline_ns < next)
+            next = c->deadline_ns;
+    }
+    return next;
+}
+
+static void *http_thread(void *arg)
+{
+    struct metrics_server *s = arg;
+    struct pollfd pf[2 + HTTP_MAX_CONNS];
+    int idx[HTTP_MAX_CONNS]; /* pf[2 + j] is conns[idx[j]] */
+
+    for (;;) {
+        int64_t now = metrics_now_ns(), next = expire(s, now);
+        int nc = 0, listening = now >= s->accept_paused_until_ns, r;
+
+        if (!listening && s->accept_paused_until_ns < next)
+            next = s->accept_paused_until_ns;
+        pf[0] = (struct pollfd){.fd = s->wake, .events = POLLIN};
+        pf[1] = (struct pollfd){.fd = listening ? s->lfd : -1, .events = POLLIN};
+        for (int i = 0; i < HTTP_MAX_CONNS; i++) {
+            if (s->conns[i].state == C_FREE)
+                continue;
+            pf[2 + nc] = (struct pollfd){.fd = s->conns[i].fd,
+                                         .events = s->conns[i].state == C_SEND ? POLLOUT : POLLIN};
+            idx[nc++] = i;
+        }
+        r = poll(pf, (nfds_t)(2 + nc), (int)((next - now + 999999) / 1000000));
+        if (r < 0 && errno != EINTR) {
+            tp_log(TP_LOG_WARN, "metrics http: poll: %s", strerror(errno));
+            usleep(100000);
+            continue;
+        }
+        if (r <= 0)
+            continue;
+        if (pf[0].revents)
+            break;
+        /* the connections first: accepting may reuse their slots */
+        for (int j = 0; j < nc; j++) {
+            struct http_conn *c = &s->conns[idx[j]];
+
+            if (!pf[2 + j].revents || c->fd != pf[2 + j].fd)
+                continue;
+            if (c->state == C_SEND)
+                on_send(c);
+            else
+                on_read(s, c);
+        }
+        if (pf[1].revents)
+            on_accept(s);
+    }
+    return NULL;
 }
 
 /* Binds and listens on addr; returns the socket, or -1 with err set. */
@@ -434,30 +753,35 @@ int metrics_server_start(struct metrics_server **out, const char *addr, metrics_
                          void *ctx, struct tp_err *err)
 {
     struct metrics_server *s = calloc(1, sizeof(*s));
-    int fd = -1;
+    int e;
 
     *out = NULL;
     if (!s)
         return tp_err_set(err, TP_ENOMEM, "no memory for the metrics server");
     s->ready = ready;
     s->ctx = ctx;
-    fd = listen_on(addr, err);
-    if (fd < 0)
+    s->wake = -1;
+    for (int i = 0; i < HTTP_MAX_CONNS; i++)
+        s->conns[i].fd = -1;
+    s->lfd = listen_on(addr, err);
+    if (s->lfd < 0)
         goto fail;
-    s->d = MHD_start_daemon(MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG, 0, NULL, NULL, handle,
-                            s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET,
-                            fd, MHD_OPTION_CONNECTION_LIMIT, 64u, MHD_OPTION_CONNECTION_TIMEOUT,
-                            10u, MHD_OPTION_END);
-    if (!s->d) {
-        tp_err_set(err, TP_ESYS, "cannot start the metrics server on %s", addr);
+    s->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->wake < 0) {
+        tp_err_sys(err, "metrics server on %s: eventfd", addr);
         goto fail;
     }
+    e = pthread_create(&s->thread, NULL, http_thread, s);
+    if (e != 0) {
+        tp_err_set(err, TP_ESYS, "cannot start the metrics server thread for %s: %s", addr,
+                   strerror(e));
+        goto fail;
+    }
+    s->thread_started = 1;
     *out = s;
     return 0;
 fail:
-    if (fd >= 0)
-        close(fd);
-    free(s);
+    metrics_server_stop(s);
     return -1;
 }
 
@@ -465,6 +789,19 @@ void metrics_server_stop(struct metrics_server *s)
 {
     if (!s)
         return;
-    MHD_stop_daemon(s->d); /* closes the listening socket too */
+    if (s->thread_started) {
+        uint64_t one = 1;
+
+        if (write(s->wake, &one, sizeof(one)) != sizeof(one))
+            tp_log(TP_LOG_WARN, "metrics http: cannot wake the server thread: %s", strerror(errno));
+        pthread_join(s->thread, NULL);
+    }
+    for (int i = 0; i < HTTP_MAX_CONNS; i++)
+        if (s->conns[i].state != C_FREE)
+            conn_close(&s->conns[i]);
+    if (s->lfd >= 0)
+        close(s->lfd);
+    if (s->wake >= 0)
+        close(s->wake);
     free(s);
 }

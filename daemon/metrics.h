@@ -1,11 +1,13 @@
 /* metrics.h -- tpd's Prometheus metrics and its HTTP endpoints. The counters live in this file
  * only: the gRPC handlers, the supervisor and the scheduler report events through one-line
  * calls (metrics_request_done, metrics_job_start, ...) from any thread, and a small HTTP server
- * (libmicrohttpd, its own thread) serves them in the text exposition format 0.0.4 at /metrics,
+ * of tpd's own (one thread) serves them in the text exposition format 0.0.4 at /metrics,
  * beside the KServe v2 HTTP health endpoints /v2/health/live, /v2/health/ready and
  * /v2/models/NAME[/versions/V]/ready (200 when true, 503 when not, 404 for another model).
  * The HTTP server starts before the workers, so a load balancer sees "not ready" while shards
- * load. Every call before metrics_init, or after a failed one, does nothing. */
+ * load, and no client can starve it: a request head must arrive within 5 s, and a new
+ * connection, when all 64 are taken, closes the oldest one that has not sent its head. Every
+ * call before metrics_init, or after a failed one, does nothing. */
 #ifndef TPD_METRICS_H
 #define TPD_METRICS_H
 
@@ -55,7 +57,7 @@ typedef int (*metrics_ready_fn)(void *ctx);
 /* Binds addr ("HOST:PORT", "[V6]:PORT"; port 0 picks a free one) and serves at once from a
  * thread of its own; logs the bound address at notice as "metrics and health on http://...".
  * A bad or busy address fails with a message naming it, and nothing is left bound. ready and
- * ctx are borrowed until metrics_server_stop. */
+ * ctx are borrowed until metrics_server_stop; ready is called from the server's thread. */
 int metrics_server_start(struct metrics_server **s, const char *addr, metrics_ready_fn ready,
                          void *ctx, struct tp_err *err);
 

@@ -7,6 +7,11 @@ running meanwhile, and must get only correct answers.
     agree; SIGTERM then drains and removes the unix socket.
 (b) workers start with default signal dispositions and an empty signal mask, although tpd
     ignores SIGPIPE and blocks its stop signals and SIGHUP.
+(c) 70 HTTP clients that each trickle one header line every 3 s (and reconnect when they are
+    dropped) hold the metrics server's connections: /v2/health/ready still answers within 1 s,
+    again and again, /metrics is scraped, the tricklers are dropped, and the server's own
+    parser answers odd requests right (percent escapes, a query, bare LF, HEAD, POST, NUL,
+    bad request lines, a head over 8 KiB).
 """
 
 import http.client
@@ -49,6 +54,23 @@ def http_get(base, path, timeout):
         return r.status, body, time.monotonic() - t0
     finally:
         c.close()
+
+
+def raw_http(base, data, timeout=3.0):
+    """The status code the metrics server answers to the bytes data, sent as they are."""
+    host, port = base[len("http://"):].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    m = re.match(rb"HTTP/1\.1 (\d{3}) ", got)
+    if not m:
+        raise AssertionError("not an HTTP response to %r: %r" % (data[:60], got[:200]))
+    return int(m.group(1))
 
 
 def signal_names(mask):
@@ -148,6 +170,104 @@ class TestWorkerSignals(HostileCase):
             self.assertEqual(blk, 0, "rank %d pid %d starts with signals blocked: %s" % (
                 rank, pid, signal_names(blk)))
         self.finish(d, ld)
+        d.stop()
+
+
+class Trickler:
+    """n connections to (host, port) that each send a request line, then one header line every
+    period seconds, never the end of the head; a connection the server closes is opened again
+    at the next round. reconnects counts how often that happened."""
+
+    def __init__(self, host, port, n, period):
+        self.addr, self.n, self.period = (host, port), n, period
+        self.socks = [None] * n
+        self.lines = 0
+        self.reconnects = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def open(self, i):
+        try:
+            s = socket.create_connection(self.addr, timeout=2)
+            s.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: tpd\r\n")
+            self.socks[i] = s
+        except OSError:
+            self.socks[i] = None
+
+    def run(self):
+        for i in range(self.n):
+            self.open(i)
+        while not self.stopping.wait(self.period):
+            for i in range(self.n):
+                s = self.socks[i]
+                if s is not None:
+                    try:
+                        s.sendall(b"X-Slow-%d: %d\r\n" % (i, self.lines))
+                        self.lines += 1
+                        continue
+                    except OSError:
+                        s.close()
+                self.reconnects += 1
+                self.open(i)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(10)
+        for s in self.socks:
+            if s is not None:
+                s.close()
+
+
+class TestHealthStarvation(HostileCase):
+
+    def test_health_answers_within_a_second_under_tricklers(self):
+        d = self.serve()
+        base = d.metrics_url()
+        host, port = base[len("http://"):].rsplit(":", 1)
+        ld = self.load(d)
+        tr = Trickler(host, int(port), 70, 3.0).start()
+        self.addCleanup(tr.stop)
+        time.sleep(1.0)
+        slowest, probes = 0.0, 0
+        t_end = time.monotonic() + 14  # past any idle timeout that the trickle would reset
+        while time.monotonic() < t_end:
+            try:
+                status, body, secs = http_get(base, "/v2/health/ready", 1.0)
+            except OSError as e:
+                self.fail("GET /v2/health/ready %d: no answer within 1 s (%r) with 70 "
+                          "trickling clients\n%s" % (probes, e, d.log_tail()))
+            self.assertEqual((status, body), (200, "ready\n"))
+            self.assertLess(secs, 1.0)
+            slowest = max(slowest, secs)
+            probes += 1
+            time.sleep(0.5)
+        status, body, _ = http_get(base, "/metrics", 2.0)
+        self.assertEqual(status, 200)
+        self.assertIn("tpd_requests_total", body)
+        self.assertGreater(tr.reconnects, 0, "the server held every trickling connection")
+        # the requests a parser of its own must still get right, tricklers or not
+        for data, want in ((b"GET /v2/models/host%69le/ready HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+                           (b"GET /v2/health/ready?probe=1 HTTP/1.0\r\n\r\n", 200),
+                           (b"HEAD /metrics HTTP/1.1\r\n\r\n", 200),
+                           (b"GET /v2/health/ready HTTP/1.1\n\n", 200),
+                           (b"POST /v2/health/ready HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+                            405),
+                           (b"GET /v2/models/a%00b/ready HTTP/1.1\r\n\r\n", 400),
+                           (b"GET /v2/health/re\0ady HTTP/1.1\r\n\r\n", 400),
+                           (b"GARBAGE\r\n\r\n", 400),
+                           (b"GET / HTTP/2.0\r\n\r\n", 400),
+                           (b"GET /metrics HTTP/1.1\r\n" + b"X-Big: " + b"y" * 9000 + b"\r\n\r\n",
+                            431)):
+            self.assertEqual(raw_http(base, data), want, data[:60])
+        tr.stop()
+        out = self.finish(d, ld)
+        self.assertTrue(d.running(), d.log_tail())
+        print("health under 70 tricklers: %d probes, slowest %.3f s; %d trickled lines, "
+              "%d reconnects; outcomes %s" % (probes, slowest, tr.lines, tr.reconnects, out))
         d.stop()
 
 
