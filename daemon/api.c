@@ -55,6 +55,11 @@ static ProtobufCMessage *unpack_or_reply(struct rpc_call *call, grpc_byte_buffer
         rpc_reply_err(call, &err);
         return NULL;
     }
+    if (infer_check_strings(payload, desc, &err) < 0) {
+        protobuf_c_message_free_unpacked(m, NULL);
+        rpc_reply_err(call, &err);
+        return NULL;
+    }
     return m;
 }
 
@@ -480,7 +485,8 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     }
     /* raw_input_contents (field 7) stays in the received slices until it is copied to the slot */
     if (gbuf_unpack_except(payload, &inference__model_infer_request__descriptor, 7,
-                           (ProtobufCMessage **)&q, &raw, &err) < 0)
+                           (ProtobufCMessage **)&q, &raw, &err) < 0 ||
+        infer_check_strings(payload, &inference__model_infer_request__descriptor, &err) < 0)
         goto fail;
     ic = rpc_call_data(call, sizeof(*ic));
     if (!ic) {

@@ -28,6 +28,16 @@ struct infer_input {
     uint64_t out_offset;
 };
 
+/* Checks every string field of the received message bb, of type desc, in nested messages and map
+ * entries too, the way proto3 defines strings and tpd compares them: UTF-8 (RFC 3629: no overlong
+ * forms, surrogates or code points past U+10FFFF) and no NUL, which protobuf-c's C strings would
+ * cut at unseen. Bytes fields (raw_input_contents) are skipped, not read. Any message type, any
+ * slicing of bb; bb stays the caller's. TP_EINVAL names the field by its path in the message
+ * ("inputs[0].datatype", "parameters[0].key") and the offset of the bad byte in the string, or
+ * says the message is malformed. */
+int infer_check_strings(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
+                        struct tp_err *err);
+
 /* Accepts the model's name with version "" or MODEL_VERSION; TP_ENOTFOUND otherwise. */
 int infer_check_model(const struct model *m, const char *name, const char *version,
                       struct tp_err *err);

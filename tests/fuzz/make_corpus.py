@@ -58,6 +58,13 @@ def infer():
     put("infer", "too-many-rows", infer_request(rows=5))
     put("infer", "negative-rows", infer_request(shape=[-1, 3]))
     put("infer", "two-raw", infer_request(nraw=2))
+    # strings that are not proto3 strings: a NUL inside, bytes that are not UTF-8 (protobuf will
+    # not serialize those, so they replace a placeholder of the same length)
+    put("infer", "dtype-nul", infer_request(dtype="FP32\0junk"))
+    put("infer", "model-nul", infer_request(model="lin\0"))
+    put("infer", "id-not-utf8", infer_request().replace(b"\x1a\x02r1", b"\x1a\x02\xff\xfe"))
+    put("infer", "name-overlong-nul",
+        infer_request(name="inpuXX").replace(b"inpuXX", b"inpu\xc0\x80"))
     put("infer", "short-raw", infer_request()[:-5])
     put("infer", "empty", b"")
 

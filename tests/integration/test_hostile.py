@@ -12,6 +12,10 @@ running meanwhile, and must get only correct answers.
     again and again, /metrics is scraped, the tricklers are dropped, and the server's own
     parser answers odd requests right (percent escapes, a query, bare LF, HEAD, POST, NUL,
     bad request lines, a head over 8 KiB).
+(d) strings that are not proto3 strings: a NUL inside (the datatype "FP32\\0junk", a model name,
+    an input or output name) or bytes that are not UTF-8 (the request id, parameter keys and
+    values). Raw gRPC with the bytes built by hand, since protobuf refuses to serialize them:
+    each gets INVALID_ARGUMENT naming the field, a valid non-ASCII id is echoed unchanged.
 """
 
 import http.client
@@ -40,6 +44,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 TOL = 1e-5
 IN, OUT, RANKS, MAX_BATCH = 32, 24, 2, 64
 MODEL = "hostile"
+INV = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def http_get(base, path, timeout):
@@ -71,6 +76,20 @@ def raw_http(base, data, timeout=3.0):
     if not m:
         raise AssertionError("not an HTTP response to %r: %r" % (data[:60], got[:200]))
     return int(m.group(1))
+
+
+def raw_call(channel, method):
+    """A unary call that sends and returns bytes as they are."""
+    return channel.unary_unary("/inference.GRPCInferenceService/" + method,
+                               request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+
+def patch(data, placeholder, raw):
+    """data with the one occurrence of placeholder (bytes) replaced by raw, of the same length,
+    so that every length prefix stays right."""
+    assert len(placeholder) == len(raw), (placeholder, raw)
+    assert data.count(placeholder) == 1, (placeholder, data)
+    return data.replace(placeholder, raw)
 
 
 def signal_names(mask):
@@ -269,6 +288,95 @@ class TestHealthStarvation(HostileCase):
         print("health under 70 tricklers: %d probes, slowest %.3f s; %d trickled lines, "
               "%d reconnects; outcomes %s" % (probes, slowest, tr.lines, tr.reconnects, out))
         d.stop()
+
+
+class TestStrings(HostileCase):
+
+    def setUp(self):
+        super().setUp()
+        self.d = self.serve()
+        self.channel = grpc.insecure_channel(self.d.addr)
+        self.addCleanup(self.channel.close)
+        self.infer = raw_call(self.channel, "ModelInfer")
+        self.rng = np.random.default_rng(3)
+
+    def request(self, rows=2):
+        x = self.rng.standard_normal((rows, IN)).astype(np.float32)
+        r = pb.ModelInferRequest(model_name=MODEL, id="req-ok")
+        t = r.inputs.add()
+        t.name = "input"
+        t.datatype = "FP32"
+        t.shape.extend(x.shape)
+        r.raw_input_contents.append(x.astype("<f4").tobytes())
+        return r, x
+
+    def refused(self, data, field, what):
+        with self.assertRaises(grpc.RpcError, msg=what) as cm:
+            self.infer(data, timeout=30)
+        e = cm.exception
+        self.assertEqual(e.code(), INV, "%s: %s %r" % (what, e.code(), e.details()))
+        self.assertIn("'%s'" % field, e.details(), "%s: message does not name the field" % what)
+        return e.details()
+
+    def served(self, data, x, what):
+        resp = pb.ModelInferResponse.FromString(self.infer(data, timeout=30))
+        y = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(x.shape[0], OUT)
+        self.check(y, x, what)
+        return resp
+
+    def test_nul_and_bad_utf8_are_refused_naming_the_field(self):
+        ld = self.load(self.d)
+        msgs = {}
+
+        r, _ = self.request()
+        r.inputs[0].datatype = "FP32\0junk"
+        msgs["datatype"] = self.refused(r.SerializeToString(), "inputs[0].datatype",
+                                        "datatype with a NUL")
+        r, _ = self.request()
+        r.model_name = MODEL + "\0other"
+        self.refused(r.SerializeToString(), "model_name", "model name with a NUL")
+        r, _ = self.request()
+        r.inputs[0].name = "input\0"
+        self.refused(r.SerializeToString(), "inputs[0].name", "input name with a NUL")
+        r, _ = self.request()
+        o = r.outputs.add()
+        o.name = "outpuX"
+        self.refused(patch(r.SerializeToString(), b"outpuX", b"outp\xc0\x80"),
+                     "outputs[0].name", "output name with an overlong NUL")
+        r, _ = self.request()
+        r.id = "IDID"
+        msgs["id"] = self.refused(patch(r.SerializeToString(), b"IDID", b"\xff\xfe\xfd\xfc"),
+                                  "id", "id that is not UTF-8")
+        r, _ = self.request()
+        r.id = "IDIDID"
+        self.refused(patch(r.SerializeToString(), b"IDIDID", b"id\xed\xa0\x80x"), "id",
+                     "id with a surrogate")
+        r, _ = self.request()
+        r.parameters["KEYKEY"].string_param = "v"
+        self.refused(patch(r.SerializeToString(), b"KEYKEY", b"key\xe2\x82z"),
+                     "parameters[0].key", "request parameter key cut in a character")
+        r, _ = self.request()
+        r.inputs[0].parameters["shared_memory_region"].string_param = "VALVAL"
+        self.refused(patch(r.SerializeToString(), b"VALVAL", b"val\x80\x80\x80"),
+                     "inputs[0].parameters[0].value.string_param",
+                     "input parameter value that is not UTF-8")
+        # other methods: a model name with a NUL is not the served model
+        ready = raw_call(self.channel, "ModelReady")
+        with self.assertRaises(grpc.RpcError) as cm:
+            ready(pb.ModelReadyRequest(name=MODEL + "\0").SerializeToString(), timeout=10)
+        self.assertEqual(cm.exception.code(), INV, cm.exception.details())
+        self.assertIn("'name'", cm.exception.details())
+
+        # valid UTF-8 beyond ASCII is a string like any other, echoed as it came
+        r, x = self.request()
+        r.id = "r\u00e9q-\u2713-\U0001F600"
+        resp = self.served(r.SerializeToString(), x, "non-ASCII id")
+        self.assertEqual(resp.id, r.id)
+        r, x = self.request()
+        self.served(r.SerializeToString(), x, "plain request")
+        out = self.finish(self.d, ld)
+        print("strings: refused with %r and %r; load %s" % (msgs["datatype"], msgs["id"], out))
+        self.d.stop()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
  * same for models with FP16 and BF16 on the wire: sizes in 2-byte elements, raw bytes only, the
  * datatype named in responses, and a wrong datatype refused naming both. Inputs of 1 to 4 dims
  * flatten their leading dims into rows and are answered in their own shape with out last;
- * every bad shape is refused naming the shape and the dim at fault. */
+ * every bad shape is refused naming the shape and the dim at fault. The strings of a request on
+ * the wire, however the message is sliced: UTF-8 of every length is taken, a NUL or a byte that
+ * is not UTF-8 (overlong, surrogate, past U+10FFFF, cut short) is refused naming the field's path
+ * and the byte's offset, in nested messages and map entries too; bytes fields are not strings. */
 #include <grpc/byte_buffer_reader.h>
 
 #include "gbuf.h"
@@ -586,6 +589,166 @@ static void test_half_dtypes(void)
     }
 }
 
+/* ---- strings on the wire ---- */
+
+/* packs m, replaces the one occurrence of from by to (as many bytes: the length prefixes stay
+ * right) and checks its strings as one slice, then split in two slices at every byte, as TCP
+ * reads may cut it: every split must give the same answer. Returns the result, err of the last
+ * check. */
+static int strings_of(const ProtobufCMessage *m, const char *from, const char *to, size_t n,
+                      struct tp_err *err)
+{
+    uint8_t buf[1024], *hit = NULL;
+    size_t len = protobuf_c_message_get_packed_size(m);
+    int first = -2;
+
+    ASSERT_LE(len, sizeof(buf));
+    protobuf_c_message_pack(m, buf);
+    if (from) {
+        for (size_t i = 0; i + n <= len; i++)
+            if (memcmp(buf + i, from, n) == 0) {
+                ASSERT_TRUE(hit == NULL);
+                hit = buf + i;
+            }
+        ASSERT_TRUE(hit != NULL);
+        memcpy(hit, to, n);
+    }
+    for (size_t cut = 0; cut <= len; cut++) {
+        grpc_slice s[2] = {grpc_slice_from_copied_buffer((const char *)buf, cut),
+                           grpc_slice_from_copied_buffer((const char *)buf + cut, len - cut)};
+        grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(s, 2);
+        int rc;
+
+        *err = (struct tp_err){0};
+        rc = infer_check_strings(bb, m->descriptor, err);
+        if (first == -2)
+            first = rc;
+        ASSERT_EQ(rc, first);
+        grpc_byte_buffer_destroy(bb);
+        grpc_slice_unref(s[0]);
+        grpc_slice_unref(s[1]);
+    }
+    return first;
+}
+
+/* q with `from` (in some string of it) replaced by `to` is refused naming field and why */
+static void expect_bad_string(struct req *q, const char *from, const char *to, size_t n,
+                              const char *field, const char *why)
+{
+    struct tp_err err = {0};
+    char quoted[128];
+
+    ASSERT_EQ(strings_of(&q->r.base, from, to, n, &err), -1);
+    ASSERT_EQ(err.code, TP_EINVAL);
+    snprintf(quoted, sizeof(quoted), "field '%s' ", field);
+    ASSERT_STR_HAS(err.msg, quoted);
+    ASSERT_STR_HAS(err.msg, why);
+    ASSERT_STR_HAS(err.msg, "strings must be UTF-8 without NUL");
+    make(q);
+}
+
+static void test_strings(void)
+{
+    struct req q;
+    struct tp_err err = {0};
+    Inference__InferParameter pv[2];
+    Inference__ModelInferRequest__ParametersEntry re, *rep[1] = {&re};
+    Inference__ModelInferRequest__InferInputTensor__ParametersEntry ie, *iep[1] = {&ie};
+    Inference__ModelInferRequest__InferInputTensor t2;
+    Inference__ModelReadyRequest ready = INFERENCE__MODEL_READY_REQUEST__INIT;
+    uint8_t junk[8] = {0xff, 0, 0xc0, 0x80, 0xed, 0xa0, 0x80, 0xfe};
+
+    /* valid: ASCII, and UTF-8 of 2, 3 and 4 bytes up to U+10FFFF; bytes fields hold anything */
+    make(&q);
+    q.r.id = "r\xc3\xa9q-\xe2\x9c\x93-\xf0\x9f\x98\x80-\xf4\x8f\xbf\xbf";
+    q.raw[0] = (ProtobufCBinaryData){.len = sizeof(junk), .data = junk};
+    ASSERT_EQ(strings_of(&q.r.base, NULL, NULL, 0, &err), 0);
+
+    /* a NUL, which protobuf-c's C string would cut at: "FP32\0junk" reads as "FP32" */
+    make(&q);
+    q.t.datatype = "FP32Xjunk";
+    expect_bad_string(&q, "FP32X", "FP32\0", 5, "inputs[0].datatype", "has a NUL byte at 4");
+    q.r.model_name = "linX";
+    expect_bad_string(&q, "linX", "lin\0", 4, "model_name", "NUL byte at 3");
+    q.t.name = "inputX";
+    expect_bad_string(&q, "inputX", "input\0", 6, "inputs[0].name", "NUL byte at 5");
+    q.r.n_outputs = 1;
+    q.r.outputs = q.os;
+    q.o.name = "Xoutput";
+    expect_bad_string(&q, "Xoutput", "\0output", 7, "outputs[0].name", "NUL byte at 0");
+
+    /* not UTF-8 */
+    q.r.id = "IDID";
+    expect_bad_string(&q, "IDID", "\xff\xfe\xfd\xfc", 4, "id", "not UTF-8: byte 0xff at 0");
+    q.r.id = "abIDID";
+    expect_bad_string(&q, "IDID", "\x80xyz", 4, "id", "byte 0x80 at 2");
+    q.r.id = "IDID";
+    expect_bad_string(&q, "IDID", "\xc0\x80zz", 4, "id", "byte 0xc0 at 0"); /* overlong NUL */
+    q.r.id = "IDIDID";
+    expect_bad_string(&q, "IDIDID", "xx\xe0\x80\x80y", 6, "id", "at 2"); /* overlong */
+    q.r.id = "IDID";
+    expect_bad_string(&q, "IDID", "\xed\xa0\x80z", 4, "id", "byte 0xed at 0"); /* surrogate */
+    q.r.id = "IDID";
+    expect_bad_string(&q, "IDID", "\xf4\x90\x80\x80", 4, "id", "at 0"); /* past U+10FFFF */
+    q.r.id = "IDID";
+    expect_bad_string(&q, "IDID", "\xf8\x88\x80\x80", 4, "id", "byte 0xf8 at 0");
+    q.r.id = "IDID";
+    expect_bad_string(&q, "IDID", "ab\xe2\x82", 4, "id", "byte 0xe2 at 2"); /* cut short */
+    q.r.id = "IDID";
+    expect_bad_string(&q, "IDID", "a\xc3z", 3, "id", "byte 0xc3 at 1");
+
+    /* nested: the second input, parameters of the request and of an input, keys and values */
+    inference__model_infer_request__infer_input_tensor__init(&t2);
+    t2.name = "secondX";
+    t2.datatype = "FP32";
+    q.ts[1] = &t2;
+    q.r.n_inputs = 2;
+    expect_bad_string(&q, "secondX", "second\xff", 7, "inputs[1].name", "byte 0xff at 6");
+    for (int i = 0; i < 2; i++)
+        inference__infer_parameter__init(&pv[i]);
+    inference__model_infer_request__parameters_entry__init(&re);
+    re.key = "KEYKEY";
+    re.value = &pv[0];
+    pv[0].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    pv[0].string_param = "VALVAL";
+    q.r.n_parameters = 1;
+    q.r.parameters = rep;
+    expect_bad_string(&q, "KEYKEY", "key\xe2\x82z", 6, "parameters[0].key", "byte 0xe2 at 3");
+    q.r.n_parameters = 1;
+    q.r.parameters = rep;
+    expect_bad_string(&q, "VALVAL", "val\0al", 6, "parameters[0].value.string_param",
+                      "NUL byte at 3");
+    inference__model_infer_request__infer_input_tensor__parameters_entry__init(&ie);
+    ie.key = "shared_memory_region";
+    ie.value = &pv[1];
+    pv[1].parameter_choice_case = INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_STRING_PARAM;
+    pv[1].string_param = "REGREG";
+    q.t.n_parameters = 1;
+    q.t.parameters = iep;
+    expect_bad_string(&q, "REGREG", "reg\x80\x80\x80", 6,
+                      "inputs[0].parameters[0].value.string_param", "byte 0x80 at 3");
+
+    /* any message: the name of ModelReady */
+    ready.name = "linX";
+    ASSERT_EQ(strings_of(&ready.base, "linX", "lin\0", 4, &err), -1);
+    ASSERT_STR_HAS(err.msg, "field 'name' has a NUL byte at 3");
+    ready.name = "lin";
+    ASSERT_EQ(strings_of(&ready.base, NULL, NULL, 0, &err), 0);
+
+    /* malformed wire data is refused, never read past its end */
+    {
+        static const uint8_t cut[] = {0x1a, 0x05, 'a', 'b'}; /* id of 5 bytes, 2 there */
+        grpc_slice s = grpc_slice_from_copied_buffer((const char *)cut, sizeof(cut));
+        grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&s, 1);
+
+        ASSERT_EQ(infer_check_strings(bb, &inference__model_infer_request__descriptor, &err), -1);
+        ASSERT_EQ(err.code, TP_EINVAL);
+        ASSERT_STR_HAS(err.msg, "malformed");
+        grpc_byte_buffer_destroy(bb);
+        grpc_slice_unref(s);
+    }
+}
+
 int main(void)
 {
     TEST_RUN(test_valid_forms);
@@ -595,5 +758,6 @@ int main(void)
     TEST_RUN(test_response_in_place);
     TEST_RUN(test_shm_params);
     TEST_RUN(test_half_dtypes);
+    TEST_RUN(test_strings);
     return 0;
 }
