@@ -74,6 +74,16 @@ static struct shmreg_region *find(struct shmreg *r, const char *name)
     return NULL;
 }
 
+/* Whether key can name a POSIX shared-memory object as shm_open(3) takes it: "/NAME" or "NAME",
+ * NAME neither empty nor "." nor "..", without '/'. Any other key is the client's mistake, or a
+ * probe of paths beside /dev/shm: refused here, by name, before shm_open sees it. */
+static int key_ok(const char *key)
+{
+    const char *n = key[0] == '/' ? key + 1 : key;
+
+    return n[0] && !strchr(n, '/') && strcmp(n, ".") != 0 && strcmp(n, "..") != 0;
+}
+
 int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_t offset,
                     uint64_t byte_size, struct tp_err *err)
 {
@@ -93,15 +103,42 @@ int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_
         return tp_err_set(err, TP_EINVAL,
                           "region '%s': offset %llu + byte_size %llu is out of range", name,
                           (unsigned long long)offset, (unsigned long long)byte_size);
+    if (!key_ok(key))
+        return tp_err_set(err, TP_EINVAL,
+                          "region '%s': key '%.100s' cannot name a shared-memory object: "
+                          "expected '/NAME', NAME without '/' and not '.' or '..'",
+                          name, key);
     fd = shm_open(key, O_RDWR | O_CLOEXEC, 0);
     if (fd < 0) {
-        if (errno == ENOENT)
+        int e = errno;
+
+        if (e == ENOENT)
             return tp_err_set(err, TP_ENOTFOUND, "region '%s': no shared-memory object '%.100s'",
                               name, key);
+        /* the client's to fix: glibc reports a directory (EISDIR) as EINVAL, and adds
+         * O_NOFOLLOW, so a symlink is ELOOP */
+        if (e == EINVAL || e == EISDIR)
+            return tp_err_set(err, TP_EINVAL,
+                              "region '%s': '%.100s' is a directory, not a shared-memory object",
+                              name, key);
+        if (e == ELOOP)
+            return tp_err_set(err, TP_EINVAL,
+                              "region '%s': '%.100s' is a symlink, which tpd does not follow", name,
+                              key);
+        if (e == EACCES || e == EPERM)
+            return tp_err_set(err, TP_EINVAL,
+                              "region '%s': tpd may not open shared-memory object '%.100s' "
+                              "read-write: %s",
+                              name, key, strerror(e));
         return tp_err_sys(err, "region '%s': opening shared-memory object '%.100s'", name, key);
     }
     if (fstat(fd, &st) < 0) {
         tp_err_sys(err, "region '%s': fstat of '%.100s'", name, key);
+        goto fail;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        tp_err_set(err, TP_EINVAL, "region '%s': '%.100s' is %s, not a shared-memory object", name,
+                   key, S_ISFIFO(st.st_mode) ? "a FIFO" : "a special file");
         goto fail;
     }
     if ((uint64_t)st.st_size < offset + byte_size) {

@@ -36,9 +36,11 @@ int shmreg_create(struct shmreg **r, struct tp_err *err);
 void shmreg_destroy(struct shmreg *r);
 
 /* Registers [offset, offset + byte_size) of the shared-memory object key (shm_open, read/write)
- * under name. TP_EINVAL: empty or too long name or key, byte_size 0, a name already registered, or an
- * object smaller than offset + byte_size (fstat); TP_ENOTFOUND: no such object; TP_EBUSY: too
- * many regions; TP_ESYS otherwise. */
+ * under name. Keys are "/NAME" or "NAME", NAME without '/' and not "." or "..". TP_EINVAL: empty
+ * or too long name or key, a key that cannot name an object, or names a directory, a symlink, a
+ * FIFO or anything but a regular object, an object tpd may not open read-write, byte_size 0, a
+ * name already registered, or an object smaller than offset + byte_size (fstat); TP_ENOTFOUND:
+ * no such object; TP_EBUSY: too many regions; TP_ESYS otherwise (out of descriptors). */
 int shmreg_register(struct shmreg *r, const char *name, const char *key, uint64_t offset,
                     uint64_t byte_size, struct tp_err *err);
 

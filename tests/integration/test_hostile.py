@@ -16,6 +16,8 @@ running meanwhile, and must get only correct answers.
     an input or output name) or bytes that are not UTF-8 (the request id, parameter keys and
     values). Raw gRPC with the bytes built by hand, since protobuf refuses to serialize them:
     each gets INVALID_ARGUMENT naming the field, a valid non-ASCII id is echoed unchanged.
+(e) shared-memory keys that name no object: '..', '/', a directory, a key with '/' inside, a
+    FIFO, a symlink get INVALID_ARGUMENT; a key of no object NOT_FOUND; never INTERNAL.
 """
 
 import http.client
@@ -377,6 +379,49 @@ class TestStrings(HostileCase):
         out = self.finish(self.d, ld)
         print("strings: refused with %r and %r; load %s" % (msgs["datatype"], msgs["id"], out))
         self.d.stop()
+
+
+class TestShmKeys(HostileCase):
+
+    def test_bad_keys_are_invalid_argument_or_not_found(self):
+        d = self.serve()
+        ld = self.load(d)
+        client = tgrpc.InferenceServerClient(url=d.addr)
+        self.addCleanup(client.close)
+        tag = "tpdhostile%d" % os.getpid()
+        made = []
+
+        def shm_path(name):
+            p = os.path.join("/dev/shm", name)
+            made.append(p)
+            return p
+        os.mkdir(shm_path(tag + "-dir"))
+        self.addCleanup(os.rmdir, "/dev/shm/%s-dir" % tag)
+        os.mkfifo(shm_path(tag + "-fifo"))
+        self.addCleanup(os.unlink, "/dev/shm/%s-fifo" % tag)
+        os.symlink("/etc/hostname", shm_path(tag + "-link"))
+        self.addCleanup(os.unlink, "/dev/shm/%s-link" % tag)
+
+        cases = [("..", "INVALID_ARGUMENT"), ("/..", "INVALID_ARGUMENT"),
+                 (".", "INVALID_ARGUMENT"), ("/", "INVALID_ARGUMENT"),
+                 ("/%s-dir/x" % tag, "INVALID_ARGUMENT"), ("/a/../b", "INVALID_ARGUMENT"),
+                 ("/%s-dir" % tag, "INVALID_ARGUMENT"), ("/%s-fifo" % tag, "INVALID_ARGUMENT"),
+                 ("/%s-link" % tag, "INVALID_ARGUMENT"), ("/" + "k" * 130, "INVALID_ARGUMENT"),
+                 ("/%s-none" % tag, "NOT_FOUND")]
+        got = {}
+        for key, want in cases:
+            with self.assertRaises(InferenceServerException, msg=key) as cm:
+                client.register_system_shared_memory("r", key, 64)
+            status = (cm.exception.status() or "").split(".")[-1]
+            got[key] = status
+            self.assertEqual(status, want, "key %r: %s %r" % (key, status,
+                                                              cm.exception.message()))
+            if len(key) < 40:
+                self.assertIn(key, cm.exception.message(), "key %r not named" % key)
+        self.assertEqual(len(client.get_system_shared_memory_status().regions), 0)
+        out = self.finish(d, ld)
+        print("shm keys: %s; load %s" % (got, out))
+        d.stop()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
  * inside the region at its edges and against wrap-around, the bytes read and written through a
  * region are the object's at the region's offset, a region unregistered while in use stays
  * usable until released, and an object shrunk under a held region makes reads and writes fail
- * (not SIGBUS) without growing it back. */
+ * (not SIGBUS) without growing it back. A key that cannot name an object ('..', '/', a '/' inside,
+ * a directory, a FIFO, a symlink) is the client's error, INVALID_ARGUMENT naming the key; a key of
+ * no object NOT_FOUND; neither is ever a system error. */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -13,6 +16,53 @@
 
 #include "../../daemon/shmreg.h"
 #include "test.h"
+
+/* keys that name no shared-memory object of the client's */
+static void test_bad_keys(struct shmreg *r)
+{
+    static const char *const bad[] = {"..", "/..", ".", "/.", "/", "//", "//x", "/a/b", "a/",
+                                      "/../x", "/dev/shm/x"};
+    char dir[64], fifo[64], link[64], path[80];
+    struct tp_err err = {0};
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        err = (struct tp_err){0};
+        ASSERT_EQ(shmreg_register(r, "k", bad[i], 0, 8, &err), -1);
+        if (err.code != TP_EINVAL)
+            TEST_FAIL_("key '%s': code %d, expected TP_EINVAL: %s", bad[i], err.code, err.msg);
+        ASSERT_STR_HAS(err.msg, bad[i]);
+    }
+    snprintf(dir, sizeof(dir), "/test_shmreg-dir-%d", (int)getpid());
+    snprintf(fifo, sizeof(fifo), "/test_shmreg-fifo-%d", (int)getpid());
+    snprintf(link, sizeof(link), "/test_shmreg-link-%d", (int)getpid());
+    snprintf(path, sizeof(path), "/dev/shm%s", dir);
+    ASSERT_EQ(mkdir(path, 0700), 0);
+    snprintf(path, sizeof(path), "/dev/shm%s", fifo);
+    ASSERT_EQ(mkfifo(path, 0600), 0);
+    snprintf(path, sizeof(path), "/dev/shm%s", link);
+    ASSERT_EQ(symlink("/etc/hostname", path), 0);
+    {
+        const char *const special[] = {dir, fifo, link};
+
+        for (int i = 0; i < 3; i++) {
+            err = (struct tp_err){0};
+            ASSERT_EQ(shmreg_register(r, "k", special[i], 0, 8, &err), -1);
+            if (err.code != TP_EINVAL)
+                TEST_FAIL_("key '%s': code %d, expected TP_EINVAL: %s", special[i], err.code,
+                           err.msg);
+            ASSERT_STR_HAS(err.msg, special[i]);
+        }
+    }
+    snprintf(path, sizeof(path), "/dev/shm%s", dir);
+    ASSERT_EQ(rmdir(path), 0);
+    snprintf(path, sizeof(path), "/dev/shm%s", fifo);
+    ASSERT_EQ(unlink(path), 0);
+    snprintf(path, sizeof(path), "/dev/shm%s", link);
+    ASSERT_EQ(unlink(path), 0);
+    ASSERT_EQ(shmreg_register(r, "k", "no-such-object-for-tpd", 0, 8, &err), -1);
+    ASSERT_EQ(err.code, TP_ENOTFOUND);
+    ASSERT_STR_HAS(err.msg, "'no-such-object-for-tpd'");
+}
 
 int main(void)
 {
@@ -44,6 +94,8 @@ int main(void)
     ASSERT_EQ(shmreg_register(r, "", key, 0, 8, &err), -1);
     ASSERT_EQ(shmreg_register(r, "a", "/no-such-object-for-tpd", 0, 8, &err), -1);
     ASSERT_EQ(err.code, TP_ENOTFOUND);
+    test_bad_keys(r);
+    ASSERT_EQ(shmreg_status(r, "", info, 4), 0);
     ASSERT_EQ(shmreg_register(r, "a", key, 4999, 5001, &err), 0); /* unaligned, to the end */
     ASSERT_EQ(shmreg_register(r, "a", key, 0, 8, &err), -1);
     ASSERT_STR_HAS(err.msg, "already registered");
