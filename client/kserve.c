@@ -2,6 +2,7 @@
 #include "kserve.h"
 
 #include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +39,42 @@ int kserve_model(struct conn *c, const char *opt, char *buf, size_t len, struct 
     return 0;
 }
 
+int kserve_check_layout(const char *model, const struct kserve_layout *l, struct tp_err *err)
+{
+    int64_t wide = l->in > l->out ? l->in : l->out;
+
+    if (l->in < 1 || l->in > KSERVE_MAX_FEATURES || l->out < 1 || l->out > KSERVE_MAX_FEATURES)
+        return tp_err_set(err, TP_EINVAL,
+                          "model '%s': the server claims in %" PRId64 " and out %" PRId64
+                          ", tpclient takes 1 to %d of each",
+                          model, l->in, l->out, KSERVE_MAX_FEATURES);
+    if (l->max_batch < 0 || l->max_batch > KSERVE_MAX_ROWS)
+        return tp_err_set(err, TP_EINVAL,
+                          "model '%s': the server claims max_batch %" PRId64
+                          ", tpclient takes 0 (none said) to %d",
+                          model, l->max_batch, KSERVE_MAX_ROWS);
+    /* each factor is below 2^26: the product cannot overflow */
+    if (l->max_batch * wide * 4 > KSERVE_MAX_REQUEST_BYTES)
+        return tp_err_set(err, TP_EINVAL,
+                          "model '%s': the server claims max_batch %" PRId64 " rows of %" PRId64
+                          " values, over the %lld bytes tpclient sends or takes in one request",
+                          model, l->max_batch, wide, KSERVE_MAX_REQUEST_BYTES);
+    return 0;
+}
+
+int kserve_check_rows(const struct kserve_layout *l, int64_t rows, struct tp_err *err)
+{
+    int64_t wide = l->in > l->out ? l->in : l->out;
+
+    if (rows < 1 || wide < 1 || rows > KSERVE_MAX_REQUEST_BYTES / 4 / wide)
+        return tp_err_set(err, TP_EINVAL,
+                          "%" PRId64 " rows of %" PRId64
+                          " values are not 1 to the %lld bytes tpclient sends or takes in one "
+                          "request",
+                          rows, wide, KSERVE_MAX_REQUEST_BYTES);
+    return 0;
+}
+
 int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, struct tp_err *err)
 {
     Inference__ModelMetadataRequest req = INFERENCE__MODEL_METADATA_REQUEST__INIT;
@@ -66,9 +103,27 @@ int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, st
     l->in = r->inputs[0]->shape[1];
     l->out = r->outputs[0]->shape[1];
     l->max_batch = 0;
-    for (size_t i = 0; i < r->n_parameters; i++)
-        if (strcmp(r->parameters[i]->key, "max_batch") == 0 && r->parameters[i]->value)
-            l->max_batch = r->parameters[i]->value->int64_param;
+    for (size_t i = 0; i < r->n_parameters; i++) {
+        const Inference__InferParameter *v = r->parameters[i]->value;
+
+        if (strcmp(r->parameters[i]->key, "max_batch") != 0 || !v)
+            continue;
+        if (v->parameter_choice_case == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM)
+            l->max_batch = v->int64_param;
+        else if (v->parameter_choice_case ==
+                     INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM &&
+                 v->uint64_param <= INT64_MAX)
+            l->max_batch = (int64_t)v->uint64_param;
+        else {
+            tp_err_set(err, TP_EINVAL,
+                       "model '%s': the server claims a max_batch that is not an integer of "
+                       "0 to 2^63 - 1",
+                       model);
+            goto out;
+        }
+    }
+    if (kserve_check_layout(model, l, err) < 0)
+        goto out;
     rc = 0;
 out:
     protobuf_c_message_free_unpacked(&r->base, NULL);
@@ -155,11 +210,14 @@ int kserve_infer(struct conn *c, const char *model, const struct kserve_layout *
 {
     struct kserve_request q;
     Inference__ModelInferResponse *r;
-    size_t esize = tp_dtype_size(l->dtype), nx = (size_t)(rows * l->in);
-    size_t want = (size_t)(rows * l->out) * esize;
+    size_t esize = tp_dtype_size(l->dtype), nx, want;
     void *narrow = NULL;
     int rc = -1;
 
+    if (kserve_check_rows(l, rows, err) < 0)
+        return -1;
+    nx = (size_t)(rows * l->in);
+    want = (size_t)(rows * l->out) * esize;
     if (l->dtype != TP_F32) {
         narrow = malloc(nx * esize);
         if (!narrow)
@@ -240,14 +298,15 @@ int kserve_infer_shm(struct conn *c, const char *model, const struct kserve_layo
                      struct tp_err *err)
 {
     size_t esize = tp_dtype_size(l->dtype);
-    struct kserve_shm_ref in = {.region = s->name, .bytes = (uint64_t)(rows * l->in) * esize},
-                          out = {.region = s->name,
-                                 .bytes = (uint64_t)(rows * l->out) * esize,
-                                 .offset = s->out_off};
+    struct kserve_shm_ref in = {.region = s->name}, out = {.region = s->name, .offset = s->out_off};
     struct kserve_request q;
     Inference__ModelInferResponse *r;
     int rc = -1;
 
+    if (kserve_check_rows(l, rows, err) < 0)
+        return -1;
+    in.bytes = (uint64_t)(rows * l->in) * esize;
+    out.bytes = (uint64_t)(rows * l->out) * esize;
     tp_convert_from_f32(s->p, x, (size_t)(rows * l->in), l->dtype);
     kserve_request_init(&q, model, l, rows, NULL, &in, &out);
     if (conn_call(c, "/inference.GRPCInferenceService/ModelInfer", &q.req.base,

@@ -13,6 +13,14 @@
 #include "grpc_service.pb-c.h"
 #include "tensor.h"
 
+/* What tpclient takes from a server's ModelMetadata, far above any real layer and request, so
+ * that a confused or hostile server cannot make it multiply its way past 64 bits or allocate
+ * without end: in and out, max_batch, and the bytes of one request's rows of in or out values
+ * (tpd itself stops at 1 GiB). */
+#define KSERVE_MAX_FEATURES (1 << 26)
+#define KSERVE_MAX_ROWS (1 << 24)
+#define KSERVE_MAX_REQUEST_BYTES (1LL << 32)
+
 struct kserve_layout {
     int64_t in;          /* input features */
     int64_t out;         /* output features */
@@ -51,8 +59,19 @@ void kserve_request_init(struct kserve_request *q, const char *model, const stru
 int kserve_model(struct conn *c, const char *opt, char *buf, size_t len, struct tp_err *err);
 
 /* Reads the layout of model; fails unless it is one [-1, in] -> [-1, out] tensor pair whose
- * input and output have the same datatype, FP32, FP16 or BF16. */
+ * input and output have the same datatype, FP32, FP16 or BF16, with a max_batch parameter that
+ * is an integer if there is one, and within kserve_check_layout's bounds. */
 int kserve_layout(struct conn *c, const char *model, struct kserve_layout *l, struct tp_err *err);
+
+/* TP_EINVAL, naming the value, unless 1 <= in, out <= KSERVE_MAX_FEATURES, 0 <= max_batch <=
+ * KSERVE_MAX_ROWS and max_batch rows of in or of out 4-byte values fit
+ * KSERVE_MAX_REQUEST_BYTES: then every product of them fits 64 bits. */
+int kserve_check_layout(const char *model, const struct kserve_layout *l, struct tp_err *err);
+
+/* TP_EINVAL unless 1 <= rows and rows of in or of out 4-byte values fit KSERVE_MAX_REQUEST_BYTES;
+ * kserve_infer and kserve_infer_shm check it before they compute a size. l must have passed
+ * kserve_check_layout. */
+int kserve_check_rows(const struct kserve_layout *l, int64_t rows, struct tp_err *err);
 
 /* Whether a response whose output went to shared memory carries no data inline: no
  * raw_output_contents, or only empty ones (Triton sends one empty entry per output). */

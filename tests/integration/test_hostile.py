@@ -18,6 +18,9 @@ running meanwhile, and must get only correct answers.
     each gets INVALID_ARGUMENT naming the field, a valid non-ASCII id is echoed unchanged.
 (e) shared-memory keys that name no object: '..', '/', a directory, a key with '/' inside, a
     FIFO, a symlink get INVALID_ARGUMENT; a key of no object NOT_FOUND; never INTERNAL.
+(f) tpclient against a fake server whose metadata claims absurd sizes (in, out, max_batch near
+    2^62, max_batch of the wrong type): one clear error line, no crash; then tpclient against
+    the real tpd is served.
 """
 
 import http.client
@@ -422,6 +425,98 @@ class TestShmKeys(HostileCase):
         out = self.finish(d, ld)
         print("shm keys: %s; load %s" % (got, out))
         d.stop()
+
+
+def varint(n):
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def length_delimited(field, data):
+    return varint(field << 3 | 2) + varint(len(data)) + data
+
+
+class FakeServer:
+    """ModelMetadata from self.layout (in, out, max_batch: an int, a string, or None for none),
+    with max_batch in tpd's parameters (field 100, which tritonclient's stubs lack, so the bytes
+    are made here); ModelInfer answers the claimed shape with no data."""
+
+    def __init__(self):
+        self.layout = None
+
+    def model_metadata(self, request, context):
+        in_, out, mb = self.layout
+        r = pb.ModelMetadataResponse(name=request.name, versions=["1"], platform="fake")
+        r.inputs.add(name="input", datatype="FP32", shape=[-1, in_])
+        r.outputs.add(name="output", datatype="FP32", shape=[-1, out])
+        data = r.SerializeToString()
+        if mb is not None:
+            p = pb.InferParameter(string_param=mb) if isinstance(mb, str) else \
+                pb.InferParameter(int64_param=mb)
+            entry = length_delimited(1, b"max_batch") + length_delimited(2, p.SerializeToString())
+            data += length_delimited(100, entry)
+        return data
+
+    def model_infer(self, request, context):
+        _, out, _ = self.layout
+        rows = request.inputs[0].shape[0]
+        r = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        r.outputs.add(name="output", datatype="FP32", shape=[rows, out])
+        r.raw_output_contents.append(b"")
+        return r.SerializeToString()
+
+    def handler(self):
+        def method(fn, req):
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=lambda b: b)
+        return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {
+            "ModelMetadata": method(self.model_metadata, pb.ModelMetadataRequest),
+            "ModelInfer": method(self.model_infer, pb.ModelInferRequest)})
+
+
+class TestClientBounds(HostileCase):
+
+    def test_tpclient_refuses_absurd_layouts(self):
+        fake = FakeServer()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers((fake.handler(),))
+        sock = self.path("fake.sock")
+        server.add_insecure_port("unix:" + sock)
+        server.start()
+        self.addCleanup(server.stop, None)
+        x = np.random.default_rng(2).standard_normal((2, IN)).astype(np.float32)
+        np.save(self.path("x.npy"), x)
+        big = 1 << 62
+        cases = [((IN, big, None), str(big)), ((IN, big, 1), str(big)),
+                 ((IN, 1 << 31, None), str(1 << 31)), ((IN, OUT, big), str(big)),
+                 ((IN, OUT, -5), "-5"), ((IN, OUT, "64"), "max_batch"),
+                 ((IN, 4 << 20, 1 << 20), "max_batch")]
+        for layout, word in cases:
+            fake.layout = layout
+            res = self.run_tpclient("--server", "unix:" + sock, "forward", self.path("x.npy"),
+                                    "-o", self.path("y.npy"), "--model", "m")
+            self.assertEqual(res.rc, 1, "layout %s: %r" % (layout, res))
+            line = one_line_error(self, res)
+            self.assertIn("server claims", line, "layout %s" % (layout,))
+            self.assertIn(word, line, "layout %s" % (layout,))
+        # a sane fake layout is still taken (the answer then has no data: an error, not a crash)
+        fake.layout = (IN, OUT, 8)
+        res = self.run_tpclient("--server", "unix:" + sock, "forward", self.path("x.npy"),
+                                "-o", self.path("y.npy"), "--model", "m")
+        self.assertEqual(res.rc, 1, repr(res))
+        self.assertIn("server answered something else", one_line_error(self, res))
+        # and the real tpd is served
+        d = self.serve()
+        y = self.forward(d, x, model=MODEL)
+        self.check(y, x, "tpclient forward against tpd")
+        d.stop()
+
+    def run_tpclient(self, *args):
+        return tpclient(*args, timeout=30)
 
 
 if __name__ == "__main__":
