@@ -308,8 +308,14 @@ int main(int argc, char **argv)
             api_methods, api_nmethods, &api, &err) < 0)
         goto fail_grpc;
     startup.usec = notify_watchdog_usec();
-    if (startup.usec && pthread_create(&wd_thread, NULL, startup_watchdog, NULL) == 0)
-        wd_started = 1;
+    if (startup.usec) {
+        int e = pthread_create(&wd_thread, NULL, startup_watchdog, NULL);
+
+        /* not fatal: loading may still fit in the watchdog's interval */
+        if (e != 0)
+            tp_log(TP_LOG_WARN, "cannot start the startup watchdog thread: %s", strerror(e));
+        wd_started = e == 0;
+    }
     if (sup_start(&sup,
                   &(struct sup_config){.worker = worker,
                                        .plan = &plan,

@@ -268,6 +268,7 @@ int sched_create(struct sched **out, struct shm_arena *arena, const struct sched
                  struct tp_err *err)
 {
     struct sched *s = calloc(1, sizeof(*s));
+    int e;
 
     *out = NULL;
     if (!s || !(s->slots = calloc(arena->layout.nslots, sizeof(*s->slots)))) {
@@ -288,9 +289,10 @@ int sched_create(struct sched **out, struct shm_arena *arena, const struct sched
         pthread_cond_init(&s->cond, &ca);
         pthread_condattr_destroy(&ca);
     }
-    if (pthread_create(&s->thread, NULL, sched_thread, s) != 0) {
+    e = pthread_create(&s->thread, NULL, sched_thread, s);
+    if (e != 0) {
         sched_destroy(s);
-        return tp_err_set(err, TP_ESYS, "cannot start the scheduler thread");
+        return tp_err_set(err, TP_ESYS, "cannot start the scheduler thread: %s", strerror(e));
     }
     s->thread_started = 1;
     *out = s;

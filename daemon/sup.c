@@ -867,6 +867,7 @@ int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, su
 {
     struct sup *s = calloc(1, sizeof(*s));
     int64_t share;
+    int e;
 
     *out = NULL;
     if (!s)
@@ -912,10 +913,11 @@ int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, su
         pthread_mutex_unlock(&s->lock);
         goto fail;
     }
-    if (pthread_create(&s->thread, NULL, sup_thread, s) != 0) {
+    e = pthread_create(&s->thread, NULL, sup_thread, s);
+    if (e != 0) {
         kill_group(s);
         pthread_mutex_unlock(&s->lock);
-        tp_err_set(err, TP_ESYS, "cannot start the supervisor thread");
+        tp_err_set(err, TP_ESYS, "cannot start the supervisor thread: %s", strerror(e));
         goto fail;
     }
     s->thread_started = 1;
