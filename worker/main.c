@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -281,6 +282,9 @@ int main(int argc, char **argv)
     int status = 1;
 
     tp_log_init("tpd-worker", NULL);
+    /* A hangup sent to tpd's whole process group (a closing terminal, systemctl kill -s HUP) is
+     * tpd's to handle: it logs it and goes on serving, so its workers must not die of it. */
+    signal(SIGHUP, SIG_IGN);
     if (parse_args(argc, argv, &a) < 0) {
         usage();
         return 64;

@@ -4,7 +4,8 @@
  * infer_validate against a small model-> A request that passes must describe exactly rows * in
  * floats that can be read (from the message, or from the received buffer at the offset the scan
  * found), and its response must pack. These are the steps tpd's ModelInfer handler runs before a
- * request reaches the scheduler. */
+ * request reaches the scheduler; before them infer_check_strings, after which the strings the
+ * response echoes must be UTF-8 without NUL. */
 #include <grpc/byte_buffer.h>
 #include <grpc/slice.h>
 #include <stdlib.h>
@@ -37,6 +38,35 @@ static const struct model models[2] = {{.name = "lin",
                                         .backend = "cpu",
                                         .max_batch = 4}};
 
+/* Strict UTF-8 (RFC 3629), written apart from infer.c's. */
+static int utf8_ok(const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+
+    while (*p) {
+        unsigned c = *p, n, cp;
+
+        if (c < 0x80) {
+            p++;
+            continue;
+        }
+        n = c >= 0xf0 ? 3 : c >= 0xe0 ? 2 : c >= 0xc2 ? 1 : 0;
+        if (n == 0 || c > 0xf4)
+            return 0;
+        cp = c & (0x3fu >> n);
+        for (unsigned i = 1; i <= n; i++) {
+            if ((p[i] & 0xc0) != 0x80)
+                return 0;
+            cp = cp << 6 | (p[i] & 0x3f);
+        }
+        if ((n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) || cp > 0x10ffff ||
+            (cp >= 0xd800 && cp <= 0xdfff))
+            return 0;
+        p += n + 1;
+    }
+    return 1;
+}
+
 static void check(const struct model *model, grpc_slice *slices, size_t n)
 {
     static const float y[4 * 2];
@@ -48,6 +78,12 @@ static void check(const struct model *model, grpc_slice *slices, size_t n)
     struct infer_input in;
     struct tp_err err = {0};
 
+    if (infer_check_strings(bb, &inference__model_infer_request__descriptor, &err) < 0) {
+        if (!memchr(err.msg, '\0', sizeof(err.msg)) || err.code != TP_EINVAL)
+            abort();
+        grpc_byte_buffer_destroy(bb);
+        return;
+    }
     if (gbuf_unpack_except(bb, &inference__model_infer_request__descriptor, 7, &m, &raw, &err) <
         0) {
         if (!memchr(err.msg, '\0', sizeof(err.msg)) || err.code != TP_EINVAL)
@@ -56,6 +92,8 @@ static void check(const struct model *model, grpc_slice *slices, size_t n)
         return;
     }
     q = (Inference__ModelInferRequest *)m;
+    if (!utf8_ok(q->id) || !utf8_ok(q->model_name)) /* echoed or compared */
+        abort();
     infer_check_model(model, q->model_name, q->model_version, &err);
     if (infer_validate(model, q, &raw, &in, &err) == 0) {
         grpc_byte_buffer *resp;

@@ -168,6 +168,12 @@ class TestSighup(HostileCase):
         self.assertEqual(d.count(r"tpd: notice: SIGHUP"), 3, "one notice per SIGHUP\n" +
                          d.log_tail())
         self.assertEqual(d.worker_pids(), pids, "workers restarted")
+        # a hangup of the whole process group (tpd runs in a session of its own) kills no worker
+        os.killpg(d.proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        self.assertTrue(d.running(), "tpd died of its group's SIGHUP\n" + d.log_tail())
+        self.assertEqual(d.worker_pids(), pids, "a worker died of its group's SIGHUP")
+        self.assertEqual(d.count("restarting the group"), 0, d.log_tail())
         # one rule for readiness: HTTP and gRPC agree
         self.assertEqual(http_get(base, "/v2/health/ready", 5)[0], 200)
         self.assertTrue(triton.is_server_ready(client_timeout=10))
@@ -189,8 +195,10 @@ class TestWorkerSignals(HostileCase):
             with open("/proc/%d/status" % pid) as f:
                 st = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
             ign, blk = int(st["SigIgn"], 16), int(st["SigBlk"], 16)
-            self.assertEqual(ign, 0, "rank %d pid %d starts with signals ignored: %s" % (
-                rank, pid, signal_names(ign)))
+            # inherited: nothing; the worker itself ignores SIGHUP (a hangup is tpd's to handle)
+            self.assertEqual(ign, 1 << (signal.SIGHUP - 1),
+                             "rank %d pid %d ignores signals other than SIGHUP: %s" % (
+                                 rank, pid, signal_names(ign)))
             self.assertEqual(blk, 0, "rank %d pid %d starts with signals blocked: %s" % (
                 rank, pid, signal_names(blk)))
         self.finish(d, ld)
