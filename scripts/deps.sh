@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
-      libopenblas-dev libcjson-dev libmicrohttpd-dev libsystemd-dev systemd python3 python3-venv
+      libopenblas-dev libcjson-dev libsystemd-dev systemd python3 python3-venv
       clang libclang-rt-14-dev openssl)
 missing=()
 for p in "${pkgs[@]}"; do
