@@ -607,9 +607,9 @@ static int check_weight_range(const struct backend *b, const struct shard *s, st
     if (i == SIZE_MAX)
         return 0;
     return tp_err_set(err, TP_EINVAL,
-                      "the weight's element [out %lld, in %lld] is %g, which %s turns into an "
-                      "infinity (|w| >= %g): serve with --dtype %s",
-                      (long long)(s->row0 + (int64_t)(i / (size_t)s->in)),
+                      "tensor '%.64s' has element [out %lld, in %lld] = %g, which %s turns into "
+                      "an infinity (|w| >= %g): serve with --dtype %s",
+                      s->name, (long long)(s->row0 + (int64_t)(i / (size_t)s->in)),
                       (long long)(i % (size_t)s->in), s->w[i], tp_dtype_wire_name(b->dtype),
                       cuda_plan_half_limit(b->dtype), b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
 }

@@ -2,6 +2,7 @@
  * so it comes from bigalloc (huge pages where the kernel gives them). */
 #include "shard.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "bigalloc.h"
@@ -9,6 +10,7 @@
 int shard_load(struct shard *s, const struct plan *p, int rank, int nranks, struct tp_err *err)
 {
     *s = (struct shard){.in = p->in, .out = p->out, .dtype = (enum tp_dtype)p->w.dtype};
+    snprintf(s->name, sizeof(s->name), "%s", p->w.name);
     if (plan_split(p->out, nranks, rank, &s->row0, &s->rows, err) < 0)
         goto fail;
     s->w = bigalloc((size_t)(s->rows * s->in) * sizeof(float));
@@ -41,6 +43,7 @@ int shard_load_packed(struct shard *s, const struct plan *p, int rank, int nrank
                       struct tp_err *err)
 {
     *s = (struct shard){.in = p->in, .out = p->out, .dtype = (enum tp_dtype)p->w.dtype};
+    snprintf(s->name, sizeof(s->name), "%s", p->w.name);
     if (plan_split(p->out, nranks, rank, &s->row0, &s->rows, err) < 0)
         goto fail;
     if (s->rows > UINT32_MAX || s->in > UINT32_MAX) {

@@ -18,6 +18,7 @@ struct shard {
     int64_t in;          /* inputs of the layer */
     int64_t out;         /* outputs of the layer, all ranks together */
     enum tp_dtype dtype; /* dtype of W in the file */
+    char name[ST_MAX_NAME]; /* W's tensor name, for messages */
     float *w;            /* [rows, in], converted to float32, owned; NULL when packed */
     struct gemm_weights packed; /* shard_load_packed: W packed for the invariant GEMM */
     float *b;            /* [rows] or NULL without bias, owned */

@@ -213,8 +213,9 @@ class TestGpuGuards(unittest.TestCase):
         finally:
             d.kill()
         self.assertEqual(rc, 1, d.log()[-3000:])
-        self.assertRegex(d.log(), r"rank 0: the weight's element \[out 3, in 5\] is 70000, which "
-                         r"FP16 turns into an infinity .*--dtype bf16 or fp32", d.log()[-3000:])
+        self.assertRegex(d.log(), r"rank 0: tensor 'weight' has element \[out 3, in 5\] = 70000, "
+                         r"which FP16 turns into an infinity .*--dtype bf16 or fp32",
+                         d.log()[-3000:])
         # BF16 holds it
         x = gputest.write_x(os.path.join(self.dir, "x8.npy"), 4, 8)
         serve_and_check(self, self.dir, "big-bf16", self.big, TOL16, [("4", x)], "--gpus", "0",
