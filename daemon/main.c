@@ -301,6 +301,7 @@ int main(int argc, char **argv)
                                  .threads = c.grpc_threads,
                                  .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
                                  .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM,
+                                 .reply_timeout_ms = c.reply_timeout_ms,
                                  .tls_cert = c.tls_cert,
                                  .tls_key = c.tls_key,
                                  .tls_client_ca = c.tls_client_ca,

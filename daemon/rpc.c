@@ -2,9 +2,12 @@
  * and a call is bound to the queue it was requested on, so all events of a call are seen by one
  * thread. A call context lives until both of its batches have completed: the close batch
  * (RECV_CLOSE_ON_SERVER, started when the call arrives) and the send batch (the reply, started
- * by rpc_reply from whichever thread answers). */
+ * by rpc_reply from whichever thread answers). A reply may point into memory lent by its caller
+ * (a scheduler slot), so a send batch that a client does not let finish is not left to hold it:
+ * each queue's thread cancels the calls whose replies are older than the reply timeout. */
 #include "rpc.h"
 
+#include <errno.h>
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
@@ -13,7 +16,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,13 +51,26 @@ struct rpc_call {
     void (*on_cancel)(void *arg);
     void *on_cancel_arg;
     struct rpc_tag t_new, t_send, t_close;
+    /* while the reply is being sent: on its queue's list of sends, oldest first */
+    int64_t reply_ns; /* when rpc_reply started the send batch, CLOCK_MONOTONIC ns */
+    int sending;      /* on the list */
+    struct rpc_call *sprev, *snext;
 };
 
 struct poller {
     struct rpc_server *srv;
     grpc_completion_queue *cq;
     pthread_t thread;
-    int running; /* thread started */
+    int running;                    /* thread started */
+    pthread_mutex_t lock;           /* the list of sends: rpc_reply adds from any thread */
+    struct rpc_call *shead, *stail; /* calls whose send batch has not completed, oldest first */
+    int64_t next_check_ns;          /* when the thread looks at the list again */
+};
+
+struct unix_path {
+    char path[108];
+    dev_t dev; /* of the socket file we bound: only that file is removed at stop */
+    ino_t ino;
 };
 
 struct rpc_server {
@@ -66,12 +84,51 @@ struct rpc_server {
     atomic_int shutting_down;
     int started;                  /* grpc_server_start was called */
     grpc_server_credentials *tls; /* for TCP addresses; NULL: plaintext */
-    char unix_paths[8][108];
+    struct unix_path unix_paths[8];
     int nunix;
+    int64_t reply_timeout_ns;    /* 0: replies may take forever */
+    int64_t check_every_ns;      /* how often each thread looks for late replies */
+    atomic_long late;            /* calls cancelled because their reply was not taken */
+    atomic_llong late_logged_ns; /* when a late reply was last logged, ns */
+    /* call contexts alive (posted or running): the stop waits for them, not for connections */
+    atomic_int contexts;
+    pthread_mutex_t lock;
+    pthread_cond_t idle; /* contexts dropped to 0 while shutting down */
 };
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Takes c off its queue's list of sends, if it is there. */
+static void unlist_send(struct rpc_call *c)
+{
+    struct poller *p = &c->srv->pollers[c->cq];
+
+    pthread_mutex_lock(&p->lock);
+    if (c->sending) {
+        if (c->sprev)
+            c->sprev->snext = c->snext;
+        else
+            p->shead = c->snext;
+        if (c->snext)
+            c->snext->sprev = c->sprev;
+        else
+            p->stail = c->sprev;
+        c->sprev = c->snext = NULL;
+        c->sending = 0;
+    }
+    pthread_mutex_unlock(&p->lock);
+}
 
 static void call_free(struct rpc_call *c)
 {
+    struct rpc_server *s = c->srv;
+
     if (c->call)
         grpc_call_unref(c->call);
     if (c->payload)
@@ -82,6 +139,11 @@ static void call_free(struct rpc_call *c)
     grpc_call_details_destroy(&c->details);
     free(c->data);
     free(c);
+    if (atomic_fetch_sub(&s->contexts, 1) == 1 && atomic_load(&s->shutting_down)) {
+        pthread_mutex_lock(&s->lock);
+        pthread_cond_broadcast(&s->idle);
+        pthread_mutex_unlock(&s->lock);
+    }
 }
 
 static void call_release(struct rpc_call *c)
@@ -100,6 +162,7 @@ static void post(struct rpc_server *s, int m, int q)
         tp_log(TP_LOG_ERR, "rpc: out of memory posting a request");
         return;
     }
+    atomic_fetch_add(&s->contexts, 1);
     c->srv = s;
     c->method = m;
     c->cq = q;
@@ -140,10 +203,27 @@ void rpc_reply(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer
     ops[n].data.send_status_from_server.trailing_metadata_count = 0;
     ops[n].data.send_status_from_server.status = (grpc_status_code)status;
     ops[n++].data.send_status_from_server.status_details = msg ? &details : NULL;
+    /* listed before the batch starts: its completion, on the call's thread, unlists it */
+    if (c->srv->reply_timeout_ns) {
+        struct poller *p = &c->srv->pollers[c->cq];
+
+        pthread_mutex_lock(&p->lock);
+        c->reply_ns = now_ns();
+        c->sending = 1;
+        c->sprev = p->stail;
+        c->snext = NULL;
+        if (p->stail)
+            p->stail->snext = c;
+        else
+            p->shead = c;
+        p->stail = c;
+        pthread_mutex_unlock(&p->lock);
+    }
     e = grpc_call_start_batch(c->call, ops, (size_t)n, &c->t_send, NULL);
     grpc_slice_unref(details);
     if (e != GRPC_CALL_OK) {
         tp_log(TP_LOG_ERR, "rpc: cannot send a reply: error %d", (int)e);
+        unlist_send(c);
         call_release(c); /* no event will come for t_send */
     }
 }
@@ -230,6 +310,58 @@ static void on_new(struct rpc_server *s, struct rpc_call *c)
     }
 }
 
+/* Cancels the calls of p whose reply has not been sent within the reply timeout. A client that
+ * does not read (a zero flow-control window, a stalled connection) would otherwise keep what the
+ * reply points at, a scheduler slot, for as long as its connection lives. Cancelling ends the
+ * stream: gRPC drops the reply's slices (releasing the slot) and sends the status in trailers,
+ * which flow control does not hold back. The calls are taken off the list, and referenced, under
+ * the lock, and cancelled outside it. */
+static void cancel_late_replies(struct poller *p, int64_t now)
+{
+    struct rpc_server *s = p->srv;
+    grpc_call *late[64];
+    struct rpc_call *c;
+    char msg[160];
+    long n = 0, total;
+
+    pthread_mutex_lock(&p->lock);
+    while ((c = p->shead) && now - c->reply_ns >= s->reply_timeout_ns &&
+           n < (long)(sizeof(late) / sizeof(late[0]))) {
+        p->shead = c->snext;
+        if (p->shead)
+            p->shead->sprev = NULL;
+        else
+            p->stail = NULL;
+        c->sending = 0;
+        c->snext = NULL;
+        grpc_call_ref(c->call);
+        late[n++] = c->call;
+    }
+    if (p->shead && now - p->shead->reply_ns >= s->reply_timeout_ns)
+        p->next_check_ns = now; /* more than fit: again at the next wake-up */
+    pthread_mutex_unlock(&p->lock);
+    if (n == 0)
+        return;
+    snprintf(msg, sizeof(msg),
+             "reply not taken by the client within %lld ms (--reply-timeout-ms): call cancelled "
+             "to free what it held",
+             (long long)(s->reply_timeout_ns / 1000000));
+    for (long i = 0; i < n; i++) {
+        grpc_call_cancel_with_status(late[i], GRPC_STATUS_RESOURCE_EXHAUSTED, msg, NULL);
+        grpc_call_unref(late[i]);
+    }
+    total = atomic_fetch_add(&s->late, n) + n;
+    /* a client that never reads may do so on every call: a line every 10 s at most */
+    if (atomic_load(&s->late_logged_ns) == 0 ||
+        now - atomic_load(&s->late_logged_ns) >= 10000000000LL) {
+        atomic_store(&s->late_logged_ns, now);
+        tp_log(TP_LOG_WARN,
+               "cancelled calls whose client did not take the reply within %lld ms "
+               "(--reply-timeout-ms): %ld since start",
+               (long long)(s->reply_timeout_ns / 1000000), total);
+    }
+}
+
 static void *poll_thread(void *arg)
 {
     struct poller *p = arg;
@@ -237,11 +369,24 @@ static void *poll_thread(void *arg)
     grpc_completion_queue *cq = p->cq;
 
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        /* with a reply timeout, wake up at least every check_every_ns to look for late replies */
+        gpr_timespec until =
+            s->reply_timeout_ns ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                               gpr_time_from_nanos(s->check_every_ns, GPR_TIMESPAN))
+                                : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+        grpc_event ev = grpc_completion_queue_next(cq, until, NULL);
         struct rpc_tag *t;
 
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
+        if (s->reply_timeout_ns) {
+            int64_t now = now_ns();
+
+            if (now >= p->next_check_ns) {
+                p->next_check_ns = now + s->check_every_ns;
+                cancel_late_replies(p, now);
+            }
+        }
         if (ev.type != GRPC_OP_COMPLETE)
             continue;
         t = ev.tag;
@@ -259,7 +404,10 @@ static void *poll_thread(void *arg)
                 t->call->on_cancel(t->call->on_cancel_arg);
             call_release(t->call);
             break;
-        case T_SEND: call_release(t->call); break;
+        case T_SEND:
+            unlist_send(t->call);
+            call_release(t->call);
+            break;
         }
     }
     return NULL;
@@ -299,6 +447,58 @@ out:
     return rc;
 }
 
+/* Makes sure that listening on the unix socket path will not take it from a live server. gRPC
+ * removes any socket file before it binds, so a second tpd on the same path would otherwise take
+ * the clients of the first, and remove the path when it stops, leaving the first unreachable.
+ * A socket file that a server answers on is refused; one that refuses the connection
+ * (ECONNREFUSED: left by a process that died) is removed; anything that is not a socket is never
+ * removed. The check and the bind are not atomic: two servers started at the same instant may
+ * still both pass it. */
+static int claim_unix_path(const char *addr, const char *path, struct tp_err *err)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct stat st;
+    int fd, rc;
+
+    if (lstat(path, &st) < 0) {
+        if (errno == ENOENT)
+            return 0;
+        return tp_err_sys(err, "cannot listen on %s: cannot check the path", addr);
+    }
+    if (!S_ISSOCK(st.st_mode))
+        return tp_err_set(err, TP_EINVAL,
+                          "cannot listen on %s: the path exists and is not a socket (tpd removes "
+                          "only sockets that no server answers on)",
+                          addr);
+    if (strlen(path) >= sizeof(sa.sun_path))
+        return tp_err_set(err, TP_EINVAL, "cannot listen on %s: the path is longer than %zu bytes",
+                          addr, sizeof(sa.sun_path) - 1);
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+    /* non-blocking: a server whose backlog is full answers EAGAIN instead of keeping us waiting */
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0)
+        return tp_err_sys(err, "cannot listen on %s: socket", addr);
+    rc = connect(fd, (struct sockaddr *)&sa, sizeof(sa));
+    if (rc < 0 && errno == ECONNREFUSED) {
+        close(fd);
+        if (unlink(path) < 0 && errno != ENOENT)
+            return tp_err_sys(err, "cannot listen on %s: removing the stale socket", addr);
+        tp_log(TP_LOG_NOTICE, "removed stale socket %s: no server answered on it", addr);
+        return 0;
+    }
+    if (rc == 0 || errno == EAGAIN || errno == EINPROGRESS) {
+        close(fd);
+        return tp_err_set(err, TP_EBUSY,
+                          "cannot listen on %s: another server is listening on it (stop it "
+                          "first, or choose another path)",
+                          addr);
+    }
+    rc = errno;
+    close(fd);
+    errno = rc;
+    return tp_err_sys(err, "cannot listen on %s: cannot tell whether a server answers on it", addr);
+}
+
 static int add_port(struct rpc_server *s, const char *addr, const struct rpc_config *c,
                     struct tp_err *err)
 {
@@ -306,8 +506,14 @@ static int add_port(struct rpc_server *s, const char *addr, const struct rpc_con
     grpc_server_credentials *creds =
         is_unix || !s->tls ? grpc_insecure_server_credentials_create() : s->tls;
     mode_t old_mask = 0;
+    struct stat st;
     int port;
 
+    if (is_unix && claim_unix_path(addr, addr + 5, err) < 0) {
+        if (creds != s->tls)
+            grpc_server_credentials_release(creds);
+        return -1;
+    }
     /* The socket file is created by bind() inside gRPC with mode 0777 & ~umask: set the umask
      * so that it never exists with wider permissions, then chmod to be exact. */
     if (is_unix)
@@ -326,8 +532,13 @@ static int add_port(struct rpc_server *s, const char *addr, const struct rpc_con
                           c->tls_client_ca ? " a CA certificate" : "");
     if (port == 0)
         return tp_err_set(err, TP_ESYS, "cannot listen on %s", addr);
-    if (is_unix && s->nunix < 8)
-        snprintf(s->unix_paths[s->nunix++], sizeof(s->unix_paths[0]), "%s", addr + 5);
+    if (is_unix && s->nunix < 8 && lstat(addr + 5, &st) == 0) {
+        struct unix_path *u = &s->unix_paths[s->nunix++];
+
+        snprintf(u->path, sizeof(u->path), "%s", addr + 5);
+        u->dev = st.st_dev;
+        u->ino = st.st_ino;
+    }
     if (is_unix && chmod(addr + 5, (mode_t)c->socket_mode) < 0)
         return tp_err_sys(err, "setting mode %04o on %s", c->socket_mode, addr + 5);
     if (is_unix)
@@ -355,6 +566,22 @@ int rpc_server_create(struct rpc_server **out, const struct rpc_config *c,
     s->methods = methods;
     s->nmethods = nmethods;
     s->ctx = ctx;
+    pthread_mutex_init(&s->lock, NULL);
+    {
+        pthread_condattr_t ca;
+
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the drain is timed on it */
+        pthread_cond_init(&s->idle, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    /* late replies are found within an eighth of the timeout, 10 to 250 ms */
+    s->reply_timeout_ns = (int64_t)c->reply_timeout_ms * 1000000;
+    s->check_every_ns = s->reply_timeout_ns / 8;
+    if (s->check_every_ns < 10000000)
+        s->check_every_ns = 10000000;
+    if (s->check_every_ns > 250000000)
+        s->check_every_ns = 250000000;
     s->npollers = c->threads;
     s->pollers = calloc((size_t)s->npollers, sizeof(*s->pollers));
     s->handles = calloc((size_t)nmethods, sizeof(*s->handles));
@@ -368,6 +595,7 @@ int rpc_server_create(struct rpc_server **out, const struct rpc_config *c,
                                                     GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     for (int q = 0; q < s->npollers; q++) {
         s->pollers[q].srv = s;
+        pthread_mutex_init(&s->pollers[q].lock, NULL);
         s->pollers[q].cq = grpc_completion_queue_create_for_next(NULL);
         grpc_server_register_completion_queue(s->server, s->pollers[q].cq, NULL);
     }
@@ -412,18 +640,30 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
     if (s->server) {
         grpc_completion_queue *scq = grpc_completion_queue_create_for_pluck(NULL);
         int tag;
-        grpc_event ev;
 
         grpc_server_shutdown_and_notify(s->server, scq, &tag);
-        ev = grpc_completion_queue_pluck(scq, &tag,
-                                         gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                                      gpr_time_from_millis(grace_ms, GPR_TIMESPAN)),
-                                         NULL);
-        if (ev.type == GRPC_QUEUE_TIMEOUT) {
-            tp_log(TP_LOG_WARN, "calls still running after %d ms, cancelling them", grace_ms);
-            grpc_server_cancel_all_calls(s->server);
-            grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        /* The shutdown completes only once every connection is gone, and gRPC lets each peer
+         * answer its GOAWAY ping first (up to 20 s for one that does not answer, such as an idle
+         * socket that never spoke HTTP/2). So wait for our own calls instead: the requests that
+         * were posted fail at once, the running calls finish, for up to grace_ms. Then cancelling
+         * all calls also closes every connection, idle ones included, and the shutdown
+         * completes. */
+        if (s->started) {
+            struct timespec until;
+            int64_t t = now_ns() + (int64_t)grace_ms * 1000000;
+
+            until.tv_sec = (time_t)(t / 1000000000);
+            until.tv_nsec = (long)(t % 1000000000);
+            pthread_mutex_lock(&s->lock);
+            while (atomic_load(&s->contexts) > 0 &&
+                   pthread_cond_timedwait(&s->idle, &s->lock, &until) != ETIMEDOUT)
+                ;
+            pthread_mutex_unlock(&s->lock);
+            if (atomic_load(&s->contexts) > 0)
+                tp_log(TP_LOG_WARN, "calls still running after %d ms, cancelling them", grace_ms);
         }
+        grpc_server_cancel_all_calls(s->server);
+        grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
         grpc_completion_queue_shutdown(scq);
         /* a pluck queue is drained with pluck: _next is not defined on it */
         while (grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
@@ -457,10 +697,22 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
     for (int q = 0; s->pollers && q < s->npollers; q++)
         if (s->pollers[q].cq)
             grpc_completion_queue_destroy(s->pollers[q].cq);
-    for (int i = 0; i < s->nunix; i++)
-        unlink(s->unix_paths[i]);
+    /* only the socket files we made: a path replaced since is someone else's */
+    for (int i = 0; i < s->nunix; i++) {
+        struct unix_path *u = &s->unix_paths[i];
+        struct stat st;
+
+        if (lstat(u->path, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == u->dev &&
+            st.st_ino == u->ino)
+            unlink(u->path);
+    }
     if (s->tls)
         grpc_server_credentials_release(s->tls);
+    for (int q = 0; s->pollers && q < s->npollers; q++)
+        if (s->pollers[q].srv)
+            pthread_mutex_destroy(&s->pollers[q].lock);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->idle);
     free(s->pollers);
     free(s->handles);
     free(s);

@@ -29,6 +29,10 @@ struct rpc_config {
     int threads;
     long max_recv; /* bytes of one request message */
     long max_send; /* bytes of one response message */
+    /* A reply not sent within this many ms of rpc_reply (its client does not read it: a zero
+     * flow-control window, a stalled connection) cancels its call with RESOURCE_EXHAUSTED, which
+     * drops the reply and what it points at. 0: replies may take forever. */
+    int reply_timeout_ms;
     /* Security of the listeners. TCP addresses use TLS when tls_cert is set (PEM files, read at
      * create), and then also require a client certificate signed by tls_client_ca when that is
      * set. unix: sockets stay plain: they are local, and socket_mode (file mode bits) says who
@@ -40,8 +44,10 @@ struct rpc_config {
 };
 
 /* Creates the server and binds every address, without serving yet, so that a bad address fails
- * before anything else starts. methods (nmethods, static storage) and ctx are borrowed. On
- * failure nothing is left bound. */
+ * before anything else starts. A unix: path where a server answers is refused (TP_EBUSY), a
+ * stale socket file there (no server answers) is replaced, and a path that is not a socket is
+ * refused and left alone. methods (nmethods, static storage) and ctx are borrowed. On failure
+ * nothing is left bound. */
 int rpc_server_create(struct rpc_server **s, const struct rpc_config *c,
                       const struct rpc_method *methods, int nmethods, void *ctx,
                       struct tp_err *err);
@@ -51,7 +57,9 @@ int rpc_server_create(struct rpc_server **s, const struct rpc_config *c,
 int rpc_server_start(struct rpc_server *s, struct tp_err *err);
 
 /* Answers a call: status is a gRPC status code (0 OK), msg its details (may be NULL), reply the
- * response message (taken; NULL for none). */
+ * response message (taken; NULL for none). The reply's slices may point into memory that their
+ * destroy callbacks release: gRPC drops them once sent, or at the latest reply_timeout_ms later,
+ * when the call is cancelled. */
 void rpc_reply(struct rpc_call *call, int status, const char *msg, grpc_byte_buffer *reply);
 
 /* Answers with an error: the gRPC status that err->code maps to, and err->msg. */
@@ -77,8 +85,10 @@ int64_t rpc_call_deadline_ns(struct rpc_call *call);
  * before or after the reply was started; fn must cope with both. From the handler only. */
 void rpc_call_on_cancel(struct rpc_call *call, void (*fn)(void *arg), void *arg);
 
-/* Stops accepting, lets calls in progress finish for up to grace_ms, cancels the rest, stops the
- * threads, removes the unix socket files it made and frees everything. Takes NULL. */
+/* Stops accepting, lets calls in progress finish for up to grace_ms, cancels the rest and closes
+ * every connection (idle ones at once, once the calls are done), stops the threads, removes the
+ * unix socket files it made (if they are still the ones it made) and frees everything. Takes
+ * NULL. */
 void rpc_server_stop(struct rpc_server *s, int grace_ms);
 
 #endif

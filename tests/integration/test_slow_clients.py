@@ -1,0 +1,305 @@
+"""tpd against clients that hold on to what it gives them, and against a second tpd.
+
+(a) A client that never reads its replies: a real HTTP/2 client (h2, over the unix socket) that
+    announces SETTINGS_INITIAL_WINDOW_SIZE 0 and never sends WINDOW_UPDATE opens 6 ModelInfer
+    streams, more than the 4 slots; each computed reply is lent from its slot and cannot be sent.
+    A well-behaved tritonclient must keep getting right answers within a normal deadline while
+    that connection stays open, and the stuck calls must end with RESOURCE_EXHAUSTED (their
+    trailers are not flow controlled, so the client sees them) once --reply-timeout-ms (2 s by
+    default) passed. A SIGTERM while such calls are stuck ends within a few seconds.
+(b) A unix socket that a live tpd serves is not taken over: a second tpd on the same path exits
+    non-zero naming the path, before starting any worker, and the first still serves; a socket
+    file left by a killed tpd (connect gives ECONNREFUSED) is taken over; a path that is not a
+    socket is never removed.
+(c) SIGTERM with idle client connections open exits 0 within a second: a tritonclient channel
+    after a call, a socket that never spoke HTTP/2, and an HTTP/2 client that reads nothing (so
+    never answers the GOAWAY ping, which gRPC would wait 20 s for).
+"""
+
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+import unittest
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tpdtest import STARTED_RE, TpdTestCase, free_tcp_port, make_layer  # noqa: E402
+
+import h2.config  # noqa: E402
+import h2.connection  # noqa: E402
+import h2.events  # noqa: E402
+import h2.settings  # noqa: E402
+import tritonclient.grpc as tgrpc  # noqa: E402
+from tritonclient.grpc import service_pb2 as pb  # noqa: E402
+
+TOL = 1e-5
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def infer_request(model, x, req_id=""):
+    req = pb.ModelInferRequest(model_name=model, id=req_id)
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    return req
+
+
+def grpc_frame(msg):
+    """One gRPC message on the wire: uncompressed flag, 4-byte big-endian length, the bytes."""
+    return b"\x00" + struct.pack(">I", len(msg)) + msg
+
+
+class NonReader:
+    """An HTTP/2 client that asks for replies and never takes them: its streams' receive window
+    is 0 (SETTINGS_INITIAL_WINDOW_SIZE) and it never sends WINDOW_UPDATE. It does read the socket
+    and answers SETTINGS and PING as h2 does by itself, so to the server it is a live peer that
+    simply does not consume what it asked for. A thread of its own feeds h2; events per stream
+    are kept: 'headers' (response HEADERS seen), 'status' (grpc-status of the trailers), 'message'
+    (grpc-message) and 'reset' (RST_STREAM error code)."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config=cfg)
+        self.conn.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        self.lock = threading.Lock()
+        self.streams = {}
+        self.closed = False
+        with self.lock:
+            self.conn.initiate_connection()
+            self.sock.sendall(self.conn.data_to_send())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def call(self, method, msg):
+        with self.lock:
+            sid = self.conn.get_next_available_stream_id()
+            self.streams[sid] = {}
+            self.conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                         (":path", method), (":authority", "localhost"),
+                                         ("content-type", "application/grpc"), ("te", "trailers")])
+            self.conn.send_data(sid, grpc_frame(msg), end_stream=True)
+            self.sock.sendall(self.conn.data_to_send())
+        return sid
+
+    def _run(self):
+        while not self.stop.is_set():
+            r, _, _ = select.select([self.sock], [], [], 0.1)
+            if not r:
+                continue
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.closed = True
+                return
+            with self.lock:
+                for ev in self.conn.receive_data(data):
+                    st = self.streams.get(getattr(ev, "stream_id", None))
+                    if st is None:
+                        continue
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        st["headers"] = dict(ev.headers)
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        hd = dict(ev.headers)
+                        st["status"] = hd.get("grpc-status")
+                        st["message"] = hd.get("grpc-message", "")
+                    elif isinstance(ev, h2.events.StreamReset):
+                        st["reset"] = ev.error_code
+                out = self.conn.data_to_send()
+                if out:
+                    self.sock.sendall(out)
+
+    def count(self, key):
+        with self.lock:
+            return sum(key in st for st in self.streams.values())
+
+    def snapshot(self):
+        with self.lock:
+            return {sid: dict(st) for sid, st in self.streams.items()}
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+class SlowClientCase(TpdTestCase):
+
+    def layer(self, out, in_, seed):
+        wpath = self.path("slow%d.safetensors" % seed)
+        W, b = make_layer(wpath, out, in_, bias=True, dtype="F32", seed=seed)
+        return wpath, W, b, os.path.basename(wpath)[:-len(".safetensors")]
+
+    def triton(self, d):
+        c = tgrpc.InferenceServerClient(url=d.addr)
+        self.addCleanup(c.close)
+        return c
+
+    def infer_ok(self, c, model, x, W, b, timeout, what):
+        inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        t0 = time.monotonic()
+        r = c.infer(model, [inp], client_timeout=timeout)
+        took = time.monotonic() - t0
+        self.assert_close(r.as_numpy("output"), x, W, b, TOL, what)
+        return took
+
+
+class TestNonReadingClient(SlowClientCase):
+
+    def test_client_that_never_reads_holds_no_slot(self):
+        in_, out = 256, 1024
+        wpath, W, b, model = self.layer(out, in_, seed=1)
+        # one request per job, so that 6 requests need 6 slots: 4 replies hold all of them
+        d = self.start_daemon(wpath, "--cpu", 1, "--slots", 4, "--batch-delay-us", 0,
+                              name="nonreader")
+        rng = np.random.default_rng(1)
+        bad = NonReader(d.sock)
+        self.addCleanup(bad.close)
+        nbad = 6
+        for i in range(nbad):
+            x = rng.standard_normal((1, in_)).astype(np.float32)
+            bad.call(INFER, infer_request(model, x, "stuck-%d" % i).SerializeToString())
+        # the first 4 are computed and their replies started: HEADERS come, DATA cannot
+        deadline = time.monotonic() + 20
+        while bad.count("headers") < 4:
+            self.assertLess(time.monotonic(), deadline, "no replies started: %r\n%s" % (
+                bad.snapshot(), d.log_tail()))
+            time.sleep(0.02)
+
+        c = self.triton(d)
+        self.assertTrue(c.is_server_ready())
+        t0 = time.monotonic()
+        lat = []
+        for i in range(20):
+            x = rng.standard_normal((1 + i % 3, in_)).astype(np.float32)
+            lat.append(self.infer_ok(c, model, x, W, b, 5, "good request %d" % i))
+        total = time.monotonic() - t0
+        print("\ngood client with a non-reading connection open: first answer %.3f s, "
+              "median %.4f s, 20 in %.2f s" % (lat[0], sorted(lat)[10], total), file=sys.stderr)
+        self.assertFalse(bad.closed, "the connection itself was closed")
+        # every stuck call ends, as RESOURCE_EXHAUSTED in trailers the client can read
+        deadline = time.monotonic() + 20
+        while bad.count("status") < nbad:
+            self.assertLess(time.monotonic(), deadline, "stuck calls not ended: %r\n%s" % (
+                bad.snapshot(), d.log_tail()))
+            time.sleep(0.05)
+        for sid, st in bad.snapshot().items():
+            self.assertEqual(st["status"], "8", "stream %d: %r" % (sid, st))
+            self.assertIn("reply-timeout-ms", st["message"], "stream %d: %r" % (sid, st))
+        self.infer_ok(c, model, np.ones((2, in_), np.float32), W, b, 5, "after")
+        # the same connection asks again and the server is stopped meanwhile: the drain waits for
+        # those calls only until their replies time out, then closes the connection
+        for i in range(4):
+            x = rng.standard_normal((1, in_)).astype(np.float32)
+            bad.call(INFER, infer_request(model, x, "again-%d" % i).SerializeToString())
+        deadline = time.monotonic() + 20
+        while bad.count("headers") < nbad + 4:
+            self.assertLess(time.monotonic(), deadline, "no replies started: %r\n%s" % (
+                bad.snapshot(), d.log_tail()))
+            time.sleep(0.02)
+        took = d.stop()
+        print("SIGTERM with 4 replies not taken: exit 0 after %.2f s" % took, file=sys.stderr)
+        self.assertLess(took, 6.0)
+
+
+class TestUnixSocketOwner(SlowClientCase):
+
+    def test_live_socket_is_not_taken_over(self):
+        wpath, W, b, model = self.layer(96, 32, seed=3)
+        sock = self.path("shared.sock")
+        first = self.start_daemon(wpath, "--cpu", 1, name="first", listen="unix:" + sock)
+        second = self.daemon(wpath, "--cpu", 1, name="second", listen="unix:" + sock)
+        second.start(wait_ready=False)
+        rc = second.wait_exit(20)
+        log = second.log()
+        self.assertNotEqual(rc, 0, log)
+        self.assertIn(sock, log, "the error does not name the path")
+        self.assertRegex(log, r"(?i)another server|in use|already", log)
+        self.assertEqual(STARTED_RE.findall(log), [], "workers started before the refusal")
+        self.assertTrue(first.running())
+        x = np.random.default_rng(3).standard_normal((3, 32)).astype(np.float32)
+        self.infer_ok(self.triton(first), model, x, W, b, 10, "first after the second")
+        self.assertLess(first.stop(), 5.0)
+        self.assertFalse(os.path.exists(sock), "the socket file is left after a clean stop")
+
+    def test_stale_socket_is_taken_over(self):
+        wpath, W, b, model = self.layer(96, 32, seed=4)
+        sock = self.path("stale.sock")
+        first = self.start_daemon(wpath, "--cpu", 1, name="killed", listen="unix:" + sock)
+        first.kill()
+        self.assertTrue(os.path.exists(sock), "a killed tpd removed its socket?")
+        with self.assertRaises(ConnectionRefusedError):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(sock)
+            finally:
+                s.close()
+        second = self.start_daemon(wpath, "--cpu", 1, name="heir", listen="unix:" + sock)
+        x = np.random.default_rng(4).standard_normal((2, 32)).astype(np.float32)
+        self.infer_ok(self.triton(second), model, x, W, b, 10, "on the stale path")
+        self.assertLess(second.stop(), 5.0)
+
+    def test_path_that_is_not_a_socket_is_kept(self):
+        wpath, W, b, model = self.layer(96, 32, seed=5)
+        path = self.path("file.sock")
+        with open(path, "w") as f:
+            f.write("not a socket\n")
+        d = self.daemon(wpath, "--cpu", 1, name="file", listen="unix:" + path)
+        d.start(wait_ready=False)
+        rc = d.wait_exit(20)
+        self.assertNotEqual(rc, 0, d.log())
+        self.assertIn(path, d.log())
+        self.assertIn("not a socket", d.log())
+        self.assertEqual(STARTED_RE.findall(d.log()), [], "workers started before the refusal")
+        with open(path) as f:
+            self.assertEqual(f.read(), "not a socket\n")
+
+
+class TestPromptStop(SlowClientCase):
+
+    def test_sigterm_with_idle_connection(self):
+        wpath, W, b, model = self.layer(96, 32, seed=6)
+        for listen in (None, "127.0.0.1:%d" % free_tcp_port()):
+            with self.subTest(listen=listen or "unix"):
+                d = self.start_daemon(wpath, "--cpu", 1, listen=listen,
+                                      name="idle%d" % bool(listen))
+                c = tgrpc.InferenceServerClient(url=d.addr)
+                self.addCleanup(c.close)
+                x = np.ones((1, 32), np.float32)
+                self.infer_ok(c, model, x, W, b, 10, "before the stop")
+                if listen:
+                    host, port = listen.split(":")
+                    raw = socket.create_connection((host, int(port)))
+                else:
+                    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    raw.connect(d.sock)
+                self.addCleanup(raw.close)
+                if listen:
+                    silent = None
+                else:
+                    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    silent.connect(d.sock)
+                    conn = h2.connection.H2Connection(
+                        config=h2.config.H2Configuration(client_side=True))
+                    conn.initiate_connection()
+                    silent.sendall(conn.data_to_send())
+                    self.addCleanup(silent.close)
+                time.sleep(0.3)
+                took = d.stop()
+                print("\nSIGTERM with an idle connection open (%s): exit 0 after %.3f s" % (
+                    listen or "unix", took), file=sys.stderr)
+                self.assertLess(took, 1.0, d.log_tail())
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
