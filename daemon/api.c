@@ -509,6 +509,7 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
                        &err) < 0)
         goto fail;
     ic->req = (struct sched_req){.rows = ic->in.rows,
+                                 .bytes = bytes_in,
                                  .deadline_ns = rpc_call_deadline_ns(call),
                                  .fill = infer_fill,
                                  .complete = infer_complete};

@@ -65,6 +65,9 @@ static void usage(FILE *f)
         "  --slots N               requests computed at once (default: 4)\n"
         "  --max-queue N           requests waiting for a slot before RESOURCE_EXHAUSTED\n"
         "                          (default: 1024)\n"
+        "  --max-queue-mb MB       MiB of requests waiting for a slot before RESOURCE_EXHAUSTED;\n"
+        "                          a request that finds the queue empty is always taken\n"
+        "                          (default: 256)\n"
         "  --reply-timeout-ms MS   a reply that its client has not taken MS after it was\n"
         "                          computed cancels the call (RESOURCE_EXHAUSTED), freeing its\n"
         "                          slot; 0 waits forever (default: 2000)\n"
@@ -277,6 +280,7 @@ enum {
     O_MAX_BATCH,
     O_SLOTS,
     O_MAX_QUEUE,
+    O_MAX_QUEUE_MB,
     O_REPLY_TIMEOUT,
     O_WORKER,
     O_GRPC_THREADS,
@@ -311,6 +315,7 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"max-batch", required_argument, NULL, O_MAX_BATCH},
                                      {"slots", required_argument, NULL, O_SLOTS},
                                      {"max-queue", required_argument, NULL, O_MAX_QUEUE},
+                                     {"max-queue-mb", required_argument, NULL, O_MAX_QUEUE_MB},
                                      {"reply-timeout-ms", required_argument, NULL, O_REPLY_TIMEOUT},
                                      {"worker", required_argument, NULL, O_WORKER},
                                      {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
@@ -407,6 +412,11 @@ static enum config_result apply(struct config *c, int o)
         if (parse_num("--max-queue", optarg, 0, 1 << 20, &v))
             return CONFIG_USAGE;
         c->max_queue = (uint32_t)v;
+        break;
+    case O_MAX_QUEUE_MB:
+        if (parse_num("--max-queue-mb", optarg, 1, 1 << 20, &v))
+            return CONFIG_USAGE;
+        c->max_queue_mb = (uint32_t)v;
         break;
     case O_REPLY_TIMEOUT:
         if (parse_num("--reply-timeout-ms", optarg, 0, 3600000, &v))
@@ -575,6 +585,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .max_batch = 256,
                          .slots = 4,
                          .max_queue = 1024,
+                         .max_queue_mb = 256,
                          .reply_timeout_ms = 2000,
                          .batch_delay_us = 200,
                          .grpc_threads = 1,

@@ -25,11 +25,12 @@ struct config {
     const char *cpu_gemm;      /* cpu: "invariant" (batch-invariant, the default) or "openblas" */
     const char *listen[CONFIG_MAX_LISTEN];
     int nlisten;
-    uint32_t max_batch;   /* rows per request */
-    uint32_t slots;       /* requests computed at once */
-    uint32_t max_queue;   /* requests waiting for a slot */
-    int reply_timeout_ms; /* a reply its client has not taken by then cancels the call; 0: never */
-    const char *worker;   /* worker executable; NULL: next to tpd */
+    uint32_t max_batch;    /* rows per request */
+    uint32_t slots;        /* requests computed at once */
+    uint32_t max_queue;    /* requests waiting for a slot */
+    uint32_t max_queue_mb; /* MiB of requests waiting for a slot */
+    int reply_timeout_ms;  /* a reply its client has not taken by then cancels the call; 0: never */
+    const char *worker;    /* worker executable; NULL: next to tpd */
     int grpc_threads;
     int restart_backoff_ms; /* first restart delay */
     int job_timeout_ms;     /* least time a rank may take over a job before it is taken for hung

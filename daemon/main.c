@@ -260,10 +260,11 @@ int main(int argc, char **argv)
                                               .out = (uint32_t)m.out},
                          &err) < 0)
         goto fail;
-    if (sched_create(
-            &sched, &arena,
-            &(struct sched_config){.max_queue = c.max_queue, .batch_delay_us = c.batch_delay_us},
-            &err) < 0)
+    if (sched_create(&sched, &arena,
+                     &(struct sched_config){.max_queue = c.max_queue,
+                                            .max_queue_bytes = (uint64_t)c.max_queue_mb << 20,
+                                            .batch_delay_us = c.batch_delay_us},
+                     &err) < 0)
         goto fail;
     if (c.ngpus)
         tp_log(TP_LOG_NOTICE,
@@ -302,6 +303,8 @@ int main(int argc, char **argv)
                                  .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
                                  .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM,
                                  .reply_timeout_ms = c.reply_timeout_ms,
+                                 /* the queue's bytes and half as much again in transit */
+                                 .memory_bytes = ((long)c.max_queue_mb << 20) * 3 / 2,
                                  .tls_cert = c.tls_cert,
                                  .tls_key = c.tls_key,
                                  .tls_client_ca = c.tls_client_ca,

@@ -555,9 +555,11 @@ int rpc_server_create(struct rpc_server **out, const struct rpc_config *c,
                       const struct rpc_method *methods, int nmethods, void *ctx, struct tp_err *err)
 {
     struct rpc_server *s = calloc(1, sizeof(*s));
-    grpc_arg args[2] = {
+    grpc_resource_quota *quota = NULL;
+    grpc_arg args[3] = {
         {GRPC_ARG_INTEGER, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, {.integer = (int)c->max_recv}},
-        {GRPC_ARG_INTEGER, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, {.integer = (int)c->max_send}}};
+        {GRPC_ARG_INTEGER, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, {.integer = (int)c->max_send}},
+        {GRPC_ARG_POINTER, GRPC_ARG_RESOURCE_QUOTA, {.pointer = {NULL, NULL}}}};
     grpc_channel_args chargs = {2, args};
 
     *out = NULL;
@@ -589,7 +591,24 @@ int rpc_server_create(struct rpc_server **out, const struct rpc_config *c,
         tp_err_set(err, TP_ENOMEM, "no memory for the server");
         goto fail;
     }
+    /* gRPC accounts the memory of its connections and received messages (those that wait in the
+     * scheduler's queue too) against the quota: as it fills, flow control shrinks the windows and
+     * senders slow down; past it, gRPC resets streams with RESOURCE_EXHAUSTED. */
+    if (c->memory_bytes > 0) {
+        size_t bytes = (size_t)c->memory_bytes;
+
+        if (c->max_recv > 0 && c->max_send > 0)
+            bytes += 2 * (size_t)(c->max_recv + c->max_send);
+        quota = grpc_resource_quota_create("tpd");
+        grpc_resource_quota_resize(quota, bytes);
+        args[2].value.pointer.p = quota;
+        args[2].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+        chargs.num_args = 3;
+        tp_log(TP_LOG_INFO, "gRPC memory quota: %zu MiB", bytes >> 20);
+    }
     s->server = grpc_server_create(&chargs, NULL);
+    if (quota)
+        grpc_resource_quota_unref(quota);
     for (int m = 0; m < nmethods; m++)
         s->handles[m] = grpc_server_register_method(s->server, methods[m].path, NULL,
                                                     GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);

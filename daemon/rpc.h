@@ -33,6 +33,11 @@ struct rpc_config {
      * flow-control window, a stalled connection) cancels its call with RESOURCE_EXHAUSTED, which
      * drops the reply and what it points at. 0: replies may take forever. */
     int reply_timeout_ms;
+    /* Bytes that gRPC may hold in received and unsent messages (its connections' buffers, and
+     * requests that wait in the scheduler's queue) beyond room for two of the largest request
+     * and response: gRPC's resource quota. As it fills, flow control slows the senders down; past
+     * it, gRPC resets streams with RESOURCE_EXHAUSTED. 0: no bound. */
+    long memory_bytes;
     /* Security of the listeners. TCP addresses use TLS when tls_cert is set (PEM files, read at
      * create), and then also require a client certificate signed by tls_client_ca when that is
      * set. unix: sockets stay plain: they are local, and socket_mode (file mode bits) says who

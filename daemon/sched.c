@@ -2,16 +2,28 @@
  * bookkeeping; the copies into a slot, the dispatch and the complete callbacks run outside it.
  * A slot is busy from the moment a batch takes it until its hold count drops to zero: one hold
  * for the job while the workers compute, plus one per request whose rows were lent out by a
- * successful complete. Only then may the next batch overwrite it. */
+ * successful complete. Only then may the next batch overwrite it.
+ *
+ * Memory: a queued request holds its received message until its fill copies it into a slot, so
+ * the queue's bytes are bounded as well as its length. tpd keeps freed memory on purpose (see
+ * main.c's mallopt), so a burst of large requests would leave the process at its peak for good.
+ * After a burst (the queue held half its byte bound), once the scheduler has been idle for
+ * TRIM_IDLE_NS (nothing queued, computing or lent out, nothing submitted), its thread gives the
+ * free memory back with malloc_trim. A steady load never reaches half the bound, so it keeps its
+ * warm buffers; a load that never lets the scheduler idle keeps the memory it has (bounded). */
 #include "sched.h"
 
+#include <malloc.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "log.h"
+
+#define TRIM_IDLE_NS 200000000LL /* idle time after a burst before memory is given back */
 
 enum req_state { R_QUEUED = 1, R_RUNNING, R_CANCELLED, R_DONE };
 
@@ -37,9 +49,12 @@ struct sched {
     struct sched_slot *slots;      /* nslots */
     struct sched_req *head, *tail; /* FIFO of requests waiting for a batch */
     uint32_t queued;
-    uint32_t running;   /* requests in jobs not yet done */
-    uint32_t busy;      /* busy slots */
-    uint32_t computing; /* slots whose job the workers have not finished */
+    uint64_t queued_bytes; /* sum of their bytes */
+    uint64_t burst_bytes;  /* most queued_bytes since memory was last given back */
+    int64_t last_busy_ns;  /* the latest sched_submit (taken or not) or slot release */
+    uint32_t running;      /* requests in jobs not yet done */
+    uint32_t busy;         /* busy slots */
+    uint32_t computing;    /* slots whose job the workers have not finished */
     uint64_t next_id;
     int ready;
     struct sched_stats st;
@@ -64,6 +79,13 @@ static void fail_list(struct sched_req *r, const struct tp_err *err)
     }
 }
 
+/* Memory is to be given back once the scheduler idles: the queue held half its byte bound since
+ * the last time. Called with the lock held. */
+static int after_burst(const struct sched *s)
+{
+    return s->c.max_queue_bytes && s->burst_bytes >= s->c.max_queue_bytes / 2;
+}
+
 /* Drops one hold of a slot. Called with the lock held. */
 static void unhold_locked(struct sched *s, struct sched_slot *sl)
 {
@@ -72,7 +94,8 @@ static void unhold_locked(struct sched *s, struct sched_slot *sl)
     sl->busy = 0;
     sl->reqs = NULL;
     s->busy--;
-    if (s->head || s->stopping)
+    s->last_busy_ns = now_ns();
+    if (s->head || s->stopping || (s->busy == 0 && after_burst(s)))
         pthread_cond_broadcast(&s->cond);
 }
 
@@ -102,6 +125,7 @@ static int unqueue(struct sched *s, struct sched_req *r)
         if (s->tail == r)
             s->tail = prev;
         s->queued--;
+        s->queued_bytes -= r->bytes;
         r->next = NULL;
         return 1;
     }
@@ -152,6 +176,7 @@ static uint32_t take_batch(struct sched *s, struct sched_slot *sl, struct sched_
         r->state = R_RUNNING;
         r->row0 = rows;
         rows += r->rows;
+        s->queued_bytes -= r->bytes;
     }
     sl->busy = 1;
     sl->holds = 1;
@@ -202,6 +227,35 @@ static void launch(struct sched *s, struct sched_slot *sl)
     fail_list(failed, &err);
 }
 
+/* Resident memory of this process in KiB, or -1. */
+static long rss_kib(void)
+{
+    FILE *f = fopen("/proc/self/statm", "re");
+    long size, resident = -1;
+
+    if (!f)
+        return -1;
+    if (fscanf(f, "%ld %ld", &size, &resident) != 2)
+        resident = -1;
+    fclose(f);
+    return resident < 0 ? -1 : resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+/* Gives the memory freed after a burst back to the system. Called without the lock. */
+static void give_back_memory(uint64_t burst_bytes)
+{
+    long before = rss_kib(), after;
+    int64_t t0 = now_ns();
+
+    malloc_trim(0);
+    after = rss_kib();
+    tp_log(TP_LOG_INFO,
+           "queue drained after holding %llu MiB: resident memory %ld -> %ld MiB (malloc_trim, "
+           "%.1f ms)",
+           (unsigned long long)(burst_bytes >> 20), before / 1024, after / 1024,
+           (double)(now_ns() - t0) / 1e6);
+}
+
 static void *sched_thread(void *arg)
 {
     struct sched *s = arg;
@@ -221,6 +275,23 @@ static void *sched_thread(void *arg)
             pthread_mutex_unlock(&s->lock);
             tp_err_set(&err, TP_ETIMEDOUT, "deadline exceeded while waiting in the queue");
             fail_list(expired, &err);
+            pthread_mutex_lock(&s->lock);
+            continue;
+        }
+        if (!s->head && s->busy == 0 && after_burst(s)) {
+            int64_t at = s->last_busy_ns + TRIM_IDLE_NS;
+            uint64_t burst = s->burst_bytes;
+
+            if (now < at) {
+                struct timespec ts = {(time_t)(at / 1000000000), (long)(at % 1000000000)};
+
+                pthread_cond_timedwait(&s->cond, &s->lock, &ts);
+                continue;
+            }
+            s->burst_bytes = 0;
+            s->st.trims++;
+            pthread_mutex_unlock(&s->lock);
+            give_back_memory(burst);
             pthread_mutex_lock(&s->lock);
             continue;
         }
@@ -311,6 +382,7 @@ int sched_submit(struct sched *s, struct sched_req *r, struct tp_err *err)
     if (r->deadline_ns <= now)
         return tp_err_set(err, TP_ETIMEDOUT, "deadline exceeded before the request was queued");
     pthread_mutex_lock(&s->lock);
+    s->last_busy_ns = now;
     if (!s->ready) {
         pthread_mutex_unlock(&s->lock);
         return tp_err_set(err, TP_EUNAVAIL, "server is not ready: workers are (re)starting");
@@ -318,9 +390,24 @@ int sched_submit(struct sched *s, struct sched_req *r, struct tp_err *err)
     if (s->queued >= s->c.max_queue) {
         uint32_t q = s->queued;
 
+        s->st.refused++;
         pthread_mutex_unlock(&s->lock);
         return tp_err_set(err, TP_EBUSY, "queue full: %u requests waiting (--max-queue %u)", q,
                           s->c.max_queue);
+    }
+    if (s->c.max_queue_bytes && s->queued > 0 &&
+        s->queued_bytes + r->bytes > s->c.max_queue_bytes) {
+        uint64_t held = s->queued_bytes;
+        uint32_t q = s->queued;
+
+        s->st.refused++;
+        pthread_mutex_unlock(&s->lock);
+        return tp_err_set(err, TP_EBUSY,
+                          "queue full: %u requests of %llu MiB in all waiting, no room for "
+                          "%llu KiB more (--max-queue-mb %llu)",
+                          q, (unsigned long long)(held >> 20),
+                          (unsigned long long)((r->bytes + 1023) >> 10),
+                          (unsigned long long)(s->c.max_queue_bytes >> 20));
     }
     r->state = R_QUEUED;
     r->enq_ns = now;
@@ -332,6 +419,11 @@ int sched_submit(struct sched *s, struct sched_req *r, struct tp_err *err)
         s->head = r;
     s->tail = r;
     s->queued++;
+    s->queued_bytes += r->bytes;
+    if (s->queued_bytes > s->burst_bytes)
+        s->burst_bytes = s->queued_bytes;
+    if (s->queued_bytes > s->st.max_queued_bytes)
+        s->st.max_queued_bytes = s->queued_bytes;
     /* Alone on an idle server (or batching off): start it on this thread, sparing the hand-off
      * to the scheduler's thread. Otherwise that thread forms the batch. */
     if (s->queued == 1 && (s->computing == 0 || s->c.batch_delay_us == 0)) {
@@ -358,6 +450,8 @@ void sched_cancel(struct sched *s, struct sched_req *r)
         was_queued = unqueue(s, r);
         r->state = R_DONE;
         s->st.cancelled++;
+        if (!s->head)
+            pthread_cond_broadcast(&s->cond); /* the queue drained: maybe after a burst */
     } else if (r->state == R_RUNNING) {
         r->state = R_CANCELLED;
         s->st.cancelled++;
@@ -431,6 +525,7 @@ void sched_on_state(void *ctx, int ready)
         r = s->head;
         s->head = s->tail = NULL;
         s->queued = 0;
+        s->queued_bytes = 0;
         for (struct sched_req *q = r; q; q = q->next)
             q->state = R_DONE;
     }
@@ -477,10 +572,13 @@ void sched_destroy(struct sched *s)
     if (s->st.batches)
         tp_log(TP_LOG_NOTICE,
                "scheduler: %llu jobs for %llu requests of %llu rows, %llu jobs of more than one "
-               "request (at most %u), %llu requests expired in the queue, %llu cancelled",
+               "request (at most %u), %llu requests expired in the queue, %llu cancelled, %llu "
+               "refused (queue full); at most %llu MiB queued",
                (unsigned long long)s->st.batches, (unsigned long long)s->st.requests,
                (unsigned long long)s->st.rows, (unsigned long long)s->st.multi, s->st.max_reqs,
-               (unsigned long long)s->st.expired, (unsigned long long)s->st.cancelled);
+               (unsigned long long)s->st.expired, (unsigned long long)s->st.cancelled,
+               (unsigned long long)s->st.refused,
+               (unsigned long long)(s->st.max_queued_bytes >> 20));
     s->stopping = 1;
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);

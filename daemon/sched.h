@@ -7,7 +7,10 @@
  * as long as two jobs are already with the workers, else up to the batch delay from its oldest
  * request's arrival; a request that finds the server idle starts at once. A slot is reused only
  * after every request of its batch has released its rows (sched_unhold), so a reply can be sent
- * straight from the slot without copying it first. */
+ * straight from the slot without copying it first. The queue is bounded in requests and in the
+ * bytes its requests hold; after a burst that filled half of the byte bound, once the scheduler
+ * idles, it gives the freed memory back to the system (malloc_trim), which tpd otherwise keeps on
+ * purpose for the next large message. */
 #ifndef TPD_SCHED_H
 #define TPD_SCHED_H
 
@@ -33,6 +36,7 @@ typedef void (*sched_complete_fn)(struct sched_req *r, const float *y, const str
 
 struct sched_req {
     uint32_t rows;
+    uint64_t bytes;      /* memory the request holds while it waits (its received message) */
     int64_t deadline_ns; /* CLOCK_MONOTONIC ns after which the request is dropped if not started;
                             INT64_MAX for none */
     sched_fill_fn fill;
@@ -46,20 +50,25 @@ struct sched_req {
 };
 
 struct sched_config {
-    uint32_t max_queue;      /* requests waiting; beyond it TP_EBUSY */
-    uint32_t batch_delay_us; /* once the workers are free, a batch waits for more until its oldest
-                                request is this old; 0: batching off, one request per job */
+    uint32_t max_queue;       /* requests waiting; beyond it TP_EBUSY */
+    uint64_t max_queue_bytes; /* bytes of the requests waiting; beyond it TP_EBUSY (a request
+                                 that finds the queue empty is always taken); 0: no bound */
+    uint32_t batch_delay_us;  /* once the workers are free, a batch waits for more until its oldest
+                                 request is this old; 0: batching off, one request per job */
 };
 
 /* Counters since start, for logs and metrics. */
 struct sched_stats {
-    uint64_t batches;   /* jobs sent */
-    uint64_t requests;  /* requests in those jobs */
-    uint64_t rows;      /* rows in those jobs */
-    uint64_t multi;     /* jobs that carried more than one request */
-    uint32_t max_reqs;  /* most requests in one job */
-    uint64_t expired;   /* dropped with TP_ETIMEDOUT before they started */
-    uint64_t cancelled; /* cancelled by their client (queued or running) */
+    uint64_t batches;          /* jobs sent */
+    uint64_t requests;         /* requests in those jobs */
+    uint64_t rows;             /* rows in those jobs */
+    uint64_t multi;            /* jobs that carried more than one request */
+    uint32_t max_reqs;         /* most requests in one job */
+    uint64_t expired;          /* dropped with TP_ETIMEDOUT before they started */
+    uint64_t cancelled;        /* cancelled by their client (queued or running) */
+    uint64_t refused;          /* refused with TP_EBUSY: the queue was full, in requests or bytes */
+    uint64_t max_queued_bytes; /* most bytes the queue held at once */
+    uint64_t trims;            /* times memory was given back after a burst */
     /* jobs by the requests in them: [0] 1, [1] 2-3, [2] 4-7, ..., [7] 128 or more */
     uint64_t by_reqs[8];
 };
@@ -74,8 +83,9 @@ void sched_attach(struct sched *s, struct sup *sup);
 
 /* Takes a request (r stays the caller's memory, and must stay valid until complete was called and,
  * after that, until any sched_cancel for it has returned). Returns -1 (and never calls complete)
- * when not ready (TP_EUNAVAIL), when the queue is full (TP_EBUSY) or when the deadline has already
- * passed (TP_ETIMEDOUT); otherwise complete will be called exactly once. */
+ * when not ready (TP_EUNAVAIL), when the queue is full in requests or in bytes (TP_EBUSY) or when
+ * the deadline has already passed (TP_ETIMEDOUT); otherwise complete will be called exactly
+ * once. r->bytes count against the byte bound while r waits in the queue. */
 int sched_submit(struct sched *s, struct sched_req *r, struct tp_err *err);
 
 /* The client of r is gone. A queued request leaves the queue at once and completes with an

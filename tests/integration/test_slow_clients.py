@@ -7,17 +7,25 @@
     that connection stays open, and the stuck calls must end with RESOURCE_EXHAUSTED (their
     trailers are not flow controlled, so the client sees them) once --reply-timeout-ms (2 s by
     default) passed. A SIGTERM while such calls are stuck ends within a few seconds.
-(b) A unix socket that a live tpd serves is not taken over: a second tpd on the same path exits
+(b) Memory bounded by the queue's bytes: with the only worker stopped (SIGSTOP, so every slot
+    stays busy), 400 requests of 2 MiB arrive. tpd's RSS (/proc/PID/status) must stay within what
+    the byte bound of the queue (--max-queue-mb, default 256) allows gRPC to hold (1.5 times the
+    bound: the queue, and half as much in transit) plus a margin, the requests beyond it get
+    RESOURCE_EXHAUSTED naming the flag, the accepted ones get right answers once the worker runs
+    again, and the RSS comes back down once they are done. (Under AddressSanitizer, whose
+    allocator and quarantine keep freed memory, RSS measures ASan: the bounds are not checked.)
+(c) A unix socket that a live tpd serves is not taken over: a second tpd on the same path exits
     non-zero naming the path, before starting any worker, and the first still serves; a socket
     file left by a killed tpd (connect gives ECONNREFUSED) is taken over; a path that is not a
     socket is never removed.
-(c) SIGTERM with idle client connections open exits 0 within a second: a tritonclient channel
+(d) SIGTERM with idle client connections open exits 0 within a second: a tritonclient channel
     after a call, a socket that never spoke HTTP/2, and an HTTP/2 client that reads nothing (so
     never answers the GOAWAY ping, which gRPC would wait 20 s for).
 """
 
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -28,8 +36,9 @@ import unittest
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import STARTED_RE, TpdTestCase, free_tcp_port, make_layer  # noqa: E402
+from tpdtest import STARTED_RE, TpdTestCase, free_tcp_port, make_layer, pid_alive  # noqa: E402
 
+import grpc  # noqa: E402
 import h2.config  # noqa: E402
 import h2.connection  # noqa: E402
 import h2.events  # noqa: E402
@@ -132,6 +141,21 @@ class NonReader:
         self.sock.close()
 
 
+def sanitized(pid):
+    """True when pid runs with AddressSanitizer."""
+    with open("/proc/%d/maps" % pid) as f:
+        return "libasan" in f.read()
+
+
+def vm_kb(pid, field):
+    """VmRSS, VmHWM, ... of /proc/PID/status in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
 class SlowClientCase(TpdTestCase):
 
     def layer(self, out, in_, seed):
@@ -210,6 +234,113 @@ class TestNonReadingClient(SlowClientCase):
         took = d.stop()
         print("SIGTERM with 4 replies not taken: exit 0 after %.2f s" % took, file=sys.stderr)
         self.assertLess(took, 6.0)
+
+
+class TestQueuedBytes(SlowClientCase):
+
+    def test_queued_bytes_are_bounded_and_given_back(self):
+        in_, out, rows = 1024, 64, 512  # 2 MiB a request, 128 KiB a reply
+        wpath, W, b, model = self.layer(out, in_, seed=2)
+        d = self.start_daemon(wpath, "--cpu", 1, "--slots", 4, "--max-batch", rows,
+                              "--max-queue", 1024, name="bytes")
+        pid = d.proc.pid
+        asan = sanitized(pid)
+        rng = np.random.default_rng(2)
+        xs = [rng.standard_normal((rows, in_)).astype(np.float32) for _ in range(4)]
+        payloads = [infer_request(model, x).SerializeToString() for x in xs]
+        opts = [("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", 64 << 20)]
+        channels = [grpc.insecure_channel(d.addr, options=opts + [("grpc.use_local_subchannel_pool",
+                                                                    1)]) for _ in range(4)]
+        for ch in channels:
+            self.addCleanup(ch.close)
+        calls = [ch.unary_unary(INFER, request_serializer=None, response_deserializer=None)
+                 for ch in channels]
+        # warm up: the paths that a request of this size takes, then the resting RSS
+        for i in range(8):
+            resp = pb.ModelInferResponse.FromString(calls[i % 4](payloads[i % 4], timeout=30))
+            y = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(rows, out)
+            self.assert_close(y, xs[i % 4], W, b, TOL, "warm-up %d" % i)
+        time.sleep(0.5)
+        base = vm_kb(pid, "VmRSS") / 1024.0
+
+        worker = int(STARTED_RE.findall(d.log())[-1][1])
+        os.kill(worker, signal.SIGSTOP)
+        self.addCleanup(lambda: pid_alive(worker) and os.kill(worker, signal.SIGCONT))
+        peak = [base]
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.is_set():
+                peak[0] = max(peak[0], vm_kb(pid, "VmRSS") / 1024.0)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        n = 400
+        results = [None] * n
+        done = threading.Semaphore(0)
+
+        def finished(i, fut):
+            try:
+                results[i] = ("OK", fut.result())
+            except grpc.RpcError as e:
+                results[i] = (e.code().name, e.details())
+            done.release()
+
+        t0 = time.monotonic()
+        for i in range(n):
+            fut = calls[i % 4].future(payloads[i % 4], timeout=120)
+            fut.add_done_callback(lambda f, i=i: finished(i, f))
+        # the refused come back while the worker is stopped; the accepted wait for it
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            answered = sum(r is not None for r in results)
+            time.sleep(2.0)
+            if answered == sum(r is not None for r in results):
+                break
+        refused = [r for r in results if r is not None and r[0] != "OK"]
+        os.kill(worker, signal.SIGCONT)
+        for _ in range(n):
+            self.assertTrue(done.acquire(timeout=120), "a request got no answer\n" + d.log_tail())
+        sampling.set()
+        sampler.join()
+        codes = {}
+        for r in results:
+            codes[r[0]] = codes.get(r[0], 0) + 1
+        ok = [(i, r[1]) for i, r in enumerate(results) if r[0] == "OK"]
+        for i, body in ok:
+            resp = pb.ModelInferResponse.FromString(body)
+            y = np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(rows, out)
+            self.assert_close(y, xs[i % 4], W, b, TOL, "request %d" % i)
+        # once the clients are gone, the memory goes back
+        for ch in channels:
+            ch.close()
+        after = None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            after = vm_kb(pid, "VmRSS") / 1024.0
+            if after < base + 96:
+                break
+            time.sleep(0.2)
+        print("\n%d requests of 2 MiB, worker stopped: RSS %.0f MB at rest, %.0f MB at the "
+              "peak, %.0f MB after; %s in %.1f s" % (n, base, peak[0], after, codes,
+                                                     time.monotonic() - t0), file=sys.stderr)
+        if asan:
+            print("tpd runs under AddressSanitizer: RSS bounds not checked", file=sys.stderr)
+        else:
+            self.assertLess(peak[0], base + 256 * 1.5 + 128,
+                            "RSS grew from %.0f to %.0f MB with requests queued\n%s" % (
+                                base, peak[0], d.log_tail()))
+            self.assertLess(after, base + 96, "RSS stayed at %.0f MB after the burst (%.0f at "
+                            "rest)\n%s" % (after, base, d.log_tail()))
+        self.assertGreater(len(ok), 4, codes)
+        self.assertEqual(set(codes) - {"OK", "RESOURCE_EXHAUSTED"}, set(), codes)
+        self.assertTrue(refused, "nothing was refused: %s" % codes)
+        # the queue refuses by name; gRPC's quota may also reset a few streams (RESOURCE_EXHAUSTED
+        # too) when more is in transit than it allows, as on a slow (sanitized) build
+        self.assertTrue(any("--max-queue-mb" in r[1] for r in refused), refused[:3])
+        self.assertLess(d.stop(), 5.0)
 
 
 class TestUnixSocketOwner(SlowClientCase):

@@ -5,7 +5,8 @@
  * still holds is not reused; a queued request cancelled or past its deadline never runs; a running
  * one cancelled is answered with an error when its job ends and frees its slot; with a delay of 0
  * every job has one request; once the workers are free a young batch waits out the delay, never
- * less. */
+ * less; the queue's bytes are bounded (a request that finds it empty is always taken), and memory
+ * is given back once after a burst, when the scheduler idles, not before. */
 #include <pthread.h>
 #include <string.h>
 #include <time.h>
@@ -283,10 +284,73 @@ static void test_delay_once_free(void)
     shm_arena_destroy(&a);
 }
 
+static uint64_t trims(struct sched *s)
+{
+    struct sched_stats st;
+
+    sched_get_stats(s, &st);
+    return st.trims;
+}
+
+static void test_queue_bytes(void)
+{
+    struct shm_arena a;
+    struct sched *s;
+    struct tp_err err = {0};
+    struct treq r[4];
+    struct sched_stats st;
+    int64_t until;
+
+    njobs = 0;
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){1, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(sched_create(&s, &a,
+                           &(struct sched_config){
+                               .max_queue = 8, .max_queue_bytes = 10240, .batch_delay_us = 0},
+                           &err),
+              0);
+    sched_on_state(s, 1);
+    for (int i = 0; i < 4; i++)
+        init(&r[i], 1, (float)i);
+    r[0].r.bytes = 100;
+    r[1].r.bytes = 20000; /* more than the bound, but the queue is empty */
+    r[2].r.bytes = 100;
+    r[3].r.bytes = 100;
+    ASSERT_EQ(sched_submit(s, &r[0].r, &err), 0); /* runs */
+    ASSERT_EQ(sched_submit(s, &r[1].r, &err), 0); /* queued alone */
+    ASSERT_EQ(sched_submit(s, &r[2].r, &err), -1);
+    ASSERT_EQ(err.code, TP_EBUSY);
+    ASSERT_TRUE(strstr(err.msg, "--max-queue-mb") != NULL);
+    sched_on_done(s, 0, jobs[0].id, NULL);
+    sched_unhold(r[0].r.hold);
+    ASSERT_TRUE(wait_job(1, 2000));               /* r1 runs: the queue is empty again */
+    ASSERT_EQ(sched_submit(s, &r[3].r, &err), 0); /* so there is room */
+    sched_get_stats(s, &st);
+    ASSERT_EQ(st.refused, 1);
+    ASSERT_EQ(st.max_queued_bytes, 20000);
+    sched_on_done(s, 0, jobs[1].id, NULL);
+    sched_unhold(r[1].r.hold);
+    ASSERT_TRUE(wait_job(2, 2000)); /* r3 */
+    sched_on_done(s, 0, jobs[2].id, NULL);
+    /* the burst is over, but a reply still holds its slot: memory stays */
+    usleep(300000);
+    ASSERT_EQ(trims(s), 0);
+    sched_unhold(r[3].r.hold);
+    until = mono_ns() + 2000000000LL;
+    while (trims(s) == 0 && mono_ns() < until)
+        usleep(10000);
+    ASSERT_EQ(trims(s), 1);
+    usleep(300000);
+    ASSERT_EQ(trims(s), 1); /* once per burst */
+    ASSERT_EQ(sched_busy(s), 0);
+    sched_destroy(s);
+    shm_arena_destroy(&a);
+}
+
 int main(void)
 {
     TEST_RUN(test_batching_holds_cancel);
     TEST_RUN(test_no_batching);
     TEST_RUN(test_delay_once_free);
+    TEST_RUN(test_queue_bytes);
     return 0;
 }
