@@ -25,10 +25,13 @@
 #include "log.h"
 #include "pem.h"
 
+#define LAST_WAIT_MS 3000 /* the longest the stop waits for connections after the drain */
 #define POSTED_PER_METHOD 8 /* requests waiting for calls, per method and queue */
 #define POSTED_UNKNOWN 2
 
 enum tag_kind { T_NEW, T_SEND, T_CLOSE };
+
+static struct rpc_server *abandoned; /* a server whose stop gave up on a connection */
 
 struct rpc_tag {
     enum tag_kind kind;
@@ -54,6 +57,7 @@ struct rpc_call {
     /* while the reply is being sent: on its queue's list of sends, oldest first */
     int64_t reply_ns; /* when rpc_reply started the send batch, CLOCK_MONOTONIC ns */
     int sending;      /* on the list */
+    int given_up;     /* cancelled by cancel_late_replies: counted in given_up */
     struct rpc_call *sprev, *snext;
 };
 
@@ -92,6 +96,10 @@ struct rpc_server {
     atomic_llong late_logged_ns; /* when a late reply was last logged, ns */
     /* call contexts alive (posted or running): the stop waits for them, not for connections */
     atomic_int contexts;
+    /* of those, calls cancelled because their client did not take the reply: their context
+     * lives on until gRPC's write to that client ends, which may be never; the stop does not
+     * wait for them */
+    atomic_int given_up;
     pthread_mutex_t lock;
     pthread_cond_t idle; /* contexts dropped to 0 while shutting down */
 };
@@ -137,6 +145,8 @@ static void call_free(struct rpc_call *c)
         grpc_byte_buffer_destroy(c->reply);
     grpc_metadata_array_destroy(&c->md);
     grpc_call_details_destroy(&c->details);
+    if (c->given_up)
+        atomic_fetch_sub(&s->given_up, 1);
     free(c->data);
     free(c);
     if (atomic_fetch_sub(&s->contexts, 1) == 1 && atomic_load(&s->shutting_down)) {
@@ -334,6 +344,8 @@ static void cancel_late_replies(struct poller *p, int64_t now)
             p->stail = NULL;
         c->sending = 0;
         c->snext = NULL;
+        c->given_up = 1;
+        atomic_fetch_add(&s->given_up, 1);
         grpc_call_ref(c->call);
         late[n++] = c->call;
     }
@@ -642,11 +654,27 @@ int rpc_server_start(struct rpc_server *s, struct tp_err *err)
             post(s, -1, q);
     }
     for (int q = 0; q < s->npollers; q++) {
-        if (pthread_create(&s->pollers[q].thread, NULL, poll_thread, &s->pollers[q]) != 0)
-            return tp_err_set(err, TP_ESYS, "cannot start gRPC thread %d", q);
+        int rc = pthread_create(&s->pollers[q].thread, NULL, poll_thread, &s->pollers[q]);
+
+        if (rc != 0)
+            return tp_err_set(err, TP_ESYS, "cannot start gRPC thread %d: %s", q, strerror(rc));
         s->pollers[q].running = 1;
     }
     return 0;
+}
+
+/* Only the socket files we made: a path replaced since is someone else's. */
+static void remove_socket_files(struct rpc_server *s)
+{
+    for (int i = 0; i < s->nunix; i++) {
+        struct unix_path *u = &s->unix_paths[i];
+        struct stat st;
+
+        if (lstat(u->path, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == u->dev &&
+            st.st_ino == u->ino)
+            unlink(u->path);
+    }
+    s->nunix = 0;
 }
 
 void rpc_server_stop(struct rpc_server *s, int grace_ms)
@@ -668,21 +696,40 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
          * all calls also closes every connection, idle ones included, and the shutdown
          * completes. */
         if (s->started) {
-            struct timespec until;
             int64_t t = now_ns() + (int64_t)grace_ms * 1000000;
 
-            until.tv_sec = (time_t)(t / 1000000000);
-            until.tv_nsec = (long)(t % 1000000000);
+            /* calls given up on (their client takes no reply) are not waited for; they drop
+             * out of the count without a signal, so the wait looks again every 50 ms */
             pthread_mutex_lock(&s->lock);
-            while (atomic_load(&s->contexts) > 0 &&
-                   pthread_cond_timedwait(&s->idle, &s->lock, &until) != ETIMEDOUT)
-                ;
+            while (atomic_load(&s->contexts) > atomic_load(&s->given_up) && now_ns() < t) {
+                int64_t w = t - now_ns() < 50000000 ? t : now_ns() + 50000000;
+                struct timespec step = {(time_t)(w / 1000000000), (long)(w % 1000000000)};
+
+                pthread_cond_timedwait(&s->idle, &s->lock, &step);
+            }
             pthread_mutex_unlock(&s->lock);
-            if (atomic_load(&s->contexts) > 0)
+            if (atomic_load(&s->contexts) > atomic_load(&s->given_up))
                 tp_log(TP_LOG_WARN, "calls still running after %d ms, cancelling them", grace_ms);
         }
         grpc_server_cancel_all_calls(s->server);
-        grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        /* A connection whose peer stopped reading its socket closes only once gRPC's pending
+         * write to it finishes, which may be never: the shutdown is waited for a bounded time,
+         * then the server is left as it is (kept reachable, so a leak check does not report
+         * it) and the process goes on to exit. */
+        if (grpc_completion_queue_pluck(scq, &tag,
+                                        gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                                     gpr_time_from_millis(LAST_WAIT_MS,
+                                                                          GPR_TIMESPAN)),
+                                        NULL)
+                .type == GRPC_QUEUE_TIMEOUT) {
+            tp_log(TP_LOG_WARN,
+                   "a client connection did not close within %d ms of the drain (its peer does "
+                   "not read): leaving it to the exit",
+                   LAST_WAIT_MS);
+            remove_socket_files(s);
+            abandoned = s;
+            return;
+        }
         grpc_completion_queue_shutdown(scq);
         /* a pluck queue is drained with pluck: _next is not defined on it */
         while (grpc_completion_queue_pluck(scq, &tag, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL)
@@ -716,15 +763,7 @@ void rpc_server_stop(struct rpc_server *s, int grace_ms)
     for (int q = 0; s->pollers && q < s->npollers; q++)
         if (s->pollers[q].cq)
             grpc_completion_queue_destroy(s->pollers[q].cq);
-    /* only the socket files we made: a path replaced since is someone else's */
-    for (int i = 0; i < s->nunix; i++) {
-        struct unix_path *u = &s->unix_paths[i];
-        struct stat st;
-
-        if (lstat(u->path, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == u->dev &&
-            st.st_ino == u->ino)
-            unlink(u->path);
-    }
+    remove_socket_files(s);
     if (s->tls)
         grpc_server_credentials_release(s->tls);
     for (int q = 0; s->pollers && q < s->npollers; q++)

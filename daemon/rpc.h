@@ -92,8 +92,10 @@ void rpc_call_on_cancel(struct rpc_call *call, void (*fn)(void *arg), void *arg)
 
 /* Stops accepting, lets calls in progress finish for up to grace_ms, cancels the rest and closes
  * every connection (idle ones at once, once the calls are done), stops the threads, removes the
- * unix socket files it made (if they are still the ones it made) and frees everything. Takes
- * NULL. */
+ * unix socket files it made (if they are still the ones it made) and frees everything. A
+ * connection that still does not close 3 s later (a peer that stopped reading its socket) is
+ * left to the process's exit, with the server: after a warning, the call returns without
+ * freeing. Takes NULL. */
 void rpc_server_stop(struct rpc_server *s, int grace_ms);
 
 #endif

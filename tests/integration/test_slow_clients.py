@@ -431,6 +431,40 @@ class TestPromptStop(SlowClientCase):
                     listen or "unix", took), file=sys.stderr)
                 self.assertLess(took, 1.0, d.log_tail())
 
+    def test_sigterm_with_a_peer_that_stopped_reading(self):
+        # A peer that asked for large replies with a large window, then never reads its socket:
+        # gRPC's write to it never finishes, and the connection never closes. The stop gives up
+        # on it after a bounded wait, says so, and exits 0 (it used to wait forever).
+        wpath, W, b, model = self.layer(4096, 32, seed=7)
+        d = self.start_daemon(wpath, "--cpu", 1, name="stuckwrite")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(d.sock)
+        self.addCleanup(sock.close)
+        conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+        conn.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        conn.initiate_connection()
+        conn.increment_flow_control_window(2**30)
+        x = np.ones((64, 32), np.float32)
+        for _ in range(6):  # 1 MiB of reply each, within the server's 64 KiB window
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", INFER),
+                                    (":authority", "localhost"),
+                                    ("content-type", "application/grpc"), ("te", "trailers")])
+            conn.send_data(sid, grpc_frame(infer_request(model, x).SerializeToString()),
+                           end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(1.0)  # computed; the replies fill the socket and stall
+        c = self.triton(d)
+        self.infer_ok(c, model, x[:1], W, b, 10, "a well-behaved client meanwhile")
+        took = d.stop()
+        print("\nSIGTERM with a peer that stopped reading: exit 0 after %.3f s" % took,
+              file=sys.stderr)
+        self.assertLess(took, 12.0, d.log_tail())
+        self.assertIn("did not close within", d.log())
+        self.assertFalse(os.path.exists(d.sock), "unix socket left behind")
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
