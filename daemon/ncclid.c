@@ -1,28 +1,23 @@
 /* ncclid.c -- the NCCL unique id (see ncclid.h). Compiled with or without NCCL's header. NCCL is
  * loaded with dlopen at the first id, never before: tpd starts, and serves the cpu backend and
- * --gather host, on machines without it. It is looked for in each directory of TPD_CUDA_LIBS
- * (':'-separated), then by the loader's own search (LD_LIBRARY_PATH, the program's RPATH,
- * ld.so.cache), then where the build found it; the worker looks for it the same way
- * (worker/backend_cuda.c), so that both load the same file. */
+ * --gather host, on machines without it. It is looked for by cudalib_open (lib/cudalib.h), as
+ * the worker looks for it, so that both load the same file. */
 #include "ncclid.h"
 
 #include <string.h>
 
 #ifdef TP_HAVE_NCCL
 #include <dlfcn.h>
-#include <limits.h>
 #include <nccl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "cudalib.h"
 #include "log.h"
 
 _Static_assert(NCCL_UNIQUE_ID_BYTES == CTL_NCCL_ID_BYTES, "the ctl INIT message carries the id");
 
-#ifndef TP_CUDA_LIBDIRS
-#define TP_CUDA_LIBDIRS ""
-#endif
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define NCCL_SONAME "libnccl.so." STR(NCCL_MAJOR) /* the header's major version */
@@ -36,57 +31,6 @@ static struct {
     __typeof__(ncclGetVersion) *ncclGetVersion;
 } nccl;
 
-/* Keeps the first reason why a library file that exists did not load; "not found" is none. */
-static void note_failure(char *why, size_t len, const char *msg)
-{
-    if (!why[0] && msg && !strstr(msg, "No such file or directory"))
-        snprintf(why, len, "%s", msg);
-}
-
-/* Opens NCCL from the first place that has it (see the top of the file); NULL with err saying
- * what was tried, and why a file that exists did not load. */
-static void *open_nccl(struct tp_err *err)
-{
-    const char *env = getenv("TPD_CUDA_LIBS");
-    const char *lists[3] = {env, NULL, TP_CUDA_LIBDIRS};
-    char path[PATH_MAX], why[160] = "";
-    void *h;
-
-    for (int l = 0; l < 3; l++) {
-        const char *d = lists[l];
-
-        if (l == 1) {
-            h = dlopen(NCCL_SONAME, RTLD_NOW | RTLD_LOCAL);
-            if (h)
-                return h;
-            note_failure(why, sizeof(why), dlerror());
-            continue;
-        }
-        while (d && *d) {
-            size_t n = strcspn(d, ":");
-
-            if (n > 0 && n + sizeof(NCCL_SONAME) + 1 <= sizeof(path)) {
-                memcpy(path, d, n);
-                path[n] = '/';
-                memcpy(path + n + 1, NCCL_SONAME, sizeof(NCCL_SONAME));
-                h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-                if (h)
-                    return h;
-                note_failure(why, sizeof(why), dlerror());
-            }
-            d += n + (d[n] == ':');
-        }
-    }
-    if (why[0])
-        tp_err_set(err, TP_ENOTFOUND, "cannot load %s: %s", NCCL_SONAME, why);
-    else
-        tp_err_set(err, TP_ENOTFOUND,
-                   "%s is not in TPD_CUDA_LIBS (%.60s), the library path or '%.60s': set "
-                   "TPD_CUDA_LIBS to the directory that holds it, or use --gather host",
-                   NCCL_SONAME, env ? env : "unset", TP_CUDA_LIBDIRS);
-    return NULL;
-}
-
 /* Loads NCCL once; later calls return at once. */
 static int load_nccl(struct tp_err *err)
 {
@@ -96,7 +40,7 @@ static int load_nccl(struct tp_err *err)
 
     if (nccl.handle)
         return 0;
-    h = open_nccl(err);
+    h = cudalib_open(NCCL_SONAME, "NCCL, for --gather nccl", ", or use --gather host", err);
     if (!h)
         return -1;
     nccl.ncclGetUniqueId = (__typeof__(nccl.ncclGetUniqueId))dlsym(h, "ncclGetUniqueId");

@@ -26,7 +26,6 @@
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 #include <errno.h>
-#include <limits.h>
 #include <nccl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,14 +37,12 @@
 #include "backend.h"
 #include "backend_cuda_kern.h"
 #include "backend_cuda_plan.h"
+#include "cudalib.h"
 #include "log.h"
 #include "timing.h"
 
 _Static_assert(NCCL_UNIQUE_ID_BYTES == CTL_NCCL_ID_BYTES, "the ctl INIT message carries the id");
 
-#ifndef TP_CUDA_LIBDIRS
-#define TP_CUDA_LIBDIRS ""
-#endif
 #define STR_(x) #x
 #define STR(x) STR_(x)
 /* the major versions of the headers this was built with: the libraries must match them */
@@ -145,59 +142,6 @@ struct backend {
     double poll_sleep_us;               /* what one POLL_SLEEP_NS sleep takes here, measured */
 };
 
-/* Keeps the first reason why a library file that exists did not load; "not found" is none. */
-static void note_failure(char *why, size_t len, const char *msg)
-{
-    if (!why[0] && msg && !strstr(msg, "No such file or directory"))
-        snprintf(why, len, "%s", msg);
-}
-
-/* Opens soname from the first place that has it: each directory of TPD_CUDA_LIBS (':'-separated),
- * then the loader's own search (LD_LIBRARY_PATH, the program's RPATH, ld.so.cache), then the
- * directories where this build found the CUDA libraries. NULL with err saying what was tried,
- * and why a file that exists did not load. */
-static void *open_library(const char *soname, const char *what, struct tp_err *err)
-{
-    const char *env = getenv("TPD_CUDA_LIBS");
-    const char *lists[3] = {env, NULL, TP_CUDA_LIBDIRS};
-    char path[PATH_MAX], why[160] = "";
-    void *h;
-
-    for (int l = 0; l < 3; l++) {
-        const char *d = lists[l];
-
-        if (l == 1) {
-            h = dlopen(soname, RTLD_NOW | RTLD_LOCAL);
-            if (h)
-                return h;
-            note_failure(why, sizeof(why), dlerror());
-            continue;
-        }
-        while (d && *d) {
-            size_t n = strcspn(d, ":");
-
-            if (n > 0 && n + strlen(soname) + 2 <= sizeof(path)) {
-                memcpy(path, d, n);
-                path[n] = '/';
-                strcpy(path + n + 1, soname);
-                h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-                if (h)
-                    return h;
-                note_failure(why, sizeof(why), dlerror());
-            }
-            d += n + (d[n] == ':');
-        }
-    }
-    if (why[0])
-        tp_err_set(err, TP_ENOTFOUND, "cannot load %s (%s): %s", soname, what, why);
-    else
-        tp_err_set(err, TP_ENOTFOUND,
-                   "%s (%s) is not in TPD_CUDA_LIBS (%.60s), the library path or '%.60s': set "
-                   "TPD_CUDA_LIBS to the directory that holds it",
-                   soname, what, env ? env : "unset", TP_CUDA_LIBDIRS);
-    return NULL;
-}
-
 /* The file a loaded function comes from, for the log. */
 static const char *library_file(void *fn)
 {
@@ -213,7 +157,7 @@ static int load_blas(struct tp_err *err)
 
     if (blas.handle)
         return 0;
-    blas.handle = open_library(CUBLAS_SONAME, "cuBLAS", err);
+    blas.handle = cudalib_open(CUBLAS_SONAME, "cuBLAS", "", err);
     if (!blas.handle)
         return -1;
     if (LOAD_SYM(blas, cublasCreate, &missing) < 0 || LOAD_SYM(blas, cublasDestroy, &missing) < 0 ||
@@ -244,7 +188,7 @@ static int load_nccl(struct tp_err *err)
 
     if (nccl.handle)
         return 0;
-    nccl.handle = open_library(NCCL_SONAME, "NCCL, for --gather nccl", err);
+    nccl.handle = cudalib_open(NCCL_SONAME, "NCCL, for --gather nccl", ", or use --gather host", err);
     if (!nccl.handle)
         return -1;
     if (LOAD_SYM(nccl, ncclGetVersion, &missing) < 0 ||
