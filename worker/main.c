@@ -325,7 +325,7 @@ int main(int argc, char **argv)
     t0 = timing_now_s();
     /* the cpu backend's invariant GEMM takes W packed: read it so, never whole */
     if (strcmp(ops->name, "cpu") == 0 && a.cpu_gemm == BACKEND_GEMM_INVARIANT
-            ? shard_load_packed(&s, &plan, a.rank, a.nranks, &err) < 0
+            ? shard_load_packed(&s, &plan, a.rank, a.nranks, a.threads, &err) < 0
             : shard_load(&s, &plan, a.rank, a.nranks, &err) < 0)
         goto fail;
     tp_log(TP_LOG_NOTICE,

@@ -2,10 +2,13 @@
  * so it comes from bigalloc (huge pages where the kernel gives them). */
 #include "shard.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bigalloc.h"
+#include "log.h"
 
 int shard_load(struct shard *s, const struct plan *p, int rank, int nranks, struct tp_err *err)
 {
@@ -30,18 +33,43 @@ fail:
 
 #define PACK_CHUNK 256 /* rows of W read and packed at a time: 4 MiB for 4096 inputs */
 
+/* One thread's part of a packed load: rows [first, first + rows) of the shard. */
+struct part {
+    struct shard *s;
+    const struct plan *p;
+    int64_t first, rows;
+    uint64_t w_bytes, b_bytes;
+    struct tp_err err;
+    int rc;
+};
+
 static int pack_chunk(void *ctx, int64_t r, int64_t n, const float *w, struct tp_err *err)
 {
-    struct shard *s = ctx;
+    struct part *t = ctx;
 
     (void)err;
-    gemm_pack_rows(&s->packed, w, (uint32_t)r, (uint32_t)n, (size_t)s->in);
+    gemm_pack_rows(&t->s->packed, w, (uint32_t)(t->first + r), (uint32_t)n, (size_t)t->s->in);
     return 0;
 }
 
-int shard_load_packed(struct shard *s, const struct plan *p, int rank, int nranks,
+static void *load_part(void *arg)
+{
+    struct part *t = arg;
+
+    t->rc = plan_read_chunks(t->p, t->s->row0 + t->first, t->rows, PACK_CHUNK, pack_chunk, t,
+                             t->s->b ? t->s->b + t->first : NULL, &t->w_bytes, &t->b_bytes,
+                             &t->err);
+    return NULL;
+}
+
+int shard_load_packed(struct shard *s, const struct plan *p, int rank, int nranks, int threads,
                       struct tp_err *err)
 {
+    struct part parts[SHARD_MAX_THREADS];
+    pthread_t tid[SHARD_MAX_THREADS];
+    int64_t per;
+    int n = 0, started = 0, failed = 0, rc;
+
     *s = (struct shard){.in = p->in, .out = p->out, .dtype = (enum tp_dtype)p->w.dtype};
     snprintf(s->name, sizeof(s->name), "%s", p->w.name);
     if (plan_split(p->out, nranks, rank, &s->row0, &s->rows, err) < 0)
@@ -58,8 +86,35 @@ int shard_load_packed(struct shard *s, const struct plan *p, int rank, int nrank
         tp_err_set(err, TP_ENOMEM, "no memory for %lld biases", (long long)s->rows);
         goto fail;
     }
-    if (plan_read_chunks(p, s->row0, s->rows, PACK_CHUNK, pack_chunk, s, s->b, &s->w_bytes,
-                         &s->b_bytes, err) < 0)
+    /* whole panels per thread, so that no two threads write one panel */
+    threads = threads < 1 ? 1 : threads > SHARD_MAX_THREADS ? SHARD_MAX_THREADS : threads;
+    per = (s->rows + threads - 1) / threads;
+    per = (per + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+    for (int64_t first = 0; first < s->rows; first += per)
+        parts[n++] = (struct part){.s = s,
+                                   .p = p,
+                                   .first = first,
+                                   .rows = s->rows - first < per ? s->rows - first : per};
+    for (int i = 1; i < n; i++) {
+        rc = pthread_create(&tid[i], NULL, load_part, &parts[i]);
+        if (rc != 0) { /* what did not start is loaded here */
+            tp_log(TP_LOG_WARN, "loading on one thread fewer: %s", strerror(rc));
+            for (int j = i; j < n; j++)
+                load_part(&parts[j]);
+            break;
+        }
+        started = i;
+    }
+    load_part(&parts[0]);
+    for (int i = 1; i <= started; i++)
+        pthread_join(tid[i], NULL);
+    for (int i = 0; i < n; i++) {
+        if (parts[i].rc < 0 && !failed++)
+            *err = parts[i].err; /* the first part's failure */
+        s->w_bytes += parts[i].w_bytes;
+        s->b_bytes += parts[i].b_bytes;
+    }
+    if (failed)
         goto fail;
     return 0;
 fail:

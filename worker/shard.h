@@ -29,9 +29,12 @@ struct shard {
 /* Loads rank's rows of the plan's layer. On failure *s is empty. */
 int shard_load(struct shard *s, const struct plan *p, int rank, int nranks, struct tp_err *err);
 
+#define SHARD_MAX_THREADS 64
+
 /* shard_load for the invariant GEMM: W is read in chunks of rows and each chunk packed into
- * s->packed as it comes, so the worker never holds W twice (s->w stays NULL). */
-int shard_load_packed(struct shard *s, const struct plan *p, int rank, int nranks,
+ * s->packed as it comes, so the worker never holds W twice (s->w stays NULL). threads (1 to
+ * SHARD_MAX_THREADS) read and pack whole panels of it side by side. */
+int shard_load_packed(struct shard *s, const struct plan *p, int rank, int nranks, int threads,
                       struct tp_err *err);
 
 /* Frees the rows; takes an empty shard. */

@@ -270,7 +270,7 @@ static void check_shards(const char *weights, const char *weight, int conv1d)
                 struct shard sp;
                 struct gemm_weights whole;
 
-                ASSERT_EQ(shard_load_packed(&sp, &p, r, n, &err), 0);
+                ASSERT_EQ(shard_load_packed(&sp, &p, r, n, 1 + (r + n) % 3, &err), 0);
                 ASSERT_TRUE(sp.w == NULL);
                 ASSERT_EQ(sp.w_bytes, s.w_bytes);
                 ASSERT_EQ(sp.b_bytes, s.b_bytes);
@@ -324,6 +324,9 @@ static void test_weights_changed(void)
     copy_file(hf("qwen2-bias-fp16/model-00002-of-00002.safetensors"), tmp("other"));
     ASSERT_EQ(rename(tmp("other"), path), 0);
     ASSERT_EQ(shard_load(&s, &p, 0, 2, &err), -1);
+    ASSERT_STR_HAS(err.msg, "weights changed since start");
+    err = (struct tp_err){0};
+    ASSERT_EQ(shard_load_packed(&s, &p, 0, 2, 3, &err), -1);
     ASSERT_STR_HAS(err.msg, "weights changed since start");
     unlink(path);
     ASSERT_EQ(shard_load(&s, &p, 0, 2, &err), -1);
