@@ -131,7 +131,7 @@ bundle() {
         n=$((n + 1))
     done
     [ "$with_cuda" = 1 ] && for s in $(runtime_sonames "$dir/bin/tpd-worker"); do
-        lib=$(ldconfig -p | awk -v s="$s" '$1 == s {print $NF; exit}')
+        lib=$(ldconfig -p | awk -v s="$s" '$1 == s && !n++ {print $NF}')
         [ -n "$lib" ] && cp -L "$lib" "$dir/lib/$s" && [ "${s#libcublas}" != "$s" ] &&
             cp -L "$(dirname "$lib")/libcublasLt.so.${s##*.so.}" "$dir/lib/"
     done
@@ -423,7 +423,7 @@ wanted=("$cublas_so" "libcublasLt.so.$cublas_major" "$nccl_so" "libcudart.so.$cu
 echo "== environment"
 os=$(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-unknown}")
 host_glibc=$(getconf GNU_LIBC_VERSION | awk '{print $2}')
-stdcxx=$(ldconfig -p 2>/dev/null | awk '$1 == "libstdc++.so.6" && /x86-64|64bit/ {print $NF; exit}')
+stdcxx=$(ldconfig -p 2>/dev/null | awk '$1 == "libstdc++.so.6" && /x86-64|64bit/ && !n++ {print $NF}')
 host_glibcxx=$(grep -aoE 'GLIBCXX_3\.4\.[0-9]+' "${stdcxx:-/dev/null}" 2>/dev/null | sed 's/GLIBCXX_//' |
     sort -uV | tail -1)
 echo "host: $(uname -srm); $os; $(nproc) cpus; $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)" \

@@ -53,7 +53,8 @@ done
 [ "$n" -gt 10 ] || fail "only $n files in the bundle"
 
 # the check above can fail: this machine's libstdc++ is newer than the limits
-stdcxx=$(ldconfig -p | awk '$1 == "libstdc++.so.6" && /x86-64/ {print $NF; exit}')
+# (awk reads to the end: an early exit would kill ldconfig with SIGPIPE, and pipefail the script)
+stdcxx=$(ldconfig -p | awk '$1 == "libstdc++.so.6" && /x86-64/ && !n++ {print $NF}')
 [ -n "$stdcxx" ] || fail "no libstdc++.so.6 in ldconfig -p"
 if within "$stdcxx" >/dev/null; then
     fail "$stdcxx passes the symbol check: the check cannot tell an old runtime from a new one"
