@@ -5,7 +5,6 @@
 #include "infer.h"
 
 #include <assert.h>
-#include <grpc/byte_buffer_reader.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -331,77 +330,11 @@ grpc_byte_buffer *infer_response(const struct model *m, const char *id, const vo
 #define STRING_DEPTH_MAX 8  /* nested messages that are checked; KServe's nest 4 deep */
 #define STRING_FIELDS_MAX 32 /* fields of one message whose occurrences are counted */
 
-/* A forward-only reader over the slices of a received message. */
-struct wire {
-    grpc_byte_buffer_reader rd;
-    const uint8_t *p; /* rest of the current slice */
-    size_t n;
-    uint64_t pos;   /* bytes consumed */
-    uint64_t total; /* bytes in the message */
-};
-
-/* Makes w->n > 0; -1 at the end of the message. */
-static int wire_fill(struct wire *w)
-{
-    while (w->n == 0) {
-        grpc_slice *s;
-
-        if (!grpc_byte_buffer_reader_peek(&w->rd, &s))
-            return -1;
-        w->p = GRPC_SLICE_START_PTR(*s);
-        w->n = GRPC_SLICE_LENGTH(*s);
-    }
-    return 0;
-}
-
-static int wire_byte(struct wire *w, uint8_t *b)
-{
-    if (wire_fill(w) < 0)
-        return -1;
-    *b = *w->p++;
-    w->n--;
-    w->pos++;
-    return 0;
-}
-
-static int wire_skip(struct wire *w, uint64_t len)
-{
-    if (len > w->total - w->pos)
-        return -1;
-    while (len > 0) {
-        size_t k;
-
-        if (wire_fill(w) < 0)
-            return -1;
-        k = len < w->n ? (size_t)len : w->n;
-        w->p += k;
-        w->n -= k;
-        w->pos += k;
-        len -= k;
-    }
-    return 0;
-}
-
-static int wire_varint(struct wire *w, uint64_t *v)
-{
-    uint8_t b;
-
-    *v = 0;
-    for (int i = 0; i < 10; i++) {
-        if (wire_byte(w, &b) < 0)
-            return -1;
-        *v |= (uint64_t)(b & 0x7f) << (7 * i);
-        if (!(b & 0x80))
-            return 0;
-    }
-    return -1;
-}
-
 /* Reads a string of len bytes. Returns 0 when it is UTF-8 without NUL; 1 when it is not, with
  * the offset of the first bad sequence (or NUL) in *at and its first byte in *bad (0 for NUL);
  * -1 when the message ends first. UTF-8 as RFC 3629 has it: no overlong forms, no surrogates,
  * nothing past U+10FFFF. */
-static int wire_string(struct wire *w, uint64_t len, uint64_t *at, uint8_t *bad)
+static int wire_string(struct gbuf_cursor *w, uint64_t len, uint64_t *at, uint8_t *bad)
 {
     uint32_t cp = 0, min = 0;
     uint64_t start = 0;
@@ -409,7 +342,7 @@ static int wire_string(struct wire *w, uint64_t len, uint64_t *at, uint8_t *bad)
     int need = 0;
 
     for (uint64_t i = 0; i < len; i++) {
-        if (wire_byte(w, &b) < 0)
+        if (gbuf_cursor_take(w, 1, &b) < 0)
             return -1;
         if (need) {
             if ((b & 0xc0) != 0x80)
@@ -445,7 +378,7 @@ bad_sequence:
 /* Checks the fields of one message of type desc that ends at byte end of the message; path
  * (plen bytes used) names it, "" at the top. Returns 0, -1 for malformed wire data, or -2 with
  * err set for a string that is not one. */
-static int check_message(struct wire *w, const ProtobufCMessageDescriptor *desc, uint64_t end,
+static int check_message(struct gbuf_cursor *w, const ProtobufCMessageDescriptor *desc, uint64_t end,
                          char *path, size_t plen, int depth, struct tp_err *err)
 {
     unsigned seen[STRING_FIELDS_MAX] = {0}; /* occurrences so far of each repeated field */
@@ -456,28 +389,28 @@ static int check_message(struct wire *w, const ProtobufCMessageDescriptor *desc,
         uint8_t bad;
         int r;
 
-        if (wire_varint(w, &key) < 0 || w->pos > end)
+        if (gbuf_cursor_varint(w, &key, NULL, NULL) < 0 || w->pos > end)
             return -1;
         if (key >> 3 >= 1 && key >> 3 <= 0x1fffffff)
             f = protobuf_c_message_descriptor_get_field(desc, (unsigned)(key >> 3));
         switch (key & 7) {
         case 0:
-            if (wire_varint(w, &len) < 0)
+            if (gbuf_cursor_varint(w, &len, NULL, NULL) < 0)
                 return -1;
             continue;
         case 1:
         case 5:
-            if (wire_skip(w, (key & 7) == 1 ? 8 : 4) < 0)
+            if (gbuf_cursor_take(w, (key & 7) == 1 ? 8 : 4, NULL) < 0)
                 return -1;
             continue;
         case 2: break;
         default: return -1; /* groups and unknown wire types */
         }
-        if (wire_varint(w, &len) < 0 || len > end - w->pos)
+        if (gbuf_cursor_varint(w, &len, NULL, NULL) < 0 || len > end - w->pos)
             return -1;
         if (!f || (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE) ||
             (f->type == PROTOBUF_C_TYPE_MESSAGE && depth >= STRING_DEPTH_MAX)) {
-            if (wire_skip(w, len) < 0) /* bytes (the tensor data), packed numbers, unknown */
+            if (gbuf_cursor_take(w, (size_t)len, NULL) < 0) /* bytes (the tensor data), packed numbers, unknown */
                 return -1;
             continue;
         }
@@ -521,16 +454,16 @@ static int check_message(struct wire *w, const ProtobufCMessageDescriptor *desc,
 int infer_check_strings(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
                         struct tp_err *err)
 {
-    struct wire w = {.total = grpc_byte_buffer_length(bb)};
+    struct gbuf_cursor w;
     char path[STRING_PATH_MAX] = "";
     int r;
 
-    if (!grpc_byte_buffer_reader_init(&w.rd, bb))
+    if (gbuf_cursor_init(&w, bb) < 0)
         return tp_err_set(err, TP_EINVAL, "cannot read the %s message", desc->short_name);
     r = check_message(&w, desc, w.total, path, 0, 0, err);
-    grpc_byte_buffer_reader_destroy(&w.rd);
+    gbuf_cursor_destroy(&w);
     if (r == -1)
-        return tp_err_set(err, TP_EINVAL, "malformed %s message of %" PRIu64 " bytes",
-                          desc->name, w.total);
+        return tp_err_set(err, TP_EINVAL, "malformed %s message of %zu bytes", desc->name,
+                          w.total);
     return r < 0 ? -1 : 0;
 }

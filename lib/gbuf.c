@@ -63,23 +63,13 @@ grpc_byte_buffer *gbuf_pack(const ProtobufCMessage *msg)
     return bb;
 }
 
-/* A forward-only cursor over the slices of a byte buffer. */
-struct cursor {
-    grpc_byte_buffer_reader rd;
-    const uint8_t *p; /* rest of the current slice */
-    size_t n;
-    size_t pos;   /* bytes consumed */
-    size_t total; /* bytes in the message */
-};
-
-static int cursor_init(struct cursor *c, grpc_byte_buffer *bb)
+int gbuf_cursor_init(struct gbuf_cursor *c, grpc_byte_buffer *bb)
 {
-    *c = (struct cursor){.total = grpc_byte_buffer_length(bb)};
+    *c = (struct gbuf_cursor){.total = grpc_byte_buffer_length(bb)};
     return grpc_byte_buffer_reader_init(&c->rd, bb) ? 0 : -1;
 }
 
-/* Copies (dst != NULL) or skips len bytes; -1 when the message ends first. */
-static int cursor_take(struct cursor *c, size_t len, uint8_t *dst)
+int gbuf_cursor_take(struct gbuf_cursor *c, size_t len, uint8_t *dst)
 {
     if (len > c->total - c->pos)
         return -1;
@@ -107,20 +97,28 @@ static int cursor_take(struct cursor *c, size_t len, uint8_t *dst)
     return 0;
 }
 
-/* Reads a varint, keeping its bytes in raw (up to 10) and their count in *nraw. */
-static int cursor_varint(struct cursor *c, uint64_t *v, uint8_t raw[10], size_t *nraw)
+int gbuf_cursor_varint(struct gbuf_cursor *c, uint64_t *v, uint8_t raw[10], size_t *nraw)
 {
+    uint8_t own[10];
+
+    raw = raw ? raw : own;
     *v = 0;
     for (size_t i = 0; i < 10; i++) {
-        if (cursor_take(c, 1, &raw[i]) < 0)
+        if (gbuf_cursor_take(c, 1, &raw[i]) < 0)
             return -1;
         *v |= (uint64_t)(raw[i] & 0x7f) << (7 * i);
         if (!(raw[i] & 0x80)) {
-            *nraw = i + 1;
+            if (nraw)
+                *nraw = i + 1;
             return 0;
         }
     }
     return -1;
+}
+
+void gbuf_cursor_destroy(struct gbuf_cursor *c)
+{
+    grpc_byte_buffer_reader_destroy(&c->rd);
 }
 
 /* Appends to out (when out->buf is NULL only counts). */
@@ -139,34 +137,34 @@ static void sink_put(struct sink *o, const uint8_t *p, size_t n)
 /* One pass over the message: field `field` located into f, everything else to out. */
 static int scan(grpc_byte_buffer *bb, uint32_t field, struct sink *out, struct gbuf_field *f)
 {
-    struct cursor c;
+    struct gbuf_cursor c;
     int rc = -1;
 
     *f = (struct gbuf_field){0};
-    if (cursor_init(&c, bb) < 0)
+    if (gbuf_cursor_init(&c, bb) < 0)
         return -1;
     while (c.pos < c.total) {
         uint8_t tag[10], len[10];
         size_t ntag, nlen;
         uint64_t key, n;
 
-        if (cursor_varint(&c, &key, tag, &ntag) < 0 || key >> 3 == 0 || key >> 3 > 0x1fffffff)
+        if (gbuf_cursor_varint(&c, &key, tag, &ntag) < 0 || key >> 3 == 0 || key >> 3 > 0x1fffffff)
             goto out;
         if (key >> 3 == field) {
-            if ((key & 7) != 2 || cursor_varint(&c, &n, len, &nlen) < 0 || n > c.total - c.pos)
+            if ((key & 7) != 2 || gbuf_cursor_varint(&c, &n, len, &nlen) < 0 || n > c.total - c.pos)
                 goto out;
             if (f->count++ == 0) {
                 f->offset = c.pos;
                 f->len = (size_t)n;
             }
-            if (cursor_take(&c, (size_t)n, NULL) < 0)
+            if (gbuf_cursor_take(&c, (size_t)n, NULL) < 0)
                 goto out;
             continue;
         }
         sink_put(out, tag, ntag);
         switch (key & 7) {
         case 0:
-            if (cursor_varint(&c, &n, len, &nlen) < 0)
+            if (gbuf_cursor_varint(&c, &n, len, &nlen) < 0)
                 goto out;
             sink_put(out, len, nlen);
             break;
@@ -174,16 +172,16 @@ static int scan(grpc_byte_buffer *bb, uint32_t field, struct sink *out, struct g
         case 5: {
             size_t k = (key & 7) == 1 ? 8 : 4;
 
-            if (cursor_take(&c, k, out->buf ? out->buf + out->len : NULL) < 0)
+            if (gbuf_cursor_take(&c, k, out->buf ? out->buf + out->len : NULL) < 0)
                 goto out;
             out->len += k;
             break;
         }
         case 2:
-            if (cursor_varint(&c, &n, len, &nlen) < 0 || n > c.total - c.pos)
+            if (gbuf_cursor_varint(&c, &n, len, &nlen) < 0 || n > c.total - c.pos)
                 goto out;
             sink_put(out, len, nlen);
-            if (cursor_take(&c, (size_t)n, out->buf ? out->buf + out->len : NULL) < 0)
+            if (gbuf_cursor_take(&c, (size_t)n, out->buf ? out->buf + out->len : NULL) < 0)
                 goto out;
             out->len += (size_t)n;
             break;
@@ -192,7 +190,7 @@ static int scan(grpc_byte_buffer *bb, uint32_t field, struct sink *out, struct g
     }
     rc = 0;
 out:
-    grpc_byte_buffer_reader_destroy(&c.rd);
+    gbuf_cursor_destroy(&c);
     return rc;
 }
 
@@ -222,11 +220,11 @@ int gbuf_unpack_except(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d
 
 void gbuf_copy(grpc_byte_buffer *bb, size_t offset, size_t len, void *dst)
 {
-    struct cursor c;
+    struct gbuf_cursor c;
 
-    if (cursor_init(&c, bb) < 0)
+    if (gbuf_cursor_init(&c, bb) < 0)
         return;
-    if (cursor_take(&c, offset, NULL) == 0)
-        cursor_take(&c, len, dst);
-    grpc_byte_buffer_reader_destroy(&c.rd);
+    if (gbuf_cursor_take(&c, offset, NULL) == 0)
+        gbuf_cursor_take(&c, len, dst);
+    gbuf_cursor_destroy(&c);
 }

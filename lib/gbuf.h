@@ -9,6 +9,7 @@
 #define TP_GBUF_H
 
 #include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
 #include <protobuf-c/protobuf-c.h>
 
 #include "err.h"
@@ -35,6 +36,26 @@ int gbuf_unpack_except(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *d
 /* Copies len bytes from offset of bb's message to dst. The range must lie in the message (as
  * gbuf_unpack_except reported it). */
 void gbuf_copy(grpc_byte_buffer *bb, size_t offset, size_t len, void *dst);
+
+/* A forward-only cursor over the slices of a received message, for readers of its wire format
+ * (gbuf_unpack_except's scan, infer_check_strings). */
+struct gbuf_cursor {
+    grpc_byte_buffer_reader rd;
+    const uint8_t *p; /* rest of the current slice */
+    size_t n;
+    size_t pos;   /* bytes consumed */
+    size_t total; /* bytes in the message */
+};
+
+/* Starts at byte 0 of bb, which stays the caller's; -1 when it cannot be read. A cursor that
+ * started is ended with gbuf_cursor_destroy. */
+int gbuf_cursor_init(struct gbuf_cursor *c, grpc_byte_buffer *bb);
+/* Copies (dst != NULL) or skips len bytes; -1 when the message ends first. */
+int gbuf_cursor_take(struct gbuf_cursor *c, size_t len, uint8_t *dst);
+/* Reads a varint; its bytes go to raw (up to 10, may be NULL) and their count to *nraw (may be
+ * NULL). -1 when the message ends first or the varint is longer than 10 bytes. */
+int gbuf_cursor_varint(struct gbuf_cursor *c, uint64_t *v, uint8_t raw[10], size_t *nraw);
+void gbuf_cursor_destroy(struct gbuf_cursor *c);
 
 /* Packs msg into a new byte buffer owned by the caller; NULL when memory runs out. */
 grpc_byte_buffer *gbuf_pack(const ProtobufCMessage *msg);
