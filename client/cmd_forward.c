@@ -1,8 +1,9 @@
 /* cmd_forward.c -- `tpclient forward IN [-o OUT] ...`: reads activations (.npy or raw .bin),
  * sends them in requests of at most the model's max_batch rows, writes or summarises the output,
  * and with --verify CKPT checks every element against the independent CPU reference (tests/ref)
- * on the whole layer, found in the checkpoint by tpd's own rules (--weight, --bias, --no-bias,
- * --layout as tpd takes them: lib/plan.c), so that every layout tpd serves can be verified.
+ * on the whole layer or block, found in the checkpoint by tpd's own rules (--weight, --bias,
+ * --no-bias, --layout, --block, --act as tpd takes them: lib/plan.c), so that every layout and
+ * block tpd serves can be verified.
  * With --shm the tensors go through a system shared-memory region instead of the messages.
  *
  * An input has 1 to 4 dims, [in], [B, in], [B, S, in] or [A, B, S, in]: its leading dims are
@@ -292,11 +293,27 @@ static int save_f16(const char *path, const float *y, size_t n, int ndim, const 
     return rc;
 }
 
+/* Reads a whole linear layer of the plan into l, by tpd's own rules. */
+static int read_layer(const struct plan_linear *pl, struct ref_layer *l, struct tp_err *err)
+{
+    *l = (struct ref_layer){.out = pl->out, .in = pl->in};
+    l->w = malloc((size_t)(pl->out * pl->in) * sizeof(float));
+    l->b = pl->has_bias ? malloc((size_t)pl->out * sizeof(float)) : NULL;
+    if (!l->w || (pl->has_bias && !l->b))
+        return tp_err_set(err, TP_ENOMEM, "no memory for a [%lld, %lld] layer",
+                          (long long)pl->out, (long long)pl->in);
+    return plan_read(pl, 0, pl->out, 0, pl->in, l->w, l->b, NULL, NULL, err);
+}
+
 /* Compares y with the reference. Returns the exit status. */
 static int verify(const struct plan_request *req, double tol, const float *x, const float *y,
                   int64_t rows, const struct kserve_layout *l)
 {
-    struct ref_layer layer = {0};
+    static const enum ref_act acts[] = {[PLAN_ACT_SILU] = REF_SILU,
+                                        [PLAN_ACT_GELU] = REF_GELU,
+                                        [PLAN_ACT_GELU_TANH] = REF_GELU_TANH,
+                                        [PLAN_ACT_RELU] = REF_RELU};
+    struct ref_block blk = {0};
     struct ref_stats st;
     struct tp_err err = {0};
     struct plan p;
@@ -304,27 +321,27 @@ static int verify(const struct plan_request *req, double tol, const float *x, co
     size_t n = (size_t)(rows * l->out);
     int status = EXIT_ERROR;
 
-    /* the layer is found and read by tpd's own rules (the plan), the whole matrix at once */
+    /* the model is found and read by tpd's own rules (the plan), each matrix whole */
     if (plan_build(&p, req, NULL, 0, &err) < 0) {
         cmd_error("--verify: %s", err.msg);
         return EXIT_ERROR;
     }
     if (p.in != l->in || p.out != l->out) {
-        cmd_error("--verify: %s holds a layer of %lld inputs and %lld outputs ('%s'), the model "
-                  "has %lld and %lld",
-                  req->weights, (long long)p.in, (long long)p.out, p.w.name, (long long)l->in,
+        cmd_error("--verify: %s holds a %s model of %lld inputs and %lld outputs ('%s'), the "
+                  "server's has %lld and %lld",
+                  req->weights, plan_kind_name((enum plan_kind)p.kind), (long long)p.in,
+                  (long long)p.out, p.block[0] ? p.block : p.lin[0].w.name, (long long)l->in,
                   (long long)l->out);
         return EXIT_ERROR;
     }
-    layer = (struct ref_layer){.out = p.out, .in = p.in};
-    layer.w = malloc((size_t)(p.out * p.in) * sizeof(float));
-    layer.b = p.has_bias ? malloc((size_t)p.out * sizeof(float)) : NULL;
-    if (!layer.w || (p.has_bias && !layer.b)) {
-        cmd_error("--verify: no memory for a [%lld, %lld] layer", (long long)p.out,
-                  (long long)p.in);
-        goto out;
-    }
-    if (plan_read(&p, 0, p.out, layer.w, layer.b, NULL, NULL, &err) < 0) {
+    /* one layer: up; gated: gate, up, down; mlp: up (fc), down (proj) */
+    if (p.nlin == 1 ? read_layer(&p.lin[0], &blk.up, &err) < 0
+        : p.nlin == 3
+            ? read_layer(&p.lin[0], &blk.gate, &err) < 0 ||
+                  read_layer(&p.lin[1], &blk.up, &err) < 0 ||
+                  read_layer(&p.lin[2], &blk.down, &err) < 0
+            : read_layer(&p.lin[0], &blk.up, &err) < 0 ||
+                  read_layer(&p.lin[1], &blk.down, &err) < 0) {
         cmd_error("--verify: %s", err.msg);
         goto out;
     }
@@ -334,7 +351,13 @@ static int verify(const struct plan_request *req, double tol, const float *x, co
         cmd_error("--verify: no memory for the reference");
         goto out;
     }
-    ref_linear(&layer, x, rows, want, mag);
+    if (p.nlin == 1) {
+        ref_linear(&blk.up, x, rows, want, mag);
+    } else {
+        blk.gated = p.nlin == 3;
+        blk.act = acts[p.act];
+        ref_block(&blk, x, rows, want, mag);
+    }
     ref_compare(y, want, mag, n, &st);
     printf("verify: max abs error %.3g, max rel error %.3g (tolerance %.3g): %s\n", st.max_abs,
            st.max_rel, tol, st.max_rel <= tol ? "ok" : "FAILED");
@@ -349,7 +372,7 @@ static int verify(const struct plan_request *req, double tol, const float *x, co
 out:
     free(want);
     free(mag);
-    ref_layer_free(&layer);
+    ref_block_free(&blk);
     return status;
 }
 
@@ -384,6 +407,17 @@ int cmd_forward(struct conn *c, int argc, char **argv)
             vreq.bias = argv[++i];
         else if (strcmp(a, "--no-bias") == 0)
             vreq.no_bias = 1;
+        else if (strcmp(a, "--block") == 0 && has_val)
+            vreq.block = argv[++i];
+        else if (strcmp(a, "--act") == 0 && has_val) {
+            const char *v = argv[++i];
+
+            vreq.act = plan_act_from_name(strcmp(v, "gelu_tanh") == 0 ? "gelu_new" : v);
+            if (vreq.act == PLAN_ACT_AUTO) {
+                cmd_error("forward: --act takes silu, gelu, gelu_tanh or relu, got '%s'", v);
+                return EXIT_USAGE;
+            }
+        }
         else if (strcmp(a, "--layout") == 0 && has_val) {
             const char *v = argv[++i];
 

@@ -145,7 +145,7 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     reply_msg(call, &r.base);
 }
 
-#define METADATA_PARAMS 16
+#define METADATA_PARAMS 24
 
 /* One more entry of ModelMetadata's parameters, in e[*n] with its value in v[*n]. */
 static Inference__InferParameter *param(Inference__ModelMetadataResponse__ParametersEntry *e,
@@ -239,10 +239,15 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     param_str(e, pv, &n, "io_dtype", tp_dtype_wire_name(md->io_dtype));
     param_str(e, pv, &n, "gemm_dtype", tp_dtype_wire_name(md->gemm_dtype));
     param_bool(e, pv, &n, "batch_invariant", md->batch_invariant);
-    param_str(e, pv, &n, "weight_tensor", pl->w.name);
-    param_str(e, pv, &n, "bias_tensor", pl->has_bias ? pl->b.name : "");
-    param_str(e, pv, &n, "weight_layout", pl->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]");
-    param_str(e, pv, &n, "tied_to", pl->tied_from);
+    param_str(e, pv, &n, "kind", plan_kind_name((enum plan_kind)pl->kind));
+    param_str(e, pv, &n, "block", pl->block);
+    param_str(e, pv, &n, "activation", plan_act_name((enum plan_act)pl->act));
+    param_int(e, pv, &n, "intermediate", pl->inter);
+    param_str(e, pv, &n, "weight_tensor", md->weights);
+    param_str(e, pv, &n, "bias_tensor", md->biases);
+    param_str(e, pv, &n, "weight_layout", md->layouts);
+    param_str(e, pv, &n, "tied_to", pl->lin[0].tied_from);
+    param_str(e, pv, &n, "split", md->split_what);
     param_str(e, pv, &n, "shard_rows", md->split);
     for (size_t i = 0; i < n; i++)
         ep[i] = &e[i];

@@ -25,7 +25,8 @@ static void usage(FILE *f)
     fprintf(
         f,
         "usage: tpd --weights PATH [options]\n"
-        "Serves y = x*W^T + b, column-parallel over worker processes, over gRPC (KServe v2).\n"
+        "Serves a linear layer y = x*W^T + b, or a transformer's MLP block, tensor-parallel over\n"
+        "worker processes, over gRPC (KServe v2).\n"
         "\n"
         "  --weights PATH          the checkpoint: a .safetensors file, a directory holding\n"
         "                          model.safetensors or model.safetensors.index.json, or an\n"
@@ -34,7 +35,15 @@ static void usage(FILE *f)
         "                          stored (default: weight)\n"
         "  --bias NAME             b [out] (default: the weight's sibling MODULE.bias, when the\n"
         "                          checkpoint has it)\n"
-        "  --no-bias               serve without a bias, even when the checkpoint has one\n"
+        "  --no-bias               serve without biases, even when the checkpoint has them\n"
+        "  --parallel column|row   one layer: split W's outputs (column) or its inputs (row,\n"
+        "                          the ranks all-reduce their partial sums) (default: column)\n"
+        "  --block MODULE          serve the MLP block at MODULE instead of one layer, e.g.\n"
+        "                          model.layers.0.mlp: down(act(gate(x)) * up(x)) or\n"
+        "                          proj(act(fc(x))), one all-reduce (see docs/blocks.md)\n"
+        "  --act silu|gelu|gelu_tanh|relu\n"
+        "                          the block's activation (default: config.json's hidden_act or\n"
+        "                          activation_function)\n"
         "  --layout auto|linear|conv1d\n"
         "                          how W is stored: linear [out, in] (torch.nn.Linear), conv1d\n"
         "                          [in, out] (transformers' Conv1D, the GPT-2 family); auto reads\n"
@@ -104,6 +113,7 @@ static const char *model;          /* --model, NULL for the default */
 static const char *gather, *dtype; /* --gather, --dtype, checked once all flags are known */
 static const char *cpu_gemm;       /* --cpu-gemm, likewise */
 static int cpu_given;              /* --cpu was given */
+static int weight_given;           /* --weight was given */
 
 /* What a message about flag's value calls it: the flag, or the file's line and key. */
 static const char *subject(const char *flag)
@@ -300,6 +310,9 @@ enum {
     O_TLS_KEY,
     O_TLS_CA,
     O_CONFIG,
+    O_PARALLEL,
+    O_BLOCK,
+    O_ACT,
     O_HELP,
     O_VERSION,
 };
@@ -335,6 +348,9 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"tls-key", required_argument, NULL, O_TLS_KEY},
                                      {"tls-client-ca", required_argument, NULL, O_TLS_CA},
                                      {"config", required_argument, NULL, O_CONFIG},
+                                     {"parallel", required_argument, NULL, O_PARALLEL},
+                                     {"block", required_argument, NULL, O_BLOCK},
+                                     {"act", required_argument, NULL, O_ACT},
                                      {"help", no_argument, NULL, O_HELP},
                                      {"version", no_argument, NULL, O_VERSION},
                                      {NULL, 0, NULL, 0}};
@@ -346,7 +362,29 @@ static enum config_result apply(struct config *c, int o)
 
     switch (o) {
     case O_WEIGHTS: c->weights = optarg; break;
-    case O_WEIGHT: c->weight = optarg; break;
+    case O_WEIGHT:
+        c->weight = optarg;
+        weight_given = 1;
+        break;
+    case O_PARALLEL:
+        if (strcmp(optarg, "column") != 0 && strcmp(optarg, "row") != 0) {
+            fprintf(stderr, "tpd: %s takes column or row, got '%s'\n", subject("--parallel"),
+                    optarg);
+            return CONFIG_USAGE;
+        }
+        c->row = strcmp(optarg, "row") == 0;
+        break;
+    case O_BLOCK: c->block = optarg; break;
+    case O_ACT:
+        c->act = plan_act_from_name(strcmp(optarg, "gelu_tanh") == 0 ? "gelu_new" : optarg);
+        if (c->act == PLAN_ACT_AUTO) {
+            fprintf(stderr,
+                    "tpd: %s takes silu, gelu, gelu_tanh or relu (or config.json's names: swish, "
+                    "gelu_new, gelu_pytorch_tanh), got '%s'\n",
+                    subject("--act"), optarg);
+            return CONFIG_USAGE;
+        }
+        break;
     case O_BIAS: c->bias = optarg; break;
     case O_NO_BIAS: c->no_bias = 1; break;
     case O_LAYOUT:
@@ -599,7 +637,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .metrics_listen = "127.0.0.1:8002",
                          .socket_mode = 0660};
     model = gather = dtype = cpu_gemm = NULL;
-    cpu_given = 0;
+    cpu_given = weight_given = 0;
     file = find_config(argc, argv, &info);
     if (file && !info && (r = apply_file(c, file)) != CONFIG_OK)
         return r;
@@ -629,6 +667,22 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         return CONFIG_USAGE;
     if (c->bias && c->no_bias) {
         fprintf(stderr, "tpd: --bias and --no-bias are exclusive\n");
+        return CONFIG_USAGE;
+    }
+    if (c->block && (weight_given || c->bias || c->row)) {
+        fprintf(stderr, "tpd: --block serves a whole MLP block: it takes no %s\n",
+                weight_given ? "--weight" : c->bias ? "--bias" : "--parallel row");
+        return CONFIG_USAGE;
+    }
+    if (!c->block && c->act != PLAN_ACT_AUTO) {
+        fprintf(stderr, "tpd: --act is a block's activation: give --block MODULE\n");
+        return CONFIG_USAGE;
+    }
+    if (c->ngpus && (c->block || c->row)) {
+        fprintf(stderr,
+                "tpd: the cuda backend serves column-parallel layers only: %s runs on --cpu "
+                "ranks\n",
+                c->block ? "a --block" : "--parallel row");
         return CONFIG_USAGE;
     }
     if (!c->tls_cert != !c->tls_key) {

@@ -14,6 +14,9 @@ struct config {
     const char *bias;          /* tensor name of b; NULL: W's sibling when it exists */
     int no_bias;               /* --no-bias */
     int layout;                /* enum plan_layout; PLAN_LAYOUT_AUTO by default */
+    int row;                   /* --parallel row: one layer, its inputs split */
+    const char *block;         /* --block: an MLP block's module path; NULL: one layer */
+    int act;                   /* --act: enum plan_act; PLAN_ACT_AUTO: from config.json */
     char model[128];           /* model name */
     int cpu;                   /* CPU ranks; 0 with --gpus */
     int gpus[CONFIG_MAX_GPUS]; /* --gpus: the device of each rank, in rank order */

@@ -39,20 +39,32 @@
 #define MSG_HEADROOM (1L << 20) /* bytes of a message beyond its tensor data */
 #define MAX_MSG (1L << 30)      /* the largest gRPC message tpd accepts or sends */
 
-/* Plans the layer from the checkpoint's headers and describes the model. Returns 0, or an exit
- * status after logging why. */
+/* Appends ",item" (or "item" first) to a list of a model's layers. */
+static void join(char *buf, size_t len, int first, const char *item)
+{
+    size_t n = strlen(buf);
+
+    snprintf(buf + n, len - n, "%s%s", first ? "" : ",", item);
+}
+
+/* Plans the model from the checkpoint's headers and describes it. Returns 0, or an exit status
+ * after logging why. */
 static int describe_model(const struct config *c, struct plan *p, struct model *m)
 {
     struct tp_err err = {0};
     char notes[2048], *line, *save = NULL;
+    int64_t split;
     long biggest;
 
     if (plan_build(p,
                    &(struct plan_request){.weights = c->weights,
                                           .weight = c->weight,
+                                          .block = c->block,
                                           .bias = c->bias,
                                           .no_bias = c->no_bias,
-                                          .layout = (enum plan_layout)c->layout},
+                                          .row = c->row,
+                                          .layout = (enum plan_layout)c->layout,
+                                          .act = (enum plan_act)c->act},
                    notes, sizeof(notes), &err) < 0) {
         tp_log(TP_LOG_ERR, "%s", err.msg);
         return 1;
@@ -61,27 +73,46 @@ static int describe_model(const struct config *c, struct plan *p, struct model *
         tp_log(TP_LOG_NOTICE, "%s", line);
     *m = (struct model){.in = p->in,
                         .out = p->out,
-                        .wdtype = (enum tp_dtype)p->w.dtype,
+                        .wdtype = (enum tp_dtype)p->lin[0].w.dtype,
                         .io_dtype = (enum tp_dtype)c->io_dtype,
                         .gemm_dtype = (enum tp_dtype)c->dtype,
-                        .has_bias = (int)p->has_bias,
                         .ranks = c->ngpus ? c->ngpus : c->cpu,
                         .backend = c->ngpus ? "cuda" : "cpu",
                         .batch_invariant = !c->ngpus && strcmp(c->cpu_gemm, "invariant") == 0,
                         .max_batch = c->max_batch,
                         .plan = p};
     snprintf(m->name, sizeof(m->name), "%s", c->model);
-    if (plan_split(m->out, m->ranks, 0, &(int64_t){0}, &(int64_t){0}, &err) < 0) {
-        tp_log(TP_LOG_ERR, "%s (%s %d)", err.msg, c->ngpus ? "--gpus lists" : "--cpu", m->ranks);
+    split = plan_split_size(p, &m->split_what);
+    if (plan_split(split, m->ranks, 0, &(int64_t){0}, &(int64_t){0}, &err) < 0) {
+        tp_log(TP_LOG_ERR, "the model's %lld %s cannot be split: %s (%s %d)", (long long)split,
+               m->split_what, err.msg, c->ngpus ? "--gpus lists" : "--cpu", m->ranks);
         return EX_USAGE;
     }
-    plan_split_text(m->out, m->ranks, m->split, sizeof(m->split));
-    tp_log(TP_LOG_NOTICE, "layer: W '%s' %s [%lld, %lld] in %s, stored %s (%s)%s%s; b %s",
-           p->w.name, tp_dtype_file_name(m->wdtype), (long long)p->w.shape[0],
-           (long long)p->w.shape[1], p->w.path,
-           p->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]", p->layout_why,
-           p->tied_from[0] ? ", standing in for " : "", p->tied_from,
-           p->has_bias ? p->b.name : "none");
+    plan_split_text(split, m->ranks, m->split, sizeof(m->split));
+    if (p->block[0])
+        tp_log(TP_LOG_NOTICE,
+               "block '%s': %s, hidden %lld, intermediate %lld, activation %s (%s); one "
+               "all-reduce per forward",
+               p->block, p->kind == PLAN_GATED ? "down(act(gate(x)) * up(x))" : "proj(act(fc(x)))",
+               (long long)p->in, (long long)p->inter, plan_act_name((enum plan_act)p->act),
+               p->act_why);
+    for (uint32_t j = 0; j < p->nlin; j++) {
+        const struct plan_linear *l = &p->lin[j];
+
+        m->has_bias |= (int)l->has_bias;
+        join(m->weights, sizeof(m->weights), j == 0, l->w.name);
+        join(m->biases, sizeof(m->biases), j == 0, l->has_bias ? l->b.name : "");
+        join(m->layouts, sizeof(m->layouts), j == 0,
+             l->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]");
+        tp_log(TP_LOG_NOTICE, "layer: W '%s' %s [%lld, %lld] in %s, stored %s (%s)%s%s, %s; b %s",
+               l->w.name, tp_dtype_file_name((enum tp_dtype)l->w.dtype),
+               (long long)l->w.shape[0], (long long)l->w.shape[1], l->w.path,
+               l->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]", l->layout_why,
+               l->tied_from[0] ? ", standing in for " : "", l->tied_from,
+               l->split == PLAN_SPLIT_IN ? "inputs split, partial sums all-reduced"
+                                         : "outputs split",
+               l->has_bias ? l->b.name : "none");
+    }
     biggest = (long)(m->in > m->out ? m->in : m->out);
     if ((long)c->max_batch * biggest * 4 > MAX_MSG - MSG_HEADROOM) {
         tp_log(TP_LOG_ERR, "--max-batch %u rows of %ld floats exceed the %ld-byte message limit",
@@ -257,7 +288,10 @@ int main(int argc, char **argv)
                          &(struct shm_layout){.nslots = c.slots,
                                               .max_batch = c.max_batch,
                                               .in = (uint32_t)m.in,
-                                              .out = (uint32_t)m.out},
+                                              .out = (uint32_t)m.out,
+                                              .partials = plan_reduces(&plan)
+                                                              ? (uint32_t)m.ranks
+                                                              : 0},
                          &err) < 0)
         goto fail;
     if (sched_create(&sched, &arena,
@@ -269,19 +303,19 @@ int main(int argc, char **argv)
     if (c.ngpus)
         tp_log(TP_LOG_NOTICE,
                "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d GPU ranks of %s "
-               "rows, %s GEMM%s, gather %s; %u slots of %u rows, batch delay %u us",
+               "%s, %s GEMM%s, gather %s; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
                m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), m.ranks,
-               m.split, tp_dtype_wire_name((enum tp_dtype)c.dtype),
+               m.split, m.split_what, tp_dtype_wire_name((enum tp_dtype)c.dtype),
                c.tf32 ? " (TF32)" : "", c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch,
                c.batch_delay_us);
     else
         tp_log(TP_LOG_NOTICE,
                "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d cpu ranks of %s "
-               "rows, %d threads each, %s GEMM; %u slots of %u rows, batch delay %u us",
+               "%s, %d threads each, %s GEMM; %u slots of %u rows, batch delay %u us",
                m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
                m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), c.cpu,
-               m.split, threads, c.cpu_gemm, c.slots, c.max_batch,
+               m.split, m.split_what, threads, c.cpu_gemm, c.slots, c.max_batch,
                c.batch_delay_us);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen &&
@@ -335,7 +369,7 @@ int main(int argc, char **argv)
                                        .threads = threads,
                                        .slots = c.slots,
                                        .max_batch = c.max_batch,
-                                       .arena_fd = arena.fd,
+                                       .arena = &arena,
                                        .backoff_ms = c.restart_backoff_ms,
                                        .job_timeout_ms = c.job_timeout_ms,
                                        .log_level = level_names[c.log_level]},

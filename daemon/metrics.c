@@ -58,6 +58,7 @@ static struct {
     uint64_t *restarts; /* nranks */
     int64_t *job_t0;    /* nslots: when the slot's job was dispatched, ns */
     uint64_t jobs;      /* jobs dispatched */
+    uint64_t collectives; /* collectives the ranks ran for finished jobs */
 } M = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 int metrics_init(const char *model, int nranks, uint32_t nslots, struct tp_err *err)
@@ -148,11 +149,13 @@ void metrics_job_start(uint32_t slot, uint32_t rows)
     pthread_mutex_unlock(&M.lock);
 }
 
-void metrics_job_done(uint32_t slot)
+void metrics_job_done(uint32_t slot, uint32_t collectives)
 {
     int64_t now = metrics_now_ns();
 
     pthread_mutex_lock(&M.lock);
+    if (M.on)
+        M.collectives += collectives;
     if (M.on && slot < M.nslots && M.job_t0[slot] > 0)
         observe(&M.compute, (double)(now - M.job_t0[slot]) / 1e9);
     pthread_mutex_unlock(&M.lock);
@@ -253,6 +256,10 @@ char *metrics_render(size_t *len)
              "Time from a job's dispatch to the workers until every rank finished it", &M.compute);
     put_hist(f, "tpd_batch_rows", "Rows of each job dispatched to the workers", &M.batch);
     put_model_counter(f, "tpd_request_rows_total", "Rows carried by ModelInfer requests", M.rows);
+    put_model_counter(f, "tpd_collectives_total",
+                      "Collectives the ranks ran for finished jobs: one all-reduce per job of a "
+                      "row layer or block, one all-gather per job with the NCCL gather",
+                      M.collectives);
     head(f, "tpd_received_bytes_total", "counter", "Bytes of ModelInfer request messages");
     fprintf(f, "tpd_received_bytes_total %llu\n", (unsigned long long)M.bytes_in);
     head(f, "tpd_sent_bytes_total", "counter", "Bytes of ModelInfer response messages");

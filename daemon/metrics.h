@@ -35,9 +35,10 @@ void metrics_request_done(const char *model, int code, double seconds, uint32_t 
  * own: observes the time it waited for the job's dispatch. */
 void metrics_queue_time(uint32_t slot, int64_t t0_ns);
 
-/* The job on slot went to the workers with rows rows / came back from all of them (or failed). */
+/* The job on slot went to the workers with rows rows / came back from all of them (or failed),
+ * the ranks having run collectives collectives (all-reduces, all-gathers) for it. */
 void metrics_job_start(uint32_t slot, uint32_t rows);
-void metrics_job_done(uint32_t slot);
+void metrics_job_done(uint32_t slot, uint32_t collectives);
 
 /* Rank's worker is up (it reported READY) or down (gone, killed or not started yet). */
 void metrics_worker_up(int rank, int up);

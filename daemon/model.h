@@ -1,4 +1,5 @@
-/* model.h -- what tpd serves: one linear layer, described once at start from its plan (plan.h:
+/* model.h -- what tpd serves: one linear layer or an MLP block, described once at start from its
+ * plan (plan.h:
  * the checkpoint's headers and the command line), then read (never written) by every thread. The workers always
  * read and write FP32 in the slots; io_dtype is what clients send and receive, and the
  * coordinator converts at its one copy in and out. */
@@ -28,7 +29,12 @@ struct model {
     int batch_invariant; /* a row's answer never depends on its batch (cpu, --cpu-gemm invariant) */
     uint32_t max_batch;  /* rows per request */
     const struct plan *plan; /* the tensors served and how they are stored */
-    char split[4096];        /* output rows per rank, "251,251,250" */
+    const char *split_what;  /* what the ranks split: "outputs", "inputs" or "intermediate" */
+    char split[4096];        /* its count per rank, "251,251,250" */
+    /* one entry per layer of the plan, in the order the model applies them, joined by ",": */
+    char weights[PLAN_MAX_LINEAR * 256];  /* W's tensor names */
+    char biases[PLAN_MAX_LINEAR * 256];   /* b's, "" for a layer without one */
+    char layouts[PLAN_MAX_LINEAR * 16];   /* "[out, in]" or "[in, out]" */
 };
 
 #endif

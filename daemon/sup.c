@@ -36,7 +36,7 @@
 
 /* How long a rank may take over a job before it is taken for hung: max(--job-timeout-ms,
  * JOB_SLACK x the job's rows x the time per row). The time per row starts from the layer, at a
- * prior time for each multiply-add of a rank's share (in x its rows of out): on CPU ranks 5 ns,
+ * prior time for each multiply-add of a rank's share (plan_rank_macs): on CPU ranks 5 ns,
  * well over what a sanitizer build measures on a loaded machine (1 to 3 ns; a plain build
  * 0.03 ns with the AVX2 kernel), so even the first job of a big layer keeps its bound; on GPUs
  * 0.05 ns, hundreds of times any GPU's FP32 time, which leaves a hang in the first collective of
@@ -86,6 +86,7 @@ struct job {
     uint32_t rows;     /* rows of the slot's input */
     uint64_t seq;      /* dispatch order: a rank answers its jobs in this order */
     int64_t sent_ns;   /* CLOCK_MONOTONIC, when sup_dispatch took it */
+    uint32_t collectives; /* the most that a rank reported running for it */
     struct tp_err err; /* first failure reported by a rank */
 };
 
@@ -190,7 +191,7 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
         argv[n++] = "--cpu-gemm", argv[n++] = (char *)s->c.cpu_gemm;
     argv[n] = NULL;
     fds[0] = sv[1];
-    fds[1] = s->c.arena_fd;
+    fds[1] = s->c.arena->fd;
     if (proc_spawn(argv, env, fds, 2, &pid, err) < 0) {
         close(sv[0]);
         close(sv[1]);
@@ -699,9 +700,11 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
         s->w[r].done_ns = now;
         if (m->status != TP_OK && j->err.code == TP_OK)
             tp_err_set(&j->err, (enum tp_code)m->status, "rank %d: %.200s", r, m->text);
+        if (m->bytes > j->collectives) /* ctl_validate bounds it */
+            j->collectives = (uint32_t)m->bytes;
         if (--j->pending > 0)
             return;
-        metrics_job_done(m->slot);
+        metrics_job_done(m->slot, j->collectives);
         failed = j->err;
         pthread_mutex_unlock(&s->lock);
         s->done(s->ctx, m->slot, id, failed.code == TP_OK ? NULL : &failed);
@@ -866,7 +869,6 @@ int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, su
               void *ctx, struct tp_err *err)
 {
     struct sup *s = calloc(1, sizeof(*s));
-    int64_t share;
     int e;
 
     *out = NULL;
@@ -879,10 +881,8 @@ int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, su
     s->backoff_ms = c->backoff_ms;
     s->send_failed = -1;
     s->row_ns = -1;
-    /* the most rows of out a rank owns: the first out mod nranks ranks own one more */
-    share = (c->plan->out + c->nranks - 1) / c->nranks;
     s->prior_row_ns = (c->devices ? PRIOR_NS_PER_MAC_GPU : PRIOR_NS_PER_MAC_CPU) *
-                      (double)c->plan->in * (double)share;
+                      (double)plan_rank_macs(c->plan, c->nranks);
     s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
@@ -946,6 +946,9 @@ int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struc
     s->jobs[slot] = (struct job){
         .id = id, .pending = s->c.nranks, .rows = rows, .seq = s->next_seq++, .sent_ns = now_ns()};
     memset(&s->answered[(size_t)slot * (size_t)s->c.nranks], 0, (size_t)s->c.nranks);
+    /* No rank touches the slot between its jobs: the last DONE of the one before came back. */
+    if (s->c.arena->layout.partials)
+        __atomic_store_n(shm_slot_sync(s->c.arena, slot), 0, __ATOMIC_RELEASE);
     metrics_job_start(slot, rows);
     /* Sent to every rank under the lock, so every rank sees the jobs in the same order: with the
      * NCCL gather each job is a collective, and ranks that issued them in different orders would

@@ -18,6 +18,7 @@
 
 #include "err.h"
 #include "plan.h"
+#include "shm.h"
 
 struct sup;
 
@@ -28,7 +29,7 @@ struct sup_config {
     int nranks;
     int threads; /* BLAS threads per rank */
     uint32_t slots, max_batch;
-    int arena_fd;          /* passed to every worker; stays the caller's */
+    const struct shm_arena *arena; /* its fd is passed to every worker; stays the caller's */
     int backoff_ms;        /* first restart delay */
     const char *log_level; /* passed to the workers */
     const int *devices;    /* cuda: the GPU of each rank (nranks entries); NULL for cpu */
@@ -53,7 +54,8 @@ typedef void (*sup_state_fn)(void *ctx, int ready);
 int sup_start(struct sup **s, const struct sup_config *c, sup_done_fn done, sup_state_fn state,
               void *ctx, struct tp_err *err);
 
-/* Sends job id (rows of slot) to every rank. Any thread; never waits on a worker. Fails with
+/* Sends job id (rows of slot) to every rank, after zeroing the slot's arrival counter when the
+ * ranks reduce (shm_slot_sync). Any thread; never waits on a worker. Fails with
  * TP_EUNAVAIL when the group is not ready; then no done callback will come for this job. */
 int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struct tp_err *err);
 

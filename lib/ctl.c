@@ -96,5 +96,8 @@ int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, s
     if (m->type == CTL_JOB && (m->rows < 1 || m->rows > max_batch))
         return tp_err_set(err, TP_EINTERNAL, "control message rows %u, expected 1 to %u", m->rows,
                           max_batch);
+    if (m->type == CTL_DONE && m->bytes > CTL_MAX_COLLECTIVES)
+        return tp_err_set(err, TP_EINTERNAL, "control message collectives %llu, at most %d",
+                          (unsigned long long)m->bytes, CTL_MAX_COLLECTIVES);
     return 0;
 }

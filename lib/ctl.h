@@ -9,7 +9,8 @@
  *                                 hosts its bootstrap root)
  *   worker -> coordinator  READY  once its shard is loaded (status, error text on failure)
  *   coordinator -> worker  JOB    compute rows of a slot: id, slot, rows
- *   worker -> coordinator  DONE   id, slot, status and error text
+ *   worker -> coordinator  DONE   id, slot, status and error text, and the collectives the
+ *                                 job ran (an all-reduce of a block, an NCCL all-gather)
  *   coordinator -> worker  STOP   the coordinator is stopping: finish, tear down and exit; the
  *                                 coordinator closes its end next and waits for the exit
  *
@@ -25,7 +26,9 @@
 #include "plan.h"
 
 #define CTL_MAGIC 0x74706431u /* "tpd1" */
-#define CTL_VERSION 4         /* 4: PLAN; 3: STOP, and EOF without it means the coordinator died */
+#define CTL_VERSION 5 /* 5: blocks in the PLAN, collectives in DONE; 4: PLAN; 3: STOP, and EOF
+                       * without it means the coordinator died */
+#define CTL_MAX_COLLECTIVES 8 /* the most a DONE may report */
 #define CTL_NCCL_ID_BYTES 128 /* NCCL_UNIQUE_ID_BYTES */
 
 enum ctl_type {
@@ -46,7 +49,8 @@ struct ctl_msg {
     uint32_t rows;                      /* rows of the slot's input to compute */
     int32_t status;                     /* enum tp_code; TP_OK on success */
     uint32_t rank;                      /* sender's rank (READY, DONE) */
-    uint64_t bytes;                     /* READY: bytes of weights and bias read from the file */
+    uint64_t bytes;                     /* READY: bytes of weights and bias read from the files;
+                                         * DONE: collectives the job ran */
     char text[256];                     /* NUL-terminated error message when status != TP_OK */
     uint8_t nccl_id[CTL_NCCL_ID_BYTES]; /* INIT: ncclUniqueId, opaque bytes */
 };
@@ -67,7 +71,7 @@ int ctl_recv_plan(int fd, struct plan *p, struct tp_err *err);
 
 /* Checks a message that came from outside this process: magic, version, known type, a
  * NUL-terminated text, slot < nslots for JOB and DONE and 1 <= rows <= max_batch for JOB (READY,
- * INIT and STOP carry no slot). Returns -1 with a message naming the bad field. Exposed for tests
+ * INIT and STOP carry no slot), at most CTL_MAX_COLLECTIVES for DONE. Returns -1 with a message naming the bad field. Exposed for tests
  * and fuzzing. */
 int ctl_validate(const struct ctl_msg *m, uint32_t nslots, uint32_t max_batch, struct tp_err *err);
 

@@ -1,8 +1,9 @@
-/* plan.c -- building, checking and reading the layer's plan (see plan.h). The coordinator builds
- * it (plan_build), every worker checks it (plan_validate) and reads its rows by it (plan_read),
- * and tpclient reads a whole layer by it for --verify. Deciding how a weight is stored is the one
- * guess this file refuses to make: a checkpoint says it (config.json's model_type), the user says
- * it (--layout), or the layer is not served. */
+/* plan.c -- building, checking and reading the model's plan (see plan.h). The coordinator builds
+ * it (plan_build), every worker checks it (plan_validate) and reads its part by it (plan_read),
+ * and tpclient reads a whole model by it for --verify. Deciding how a weight is stored and which
+ * activation a block applies are the guesses this file refuses to make: a checkpoint says it
+ * (config.json's model_type, hidden_act), the user says it (--layout, --act), or the model is not
+ * served. */
 #include "plan.h"
 
 #include <fcntl.h>
@@ -116,7 +117,7 @@ static int computable(enum tp_dtype d)
 
 /* Finds W by the user's name: the tensor itself, the module's ".weight", or, for an absent
  * lm_head that config.json ties to the input embedding, the embedding. */
-static int find_weight(struct ckpt *c, struct plan *p, const char *name,
+static int find_weight(struct ckpt *c, struct plan_linear *l, const char *name,
                        const struct ckpt_shard **sh, const struct st_tensor **t, char *notes,
                        size_t notes_len, struct tp_err *err)
 {
@@ -148,7 +149,7 @@ static int find_weight(struct ckpt *c, struct plan *p, const char *name,
                 return -1;
             if (r == 0)
                 continue;
-            snprintf(p->tied_from, sizeof(p->tied_from), "lm_head.weight");
+            snprintf(l->tied_from, sizeof(l->tied_from), "lm_head.weight");
             note(notes, notes_len,
                  "lm_head.weight is not stored: config.json ties it to the input embedding "
                  "(tie_word_embeddings %s), serving %s",
@@ -171,7 +172,7 @@ static int find_weight(struct ckpt *c, struct plan *p, const char *name,
 }
 
 /* Decides how W is stored; see the top of this file. */
-static int decide_layout(const struct ckpt *c, struct plan *p, enum plan_layout asked,
+static int decide_layout(const struct ckpt *c, struct plan_linear *l, enum plan_layout asked,
                          const char *wname, struct tp_err *err)
 {
     const char *type = ckpt_config_string(c, "model_type"), *leaf;
@@ -179,25 +180,25 @@ static int decide_layout(const struct ckpt *c, struct plan *p, enum plan_layout 
 
     module_of(wname, module, sizeof(module), &leaf);
     if (asked != PLAN_LAYOUT_AUTO) {
-        p->layout = (uint32_t)asked;
-        snprintf(p->layout_why, sizeof(p->layout_why), "given with --layout");
+        l->layout = (uint32_t)asked;
+        snprintf(l->layout_why, sizeof(l->layout_why), "given with --layout");
         return 0;
     }
-    if (p->tied_from[0]) {
-        p->layout = PLAN_LINEAR;
-        snprintf(p->layout_why, sizeof(p->layout_why), "an input embedding is [vocab, hidden]");
+    if (l->tied_from[0]) {
+        l->layout = PLAN_LINEAR;
+        snprintf(l->layout_why, sizeof(l->layout_why), "an input embedding is [vocab, hidden]");
         return 0;
     }
     if (type && in_list(type, conv1d_models)) {
         if (in_list(leaf, conv1d_leaves)) {
-            p->layout = PLAN_CONV1D;
-            snprintf(p->layout_why, sizeof(p->layout_why),
+            l->layout = PLAN_CONV1D;
+            snprintf(l->layout_why, sizeof(l->layout_why),
                      "config.json: model_type %.32s stores %.32s as Conv1D", type, leaf);
             return 0;
         }
         if (in_list(leaf, linear_leaves)) {
-            p->layout = PLAN_LINEAR;
-            snprintf(p->layout_why, sizeof(p->layout_why),
+            l->layout = PLAN_LINEAR;
+            snprintf(l->layout_why, sizeof(l->layout_why),
                      "config.json: model_type %.32s stores %.32s as nn.Linear", type, leaf);
             return 0;
         }
@@ -208,8 +209,8 @@ static int decide_layout(const struct ckpt *c, struct plan *p, enum plan_layout 
                           type, SHOW, wname);
     }
     if (type) {
-        p->layout = PLAN_LINEAR;
-        snprintf(p->layout_why, sizeof(p->layout_why),
+        l->layout = PLAN_LINEAR;
+        snprintf(l->layout_why, sizeof(l->layout_why),
                  "config.json: model_type %.32s uses nn.Linear", type);
         return 0;
     }
@@ -219,15 +220,15 @@ static int decide_layout(const struct ckpt *c, struct plan *p, enum plan_layout 
                           "config.json says which model this is: give --layout conv1d or "
                           "--layout linear",
                           SHOW, wname);
-    p->layout = PLAN_LINEAR;
-    snprintf(p->layout_why, sizeof(p->layout_why),
+    l->layout = PLAN_LINEAR;
+    snprintf(l->layout_why, sizeof(l->layout_why),
              c->config ? "config.json has no model_type: [out, in] as nn.Linear"
                        : "no config.json: [out, in] as nn.Linear");
     return 0;
 }
 
 /* Finds b: the name given, else W's sibling "<module>.bias" when it exists. */
-static int find_bias(struct ckpt *c, struct plan *p, const struct plan_request *req,
+static int find_bias(struct ckpt *c, struct plan_linear *l, const char *given, int no_bias,
                      const char *wname, char *notes, size_t notes_len, struct tp_err *err)
 {
     const struct ckpt_shard *sh;
@@ -236,10 +237,10 @@ static int find_bias(struct ckpt *c, struct plan *p, const struct plan_request *
     const char *leaf;
     int r;
 
-    if (req->no_bias)
+    if (no_bias)
         return 0;
-    if (req->bias) {
-        snprintf(name, sizeof(name), "%s", req->bias);
+    if (given) {
+        snprintf(name, sizeof(name), "%s", given);
     } else {
         module_of(wname, module, sizeof(module), &leaf);
         snprintf(name, sizeof(name), "%s%sbias", module, module[0] ? "." : "");
@@ -248,7 +249,7 @@ static int find_bias(struct ckpt *c, struct plan *p, const struct plan_request *
     if (r < 0)
         return -1;
     if (r == 0) {
-        if (req->bias)
+        if (given)
             return tp_err_set(err, TP_ENOTFOUND, "%s has no tensor '%.*s' (given with --bias)",
                               c->source, SHOW, name);
         note(notes, notes_len, "no bias: the checkpoint has no '%.*s'", SHOW, name);
@@ -257,55 +258,251 @@ static int find_bias(struct ckpt *c, struct plan *p, const struct plan_request *
     if (!computable(t->dtype))
         return tp_err_set(err, TP_EINVAL, "bias '%.*s' has dtype %s, expected F32, F16, BF16 or F64",
                           SHOW, name, t->dtype_name);
-    if (t->ndim != 1 || t->shape[0] != p->out)
+    if (t->ndim != 1 || t->shape[0] != l->out)
         return tp_err_set(err, TP_EINVAL,
                           "bias '%.*s' has %d dims [%" PRId64 "%s], expected [%" PRId64
                           "] for a weight of %" PRId64 " outputs: name it with --bias or "
                           "serve without it with --no-bias",
                           SHOW, name, t->ndim, t->ndim ? t->shape[0] : 0,
-                          t->ndim > 1 ? ", ..." : "", p->out, p->out);
-    p->has_bias = 1;
-    return fill_tensor(&p->b, sh, t, err);
+                          t->ndim > 1 ? ", ..." : "", l->out, l->out);
+    l->has_bias = 1;
+    return fill_tensor(&l->b, sh, t, err);
+}
+
+/* Builds one linear layer of the plan from the weight called name (see find_weight). */
+static int build_linear(struct ckpt *c, struct plan_linear *l, const char *name, const char *bias,
+                        int no_bias, enum plan_layout layout, enum plan_split_axis split,
+                        char *notes, size_t notes_len, struct tp_err *err)
+{
+    const struct ckpt_shard *sh;
+    const struct st_tensor *w;
+
+    *l = (struct plan_linear){.split = (uint32_t)split};
+    snprintf(l->requested, sizeof(l->requested), "%s", name);
+    if (find_weight(c, l, name, &sh, &w, notes, notes_len, err) < 0)
+        return -1;
+    if (!computable(w->dtype))
+        return tp_err_set(err, TP_EINVAL,
+                          "tensor '%.*s' has dtype %s, expected F32, F16, BF16 or F64", SHOW,
+                          w->name, w->dtype_name);
+    if (w->ndim != 2 || w->shape[0] < 1 || w->shape[1] < 1 || w->shape[0] > UINT32_MAX ||
+        w->shape[1] > UINT32_MAX)
+        return tp_err_set(err, TP_EINVAL, "tensor '%.*s' in %s has %d dims, expected a 2-d weight",
+                          SHOW, w->name, sh->path, w->ndim);
+    if (decide_layout(c, l, layout, w->name, err) < 0 || fill_tensor(&l->w, sh, w, err) < 0)
+        return -1;
+    l->out = l->layout == PLAN_CONV1D ? w->shape[1] : w->shape[0];
+    l->in = l->layout == PLAN_CONV1D ? w->shape[0] : w->shape[1];
+    /* the bias is the served module's: a tied lm_head's sibling, not the embedding's */
+    return find_bias(c, l, bias, no_bias, l->tied_from[0] ? l->tied_from : w->name, notes,
+                     notes_len, err);
+}
+
+/* The members of a block, by the names that architectures give them. */
+static const struct {
+    const char *m[PLAN_MAX_LINEAR]; /* gated: gate, up, down; mlp: fc, proj, NULL */
+    enum plan_kind kind;
+} block_names[] = {
+    {{"gate_proj", "up_proj", "down_proj"}, PLAN_GATED}, /* Llama, Mistral, Qwen2, Gemma */
+    {{"w1", "w3", "w2"}, PLAN_GATED},                    /* Mixtral's experts */
+    {{"c_fc", "c_proj", NULL}, PLAN_MLP},                /* GPT-2 */
+    {{"fc1", "fc2", NULL}, PLAN_MLP},                    /* OPT, Phi */
+    {{"dense_h_to_4h", "dense_4h_to_h", NULL}, PLAN_MLP}, /* GPT-NeoX, Falcon */
+};
+
+/* config.json's activation names (transformers' ACT2FN), as PyTorch computes them. */
+static const struct {
+    const char *name;
+    enum plan_act act;
+} act_names[] = {
+    {"silu", PLAN_ACT_SILU},          {"swish", PLAN_ACT_SILU},
+    {"gelu", PLAN_ACT_GELU},          {"gelu_new", PLAN_ACT_GELU_TANH},
+    {"gelu_pytorch_tanh", PLAN_ACT_GELU_TANH}, {"relu", PLAN_ACT_RELU},
+};
+
+enum plan_act plan_act_from_name(const char *name)
+{
+    for (size_t i = 0; i < sizeof(act_names) / sizeof(act_names[0]); i++)
+        if (strcmp(name, act_names[i].name) == 0)
+            return act_names[i].act;
+    return PLAN_ACT_AUTO;
+}
+
+const char *plan_act_name(enum plan_act a)
+{
+    switch (a) {
+    case PLAN_ACT_SILU: return "silu";
+    case PLAN_ACT_GELU: return "gelu";
+    case PLAN_ACT_GELU_TANH: return "gelu_tanh";
+    case PLAN_ACT_RELU: return "relu";
+    default: return "none";
+    }
+}
+
+const char *plan_kind_name(enum plan_kind k)
+{
+    switch (k) {
+    case PLAN_COLUMN: return "column";
+    case PLAN_ROW: return "row";
+    case PLAN_GATED: return "gated";
+    case PLAN_MLP: return "mlp";
+    default: return "auto";
+    }
+}
+
+/* Whether the checkpoint holds "<block>.<member>.weight". */
+static int has_member(struct ckpt *c, const char *block, const char *member, struct tp_err *err)
+{
+    const struct ckpt_shard *sh;
+    const struct st_tensor *t;
+    char name[2 * ST_MAX_NAME];
+
+    snprintf(name, sizeof(name), "%s.%s.weight", block, member);
+    return ckpt_find(c, name, &sh, &t, err);
+}
+
+/* Decides the activation: --act, else config.json's hidden_act or activation_function. */
+static int decide_act(const struct ckpt *c, struct plan *p, enum plan_act asked,
+                      struct tp_err *err)
+{
+    static const char *const keys[] = {"hidden_act", "activation_function", NULL};
+    const char *v = NULL, *key = NULL;
+
+    if (asked != PLAN_ACT_AUTO) {
+        p->act = (uint32_t)asked;
+        snprintf(p->act_why, sizeof(p->act_why), "given with --act");
+        return 0;
+    }
+    for (const char *const *k = keys; *k && !v; k++)
+        if ((v = ckpt_config_string(c, *k)))
+            key = *k;
+    if (!v)
+        return tp_err_set(err, TP_EINVAL,
+                          c->config ? "config.json of %s gives no hidden_act or "
+                                      "activation_function: give --act silu|gelu|gelu_tanh|relu"
+                                    : "no config.json beside %s says which activation the block "
+                                      "applies: give --act silu|gelu|gelu_tanh|relu",
+                          c->source);
+    p->act = (uint32_t)plan_act_from_name(v);
+    if (p->act == PLAN_ACT_AUTO)
+        return tp_err_set(err, TP_EINVAL,
+                          "config.json's %s is '%.64s', an activation tpd does not compute "
+                          "(silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu): give --act to "
+                          "serve the block with another",
+                          key, v);
+    snprintf(p->act_why, sizeof(p->act_why), "config.json: %s %.64s", key, v);
+    return 0;
+}
+
+/* Builds a block's linear layers: finds which member names the checkpoint uses, and checks
+ * that the layers chain. */
+static int build_block(struct ckpt *c, struct plan *p, const struct plan_request *req,
+                       char *notes, size_t notes_len, struct tp_err *err)
+{
+    char name[2 * ST_MAX_NAME], fused[2 * ST_MAX_NAME];
+    const struct ckpt_shard *sh;
+    const struct st_tensor *t;
+    size_t i, nb = sizeof(block_names) / sizeof(block_names[0]);
+    int r = 0, mlp_bias;
+    struct plan_linear *first, *last;
+
+    if (req->bias)
+        return tp_err_set(err, TP_EINVAL,
+                          "--bias names one layer's bias: a block takes each member's own "
+                          "(--no-bias serves it without them)");
+    if (req->row)
+        return tp_err_set(err, TP_EINVAL,
+                          "--parallel row is for one layer: a block splits its layers itself");
+    snprintf(p->block, sizeof(p->block), "%s", req->block);
+    for (i = 0; i < nb; i++) {
+        r = 1;
+        for (int j = 0; j < PLAN_MAX_LINEAR && block_names[i].m[j] && r == 1; j++)
+            r = has_member(c, req->block, block_names[i].m[j], err);
+        if (r < 0)
+            return -1;
+        if (r == 1)
+            break;
+    }
+    if (i == nb) {
+        snprintf(fused, sizeof(fused), "%s.gate_up_proj.weight", req->block);
+        if ((r = ckpt_find(c, fused, &sh, &t, err)) != 0)
+            return r < 0 ? -1
+                         : tp_err_set(err, TP_EINVAL,
+                                      "block '%.*s' stores gate and up as one tensor "
+                                      "(gate_up_proj): tpd shards gate and up separately and does "
+                                      "not split a concatenation",
+                                      SHOW, req->block);
+        return tp_err_set(err, TP_ENOTFOUND,
+                          "%s has no MLP block '%.*s': expected %.*s.gate_proj, .up_proj and "
+                          ".down_proj (Llama, Mistral, Qwen2), .w1, .w3 and .w2 (Mixtral), .c_fc "
+                          "and .c_proj (GPT-2), .fc1 and .fc2 or .dense_h_to_4h and "
+                          ".dense_4h_to_h weights",
+                          c->source, SHOW, req->block, SHOW, req->block);
+    }
+    p->kind = (uint32_t)block_names[i].kind;
+    p->nlin = p->kind == PLAN_GATED ? 3 : 2;
+    for (uint32_t j = 0; j < p->nlin; j++) {
+        snprintf(name, sizeof(name), "%s.%s", req->block, block_names[i].m[j]);
+        if (build_linear(c, &p->lin[j], name, NULL, req->no_bias, req->layout,
+                         j + 1 == p->nlin ? PLAN_SPLIT_IN : PLAN_SPLIT_OUT, notes, notes_len,
+                         err) < 0)
+            return -1;
+    }
+    first = &p->lin[0];
+    last = &p->lin[p->nlin - 1];
+    p->in = first->in;
+    p->out = last->out;
+    p->inter = first->out;
+    for (uint32_t j = 0; j + 1 < p->nlin; j++)
+        if (p->lin[j].in != p->in || p->lin[j].out != p->inter)
+            goto chain;
+    if (last->in != p->inter || last->out != p->in)
+        goto chain;
+    mlp_bias = ckpt_config_bool(c, "mlp_bias");
+    if (mlp_bias == 1 && !req->no_bias)
+        for (uint32_t j = 0; j < p->nlin; j++)
+            if (!p->lin[j].has_bias)
+                return tp_err_set(err, TP_EINVAL,
+                                  "config.json sets mlp_bias true, but %s has no '%.*s.bias': "
+                                  "the checkpoint is incomplete (--no-bias serves the block "
+                                  "without biases)",
+                                  c->source, SHOW, p->lin[j].requested);
+    return decide_act(c, p, req->act, err);
+chain:
+    return tp_err_set(err, TP_EINVAL,
+                      "the layers of block '%.*s' do not chain: %s%s%s [in %" PRId64
+                      ", out %" PRId64 "] -> ... -> %s [in %" PRId64 ", out %" PRId64
+                      "]; a block maps hidden -> intermediate -> hidden",
+                      SHOW, req->block, block_names[i].m[0], p->nlin == 3 ? ", " : "",
+                      p->nlin == 3 ? block_names[i].m[1] : "", first->in, first->out,
+                      block_names[i].m[p->nlin - 1], last->in, last->out);
 }
 
 int plan_build(struct plan *p, const struct plan_request *req, char *notes, size_t notes_len,
                struct tp_err *err)
 {
     struct ckpt c;
-    const struct ckpt_shard *sh;
-    const struct st_tensor *w;
+    int rc;
 
     *p = (struct plan){.magic = PLAN_MAGIC, .version = PLAN_VERSION};
     if (notes && notes_len)
         notes[0] = '\0';
     if (ckpt_open(&c, req->weights, err) < 0)
         return -1;
-    snprintf(p->requested, sizeof(p->requested), "%s", req->weight);
-    if (find_weight(&c, p, req->weight, &sh, &w, notes, notes_len, err) < 0)
-        goto fail;
-    if (!computable(w->dtype)) {
-        tp_err_set(err, TP_EINVAL, "tensor '%.*s' has dtype %s, expected F32, F16, BF16 or F64",
-                   SHOW, w->name, w->dtype_name);
-        goto fail;
+    if (req->block) {
+        rc = build_block(&c, p, req, notes, notes_len, err);
+    } else if (req->act != PLAN_ACT_AUTO) {
+        rc = tp_err_set(err, TP_EINVAL, "--act is a block's activation: give --block MODULE");
+    } else {
+        p->kind = req->row ? PLAN_ROW : PLAN_COLUMN;
+        p->nlin = 1;
+        rc = build_linear(&c, &p->lin[0], req->weight, req->bias, req->no_bias, req->layout,
+                          req->row ? PLAN_SPLIT_IN : PLAN_SPLIT_OUT, notes, notes_len, err);
+        p->in = p->lin[0].in;
+        p->out = p->lin[0].out;
     }
-    if (w->ndim != 2 || w->shape[0] < 1 || w->shape[1] < 1 || w->shape[0] > UINT32_MAX ||
-        w->shape[1] > UINT32_MAX) {
-        tp_err_set(err, TP_EINVAL, "tensor '%.*s' in %s has %d dims, expected a 2-d weight",
-                   SHOW, w->name, sh->path, w->ndim);
-        goto fail;
-    }
-    if (decide_layout(&c, p, req->layout, w->name, err) < 0 || fill_tensor(&p->w, sh, w, err) < 0)
-        goto fail;
-    p->out = p->layout == PLAN_CONV1D ? w->shape[1] : w->shape[0];
-    p->in = p->layout == PLAN_CONV1D ? w->shape[0] : w->shape[1];
-    /* the bias is the served module's: a tied lm_head's sibling, not the embedding's */
-    if (find_bias(&c, p, req, p->tied_from[0] ? p->tied_from : w->name, notes, notes_len, err) < 0)
-        goto fail;
-    ckpt_close(&c);
-    return 0;
-fail:
     ckpt_close(&c); /* the messages name the file, or need none: "--layout" */
-    return -1;
+    return rc;
 }
 
 static int check_tensor(const struct plan_tensor *t, const char *what, uint32_t ndim,
@@ -324,61 +521,128 @@ static int check_tensor(const struct plan_tensor *t, const char *what, uint32_t 
     return 0;
 }
 
-int plan_validate(const struct plan *p, struct tp_err *err)
+static int validate_linear(const struct plan_linear *l, uint32_t split, struct tp_err *err)
 {
-    if (p->magic != PLAN_MAGIC || p->version != PLAN_VERSION)
-        return tp_err_set(err, TP_EINVAL, "plan: magic 0x%08x version %u, expected 0x%08x %u",
-                          p->magic, p->version, PLAN_MAGIC, PLAN_VERSION);
-    if (!memchr(p->requested, '\0', sizeof(p->requested)) ||
-        !memchr(p->tied_from, '\0', sizeof(p->tied_from)) ||
-        !memchr(p->layout_why, '\0', sizeof(p->layout_why)))
+    if (!memchr(l->requested, '\0', sizeof(l->requested)) ||
+        !memchr(l->tied_from, '\0', sizeof(l->tied_from)) ||
+        !memchr(l->layout_why, '\0', sizeof(l->layout_why)))
         return tp_err_set(err, TP_EINVAL, "plan: text not terminated");
-    if (p->layout != PLAN_LINEAR && p->layout != PLAN_CONV1D)
-        return tp_err_set(err, TP_EINVAL, "plan: layout %u unknown", p->layout);
-    if (p->in < 1 || p->out < 1 || p->in > UINT32_MAX || p->out > UINT32_MAX)
+    if (l->layout != PLAN_LINEAR && l->layout != PLAN_CONV1D)
+        return tp_err_set(err, TP_EINVAL, "plan: layout %u unknown", l->layout);
+    if (l->split != split)
+        return tp_err_set(err, TP_EINVAL, "plan: split %u, expected %u", l->split, split);
+    if (l->in < 1 || l->out < 1 || l->in > UINT32_MAX || l->out > UINT32_MAX)
         return tp_err_set(err, TP_EINVAL, "plan: in %" PRId64 " out %" PRId64 " out of range",
-                          p->in, p->out);
-    if (check_tensor(&p->w, "weight", 2, err) < 0)
+                          l->in, l->out);
+    if (check_tensor(&l->w, "weight", 2, err) < 0)
         return -1;
-    if (p->w.shape[p->layout == PLAN_CONV1D ? 1 : 0] != p->out ||
-        p->w.shape[p->layout == PLAN_CONV1D ? 0 : 1] != p->in)
+    if (l->w.shape[l->layout == PLAN_CONV1D ? 1 : 0] != l->out ||
+        l->w.shape[l->layout == PLAN_CONV1D ? 0 : 1] != l->in)
         return tp_err_set(err, TP_EINVAL, "plan: weight shape disagrees with in and out");
-    if (p->has_bias > 1)
-        return tp_err_set(err, TP_EINVAL, "plan: has_bias %u", p->has_bias);
-    if (p->has_bias && (check_tensor(&p->b, "bias", 1, err) < 0 || p->b.shape[0] != p->out))
+    if (l->has_bias > 1)
+        return tp_err_set(err, TP_EINVAL, "plan: has_bias %u", l->has_bias);
+    if (l->has_bias && (check_tensor(&l->b, "bias", 1, err) < 0 || l->b.shape[0] != l->out))
         return err->code ? -1 : tp_err_set(err, TP_EINVAL, "plan: bias shape is not [out]");
     return 0;
 }
 
-int plan_split(int64_t out, int nranks, int rank, int64_t *row0, int64_t *rows, struct tp_err *err)
+int plan_validate(const struct plan *p, struct tp_err *err)
+{
+    uint32_t nlin;
+
+    if (p->magic != PLAN_MAGIC || p->version != PLAN_VERSION)
+        return tp_err_set(err, TP_EINVAL, "plan: magic 0x%08x version %u, expected 0x%08x %u",
+                          p->magic, p->version, PLAN_MAGIC, PLAN_VERSION);
+    if (!memchr(p->block, '\0', sizeof(p->block)) || !memchr(p->act_why, '\0', sizeof(p->act_why)))
+        return tp_err_set(err, TP_EINVAL, "plan: text not terminated");
+    switch (p->kind) {
+    case PLAN_COLUMN:
+    case PLAN_ROW: nlin = 1; break;
+    case PLAN_GATED: nlin = 3; break;
+    case PLAN_MLP: nlin = 2; break;
+    default: return tp_err_set(err, TP_EINVAL, "plan: kind %u unknown", p->kind);
+    }
+    if (p->nlin != nlin)
+        return tp_err_set(err, TP_EINVAL, "plan: %u layers for a %s model", p->nlin,
+                          plan_kind_name((enum plan_kind)p->kind));
+    if ((nlin == 1) != (p->act == PLAN_ACT_AUTO) || p->act > PLAN_ACT_RELU)
+        return tp_err_set(err, TP_EINVAL, "plan: activation %u for a %s model", p->act,
+                          plan_kind_name((enum plan_kind)p->kind));
+    for (uint32_t j = 0; j < nlin; j++)
+        if (validate_linear(&p->lin[j], p->kind == PLAN_COLUMN || (nlin > 1 && j + 1 < nlin)
+                                            ? PLAN_SPLIT_OUT
+                                            : PLAN_SPLIT_IN,
+                            err) < 0)
+            return -1;
+    if (p->in != p->lin[0].in || p->out != p->lin[nlin - 1].out)
+        return tp_err_set(err, TP_EINVAL, "plan: in and out disagree with the layers");
+    if (nlin == 1)
+        return p->inter == 0 ? 0 : tp_err_set(err, TP_EINVAL, "plan: inter for one layer");
+    for (uint32_t j = 0; j + 1 < nlin; j++)
+        if (p->lin[j].in != p->in || p->lin[j].out != p->inter)
+            return tp_err_set(err, TP_EINVAL, "plan: the block's layers do not chain");
+    if (p->lin[nlin - 1].in != p->inter || p->out != p->in)
+        return tp_err_set(err, TP_EINVAL, "plan: the block's layers do not chain");
+    return 0;
+}
+
+int plan_split(int64_t n, int nranks, int rank, int64_t *first, int64_t *count,
+               struct tp_err *err)
 {
     int64_t base, extra;
 
     if (nranks < 1 || rank < 0 || rank >= nranks)
         return tp_err_set(err, TP_EINVAL, "rank %d outside 0..%d", rank, nranks - 1);
-    if (out < nranks)
-        return tp_err_set(err, TP_EINVAL,
-                          "out %" PRId64 " is smaller than %d ranks: every rank needs a row", out,
-                          nranks);
-    base = out / nranks;
-    extra = out % nranks;
-    *rows = base + (rank < extra);
-    *row0 = (int64_t)rank * base + (rank < extra ? rank : extra);
+    if (n < nranks)
+        return tp_err_set(err, TP_EINVAL, "%" PRId64 " is fewer than %d ranks: every rank needs one",
+                          n, nranks);
+    base = n / nranks;
+    extra = n % nranks;
+    *count = base + (rank < extra);
+    *first = (int64_t)rank * base + (rank < extra ? rank : extra);
     return 0;
 }
 
-void plan_split_text(int64_t out, int nranks, char *buf, size_t len)
+int64_t plan_split_size(const struct plan *p, const char **what)
 {
-    size_t n = 0;
+    switch (p->kind) {
+    case PLAN_ROW: *what = "inputs"; return p->in;
+    case PLAN_GATED:
+    case PLAN_MLP: *what = "intermediate"; return p->inter;
+    default: *what = "outputs"; return p->out;
+    }
+}
+
+double plan_rank_macs(const struct plan *p, int nranks)
+{
+    const char *what;
+    double share = (double)((plan_split_size(p, &what) + nranks - 1) / (nranks < 1 ? 1 : nranks));
+
+    switch (p->kind) {
+    case PLAN_ROW: return share * (double)p->out;
+    case PLAN_GATED: return share * (double)(2 * p->in + p->out);
+    case PLAN_MLP: return share * (double)(p->in + p->out);
+    default: return share * (double)p->in;
+    }
+}
+
+int plan_reduces(const struct plan *p)
+{
+    return p->kind != PLAN_COLUMN;
+}
+
+void plan_split_text(int64_t n, int nranks, char *buf, size_t len)
+{
+    size_t used = 0;
 
     buf[0] = '\0';
-    for (int r = 0; r < nranks && n < len; r++) {
-        int64_t row0 = 0, rows = 0;
+    for (int r = 0; r < nranks && used < len; r++) {
+        int64_t first = 0, count = 0;
         struct tp_err err;
 
-        if (plan_split(out, nranks, r, &row0, &rows, &err) < 0)
+        if (plan_split(n, nranks, r, &first, &count, &err) < 0)
             return;
-        n += (size_t)snprintf(buf + n, len - n, r ? ",%" PRId64 : "%" PRId64, rows);
+        used += (size_t)snprintf(buf + used, len - used, r ? ",%" PRId64 : "%" PRId64, count);
     }
 }
 
@@ -415,44 +679,60 @@ static int open_checked(struct st_file *f, const struct plan_tensor *t, struct t
     return 0;
 }
 
-/* CONV1D: output rows [row0, row0 + rows) of W are columns of the stored [in, out] tensor. Each
- * stored row's column range is read (one pread each, or whole blocks of rows when the range is
- * every column), converted, and written transposed into w [rows, in]. */
-static int read_columns(const struct st_file *f, const struct plan *p, int64_t row0,
-                        int64_t rows, float *w, uint64_t *bytes, struct tp_err *err)
+/* Reads the block [a0, a0 + na) x [b0, b0 + nb) of the stored 2-d tensor t [A, B] from the open,
+ * checked file f: each stored row's piece in one pread (or whole blocks of rows when the piece is
+ * the whole row), converted to float32 and written into w as [na, nb], or transposed as [nb, na].
+ * A CONV1D layer is the transposed read of its stored [in, out]. */
+static int read_block(const struct st_file *f, const struct plan_tensor *t, int64_t a0, int64_t na,
+                      int64_t b0, int64_t nb, int transpose, float *w, uint64_t *bytes,
+                      struct tp_err *err)
 {
-    enum tp_dtype dt = (enum tp_dtype)p->w.dtype;
-    size_t es = tp_dtype_size(dt), piece = (size_t)rows * es;
+    enum tp_dtype dt = (enum tp_dtype)t->dtype;
+    int64_t B = t->shape[1];
+    size_t es = tp_dtype_size(dt), piece = (size_t)nb * es;
     size_t per = STAGE_BYTES / piece ? STAGE_BYTES / piece : 1;
     unsigned char *raw = NULL;
     float *row = NULL;
     int rc = -1;
 
-    if (per > (size_t)p->in)
-        per = (size_t)p->in;
+    if (!transpose && nb == B) { /* whole rows: the file's own reader */
+        uint64_t n = 0;
+
+        if (st_read_rows_f32(f, st_find(f, t->name), a0, na, w, &n, err) < 0)
+            return -1;
+        *bytes += n;
+        return 0;
+    }
+    if (per > (size_t)na)
+        per = (size_t)na;
     raw = malloc(per * piece);
-    row = malloc((size_t)rows * sizeof(float));
-    if (!raw || !row) {
-        tp_err_set(err, TP_ENOMEM, "no memory to read %" PRId64 " columns", rows);
+    row = transpose ? malloc((size_t)nb * sizeof(float)) : NULL;
+    if (!raw || (transpose && !row)) {
+        tp_err_set(err, TP_ENOMEM, "no memory to read %" PRId64 " columns", nb);
         goto out;
     }
-    for (int64_t k0 = 0; k0 < p->in; k0 += (int64_t)per) {
-        size_t n = (size_t)(p->in - k0) < per ? (size_t)(p->in - k0) : per;
-        uint64_t off = p->w.begin + ((uint64_t)k0 * (uint64_t)p->out + (uint64_t)row0) * es;
+    for (int64_t i0 = 0; i0 < na; i0 += (int64_t)per) {
+        size_t n = (size_t)(na - i0) < per ? (size_t)(na - i0) : per;
+        uint64_t off = t->begin + ((uint64_t)(a0 + i0) * (uint64_t)B + (uint64_t)b0) * es;
 
-        if (rows == p->out) {
+        if (nb == B) {
             if (fileio_pread_full(f->fd, raw, n * piece, off, err) < 0)
                 goto out;
         } else {
-            for (size_t k = 0; k < n; k++)
-                if (fileio_pread_full(f->fd, raw + k * piece, piece,
-                                      off + (uint64_t)k * (uint64_t)p->out * es, err) < 0)
+            for (size_t i = 0; i < n; i++)
+                if (fileio_pread_full(f->fd, raw + i * piece, piece,
+                                      off + (uint64_t)i * (uint64_t)B * es, err) < 0)
                     goto out;
         }
-        for (size_t k = 0; k < n; k++) {
-            tp_convert_to_f32(row, raw + k * piece, (size_t)rows, dt);
-            for (int64_t j = 0; j < rows; j++)
-                w[(size_t)j * (size_t)p->in + (size_t)k0 + k] = row[j];
+        for (size_t i = 0; i < n; i++) {
+            if (!transpose) {
+                tp_convert_to_f32(w + ((size_t)i0 + i) * (size_t)nb, raw + i * piece, (size_t)nb,
+                                  dt);
+                continue;
+            }
+            tp_convert_to_f32(row, raw + i * piece, (size_t)nb, dt);
+            for (int64_t j = 0; j < nb; j++)
+                w[(size_t)j * (size_t)na + (size_t)i0 + i] = row[j];
         }
         *bytes += (uint64_t)(n * piece);
     }
@@ -463,44 +743,42 @@ out:
     return rc;
 }
 
-/* Output rows [row0, row0 + rows) of W into w [rows, in], from the open, checked file f. */
-static int read_w(const struct st_file *f, const struct plan *p, int64_t row0, int64_t rows,
-                  float *w, uint64_t *bytes, struct tp_err *err)
+/* The block [row0, row0 + rows) x [col0, col0 + cols) of W [out, in] into w [rows, cols], from the
+ * open, checked file f. */
+static int read_w(const struct st_file *f, const struct plan_linear *l, int64_t row0, int64_t rows,
+                  int64_t col0, int64_t cols, float *w, uint64_t *bytes, struct tp_err *err)
 {
-    uint64_t n = 0;
-
-    if (p->layout == PLAN_CONV1D)
-        return read_columns(f, p, row0, rows, w, bytes, err);
-    if (st_read_rows_f32(f, st_find(f, p->w.name), row0, rows, w, &n, err) < 0)
-        return -1;
-    *bytes += n;
-    return 0;
+    if (l->layout == PLAN_CONV1D)
+        return read_block(f, &l->w, col0, cols, row0, rows, 1, w, bytes, err);
+    return read_block(f, &l->w, row0, rows, col0, cols, 0, w, bytes, err);
 }
 
 /* Both readers: W whole into w, or (w NULL) in chunks through fn. */
-static int read_plan(const struct plan *p, int64_t row0, int64_t rows, float *w, int64_t chunk,
-                     plan_chunk_fn fn, void *ctx, float *b, uint64_t *w_bytes, uint64_t *b_bytes,
-                     struct tp_err *err)
+static int read_plan(const struct plan_linear *l, int64_t row0, int64_t rows, int64_t col0,
+                     int64_t cols, float *w, int64_t chunk, plan_chunk_fn fn, void *ctx, float *b,
+                     uint64_t *w_bytes, uint64_t *b_bytes, struct tp_err *err)
 {
     struct st_file f = {.fd = -1};
     uint64_t got_w = 0, got_b = 0;
     float *buf = NULL;
 
-    if (row0 < 0 || rows < 1 || row0 > p->out || rows > p->out - row0 || (!w && chunk < 1)) {
+    if (row0 < 0 || rows < 1 || row0 > l->out || rows > l->out - row0 || col0 < 0 || cols < 1 ||
+        col0 > l->in || cols > l->in - col0 || (!w && chunk < 1)) {
         tp_err_set(err, TP_EINVAL,
-                   "rows [%" PRId64 ", %" PRId64 ") are outside the %" PRId64 " outputs", row0,
-                   row0 + rows, p->out);
+                   "rows [%" PRId64 ", %" PRId64 ") and columns [%" PRId64 ", %" PRId64
+                   ") are outside the %" PRId64 " x %" PRId64 " weight",
+                   row0, row0 + rows, col0, col0 + cols, l->out, l->in);
         goto fail;
     }
-    if (open_checked(&f, &p->w, err) < 0)
+    if (open_checked(&f, &l->w, err) < 0)
         goto fail;
     if (w) {
-        if (read_w(&f, p, row0, rows, w, &got_w, err) < 0)
+        if (read_w(&f, l, row0, rows, col0, cols, w, &got_w, err) < 0)
             goto fail;
     } else {
         if (chunk > rows)
             chunk = rows;
-        buf = malloc((size_t)chunk * (size_t)p->in * sizeof(float));
+        buf = malloc((size_t)chunk * (size_t)cols * sizeof(float));
         if (!buf) {
             tp_err_set(err, TP_ENOMEM, "no memory for %" PRId64 " rows of weights", chunk);
             goto fail;
@@ -508,14 +786,15 @@ static int read_plan(const struct plan *p, int64_t row0, int64_t rows, float *w,
         for (int64_t r = 0; r < rows; r += chunk) {
             int64_t n = rows - r < chunk ? rows - r : chunk;
 
-            if (read_w(&f, p, row0 + r, n, buf, &got_w, err) < 0 || fn(ctx, r, n, buf, err) < 0)
+            if (read_w(&f, l, row0 + r, n, col0, cols, buf, &got_w, err) < 0 ||
+                fn(ctx, r, n, buf, err) < 0)
                 goto fail;
         }
     }
     st_close(&f);
-    if (p->has_bias && (open_checked(&f, &p->b, err) < 0 ||
-                        st_read_rows_f32(&f, st_find(&f, p->b.name), row0, rows, b, &got_b,
-                                         err) < 0))
+    if (l->has_bias && b &&
+        (open_checked(&f, &l->b, err) < 0 ||
+         st_read_rows_f32(&f, st_find(&f, l->b.name), row0, rows, b, &got_b, err) < 0))
         goto fail;
     st_close(&f);
     free(buf);
@@ -530,17 +809,17 @@ fail:
     return -1;
 }
 
-int plan_read(const struct plan *p, int64_t row0, int64_t rows, float *w, float *b,
-              uint64_t *w_bytes, uint64_t *b_bytes, struct tp_err *err)
+int plan_read(const struct plan_linear *l, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+              float *w, float *b, uint64_t *w_bytes, uint64_t *b_bytes, struct tp_err *err)
 {
     if (!w)
         return tp_err_set(err, TP_EINVAL, "no buffer for the weights");
-    return read_plan(p, row0, rows, w, 0, NULL, NULL, b, w_bytes, b_bytes, err);
+    return read_plan(l, row0, rows, col0, cols, w, 0, NULL, NULL, b, w_bytes, b_bytes, err);
 }
 
-int plan_read_chunks(const struct plan *p, int64_t row0, int64_t rows, int64_t chunk,
-                     plan_chunk_fn fn, void *ctx, float *b, uint64_t *w_bytes, uint64_t *b_bytes,
-                     struct tp_err *err)
+int plan_read_chunks(const struct plan_linear *l, int64_t row0, int64_t rows, int64_t col0,
+                     int64_t cols, int64_t chunk, plan_chunk_fn fn, void *ctx, float *b,
+                     uint64_t *w_bytes, uint64_t *b_bytes, struct tp_err *err)
 {
-    return read_plan(p, row0, rows, NULL, chunk, fn, ctx, b, w_bytes, b_bytes, err);
+    return read_plan(l, row0, rows, col0, cols, NULL, chunk, fn, ctx, b, w_bytes, b_bytes, err);
 }

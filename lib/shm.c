@@ -21,9 +21,10 @@ static size_t slot_bytes(const struct shm_layout *l)
     uint64_t in = (uint64_t)l->max_batch * l->in * 4;
     uint64_t out = (uint64_t)l->max_batch * l->out * 4;
 
-    if (in > SIZE_MAX / 4 || out > SIZE_MAX / 4)
+    if (in > SIZE_MAX / 8 || out > SIZE_MAX / 8 / ((uint64_t)l->partials + 2))
         return 0;
-    return round_up((size_t)in) + round_up((size_t)out);
+    return round_up((size_t)in) + round_up((size_t)out) * (1 + l->partials) +
+           (l->partials ? PAGE : 0);
 }
 
 size_t shm_arena_bytes(const struct shm_layout *l, size_t limit)
@@ -110,6 +111,18 @@ float *shm_slot_output(const struct shm_arena *a, uint32_t slot)
     size_t in = round_up((size_t)a->layout.max_batch * a->layout.in * 4);
 
     return (float *)((char *)a->base + (size_t)slot * a->slot_size + in);
+}
+
+float *shm_slot_partial(const struct shm_arena *a, uint32_t slot, uint32_t rank)
+{
+    size_t out = round_up((size_t)a->layout.max_batch * a->layout.out * 4);
+
+    return (float *)((char *)shm_slot_output(a, slot) + out * (1 + (size_t)rank));
+}
+
+uint32_t *shm_slot_sync(const struct shm_arena *a, uint32_t slot)
+{
+    return (uint32_t *)((char *)a->base + (size_t)(slot + 1) * a->slot_size - PAGE);
 }
 
 void shm_arena_destroy(struct shm_arena *a)

@@ -1,7 +1,9 @@
 /* shm.h -- the shared-memory arena that carries activations between the coordinator and the
  * workers. The coordinator creates one memfd of nslots slots; each slot holds an input block
- * [max_batch, in] and an output block [max_batch, out] of float32. Workers map the same fd,
- * inherited at spawn, and derive the same layout from the same four numbers. Pages are touched
+ * [max_batch, in] and an output block [max_batch, out] of float32, and, for a model whose ranks
+ * all-reduce partial sums (plan_reduces), one partial block [max_batch, out] per rank and a sync
+ * page whose first word counts the ranks that have written theirs (worker/reduce.c). Workers map
+ * the same fd, inherited at spawn, and derive the same layout from the same five numbers. Pages are touched
  * once at creation (MAP_POPULATE) and reused for every request: nothing is allocated per request.
  * Ownership of a slot is not stored here: the coordinator hands a slot to the workers with a ctl
  * job message and takes it back when every rank has answered. */
@@ -18,6 +20,7 @@ struct shm_layout {
     uint32_t max_batch; /* rows */
     uint32_t in;        /* input features */
     uint32_t out;       /* output features, all ranks together */
+    uint32_t partials;  /* partial blocks per slot: the rank count when ranks reduce, else 0 */
 };
 
 struct shm_arena {
@@ -44,6 +47,13 @@ float *shm_slot_input(const struct shm_arena *a, uint32_t slot);
 
 /* Output block of a slot: max_batch * out floats, row-major. */
 float *shm_slot_output(const struct shm_arena *a, uint32_t slot);
+
+/* Partial block of rank in a slot: max_batch * out floats, row-major; layout.partials > rank. */
+float *shm_slot_partial(const struct shm_arena *a, uint32_t slot, uint32_t rank);
+
+/* The slot's arrival counter (with partials): the coordinator zeroes it before it hands the slot
+ * to the ranks; each rank adds one, atomically, once its partial block is written. */
+uint32_t *shm_slot_sync(const struct shm_arena *a, uint32_t slot);
 
 /* Unmaps and closes; takes an empty or half-built arena. */
 void shm_arena_destroy(struct shm_arena *a);

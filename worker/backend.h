@@ -1,7 +1,9 @@
 /* backend.h -- the compute interface of a worker. A backend owns one rank's shard on its device
- * and computes y[:, row0:row0+rows] = x · W_shardᵀ + b_shard for a slot of the shared arena,
- * writing its columns straight into the slot's [batch, out] output (the CPU analog of the
- * all-gather), or, for the cuda backend with NCCL, all-gathering the shards on the devices.
+ * and computes its part of the model for a slot of the shared arena. A column layer's rank
+ * computes y[:, first:first+count] = x · W_shardᵀ + b_shard, writing its columns straight into
+ * the slot's [batch, out] output (the CPU analog of the all-gather), or, for the cuda backend with
+ * NCCL, all-gathering the shards on the devices. A rank of a reducing model (a row layer, a
+ * block) computes a partial sum of all of y, and the ranks all-reduce them (block.h on the CPU).
  * A backend is chosen by name at start ("cpu", "cuda"); each has a table of the operations
  * below. */
 #ifndef TP_BACKEND_H
@@ -42,12 +44,22 @@ struct backend_config {
     const uint8_t *nccl_id;     /* CTL_NCCL_ID_BYTES from the coordinator, with GATHER_NCCL */
     void *arena;                /* the shared arena's mapping, to pin once */
     size_t arena_size;          /* bytes */
+    int ctl_fd;                 /* the control socket, watched while ranks wait for each other */
+};
+
+/* One forward: a slot of the arena. */
+struct backend_job {
+    const float *x;         /* [rows, in] float32 */
+    uint32_t rows;
+    float *y;               /* [rows, out] float32: the slot's output */
+    float *const *partial;  /* reducing models: every rank's partial block of the slot, else NULL */
+    uint32_t *sync;         /* reducing models: the slot's arrival counter (shm_slot_sync) */
+    uint32_t collectives;   /* set by forward: the collectives the job ran (1 when it reduced) */
 };
 
 typedef int (*backend_create_fn)(struct backend **b, const struct backend_config *c,
                                  struct shard *s, struct tp_err *err);
-typedef int (*backend_forward_fn)(struct backend *b, const float *x, uint32_t rows, float *y,
-                                  struct tp_err *err);
+typedef int (*backend_forward_fn)(struct backend *b, struct backend_job *job, struct tp_err *err);
 typedef void (*backend_destroy_fn)(struct backend *b);
 
 struct backend_ops {
@@ -58,9 +70,10 @@ struct backend_ops {
     int (*probe)(const struct backend_config *c, struct tp_err *err);
     /* Takes over the shard's buffers (s is left empty on success). */
     backend_create_fn create;
-    /* x: [rows, in] float32; y: [rows, out] float32 of which this rank writes its columns (with
-     * BACKEND_GATHER_NCCL rank 0 writes all of them). A failure with TP_EDEVICE or TP_EUNAVAIL
-     * leaves the backend unusable: the worker reports it and exits, and the group is rebuilt. */
+    /* Writes this rank's columns of job->y (with BACKEND_GATHER_NCCL rank 0 writes all of them;
+     * a reducing model's ranks each write a stripe, after the reduce). A failure with TP_EDEVICE
+     * or TP_EUNAVAIL leaves the backend unusable: the worker reports it and exits, and the group
+     * is rebuilt. */
     backend_forward_fn forward;
     /* Takes NULL. */
     backend_destroy_fn destroy;

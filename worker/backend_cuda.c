@@ -451,7 +451,7 @@ static int input_overflow(const struct backend *b, const float *x, unsigned long
                       b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
 }
 
-static int cuda_forward(struct backend *b, const float *x, uint32_t rows, float *y,
+static int forward_rows(struct backend *b, const float *x, uint32_t rows, float *y,
                         struct tp_err *err)
 {
     const struct cuda_copy2d *copies;
@@ -504,6 +504,12 @@ fail:
     return -1;
 }
 
+static int cuda_forward(struct backend *b, struct backend_job *job, struct tp_err *err)
+{
+    job->collectives = b->gather == BACKEND_GATHER_NCCL; /* the all-gather */
+    return forward_rows(b, job->x, job->rows, job->y, err);
+}
+
 /* Uploads the shard's float32 rows as dtype; the float32 copy on the device is temporary when
  * converting. Every copy and kernel runs on the backend's stream, which does not synchronize
  * with the legacy default stream: a plain cudaMemcpy from pageable memory may return before its
@@ -511,23 +517,23 @@ fail:
  * synchronized before returning, so the host rows may be freed afterwards. */
 static int upload_weights(struct backend *b, const struct shard *s, struct tp_err *err)
 {
-    size_t n = (size_t)s->rows * (size_t)s->in;
+    size_t n = (size_t)s->count * (size_t)s->in;
     float *tmp = NULL;
 
     if (b->dtype == TP_F32) {
         CUDA_GOTO(cudaMalloc(&b->w, n * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpyAsync(b->w, s->w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
+        CUDA_GOTO(cudaMemcpyAsync(b->w, s->g[0].w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
                   err, fail);
     } else {
         CUDA_GOTO(cudaMalloc(&b->w, n * 2), err, fail);
         CUDA_GOTO(cudaMalloc((void **)&tmp, n * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpyAsync(tmp, s->w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
+        CUDA_GOTO(cudaMemcpyAsync(tmp, s->g[0].w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
                   err, fail);
         CUDA_GOTO(cuda_kern_to_half(b->w, tmp, n, b->dtype == TP_BF16, NULL, b->stream), err, fail);
     }
-    if (s->b) {
-        CUDA_GOTO(cudaMalloc((void **)&b->bias, (size_t)s->rows * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpyAsync(b->bias, s->b, (size_t)s->rows * sizeof(float),
+    if (s->g[0].b) {
+        CUDA_GOTO(cudaMalloc((void **)&b->bias, (size_t)s->count * sizeof(float)), err, fail);
+        CUDA_GOTO(cudaMemcpyAsync(b->bias, s->g[0].b, (size_t)s->count * sizeof(float),
                                   cudaMemcpyHostToDevice, b->stream),
                   err, fail);
     }
@@ -546,15 +552,15 @@ fail_freed:
  * would make every answer of their output infinite or NaN, naming the element. */
 static int check_weight_range(const struct backend *b, const struct shard *s, struct tp_err *err)
 {
-    size_t i = cuda_plan_first_overflow(s->w, (size_t)s->rows * (size_t)s->in, b->dtype);
+    size_t i = cuda_plan_first_overflow(s->g[0].w, (size_t)s->count * (size_t)s->in, b->dtype);
 
     if (i == SIZE_MAX)
         return 0;
     return tp_err_set(err, TP_EINVAL,
                       "tensor '%.64s' has element [out %lld, in %lld] = %g, which %s turns into "
                       "an infinity (|w| >= %g): serve with --dtype %s",
-                      s->name, (long long)(s->row0 + (int64_t)(i / (size_t)s->in)),
-                      (long long)(i % (size_t)s->in), s->w[i], tp_dtype_wire_name(b->dtype),
+                      s->name, (long long)(s->first + (int64_t)(i / (size_t)s->in)),
+                      (long long)(i % (size_t)s->in), s->g[0].w[i], tp_dtype_wire_name(b->dtype),
                       cuda_plan_half_limit(b->dtype), b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
 }
 
@@ -697,6 +703,13 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
     *out = NULL;
     if (!b)
         return tp_err_set(err, TP_ENOMEM, "no memory for the cuda backend");
+    if (s->kind != PLAN_COLUMN) {
+        free(b);
+        return tp_err_set(err, TP_EINVAL,
+                          "the cuda backend serves column-parallel layers only; a %s model runs on "
+                          "the cpu backend",
+                          plan_kind_name(s->kind));
+    }
     *b = (struct backend){.rank = c->rank,
                           .nranks = c->nranks,
                           .device = c->device,
@@ -708,10 +721,10 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
         goto fail;
     /* The copy-out places every rank's columns by plan_split; a shard loaded by another split
      * would be written to the wrong columns. */
-    if (s->row0 != b->lay.row0 || s->rows != b->lay.cols) {
+    if (s->first != b->lay.row0 || s->count != b->lay.cols) {
         tp_err_set(err, TP_EINTERNAL,
                    "the shard holds rows [%lld, %lld) of %lld, but rank %d of %d owns [%lld, %lld)",
-                   (long long)s->row0, (long long)(s->row0 + s->rows), (long long)s->out, c->rank,
+                   (long long)s->first, (long long)(s->first + s->count), (long long)s->out, c->rank,
                    c->nranks, (long long)b->lay.row0, (long long)(b->lay.row0 + b->lay.cols));
         goto fail;
     }

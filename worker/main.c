@@ -1,7 +1,8 @@
-/* main.c -- tpd-worker: one rank of a column-parallel linear layer. Started by tpd (fork+exec),
- * never by hand: fd 3 is its control socket (ctl.h) and fd 4 the shared-memory arena (shm.h).
- * The first message it reads is the PLAN of the layer (plan.h); it loads only its own rows of W
- * by it, after checking that the files are still the ones the coordinator planned, reports READY, then computes one JOB at a time until the
+/* main.c -- tpd-worker: one rank of a tensor-parallel model (a column or row layer, an MLP
+ * block). Started by tpd (fork+exec), never by hand: fd 3 is its control socket (ctl.h) and fd 4
+ * the shared-memory arena (shm.h). The first message it reads is the PLAN of the model (plan.h);
+ * it loads only its own part by it (shard.h), after checking that the files are still the ones
+ * the coordinator planned, reports READY, then computes one JOB at a time until the
  * coordinator sends STOP, and then exits in order: everything freed, so that a sanitizer build
  * checks it for leaks. A load failure is reported in the READY message, so the coordinator can
  * say why the worker failed, and the worker exits 1. With --gather nccl the next message after
@@ -217,9 +218,10 @@ static int recv_init(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
 /* Serves jobs until the coordinator sends STOP; returns the exit status. Does not return when the
  * coordinator is gone. */
 static int serve(const struct worker_args *a, const struct backend_ops *ops, struct backend *be,
-                 const struct shm_arena *arena)
+                 const struct shm_arena *arena, float **partial)
 {
     struct ctl_msg m, done;
+    struct backend_job job;
     struct tp_err err;
     double t0;
     int r, fatal = 0;
@@ -244,14 +246,23 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
                                 .slot = m.slot,
                                 .rows = m.rows,
                                 .rank = (uint32_t)a->rank};
+        job = (struct backend_job){.x = shm_slot_input(arena, m.slot),
+                                   .rows = m.rows,
+                                   .y = shm_slot_output(arena, m.slot)};
+        if (arena->layout.partials) {
+            for (uint32_t i = 0; i < arena->layout.partials; i++)
+                partial[i] = shm_slot_partial(arena, m.slot, i);
+            job.partial = partial;
+            job.sync = shm_slot_sync(arena, m.slot);
+        }
         t0 = timing_now_s();
-        if (ops->forward(be, shm_slot_input(arena, m.slot), m.rows, shm_slot_output(arena, m.slot),
-                         &err) < 0) {
+        if (ops->forward(be, &job, &err) < 0) {
             done.status = err.code ? err.code : TP_EINTERNAL;
             snprintf(done.text, sizeof(done.text), "%s", err.msg);
             tp_log(TP_LOG_ERR, "job %llu: %s", (unsigned long long)m.id, err.msg);
             fatal = err.code == TP_EDEVICE || err.code == TP_EUNAVAIL;
         }
+        done.bytes = job.collectives;
         tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m.id, m.rows,
                (timing_now_s() - t0) * 1e3);
         err = (struct tp_err){0};
@@ -278,6 +289,9 @@ int main(int argc, char **argv)
     struct tp_err err = {0};
     char prefix[32];
     uint8_t nccl_id[CTL_NCCL_ID_BYTES];
+    float **partial = NULL;
+    const char *what;
+    int64_t split;
     double t0;
     int status = 1;
 
@@ -319,7 +333,8 @@ int main(int argc, char **argv)
                                  .dtype = a.dtype,
                                  .tf32 = a.tf32,
                                  .cpu_gemm = a.cpu_gemm,
-                                 .nccl_id = nccl_id};
+                                 .nccl_id = nccl_id,
+                                 .ctl_fd = CTL_FD};
     if (ops->probe && ops->probe(&bc, &err) < 0)
         goto fail;
     t0 = timing_now_s();
@@ -328,27 +343,35 @@ int main(int argc, char **argv)
             ? shard_load_packed(&s, &plan, a.rank, a.nranks, a.threads, &err) < 0
             : shard_load(&s, &plan, a.rank, a.nranks, &err) < 0)
         goto fail;
+    split = plan_split_size(&plan, &what);
     tp_log(TP_LOG_NOTICE,
-           "loaded rows [%lld, %lld) of %lld from '%s' (%s): read %llu bytes of weight and %llu "
-           "bytes of bias%s%s%s in %.3f s; stored %s",
-           (long long)s.row0, (long long)(s.row0 + s.rows), (long long)s.out, plan.w.name,
-           tp_dtype_file_name(s.dtype), (unsigned long long)s.w_bytes,
-           (unsigned long long)s.b_bytes, plan.has_bias ? " ('" : "", plan.has_bias ? plan.b.name : "",
-           plan.has_bias ? "')" : "",
-           timing_now_s() - t0, plan.layout == PLAN_CONV1D ? "[in, out]" : "[out, in]");
+           "loaded %s [%lld, %lld) of %lld from '%s' (%s)%s: read %llu bytes of weight and %llu "
+           "bytes of bias in %.3f s",
+           plan.kind == PLAN_COLUMN ? "rows" : what, (long long)s.first,
+           (long long)(s.first + s.count), (long long)split, plan.lin[0].w.name,
+           tp_dtype_file_name(s.dtype), plan.nlin > 1 ? " and the block's other layers" : "",
+           (unsigned long long)s.w_bytes, (unsigned long long)s.b_bytes, timing_now_s() - t0);
     if (shm_arena_attach(&arena, ARENA_FD,
                          &(struct shm_layout){.nslots = a.slots,
                                               .max_batch = a.max_batch,
                                               .in = (uint32_t)s.in,
-                                              .out = (uint32_t)s.out},
+                                              .out = (uint32_t)s.out,
+                                              .partials = plan_reduces(&plan)
+                                                              ? (uint32_t)a.nranks
+                                                              : 0},
                          &err) < 0)
         goto fail;
     bc.arena = arena.base;
     bc.arena_size = arena.size;
     if (ops->create(&be, &bc, &s, &err) < 0)
         goto fail;
+    partial = calloc(a.nranks, sizeof(*partial));
+    if (!partial) {
+        tp_err_set(&err, TP_ENOMEM, "no memory for %d partials", a.nranks);
+        goto fail;
+    }
     send_ready(&a, NULL, s.w_bytes + s.b_bytes);
-    status = serve(&a, ops, be, &arena);
+    status = serve(&a, ops, be, &arena, partial);
     goto out;
 fail:
     tp_log(TP_LOG_ERR, "%s", err.msg);
@@ -358,5 +381,6 @@ out:
         ops->destroy(be);
     shard_free(&s);
     shm_arena_destroy(&arena);
+    free(partial);
     return status;
 }

@@ -1,8 +1,9 @@
-/* fuzz_plan.c -- the layer's plan as a worker receives it from the coordinator: the bytes go
+/* fuzz_plan.c -- the model's plan as a worker receives it from the coordinator: the bytes go
  * through a real SOCK_SEQPACKET socketpair as one datagram of any size, ctl_recv_plan takes it
  * and checks it with plan_validate. A plan that passes must satisfy what the worker then relies
- * on before it opens a file: terminated strings, a known layout and dtypes, in and out in range
- * and agreeing with W's shape, byte ranges that hold the shapes, a bias of [out]. */
+ * on before it opens a file: terminated strings, a known kind, layouts and dtypes, each layer's
+ * in and out in range and agreeing with W's shape, byte ranges that hold the shapes, biases of
+ * [out], and a block's layers that chain. */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -34,42 +35,64 @@ static void check_tensor(const struct plan_tensor *t, uint32_t ndim)
         abort();
 }
 
+static void check_linear(const struct plan_linear *l)
+{
+    int conv1d;
+
+    if (l->layout != PLAN_LINEAR && l->layout != PLAN_CONV1D)
+        abort();
+    if (l->split != PLAN_SPLIT_OUT && l->split != PLAN_SPLIT_IN)
+        abort();
+    if (l->in < 1 || l->out < 1 || l->in > UINT32_MAX || l->out > UINT32_MAX)
+        abort();
+    check_tensor(&l->w, 2);
+    conv1d = l->layout == PLAN_CONV1D;
+    if (l->w.shape[conv1d ? 1 : 0] != l->out || l->w.shape[conv1d ? 0 : 1] != l->in)
+        abort();
+    if (l->has_bias > 1)
+        abort();
+    if (l->has_bias) {
+        check_tensor(&l->b, 1);
+        if (l->b.shape[0] != l->out)
+            abort();
+    }
+}
+
 static void check(const struct plan *p)
 {
     struct tp_err err = {0};
-    int conv1d;
+    const char *what;
+    int64_t n_split;
 
     if (plan_validate(p, &err) < 0) {
         if (!memchr(err.msg, '\0', sizeof(err.msg)))
             abort();
         return;
     }
-    if (p->layout != PLAN_LINEAR && p->layout != PLAN_CONV1D)
+    if (p->nlin < 1 || p->nlin > PLAN_MAX_LINEAR)
         abort();
-    if (p->in < 1 || p->out < 1 || p->in > UINT32_MAX || p->out > UINT32_MAX)
+    for (uint32_t j = 0; j < p->nlin; j++)
+        check_linear(&p->lin[j]);
+    /* the layers chain: what the worker's GEMMs and the arena's blocks are sized by */
+    if (p->in != p->lin[0].in || p->out != p->lin[p->nlin - 1].out)
         abort();
-    check_tensor(&p->w, 2);
-    conv1d = p->layout == PLAN_CONV1D;
-    if (p->w.shape[conv1d ? 1 : 0] != p->out || p->w.shape[conv1d ? 0 : 1] != p->in)
-        abort();
-    if (p->has_bias > 1)
-        abort();
-    if (p->has_bias) {
-        check_tensor(&p->b, 1);
-        if (p->b.shape[0] != p->out)
+    for (uint32_t j = 0; j + 1 < p->nlin; j++)
+        if (p->lin[j].out != p->inter || p->lin[j + 1].in != (j + 2 < p->nlin ? p->in : p->inter))
             abort();
-    }
+    if ((p->kind == PLAN_GATED) != (p->nlin == 3) || (p->nlin > 1) != (p->act != PLAN_ACT_AUTO))
+        abort();
+    n_split = plan_split_size(p, &what);
     for (int n = 1; n <= 5; n++) {
         int64_t next = 0;
 
-        for (int r = 0; r < n && p->out >= n; r++) {
-            int64_t row0, rows;
+        for (int r = 0; r < n && n_split >= n; r++) {
+            int64_t first, count;
 
-            if (plan_split(p->out, n, r, &row0, &rows, &err) < 0 || row0 != next || rows < 1)
+            if (plan_split(n_split, n, r, &first, &count, &err) < 0 || first != next || count < 1)
                 abort();
-            next = row0 + rows;
+            next = first + count;
         }
-        if (p->out >= n && next != p->out)
+        if (n_split >= n && next != n_split)
             abort();
     }
 }

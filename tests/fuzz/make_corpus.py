@@ -169,7 +169,8 @@ def ctl():
 
 
 PLAN_TENSOR_FMT = "<256s4096sQQQqQQII2q"  # struct plan_tensor, 4424 bytes
-PLAN_HEAD_FMT = "<IHHIIqq256s256s128s"    # struct plan up to its tensors, 672 bytes
+PLAN_LINEAR_FMT = "<IIIIqq256s256s128s"    # struct plan_linear up to its tensors, 672 bytes
+PLAN_HEAD_FMT = "<IHHIIIIqqq256s128s"      # struct plan up to its layers, 432 bytes
 
 
 def plan_tensor(name=b"", path=b"", dtype=0, shape=(0, 0), ndim=0, begin=0, esize=4):
@@ -178,25 +179,53 @@ def plan_tensor(name=b"", path=b"", dtype=0, shape=(0, 0), ndim=0, begin=0, esiz
                        begin, begin + count * esize, dtype, ndim, shape[0], shape[1])
 
 
-def plan_msg(layout=1, in_=8, out=12, bias=True, dtype=1, esize=4, magic=0x74706c31, version=1,
-             type_=6, wshape=None):
+def plan_linear(name, layout=1, in_=8, out=12, bias=True, dtype=1, esize=4, split=1,
+                wshape=None):
     wshape = wshape or ((out, in_) if layout == 1 else (in_, out))
-    w = plan_tensor(b"model.layers.0.mlp.up_proj.weight", b"model.safetensors", dtype, wshape,
-                    2, 64, esize)
-    b = (plan_tensor(b"model.layers.0.mlp.up_proj.bias", b"model.safetensors", dtype, (out, 0),
-                     1, 64 + in_ * out * esize, esize) if bias else plan_tensor())
-    head = struct.pack(PLAN_HEAD_FMT, magic, version, type_, layout, int(bias), in_, out,
-                       b"model.layers.0.mlp.up_proj", b"", b"config.json")
+    w = plan_tensor(name + b".weight", b"model.safetensors", dtype, wshape, 2, 64, esize)
+    b = (plan_tensor(name + b".bias", b"model.safetensors", dtype, (out, 0), 1,
+                     64 + in_ * out * esize, esize) if bias else plan_tensor())
+    head = struct.pack(PLAN_LINEAR_FMT, layout, int(bias), split, 0, in_, out, name, b"",
+                       b"config.json")
     return head + w + b
 
 
+def plan_msg(kind=1, act=0, in_=8, out=12, inter=0, layers=None, magic=0x74706c31, version=2,
+             type_=6, block=b""):
+    layers = layers or [plan_linear(b"model.layers.0.mlp.up_proj", in_=in_, out=out)]
+    nlin = len(layers)
+    layers = layers + [b"\0" * 9520] * (3 - len(layers))
+    head = struct.pack(PLAN_HEAD_FMT, magic, version, type_, kind, act, nlin, 0, in_, out, inter,
+                       block, b"config.json: hidden_act silu" if act else b"")
+    return head + b"".join(layers)
+
+
 def plan():
-    assert struct.calcsize(PLAN_TENSOR_FMT) == 4424 and struct.calcsize(PLAN_HEAD_FMT) == 672
+    assert struct.calcsize(PLAN_TENSOR_FMT) == 4424 and struct.calcsize(PLAN_HEAD_FMT) == 432
+    assert struct.calcsize(PLAN_LINEAR_FMT) == 672 and len(plan_msg()) == 28992
+    m = b"model.layers.0.mlp"
     put("plan", "linear-f32-bias", plan_msg())
-    put("plan", "conv1d-bf16", plan_msg(layout=2, in_=120, out=360, dtype=3, esize=2))
-    put("plan", "linear-f16-no-bias", plan_msg(in_=128, out=64, bias=False, dtype=2, esize=2))
-    put("plan", "bad-layout", plan_msg(layout=3))
-    put("plan", "shape-disagrees", plan_msg(wshape=(8, 12)))
+    put("plan", "conv1d-bf16", plan_msg(in_=120, out=360, layers=[
+        plan_linear(b"h.0.attn.c_attn", layout=2, in_=120, out=360, dtype=3, esize=2)]))
+    put("plan", "linear-f16-no-bias", plan_msg(in_=128, out=64, layers=[
+        plan_linear(b"q_proj", in_=128, out=64, bias=False, dtype=2, esize=2)]))
+    put("plan", "row-f32", plan_msg(kind=2, in_=432, out=160, layers=[
+        plan_linear(m + b".down_proj", in_=432, out=160, split=2)]))
+    put("plan", "gated-bf16", plan_msg(kind=3, act=1, in_=160, out=160, inter=432, block=m, layers=[
+        plan_linear(m + b".gate_proj", in_=160, out=432, bias=False, dtype=3, esize=2),
+        plan_linear(m + b".up_proj", in_=160, out=432, bias=False, dtype=3, esize=2),
+        plan_linear(m + b".down_proj", in_=432, out=160, bias=False, dtype=3, esize=2, split=2)]))
+    put("plan", "mlp-conv1d", plan_msg(kind=4, act=3, in_=120, out=120, inter=480,
+                                       block=b"h.0.mlp", layers=[
+        plan_linear(b"h.0.mlp.c_fc", layout=2, in_=120, out=480),
+        plan_linear(b"h.0.mlp.c_proj", layout=2, in_=480, out=120, split=2)]))
+    put("plan", "gated-no-chain", plan_msg(kind=3, act=1, in_=160, out=160, inter=432, block=m,
+                                           layers=[
+        plan_linear(m + b".gate_proj", in_=160, out=432),
+        plan_linear(m + b".up_proj", in_=160, out=431),
+        plan_linear(m + b".down_proj", in_=432, out=160, split=2)]))
+    put("plan", "bad-layout", plan_msg(layers=[plan_linear(b"x", layout=3)]))
+    put("plan", "shape-disagrees", plan_msg(layers=[plan_linear(b"x", wshape=(8, 12))]))
     put("plan", "bad-magic", plan_msg(magic=0))
     put("plan", "short", plan_msg()[:700])
     put("plan", "long", plan_msg() + b"\0" * 8)

@@ -98,7 +98,7 @@ class TestGpuFlags(unittest.TestCase):
             (["--gather", "nccl"], r"--gather nccl needs --gpus"),
             # 12 rows split over 5 ranks unevenly are served; 13 ranks would leave one without a row
             (["--gpus", ",".join(map(str, range(13))), "--gather", "host"],
-             r"out 12 is smaller than 13 ranks"),
+             r"12 outputs cannot be split: 12 is fewer than 13 ranks"),
         ]
         for args, pattern in cases:
             with self.subTest(args=args):

@@ -275,7 +275,7 @@ class TestRefusedCheckpoints(CheckpointCase):
         self.assertIn("'model.layers.7.mlp.up_proj.weight'", err)
         err = self.refused(llama, "--weight", "model.norm.weight")
         self.assertIn("2-d", err)
-        self.assertIn("smaller than 64 ranks",
+        self.assertIn("32 outputs cannot be split: 32 is fewer than 64 ranks",
                       self.refused(llama, "--weight", "model.layers.1.self_attn.k_proj",
                                    "--cpu", "64"))
         self.assertIn("exclusive", self.refused(llama, "--no-bias", "--bias", "x"))

@@ -89,6 +89,84 @@ void ref_linear(const struct ref_layer *l, const float *x, int64_t batch, double
     }
 }
 
+static double act(enum ref_act a, double t)
+{
+    switch (a) {
+    case REF_SILU: return t / (1.0 + exp(-t));
+    case REF_GELU: return 0.5 * t * (1.0 + erf(t / sqrt(2.0)));
+    case REF_GELU_TANH: return 0.5 * t * (1.0 + tanh(sqrt(2.0 / M_PI) * (t + 0.044715 * t * t * t)));
+    default: return t > 0 ? t : 0.0;
+    }
+}
+
+/* d act / dt */
+static double act_slope(enum ref_act a, double t)
+{
+    double s, u, th;
+
+    switch (a) {
+    case REF_SILU:
+        s = 1.0 / (1.0 + exp(-t));
+        return s * (1.0 + t * (1.0 - s));
+    case REF_GELU: return 0.5 * (1.0 + erf(t / sqrt(2.0))) + t * exp(-0.5 * t * t) / sqrt(2.0 * M_PI);
+    case REF_GELU_TANH:
+        u = sqrt(2.0 / M_PI) * (t + 0.044715 * t * t * t);
+        th = tanh(u);
+        return 0.5 * (1.0 + th) +
+               0.5 * t * (1.0 - th * th) * sqrt(2.0 / M_PI) * (1.0 + 3.0 * 0.044715 * t * t);
+    default: return t > 0 ? 1.0 : 0.0;
+    }
+}
+
+void ref_block(const struct ref_block *b, const float *x, int64_t batch, double *want, double *mag)
+{
+    int64_t inter = b->up.out, hidden = b->down.out;
+    double *u = malloc((size_t)inter * sizeof(double)), *mu = malloc((size_t)inter * sizeof(double));
+    double *g = malloc((size_t)inter * sizeof(double)), *mg = malloc((size_t)inter * sizeof(double));
+    double *h = malloc((size_t)inter * sizeof(double)), *mh = malloc((size_t)inter * sizeof(double));
+
+    if (!u || !mu || !g || !mg || !h || !mh)
+        abort();
+    for (int64_t i = 0; i < batch; i++) {
+        const float *xi = x + i * b->up.in;
+
+        ref_linear(&b->up, xi, 1, u, mu);
+        if (b->gated)
+            ref_linear(&b->gate, xi, 1, g, mg);
+        for (int64_t k = 0; k < inter; k++) {
+            if (b->gated) {
+                h[k] = act(b->act, g[k]) * u[k];
+                mh[k] = fabs(act_slope(b->act, g[k]) * u[k]) * mg[k] +
+                        fabs(act(b->act, g[k])) * mu[k] + fabs(h[k]);
+            } else {
+                h[k] = act(b->act, u[k]);
+                mh[k] = fabs(act_slope(b->act, u[k])) * mu[k] + fabs(h[k]);
+            }
+        }
+        for (int64_t j = 0; j < hidden; j++) {
+            double acc = b->down.b ? (double)b->down.b[j] : 0.0;
+            double m = b->down.b ? fabs((double)b->down.b[j]) : 0.0;
+
+            for (int64_t k = 0; k < inter; k++) {
+                double w = (double)b->down.w[j * inter + k];
+
+                acc += h[k] * w;
+                m += fabs(h[k] * w) + fabs(w) * mh[k];
+            }
+            want[i * hidden + j] = acc;
+            mag[i * hidden + j] = m;
+        }
+    }
+    free(u), free(mu), free(g), free(mg), free(h), free(mh);
+}
+
+void ref_block_free(struct ref_block *b)
+{
+    ref_layer_free(&b->gate);
+    ref_layer_free(&b->up);
+    ref_layer_free(&b->down);
+}
+
 void ref_compare(const float *got, const double *want, const double *mag, size_t n,
                  struct ref_stats *s)
 {

@@ -1,5 +1,5 @@
-/* ref.h -- the CPU reference for y = x·Wᵀ + b: plain loops, double accumulation, written without
- * reading the worker's code. The tests and `tpclient forward --verify` use it to judge every
+/* ref.h -- the CPU reference for y = x·Wᵀ + b and for MLP blocks: plain loops, double
+ * accumulation, written from the formulas without reading the worker's code. The tests and `tpclient forward --verify` use it to judge every
  * answer. Alongside y it computes mag = sum_k |x_k·w_k| + |b|, the scale of the rounding error any
  * float32 GEMM may make, so that the relative error |y - ref| / mag has one meaning for every
  * shape: a float32 GEMM stays around 1e-7..1e-6, a wrong or misplaced column is near 1. */
@@ -33,6 +33,25 @@ void ref_layer_free(struct ref_layer *l);
 /* want and mag receive [batch, out] doubles. */
 void ref_linear(const struct ref_layer *l, const float *x, int64_t batch, double *want,
                 double *mag);
+
+/* The activations by their PyTorch definitions, in double. */
+enum ref_act { REF_SILU, REF_GELU, REF_GELU_TANH, REF_RELU };
+
+/* An MLP block. gated: y = down(act(gate(x)) · up(x)); otherwise y = down(act(up(x))) (GPT-2's
+ * proj(act(fc(x))): up is fc, down is proj, gate unused). Each layer [out, in] with its bias. */
+struct ref_block {
+    int gated;
+    enum ref_act act;
+    struct ref_layer gate, up, down;
+};
+
+/* want and mag receive [batch, down.out] doubles. mag is the first-order scale of a float32
+ * computation's error: the down layer's own Σ|h·w| + |b|, plus each intermediate's error scale
+ * (its layers' Σ|x·w| + |b| carried through the activation's derivative, and |h| for the
+ * activation's and product's own rounding) times |w| of down. */
+void ref_block(const struct ref_block *b, const float *x, int64_t batch, double *want, double *mag);
+
+void ref_block_free(struct ref_block *b);
 
 /* Compares n floats against the reference. */
 void ref_compare(const float *got, const double *want, const double *mag, size_t n,

@@ -104,7 +104,7 @@ static void test_batching_holds_cancel(void)
     struct treq r1, r2, r3, r4, r5, r6;
     float *in0, *in1;
 
-    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){2, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){2, 8, IN, OUT, 0}, &err), 0);
     ASSERT_EQ(
         sched_create(&s, &a, &(struct sched_config){.max_queue = 8, .batch_delay_us = 30000}, &err),
         0);
@@ -216,7 +216,7 @@ static void test_no_batching(void)
     struct treq r[3];
 
     njobs = 0;
-    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){1, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){1, 8, IN, OUT, 0}, &err), 0);
     ASSERT_EQ(
         sched_create(&s, &a, &(struct sched_config){.max_queue = 1, .batch_delay_us = 0}, &err), 0);
     for (int i = 0; i < 3; i++)
@@ -257,7 +257,7 @@ static void test_delay_once_free(void)
     int64_t t0, waited;
     int base = njobs;
 
-    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){2, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){2, 8, IN, OUT, 0}, &err), 0);
     ASSERT_EQ(
         sched_create(&s, &a, &(struct sched_config){.max_queue = 8, .batch_delay_us = 50000}, &err),
         0);
@@ -302,7 +302,7 @@ static void test_queue_bytes(void)
     int64_t until;
 
     njobs = 0;
-    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){1, 8, IN, OUT}, &err), 0);
+    ASSERT_EQ(shm_arena_create(&a, &(struct shm_layout){1, 8, IN, OUT, 0}, &err), 0);
     ASSERT_EQ(sched_create(&s, &a,
                            &(struct sched_config){
                                .max_queue = 8, .max_queue_bytes = 10240, .batch_delay_us = 0},
