@@ -39,11 +39,14 @@ def status_name(exc):
 
 class Load:
     """clients threads against url (tritonclient form: 'unix:PATH' or 'HOST:PORT'), model W, b
-    (float32), batch sizes drawn from batches. Tolerance tol on the relative error."""
+    (float32), batch sizes drawn from batches. Tolerance tol on the relative error. A model that
+    is not one layer gives ref, x -> (ref, mag), and its input width as W's second dim (W may
+    then be any array of that shape)."""
 
     def __init__(self, url, model, W, b, clients=4, batches=(1, 2, 7, 16, 33, 64), seed=0,
-                 timeout=60.0, tol=1e-5, pause_after_failure=0.02, pool=8):
+                 timeout=60.0, tol=1e-5, pause_after_failure=0.02, pool=8, ref=None):
         self.url, self.model, self.W, self.b = url, model, W, b
+        self.ref = ref or (lambda x: reference(x, self.W, self.b))
         self.clients, self.batches, self.seed = clients, list(batches), seed
         self.timeout, self.tol, self.pause, self.pool = timeout, tol, pause_after_failure, pool
         self.records = []
@@ -63,7 +66,7 @@ class Load:
             rows = int(rng.choice(self.batches))
             x = (rng.standard_normal((rows, self.W.shape[1])) * rng.uniform(0.5, 4))
             x = x.astype(np.float32)
-            ref, mag = reference(x, self.W, self.b)
+            ref, mag = self.ref(x)
             pool.append((x, ref, mag))
         return pool
 

@@ -31,6 +31,7 @@ KEY_LINE_RE = re.compile(r"^#?\s*([a-z][a-z0-9-]*)\s*=\s*(.*?)\s*$")
 
 GPU_KEYS = ("gpus", "gather", "dtype", "tf32")
 TLS_KEYS = ("tls-cert", "tls-key", "tls-client-ca")
+BLOCK_KEYS = ("block", "act")  # an MLP block replaces the example's one layer
 
 
 def example_keys():
@@ -125,6 +126,14 @@ class TestConfig(TpdTestCase):
         self.assertEqual(p.returncode, 1, "GPU keys of the example: " + err)
         self.assertRegex(err, r"GPU", "GPU keys of the example: " + err)
 
+    def check_block_keys(self, block_lines):
+        """The example's block keys are accepted: tpd gets past the configuration and fails only
+        because this layer file has no such block (exit 1, naming it)."""
+        conf = self.write("block.conf", "weights = %s\n" % self.wpath + "".join(block_lines))
+        res = self.tpd("--config", conf)
+        self.assertEqual(res.rc, 1, "block keys of the example: %r" % (res,))
+        self.assertIn("no MLP block 'model.layers.0.mlp'", res.err, repr(res))
+
     def check_tls_keys(self, tls_lines):
         """The example's TLS keys are accepted: tpd gets past the configuration and fails only
         because this host has none of the example's certificate files (exit 1, naming one)."""
@@ -146,11 +155,15 @@ class TestConfig(TpdTestCase):
             lines = [re.sub(r"^#\s*(?=[a-z][a-z0-9-]*\s*=)", "", line) for line in f]
         gpu_lines = [l for l in lines if l.split("=")[0].strip() in GPU_KEYS]
         tls_lines = [l for l in lines if l.split("=")[0].strip() in TLS_KEYS]
-        text = "".join(l for l in lines if l not in gpu_lines and l not in tls_lines)
+        block_lines = [l for l in lines if l.split("=")[0].strip() in BLOCK_KEYS]
+        text = "".join(l for l in lines
+                       if l not in gpu_lines and l not in tls_lines and l not in block_lines)
         self.assertEqual(len(gpu_lines), len(GPU_KEYS), "GPU keys of the example")
         self.assertEqual(len(tls_lines), len(TLS_KEYS), "TLS keys of the example")
+        self.assertEqual(len(block_lines), len(BLOCK_KEYS), "block keys of the example")
         self.check_gpu_keys(gpu_lines)
         self.check_tls_keys(tls_lines)
+        self.check_block_keys(block_lines)
         conf = self.write("example.conf", text)
         real_worker = os.path.join(os.path.dirname(os.path.abspath(tpdtest.TPD)), "tpd-worker")
         # the example's paths and addresses are a production host's: flags override them

@@ -23,6 +23,7 @@ What is here:
 
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -188,6 +189,45 @@ def reference(x, W, b=None):
         ref = ref + b64
         mag = mag + np.abs(b64)
     return ref, mag
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def act64(name, t):
+    """A block's activation by PyTorch's definition, in float64."""
+    if name == "silu":
+        return t / (1.0 + np.exp(-t))
+    if name == "gelu":
+        return 0.5 * t * (1.0 + _erf(t / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * t * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t ** 3)))
+    if name == "relu":
+        return np.maximum(t, 0.0)
+    raise ValueError(name)
+
+
+def block_reference(x, layers, act, gated):
+    """(ref, mag) in float64 of an MLP block, from the formulas: gated layers (gate, up, down):
+    down(act(gate(x)) * up(x)); otherwise (fc, proj): proj(act(fc(x))). Each layer is (W [out,
+    in], b or None). mag is the scale of a float32 computation's error: down's own |h|.|W|^T + |b|
+    plus |W_down| times the intermediate's (|x|.|W|^T of its layers through the activation, and
+    |h| for the activation's own rounding; the slope is taken numerically)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    first = [reference(x64, W, b) for W, b in layers[:-1]]
+    (t, mt) = first[0]
+    eps = 1e-6 * (1.0 + np.abs(t))
+    slope = np.abs(act64(act, t + eps) - act64(act, t - eps)) / (2 * eps)
+    if gated:
+        (u, mu) = first[1]
+        h = act64(act, t) * u
+        mh = slope * np.abs(u) * mt + np.abs(act64(act, t)) * mu + np.abs(h)
+    else:
+        h = act64(act, t)
+        mh = slope * mt + np.abs(h)
+    Wd, bd = layers[-1]
+    ref, mag = reference(h, Wd, bd)
+    return ref, mag + mh @ np.abs(np.asarray(Wd, dtype=np.float64)).T
 
 
 def rel_err(y, ref, mag):
