@@ -55,6 +55,8 @@ struct backend_job {
     float *const *partial;  /* reducing models: every rank's partial block of the slot, else NULL */
     uint32_t *sync;         /* reducing models: the slot's arrival counter (shm_slot_sync) */
     uint32_t collectives;   /* set by forward: the collectives the job ran (1 when it reduced) */
+    double wait_s;          /* set by a reducing forward: time waiting for the other ranks */
+    double reduce_s;        /* and time summing its stripe of the partials */
 };
 
 typedef int (*backend_create_fn)(struct backend **b, const struct backend_config *c,

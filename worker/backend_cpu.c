@@ -33,6 +33,7 @@
 #include "block.h"
 #include "gemm.h"
 #include "log.h"
+#include "timing.h"
 
 #define MAX_THREADS 256
 #define SPIN_NS 50000 /* spin before sleeping at the all-reduce: docs/blocks.md measures it */
@@ -133,6 +134,7 @@ static int cpu_forward(struct backend *b, struct backend_job *job, struct tp_err
     const struct shard *s = &b->s;
     size_t in = (size_t)s->in, out = (size_t)s->out, ldt = s->g[0].n;
     float *partial;
+    double t0, t1;
 
     job->collectives = 0;
     switch (s->kind) {
@@ -155,11 +157,15 @@ static int cpu_forward(struct backend *b, struct backend_job *job, struct tp_err
         break;
     default: return tp_err_set(err, TP_EINTERNAL, "model kind %d unknown", (int)s->kind);
     }
+    t0 = timing_now_s();
     if (block_arrive(job->sync, (uint32_t)b->nranks, b->ctl_fd, b->nranks > 1 ? SPIN_NS : 0,
                      err) < 0)
         return -1;
+    t1 = timing_now_s();
     block_reduce(job->y, job->partial, (uint32_t)b->nranks, out, job->rows, b->c0, b->nc,
                  s->rbias);
+    job->wait_s = t1 - t0;
+    job->reduce_s = timing_now_s() - t1;
     job->collectives = 1;
     return 0;
 }

@@ -263,8 +263,15 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
             fatal = err.code == TP_EDEVICE || err.code == TP_EUNAVAIL;
         }
         done.bytes = job.collectives;
-        tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m.id, m.rows,
-               (timing_now_s() - t0) * 1e3);
+        if (job.collectives && job.partial)
+            tp_log(TP_LOG_DEBUG,
+                   "job %llu: %u rows in %.3f ms, of which %.3f ms waiting for the other ranks "
+                   "and %.3f ms reducing",
+                   (unsigned long long)m.id, m.rows, (timing_now_s() - t0) * 1e3,
+                   job.wait_s * 1e3, job.reduce_s * 1e3);
+        else
+            tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m.id,
+                   m.rows, (timing_now_s() - t0) * 1e3);
         err = (struct tp_err){0};
         if (ctl_send(CTL_FD, &done, &err) < 0) {
             tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
