@@ -3,7 +3,9 @@
 # environment it found (system, C/C++ runtime, driver, where cuBLAS and NCCL are), runs the gpu
 # tests (among them the batch-invariance measurement), times cuBLAS GEMMs at 4096^3 (FP32, TF32,
 # BF16) next to PyTorch's torch.matmul on the same GPU, times tpd's end-to-end forward at
-# in = out = 4096 for batch 1, 64 and 1024 in both gather modes, and ends with one table. Every
+# in = out = 4096 for batch 1, 64 and 1024 in both gather modes and a Llama-7B-shaped MLP block
+# (hidden 4096, intermediate 11008) for batch 1 and 64 with the all-reduce in NCCL and on the
+# host, and ends with one table. Every
 # part has a time limit; the whole stays under TP_CHECK_BUDGET seconds (default 360).
 #
 #   bench/gpu-check.sh --bundle [DIR] [--with-cuda-libs]
@@ -44,11 +46,13 @@ glibcxx_max=3.4.29
 carry_max_mib=48 # the tarball, leaving room for the repository under the 64 MiB carry limit
 # the parts' time limits, in seconds; they add up to the default budget
 env_s=15     # the environment, the library search, the probe
-tests_s=200  # the gpu tests, all at once
+tests_s=170  # the gpu tests, all at once
 gemm_s=75    # gemm_cublas (30) and torch.matmul with torch's import (45)
 forward_s=70 # four tpd starts and their timings
-declare -A chosen found result took lat where
+block_s=30   # two starts of the MLP block (540 MB of FP32 weights) and their timings
+declare -A chosen found result took lat where blat
 invariance= gemm= torch_out= configs=() forward_what="in = out = 4096, FP32"
+block_configs=() block_what="hidden 4096, intermediate 11008, FP32"
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -224,6 +228,34 @@ with open(sys.argv[1], "wb") as f:
 EOF
 }
 
+# the MLP block of the block timings: a Llama checkpoint directory holding model.layers.0.mlp's
+# gate_proj, up_proj [inter, hidden] and down_proj [hidden, inter], F32 uniform in +-1/64
+block_script() {
+    cat <<'EOF'
+import array, json, os, random, struct, sys
+d, hidden, inter = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(2)
+block = array.array("f", (rng.uniform(-1 / 64, 1 / 64) for _ in range(1 << 16)))
+names = ["gate_proj", "up_proj", "down_proj"]
+n = hidden * inter
+hdr, off = {}, 0
+for name, shape in zip(names, ([inter, hidden], [inter, hidden], [hidden, inter])):
+    hdr["model.layers.0.mlp.%s.weight" % name] = {"dtype": "F32", "shape": shape,
+                                                  "data_offsets": [off, off + 4 * n]}
+    off += 4 * n
+text = json.dumps(hdr).encode()
+text += b" " * (-len(text) % 8)
+os.makedirs(d, exist_ok=True)
+with open(os.path.join(d, "model.safetensors"), "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text)
+    for _ in names:
+        for i in range(0, n, len(block)):
+            block[:min(len(block), n - i)].tofile(f)
+with open(os.path.join(d, "config.json"), "w") as f:
+    json.dump({"model_type": "llama", "hidden_act": "silu"}, f)
+EOF
+}
+
 # PyTorch's matmul at n^3 in FP32, TF32 and BF16, timed like gemm_cublas (CUDA events, 3
 # warm-ups, then iters): the same GPU's ceiling by another caller of cuBLAS
 torch_script() {
@@ -307,7 +339,7 @@ summary() {
     echo "host: $os, glibc $host_glibc${need_glibc:+ (bundle needs $need_glibc)}, memlock $(ulimit -l);" \
         "cuBLAS from ${chosen[$cublas_so]:-MISSING}, NCCL from ${chosen[$nccl_so]:-MISSING}"
     if want tests; then
-        for name in cli forward uneven hf invariance; do
+        for name in cli forward uneven hf blocks invariance; do
             printf "  tests %-11s %-18s %4s s\n" "$name" "${result[$name]:-not run}" "${took[$name]:-}"
         done
         [ -n "$invariance" ] && echo "$invariance"
@@ -329,6 +361,15 @@ summary() {
             printf "%-7s %-12s %-22s %-15s %-15s %-15s %s\n" "$mode" "$gpus" "${where["$cfg"]:-}" \
                 "${lat["$cfg 1"]:-}" "${lat["$cfg 64"]:-}" "${lat["$cfg 1024"]:-}" \
                 "${lat["$cfg first"]:-}"
+        done
+    fi
+    if [ "${#block_configs[@]}" -gt 0 ]; then
+        echo "tpd MLP block, $block_what, p50 ms (p99), tpclient bench over a unix socket:"
+        printf "%-10s %-12s %-15s %-15s\n" all-reduce gpus "batch 1" "batch 64"
+        for cfg in "${block_configs[@]}"; do
+            read -r mode gpus <<<"$cfg"
+            printf "%-10s %-12s %-15s %-15s\n" "$mode" "$gpus" "${blat["$cfg 1"]:-}" \
+                "${blat["$cfg 64"]:-}"
         done
     fi
     echo "result: $([ "$status" = 0 ] && echo "every check passed" || echo "FAILED (see above)")"
@@ -478,8 +519,10 @@ if [ "$mode" = dry ]; then
     echo "== the script and its python"
     bash -n "$0" || fail "bash -n $0"
     layer_script >"$work/layer.py"
+    block_script >"$work/block.py"
     torch_script >"$work/torch_matmul.py"
     PYTHONPYCACHEPREFIX=$work/pycache "$py" -m py_compile "$work/layer.py" "$work/torch_matmul.py" \
+        "$work/block.py" \
         tests/gpu/*.py scripts/make_layer.py || fail "python syntax"
     echo "== the bundle: $bundle_dir"
     [ -s "$manifest" ] || fail "no MANIFEST in the bundle"
@@ -535,13 +578,27 @@ if [ "$mode" = dry ]; then
         [ "$rc" = 1 ] && echo "$out" | tail -1 | grep -qE "rank 0: no usable GPU: |making the NCCL id: .*libnccl" ||
             fail "tpd --gpus 0 --gather $g without a GPU must exit 1 with the worker's reason"
     done
+    "$py" "$work/block.py" "$work/block" 256 688 || fail "the block generator"
+    if start_tpd "$work/cpu-block.log" --weights "$work/block" --block model.layers.0.mlp \
+        --cpu 2 --max-batch 64; then
+        for rows in 1 64; do
+            r=$(bench "$rows" 20)
+            echo "--cpu 2 --block, batch $rows: p50 (p99) ms $r"
+            blat["cpu 2 $rows"]=$r
+            [ "$r" = failed ] && fail "tpclient bench --rows $rows of the block"
+        done
+        stop_tpd
+    else
+        fail "the bundle's tpd did not serve the block on the CPU"
+    fi
     echo "== the time limits"
-    plan=$((env_s + tests_s + gemm_s + forward_s))
-    echo "planned: environment $env_s s, tests $tests_s s, GEMMs $gemm_s s, forwards $forward_s s: $plan of $budget s"
+    plan=$((env_s + tests_s + gemm_s + forward_s + block_s))
+    echo "planned: environment $env_s s, tests $tests_s s, GEMMs $gemm_s s, forwards $forward_s s, blocks $block_s s: $plan of $budget s"
     [ "$plan" -le "$budget" ] || fail "the parts' limits add up to $plan s, over the budget of $budget s"
     # the table of the check, with what the dry run ran in place of the GPU's parts
-    ngpus=0 gpu_name="none (dry run)" configs=("cpu 2") parts=" forward "
+    ngpus=0 gpu_name="none (dry run)" configs=("cpu 2") block_configs=("cpu 2") parts=" forward "
     forward_what="in = out = 256 on the cpu backend (the dry run)"
+    block_what="hidden 256, intermediate 688 on the cpu backend (the dry run)"
     summary
     exit $status
 fi
@@ -568,13 +625,13 @@ export TPD=$bin/tpd TPCLIENT=$bin/tpclient TP_GPU_PROBE=$bin/tp_gpu_probe PYTHON
 
 # --- the gpu tests, in parallel: each starts its own daemons on its own sockets ----------------
 if want tests; then
-    limit=$(($(left) - gemm_s - forward_s))
+    limit=$(($(left) - gemm_s - forward_s - block_s))
     [ "$limit" -gt "$tests_s" ] && limit=$tests_s
     [ "$limit" -lt 30 ] && limit=30
     echo "== gpu tests, all at once, each at most $limit s"
     jobs=("cli test_gpu_cli" "forward test_gpu_forward TestGpuForward TestGpuGuards"
         "uneven test_gpu_forward TestGpuUnevenSplit" "hf test_gpu_forward TestGpuHuggingFace"
-        "invariance test_gpu_invariance")
+        "blocks test_gpu_forward TestGpuBlocks" "invariance test_gpu_invariance")
     for j in "${jobs[@]}"; do
         read -r name script args <<<"$j"
         (
@@ -646,6 +703,37 @@ for cfg in "${configs[@]}"; do
         r=$(bench "$rows" "$([ "$rows" = 1024 ] && echo 30 || echo 200)")
         echo "--gather $mode --gpus $gpus, batch $rows: p50 (p99) ms $r"
         lat["$cfg $rows"]=$r
+        [ "$r" = failed ] && status=1
+    done
+    stop_tpd
+done
+
+# --- the MLP block -------------------------------------------------------------------------------
+if want forward; then
+    echo "== MLP block latency, $block_what"
+    if [ "$(left)" -gt 25 ]; then
+        block_script >"$work/block.py"
+        "$py" "$work/block.py" "$work/block" 4096 11008 || status=1
+        if [ "$ngpus" -ge 2 ]; then
+            block_configs=("nccl $all" "host $all")
+        else
+            block_configs=("nccl 0" "host 0,0")
+        fi
+    else
+        echo "gpu-check: out of time, skipping the block"
+        status=1
+    fi
+fi
+for cfg in "${block_configs[@]}"; do
+    read -r mode gpus <<<"$cfg"
+    [ "$(left)" -gt 10 ] || { echo "gpu-check: out of time, skipping the block on $cfg"; status=1; continue; }
+    start_tpd "$work/tpd-block-$mode-$gpus.log" --weights "$work/block" \
+        --block model.layers.0.mlp --gpus "$gpus" --gather "$mode" --max-batch 64 \
+        --log-level notice || { status=1; continue; }
+    for rows in 1 64; do
+        r=$(bench "$rows" 50)
+        echo "--block --gather $mode --gpus $gpus, batch $rows: p50 (p99) ms $r"
+        blat["$cfg $rows"]=$r
         [ "$r" = failed ] && status=1
     done
     stop_tpd

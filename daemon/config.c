@@ -678,13 +678,6 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         fprintf(stderr, "tpd: --act is a block's activation: give --block MODULE\n");
         return CONFIG_USAGE;
     }
-    if (c->ngpus && (c->block || c->row)) {
-        fprintf(stderr,
-                "tpd: the cuda backend serves column-parallel layers only: %s runs on --cpu "
-                "ranks\n",
-                c->block ? "a --block" : "--parallel row");
-        return CONFIG_USAGE;
-    }
     if (!c->tls_cert != !c->tls_key) {
         fprintf(stderr, "tpd: --tls-cert and --tls-key go together, got only %s\n",
                 c->tls_cert ? "--tls-cert" : "--tls-key");

@@ -11,6 +11,17 @@
  *                  cudaMemcpy2DAsync per rank block, each as wide as that rank's shard
  *     GATHER_HOST: each rank copies its [rows, cols] shard to its columns of the slot's output
  *
+ * A reducing model (a row layer, an MLP block: shard.h) runs, on the same stream,
+ *
+ *   x --H2D--> [to FP16/BF16] --> GEMM 1 (gate and up side by side, or fc, with their biases)
+ *     --> activation kernel (act(gate)·up) --> [to FP16/BF16] --> GEMM 2 (down's piece) = partial
+ *     GATHER_NCCL: rank 0 writes the row layer's bias into its partial first; in-place
+ *                  ncclAllReduce (sum) of [rows, out]; rank 0 copies the sum to the slot
+ *     GATHER_HOST: each rank copies its partial to its partial block of the slot, and the ranks
+ *                  all-reduce on the host as the cpu backend does (block.h), bias added there
+ *
+ * (a row layer: x's slice only, and GEMM 2 alone). Either way, one collective per forward.
+ *
  * and the worker then polls the stream (cudaStreamQuery) and the communicator's asynchronous
  * error with a deadline, so a dead or stuck peer never hangs a rank: the communicator is
  * aborted, the stream drained (bounded), the job fails with TP_EUNAVAIL, and the worker exits so
@@ -36,6 +47,7 @@
 
 #include "backend.h"
 #include "backend_cuda_kern.h"
+#include "block.h"
 #include "backend_cuda_plan.h"
 #include "cudalib.h"
 #include "log.h"
@@ -106,6 +118,7 @@ static struct {
     __typeof__(ncclCommGetAsyncError) *ncclCommGetAsyncError;
     __typeof__(ncclCommAbort) *ncclCommAbort;
     __typeof__(ncclAllGather) *ncclAllGather;
+    __typeof__(ncclAllReduce) *ncclAllReduce;
     __typeof__(ncclGetErrorString) *ncclGetErrorString;
     __typeof__(ncclGetLastError) *ncclGetLastError;
 } nccl;
@@ -140,6 +153,22 @@ struct backend {
     struct cuda_copy2d *plan;           /* nranks entries: the copies to the slot's output */
     struct cuda_copy2d *staged;         /* nranks entries: the same copies into the stage */
     double poll_sleep_us;               /* what one POLL_SLEEP_NS sleep takes here, measured */
+    /* a reducing model (kind row, gated or mlp); w and bias above are its first GEMM's */
+    enum plan_kind kind;
+    int act;                     /* enum plan_act */
+    int ctl_fd;                  /* watched while the host reduce waits for the other ranks */
+    int64_t first, count;        /* this rank's part of what the ranks split */
+    int64_t out;                 /* outputs of the model */
+    int64_t n0;                  /* columns of the first GEMM: 2·count (gated), count (mlp) */
+    void *w1;                    /* a block: down's piece [out, count] of dtype, device */
+    float *rbias;                /* the row-split layer's bias [out], device (NCCL, rank 0) */
+    float *rbias_host;           /* the same, host (the host reduce adds it) */
+    float *t32;                  /* a block's first GEMM out, [max_batch, n0], device */
+    float *h32;                  /* its activation, [max_batch, count], device */
+    void *h16;                   /* the same as FP16/BF16; NULL with FP32 */
+    unsigned long long *h_inf;   /* FP16/BF16: first element of h that overflowed, device */
+    unsigned long long *h_inf_host; /* its copy, pinned host */
+    float *part;                 /* the partial sum [max_batch, out], device */
 };
 
 /* The file a loaded function comes from, for the log. */
@@ -196,6 +225,7 @@ static int load_nccl(struct tp_err *err)
         LOAD_SYM(nccl, ncclCommGetAsyncError, &missing) < 0 ||
         LOAD_SYM(nccl, ncclCommAbort, &missing) < 0 ||
         LOAD_SYM(nccl, ncclAllGather, &missing) < 0 ||
+        LOAD_SYM(nccl, ncclAllReduce, &missing) < 0 ||
         LOAD_SYM(nccl, ncclGetErrorString, &missing) < 0 ||
         LOAD_SYM(nccl, ncclGetLastError, &missing) < 0 || nccl.ncclGetVersion(&v) != ncclSuccess ||
         v < NCCL_OLDEST) {
@@ -280,7 +310,8 @@ static int comm_check(struct backend *b, struct tp_err *err)
     if (r != ncclSuccess)
         return nccl_error(err, "ncclCommGetAsyncError", r, b->comm);
     if (st != ncclSuccess && st != ncclInProgress)
-        return nccl_error(err, "ncclAllGather", st, b->comm);
+        return nccl_error(err, b->kind == PLAN_COLUMN ? "ncclAllGather" : "ncclAllReduce", st,
+                          b->comm);
     return 0;
 }
 
@@ -359,44 +390,101 @@ static int select_device(int device, struct tp_err *err)
     return 0;
 }
 
-/* Enqueues the GEMM of rows rows into out (dense, row pitch lay.cols), bias first. FP16/BF16:
- * the conversion of x notes the first element that overflowed in first_inf. */
-static int enqueue_gemm(struct backend *b, uint32_t rows, float *out, struct tp_err *err)
+/* Enqueues out [rows, n] = x [rows, k] · W [n, k]ᵀ (+ bias [n], written first), every matrix
+ * dense and row-major; W and x of the GEMM's dtype (x: x32 for FP32, x16 otherwise). */
+static int gemm(struct backend *b, uint32_t rows, int64_t n, int64_t k, const void *w,
+                const float *x32, const void *x16, const float *bias, float *out,
+                struct tp_err *err)
 {
     struct cuda_gemm_shape g;
     const float one = 1.0f, zero = 0.0f;
     const float *beta = &zero;
     cublasOperation_t ta, tb;
 
-    if (cuda_plan_gemm(rows, b->lay.cols, b->in, &g, err) < 0)
+    if (cuda_plan_gemm(rows, n, k, &g, err) < 0)
         return -1;
     ta = g.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     tb = g.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    if (b->bias) {
-        CUDA_GOTO(cuda_kern_fill_bias(out, b->bias, rows, (uint32_t)b->lay.cols, b->stream), err,
-                  fail);
+    if (bias) {
+        CUDA_GOTO(cuda_kern_fill_bias(out, bias, rows, (uint32_t)n, b->stream), err, fail);
         beta = &one;
     }
     if (b->dtype == TP_F32) {
         /* A = W (column-major Wᵀ), B = x (column-major xᵀ): see backend_cuda_plan.c */
-        BLAS_GOTO(blas.cublasSgemm(b->blas, ta, tb, g.m, g.n, g.k, &one, (const float *)b->w, g.lda,
-                                   b->x32, g.ldb, beta, out, g.ldc),
+        BLAS_GOTO(blas.cublasSgemm(b->blas, ta, tb, g.m, g.n, g.k, &one, (const float *)w, g.lda,
+                                   x32, g.ldb, beta, out, g.ldc),
                   err, fail);
     } else {
         cudaDataType t = b->dtype == TP_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-        size_t n = (size_t)rows * (size_t)b->in;
 
-        CUDA_GOTO(cudaMemsetAsync(b->first_inf, 0xff, sizeof(*b->first_inf), b->stream), err, fail);
-        CUDA_GOTO(
-            cuda_kern_to_half(b->x16, b->x32, n, b->dtype == TP_BF16, b->first_inf, b->stream), err,
-            fail);
         /* FP16/BF16 inputs, FP32 accumulation and FP32 output (a combination cublasGemmEx
          * lists for CUBLAS_COMPUTE_32F): only the inputs are rounded. */
-        BLAS_GOTO(blas.cublasGemmEx(b->blas, ta, tb, g.m, g.n, g.k, &one, b->w, t, g.lda, b->x16, t,
+        BLAS_GOTO(blas.cublasGemmEx(b->blas, ta, tb, g.m, g.n, g.k, &one, w, t, g.lda, x16, t,
                                     g.ldb, beta, out, CUDA_R_32F, g.ldc, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT),
                   err, fail);
     }
+    return 0;
+fail:
+    return -1;
+}
+
+/* Enqueues the conversion of n floats of src to the GEMM's half dtype into dst, noting the first
+ * element that overflowed in *flag (device). Nothing with FP32. */
+static int to_half(struct backend *b, void *dst, const float *src, size_t n,
+                   unsigned long long *flag, struct tp_err *err)
+{
+    if (b->dtype == TP_F32)
+        return 0;
+    CUDA_GOTO(cudaMemsetAsync(flag, 0xff, sizeof(*flag), b->stream), err, fail);
+    CUDA_GOTO(cuda_kern_to_half(dst, src, n, b->dtype == TP_BF16, flag, b->stream), err, fail);
+    return 0;
+fail:
+    return -1;
+}
+
+/* Enqueues the GEMM of a column layer's rows rows into out (dense, row pitch lay.cols), bias
+ * first. FP16/BF16: the conversion of x notes the first element that overflowed in first_inf. */
+static int enqueue_gemm(struct backend *b, uint32_t rows, float *out, struct tp_err *err)
+{
+    if (to_half(b, b->x16, b->x32, (size_t)rows * (size_t)b->in, b->first_inf, err) < 0)
+        return -1;
+    return gemm(b, rows, b->lay.cols, b->in, b->w, b->x32, b->x16, b->bias, out, err);
+}
+
+/* Enqueues a reducing model's device work on x (already on the device: [rows, in], or the row
+ * layer's [rows, count] slice), up to the partial sum in part and, with NCCL, its in-place
+ * all-reduce. */
+static int enqueue_partial(struct backend *b, uint32_t rows, double timeout_s, struct tp_err *err)
+{
+    int64_t k = b->kind == PLAN_ROW ? b->count : b->in;
+    /* with NCCL the bias is added once: by rank 0, into its partial, before the sum */
+    const float *rb = b->gather == BACKEND_GATHER_NCCL && b->rank == 0 ? b->rbias : NULL;
+    ncclResult_t r;
+
+    if (to_half(b, b->x16, b->x32, (size_t)rows * (size_t)k, b->first_inf, err) < 0)
+        return -1;
+    if (b->kind == PLAN_ROW) {
+        if (gemm(b, rows, b->out, k, b->w, b->x32, b->x16, rb, b->part, err) < 0)
+            return -1;
+    } else {
+        if (gemm(b, rows, b->n0, k, b->w, b->x32, b->x16, b->bias, b->t32, err) < 0)
+            return -1;
+        CUDA_GOTO(cuda_kern_act(b->h32, b->t32, (size_t)b->n0, rows, (uint32_t)b->count, b->act,
+                                b->kind == PLAN_GATED, b->stream),
+                  err, fail);
+        if (to_half(b, b->h16, b->h32, (size_t)rows * (size_t)b->count, b->h_inf, err) < 0 ||
+            gemm(b, rows, b->out, b->count, b->w1, b->h32, b->h16, rb, b->part, err) < 0)
+            return -1;
+    }
+    if (b->gather != BACKEND_GATHER_NCCL)
+        return 0;
+    r = nccl.ncclAllReduce(b->part, b->part, (size_t)rows * (size_t)b->out, ncclFloat32, ncclSum,
+                           b->comm, b->stream);
+    if (r == ncclInProgress)
+        return nccl_settle(b, "ncclAllReduce", timeout_s, err);
+    if (r != ncclSuccess)
+        return nccl_error(err, "ncclAllReduce", r, b->comm);
     return 0;
 fail:
     return -1;
@@ -504,38 +592,122 @@ fail:
     return -1;
 }
 
+/* A block's intermediate that the GEMM's half dtype turned into an infinity: the block's answer
+ * would be infinite or NaN. The job fails on this rank, which still meets the others. */
+static int intermediate_overflow(const struct backend *b, unsigned long long i, struct tp_err *err)
+{
+    return tp_err_set(err, TP_EINVAL,
+                      "the block's intermediate at row %llu, column %lld became an infinity in %s "
+                      "(|h| >= %g): serve with --dtype %s",
+                      i / (unsigned long long)b->count,
+                      (long long)(b->first + (int64_t)(i % (unsigned long long)b->count)),
+                      tp_dtype_wire_name(b->dtype), cuda_plan_half_limit(b->dtype),
+                      b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
+}
+
+/* A reducing model's forward (see the top of this file). With the host gather every rank meets
+ * the others at the slot's counter even when its own part failed (an overflow): a rank that
+ * stayed away would hold the others there until the job's bound; the job still fails, since
+ * this rank reports its failure. */
+static int forward_reduce(struct backend *b, struct backend_job *job, struct tp_err *err)
+{
+    uint32_t rows = job->rows;
+    size_t bytes = (size_t)rows * (size_t)b->out * sizeof(float);
+    int copy = b->gather == BACKEND_GATHER_HOST || b->rank == 0;
+    float *dst = b->gather == BACKEND_GATHER_HOST ? job->partial[b->rank] : job->y;
+    int failed = 0;
+    double t0;
+
+    if (b->broken)
+        return tp_err_set(err, TP_EUNAVAIL, "the GPU worker failed before and is restarting");
+    if (rows < 1 || rows > b->max_batch)
+        return tp_err_set(err, TP_EINVAL, "%u rows, expected 1 to %u", rows, b->max_batch);
+    if (b->kind == PLAN_ROW)
+        CUDA_GOTO(cudaMemcpy2DAsync(b->x32, (size_t)b->count * sizeof(float), job->x + b->first,
+                                    (size_t)b->in * sizeof(float),
+                                    (size_t)b->count * sizeof(float), rows,
+                                    cudaMemcpyHostToDevice, b->stream),
+                  err, fail);
+    else
+        CUDA_GOTO(cudaMemcpyAsync(b->x32, job->x, (size_t)rows * (size_t)b->in * sizeof(float),
+                                  cudaMemcpyHostToDevice, b->stream),
+                  err, fail);
+    if (enqueue_partial(b, rows, FORWARD_TIMEOUT_S, err) < 0)
+        goto fail;
+    if (copy)
+        CUDA_GOTO(cudaMemcpyAsync(b->stage ? b->stage : dst, b->part, bytes,
+                                  cudaMemcpyDeviceToHost, b->stream),
+                  err, fail);
+    if (b->first_inf)
+        CUDA_GOTO(cudaMemcpyAsync(b->first_inf_host, b->first_inf, sizeof(*b->first_inf),
+                                  cudaMemcpyDeviceToHost, b->stream),
+                  err, fail);
+    if (b->h_inf)
+        CUDA_GOTO(cudaMemcpyAsync(b->h_inf_host, b->h_inf, sizeof(*b->h_inf),
+                                  cudaMemcpyDeviceToHost, b->stream),
+                  err, fail);
+    if (wait_stream(b, FORWARD_TIMEOUT_S, err) < 0)
+        goto fail;
+    if (copy && b->stage)
+        memcpy(dst, b->stage, bytes);
+    job->collectives = 1;
+    if (b->first_inf && *b->first_inf_host != NO_OVERFLOW)
+        failed = input_overflow(b, job->x, *b->first_inf_host, err);
+    else if (b->h_inf && *b->h_inf_host != NO_OVERFLOW)
+        failed = intermediate_overflow(b, *b->h_inf_host, err);
+    if (b->gather == BACKEND_GATHER_NCCL)
+        return failed;
+    t0 = timing_now_s();
+    if (block_arrive(job->sync, (uint32_t)b->nranks, b->ctl_fd, (int64_t)(SPIN_S * 1e9), err) < 0)
+        return -1; /* the group is going down: the worker exits */
+    job->wait_s = timing_now_s() - t0;
+    if (failed)
+        return -1;
+    {
+        int64_t c0, nc;
+
+        block_stripe(b->out, b->nranks, b->rank, &c0, &nc);
+        t0 = timing_now_s();
+        block_reduce(job->y, job->partial, (uint32_t)b->nranks, (size_t)b->out, rows, c0, nc,
+                     b->rbias_host);
+        job->reduce_s = timing_now_s() - t0;
+    }
+    return 0;
+fail:
+    abandon(b, err);
+    return -1;
+}
+
 static int cuda_forward(struct backend *b, struct backend_job *job, struct tp_err *err)
 {
+    if (b->kind != PLAN_COLUMN)
+        return forward_reduce(b, job, err);
     job->collectives = b->gather == BACKEND_GATHER_NCCL; /* the all-gather */
     return forward_rows(b, job->x, job->rows, job->y, err);
 }
 
-/* Uploads the shard's float32 rows as dtype; the float32 copy on the device is temporary when
- * converting. Every copy and kernel runs on the backend's stream, which does not synchronize
- * with the legacy default stream: a plain cudaMemcpy from pageable memory may return before its
- * DMA has landed, and a kernel on our stream could then read stale memory. The stream is
- * synchronized before returning, so the host rows may be freed afterwards. */
-static int upload_weights(struct backend *b, const struct shard *s, struct tp_err *err)
+/* Uploads n float32 values of host as the GEMM's dtype into a new device buffer *dev; the
+ * float32 copy on the device is temporary when converting. Every copy and kernel runs on the
+ * backend's stream, which does not synchronize with the legacy default stream: a plain cudaMemcpy
+ * from pageable memory may return before its DMA has landed, and a kernel on our stream could
+ * then read stale memory. The stream is synchronized before returning, so the host values may be
+ * freed afterwards. as_float keeps float32 whatever the dtype (biases). */
+static int upload(struct backend *b, const float *host, size_t n, int as_float, void **dev,
+                  struct tp_err *err)
 {
-    size_t n = (size_t)s->count * (size_t)s->in;
     float *tmp = NULL;
 
-    if (b->dtype == TP_F32) {
-        CUDA_GOTO(cudaMalloc(&b->w, n * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpyAsync(b->w, s->g[0].w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
+    if (b->dtype == TP_F32 || as_float) {
+        CUDA_GOTO(cudaMalloc(dev, n * sizeof(float)), err, fail);
+        CUDA_GOTO(cudaMemcpyAsync(*dev, host, n * sizeof(float), cudaMemcpyHostToDevice,
+                                  b->stream),
                   err, fail);
     } else {
-        CUDA_GOTO(cudaMalloc(&b->w, n * 2), err, fail);
+        CUDA_GOTO(cudaMalloc(dev, n * 2), err, fail);
         CUDA_GOTO(cudaMalloc((void **)&tmp, n * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpyAsync(tmp, s->g[0].w, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
+        CUDA_GOTO(cudaMemcpyAsync(tmp, host, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
                   err, fail);
-        CUDA_GOTO(cuda_kern_to_half(b->w, tmp, n, b->dtype == TP_BF16, NULL, b->stream), err, fail);
-    }
-    if (s->g[0].b) {
-        CUDA_GOTO(cudaMalloc((void **)&b->bias, (size_t)s->count * sizeof(float)), err, fail);
-        CUDA_GOTO(cudaMemcpyAsync(b->bias, s->g[0].b, (size_t)s->count * sizeof(float),
-                                  cudaMemcpyHostToDevice, b->stream),
-                  err, fail);
+        CUDA_GOTO(cuda_kern_to_half(*dev, tmp, n, b->dtype == TP_BF16, NULL, b->stream), err, fail);
     }
     CUDA_GOTO(cudaStreamSynchronize(b->stream), err, fail);
     if (tmp)
@@ -548,20 +720,48 @@ fail_freed:
     return -1;
 }
 
+/* Uploads the shard: its GEMMs' weights as dtype, their biases as float32. */
+static int upload_weights(struct backend *b, const struct shard *s, struct tp_err *err)
+{
+    const struct shard_gemm *g0 = &s->g[0], *g1 = &s->g[1];
+
+    if (upload(b, g0->w, (size_t)g0->n * g0->k, 0, &b->w, err) < 0 ||
+        (g0->b && upload(b, g0->b, g0->n, 1, (void **)&b->bias, err) < 0) ||
+        (s->ngemm > 1 && upload(b, g1->w, (size_t)g1->n * g1->k, 0, &b->w1, err) < 0) ||
+        (s->rbias && upload(b, s->rbias, (size_t)s->out, 1, (void **)&b->rbias, err) < 0))
+        return -1;
+    return 0;
+}
+
 /* Refuses weights that the GEMM's dtype would turn into infinities (FP16: |w| >= 65520), which
- * would make every answer of their output infinite or NaN, naming the element. */
+ * would make every answer of their output infinite or NaN, naming the element. A block's
+ * GEMMs are checked in turn: the first one's rows are gate's then up's (or fc's), the second's
+ * down's (proj's) piece of columns. */
 static int check_weight_range(const struct backend *b, const struct shard *s, struct tp_err *err)
 {
-    size_t i = cuda_plan_first_overflow(s->g[0].w, (size_t)s->count * (size_t)s->in, b->dtype);
+    for (int j = 0; j < s->ngemm; j++) {
+        const struct shard_gemm *g = &s->g[j];
+        size_t i = cuda_plan_first_overflow(g->w, (size_t)g->n * g->k, b->dtype);
 
-    if (i == SIZE_MAX)
-        return 0;
-    return tp_err_set(err, TP_EINVAL,
-                      "tensor '%.64s' has element [out %lld, in %lld] = %g, which %s turns into "
-                      "an infinity (|w| >= %g): serve with --dtype %s",
-                      s->name, (long long)(s->first + (int64_t)(i / (size_t)s->in)),
-                      (long long)(i % (size_t)s->in), s->g[0].w[i], tp_dtype_wire_name(b->dtype),
-                      cuda_plan_half_limit(b->dtype), b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
+        if (i == SIZE_MAX)
+            continue;
+        if (s->kind == PLAN_COLUMN)
+            return tp_err_set(err, TP_EINVAL,
+                              "tensor '%.64s' has element [out %lld, in %lld] = %g, which %s "
+                              "turns into an infinity (|w| >= %g): serve with --dtype %s",
+                              s->name, (long long)(s->first + (int64_t)(i / g->k)),
+                              (long long)(i % g->k), g->w[i], tp_dtype_wire_name(b->dtype),
+                              cuda_plan_half_limit(b->dtype),
+                              b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
+        return tp_err_set(err, TP_EINVAL,
+                          "%s weight %d of this rank ('%.64s' is the model's first) has element "
+                          "[%zu, %zu] = %g, which %s turns into an infinity (|w| >= %g): serve "
+                          "with --dtype %s",
+                          plan_kind_name(s->kind), j, s->name, i / g->k, i % g->k, g->w[i],
+                          tp_dtype_wire_name(b->dtype), cuda_plan_half_limit(b->dtype),
+                          b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
+    }
+    return 0;
 }
 
 /* Pins the arena; when it cannot be pinned, allocates the pinned stage instead (see struct
@@ -570,7 +770,12 @@ static int check_weight_range(const struct backend *b, const struct shard *s, st
 static int pin_or_stage(struct backend *b, const struct backend_config *c, struct tp_err *err)
 {
     const char *pin = getenv("TPD_CUDA_PIN");
-    size_t bytes = cuda_plan_stage_bytes(&b->lay, c->max_batch, sizeof(float));
+    /* a reducing model stages what it copies out: its partial (host gather) or rank 0's sum */
+    size_t bytes = b->kind == PLAN_COLUMN
+                       ? cuda_plan_stage_bytes(&b->lay, c->max_batch, sizeof(float))
+                   : b->gather == BACKEND_GATHER_HOST || b->rank == 0
+                       ? (size_t)c->max_batch * (size_t)b->out * sizeof(float)
+                       : 0;
     cudaError_t e = cudaErrorNotPermitted;
 
     if (!c->arena || !c->arena_size)
@@ -644,6 +849,11 @@ static int warm_up(struct backend *b, struct tp_err *err)
         cudaMemsetAsync(b->x32, 0, (size_t)b->max_batch * (size_t)b->in * sizeof(float), b->stream),
         err, fail);
     for (int i = 0; i < (b->max_batch > 1 ? 2 : 1); i++) {
+        if (b->kind != PLAN_COLUMN) {
+            if (enqueue_partial(b, sizes[i], INIT_TIMEOUT_S, err) < 0)
+                return -1;
+            continue;
+        }
         if (enqueue_gemm(b, sizes[i], b->y + cuda_plan_block(&b->lay, sizes[i]), err) < 0)
             return -1;
         if (b->gather == BACKEND_GATHER_NCCL &&
@@ -683,6 +893,15 @@ static void cuda_destroy(struct backend *b)
     cudaFree(b->y);
     cudaFree(b->first_inf);
     cudaFreeHost(b->first_inf_host);
+    cudaFree(b->w1);
+    cudaFree(b->rbias);
+    cudaFree(b->t32);
+    cudaFree(b->h32);
+    cudaFree(b->h16);
+    cudaFree(b->h_inf);
+    cudaFreeHost(b->h_inf_host);
+    cudaFree(b->part);
+    free(b->rbias_host);
     cudaFreeHost(b->stage);
     if (b->pinned)
         cudaHostUnregister(b->pinned);
@@ -691,6 +910,26 @@ static void cuda_destroy(struct backend *b)
     free(b->plan);
     free(b->staged);
     free(b);
+}
+
+/* A reducing model's device buffers, for max_batch rows. */
+static int alloc_reduce(struct backend *b, struct tp_err *err)
+{
+    size_t rows = b->max_batch;
+
+    CUDA_GOTO(cudaMalloc((void **)&b->part, rows * (size_t)b->out * sizeof(float)), err, fail);
+    if (b->kind == PLAN_ROW)
+        return 0;
+    CUDA_GOTO(cudaMalloc((void **)&b->t32, rows * (size_t)b->n0 * sizeof(float)), err, fail);
+    CUDA_GOTO(cudaMalloc((void **)&b->h32, rows * (size_t)b->count * sizeof(float)), err, fail);
+    if (b->dtype != TP_F32) {
+        CUDA_GOTO(cudaMalloc(&b->h16, rows * (size_t)b->count * 2), err, fail);
+        CUDA_GOTO(cudaMalloc((void **)&b->h_inf, sizeof(*b->h_inf)), err, fail);
+        CUDA_GOTO(cudaMallocHost((void **)&b->h_inf_host, sizeof(*b->h_inf_host)), err, fail);
+    }
+    return 0;
+fail:
+    return -1;
 }
 
 static int cuda_create(struct backend **out, const struct backend_config *c, struct shard *s,
@@ -703,30 +942,41 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
     *out = NULL;
     if (!b)
         return tp_err_set(err, TP_ENOMEM, "no memory for the cuda backend");
-    if (s->kind != PLAN_COLUMN) {
-        free(b);
-        return tp_err_set(err, TP_EINVAL,
-                          "the cuda backend serves column-parallel layers only; a %s model runs on "
-                          "the cpu backend",
-                          plan_kind_name(s->kind));
-    }
     *b = (struct backend){.rank = c->rank,
                           .nranks = c->nranks,
                           .device = c->device,
                           .gather = c->gather,
                           .dtype = c->dtype,
                           .max_batch = c->max_batch,
-                          .in = s->in};
-    if (cuda_plan_layout(&b->lay, c->gather, s->out, c->nranks, c->rank, err) < 0)
-        goto fail;
-    /* The copy-out places every rank's columns by plan_split; a shard loaded by another split
-     * would be written to the wrong columns. */
-    if (s->first != b->lay.row0 || s->count != b->lay.cols) {
-        tp_err_set(err, TP_EINTERNAL,
-                   "the shard holds rows [%lld, %lld) of %lld, but rank %d of %d owns [%lld, %lld)",
-                   (long long)s->first, (long long)(s->first + s->count), (long long)s->out, c->rank,
-                   c->nranks, (long long)b->lay.row0, (long long)(b->lay.row0 + b->lay.cols));
-        goto fail;
+                          .in = s->in,
+                          .kind = s->kind,
+                          .act = (int)s->act,
+                          .ctl_fd = c->ctl_fd,
+                          .first = s->first,
+                          .count = s->count,
+                          .out = s->out,
+                          .n0 = s->g[0].n};
+    if (b->kind == PLAN_COLUMN) {
+        if (cuda_plan_layout(&b->lay, c->gather, s->out, c->nranks, c->rank, err) < 0)
+            goto fail;
+        /* The copy-out places every rank's columns by plan_split; a shard loaded by another
+         * split would be written to the wrong columns. */
+        if (s->first != b->lay.row0 || s->count != b->lay.cols) {
+            tp_err_set(err, TP_EINTERNAL,
+                       "the shard holds rows [%lld, %lld) of %lld, but rank %d of %d owns [%lld, "
+                       "%lld)",
+                       (long long)s->first, (long long)(s->first + s->count), (long long)s->out,
+                       c->rank, c->nranks, (long long)b->lay.row0,
+                       (long long)(b->lay.row0 + b->lay.cols));
+            goto fail;
+        }
+    } else if (s->rbias) { /* the host reduce adds it: keep a copy, the shard goes */
+        b->rbias_host = malloc((size_t)s->out * sizeof(float));
+        if (!b->rbias_host) {
+            tp_err_set(err, TP_ENOMEM, "no memory for the bias");
+            goto fail;
+        }
+        memcpy(b->rbias_host, s->rbias, (size_t)s->out * sizeof(float));
     }
     b->plan = calloc((size_t)c->nranks, sizeof(*b->plan));
     b->staged = calloc((size_t)c->nranks, sizeof(*b->staged));
@@ -769,11 +1019,15 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
         CUDA_GOTO(cudaMallocHost((void **)&b->first_inf_host, sizeof(*b->first_inf_host)), err,
                   fail);
     }
-    ybytes = cuda_plan_buffer(&b->lay, c->max_batch) * sizeof(float);
-    CUDA_GOTO(cudaMalloc((void **)&b->y, ybytes), err, fail);
-    /* The padding of a rank block is gathered but never copied out; zeroing it once keeps what
-     * the all-gather moves defined. */
-    CUDA_GOTO(cudaMemsetAsync(b->y, 0, ybytes, b->stream), err, fail);
+    if (b->kind == PLAN_COLUMN) {
+        ybytes = cuda_plan_buffer(&b->lay, c->max_batch) * sizeof(float);
+        CUDA_GOTO(cudaMalloc((void **)&b->y, ybytes), err, fail);
+        /* The padding of a rank block is gathered but never copied out; zeroing it once keeps
+         * what the all-gather moves defined. */
+        CUDA_GOTO(cudaMemsetAsync(b->y, 0, ybytes, b->stream), err, fail);
+    } else if (alloc_reduce(b, err) < 0) {
+        goto fail;
+    }
     if (pin_or_stage(b, c, err) < 0)
         goto fail;
     if (b->gather == BACKEND_GATHER_NCCL && join_nccl(b, c->nccl_id, err) < 0)
@@ -781,9 +1035,11 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
     if (warm_up(b, err) < 0)
         goto fail;
     tp_log(TP_LOG_NOTICE,
-           "cuda backend on GPU %d: %s GEMM%s, gather %s, arena %s, poll sleep %.0f us, ready in "
-           "%.3f s",
-           c->device, tp_dtype_wire_name(b->dtype), c->tf32 && b->dtype == TP_F32 ? " (TF32)" : "",
+           "cuda backend on GPU %d: %s model, %s GEMM%s, %s %s, arena %s, poll sleep %.0f us, "
+           "ready in %.3f s",
+           c->device, plan_kind_name(b->kind), tp_dtype_wire_name(b->dtype),
+           c->tf32 && b->dtype == TP_F32 ? " (TF32)" : "",
+           b->kind == PLAN_COLUMN ? "gather" : "all-reduce",
            b->gather == BACKEND_GATHER_NCCL ? "nccl" : "host",
            b->pinned  ? "pinned"
            : b->stage ? "staged"

@@ -75,3 +75,38 @@ extern "C" cudaError_t cuda_kern_fill_bias(float *y, const float *b, uint32_t ro
     fill_bias<<<blocks_for(n), THREADS, 0, st>>>(y, b, n, cols);
     return cudaGetLastError();
 }
+
+__device__ static float act1(int act, float t)
+{
+    switch (act) {
+    case 1: return t / (1.0f + expf(-t));
+    case 2: return 0.5f * t * (1.0f + erff(t * 0.70710678118654752f));
+    case 3: return 0.5f * t * (1.0f + tanhf(0.79788456080286536f * (t + 0.044715f * t * t * t)));
+    case 4: return t > 0.0f || isnan(t) ? t : 0.0f;
+    default: return t;
+    }
+}
+
+__global__ void act_kernel(float *h, const float *t, size_t ldt, size_t n_all, uint32_t n,
+                           int act, int gated)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n_all;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / n, j = i % n;
+        const float *tr = t + r * ldt;
+        float v = act1(act, tr[j]);
+
+        h[i] = gated ? v * tr[n + j] : v;
+    }
+}
+
+extern "C" cudaError_t cuda_kern_act(float *h, const float *t, size_t ldt, uint32_t rows, uint32_t n,
+                                     int act, int gated, cudaStream_t st)
+{
+    size_t n_all = (size_t)rows * n;
+
+    if (n_all == 0)
+        return cudaSuccess;
+    act_kernel<<<blocks_for(n_all), THREADS, 0, st>>>(h, t, ldt, n_all, n, act, gated);
+    return cudaGetLastError();
+}

@@ -24,6 +24,9 @@ BF16 serves it); an input element of 65520 or beyond fails its request naming ro
 while 65519.996 (which rounds to 65504) is served, and the worker answers on; with TPD_CUDA_PIN=0
 (an arena that cannot be pinned) the copies go through the pinned stage and the answers verify.
 
+TestGpuBlocks: the MLP blocks and row-parallel layers of cases.json on the GPUs, with the
+all-reduce in NCCL and on the host, FP32 against y64 and BF16 through --verify.
+
 TestGpuHuggingFace: every case of tests/data/hf/cases.json of kind linear, linear_conv1d and
 lm_head_tied, served from its checkpoint directory by module name (tpd finds the shard file, the
 bias sibling, GPT-2's Conv1D layout from config.json and the tied lm_head itself), at 1 rank, 2
@@ -435,6 +438,89 @@ class TestGpuHuggingFace(unittest.TestCase):
 
     def test_qwen2_bias_fp16(self):
         self.check_checkpoint("qwen2-bias-fp16")
+
+
+BLOCK_KINDS = ("llama_mlp", "qwen2_mlp", "gpt2_mlp")
+
+
+def block_configs():
+    """(ranks, args) for reducing models: every config of hf_rank_configs (the all-reduce with
+    NCCL where there are GPUs enough), and three ranks of GPU 0 with --gather host (the host
+    all-reduce, an uneven split)."""
+    return hf_rank_configs() + [(3, ("--gpus", "0,0,0", "--gather", "host"))]
+
+
+@unittest.skipUnless(os.path.isfile(os.path.join(gputest.HF_DIR, "cases.json")),
+                     "no Hugging Face cases in %s" % gputest.HF_DIR)
+class TestGpuBlocks(unittest.TestCase):
+    """The MLP block cases of cases.json (LlamaMLP, Qwen2MLP, GPT2MLP) served with --block, and
+    the row-parallel cases (down_proj, c_proj) with --parallel row, at every config of
+    block_configs: FP32 GEMMs against y64 to TOL_HF (the same reasoning as TestGpuHuggingFace:
+    tpd widens the stored weights exactly and computes in FP32), and BF16 GEMMs through
+    tpclient --verify (the C reference of the block) to TOL16. ModelMetadata shows the split of
+    the intermediate (or of the inputs)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = gputest.tmpdir()
+        with open(os.path.join(gputest.HF_DIR, "cases.json")) as f:
+            cases = json.load(f)
+        cls.groups = {}
+        for c in cases:
+            if c["kind"] in BLOCK_KINDS:
+                key = (c["checkpoint"], "--block", c["module"])
+            elif c["module"].endswith(("mlp.down_proj", "mlp.c_proj")):
+                key = (c["checkpoint"], "--weight", c["module"], "--parallel", "row")
+            else:
+                continue
+            cls.groups.setdefault(key, []).append(c)
+        cls.served = 0
+
+    def serve(self, key, cases, nranks, args):
+        type(self).served += 1
+        ckpt = os.path.join(gputest.HF_DIR, key[0])
+        name = "blk%d" % self.served
+        block = key[1] == "--block"
+        n = cases[0]["weights"][0]["shape"][0] if block else cases[0]["in"]
+        if block and cases[0]["weights"][0]["layout"] == "[in, out]":
+            n = cases[0]["weights"][0]["shape"][1]
+        for dtype in ("fp32", "bf16"):
+            d = Daemon(self.dir, "%s-%s" % (name, dtype), "--weights", ckpt, *key[1:],
+                       "--max-batch", "16", "--dtype", dtype, *args)
+            try:
+                d.wait_ready()
+                md = gputest.metadata(d)
+                self.assertEqual(md.get("split"), "intermediate" if block else "inputs")
+                self.assertEqual(md.get("shard_rows"),
+                                 ",".join(map(str, gputest.split_rows(n, nranks))))
+                errs = []
+                for c in cases:
+                    x = os.path.join(gputest.HF_DIR, c["x"])
+                    if dtype == "bf16":
+                        res = d.client("forward", x, "--verify", ckpt, *key[1:3],
+                                       "--tolerance", "%g" % TOL16)
+                        self.assertEqual(res.rc, 0, "%r\n%s" % (res, d.log()[-3000:]))
+                        errs.append("%s bf16 ok" % c["name"])
+                        continue
+                    y_path = os.path.join(self.dir, name + "." + c["name"] + ".y.npy")
+                    shape, y = gputest.forward_npy(d, x, y_path)
+                    _, ref = gputest.read_npy(os.path.join(gputest.HF_DIR, c["y64"]))
+                    self.assertEqual(list(shape), c["y_shape"], c["name"])
+                    rel = gputest.rel_error(y, ref)
+                    self.assertLessEqual(rel, TOL_HF, "%s at %s: rel %.3g vs y64" % (
+                        c["name"], " ".join(args), rel))
+                    errs.append("%s %.2g" % (c["name"], rel))
+                print("%-34s %-5s %s" % (" ".join(args), dtype, "; ".join(errs)))
+                self.assertEqual(d.stop(), 0, d.log()[-3000:])
+            finally:
+                d.kill()
+
+    def test_blocks_and_row_layers(self):
+        self.assertEqual(len(self.groups), 5, "cases.json changed")
+        for nranks, args in block_configs():
+            for key, cases in self.groups.items():
+                with self.subTest(model=" ".join(key), args=" ".join(args)):
+                    self.serve(key, cases, nranks, args)
 
 
 if __name__ == "__main__":

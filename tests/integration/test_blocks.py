@@ -336,8 +336,6 @@ class TestRefused(BlockCase):
         self.assertIn("silu, gelu", self.refused(llama, "--block", mlp, "--act", "swiglu"))
         self.assertIn("column or row", self.refused(llama, "--weight", "lm_head",
                                                     "--parallel", "diagonal"))
-        self.assertIn("column-parallel layers only",
-                      self.refused(llama, "--block", mlp, "--gpus", "0"))
         err = self.refused(llama, "--block", "model.layers.0.self_attn", "--cpu", "2")
         self.assertIn("gate_proj", err)
         # a split that leaves a rank nothing: 5 inputs over 6 ranks
