@@ -539,6 +539,23 @@ static int input_overflow(const struct backend *b, const float *x, unsigned long
                       b->dtype == TP_F16 ? "bf16 or fp32" : "fp32");
 }
 
+/* Enqueues the copies of the overflow flags (input, intermediate) to the host, for after the
+ * wait. */
+static int copy_flags(struct backend *b, struct tp_err *err)
+{
+    if (b->first_inf)
+        CUDA_GOTO(cudaMemcpyAsync(b->first_inf_host, b->first_inf, sizeof(*b->first_inf),
+                                  cudaMemcpyDeviceToHost, b->stream),
+                  err, fail);
+    if (b->h_inf)
+        CUDA_GOTO(cudaMemcpyAsync(b->h_inf_host, b->h_inf, sizeof(*b->h_inf),
+                                  cudaMemcpyDeviceToHost, b->stream),
+                  err, fail);
+    return 0;
+fail:
+    return -1;
+}
+
 static int forward_rows(struct backend *b, const float *x, uint32_t rows, float *y,
                         struct tp_err *err)
 {
@@ -574,11 +591,7 @@ static int forward_rows(struct backend *b, const float *x, uint32_t rows, float 
                                     b->stream),
                   err, fail);
     }
-    if (b->first_inf)
-        CUDA_GOTO(cudaMemcpyAsync(b->first_inf_host, b->first_inf, sizeof(*b->first_inf),
-                                  cudaMemcpyDeviceToHost, b->stream),
-                  err, fail);
-    if (wait_stream(b, FORWARD_TIMEOUT_S, err) < 0)
+    if (copy_flags(b, err) < 0 || wait_stream(b, FORWARD_TIMEOUT_S, err) < 0)
         goto fail;
     if (b->first_inf && *b->first_inf_host != NO_OVERFLOW)
         return input_overflow(b, x, *b->first_inf_host, err);
@@ -638,15 +651,7 @@ static int forward_reduce(struct backend *b, struct backend_job *job, struct tp_
         CUDA_GOTO(cudaMemcpyAsync(b->stage ? b->stage : dst, b->part, bytes,
                                   cudaMemcpyDeviceToHost, b->stream),
                   err, fail);
-    if (b->first_inf)
-        CUDA_GOTO(cudaMemcpyAsync(b->first_inf_host, b->first_inf, sizeof(*b->first_inf),
-                                  cudaMemcpyDeviceToHost, b->stream),
-                  err, fail);
-    if (b->h_inf)
-        CUDA_GOTO(cudaMemcpyAsync(b->h_inf_host, b->h_inf, sizeof(*b->h_inf),
-                                  cudaMemcpyDeviceToHost, b->stream),
-                  err, fail);
-    if (wait_stream(b, FORWARD_TIMEOUT_S, err) < 0)
+    if (copy_flags(b, err) < 0 || wait_stream(b, FORWARD_TIMEOUT_S, err) < 0)
         goto fail;
     if (copy && b->stage)
         memcpy(dst, b->stage, bytes);

@@ -31,8 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpdtest  # noqa: E402
 from loadgen import Load  # noqa: E402
-from tpdtest import (TpdTestCase, block_reference, read_safetensors, reference,  # noqa: E402
-                     rel_err, wait_gone)
+from tpdtest import (TpdTestCase, block_reference, metadata, read_safetensors,  # noqa: E402
+                     reference, rel64, rel_err, triton_infer, wait_gone)
 
 import tritonclient.grpc as tgrpc  # noqa: E402
 
@@ -44,22 +44,6 @@ BLOCKS = [c for c in CASES if c["kind"] in ("llama_mlp", "qwen2_mlp", "gpt2_mlp"
 ROWS = [c for c in CASES if c["module"].endswith(("mlp.down_proj", "mlp.c_proj"))]
 ACT = {"llama_mlp": "silu", "qwen2_mlp": "silu", "gpt2_mlp": "gelu_tanh"}
 LOADED_RE = re.compile(r"tpd-worker rank (\d+): \w+: loaded (\w+) \[(\d+), (\d+)\) of (\d+) ")
-
-
-def triton_infer(addr, x, model="m"):
-    client = tgrpc.InferenceServerClient(url=addr)
-    inp = tgrpc.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    try:
-        return client.infer(model, [inp]).as_numpy("output")
-    finally:
-        client.close()
-
-
-def rel64(y, y64):
-    if np.shape(y) != np.shape(y64):
-        raise AssertionError("shape %s, expected %s" % (np.shape(y), np.shape(y64)))
-    return float(np.max(np.abs(np.asarray(y, np.float64) - y64)) / np.max(np.abs(y64)))
 
 
 def tensor(ckpt, name):
@@ -88,14 +72,6 @@ def layers_of(case):
 
 def split(n, ranks):
     return [n // ranks + (r < n % ranks) for r in range(ranks)]
-
-
-def metadata(d):
-    res = d.client("metadata")
-    if res.rc != 0:
-        raise AssertionError("metadata failed: %r" % res)
-    return dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
-                for line in res.out.splitlines())
 
 
 def metric(d, name):

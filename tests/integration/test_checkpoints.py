@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpdtest  # noqa: E402
-from tpdtest import TpdTestCase, make_layer, reference, rel_err, write_safetensors_raw  # noqa: E402
+from tpdtest import (TpdTestCase, make_layer, metadata, reference, rel64, rel_err,  # noqa: E402
+                     triton_infer, write_safetensors_raw)
 
-import tritonclient.grpc as tgrpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 HF_DIR = os.path.join(os.path.dirname(tpdtest.SEED_DIR), "hf")
@@ -43,31 +43,6 @@ ELEM = {"F32": 4, "F16": 2, "BF16": 2}
 def case_arrays(case):
     return (np.load(os.path.join(HF_DIR, case["x"])),
             np.load(os.path.join(HF_DIR, case["y64"])))
-
-
-def rel64(y, y64):
-    """max|y - y64| / max|y64|, after checking the shapes."""
-    if np.shape(y) != np.shape(y64):
-        raise AssertionError("shape %s, expected %s" % (np.shape(y), np.shape(y64)))
-    return float(np.max(np.abs(np.asarray(y, np.float64) - y64)) / np.max(np.abs(y64)))
-
-
-def triton_infer(addr, x, model="m"):
-    client = tgrpc.InferenceServerClient(url=addr)
-    inp = tgrpc.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    try:
-        return client.infer(model, [inp]).as_numpy("output")
-    finally:
-        client.close()
-
-
-def metadata(d):
-    res = d.client("metadata")
-    if res.rc != 0:
-        raise AssertionError("metadata failed: %r" % res)
-    return dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
-                for line in res.out.splitlines())
 
 
 class CheckpointCase(TpdTestCase):

@@ -387,6 +387,34 @@ def infer_all_at_once(client, model, xs, tag, timeout=90):
     return results
 
 
+def triton_infer(addr, x, model="m"):
+    """One tritonclient.grpc ModelInfer of x (FP32, its own shape) -> the output array."""
+    import tritonclient.grpc as tgrpc
+    client = tgrpc.InferenceServerClient(url=addr)
+    inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    try:
+        return client.infer(model, [inp]).as_numpy("output")
+    finally:
+        client.close()
+
+
+def rel64(y, y64):
+    """max|y - y64| / max|y64|, after checking the shapes."""
+    if np.shape(y) != np.shape(y64):
+        raise AssertionError("shape %s, expected %s" % (np.shape(y), np.shape(y64)))
+    return float(np.max(np.abs(np.asarray(y, np.float64) - y64)) / np.max(np.abs(y64)))
+
+
+def metadata(d):
+    """`tpclient metadata` of daemon d as a dict of its `key: value` lines."""
+    res = d.client("metadata")
+    if res.rc != 0:
+        raise AssertionError("metadata failed: %r" % res)
+    return dict(line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
+                for line in res.out.splitlines())
+
+
 class Daemon:
     """One tpd. Listens on a unix socket in workdir unless listen is given, and serves its metrics
     on a port the OS picks (--metrics-listen 127.0.0.1:0, unless args set --metrics-listen);
