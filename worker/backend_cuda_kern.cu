@@ -76,12 +76,14 @@ extern "C" cudaError_t cuda_kern_fill_bias(float *y, const float *b, uint32_t ro
     return cudaGetLastError();
 }
 
+/* As worker/block.c computes them: 1 + erf(t/√2) as erfc(-t/√2), 0.5·(1 + tanh(u)) as
+ * sigmoid(2u), so that nothing cancels for negative t. */
 __device__ static float act1(int act, float t)
 {
     switch (act) {
     case 1: return t / (1.0f + expf(-t));
-    case 2: return 0.5f * t * (1.0f + erff(t * 0.70710678118654752f));
-    case 3: return 0.5f * t * (1.0f + tanhf(0.79788456080286536f * (t + 0.044715f * t * t * t)));
+    case 2: return 0.5f * t * erfcf(-t * 0.70710678118654752f);
+    case 3: return t / (1.0f + expf(-1.5957691216057308f * (t + 0.044715f * t * t * t)));
     case 4: return t > 0.0f || isnan(t) ? t : 0.0f;
     default: return t;
     }

@@ -13,14 +13,16 @@
 #define LINE 16            /* floats of a 64-byte cache line */
 #define WAIT_STEP_NS 50000000L /* futex wait between looks at the control socket: 50 ms */
 
-/* As PyTorch defines them (torch.nn.functional), in float. */
+/* As PyTorch defines them (torch.nn.functional), in float, written so that nothing cancels:
+ * 1 + erf(t/√2) is erfc(-t/√2), and 0.5·(1 + tanh(u)) is sigmoid(2u), the same values without
+ * the loss of 1 + (-0.9999...) for negative t. */
 static inline float act1(enum plan_act act, float t)
 {
     switch (act) {
     case PLAN_ACT_SILU: return t / (1.0f + expf(-t));
-    case PLAN_ACT_GELU: return 0.5f * t * (1.0f + erff(t * 0.70710678118654752f));
+    case PLAN_ACT_GELU: return 0.5f * t * erfcf(-t * 0.70710678118654752f);
     case PLAN_ACT_GELU_TANH:
-        return 0.5f * t * (1.0f + tanhf(0.79788456080286536f * (t + 0.044715f * t * t * t)));
+        return t / (1.0f + expf(-1.5957691216057308f * (t + 0.044715f * t * t * t)));
     case PLAN_ACT_RELU: return t > 0.0f || isnan(t) ? t : 0.0f;
     default: return t;
     }

@@ -191,17 +191,17 @@ def reference(x, W, b=None):
     return ref, mag
 
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])
 
 
 def act64(name, t):
     """A block's activation by PyTorch's definition, in float64."""
     if name == "silu":
         return t / (1.0 + np.exp(-t))
-    if name == "gelu":
-        return 0.5 * t * (1.0 + _erf(t / math.sqrt(2.0)))
-    if name == "gelu_tanh":
-        return 0.5 * t * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t ** 3)))
+    if name == "gelu":  # 1 + erf(x) as erfc(-x): no cancellation for t far below 0
+        return 0.5 * t * _erfc(-t / math.sqrt(2.0))
+    if name == "gelu_tanh":  # 0.5 (1 + tanh(u)) as sigmoid(2u), likewise
+        return t / (1.0 + np.exp(-2.0 * math.sqrt(2.0 / math.pi) * (t + 0.044715 * t ** 3)))
     if name == "relu":
         return np.maximum(t, 0.0)
     raise ValueError(name)

@@ -93,8 +93,11 @@ static double act(enum ref_act a, double t)
 {
     switch (a) {
     case REF_SILU: return t / (1.0 + exp(-t));
-    case REF_GELU: return 0.5 * t * (1.0 + erf(t / sqrt(2.0)));
-    case REF_GELU_TANH: return 0.5 * t * (1.0 + tanh(sqrt(2.0 / M_PI) * (t + 0.044715 * t * t * t)));
+    /* 1 + erf(x) as erfc(-x) and 1 + tanh(u) as 2·sigmoid(2u): the same values, without the
+     * cancellation that leaves 0 for t far below 0 even in double */
+    case REF_GELU: return 0.5 * t * erfc(-t / sqrt(2.0));
+    case REF_GELU_TANH:
+        return t / (1.0 + exp(-2.0 * sqrt(2.0 / M_PI) * (t + 0.044715 * t * t * t)));
     default: return t > 0 ? t : 0.0;
     }
 }
@@ -108,7 +111,7 @@ static double act_slope(enum ref_act a, double t)
     case REF_SILU:
         s = 1.0 / (1.0 + exp(-t));
         return s * (1.0 + t * (1.0 - s));
-    case REF_GELU: return 0.5 * (1.0 + erf(t / sqrt(2.0))) + t * exp(-0.5 * t * t) / sqrt(2.0 * M_PI);
+    case REF_GELU: return 0.5 * erfc(-t / sqrt(2.0)) + t * exp(-0.5 * t * t) / sqrt(2.0 * M_PI);
     case REF_GELU_TANH:
         u = sqrt(2.0 / M_PI) * (t + 0.044715 * t * t * t);
         th = tanh(u);
