@@ -1,11 +1,13 @@
 """Smoke tests of the benchmark tools: `tpclient bench` as a load generator against a real tpd
-and against bench/echo_server, gemm_baseline, the harness bench/run.py on tiny shapes, and the
-load benchmark bench/load.py on a tiny layer.
+and against bench/echo_server, gemm_baseline, the harness bench/run.py on tiny shapes, the
+load benchmark bench/load.py on a tiny layer, the block benchmark bench/block.py on a tiny
+block, and bench/barrier with few rounds.
 
 They check that the numbers are consistent -- counts that add up (the client's per-client calls,
 its total, and the requests tpd logged), rates that agree with counts and time, ordered
 percentiles -- and never how fast anything is. Environment (ctest sets it): TPD, TPCLIENT,
-TP_SEED_DIR as for the integration tests, plus ECHO_SERVER, GEMM_BASELINE and TP_BUILD_DIR."""
+TP_SEED_DIR as for the integration tests, plus ECHO_SERVER, GEMM_BASELINE, BARRIER and
+TP_BUILD_DIR."""
 
 import glob
 import os
@@ -22,6 +24,7 @@ from tpdtest import (ACCEPTED_RE, Result, TpdTestCase, make_layer, one_line_erro
 
 ECHO_SERVER = os.environ.get("ECHO_SERVER", "")
 GEMM_BASELINE = os.environ.get("GEMM_BASELINE", "")
+BARRIER = os.environ.get("BARRIER", "")
 BUILD_DIR = os.environ.get("TP_BUILD_DIR", "")
 IN, OUT = 64, 96
 
@@ -38,12 +41,23 @@ def result_line(testcase, res, prefix="bench-result:"):
     return kv
 
 
+def result_lines(testcase, res, prefix):
+    """The key=value pairs of every result line, in order; fails the test unless it exited 0."""
+    testcase.assertEqual(res.rc, 0, repr(res))
+    out = []
+    for ln in res.out.splitlines():
+        if ln.startswith(prefix):
+            out.append(dict(item.partition("=")[::2] for item in ln[len(prefix):].split()))
+    return out
+
+
 class TestBench(TpdTestCase):
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        for var, path in (("ECHO_SERVER", ECHO_SERVER), ("GEMM_BASELINE", GEMM_BASELINE)):
+        for var, path in (("ECHO_SERVER", ECHO_SERVER), ("GEMM_BASELINE", GEMM_BASELINE),
+                          ("BARRIER", BARRIER)):
             if not path or not os.access(path, os.X_OK):
                 raise AssertionError("%s=%r is not an executable (run through ctest)" %
                                      (var, path))
@@ -251,6 +265,109 @@ class TestBench(TpdTestCase):
         for bad in (["--ranks", "0"], ["--ranks", "x"], ["--rows", "1", "--ranks", "2"]):
             res = run(tmp_load + bad)
             self.assertEqual(res.rc, 2, repr(res))
+
+    def assert_rate(self, kv, rows, ms_key, rate_key):
+        ms, rate = float(kv[ms_key]), float(kv[rate_key])
+        self.assertGreater(ms, 0, kv)
+        self.assertAlmostEqual(rate, rows / ms * 1e3, delta=rate * 1e-4 + 1e-3, msg=kv)
+
+    def test_block_smoke(self):
+        cache = self.path("block")
+        block = [sys.executable, os.path.join(HERE, "block.py"), "--hidden", "64", "--inter",
+                 "96", "--build", BUILD_DIR, "--dir", cache]
+        res = run(block + ["--batches", "1,4", "--ranks", "1,2", "--iters", "3"], timeout=240)
+        self.assertEqual(res.rc, 0, repr(res))
+        self.assertIn("(made in ", res.out)
+        self.assertIn("OPENBLAS_CORETYPE=", res.out)
+        self.assertRegex(res.out, r"numpy's BLAS: .*threads")
+        results = result_lines(self, res, "block-result:")
+        self.assertEqual(sorted((int(kv["batch"]), int(kv["ranks"])) for kv in results),
+                         [(1, 1), (1, 2), (4, 1), (4, 2)], res.out)
+        cores = len(os.sched_getaffinity(0))
+        for kv in results:
+            batch, ranks = int(kv["batch"]), int(kv["ranks"])
+            for side in ("numpy", "tpd", "naive"):
+                self.assert_rate(kv, batch, side + "_ms", side + "_rows_per_s")
+            for side in ("tpd", "naive"):
+                self.assertAlmostEqual(float(kv[side + "_over_numpy"]),
+                                       float(kv["numpy_ms"]) / float(kv[side + "_ms"]),
+                                       delta=float(kv[side + "_over_numpy"]) * 1e-3, msg=kv)
+            # every side's answer was checked against the float64 reference
+            for key in ("checked", "naive_checked", "numpy_checked"):
+                self.assertLessEqual(float(kv[key]), 1e-4, kv)
+            # a checked request, the warm-up and the measured ones: each rank ran them all
+            self.assertEqual(kv["jobs_per_rank"], ",".join(["7"] * ranks), kv)
+            self.assertEqual(int(kv["worker_threads"]), max(1, cores // ranks), kv)
+            # the workers' times lie within the client's, the all-reduce within the job (the
+            # workers log 3 decimals of ms)
+            job, allreduce = float(kv["job_ms"]), float(kv["allreduce_ms"])
+            self.assertLessEqual(job, float(kv["tpd_ms"]), kv)
+            self.assertLessEqual(float(kv["naive_job_ms"]), float(kv["naive_ms"]), kv)
+            self.assertLessEqual(allreduce, job + 0.002, kv)
+            for key in ("wait_ms", "reduce_ms"):
+                self.assertLessEqual(float(kv[key]), allreduce + 0.002, kv)
+            self.assertAlmostEqual(float(kv["allreduce_pct"]), 100 * allreduce / job, delta=0.01,
+                                   msg=kv)
+            self.assertGreater(float(kv["memcpy_ms"]), 0, kv)
+            self.assertGreater(float(kv["memcpy_all_ms"]), 0, kv)
+        table = [ln for ln in res.out.splitlines()
+                 if re.match(r"\| [14] \| [12] \| [0-9.]+ \|", ln)]
+        self.assertEqual(len(table), 4, res.out)
+        for name in ("model.safetensors", "config.json", "gate_up.safetensors"):
+            self.assertTrue(os.path.isfile(os.path.join(cache, name)), name)
+        # the checkpoint is found by the next run with the same shape
+        res = run(block + ["--batches", "2", "--ranks", "2", "--iters", "1", "--warmup", "0"],
+                  timeout=120)
+        self.assertIn("(found there)", res.out, repr(res))
+        results = result_lines(self, res, "block-result:")
+        self.assertEqual(len(results), 1, res.out)
+        self.assertEqual(results[0]["jobs_per_rank"], "2,2", res.out)
+        for bad in (["--ranks", "0"], ["--batches", "x"], ["--iters", "0"]):
+            res = run(block + bad)
+            self.assertEqual(res.rc, 2, repr(res))
+
+    def test_barrier(self):
+        res = run([BARRIER, "--rounds", "300", "--warmup", "20", "--reduce-iters", "20"])
+        results = result_lines(self, res, "barrier-result:")
+        meets = [kv for kv in results if kv["method"] != "reduce"]
+        self.assertEqual([(kv["method"], int(kv["spin_ns"])) for kv in meets],
+                         [("counter", 0), ("counter", 50000), ("coordinator", -1)], res.out)
+        for kv in meets:
+            self.assertEqual((int(kv["ranks"]), int(kv["rounds"])), (2, 300), kv)
+            p50, p99, mx = float(kv["p50_us"]), float(kv["p99_us"]), float(kv["max_us"])
+            self.assertGreater(p50, 0, kv)
+            self.assertLessEqual(p50, p99, kv)
+            self.assertLessEqual(p99, mx, kv)
+            self.assertLessEqual(float(kv["mean_us"]), mx, kv)
+        self.assertEqual(int(meets[2]["msg_bytes"]), 424)  # a ctl message
+        reduces = [kv for kv in results if kv["method"] == "reduce"]
+        self.assertEqual([int(kv["rows"]) for kv in reduces], [1, 16, 64], res.out)
+        for kv in reduces:
+            rows = int(kv["rows"])
+            # rank 0's stripe of 2 ranks: half the columns, read from both partials
+            self.assertEqual((int(kv["c0"]), int(kv["nc"])), (0, 2048), kv)
+            self.assertEqual(int(kv["bytes_read"]), 2 * rows * 2048 * 4, kv)
+            self.assertEqual(int(kv["bytes_written"]), rows * 2048 * 4, kv)
+            self.assertAlmostEqual(float(kv["reduce_over_memcpy"]),
+                                   float(kv["reduce_p50_us"]) / float(kv["memcpy_p50_us"]),
+                                   delta=float(kv["reduce_over_memcpy"]) * 1e-2 + 1e-3, msg=kv)
+        # an uneven split: 100 columns are 7 lines, and rank 0 of 3 gets 3 of them
+        res = run([BARRIER, "--ranks", "3", "--rounds", "50", "--warmup", "5", "--spin", "0",
+                   "--rows", "5", "--cols", "100", "--reduce-iters", "5"])
+        results = result_lines(self, res, "barrier-result:")
+        self.assertEqual([kv["method"] for kv in results], ["counter", "coordinator", "reduce"],
+                         res.out)
+        self.assertEqual(int(results[0]["ranks"]), 3)
+        self.assertEqual((int(results[2]["nc"]), int(results[2]["bytes_read"])),
+                         (48, 3 * 5 * 48 * 4), results[2])
+        res = run([BARRIER, "--help"])
+        self.assertEqual(res.rc, 0, repr(res))
+        self.assertIn("usage: barrier", res.out)
+        for bad in (["--ranks", "0"], ["--ranks", "65"], ["--rows", "x"], ["--spin", "-1"],
+                    ["--rounds"], ["--frobnicate", "1"]):
+            res = run([BARRIER] + bad)
+            self.assertEqual(res.rc, 64, repr(res))
+            self.assertTrue(res.err.startswith("barrier: "), repr(res))
 
 
 class ShmServer:

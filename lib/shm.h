@@ -2,7 +2,7 @@
  * workers. The coordinator creates one memfd of nslots slots; each slot holds an input block
  * [max_batch, in] and an output block [max_batch, out] of float32, and, for a model whose ranks
  * all-reduce partial sums (plan_reduces), one partial block [max_batch, out] per rank and a sync
- * page whose first word counts the ranks that have written theirs (worker/reduce.c). Workers map
+ * page whose first word counts the ranks that have written theirs (worker/block.c). Workers map
  * the same fd, inherited at spawn, and derive the same layout from the same five numbers. Pages are touched
  * once at creation (MAP_POPULATE) and reused for every request: nothing is allocated per request.
  * Ownership of a slot is not stored here: the coordinator hands a slot to the workers with a ctl

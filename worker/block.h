@@ -39,4 +39,7 @@ int block_arrive(uint32_t *sync, uint32_t nranks, int ctl_fd, int64_t spin_ns,
 void block_reduce(float *y, float *const *partial, uint32_t nranks, size_t ld, uint32_t rows,
                   int64_t c0, int64_t nc, const float *bias);
 
+/* y[i, c] += bias[c] for c < n, i < rows (rows of ld floats): one rank's whole sum. */
+void block_add_bias(float *y, size_t ld, uint32_t rows, const float *bias, int64_t n);
+
 #endif
