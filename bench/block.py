@@ -435,6 +435,8 @@ def jobs_of(text, ranks, batch, measured, reducing):
         raise BenchError("expected at least %d job lines of %d rows from each of %d ranks, got "
                          "%s" % (measured, batch, ranks, {r: len(v) for r, v in per.items()}))
     lines = [j for r in range(ranks) for j in per[r][-measured:]]
+    if not reducing:  # one rank writes its sum in place: no all-reduce to time
+        lines = [(j[0], 0.0, 0.0) for j in lines]
     if reducing and any(math.isnan(j[1]) for j in lines):
         raise BenchError("a block's job line of %d rows says nothing of its all-reduce" % batch)
     return lines, counts
@@ -515,7 +517,7 @@ def run_bench(a):
                 log("  workers: %s threads each; checked: max rel err %.2g" % (threads, err))
                 for b in a.batches:
                     ms, load = res[b]
-                    jobs, counts = jobs_of(text, ranks, b, a.iters, not naive)
+                    jobs, counts = jobs_of(text, ranks, b, a.iters, not naive and ranks > 1)
                     p = points.setdefault((b, ranks), {})
                     key = "naive" if naive else "tpd"
                     p[key] = dict(ms=median(ms), err=err, load=load[0], threads=threads,
