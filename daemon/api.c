@@ -139,9 +139,9 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     protobuf_c_message_free_unpacked(m, NULL);
     r.name = "tpd";
     r.version = TP_VERSION;
-    /* only what is implemented: the ModelConfig RPC and system shared memory */
-    r.n_extensions = 2;
-    r.extensions = (char *[]){"model_configuration", "system_shared_memory"};
+    /* only what is implemented: the ModelConfig RPC, system shared memory, ModelStatistics */
+    r.n_extensions = 3;
+    r.extensions = (char *[]){"model_configuration", "system_shared_memory", "statistics"};
     reply_msg(call, &r.base);
 }
 
@@ -334,6 +334,80 @@ static void repository_index(void *ctx, struct rpc_call *call, grpc_byte_buffer 
     reply_msg(call, &r.base);
 }
 
+/* Triton's StatisticDuration of d, in sd. */
+static Inference__StatisticDuration *duration(Inference__StatisticDuration *sd,
+                                              const struct metrics_duration *d)
+{
+    *sd = (Inference__StatisticDuration)INFERENCE__STATISTIC_DURATION__INIT;
+    sd->count = d->count;
+    sd->ns = d->ns;
+    return sd;
+}
+
+/* Triton's ModelStatistics, from the metrics (metrics_get_stats): every model when the request
+ * names none, else the named one. */
+static void model_statistics(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    Inference__ModelStatisticsResponse r = INFERENCE__MODEL_STATISTICS_RESPONSE__INIT;
+    Inference__ModelStatistics ms = INFERENCE__MODEL_STATISTICS__INIT, *msp[1] = {&ms};
+    Inference__InferStatistics is = INFERENCE__INFER_STATISTICS__INIT;
+    Inference__StatisticDuration d[6], (*bd)[3] = NULL;
+    Inference__InferBatchStatistics *bs = NULL, **bsp = NULL;
+    struct metrics_stats st;
+    Inference__ModelStatisticsRequest *q = (Inference__ModelStatisticsRequest *)unpack_or_reply(
+        call, payload, &inference__model_statistics_request__descriptor);
+
+    if (!q)
+        return;
+    if (q->name[0] && !model_matches(a, call, q->name, q->version)) {
+        protobuf_c_message_free_unpacked(&q->base, NULL);
+        return;
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+    if (metrics_get_stats(&st) < 0) {
+        rpc_reply(call, 8, "no memory for the statistics", NULL);
+        return;
+    }
+    bs = calloc(st.nbatch + 1, sizeof(*bs));
+    bsp = calloc(st.nbatch + 1, sizeof(*bsp));
+    bd = calloc(st.nbatch + 1, sizeof(*bd));
+    if (!bs || !bsp || !bd) {
+        rpc_reply(call, 8, "no memory for the statistics", NULL);
+        goto out;
+    }
+    for (size_t i = 0; i < st.nbatch; i++) {
+        bs[i] = (Inference__InferBatchStatistics)INFERENCE__INFER_BATCH_STATISTICS__INIT;
+        bs[i].batch_size = st.batch[i].batch_size;
+        bs[i].compute_input = duration(&bd[i][0], &st.batch[i].compute_input);
+        bs[i].compute_infer = duration(&bd[i][1], &st.batch[i].compute_infer);
+        bs[i].compute_output = duration(&bd[i][2], &st.batch[i].compute_output);
+        bsp[i] = &bs[i];
+    }
+    is.success = duration(&d[0], &st.success);
+    is.fail = duration(&d[1], &st.fail);
+    is.queue = duration(&d[2], &st.queue);
+    is.compute_input = duration(&d[3], &st.compute_input);
+    is.compute_infer = duration(&d[4], &st.compute_infer);
+    is.compute_output = duration(&d[5], &st.compute_output);
+    ms.name = (char *)a->model->name;
+    ms.version = MODEL_VERSION;
+    ms.last_inference = st.last_inference_ms;
+    ms.inference_count = st.inference_count;
+    ms.execution_count = st.execution_count;
+    ms.inference_stats = &is;
+    ms.n_batch_stats = st.nbatch;
+    ms.batch_stats = bsp;
+    r.n_model_stats = 1;
+    r.model_stats = msp;
+    reply_msg(call, &r.base);
+out:
+    free(bs);
+    free(bsp);
+    free(bd);
+    free(st.batch);
+}
+
 static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
@@ -417,6 +491,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     enum tp_dtype dt = ic->api->model->io_dtype;
     size_t n = (size_t)req->rows * (size_t)ic->api->model->out;
     struct tp_err failed = {0}; /* this request's own failure, found here */
+    int64_t t0 = metrics_now_ns(); /* compute_output: from here to the reply's hand-over */
 
     if (!err && ic->fill_err.code != TP_OK) {
         failed = ic->fill_err;
@@ -442,6 +517,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     }
     metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
     if (ic->out_reg) {
+        metrics_request_output(sched_slot_index(req->hold), metrics_now_ns() - t0);
         sched_unhold(req->hold);
         bb = infer_response_dims(ic->api->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead, NULL,
                                  NULL);
@@ -453,6 +529,8 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         /* the reply points at the slot's output; gRPC releases the slot when it is done */
         bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead, unhold,
                                  req->hold);
+        /* still the job's slot: the reply holds it until gRPC has sent it */
+        metrics_request_output(sched_slot_index(req->hold), metrics_now_ns() - t0);
         if (!bb)
             sched_unhold(req->hold);
     }
@@ -662,6 +740,7 @@ const struct rpc_method api_methods[] = {
     {"/inference.GRPCInferenceService/ModelInfer", model_infer},
     {"/inference.GRPCInferenceService/RepositoryIndex", repository_index},
     {"/inference.GRPCInferenceService/ModelConfig", model_config},
+    {"/inference.GRPCInferenceService/ModelStatistics", model_statistics},
     {"/grpc.health.v1.Health/Check", health_check},
     {"/inference.GRPCInferenceService/SystemSharedMemoryStatus", shm_status},
     {"/inference.GRPCInferenceService/SystemSharedMemoryRegister", shm_register},

@@ -317,6 +317,7 @@ int main(int argc, char **argv)
                m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), c.cpu,
                m.split, m.split_what, threads, c.cpu_gemm, c.slots, c.max_batch,
                c.batch_delay_us);
+    metrics_set_pending(sched_pending, sched);
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen &&
         metrics_server_start(&http, c.metrics_listen, http_ready, &api, &err) < 0)

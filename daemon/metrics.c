@@ -59,7 +59,17 @@ static struct {
     int64_t *job_t0;    /* nslots: when the slot's job was dispatched, ns */
     uint64_t jobs;      /* jobs dispatched */
     uint64_t collectives; /* collectives the ranks ran for finished jobs */
+    /* Triton's statistics (metrics_get_stats), of the served model */
+    struct metrics_stats st;      /* st.batch unused here: batch below */
+    uint32_t *job_rows, *job_reqs; /* nslots: the slot's job, set at dispatch */
+    int64_t *job_fill_ns;          /* nslots: its requests' copies into the slot */
+    struct metrics_batch_stats *by_size; /* batch_stats by batch size, sorted; nbatch of them */
+    size_t nbatch;
+    metrics_pending_fn pending;
+    void *pending_ctx;
 } M = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+#define MAX_BATCH_SIZES 1024 /* batch sizes kept apart in batch_stats; the rest only in totals */
 
 int metrics_init(const char *model, int nranks, uint32_t nslots, struct tp_err *err)
 {
@@ -70,11 +80,15 @@ int metrics_init(const char *model, int nranks, uint32_t nslots, struct tp_err *
     M.up = calloc((size_t)nranks, sizeof(*M.up));
     M.restarts = calloc((size_t)nranks, sizeof(*M.restarts));
     M.job_t0 = calloc(nslots, sizeof(*M.job_t0));
+    M.job_rows = calloc(nslots, sizeof(*M.job_rows));
+    M.job_reqs = calloc(nslots, sizeof(*M.job_reqs));
+    M.job_fill_ns = calloc(nslots, sizeof(*M.job_fill_ns));
+    M.by_size = calloc(MAX_BATCH_SIZES, sizeof(*M.by_size));
     M.latency = (struct hist){.bounds = time_bounds, .nb = NTIME};
     M.queue = (struct hist){.bounds = time_bounds, .nb = NTIME};
     M.compute = (struct hist){.bounds = time_bounds, .nb = NTIME};
     M.batch = (struct hist){.bounds = row_bounds, .nb = NROWS};
-    M.on = M.up && M.restarts && M.job_t0;
+    M.on = M.up && M.restarts && M.job_t0 && M.job_rows && M.job_reqs && M.job_fill_ns && M.by_size;
     pthread_mutex_unlock(&M.lock);
     if (!M.on)
         return tp_err_set(err, TP_ENOMEM, "no memory for the metrics");
@@ -119,8 +133,17 @@ void metrics_request_done(const char *model, int code, double seconds, uint32_t 
         code = 2; /* UNKNOWN */
     M.requests[other][code]++;
     if (!other) {
+        struct timespec now;
+        struct metrics_duration *d = code == 0 ? &M.st.success : &M.st.fail;
+
         observe(&M.latency, seconds);
         M.rows += rows;
+        d->count++;
+        d->ns += (uint64_t)(seconds * 1e9);
+        if (code == 0)
+            M.st.inference_count += rows;
+        clock_gettime(CLOCK_REALTIME, &now);
+        M.st.last_inference_ms = (uint64_t)now.tv_sec * 1000 + (uint64_t)now.tv_nsec / 1000000;
     }
     M.bytes_in += bytes_in;
     M.bytes_out += bytes_out;
@@ -131,8 +154,21 @@ out:
 void metrics_queue_time(uint32_t slot, int64_t t0_ns)
 {
     pthread_mutex_lock(&M.lock);
-    if (M.on && slot < M.nslots && M.job_t0[slot] >= t0_ns)
+    if (M.on && slot < M.nslots && M.job_t0[slot] >= t0_ns) {
         observe(&M.queue, (double)(M.job_t0[slot] - t0_ns) / 1e9);
+        M.st.queue.count++;
+        M.st.queue.ns += (uint64_t)(M.job_t0[slot] - t0_ns);
+    }
+    pthread_mutex_unlock(&M.lock);
+}
+
+void metrics_job_fill(uint32_t slot, uint32_t requests, int64_t ns)
+{
+    pthread_mutex_lock(&M.lock);
+    if (M.on && slot < M.nslots) {
+        M.job_reqs[slot] = requests;
+        M.job_fill_ns[slot] = ns;
+    }
     pthread_mutex_unlock(&M.lock);
 }
 
@@ -143,22 +179,106 @@ void metrics_job_start(uint32_t slot, uint32_t rows)
     pthread_mutex_lock(&M.lock);
     if (M.on && slot < M.nslots) {
         M.job_t0[slot] = now;
+        M.job_rows[slot] = rows;
         M.jobs++;
         observe(&M.batch, rows);
     }
     pthread_mutex_unlock(&M.lock);
 }
 
-void metrics_job_done(uint32_t slot, uint32_t collectives)
+/* The statistics of batch size rows, made when first seen (sorted); NULL past MAX_BATCH_SIZES
+ * sizes. Lock held. */
+static struct metrics_batch_stats *batch_of(uint32_t rows)
+{
+    size_t lo = 0, hi = M.nbatch;
+
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+
+        if (M.by_size[mid].batch_size < rows)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < M.nbatch && M.by_size[lo].batch_size == rows)
+        return &M.by_size[lo];
+    if (M.nbatch == MAX_BATCH_SIZES)
+        return NULL;
+    memmove(&M.by_size[lo + 1], &M.by_size[lo], (M.nbatch - lo) * sizeof(M.by_size[0]));
+    M.nbatch++;
+    M.by_size[lo] = (struct metrics_batch_stats){.batch_size = rows};
+    return &M.by_size[lo];
+}
+
+void metrics_job_done(uint32_t slot, uint32_t collectives, int ok)
 {
     int64_t now = metrics_now_ns();
 
     pthread_mutex_lock(&M.lock);
     if (M.on)
         M.collectives += collectives;
-    if (M.on && slot < M.nslots && M.job_t0[slot] > 0)
-        observe(&M.compute, (double)(now - M.job_t0[slot]) / 1e9);
+    if (M.on && slot < M.nslots && M.job_t0[slot] > 0) {
+        uint64_t infer = (uint64_t)(now - M.job_t0[slot]), fill = (uint64_t)M.job_fill_ns[slot];
+        uint32_t reqs = M.job_reqs[slot];
+        struct metrics_batch_stats *b;
+
+        observe(&M.compute, (double)infer / 1e9);
+        if (ok) { /* Triton's: every request of an execution is charged the execution's time */
+            M.st.execution_count++;
+            M.st.compute_input.count += reqs;
+            M.st.compute_input.ns += fill;
+            M.st.compute_infer.count += reqs;
+            M.st.compute_infer.ns += infer * reqs;
+            if ((b = batch_of(M.job_rows[slot]))) {
+                b->compute_input.count++;
+                b->compute_input.ns += fill;
+                b->compute_infer.count++;
+                b->compute_infer.ns += infer;
+                b->compute_output.count++; /* its requests add their times */
+            }
+        }
+    }
     pthread_mutex_unlock(&M.lock);
+}
+
+void metrics_request_output(uint32_t slot, int64_t ns)
+{
+    struct metrics_batch_stats *b;
+
+    pthread_mutex_lock(&M.lock);
+    if (M.on && slot < M.nslots) {
+        M.st.compute_output.count++;
+        M.st.compute_output.ns += (uint64_t)ns;
+        if ((b = batch_of(M.job_rows[slot])))
+            b->compute_output.ns += (uint64_t)ns;
+    }
+    pthread_mutex_unlock(&M.lock);
+}
+
+void metrics_set_pending(metrics_pending_fn fn, void *ctx)
+{
+    pthread_mutex_lock(&M.lock);
+    M.pending = fn;
+    M.pending_ctx = ctx;
+    pthread_mutex_unlock(&M.lock);
+}
+
+int metrics_get_stats(struct metrics_stats *st)
+{
+    *st = (struct metrics_stats){0};
+    pthread_mutex_lock(&M.lock);
+    if (!M.on) {
+        pthread_mutex_unlock(&M.lock);
+        return -1;
+    }
+    *st = M.st;
+    st->batch = malloc((M.nbatch ? M.nbatch : 1) * sizeof(*st->batch));
+    if (st->batch) {
+        memcpy(st->batch, M.by_size, M.nbatch * sizeof(*st->batch));
+        st->nbatch = M.nbatch;
+    }
+    pthread_mutex_unlock(&M.lock);
+    return st->batch ? 0 : -1;
 }
 
 void metrics_worker_up(int rank, int up)
@@ -225,14 +345,58 @@ static void put_model_counter(FILE *f, const char *name, const char *help, uint6
     fprintf(f, "\"} %llu\n", (unsigned long long)v);
 }
 
+/* One Triton family: its help, type and the served model's series, labelled as Triton labels
+ * them. */
+static void put_nv(FILE *f, const char *name, const char *type, const char *help, uint64_t v)
+{
+    head(f, name, type, help);
+    fprintf(f, "%s{model=\"", name);
+    put_label(f, M.model);
+    fprintf(f, "\",version=\"1\"} %llu\n", (unsigned long long)v);
+}
+
+/* The families that Triton's dashboards read, from the statistics above. Lock held. */
+static void put_triton(FILE *f, uint32_t pending)
+{
+    const struct metrics_stats *st = &M.st;
+
+    put_nv(f, "nv_inference_request_success", "counter",
+           "Number of successful inference requests, all batch sizes", st->success.count);
+    put_nv(f, "nv_inference_request_failure", "counter",
+           "Number of failed inference requests, all batch sizes", st->fail.count);
+    put_nv(f, "nv_inference_count", "counter",
+           "Number of inferences performed (a request of N rows counts N)", st->inference_count);
+    put_nv(f, "nv_inference_exec_count", "counter",
+           "Number of model executions performed (a batch of requests counts 1)",
+           st->execution_count);
+    put_nv(f, "nv_inference_request_duration_us", "counter",
+           "Cumulative inference request duration in microseconds",
+           (st->success.ns + st->fail.ns) / 1000);
+    put_nv(f, "nv_inference_queue_duration_us", "counter",
+           "Cumulative inference queuing duration in microseconds", st->queue.ns / 1000);
+    put_nv(f, "nv_inference_compute_input_duration_us", "counter",
+           "Cumulative compute input duration in microseconds", st->compute_input.ns / 1000);
+    put_nv(f, "nv_inference_compute_infer_duration_us", "counter",
+           "Cumulative compute inference duration in microseconds", st->compute_infer.ns / 1000);
+    put_nv(f, "nv_inference_compute_output_duration_us", "counter",
+           "Cumulative inference compute output duration in microseconds",
+           st->compute_output.ns / 1000);
+    put_nv(f, "nv_inference_pending_request_count", "gauge",
+           "Instantaneous number of pending requests awaiting execution per-model", pending);
+}
+
 char *metrics_render(size_t *len)
 {
     char *buf = NULL;
     size_t n = 0;
     FILE *f = open_memstream(&buf, &n);
+    metrics_pending_fn pending_fn;
+    uint32_t pending;
 
     if (!f)
         return NULL;
+    pending_fn = M.pending; /* set once at start, before any scrape */
+    pending = pending_fn ? pending_fn(M.pending_ctx) : 0;
     pthread_mutex_lock(&M.lock);
     head(f, "tpd_requests_total", "counter",
          "ModelInfer calls answered, by model and gRPC status code");
@@ -264,6 +428,7 @@ char *metrics_render(size_t *len)
     fprintf(f, "tpd_received_bytes_total %llu\n", (unsigned long long)M.bytes_in);
     head(f, "tpd_sent_bytes_total", "counter", "Bytes of ModelInfer response messages");
     fprintf(f, "tpd_sent_bytes_total %llu\n", (unsigned long long)M.bytes_out);
+    put_triton(f, pending);
     head(f, "tpd_worker_up", "gauge", "1 while the worker of this rank is running and loaded");
     for (int r = 0; r < M.nranks; r++)
         fprintf(f, "tpd_worker_up{rank=\"%d\"} %d\n", r, M.up[r]);

@@ -35,10 +35,48 @@ void metrics_request_done(const char *model, int code, double seconds, uint32_t 
  * own: observes the time it waited for the job's dispatch. */
 void metrics_queue_time(uint32_t slot, int64_t t0_ns);
 
-/* The job on slot went to the workers with rows rows / came back from all of them (or failed),
+/* The job about to go to slot carries requests requests, whose inputs took ns to copy into the
+ * slot (Triton's compute_input). */
+void metrics_job_fill(uint32_t slot, uint32_t requests, int64_t ns);
+
+/* The job on slot went to the workers with rows rows / came back from all of them (ok) or failed,
  * the ranks having run collectives collectives (all-reduces, all-gathers) for it. */
 void metrics_job_start(uint32_t slot, uint32_t rows);
-void metrics_job_done(uint32_t slot, uint32_t collectives);
+void metrics_job_done(uint32_t slot, uint32_t collectives, int ok);
+
+/* A request of the job on slot (which it still holds) took ns from the job's end to its reply
+ * being handed to gRPC (Triton's compute_output). */
+void metrics_request_output(uint32_t slot, int64_t ns);
+
+/* Triton's statistics of the served model (ModelStatistics, the nv_inference_* families),
+ * cumulative since start, in ns. success and fail count requests and their time from arrival to
+ * reply; queue, compute_input, compute_infer and compute_output count successful requests, each
+ * charged its job's compute_infer; inference_count counts their rows, execution_count their jobs.
+ * batch_stats count jobs, by rows. */
+struct metrics_duration {
+    uint64_t count, ns;
+};
+
+struct metrics_batch_stats {
+    uint64_t batch_size;
+    struct metrics_duration compute_input, compute_infer, compute_output;
+};
+
+struct metrics_stats {
+    uint64_t last_inference_ms; /* CLOCK_REALTIME of the last request, ms since the epoch */
+    uint64_t inference_count, execution_count;
+    struct metrics_duration success, fail, queue, compute_input, compute_infer, compute_output;
+    struct metrics_batch_stats *batch; /* sorted by batch size, malloc'ed: the caller frees it */
+    size_t nbatch;
+};
+
+/* A copy of the statistics; -1 (nothing to free) before metrics_init or without memory. */
+int metrics_get_stats(struct metrics_stats *st);
+
+/* Requests accepted and not answered yet (nv_inference_pending_request_count), asked at every
+ * scrape; set once, before the HTTP server starts. */
+typedef uint32_t (*metrics_pending_fn)(void *ctx);
+void metrics_set_pending(metrics_pending_fn fn, void *ctx);
 
 /* Rank's worker is up (it reported READY) or down (gone, killed or not started yet). */
 void metrics_worker_up(int rank, int up);

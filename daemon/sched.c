@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "metrics.h"
 
 #define TRIM_IDLE_NS 200000000LL /* idle time after a burst before memory is given back */
 
@@ -210,9 +211,12 @@ static void launch(struct sched *s, struct sched_slot *sl)
     struct sched_req *r, *failed = NULL;
     float *x = shm_slot_input(s->arena, sl->idx);
 
+    int64_t t0 = now_ns();
+
     tp_log(TP_LOG_DEBUG, "batch of %u requests, %u rows on slot %u", sl->n, sl->rows, sl->idx);
     for (r = sl->reqs; r; r = r->next)
         r->fill(r, x + (size_t)r->row0 * s->arena->layout.in);
+    metrics_job_fill(sl->idx, sl->n, now_ns() - t0);
     if (sup_dispatch(s->sup, sl->idx, sl->id, sl->rows, &err) == 0)
         return;
     pthread_mutex_lock(&s->lock);
@@ -551,6 +555,17 @@ uint32_t sched_busy(struct sched *s)
 
     pthread_mutex_lock(&s->lock);
     n = s->running + s->queued;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+uint32_t sched_pending(void *ctx)
+{
+    struct sched *s = ctx;
+    uint32_t n;
+
+    pthread_mutex_lock(&s->lock);
+    n = s->queued + s->running;
     pthread_mutex_unlock(&s->lock);
     return n;
 }

@@ -704,8 +704,8 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
             j->collectives = (uint32_t)m->bytes;
         if (--j->pending > 0)
             return;
-        metrics_job_done(m->slot, j->collectives);
         failed = j->err;
+        metrics_job_done(m->slot, j->collectives, failed.code == TP_OK);
         pthread_mutex_unlock(&s->lock);
         s->done(s->ctx, m->slot, id, failed.code == TP_OK ? NULL : &failed);
         pthread_mutex_lock(&s->lock);

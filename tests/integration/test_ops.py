@@ -660,7 +660,8 @@ class TestModelConfig(OpsCase):
             self.assertIn("NOT_FOUND", str(cm.exception.status()))
             self.assertIn(name if name != MODEL else "'2'", cm.exception.message())
         meta = client.get_server_metadata()
-        self.assertEqual(list(meta.extensions), ["model_configuration", "system_shared_memory"])
+        self.assertEqual(list(meta.extensions), ["model_configuration", "system_shared_memory",
+                                                 "statistics"])
         client.close()
         d.stop()
         # batching off: no scheduling choice at all
