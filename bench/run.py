@@ -21,7 +21,9 @@ round, runs back to back:
           end to end;
   tpd-shm the same with --shm (tensors in registered POSIX shared memory), where both tpclient
           and tpd support it;
-  perf_analyzer  Triton's load generator against tpd over TCP, where it runs on this machine.
+  perf_analyzer  Triton's load generator against tpd over TCP (gRPC), where it runs on this
+          machine (scripts/perf-analyzer.sh installs the build that runs on Debian 12);
+  perf_analyzer-shm  the same with --shared-memory system.
 
 It prints every round, then the median over rounds of each number and of the per-round ratios
 tpd / sgemm (throughput) and tpd p50 / (echo p50 + sgemm p50) (latency), the cost of batch
@@ -177,11 +179,12 @@ class Harness:
         found = shutil.which("perf_analyzer")
         if found:
             cands.append(found)
-        venv = os.path.join(ROOT, "build", "venv", "bin", "perf_analyzer")
-        if os.access(venv, os.X_OK):
-            cands.append(venv)
+        for c in (os.path.join(ROOT, "build", "perf_analyzer"),
+                  os.path.join(ROOT, "build", "venv", "bin", "perf_analyzer")):
+            if os.access(c, os.X_OK):
+                cands.append(c)
         if not cands:
-            return None, "not installed; see bench/requirements.txt"
+            return None, "not installed; run scripts/perf-analyzer.sh"
         why = ""
         for c in cands:
             try:
@@ -285,11 +288,19 @@ class Harness:
                 raise BenchError("tpclient bench --shm failed against tpd:\n" + p.stdout[-2000:])
         return self.server_shm[sock]
 
-    def perf(self, port, rows, n_in, conc):
+    def perf(self, port, rows, n_in, n_out, conc, shm=False):
         cmd = [self.perf_analyzer, "-m", "layer", "-i", "grpc", "-u", "127.0.0.1:%d" % port,
-               "--shape", "input:%d,%d" % (rows, n_in), "--concurrency-range",
+               # tpd's ModelConfig is a batching model (max_batch_size, dims [in]): the rows go
+               # in -b, and --shape names the dims without the batch
+               "-b", str(rows), "--shape", "input:%d" % n_in, "--concurrency-range",
                "%d:%d" % (conc, conc), "--measurement-interval",
-               str(int(self.a.seconds * 1000)), "--max-trials", "3"]
+               str(int(self.a.seconds * 1000)), "--max-trials", "5",
+               # its default, 10% between 3 windows in a row, is rarely met on a shared 2-core
+               # VM, and then it reports nothing; the rounds' medians are what count here
+               "--stability-percentage", "50"]
+        if shm:
+            cmd += ["--shared-memory", "system", "--output-shared-memory-size",
+                    str(rows * n_out * 4)]
         out = run(cmd, 600)
 
         def num(pattern):
@@ -298,8 +309,9 @@ class Harness:
                 raise BenchError("cannot read /%s/ in perf_analyzer's output:\n%s" %
                                  (pattern, out[-2000:]))
             return float(m.group(1))
-        rps = num(r"Throughput:\s*([0-9.]+)\s*infer/sec")
-        return {"rps": rps, "rows_per_s": rps * rows,
+        # its inferences are rows: a request of -b B counts B
+        rows_per_s = num(r"Throughput:\s*([0-9.]+)\s*infer/sec")
+        return {"rps": rows_per_s / rows, "rows_per_s": rows_per_s,
                 "p50_ms": num(r"p50 latency:\s*([0-9.]+)\s*usec") / 1e3,
                 "p90_ms": num(r"p90 latency:\s*([0-9.]+)\s*usec") / 1e3,
                 "p99_ms": num(r"p99 latency:\s*([0-9.]+)\s*usec") / 1e3}
@@ -356,6 +368,7 @@ class Harness:
                                 "n/a (this tpd does not implement system shared memory)")
                     if not self.perf_analyzer:
                         self.na(case, "perf_analyzer", "n/a (%s)" % self.perf_analyzer_why)
+                        self.na(case, "perf_analyzer-shm", "n/a (%s)" % self.perf_analyzer_why)
                     if not blas:
                         self.na(case, "igemm", NA)
                         self.na(case, "tpd-openblas", NA)
@@ -363,7 +376,7 @@ class Harness:
                         (["sgemm-ranks"] if cpu > 1 else []) + \
                         ["echo", "tpd"] + (["tpd-openblas"] if blas else []) + \
                         (["tpd-shm"] if shm else []) + \
-                        (["perf_analyzer"] if self.perf_analyzer else [])
+                        (["perf_analyzer", "perf_analyzer-shm"] if self.perf_analyzer else [])
                     for rnd in range(1, self.a.rounds + 1):
                         # rotate the order, so that no kind always runs after the same one
                         k = (rnd - 1) % len(kinds)
@@ -387,7 +400,8 @@ class Harness:
                                     if kind == "tpd-shm":
                                         r = self.bench(sock, rows, n_in, n_out, conc, ["--shm"])
                                     else:
-                                        r = self.perf(port, rows, n_in, conc)
+                                        r = self.perf(port, rows, n_in, n_out, conc,
+                                                      kind == "perf_analyzer-shm")
                                 except BenchError as e:
                                     self.na(case, kind, "failed: %s" % " ".join(
                                         str(e).split())[:300])
@@ -461,7 +475,7 @@ class Harness:
                 if r["case"] == case and r["kind"] not in kinds:
                     kinds.append(r["kind"])
             order = ["sgemm", "igemm", "sgemm-ranks", "echo", "tpd", "tpd-openblas", "tpd-shm",
-                     "perf_analyzer", "batch-off"]
+                     "perf_analyzer", "perf_analyzer-shm", "batch-off"]
             kinds.sort(key=lambda k: order.index(k) if k in order else len(order))
             for kind in kinds:
                 na = [r["na"] for r in self.results

@@ -61,8 +61,9 @@ static struct {
     uint64_t collectives; /* collectives the ranks ran for finished jobs */
     /* Triton's statistics (metrics_get_stats), of the served model */
     struct metrics_stats st;      /* st.batch unused here: batch below */
-    uint32_t *job_rows, *job_reqs; /* nslots: the slot's job, set at dispatch */
+    uint32_t *job_rows;            /* nslots: the rows of the slot's job, set at dispatch */
     int64_t *job_fill_ns;          /* nslots: its requests' copies into the slot */
+    int64_t *job_infer_ns;         /* nslots: its time on the workers, once done */
     struct metrics_batch_stats *by_size; /* batch_stats by batch size, sorted; nbatch of them */
     size_t nbatch;
     metrics_pending_fn pending;
@@ -81,14 +82,15 @@ int metrics_init(const char *model, int nranks, uint32_t nslots, struct tp_err *
     M.restarts = calloc((size_t)nranks, sizeof(*M.restarts));
     M.job_t0 = calloc(nslots, sizeof(*M.job_t0));
     M.job_rows = calloc(nslots, sizeof(*M.job_rows));
-    M.job_reqs = calloc(nslots, sizeof(*M.job_reqs));
     M.job_fill_ns = calloc(nslots, sizeof(*M.job_fill_ns));
+    M.job_infer_ns = calloc(nslots, sizeof(*M.job_infer_ns));
     M.by_size = calloc(MAX_BATCH_SIZES, sizeof(*M.by_size));
     M.latency = (struct hist){.bounds = time_bounds, .nb = NTIME};
     M.queue = (struct hist){.bounds = time_bounds, .nb = NTIME};
     M.compute = (struct hist){.bounds = time_bounds, .nb = NTIME};
     M.batch = (struct hist){.bounds = row_bounds, .nb = NROWS};
-    M.on = M.up && M.restarts && M.job_t0 && M.job_rows && M.job_reqs && M.job_fill_ns && M.by_size;
+    M.on = M.up && M.restarts && M.job_t0 && M.job_rows && M.job_fill_ns && M.job_infer_ns &&
+           M.by_size;
     pthread_mutex_unlock(&M.lock);
     if (!M.on)
         return tp_err_set(err, TP_ENOMEM, "no memory for the metrics");
@@ -162,13 +164,11 @@ void metrics_queue_time(uint32_t slot, int64_t t0_ns)
     pthread_mutex_unlock(&M.lock);
 }
 
-void metrics_job_fill(uint32_t slot, uint32_t requests, int64_t ns)
+void metrics_job_fill(uint32_t slot, int64_t ns)
 {
     pthread_mutex_lock(&M.lock);
-    if (M.on && slot < M.nslots) {
-        M.job_reqs[slot] = requests;
+    if (M.on && slot < M.nslots)
         M.job_fill_ns[slot] = ns;
-    }
     pthread_mutex_unlock(&M.lock);
 }
 
@@ -219,16 +219,12 @@ void metrics_job_done(uint32_t slot, uint32_t collectives, int ok)
         M.collectives += collectives;
     if (M.on && slot < M.nslots && M.job_t0[slot] > 0) {
         uint64_t infer = (uint64_t)(now - M.job_t0[slot]), fill = (uint64_t)M.job_fill_ns[slot];
-        uint32_t reqs = M.job_reqs[slot];
         struct metrics_batch_stats *b;
 
         observe(&M.compute, (double)infer / 1e9);
-        if (ok) { /* Triton's: every request of an execution is charged the execution's time */
+        M.job_infer_ns[slot] = (int64_t)infer;
+        if (ok) {
             M.st.execution_count++;
-            M.st.compute_input.count += reqs;
-            M.st.compute_input.ns += fill;
-            M.st.compute_infer.count += reqs;
-            M.st.compute_infer.ns += infer * reqs;
             if ((b = batch_of(M.job_rows[slot]))) {
                 b->compute_input.count++;
                 b->compute_input.ns += fill;
@@ -247,6 +243,12 @@ void metrics_request_output(uint32_t slot, int64_t ns)
 
     pthread_mutex_lock(&M.lock);
     if (M.on && slot < M.nslots) {
+        /* all three at once, so that a reader never sees them apart (perf_analyzer insists);
+         * as Triton does, every request of a job is charged the job's input and infer time */
+        M.st.compute_input.count++;
+        M.st.compute_input.ns += (uint64_t)M.job_fill_ns[slot];
+        M.st.compute_infer.count++;
+        M.st.compute_infer.ns += (uint64_t)M.job_infer_ns[slot];
         M.st.compute_output.count++;
         M.st.compute_output.ns += (uint64_t)ns;
         if ((b = batch_of(M.job_rows[slot])))

@@ -35,17 +35,18 @@ void metrics_request_done(const char *model, int code, double seconds, uint32_t 
  * own: observes the time it waited for the job's dispatch. */
 void metrics_queue_time(uint32_t slot, int64_t t0_ns);
 
-/* The job about to go to slot carries requests requests, whose inputs took ns to copy into the
- * slot (Triton's compute_input). */
-void metrics_job_fill(uint32_t slot, uint32_t requests, int64_t ns);
+/* The job about to go to slot: its requests' inputs took ns to copy into the slot (Triton's
+ * compute_input). */
+void metrics_job_fill(uint32_t slot, int64_t ns);
 
 /* The job on slot went to the workers with rows rows / came back from all of them (ok) or failed,
  * the ranks having run collectives collectives (all-reduces, all-gathers) for it. */
 void metrics_job_start(uint32_t slot, uint32_t rows);
 void metrics_job_done(uint32_t slot, uint32_t collectives, int ok);
 
-/* A request of the job on slot (which it still holds) took ns from the job's end to its reply
- * being handed to gRPC (Triton's compute_output). */
+/* A request of the job on slot (which it still holds) succeeded, and took ns from the job's end
+ * to its reply being handed to gRPC (Triton's compute_output). Its compute_input and
+ * compute_infer are counted here too, its job's whole times, as Triton charges them. */
 void metrics_request_output(uint32_t slot, int64_t ns);
 
 /* Triton's statistics of the served model (ModelStatistics, the nv_inference_* families),

@@ -216,7 +216,7 @@ static void launch(struct sched *s, struct sched_slot *sl)
     tp_log(TP_LOG_DEBUG, "batch of %u requests, %u rows on slot %u", sl->n, sl->rows, sl->idx);
     for (r = sl->reqs; r; r = r->next)
         r->fill(r, x + (size_t)r->row0 * s->arena->layout.in);
-    metrics_job_fill(sl->idx, sl->n, now_ns() - t0);
+    metrics_job_fill(sl->idx, now_ns() - t0);
     if (sup_dispatch(s->sup, sl->idx, sl->id, sl->rows, &err) == 0)
         return;
     pthread_mutex_lock(&s->lock);

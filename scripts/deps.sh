@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
       libopenblas-dev libcjson-dev libsystemd-dev systemd python3 python3-venv
-      clang libclang-rt-14-dev openssl)
+      clang libclang-rt-14-dev openssl libb64-0d)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -27,9 +27,9 @@ static struct job {
 static int njobs;
 
 /* the statistics the scheduler reports: not what this test looks at */
-void metrics_job_fill(uint32_t slot, uint32_t requests, int64_t ns)
+void metrics_job_fill(uint32_t slot, int64_t ns)
 {
-    (void)slot, (void)requests, (void)ns;
+    (void)slot, (void)ns;
 }
 
 int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struct tp_err *err)
