@@ -30,7 +30,21 @@
 #define GEMM_POOL_MIN_FMAS (1u << 19) /* below, a pool computes on the calling thread alone */
 #define PACK_KB 64   /* inputs per block when packing whole panels */
 
+_Static_assert(GEMM_KC % PACK_KB == 0, "a packing block lies within one k block");
+
 _Static_assert(GEMM_NR == 16, "the kernels hold a panel row in two 8-lane vectors");
+
+/* Panel p's block of inputs [k0, k0 + kc) (k0 a multiple of GEMM_KC): [kc][GEMM_NR]. The blocks
+ * of one k0 lie side by side for every panel, in panel order, so that the loop of gemm_run, which
+ * takes every panel for one k block before the next block, reads the weights front to back: a
+ * GEMV, all the weights for one row, then streams as memcpy does, instead of jumping a whole
+ * panel's k (256 KiB at 4096 inputs) after every 16 KiB. */
+static float *panel_block(const struct gemm_weights *g, uint32_t p, uint32_t k0)
+{
+    uint32_t kc = g->k - k0 < GEMM_KC ? g->k - k0 : GEMM_KC;
+
+    return g->panels + (size_t)g->np * k0 * GEMM_NR + (size_t)p * kc * GEMM_NR;
+}
 
 int gemm_pack_init(struct gemm_weights *g, uint32_t n, uint32_t k, struct tp_err *err)
 {
@@ -48,9 +62,11 @@ int gemm_pack_init(struct gemm_weights *g, uint32_t n, uint32_t k, struct tp_err
     p = bigalloc(count * 4); /* as large as W: huge pages where the kernel gives them */
     if (!p)
         return tp_err_set(err, TP_ENOMEM, "no memory for %zu bytes of packed weights", count * 4);
-    if (n % GEMM_NR) /* the last panel's columns past n stay zero */
-        memset(p + (size_t)(np - 1) * k * GEMM_NR, 0, (size_t)k * GEMM_NR * 4);
     *g = (struct gemm_weights){.n = n, .k = k, .np = np, .panels = p};
+    if (n % GEMM_NR) /* the last panel's columns past n stay zero, in every k block */
+        for (uint32_t k0 = 0; k0 < k; k0 += GEMM_KC)
+            memset(panel_block(g, np - 1, k0), 0,
+                   (size_t)(k - k0 < GEMM_KC ? k - k0 : GEMM_KC) * GEMM_NR * 4);
     return 0;
 }
 
@@ -65,11 +81,12 @@ void gemm_pack_rows(struct gemm_weights *g, const float *w, uint32_t j0, uint32_
      * order and its PACK_KB panel rows (4 KiB) stay in L1 while they fill; 3 to 5 times faster
      * than a row at a time, which packing multi-GiB layers at load notices */
     for (; j0 % GEMM_NR == 0 && j + GEMM_NR <= rows; j += GEMM_NR) {
-        float *dst = g->panels + (size_t)((j0 + j) / GEMM_NR) * g->k * GEMM_NR;
+        uint32_t p = (j0 + j) / GEMM_NR;
         const float *src = w + (size_t)j * ldw;
 
-        for (uint32_t kb = 0; kb < g->k; kb += PACK_KB) {
-            uint32_t ke = g->k - kb < PACK_KB ? g->k : kb + PACK_KB;
+        for (uint32_t kb = 0; kb < g->k; kb += PACK_KB) { /* PACK_KB divides GEMM_KC */
+            uint32_t ke = g->k - kb < PACK_KB ? g->k : kb + PACK_KB, k0 = kb / GEMM_KC * GEMM_KC;
+            float *dst = panel_block(g, p, k0) - (size_t)k0 * GEMM_NR;
 
             for (uint32_t c = 0; c < GEMM_NR; c++)
                 for (uint32_t kk = kb; kk < ke; kk++)
@@ -78,11 +95,16 @@ void gemm_pack_rows(struct gemm_weights *g, const float *w, uint32_t j0, uint32_
     }
     /* the rest a row at a time (a chunk that does not start or end at a panel's edge) */
     for (; j < rows; j++) {
-        float *dst = g->panels + (size_t)((j0 + j) / GEMM_NR) * g->k * GEMM_NR + (j0 + j) % GEMM_NR;
+        uint32_t p = (j0 + j) / GEMM_NR, c = (j0 + j) % GEMM_NR;
         const float *src = w + (size_t)j * ldw;
 
-        for (uint32_t kk = 0; kk < g->k; kk++)
-            dst[(size_t)kk * GEMM_NR] = src[kk];
+        for (uint32_t k0 = 0; k0 < g->k; k0 += GEMM_KC) {
+            uint32_t ke = g->k - k0 < GEMM_KC ? g->k : k0 + GEMM_KC;
+            float *dst = panel_block(g, p, k0) - (size_t)k0 * GEMM_NR + c;
+
+            for (uint32_t kk = k0; kk < ke; kk++)
+                dst[(size_t)kk * GEMM_NR] = src[kk];
+        }
     }
 }
 
@@ -255,7 +277,7 @@ static void panel(int use_avx2, const struct gemm_weights *g, uint32_t p, uint32
                   uint32_t kc, const float *xp, uint32_t mc, const float *bias, float *y,
                   size_t ldy, float *init, float *part)
 {
-    const float *pw = g->panels + ((size_t)p * g->k + k0) * GEMM_NR;
+    const float *pw = panel_block(g, p, k0);
     uint32_t j0 = p * GEMM_NR, cols = g->n - j0 < GEMM_NR ? g->n - j0 : GEMM_NR;
     const float *start = NULL;
 

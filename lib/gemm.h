@@ -17,8 +17,9 @@
  * rounding error near that of a blocked BLAS (a chain of GEMM_KC terms, then in / GEMM_KC
  * additions) rather than that of one chain of in terms.
  *
- * W is packed once, at load, into panels of GEMM_NR output columns, k-major and zero-padded;
- * the packed copy replaces the row-major one. Run by tpd-worker (worker/backend_cpu.c) and by
+ * W is packed once, at load, into panels of GEMM_NR output columns, k-major and zero-padded,
+ * each block of GEMM_KC inputs of every panel after the other (gemm.c says why); the packed
+ * copy replaces the row-major one. Run by tpd-worker (worker/backend_cpu.c) and by
  * the benchmarks. */
 #ifndef TP_GEMM_H
 #define TP_GEMM_H
@@ -35,7 +36,8 @@ struct gemm_weights {
     uint32_t n;    /* output columns: rows of W */
     uint32_t k;    /* inputs: columns of W */
     uint32_t np;   /* panels: ceil(n / GEMM_NR) */
-    float *panels; /* [np][k][GEMM_NR], owned; columns past n are zero */
+    float *panels; /* per block of GEMM_KC inputs, every panel's [kc][GEMM_NR] in panel order;
+                    * owned; columns past n are zero */
 };
 
 /* Packs W [n, k] (row-major, ldw floats between rows) into g. g owns the packed copy (64-byte
