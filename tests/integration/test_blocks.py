@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 import unittest
-import urllib.request
 
 import numpy as np
 
@@ -74,15 +73,6 @@ def split(n, ranks):
     return [n // ranks + (r < n % ranks) for r in range(ranks)]
 
 
-def metric(d, name):
-    with urllib.request.urlopen(d.metrics_url() + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    m = re.search(r"^%s(?:\{[^}]*\})? (\S+)$" % re.escape(name), text, re.M)
-    if not m:
-        raise AssertionError("no %s in the metrics" % name)
-    return float(m.group(1))
-
-
 class BlockCase(TpdTestCase):
 
     def serve(self, weights, *args, ranks=2):
@@ -115,9 +105,9 @@ class BlockCase(TpdTestCase):
 
     def assert_one_collective_per_job(self, d, ranks):
         """One all-reduce per job; none at one rank, whose partial sum is the answer."""
-        jobs = metric(d, "tpd_batch_rows_count")
+        jobs = d.metric("tpd_batch_rows_count")
         self.assertGreater(jobs, 0)
-        self.assertEqual(metric(d, "tpd_collectives_total"), jobs if ranks > 1 else 0,
+        self.assertEqual(d.metric("tpd_collectives_total"), jobs if ranks > 1 else 0,
                          "not one all-reduce per job at %d ranks" % ranks)
 
 

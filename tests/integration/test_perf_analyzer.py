@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import unittest
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tpdtest import TpdTestCase, free_tcp_port, make_layer  # noqa: E402
@@ -32,15 +31,6 @@ def number(text, label):
     m = re.search(r"%s: ([0-9.]+)" % re.escape(label), text)
     if not m:
         raise AssertionError("no '%s' in perf_analyzer's output:\n%s" % (label, text))
-    return float(m.group(1))
-
-
-def metric(d, name):
-    with urllib.request.urlopen(d.metrics_url() + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    m = re.search(r"^%s\{[^}]*\} (\S+)$" % re.escape(name), text, re.M)
-    if not m:
-        raise AssertionError("no %s in the metrics" % name)
     return float(m.group(1))
 
 
@@ -90,8 +80,8 @@ class TestPerfAnalyzer(TpdTestCase):
             reported += self.check_window(out, conc, what)
             print("perf_analyzer %s: %s infer/sec, p50 %s usec" % (
                 what, number(out, "Throughput"), number(out, "p50 latency")))
-        self.assertGreaterEqual(metric(d, "nv_inference_request_success"), reported)
-        self.assertEqual(metric(d, "nv_inference_request_failure"), 0)
+        self.assertGreaterEqual(d.metric("nv_inference_request_success"), reported)
+        self.assertEqual(d.metric("nv_inference_request_failure"), 0)
         d.stop()
 
 

@@ -11,15 +11,13 @@ duration. Unknown models are NOT_FOUND.
 """
 
 import os
-import re
 import sys
 import unittest
-import urllib.request
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import TpdTestCase, make_layer, reference, rel_err  # noqa: E402
+from tpdtest import TpdTestCase, make_layer, metric_series, reference, rel_err  # noqa: E402
 
 import tritonclient.grpc as tgrpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -27,17 +25,6 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 IN, OUT = 40, 24
 MODEL = "stats"
 SIZES = [1, 3, 3, 5, 1, 8, 3]
-
-
-def scrape(d):
-    with urllib.request.urlopen(d.metrics_url() + "/metrics", timeout=10) as r:
-        return r.read().decode()
-
-
-def series(text, name):
-    """{labels: value} of one family's samples."""
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(r"^%s\{([^}]*)\} (\S+)$" % re.escape(name), text, re.M)}
 
 
 class TestStatistics(TpdTestCase):
@@ -96,16 +83,17 @@ class TestStatistics(TpdTestCase):
             client.get_inference_statistics("nosuch")
         self.assertIn("NOT_FOUND", str(cm.exception.status()))
 
-        text = scrape(d)
+        text = d.scrape()
         label = 'model="%s",version="1"' % MODEL
         want = {"nv_inference_request_success": n, "nv_inference_request_failure": 1,
                 "nv_inference_count": sum(SIZES), "nv_inference_exec_count": n,
                 "nv_inference_pending_request_count": 0}
         for name, v in want.items():
-            self.assertEqual(series(text, name), {label: v}, name)
+            self.assertEqual(metric_series(text, name), {label: v}, name)
         for name, key in (("nv_inference_queue_duration_us", "queue"),
                           ("nv_inference_compute_infer_duration_us", "compute_infer")):
-            self.assertEqual(series(text, name), {label: int(inf[key]["ns"]) // 1000}, name)
+            self.assertEqual(metric_series(text, name), {label: int(inf[key]["ns"]) // 1000},
+                             name)
         self.assertRegex(text, r"# TYPE nv_inference_pending_request_count gauge")
         d.stop()
 

@@ -415,6 +415,13 @@ def metadata(d):
                 for line in res.out.splitlines())
 
 
+def metric_series(text, name):
+    """{labels: value} of one family's samples in a /metrics text ("" for a series without
+    labels)."""
+    return {m.group(1) or "": float(m.group(2)) for m in
+            re.finditer(r"^%s(?:\{([^}]*)\})? (\S+)$" % re.escape(name), text, re.M)}
+
+
 class Daemon:
     """One tpd. Listens on a unix socket in workdir unless listen is given, and serves its metrics
     on a port the OS picks (--metrics-listen 127.0.0.1:0, unless args set --metrics-listen);
@@ -565,6 +572,19 @@ class Daemon:
                 raise AssertionError("no 'metrics and health on' line in the log\n" +
                                      self.log_tail())
             time.sleep(0.02)
+
+    def scrape(self):
+        """The text of /metrics."""
+        import urllib.request
+        with urllib.request.urlopen(self.metrics_url() + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def metric(self, name):
+        """The value of family name's one series (fails unless it has exactly one)."""
+        values = list(metric_series(self.scrape(), name).values())
+        if len(values) != 1:
+            raise AssertionError("%s has %d series, expected 1" % (name, len(values)))
+        return values[0]
 
     def worker_pids(self):
         """{rank: pid} from the latest 'started worker rank R pid P' line of each rank."""
