@@ -2,7 +2,7 @@
  * the coordinator): the bytes go through a real SOCK_SEQPACKET socketpair as one datagram of any
  * size, ctl_recv takes it, and ctl_validate checks it. A message that passes must satisfy what
  * the supervisor then relies on: known type and status, a terminated text, slot and rows in
- * range for JOB and DONE (READY, INIT and STOP name no slot). */
+ * range for JOB and DONE (READY, INIT and STOP name no slot), and a DONE's collectives bounded. */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -31,6 +31,8 @@ static void check(const struct ctl_msg *m)
     if ((m->type == CTL_JOB || m->type == CTL_DONE) && m->slot >= NSLOTS)
         abort();
     if (m->type == CTL_JOB && (m->rows < 1 || m->rows > MAX_BATCH))
+        abort();
+    if (m->type == CTL_DONE && m->bytes > CTL_MAX_COLLECTIVES) /* what a job's counts add up */
         abort();
 }
 

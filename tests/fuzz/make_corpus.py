@@ -145,25 +145,30 @@ def safetensors():
         put("safetensors", "seed", f.read())
 
 
-CTL_FMT = "<IHHQIIiIQ256s"  # struct ctl_msg, 296 bytes
+CTL_FMT = "<IHHQIIiIQ256s128s"  # struct ctl_msg, 424 bytes
 
 
 def ctl_msg(type_, id_=1, slot=0, rows=1, status=0, rank=0, nbytes=0, text=b"",
-            magic=0x74706431, version=1):
+            magic=0x74706431, version=5, nccl_id=b""):
     return struct.pack(CTL_FMT, magic, version, type_, id_, slot, rows, status, rank, nbytes,
-                       text)
+                       text, nccl_id)
 
 
 def ctl():
-    assert struct.calcsize(CTL_FMT) == 296
+    assert struct.calcsize(CTL_FMT) == 424
     put("ctl", "ready", ctl_msg(1, nbytes=432))
     put("ctl", "ready-failed", ctl_msg(1, status=1, text=b"cannot read weights"))
     put("ctl", "job", ctl_msg(2, id_=7, slot=3, rows=256))
     put("ctl", "done", ctl_msg(3, id_=7, slot=1))
+    put("ctl", "done-allreduce", ctl_msg(3, id_=7, slot=1, nbytes=1))
+    put("ctl", "done-too-many-collectives", ctl_msg(3, id_=7, slot=1, nbytes=9))
     put("ctl", "done-error", ctl_msg(3, id_=7, slot=1, status=3, text=b"bad"))
+    put("ctl", "init", ctl_msg(4, nccl_id=bytes(range(128))))
+    put("ctl", "stop", ctl_msg(5))
+    put("ctl", "old-version", ctl_msg(2, version=4))
     put("ctl", "bad-magic", ctl_msg(2, magic=0))
     put("ctl", "bad-slot", ctl_msg(2, slot=4))
-    put("ctl", "unterminated", ctl_msg(3)[:40] + b"x" * 256)
+    put("ctl", "unterminated", ctl_msg(3)[:40] + b"x" * 256 + ctl_msg(3)[296:])
     put("ctl", "short", ctl_msg(2)[:100])
     put("ctl", "long", ctl_msg(2) + b"\0" * 8)
 
