@@ -8,9 +8,16 @@ compute counts, one batch_stats entry per batch size with its jobs, and the same
 Prometheus families, labelled model and version as Triton labels them. The durations must be
 positive and add up: a request's queue, input, infer and output times lie within its whole
 duration. Unknown models are NOT_FOUND.
+
+Then Prometheus's own promtool (Debian's prometheus package, scripts/deps.sh) reads the whole
+exposition: it must parse it, and its lint must find nothing in tpd's own families. It does flag
+Triton's names (a counter without _total, "_us", a gauge ending in _count): those names are
+Triton's, kept exactly so that Triton's dashboards work, and nothing else may be flagged.
 """
 
 import os
+import shutil
+import subprocess
 import sys
 import unittest
 
@@ -25,6 +32,11 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 IN, OUT = 40, 24
 MODEL = "stats"
 SIZES = [1, 3, 3, 5, 1, 8, 3]
+TRITON_NAMES = {"nv_inference_request_success", "nv_inference_request_failure",
+                "nv_inference_count", "nv_inference_exec_count",
+                "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+                "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
+                "nv_inference_compute_output_duration_us", "nv_inference_pending_request_count"}
 
 
 class TestStatistics(TpdTestCase):
@@ -95,7 +107,22 @@ class TestStatistics(TpdTestCase):
             self.assertEqual(metric_series(text, name), {label: int(inf[key]["ns"]) // 1000},
                              name)
         self.assertRegex(text, r"# TYPE nv_inference_pending_request_count gauge")
+        self.check_promtool(text)
         d.stop()
+
+    def check_promtool(self, text):
+        promtool = shutil.which("promtool")
+        self.assertIsNotNone(promtool, "promtool is not installed (Debian's prometheus package, "
+                             "which scripts/deps.sh installs)")
+        p = subprocess.run([promtool, "check", "metrics"], input=text, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, timeout=60)
+        # 0: clean; 3: lint problems only; anything else: the exposition did not parse
+        self.assertIn(p.returncode, (0, 3), "promtool could not read /metrics:\n" + p.stdout)
+        problems = [ln for ln in p.stdout.splitlines() if ln.strip()]
+        ours = [ln for ln in problems if not ln.startswith("nv_inference_")]
+        self.assertEqual(ours, [], "promtool flags tpd's own families:\n" + p.stdout)
+        self.assertTrue(all(ln.split()[0] in TRITON_NAMES for ln in problems), p.stdout)
+        print("promtool check metrics: %d lint notes, all on Triton's own names" % len(problems))
 
 
 if __name__ == "__main__":
