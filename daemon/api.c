@@ -429,6 +429,144 @@ static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
+/* A Watch call: on the api's list until it ends; its storage is the call's (rpc_call_data). */
+struct api_watch {
+    struct api *api;
+    struct rpc_call *call;
+    int sent;  /* the status its client was last sent */
+    int fixed; /* an unknown service: told once, never again */
+    int ended; /* its status went out (rpc_reply): off the list, never touched again */
+    struct api_watch *prev, *next;
+};
+
+static int health_status(struct api *a)
+{
+    return is_ready(a) ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+}
+
+/* Sends w its client's new status. watch_lock held. */
+static int watch_send(struct api_watch *w, int status)
+{
+    Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    grpc_byte_buffer *bb;
+    struct tp_err err = {0};
+
+    r.status = status;
+    bb = gbuf_pack(&r.base);
+    if (!bb)
+        return -1;
+    w->sent = status;
+    return rpc_stream_send(w->call, bb, &err);
+}
+
+static void watch_unlist(struct api_watch *w)
+{
+    struct api *a = w->api;
+
+    if (w->prev)
+        w->prev->next = w->next;
+    else if (a->watches == w)
+        a->watches = w->next;
+    if (w->next)
+        w->next->prev = w->prev;
+    w->prev = w->next = NULL;
+}
+
+/* Ends a watch: off the list, and its status sent, which also lets rpc free the call once gRPC
+ * is done with it (a call's storage lives until its status has gone, even after a cancel).
+ * watch_lock held, under which every send is made, so none comes after. */
+static void watch_end(struct api_watch *w, int status, const char *msg)
+{
+    if (w->ended)
+        return;
+    w->ended = 1;
+    watch_unlist(w);
+    rpc_reply(w->call, status, msg, NULL);
+}
+
+/* The client went away (or the call was cancelled). On the call's thread, its storage alive. */
+static void watch_cancelled(void *arg)
+{
+    struct api_watch *w = arg;
+    struct api *a = w->api;
+
+    pthread_mutex_lock(&a->watch_lock);
+    watch_end(w, 1, "the watch was cancelled");
+    pthread_mutex_unlock(&a->watch_lock);
+}
+
+/* grpc.health.v1.Health/Watch: the current status at once, then every change, until the client
+ * goes or tpd drains. An unknown service is SERVICE_UNKNOWN, and stays open, as the health
+ * protocol says: the service may appear later (it never does in tpd). */
+static void health_watch(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    struct api_watch *w;
+    Grpc__Health__V1__HealthCheckRequest *q =
+        (Grpc__Health__V1__HealthCheckRequest *)unpack_or_reply(
+            call, payload, &grpc__health__v1__health_check_request__descriptor);
+    int known;
+
+    if (!q)
+        return;
+    known = !q->service[0] || strcmp(q->service, "inference.GRPCInferenceService") == 0;
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+    w = rpc_call_data(call, sizeof(*w));
+    if (!w) {
+        rpc_reply(call, 8, "no memory for the watch", NULL);
+        return;
+    }
+    *w = (struct api_watch){.api = a, .call = call};
+    pthread_mutex_lock(&a->watch_lock);
+    if (a->watches_ended) {
+        pthread_mutex_unlock(&a->watch_lock);
+        rpc_reply(call, 14, "tpd is shutting down", NULL);
+        return;
+    }
+    /* on the list even for an unknown service, which never changes: the drain ends it too */
+    w->fixed = !known;
+    w->next = a->watches;
+    if (a->watches)
+        a->watches->prev = w;
+    a->watches = w;
+    if (watch_send(w, known ? health_status(a)
+                            : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN) <
+        0)
+        watch_end(w, 14, "the watch could not be sent");
+    pthread_mutex_unlock(&a->watch_lock);
+    rpc_call_on_cancel(call, watch_cancelled, w);
+}
+
+void api_health_changed(struct api *a)
+{
+    int status = health_status(a);
+
+    pthread_mutex_lock(&a->watch_lock);
+    for (struct api_watch *w = a->watches, *next; w; w = next) {
+        next = w->next;
+        if (!w->fixed && w->sent != status && watch_send(w, status) < 0)
+            watch_end(w, 8, "the watch's client does not read it"); /* rpc cancelled it */
+    }
+    pthread_mutex_unlock(&a->watch_lock);
+}
+
+void api_end_watches(struct api *a)
+{
+    int status = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+
+    pthread_mutex_lock(&a->watch_lock);
+    a->watches_ended = 1;
+    while (a->watches) {
+        struct api_watch *w = a->watches;
+
+        if (!w->fixed && w->sent != status)
+            watch_send(w, status);
+        watch_end(w, 14, "tpd is shutting down");
+    }
+    pthread_mutex_unlock(&a->watch_lock);
+}
+
 /* Copies the request's rows into its place in the slot: the one copy of the input in tpd, which
  * widens FP16 or BF16 to the workers' FP32 on the way (exactly). Data still in the received
  * slices is first copied into the second half of the rows' room, then widened in place, so no
@@ -742,6 +880,7 @@ const struct rpc_method api_methods[] = {
     {"/inference.GRPCInferenceService/ModelConfig", model_config},
     {"/inference.GRPCInferenceService/ModelStatistics", model_statistics},
     {"/grpc.health.v1.Health/Check", health_check},
+    {"/grpc.health.v1.Health/Watch", health_watch},
     {"/inference.GRPCInferenceService/SystemSharedMemoryStatus", shm_status},
     {"/inference.GRPCInferenceService/SystemSharedMemoryRegister", shm_register},
     {"/inference.GRPCInferenceService/SystemSharedMemoryUnregister", shm_unregister},

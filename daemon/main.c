@@ -122,6 +122,12 @@ static int describe_model(const struct config *c, struct plan *p, struct model *
     return 0;
 }
 
+/* The workers came up or went down: the health watches are told. */
+static void health_changed(void *ctx)
+{
+    api_health_changed(ctx);
+}
+
 /* gRPC's own log lines, in ours: its errors as warnings (tpd reports the failures it acts on
  * itself, with context), the rest at debug. */
 static void grpc_log(gpr_log_func_args *a)
@@ -227,7 +233,7 @@ int main(int argc, char **argv)
     struct sched *sched = NULL;
     struct sup *sup = NULL;
     struct rpc_server *rpc = NULL;
-    struct api api = {0};
+    struct api api = {.watch_lock = PTHREAD_MUTEX_INITIALIZER};
     struct metrics_server *http = NULL;
     struct tp_err err = {0};
     pthread_t wd_thread = 0;
@@ -300,6 +306,7 @@ int main(int argc, char **argv)
                                             .batch_delay_us = c.batch_delay_us},
                      &err) < 0)
         goto fail;
+    sched_set_state_listener(sched, health_changed, &api);
     if (c.ngpus)
         tp_log(TP_LOG_NOTICE,
                "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d GPU ranks of %s "
@@ -383,6 +390,7 @@ int main(int argc, char **argv)
     if (rpc_server_start(rpc, &err) < 0)
         goto fail_grpc;
     atomic_store(&api.serving, 1);
+    api_health_changed(&api);
     for (int i = 0; i < c.nlisten; i++)
         tp_log(TP_LOG_NOTICE, "ready: serving '%s' on %s", m.name, c.listen[i]);
     notify_send("READY=1");
@@ -395,6 +403,7 @@ int main(int argc, char **argv)
     notify_send("STOPPING=1");
     notify_status("draining %u requests", sched_busy(sched));
     atomic_store(&api.draining, 1);
+    api_end_watches(&api); /* so that open watches do not hold the drain up */
     rpc_server_stop(rpc, DRAIN_GRACE_MS);
     rpc = NULL;
     status = 0;

@@ -29,7 +29,9 @@
 #define POSTED_PER_METHOD 8 /* requests waiting for calls, per method and queue */
 #define POSTED_UNKNOWN 2
 
-enum tag_kind { T_NEW, T_SEND, T_CLOSE };
+enum tag_kind { T_NEW, T_SEND, T_CLOSE, T_STREAM };
+
+#define STREAM_QUEUE 8 /* messages of a streaming reply waiting to be sent */
 
 static struct rpc_server *abandoned; /* a server whose stop gave up on a connection */
 
@@ -59,6 +61,18 @@ struct rpc_call {
     int sending;      /* on the list */
     int given_up;     /* cancelled by cancel_late_replies: counted in given_up */
     struct rpc_call *sprev, *snext;
+    /* a streaming reply (rpc_stream_send): one message batch in flight at a time, the rest
+     * queued in order, and the status (rpc_reply) only once they have gone */
+    pthread_mutex_t slock;
+    struct rpc_tag t_stream;
+    grpc_byte_buffer *squeue[STREAM_QUEUE];
+    int shead, slen;
+    grpc_byte_buffer *sflight; /* the message being sent */
+    int md_sent;               /* initial metadata went with the first message */
+    int sbroken;               /* a message could not be sent: the rest are dropped */
+    int fin_wanted;            /* rpc_reply came while messages were still to send */
+    int fin_status;
+    char *fin_msg;
 };
 
 struct poller {
@@ -145,6 +159,12 @@ static void call_free(struct rpc_call *c)
         grpc_byte_buffer_destroy(c->reply);
     grpc_metadata_array_destroy(&c->md);
     grpc_call_details_destroy(&c->details);
+    for (int i = 0; i < c->slen; i++)
+        grpc_byte_buffer_destroy(c->squeue[(c->shead + i) % STREAM_QUEUE]);
+    if (c->sflight)
+        grpc_byte_buffer_destroy(c->sflight);
+    free(c->fin_msg);
+    pthread_mutex_destroy(&c->slock);
     if (c->given_up)
         atomic_fetch_sub(&s->given_up, 1);
     free(c->data);
@@ -179,6 +199,8 @@ static void post(struct rpc_server *s, int m, int q)
     c->t_new = (struct rpc_tag){T_NEW, c};
     c->t_send = (struct rpc_tag){T_SEND, c};
     c->t_close = (struct rpc_tag){T_CLOSE, c};
+    c->t_stream = (struct rpc_tag){T_STREAM, c};
+    pthread_mutex_init(&c->slock, NULL);
     grpc_metadata_array_init(&c->md);
     grpc_call_details_init(&c->details);
     if (m >= 0)
@@ -194,7 +216,10 @@ static void post(struct rpc_server *s, int m, int q)
     }
 }
 
-void rpc_reply(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer *reply)
+/* The last batch of a call: initial metadata unless a streamed message took it, the reply (if
+ * any) and the status. */
+static void send_final(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer *reply,
+                       int with_md)
 {
     grpc_op ops[3];
     grpc_slice details = grpc_slice_from_copied_string(msg ? msg : "");
@@ -202,8 +227,10 @@ void rpc_reply(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer
     int n = 0;
 
     memset(ops, 0, sizeof(ops));
-    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[n++].data.send_initial_metadata.count = 0;
+    if (with_md) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n++].data.send_initial_metadata.count = 0;
+    }
     if (reply) {
         c->reply = reply;
         ops[n].op = GRPC_OP_SEND_MESSAGE;
@@ -236,6 +263,113 @@ void rpc_reply(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer
         unlist_send(c);
         call_release(c); /* no event will come for t_send */
     }
+}
+
+/* Starts the next queued message of a streaming reply. slock held; the call is alive (its close
+ * batch has not completed while messages are queued, or it holds a reference of its own). */
+static void stream_next_locked(struct rpc_call *c)
+{
+    grpc_op ops[2];
+    int n = 0;
+
+    memset(ops, 0, sizeof(ops));
+    c->sflight = c->squeue[c->shead];
+    c->shead = (c->shead + 1) % STREAM_QUEUE;
+    c->slen--;
+    if (!c->md_sent) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n++].data.send_initial_metadata.count = 0;
+    }
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = c->sflight;
+    c->md_sent = 1;
+    atomic_fetch_add(&c->pending, 1);
+    if (grpc_call_start_batch(c->call, ops, (size_t)n, &c->t_stream, NULL) != GRPC_CALL_OK) {
+        tp_log(TP_LOG_ERR, "rpc: cannot send a streamed message");
+        grpc_byte_buffer_destroy(c->sflight);
+        c->sflight = NULL;
+        c->sbroken = 1;
+        atomic_fetch_sub(&c->pending, 1); /* the close batch still holds the call */
+    }
+}
+
+int rpc_stream_send(struct rpc_call *c, grpc_byte_buffer *msg, struct tp_err *err)
+{
+    int full;
+
+    pthread_mutex_lock(&c->slock);
+    if (c->fin_wanted || c->sbroken) {
+        pthread_mutex_unlock(&c->slock);
+        grpc_byte_buffer_destroy(msg);
+        return tp_err_set(err, TP_EUNAVAIL, "the stream has ended");
+    }
+    full = c->slen == STREAM_QUEUE;
+    if (!full) {
+        c->squeue[(c->shead + c->slen) % STREAM_QUEUE] = msg;
+        c->slen++;
+        if (!c->sflight)
+            stream_next_locked(c);
+    } else {
+        c->sbroken = 1;
+    }
+    pthread_mutex_unlock(&c->slock);
+    if (!full)
+        return 0;
+    /* the client reads nothing of what it is sent: end it, rather than hold ever more */
+    grpc_byte_buffer_destroy(msg);
+    grpc_call_cancel_with_status(c->call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                 "the client does not read the stream's messages", NULL);
+    return tp_err_set(err, TP_EBUSY, "the client does not read the stream's messages");
+}
+
+/* A streamed message's batch completed. On the call's thread. */
+static void on_stream_sent(struct rpc_call *c, int success)
+{
+    int fin = 0, status = 0;
+    char *msg = NULL;
+
+    pthread_mutex_lock(&c->slock);
+    grpc_byte_buffer_destroy(c->sflight);
+    c->sflight = NULL;
+    if (!success)
+        c->sbroken = 1;
+    if (c->slen && !c->sbroken)
+        stream_next_locked(c);
+    if (!c->sflight && c->fin_wanted) { /* the status waited for the messages */
+        fin = 1;
+        c->fin_wanted = 0;
+        status = c->fin_status;
+        msg = c->fin_msg;
+        c->fin_msg = NULL;
+    }
+    pthread_mutex_unlock(&c->slock);
+    if (fin) {
+        send_final(c, status, msg, NULL, !c->md_sent);
+        free(msg);
+    }
+    call_release(c);
+}
+
+void rpc_reply(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer *reply)
+{
+    int with_md;
+
+    pthread_mutex_lock(&c->slock);
+    if (c->sflight) { /* a streamed message is still on its way: the status follows it */
+        c->fin_wanted = 1;
+        c->fin_status = status;
+        free(c->fin_msg);
+        c->fin_msg = msg ? strdup(msg) : NULL;
+        pthread_mutex_unlock(&c->slock);
+        if (reply)
+            grpc_byte_buffer_destroy(reply); /* a streaming call ends with its status alone */
+        return;
+    }
+    with_md = !c->md_sent;
+    c->md_sent = 1;
+    c->fin_wanted = 1; /* nothing may be streamed after the status */
+    pthread_mutex_unlock(&c->slock);
+    send_final(c, status, msg, reply, with_md);
 }
 
 void rpc_reply_err(struct rpc_call *c, const struct tp_err *err)
@@ -419,6 +553,9 @@ static void *poll_thread(void *arg)
         case T_SEND:
             unlist_send(t->call);
             call_release(t->call);
+            break;
+        case T_STREAM:
+            on_stream_sent(t->call, ev.success);
             break;
         }
     }

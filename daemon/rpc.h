@@ -67,6 +67,13 @@ int rpc_server_start(struct rpc_server *s, struct tp_err *err);
  * when the call is cancelled. */
 void rpc_reply(struct rpc_call *call, int status, const char *msg, grpc_byte_buffer *reply);
 
+/* Streams one message of the call's reply (server streaming: grpc.health.v1.Health/Watch): sent
+ * in order, one at a time, before the status that rpc_reply then sends (the reply of a streaming
+ * call must be NULL). Takes msg. Any thread, until rpc_reply: after it, after a cancel, or once a
+ * send failed, it fails with TP_EUNAVAIL. A client that lets STREAM_QUEUE (8) messages pile up
+ * unread has its call cancelled with RESOURCE_EXHAUSTED, and this fails with TP_EBUSY. */
+int rpc_stream_send(struct rpc_call *call, grpc_byte_buffer *msg, struct tp_err *err);
+
 /* Answers with an error: the gRPC status that err->code maps to, and err->msg. */
 void rpc_reply_err(struct rpc_call *call, const struct tp_err *err);
 

@@ -58,6 +58,8 @@ struct sched {
     uint32_t computing;    /* slots whose job the workers have not finished */
     uint64_t next_id;
     int ready;
+    void (*listener)(void *ctx); /* told after every change of ready (set before the workers) */
+    void *listener_ctx;
     struct sched_stats st;
 };
 
@@ -537,6 +539,14 @@ void sched_on_state(void *ctx, int ready)
     pthread_mutex_unlock(&s->lock);
     tp_err_set(&err, TP_EUNAVAIL, "workers failed; the server is restarting them");
     fail_list(r, &err);
+    if (s->listener)
+        s->listener(s->listener_ctx);
+}
+
+void sched_set_state_listener(struct sched *s, void (*fn)(void *ctx), void *ctx)
+{
+    s->listener = fn;
+    s->listener_ctx = ctx;
 }
 
 int sched_ready(struct sched *s)

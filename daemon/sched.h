@@ -103,6 +103,10 @@ void sched_unhold(struct sched_slot *hold);
 void sched_on_done(void *ctx, uint32_t slot, uint64_t id, const struct tp_err *err);
 void sched_on_state(void *ctx, int ready);
 
+/* fn(ctx) after every sched_on_state, on the thread that called it (the supervisor's), without
+ * the scheduler's lock: for grpc.health.v1 Watch. Set once, before the supervisor starts. */
+void sched_set_state_listener(struct sched *s, void (*fn)(void *ctx), void *ctx);
+
 int sched_ready(struct sched *s);
 
 /* Requests waiting or running. */
