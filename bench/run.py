@@ -23,7 +23,8 @@ round, runs back to back:
           and tpd support it;
   perf_analyzer  Triton's load generator against tpd over TCP (gRPC), where it runs on this
           machine (scripts/perf-analyzer.sh installs the build that runs on Debian 12);
-  perf_analyzer-shm  the same with --shared-memory system.
+  perf_analyzer-shm  the same with --shared-memory system;
+  perf_analyzer-stream  the same with --streaming (ModelStreamInfer).
 
 It prints every round, then the median over rounds of each number and of the per-round ratios
 tpd / sgemm (throughput) and tpd p50 / (echo p50 + sgemm p50) (latency), the cost of batch
@@ -288,7 +289,7 @@ class Harness:
                 raise BenchError("tpclient bench --shm failed against tpd:\n" + p.stdout[-2000:])
         return self.server_shm[sock]
 
-    def perf(self, port, rows, n_in, n_out, conc, shm=False):
+    def perf(self, port, rows, n_in, n_out, conc, shm=False, stream=False):
         cmd = [self.perf_analyzer, "-m", "layer", "-i", "grpc", "-u", "127.0.0.1:%d" % port,
                # tpd's ModelConfig is a batching model (max_batch_size, dims [in]): the rows go
                # in -b, and --shape names the dims without the batch
@@ -301,6 +302,8 @@ class Harness:
         if shm:
             cmd += ["--shared-memory", "system", "--output-shared-memory-size",
                     str(rows * n_out * 4)]
+        if stream:
+            cmd += ["--streaming"]
         out = run(cmd, 600)
 
         def num(pattern):
@@ -369,6 +372,8 @@ class Harness:
                     if not self.perf_analyzer:
                         self.na(case, "perf_analyzer", "n/a (%s)" % self.perf_analyzer_why)
                         self.na(case, "perf_analyzer-shm", "n/a (%s)" % self.perf_analyzer_why)
+                        self.na(case, "perf_analyzer-stream",
+                                "n/a (%s)" % self.perf_analyzer_why)
                     if not blas:
                         self.na(case, "igemm", NA)
                         self.na(case, "tpd-openblas", NA)
@@ -376,7 +381,8 @@ class Harness:
                         (["sgemm-ranks"] if cpu > 1 else []) + \
                         ["echo", "tpd"] + (["tpd-openblas"] if blas else []) + \
                         (["tpd-shm"] if shm else []) + \
-                        (["perf_analyzer", "perf_analyzer-shm"] if self.perf_analyzer else [])
+                        (["perf_analyzer", "perf_analyzer-shm", "perf_analyzer-stream"]
+                         if self.perf_analyzer else [])
                     for rnd in range(1, self.a.rounds + 1):
                         # rotate the order, so that no kind always runs after the same one
                         k = (rnd - 1) % len(kinds)
@@ -401,7 +407,8 @@ class Harness:
                                         r = self.bench(sock, rows, n_in, n_out, conc, ["--shm"])
                                     else:
                                         r = self.perf(port, rows, n_in, n_out, conc,
-                                                      kind == "perf_analyzer-shm")
+                                                      kind == "perf_analyzer-shm",
+                                                      kind == "perf_analyzer-stream")
                                 except BenchError as e:
                                     self.na(case, kind, "failed: %s" % " ".join(
                                         str(e).split())[:300])
@@ -475,7 +482,7 @@ class Harness:
                 if r["case"] == case and r["kind"] not in kinds:
                     kinds.append(r["kind"])
             order = ["sgemm", "igemm", "sgemm-ranks", "echo", "tpd", "tpd-openblas", "tpd-shm",
-                     "perf_analyzer", "perf_analyzer-shm", "batch-off"]
+                     "perf_analyzer", "perf_analyzer-shm", "perf_analyzer-stream", "batch-off"]
             kinds.sort(key=lambda k: order.index(k) if k in order else len(order))
             for kind in kinds:
                 na = [r["na"] for r in self.results

@@ -21,6 +21,10 @@ struct infer_call {
     struct sched_req req; /* first: complete() gets back to the call from it */
     struct api *api;
     struct rpc_call *call;
+    struct infer_stream *stream; /* ModelStreamInfer: the stream it came on (malloc'd), or NULL */
+    struct infer_call *prev, *next; /* on the stream's list while it runs */
+    int cancels; /* a stream's cancels of it still in sched_cancel: it must outlive them */
+    int done;    /* answered: freed by the last of its cancels */
     Inference__ModelInferRequest *msg; /* the request without its raw_input_contents */
     grpc_byte_buffer *payload;         /* the received message, until its rows are in the slot */
     struct infer_input in;
@@ -619,8 +623,12 @@ static void unhold(void *hold)
     sched_unhold(hold);
 }
 
-/* Answers the call. Everything the call holds is released before rpc_reply: from this thread
- * (not the call's), the call's storage, ic included, may be freed as soon as the reply is sent. */
+static void stream_request_done(struct infer_call *ic, grpc_byte_buffer *bb,
+                                const struct tp_err *err);
+
+/* Answers the call (or, for a stream's request, on the stream). Everything the call holds is
+ * released before rpc_reply: from this thread (not the call's), the call's storage, ic
+ * included, may be freed as soon as the reply is sent. */
 static void infer_complete(struct sched_req *req, const float *y, const struct tp_err *err)
 {
     struct infer_call *ic = (struct infer_call *)req;
@@ -649,6 +657,10 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", ic->msg->id, err->msg);
         metrics_request_done(ic->msg->model_name, tp_code_grpc(err->code), metrics_since(ic->t0_ns),
                              req->rows, ic->bytes_in, 0);
+        if (ic->stream) {
+            stream_request_done(ic, NULL, &e);
+            return;
+        }
         release_call(ic);
         rpc_reply_err(call, &e);
         return;
@@ -664,9 +676,19 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
          * until gRPC has sent them; so the reply stays zero-copy and needs no buffer */
         if (dt != TP_F32)
             tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
-        /* the reply points at the slot's output; gRPC releases the slot when it is done */
-        bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead, unhold,
-                                 req->hold);
+        /* the reply points at the slot's output; gRPC releases the slot when it is done. A
+         * stream's answer is copied: it may wait behind others for a slow reader, and must not
+         * hold a slot meanwhile. */
+        bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead,
+                                 ic->stream ? NULL : unhold, ic->stream ? NULL : req->hold);
+        if (ic->stream && bb) {
+            metrics_request_output(sched_slot_index(req->hold), metrics_now_ns() - t0);
+            sched_unhold(req->hold);
+            metrics_request_done(ic->msg->model_name, 0, metrics_since(ic->t0_ns), req->rows,
+                                 ic->bytes_in, grpc_byte_buffer_length(bb));
+            stream_request_done(ic, bb, NULL);
+            return;
+        }
         /* still the job's slot: the reply holds it until gRPC has sent it */
         metrics_request_output(sched_slot_index(req->hold), metrics_now_ns() - t0);
         if (!bb)
@@ -674,6 +696,13 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     }
     metrics_request_done(ic->msg->model_name, bb ? 0 : 8, metrics_since(ic->t0_ns), req->rows,
                          ic->bytes_in, bb ? grpc_byte_buffer_length(bb) : 0);
+    if (ic->stream) { /* an answer in a region, or no memory for one */
+        struct tp_err e;
+
+        tp_err_set(&e, TP_ENOMEM, "out of memory packing the response");
+        stream_request_done(ic, bb, bb ? NULL : &e);
+        return;
+    }
     release_call(ic);
     if (bb)
         rpc_reply(call, 0, NULL, bb);
@@ -688,69 +717,267 @@ static void infer_cancelled(void *arg)
     sched_cancel(ic->api->sched, &ic->req);
 }
 
-static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+/* Reads one ModelInferRequest into ic (zeroed) and hands it to the scheduler. -1 with err set
+ * when it is refused; ic->msg, when the message could be read, stays for the caller's answer
+ * (release_call frees it). */
+static int infer_submit(struct api *a, struct rpc_call *call, grpc_byte_buffer *payload,
+                        struct infer_call *ic, struct tp_err *err)
 {
-    struct api *a = ctx;
-    struct infer_call *ic = NULL;
     struct gbuf_field raw;
-    struct tp_err err = {0};
-    int64_t t0 = metrics_now_ns();
-    size_t bytes_in = payload ? grpc_byte_buffer_length(payload) : 0;
     Inference__ModelInferRequest *q = NULL;
     uint64_t esize = tp_dtype_size(a->model->io_dtype);
 
-    if (!payload) {
-        metrics_request_done(NULL, 3, metrics_since(t0), 0, 0, 0);
-        rpc_reply(call, 3, "request message missing", NULL);
-        return;
-    }
     /* raw_input_contents (field 7) stays in the received slices until it is copied to the slot */
     if (gbuf_unpack_except(payload, &inference__model_infer_request__descriptor, 7,
-                           (ProtobufCMessage **)&q, &raw, &err) < 0 ||
-        infer_check_strings(payload, &inference__model_infer_request__descriptor, &err) < 0)
-        goto fail;
-    ic = rpc_call_data(call, sizeof(*ic));
-    if (!ic) {
-        tp_err_set(&err, TP_ENOMEM, "no memory for the request");
-        goto fail;
-    }
-    *ic = (struct infer_call){.api = a, .call = call, .msg = q, .t0_ns = t0, .bytes_in = bytes_in};
-    if (infer_validate(a->model, q, &raw, &ic->in, &err) < 0) {
-        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err.msg);
-        goto fail;
+                           (ProtobufCMessage **)&q, &raw, err) < 0)
+        return -1;
+    ic->msg = q;
+    if (infer_check_strings(payload, &inference__model_infer_request__descriptor, err) < 0)
+        return -1;
+    if (infer_validate(a->model, q, &raw, &ic->in, err) < 0) {
+        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err->msg);
+        return -1;
     }
     if (ic->in.in_region &&
         shmreg_acquire(a->shm, ic->in.in_region, ic->in.in_offset,
                        (uint64_t)ic->in.rows * (uint64_t)a->model->in * esize, &ic->in_reg,
-                       &err) < 0)
-        goto fail;
+                       err) < 0)
+        return -1;
     if (ic->in.out_region &&
         shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
                        (uint64_t)ic->in.rows * (uint64_t)a->model->out * esize, &ic->out_reg,
-                       &err) < 0)
-        goto fail;
+                       err) < 0)
+        return -1;
     ic->req = (struct sched_req){.rows = ic->in.rows,
-                                 .bytes = bytes_in,
+                                 .bytes = ic->bytes_in,
                                  .deadline_ns = rpc_call_deadline_ns(call),
                                  .fill = infer_fill,
                                  .complete = infer_complete};
     if (!ic->in.x && !ic->in_reg)
         ic->payload = rpc_call_take_payload(call);
     tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, ic->in.rows);
-    if (sched_submit(a->sched, &ic->req, &err) < 0) {
-        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", q->id, err.msg);
-        goto fail;
+    if (sched_submit(a->sched, &ic->req, err) < 0) {
+        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", q->id, err->msg);
+        return -1;
+    }
+    return 0;
+}
+
+static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    struct infer_call *ic;
+    struct tp_err err = {0};
+    int64_t t0 = metrics_now_ns();
+    size_t bytes_in = payload ? grpc_byte_buffer_length(payload) : 0;
+
+    if (!payload) {
+        metrics_request_done(NULL, 3, metrics_since(t0), 0, 0, 0);
+        rpc_reply(call, 3, "request message missing", NULL);
+        return;
+    }
+    ic = rpc_call_data(call, sizeof(*ic));
+    if (!ic) {
+        metrics_request_done(NULL, 8, metrics_since(t0), 0, bytes_in, 0);
+        rpc_reply(call, 8, "no memory for the request", NULL);
+        return;
+    }
+    *ic = (struct infer_call){.api = a, .call = call, .t0_ns = t0, .bytes_in = bytes_in};
+    if (infer_submit(a, call, payload, ic, &err) < 0) {
+        metrics_request_done(ic->msg ? ic->msg->model_name : NULL, tp_code_grpc(err.code),
+                             metrics_since(t0), 0, bytes_in, 0);
+        release_call(ic);
+        rpc_reply_err(call, &err);
+        return;
     }
     rpc_call_on_cancel(call, infer_cancelled, ic);
-    return;
-fail:
-    metrics_request_done(q ? q->model_name : NULL, tp_code_grpc(err.code), metrics_since(t0), 0,
-                         bytes_in, 0);
-    if (ic)
-        release_call(ic);
-    else if (q)
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-    rpc_reply_err(call, &err);
+}
+
+/* ModelStreamInfer: every request of the stream is one infer_call of its own, answered on the
+ * stream in order of completion (each answer names its request's id), a refused or failed one
+ * with its error_message, which does not end the stream. The stream ends once its client has no
+ * more to send and every request is answered, or at a cancel, when every request still running
+ * is cancelled. Answers are copied out of the slot, so a slow reader holds memory (at most
+ * STREAM_INFLIGHT answers), never a slot. */
+#define STREAM_INFLIGHT 16
+
+struct infer_stream {
+    struct api *api;
+    struct rpc_call *call;
+    pthread_mutex_t lock;
+    struct infer_call *running; /* accepted, not answered */
+    int inflight;
+    int half_closed; /* the client has no more to send */
+    int cancelled;
+    int ended; /* rpc_reply sent: nothing more happens */
+};
+
+/* Ends the stream when nothing is left to answer. lock held. */
+static void stream_end_if_done(struct infer_stream *st)
+{
+    if (st->ended || st->inflight || !(st->half_closed || st->cancelled))
+        return;
+    st->ended = 1;
+    rpc_reply(st->call, st->cancelled ? 1 : 0, st->cancelled ? "the stream was cancelled" : NULL,
+              NULL);
+}
+
+/* One answer on the stream: ModelStreamInferResponse{infer_response = bb} (the response is
+ * prefixed, not copied), or {error_message, infer_response{model_name, id}}. Takes bb. */
+static void stream_answer(struct infer_stream *st, const char *id, grpc_byte_buffer *bb,
+                          const struct tp_err *err)
+{
+    Inference__ModelStreamInferResponse r = INFERENCE__MODEL_STREAM_INFER_RESPONSE__INIT;
+    Inference__ModelInferResponse ir = INFERENCE__MODEL_INFER_RESPONSE__INIT;
+    grpc_byte_buffer *out = NULL;
+    struct tp_err e = {0};
+
+    if (bb) {
+        size_t len = grpc_byte_buffer_length(bb), n = bb->data.raw.slice_buffer.count;
+        uint8_t head[16];
+        size_t h = 0;
+        grpc_slice *slices = malloc((n + 1) * sizeof(*slices));
+
+        head[h++] = 0x12; /* field 2, length-delimited */
+        for (size_t v = len; ; v >>= 7) {
+            head[h++] = (uint8_t)(v & 0x7f) | (v >= 0x80 ? 0x80 : 0);
+            if (v < 0x80)
+                break;
+        }
+        if (slices) {
+            slices[0] = grpc_slice_from_copied_buffer((const char *)head, h);
+            memcpy(slices + 1, bb->data.raw.slice_buffer.slices, n * sizeof(*slices));
+            out = grpc_raw_byte_buffer_create(slices, n + 1); /* takes its own references */
+            grpc_slice_unref(slices[0]);
+            free(slices);
+        }
+        grpc_byte_buffer_destroy(bb);
+    } else {
+        r.error_message = (char *)err->msg;
+        ir.model_name = (char *)st->api->model->name;
+        ir.model_version = MODEL_VERSION;
+        ir.id = (char *)(id ? id : "");
+        r.infer_response = &ir;
+        out = gbuf_pack(&r.base);
+    }
+    if (out)
+        rpc_stream_send(st->call, out, &e); /* fails only when the stream is gone */
+}
+
+/* A stream's request is done: answered, then off the list. From infer_complete. */
+static void stream_request_done(struct infer_call *ic, grpc_byte_buffer *bb,
+                                const struct tp_err *err)
+{
+    struct infer_stream *st = ic->stream;
+
+    pthread_mutex_lock(&st->lock);
+    if (!st->cancelled)
+        stream_answer(st, ic->msg ? ic->msg->id : "", bb, err);
+    else if (bb)
+        grpc_byte_buffer_destroy(bb);
+    if (ic->prev)
+        ic->prev->next = ic->next;
+    else
+        st->running = ic->next;
+    if (ic->next)
+        ic->next->prev = ic->prev;
+    st->inflight--;
+    release_call(ic);
+    ic->done = 1;
+    if (!ic->cancels) /* else the last cancel frees it: sched_cancel may still be using it */
+        free(ic);
+    stream_end_if_done(st);
+    pthread_mutex_unlock(&st->lock);
+}
+
+/* The client went away or the call was cancelled: every request still running is cancelled
+ * (each then completes, and the last one ends the stream). On the call's thread. */
+static void stream_cancelled(void *arg)
+{
+    struct infer_stream *st = arg;
+    struct infer_call *ics[STREAM_INFLIGHT];
+    int n = 0;
+
+    pthread_mutex_lock(&st->lock);
+    st->cancelled = 1;
+    for (struct infer_call *ic = st->running; ic && n < STREAM_INFLIGHT; ic = ic->next) {
+        ic->cancels++;
+        ics[n++] = ic;
+    }
+    stream_end_if_done(st);
+    pthread_mutex_unlock(&st->lock);
+    /* outside the lock: a cancel may complete its request at once, which takes the lock */
+    for (int i = 0; i < n; i++) {
+        int gone;
+
+        sched_cancel(st->api->sched, &ics[i]->req);
+        pthread_mutex_lock(&st->lock);
+        gone = --ics[i]->cancels == 0 && ics[i]->done;
+        pthread_mutex_unlock(&st->lock);
+        if (gone)
+            free(ics[i]);
+    }
+}
+
+static void model_stream_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    struct infer_stream *st = rpc_call_data(call, sizeof(*st));
+    struct infer_call *ic;
+    struct tp_err err = {0};
+    int64_t t0 = metrics_now_ns();
+    size_t bytes_in = payload ? grpc_byte_buffer_length(payload) : 0;
+    int busy;
+
+    if (!st) {
+        if (!payload)
+            rpc_reply(call, 8, "no memory for the stream", NULL);
+        return; /* no storage: the end of the stream answers */
+    }
+    if (!st->api) { /* its first message, or its end */
+        st->api = a;
+        st->call = call;
+        pthread_mutex_init(&st->lock, NULL); /* never destroyed: rpc frees the storage */
+        rpc_call_on_cancel(call, stream_cancelled, st);
+    }
+    pthread_mutex_lock(&st->lock);
+    if (!payload) {
+        st->half_closed = 1;
+        stream_end_if_done(st);
+        pthread_mutex_unlock(&st->lock);
+        return;
+    }
+    busy = st->inflight >= STREAM_INFLIGHT || st->cancelled || st->ended;
+    pthread_mutex_unlock(&st->lock);
+    ic = busy ? NULL : calloc(1, sizeof(*ic));
+    if (!ic) {
+        tp_err_set(&err, busy ? TP_EBUSY : TP_ENOMEM,
+                   busy ? "%d requests of this stream are running already: wait for their "
+                          "answers"
+                        : "no memory for the request",
+                   STREAM_INFLIGHT);
+        metrics_request_done(NULL, tp_code_grpc(err.code), metrics_since(t0), 0, bytes_in, 0);
+        pthread_mutex_lock(&st->lock);
+        if (!st->ended)
+            stream_answer(st, NULL, NULL, &err);
+        pthread_mutex_unlock(&st->lock);
+        return;
+    }
+    *ic = (struct infer_call){
+        .api = a, .call = call, .stream = st, .t0_ns = t0, .bytes_in = bytes_in};
+    /* on the list before the scheduler may complete it */
+    pthread_mutex_lock(&st->lock);
+    ic->next = st->running;
+    if (st->running)
+        st->running->prev = ic;
+    st->running = ic;
+    st->inflight++;
+    pthread_mutex_unlock(&st->lock);
+    if (infer_submit(a, call, payload, ic, &err) < 0) {
+        metrics_request_done(ic->msg ? ic->msg->model_name : NULL, tp_code_grpc(err.code),
+                             metrics_since(t0), 0, bytes_in, 0);
+        stream_request_done(ic, NULL, &err);
+    }
 }
 
 static void shm_status(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
@@ -870,21 +1097,28 @@ static void cuda_shm_unregister(void *ctx, struct rpc_call *call, grpc_byte_buff
 }
 
 const struct rpc_method api_methods[] = {
-    {"/inference.GRPCInferenceService/ServerLive", server_live},
-    {"/inference.GRPCInferenceService/ServerReady", server_ready},
-    {"/inference.GRPCInferenceService/ModelReady", model_ready},
-    {"/inference.GRPCInferenceService/ServerMetadata", server_metadata},
-    {"/inference.GRPCInferenceService/ModelMetadata", model_metadata},
-    {"/inference.GRPCInferenceService/ModelInfer", model_infer},
-    {"/inference.GRPCInferenceService/RepositoryIndex", repository_index},
-    {"/inference.GRPCInferenceService/ModelConfig", model_config},
-    {"/inference.GRPCInferenceService/ModelStatistics", model_statistics},
-    {"/grpc.health.v1.Health/Check", health_check},
-    {"/grpc.health.v1.Health/Watch", health_watch},
-    {"/inference.GRPCInferenceService/SystemSharedMemoryStatus", shm_status},
-    {"/inference.GRPCInferenceService/SystemSharedMemoryRegister", shm_register},
-    {"/inference.GRPCInferenceService/SystemSharedMemoryUnregister", shm_unregister},
-    {"/inference.GRPCInferenceService/CudaSharedMemoryUnregister", cuda_shm_unregister},
+    {.path = "/inference.GRPCInferenceService/ServerLive", .handler = server_live},
+    {.path = "/inference.GRPCInferenceService/ServerReady", .handler = server_ready},
+    {.path = "/inference.GRPCInferenceService/ModelReady", .handler = model_ready},
+    {.path = "/inference.GRPCInferenceService/ServerMetadata", .handler = server_metadata},
+    {.path = "/inference.GRPCInferenceService/ModelMetadata", .handler = model_metadata},
+    {.path = "/inference.GRPCInferenceService/ModelInfer", .handler = model_infer},
+    {.path = "/inference.GRPCInferenceService/ModelStreamInfer",
+     .handler = model_stream_infer,
+     .client_stream = 1,
+     .stream_queue = STREAM_INFLIGHT + 1},
+    {.path = "/inference.GRPCInferenceService/RepositoryIndex", .handler = repository_index},
+    {.path = "/inference.GRPCInferenceService/ModelConfig", .handler = model_config},
+    {.path = "/inference.GRPCInferenceService/ModelStatistics", .handler = model_statistics},
+    {.path = "/grpc.health.v1.Health/Check", .handler = health_check},
+    {.path = "/grpc.health.v1.Health/Watch", .handler = health_watch},
+    {.path = "/inference.GRPCInferenceService/SystemSharedMemoryStatus", .handler = shm_status},
+    {.path = "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+     .handler = shm_register},
+    {.path = "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+     .handler = shm_unregister},
+    {.path = "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
+     .handler = cuda_shm_unregister},
 };
 
 const int api_nmethods = sizeof(api_methods) / sizeof(api_methods[0]);

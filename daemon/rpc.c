@@ -29,9 +29,9 @@
 #define POSTED_PER_METHOD 8 /* requests waiting for calls, per method and queue */
 #define POSTED_UNKNOWN 2
 
-enum tag_kind { T_NEW, T_SEND, T_CLOSE, T_STREAM };
+enum tag_kind { T_NEW, T_SEND, T_CLOSE, T_STREAM, T_RECV };
 
-#define STREAM_QUEUE 8 /* messages of a streaming reply waiting to be sent */
+#define STREAM_QUEUE 8 /* messages of a streaming reply waiting to be sent, by default */
 
 static struct rpc_server *abandoned; /* a server whose stop gave up on a connection */
 
@@ -64,9 +64,10 @@ struct rpc_call {
     /* a streaming reply (rpc_stream_send): one message batch in flight at a time, the rest
      * queued in order, and the status (rpc_reply) only once they have gone */
     pthread_mutex_t slock;
-    struct rpc_tag t_stream;
-    grpc_byte_buffer *squeue[STREAM_QUEUE];
-    int shead, slen;
+    struct rpc_tag t_stream, t_recv;
+    grpc_byte_buffer **squeue; /* [scap], made at the first message */
+    int scap, shead, slen;
+    grpc_byte_buffer *rbuf;    /* a client stream's message being received */
     grpc_byte_buffer *sflight; /* the message being sent */
     int md_sent;               /* initial metadata went with the first message */
     int sbroken;               /* a message could not be sent: the rest are dropped */
@@ -160,7 +161,10 @@ static void call_free(struct rpc_call *c)
     grpc_metadata_array_destroy(&c->md);
     grpc_call_details_destroy(&c->details);
     for (int i = 0; i < c->slen; i++)
-        grpc_byte_buffer_destroy(c->squeue[(c->shead + i) % STREAM_QUEUE]);
+        grpc_byte_buffer_destroy(c->squeue[(c->shead + i) % c->scap]);
+    free(c->squeue);
+    if (c->rbuf)
+        grpc_byte_buffer_destroy(c->rbuf);
     if (c->sflight)
         grpc_byte_buffer_destroy(c->sflight);
     free(c->fin_msg);
@@ -200,13 +204,16 @@ static void post(struct rpc_server *s, int m, int q)
     c->t_send = (struct rpc_tag){T_SEND, c};
     c->t_close = (struct rpc_tag){T_CLOSE, c};
     c->t_stream = (struct rpc_tag){T_STREAM, c};
+    c->t_recv = (struct rpc_tag){T_RECV, c};
     pthread_mutex_init(&c->slock, NULL);
     grpc_metadata_array_init(&c->md);
     grpc_call_details_init(&c->details);
     if (m >= 0)
-        e = grpc_server_request_registered_call(s->server, s->handles[m], &c->call, &c->deadline,
-                                                &c->md, &c->payload, s->pollers[q].cq,
-                                                s->pollers[q].cq, &c->t_new);
+        /* a client stream's messages are received one by one (start_recv), none with the call */
+        e = grpc_server_request_registered_call(
+            s->server, s->handles[m], &c->call, &c->deadline, &c->md,
+            s->methods[m].client_stream ? NULL : &c->payload, s->pollers[q].cq, s->pollers[q].cq,
+            &c->t_new);
     else
         e = grpc_server_request_call(s->server, &c->call, &c->details, &c->md, s->pollers[q].cq,
                                      s->pollers[q].cq, &c->t_new);
@@ -274,7 +281,7 @@ static void stream_next_locked(struct rpc_call *c)
 
     memset(ops, 0, sizeof(ops));
     c->sflight = c->squeue[c->shead];
-    c->shead = (c->shead + 1) % STREAM_QUEUE;
+    c->shead = (c->shead + 1) % c->scap;
     c->slen--;
     if (!c->md_sent) {
         ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -303,9 +310,21 @@ int rpc_stream_send(struct rpc_call *c, grpc_byte_buffer *msg, struct tp_err *er
         grpc_byte_buffer_destroy(msg);
         return tp_err_set(err, TP_EUNAVAIL, "the stream has ended");
     }
-    full = c->slen == STREAM_QUEUE;
+    if (!c->squeue) {
+        int cap = c->method >= 0 ? c->srv->methods[c->method].stream_queue : 0;
+
+        c->scap = cap > 0 ? cap : STREAM_QUEUE;
+        c->squeue = calloc((size_t)c->scap, sizeof(*c->squeue));
+        if (!c->squeue) {
+            c->scap = 0;
+            pthread_mutex_unlock(&c->slock);
+            grpc_byte_buffer_destroy(msg);
+            return tp_err_set(err, TP_ENOMEM, "no memory for the stream");
+        }
+    }
+    full = c->slen == c->scap;
     if (!full) {
-        c->squeue[(c->shead + c->slen) % STREAM_QUEUE] = msg;
+        c->squeue[(c->shead + c->slen) % c->scap] = msg;
         c->slen++;
         if (!c->sflight)
             stream_next_locked(c);
@@ -416,6 +435,46 @@ void rpc_call_on_cancel(struct rpc_call *c, void (*fn)(void *arg), void *arg)
     c->on_cancel_arg = arg;
 }
 
+/* Posts the receive of a client stream's next message; the call holds a reference for it. */
+static void start_recv(struct rpc_call *c)
+{
+    grpc_op op;
+
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->rbuf;
+    atomic_fetch_add(&c->pending, 1);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_recv, NULL) != GRPC_CALL_OK) {
+        tp_log(TP_LOG_ERR, "rpc: cannot receive a streamed message");
+        atomic_fetch_sub(&c->pending, 1);
+        c->srv->methods[c->method].handler(c->srv->ctx, c, NULL);
+    }
+}
+
+/* A client stream's message arrived (or its end). On the call's thread. */
+static void on_recv(struct rpc_call *c, int success)
+{
+    struct rpc_server *s = c->srv;
+    grpc_byte_buffer *bb = c->rbuf;
+
+    c->rbuf = NULL;
+    if (!success || !bb) { /* half-closed, gone or cancelled: the handler hears the end */
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+        s->methods[c->method].handler(s->ctx, c, NULL);
+        call_release(c);
+        return;
+    }
+    c->payload = bb;
+    s->methods[c->method].handler(s->ctx, c, bb);
+    if (c->payload) { /* not taken */
+        grpc_byte_buffer_destroy(c->payload);
+        c->payload = NULL;
+    }
+    start_recv(c);
+    call_release(c); /* start_recv took its own */
+}
+
 static void on_new(struct rpc_server *s, struct rpc_call *c)
 {
     grpc_op op;
@@ -444,6 +503,10 @@ static void on_new(struct rpc_server *s, struct rpc_call *c)
             snprintf(msg, sizeof(msg), "method %s is not implemented by tpd", method);
             rpc_reply(c, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
         }
+        return;
+    }
+    if (s->methods[c->method].client_stream) {
+        start_recv(c);
         return;
     }
     s->methods[c->method].handler(s->ctx, c, c->payload);
@@ -556,6 +619,9 @@ static void *poll_thread(void *arg)
             break;
         case T_STREAM:
             on_stream_sent(t->call, ev.success);
+            break;
+        case T_RECV:
+            on_recv(t->call, ev.success);
             break;
         }
     }
@@ -759,8 +825,11 @@ int rpc_server_create(struct rpc_server **out, const struct rpc_config *c,
     if (quota)
         grpc_resource_quota_unref(quota);
     for (int m = 0; m < nmethods; m++)
-        s->handles[m] = grpc_server_register_method(s->server, methods[m].path, NULL,
-                                                    GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        s->handles[m] = grpc_server_register_method(
+            s->server, methods[m].path, NULL,
+            methods[m].client_stream ? GRPC_SRM_PAYLOAD_NONE
+                                     : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+            0);
     for (int q = 0; q < s->npollers; q++) {
         s->pollers[q].srv = s;
         pthread_mutex_init(&s->pollers[q].lock, NULL);

@@ -21,6 +21,12 @@ typedef void (*rpc_handler_fn)(void *ctx, struct rpc_call *call, grpc_byte_buffe
 struct rpc_method {
     const char *path; /* "/inference.GRPCInferenceService/ModelInfer" */
     rpc_handler_fn handler;
+    /* A client stream (ModelStreamInfer): the handler is called once per message the client
+     * sends, in order, on the call's thread, and once more with payload NULL when the client has
+     * no more to send (it half-closed, went away or the call was cancelled); the reply is
+     * streamed (rpc_stream_send), and the call ends at rpc_reply. 0: one request message. */
+    int client_stream;
+    int stream_queue; /* streamed messages that may wait to be sent; 0: STREAM_QUEUE (8) */
 };
 
 struct rpc_config {
@@ -67,11 +73,11 @@ int rpc_server_start(struct rpc_server *s, struct tp_err *err);
  * when the call is cancelled. */
 void rpc_reply(struct rpc_call *call, int status, const char *msg, grpc_byte_buffer *reply);
 
-/* Streams one message of the call's reply (server streaming: grpc.health.v1.Health/Watch): sent
+/* Streams one message of the call's reply (grpc.health.v1.Health/Watch, ModelStreamInfer): sent
  * in order, one at a time, before the status that rpc_reply then sends (the reply of a streaming
  * call must be NULL). Takes msg. Any thread, until rpc_reply: after it, after a cancel, or once a
- * send failed, it fails with TP_EUNAVAIL. A client that lets STREAM_QUEUE (8) messages pile up
- * unread has its call cancelled with RESOURCE_EXHAUSTED, and this fails with TP_EBUSY. */
+ * send failed, it fails with TP_EUNAVAIL. A client that lets the method's stream_queue messages
+ * pile up unread has its call cancelled with RESOURCE_EXHAUSTED, and this fails with TP_EBUSY. */
 int rpc_stream_send(struct rpc_call *call, grpc_byte_buffer *msg, struct tp_err *err);
 
 /* Answers with an error: the gRPC status that err->code maps to, and err->msg. */

@@ -1,13 +1,14 @@
 """Triton's perf_analyzer (C++ client, tritonclient 2.51.0's build: scripts/perf-analyzer.sh)
-against tpd, for about a second per mode: plain gRPC, and gRPC with system shared memory (which
-once crashed perf_analyzer: Triton's C++ client wants one raw_output_contents entry per output).
+against tpd, for about a second per mode: plain gRPC, gRPC with system shared memory (which
+once crashed perf_analyzer: Triton's C++ client wants one raw_output_contents entry per output),
+and --streaming (ModelStreamInfer, where it once hung).
 
 In each mode perf_analyzer must exit 0 and print its client and server sections; the server's
 numbers come from tpd's ModelStatistics over the same window, so they must agree with the
 client's: successful requests within the concurrency of its request count (requests in flight at
 the window's edges), inferences = requests x batch, executions no more than requests. Over the
 whole run tpd's own metrics must have counted at least what perf_analyzer reported, and no
-failure. Not covered: --streaming (ModelStreamInfer is not served yet) and -i http (no REST).
+failure. Not covered: -i http (no REST).
 
 TP_PERF_ANALYZER names the program (scripts/test.sh sets it); without it this test fails and says
 so: a test of a client that is not there is not skipped in silence.
@@ -73,7 +74,8 @@ class TestPerfAnalyzer(TpdTestCase):
                 ("grpc, concurrency 2", 2, []),
                 ("grpc + system shared memory", 2,
                  ["--shared-memory", "system", "--output-shared-memory-size",
-                  str(BATCH * OUT * 4)])):
+                  str(BATCH * OUT * 4)]),
+                ("grpc streaming (ModelStreamInfer)", 2, ["--streaming"])):
             rc, out = self.run_pa(addr, "--concurrency-range", "%d:%d" % (conc, conc), *extra)
             self.assertEqual(rc, 0, "%s: perf_analyzer exit %d:\n%s\n%s" % (what, rc, out,
                                                                            d.log_tail()))

@@ -270,7 +270,7 @@ class TestBadRequests(TritonCase):
                 self.assertEqual(e.code(), NF, e.details())
 
         with self.subTest("unknown method"):
-            call = self.channel.unary_unary("/inference.GRPCInferenceService/ModelStreamInfer")
+            call = self.channel.unary_unary("/inference.GRPCInferenceService/RepositoryModelLoad")
             self.expect(call, b"", grpc.StatusCode.UNIMPLEMENTED)
             call = self.channel.unary_unary("/no.such.Service/Method")
             self.expect(call, b"", grpc.StatusCode.UNIMPLEMENTED)
