@@ -443,6 +443,8 @@ struct api_watch {
     struct api_watch *prev, *next;
 };
 
+#define UNKNOWN_SERVICE GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
+
 static int health_status(struct api *a)
 {
     return is_ready(a) ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
@@ -534,9 +536,7 @@ static void health_watch(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     if (a->watches)
         a->watches->prev = w;
     a->watches = w;
-    if (watch_send(w, known ? health_status(a)
-                            : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN) <
-        0)
+    if (watch_send(w, known ? health_status(a) : UNKNOWN_SERVICE) < 0)
         watch_end(w, 14, "the watch could not be sent");
     pthread_mutex_unlock(&a->watch_lock);
     rpc_call_on_cancel(call, watch_cancelled, w);
