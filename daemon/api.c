@@ -13,6 +13,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "plan.h"
+#include "reflect.h"
 
 /* A ModelInfer call between the handler and the scheduler's completion. It lives in the call's
  * storage (rpc_call_data), so it stays valid until gRPC is done with the call, after the reply and
@@ -1112,6 +1113,12 @@ const struct rpc_method api_methods[] = {
     {.path = "/inference.GRPCInferenceService/ModelStatistics", .handler = model_statistics},
     {.path = "/grpc.health.v1.Health/Check", .handler = health_check},
     {.path = "/grpc.health.v1.Health/Watch", .handler = health_watch},
+    {.path = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+     .handler = reflect_info,
+     .client_stream = 1},
+    {.path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+     .handler = reflect_info,
+     .client_stream = 1},
     {.path = "/inference.GRPCInferenceService/SystemSharedMemoryStatus", .handler = shm_status},
     {.path = "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
      .handler = shm_register},
