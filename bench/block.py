@@ -60,6 +60,8 @@ import time
 
 import numpy as np
 
+from benchutil import cpu_model, stop_tpd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE = "model.layers.0.mlp"
 NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -374,17 +376,7 @@ class Bench:
     def stop(self):
         """SIGTERM to tpd; its exit status (it drains, stops its workers and exits 0)."""
         p, self.tpd = self.tpd, None
-        if p is None:
-            return 0
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-                raise BenchError("tpd did not stop within 60 s of SIGTERM")
-        return p.returncode
+        return stop_tpd(p, BenchError)
 
     def kill(self):
         p, self.tpd = self.tpd, None
@@ -463,13 +455,7 @@ def copy_ms(floats, reps=200):
 
 
 def report_machine(a, made, secs):
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     log("# tpd block benchmark, %s UTC" % time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
     log("machine: %d cores online, %d for this process (%s), %s, %s" % (
         os.cpu_count() or 1, len(os.sched_getaffinity(0)), cpu, platform.platform(),

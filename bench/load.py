@@ -50,7 +50,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -59,6 +58,8 @@ import time
 from datetime import datetime
 
 import numpy as np
+
+from benchutil import cpu_model, stop_tpd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "lm_head.weight"
@@ -242,17 +243,7 @@ class Bench:
     def stop(self):
         """SIGTERM to tpd; its exit status (it drains, stops its workers and exits 0)."""
         p, self.tpd = self.tpd, None
-        if p is None:
-            return 0
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                raise BenchError("tpd did not stop within 60 s of SIGTERM")
-        return p.returncode
+        return stop_tpd(p, BenchError)
 
     def measure(self, ranks):
         """Starts tpd --cpu ranks, times it to ready, checks one request, stops it."""
@@ -377,13 +368,7 @@ def gib(n):
 
 
 def report_environment(a, path, made, secs):
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     thp = []
     for knob in ("enabled", "defrag"):
         try:

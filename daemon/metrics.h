@@ -74,7 +74,7 @@ struct metrics_stats {
 /* A copy of the statistics; -1 (nothing to free) before metrics_init or without memory. */
 int metrics_get_stats(struct metrics_stats *st);
 
-/* Requests accepted and not answered yet (nv_inference_pending_request_count), asked at every
+/* Requests accepted and waiting for a job (nv_inference_pending_request_count), asked at every
  * scrape; set once, before the HTTP server starts. */
 typedef uint32_t (*metrics_pending_fn)(void *ctx);
 void metrics_set_pending(metrics_pending_fn fn, void *ctx);

@@ -72,6 +72,7 @@ struct rpc_call {
     int md_sent;               /* initial metadata went with the first message */
     int sbroken;               /* a message could not be sent: the rest are dropped */
     int fin_wanted;            /* rpc_reply came while messages were still to send */
+    int replied;               /* rpc_reply was called: a second call is a bug, and ignored */
     int fin_status;
     char *fin_msg;
 };
@@ -374,6 +375,14 @@ void rpc_reply(struct rpc_call *c, int status, const char *msg, grpc_byte_buffer
     int with_md;
 
     pthread_mutex_lock(&c->slock);
+    if (c->replied) { /* its status, and the reference it releases, are spoken for */
+        pthread_mutex_unlock(&c->slock);
+        tp_log(TP_LOG_ERR, "rpc: a call was answered twice; the second answer is dropped");
+        if (reply)
+            grpc_byte_buffer_destroy(reply);
+        return;
+    }
+    c->replied = 1;
     if (c->sflight) { /* a streamed message is still on its way: the status follows it */
         c->fin_wanted = 1;
         c->fin_status = status;

@@ -575,7 +575,7 @@ uint32_t sched_pending(void *ctx)
     uint32_t n;
 
     pthread_mutex_lock(&s->lock);
-    n = s->queued + s->running;
+    n = s->queued;
     pthread_mutex_unlock(&s->lock);
     return n;
 }

