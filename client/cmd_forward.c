@@ -412,7 +412,7 @@ int cmd_forward(struct conn *c, int argc, char **argv)
         else if (strcmp(a, "--act") == 0 && has_val) {
             const char *v = argv[++i];
 
-            vreq.act = plan_act_from_name(strcmp(v, "gelu_tanh") == 0 ? "gelu_new" : v);
+            vreq.act = plan_act_from_name(v);
             if (vreq.act == PLAN_ACT_AUTO) {
                 cmd_error("forward: --act takes silu, gelu, gelu_tanh or relu, got '%s'", v);
                 return EXIT_USAGE;

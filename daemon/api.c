@@ -666,9 +666,8 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         rpc_reply_err(call, &e);
         return;
     }
-    metrics_queue_time(sched_slot_index(req->hold), ic->t0_ns);
     if (ic->out_reg) {
-        metrics_request_output(sched_slot_index(req->hold), metrics_now_ns() - t0);
+        metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
         sched_unhold(req->hold);
         bb = infer_response_dims(ic->api->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead, NULL,
                                  NULL);
@@ -683,7 +682,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead,
                                  ic->stream ? NULL : unhold, ic->stream ? NULL : req->hold);
         if (ic->stream && bb) {
-            metrics_request_output(sched_slot_index(req->hold), metrics_now_ns() - t0);
+            metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
             sched_unhold(req->hold);
             metrics_request_done(ic->msg->model_name, 0, metrics_since(ic->t0_ns), req->rows,
                                  ic->bytes_in, grpc_byte_buffer_length(bb));
@@ -691,7 +690,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
             return;
         }
         /* still the job's slot: the reply holds it until gRPC has sent it */
-        metrics_request_output(sched_slot_index(req->hold), metrics_now_ns() - t0);
+        metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
         if (!bb)
             sched_unhold(req->hold);
     }

@@ -376,7 +376,7 @@ static enum config_result apply(struct config *c, int o)
         break;
     case O_BLOCK: c->block = optarg; break;
     case O_ACT:
-        c->act = plan_act_from_name(strcmp(optarg, "gelu_tanh") == 0 ? "gelu_new" : optarg);
+        c->act = plan_act_from_name(optarg);
         if (c->act == PLAN_ACT_AUTO) {
             fprintf(stderr,
                     "tpd: %s takes silu, gelu, gelu_tanh or relu (or config.json's names: swish, "

@@ -153,16 +153,6 @@ out:
     pthread_mutex_unlock(&M.lock);
 }
 
-void metrics_queue_time(uint32_t slot, int64_t t0_ns)
-{
-    pthread_mutex_lock(&M.lock);
-    if (M.on && slot < M.nslots && M.job_t0[slot] >= t0_ns) {
-        observe(&M.queue, (double)(M.job_t0[slot] - t0_ns) / 1e9);
-        M.st.queue.count++;
-        M.st.queue.ns += (uint64_t)(M.job_t0[slot] - t0_ns);
-    }
-    pthread_mutex_unlock(&M.lock);
-}
 
 void metrics_job_fill(uint32_t slot, int64_t ns)
 {
@@ -237,11 +227,16 @@ void metrics_job_done(uint32_t slot, uint32_t collectives, int ok)
     pthread_mutex_unlock(&M.lock);
 }
 
-void metrics_request_output(uint32_t slot, int64_t ns)
+void metrics_request_served(uint32_t slot, int64_t t0_ns, int64_t ns)
 {
     struct metrics_batch_stats *b;
 
     pthread_mutex_lock(&M.lock);
+    if (M.on && slot < M.nslots && M.job_t0[slot] >= t0_ns) {
+        observe(&M.queue, (double)(M.job_t0[slot] - t0_ns) / 1e9);
+        M.st.queue.count++;
+        M.st.queue.ns += (uint64_t)(M.job_t0[slot] - t0_ns);
+    }
     if (M.on && slot < M.nslots) {
         /* all three at once, so that a reader never sees them apart (perf_analyzer insists);
          * as Triton does, every request of a job is charged the job's input and infer time */

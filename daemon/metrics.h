@@ -31,10 +31,6 @@ double metrics_since(int64_t t0_ns);
 void metrics_request_done(const char *model, int code, double seconds, uint32_t rows,
                           size_t bytes_in, size_t bytes_out);
 
-/* A request that arrived at t0_ns (metrics_now_ns) ran as the job on slot, which is still its
- * own: observes the time it waited for the job's dispatch. */
-void metrics_queue_time(uint32_t slot, int64_t t0_ns);
-
 /* The job about to go to slot: its requests' inputs took ns to copy into the slot (Triton's
  * compute_input). */
 void metrics_job_fill(uint32_t slot, int64_t ns);
@@ -44,10 +40,11 @@ void metrics_job_fill(uint32_t slot, int64_t ns);
 void metrics_job_start(uint32_t slot, uint32_t rows);
 void metrics_job_done(uint32_t slot, uint32_t collectives, int ok);
 
-/* A request of the job on slot (which it still holds) succeeded, and took ns from the job's end
- * to its reply being handed to gRPC (Triton's compute_output). Its compute_input and
- * compute_infer are counted here too, its job's whole times, as Triton charges them. */
-void metrics_request_output(uint32_t slot, int64_t ns);
+/* A request that arrived at t0_ns (metrics_now_ns) ran as the job on slot, which it still
+ * holds, and succeeded; it took ns from the job's end to its reply being handed to gRPC
+ * (Triton's compute_output). Observes the time it waited for the job's dispatch (queue) and
+ * counts its compute_input and compute_infer, its job's whole times, as Triton charges them. */
+void metrics_request_served(uint32_t slot, int64_t t0_ns, int64_t ns);
 
 /* Triton's statistics of the served model (ModelStatistics, the nv_inference_* families),
  * cumulative since start, in ns. success and fail count requests and their time from arrival to

@@ -317,7 +317,8 @@ static const struct {
 } act_names[] = {
     {"silu", PLAN_ACT_SILU},          {"swish", PLAN_ACT_SILU},
     {"gelu", PLAN_ACT_GELU},          {"gelu_new", PLAN_ACT_GELU_TANH},
-    {"gelu_pytorch_tanh", PLAN_ACT_GELU_TANH}, {"relu", PLAN_ACT_RELU},
+    {"gelu_pytorch_tanh", PLAN_ACT_GELU_TANH}, {"gelu_tanh", PLAN_ACT_GELU_TANH},
+    {"relu", PLAN_ACT_RELU},
 };
 
 enum plan_act plan_act_from_name(const char *name)

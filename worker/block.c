@@ -11,6 +11,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "timing.h"
+
 #define LINE 16            /* floats of a 64-byte cache line */
 #define WAIT_STEP_NS 50000000L /* futex wait between looks at the control socket: 50 ms */
 
@@ -59,27 +61,19 @@ void block_stripe(int64_t out, int nranks, int rank, int64_t *c0, int64_t *nc)
     *nc = (l1 * LINE < out ? l1 * LINE : out) - *c0;
 }
 
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 int block_arrive(uint32_t *sync, uint32_t nranks, int ctl_fd, int64_t spin_ns,
                  struct tp_err *err)
 {
     uint32_t v = __atomic_add_fetch(sync, 1, __ATOMIC_ACQ_REL);
-    int64_t t0;
+    double t0, spin_s = (double)spin_ns * 1e-9;
 
     if (v >= nranks) { /* the last one: the others may be asleep */
         if (nranks > 1)
             syscall(SYS_futex, sync, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
         return 0;
     }
-    t0 = mono_ns();
-    while (mono_ns() - t0 < spin_ns) {
+    t0 = timing_now_s();
+    while (timing_now_s() - t0 < spin_s) {
         if (__atomic_load_n(sync, __ATOMIC_ACQUIRE) >= nranks)
             return 0;
 #if defined(__x86_64__) || defined(__i386__)
