@@ -150,15 +150,13 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     reply_msg(call, &r.base);
 }
 
-#define METADATA_PARAMS 24
-
 /* One more entry of ModelMetadata's parameters, in e[*n] with its value in v[*n]. */
 static Inference__InferParameter *param(Inference__ModelMetadataResponse__ParametersEntry *e,
                                         Inference__InferParameter *v, size_t *n, const char *key)
 {
     Inference__InferParameter *p = &v[*n];
 
-    assert(*n < METADATA_PARAMS);
+    assert(*n < API_METADATA_PARAMS);
     e[*n] = (Inference__ModelMetadataResponse__ParametersEntry)
         INFERENCE__MODEL_METADATA_RESPONSE__PARAMETERS_ENTRY__INIT;
     *p = (Inference__InferParameter)INFERENCE__INFER_PARAMETER__INIT;
@@ -194,48 +192,40 @@ static void param_bool(Inference__ModelMetadataResponse__ParametersEntry *e,
     p->bool_param = val;
 }
 
-static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+void api_metadata(const struct api *a, struct api_metadata *b)
 {
-    struct api *a = ctx;
     const struct model *md = a->model;
-    Inference__ModelMetadataResponse r = INFERENCE__MODEL_METADATA_RESPONSE__INIT;
-    Inference__ModelMetadataResponse__TensorMetadata in =
-        INFERENCE__MODEL_METADATA_RESPONSE__TENSOR_METADATA__INIT;
-    Inference__ModelMetadataResponse__TensorMetadata out =
-        INFERENCE__MODEL_METADATA_RESPONSE__TENSOR_METADATA__INIT;
-    Inference__ModelMetadataResponse__TensorMetadata *ins[1] = {&in}, *outs[1] = {&out};
-    Inference__InferParameter pv[METADATA_PARAMS];
-    Inference__ModelMetadataResponse__ParametersEntry e[METADATA_PARAMS];
-    Inference__ModelMetadataResponse__ParametersEntry *ep[METADATA_PARAMS];
     const struct plan *pl = md->plan;
+    Inference__ModelMetadataResponse *r = &b->r;
+    Inference__InferParameter *pv = b->pv;
+    Inference__ModelMetadataResponse__ParametersEntry *e = b->e;
     size_t n = 0;
-    int64_t in_shape[2] = {-1, md->in}, out_shape[2] = {-1, md->out};
-    char *versions[1] = {MODEL_VERSION};
-    Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)unpack_or_reply(
-        call, payload, &inference__model_metadata_request__descriptor);
 
-    if (!q)
-        return;
-    if (!model_matches(a, call, q->name, q->version)) {
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        return;
-    }
-    protobuf_c_message_free_unpacked(&q->base, NULL);
-    r.name = (char *)md->name;
-    r.n_versions = 1;
-    r.versions = versions;
-    r.platform = MODEL_PLATFORM;
-    in.name = MODEL_INPUT;
-    in.datatype = (char *)tp_dtype_wire_name(md->io_dtype);
-    in.n_shape = 2;
-    in.shape = in_shape;
-    out.name = MODEL_OUTPUT;
-    out.datatype = (char *)tp_dtype_wire_name(md->io_dtype);
-    out.n_shape = 2;
-    out.shape = out_shape;
-    r.n_inputs = r.n_outputs = 1;
-    r.inputs = ins;
-    r.outputs = outs;
+    *r = (Inference__ModelMetadataResponse)INFERENCE__MODEL_METADATA_RESPONSE__INIT;
+    b->in = (Inference__ModelMetadataResponse__TensorMetadata)
+        INFERENCE__MODEL_METADATA_RESPONSE__TENSOR_METADATA__INIT;
+    b->out = b->in;
+    b->ins[0] = &b->in;
+    b->outs[0] = &b->out;
+    b->in_shape[0] = b->out_shape[0] = -1;
+    b->in_shape[1] = md->in;
+    b->out_shape[1] = md->out;
+    b->versions[0] = MODEL_VERSION;
+    r->name = (char *)md->name;
+    r->n_versions = 1;
+    r->versions = b->versions;
+    r->platform = MODEL_PLATFORM;
+    b->in.name = MODEL_INPUT;
+    b->in.datatype = (char *)tp_dtype_wire_name(md->io_dtype);
+    b->in.n_shape = 2;
+    b->in.shape = b->in_shape;
+    b->out.name = MODEL_OUTPUT;
+    b->out.datatype = (char *)tp_dtype_wire_name(md->io_dtype);
+    b->out.n_shape = 2;
+    b->out.shape = b->out_shape;
+    r->n_inputs = r->n_outputs = 1;
+    r->inputs = b->ins;
+    r->outputs = b->outs;
     param_int(e, pv, &n, "ranks", md->ranks);
     param_str(e, pv, &n, "backend", md->backend);
     param_str(e, pv, &n, "weight_dtype", tp_dtype_file_name(md->wdtype));
@@ -255,10 +245,27 @@ static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *p
     param_str(e, pv, &n, "split", md->split_what);
     param_str(e, pv, &n, "shard_rows", md->split);
     for (size_t i = 0; i < n; i++)
-        ep[i] = &e[i];
-    r.n_parameters = n;
-    r.parameters = ep;
-    reply_msg(call, &r.base);
+        b->ep[i] = &e[i];
+    r->n_parameters = n;
+    r->parameters = b->ep;
+}
+
+static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    struct api *a = ctx;
+    struct api_metadata b;
+    Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)unpack_or_reply(
+        call, payload, &inference__model_metadata_request__descriptor);
+
+    if (!q)
+        return;
+    if (!model_matches(a, call, q->name, q->version)) {
+        protobuf_c_message_free_unpacked(&q->base, NULL);
+        return;
+    }
+    protobuf_c_message_free_unpacked(&q->base, NULL);
+    api_metadata(a, &b);
+    reply_msg(call, &b.r.base);
 }
 
 static Inference__DataType config_type(enum tp_dtype t)
@@ -268,20 +275,47 @@ static Inference__DataType config_type(enum tp_dtype t)
                           : INFERENCE__DATA_TYPE__TYPE_FP32;
 }
 
-/* Triton's ModelConfig: the model as a batching model (max_batch_size rows, dims without the
- * batch dimension), and dynamic batching with its delay when it is on. */
+void api_config(const struct api *a, struct api_config *b)
+{
+    const struct model *md = a->model;
+    Inference__ModelConfig *mc = &b->mc;
+
+    b->r = (Inference__ModelConfigResponse)INFERENCE__MODEL_CONFIG_RESPONSE__INIT;
+    *mc = (Inference__ModelConfig)INFERENCE__MODEL_CONFIG__INIT;
+    b->in = (Inference__ModelInput)INFERENCE__MODEL_INPUT__INIT;
+    b->out = (Inference__ModelOutput)INFERENCE__MODEL_OUTPUT__INIT;
+    b->db = (Inference__ModelDynamicBatching)INFERENCE__MODEL_DYNAMIC_BATCHING__INIT;
+    b->ins[0] = &b->in;
+    b->outs[0] = &b->out;
+    b->in_dims[0] = md->in;
+    b->out_dims[0] = md->out;
+    mc->name = (char *)md->name;
+    mc->platform = MODEL_PLATFORM;
+    mc->backend = (char *)md->backend;
+    mc->max_batch_size = (int32_t)md->max_batch;
+    b->in.name = MODEL_INPUT;
+    b->in.data_type = config_type(md->io_dtype);
+    b->in.n_dims = 1;
+    b->in.dims = b->in_dims;
+    b->out.name = MODEL_OUTPUT;
+    b->out.data_type = config_type(md->io_dtype);
+    b->out.n_dims = 1;
+    b->out.dims = b->out_dims;
+    mc->n_input = mc->n_output = 1;
+    mc->input = b->ins;
+    mc->output = b->outs;
+    if (a->batch_delay_us) {
+        b->db.max_queue_delay_microseconds = a->batch_delay_us;
+        mc->scheduling_choice_case = INFERENCE__MODEL_CONFIG__SCHEDULING_CHOICE_DYNAMIC_BATCHING;
+        mc->dynamic_batching = &b->db;
+    }
+    b->r.config = mc;
+}
+
 static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
-    const struct model *md = a->model;
-    Inference__ModelConfigResponse r = INFERENCE__MODEL_CONFIG_RESPONSE__INIT;
-    Inference__ModelConfig mc = INFERENCE__MODEL_CONFIG__INIT;
-    Inference__ModelInput in = INFERENCE__MODEL_INPUT__INIT;
-    Inference__ModelOutput out = INFERENCE__MODEL_OUTPUT__INIT;
-    Inference__ModelInput *ins[1] = {&in};
-    Inference__ModelOutput *outs[1] = {&out};
-    Inference__ModelDynamicBatching db = INFERENCE__MODEL_DYNAMIC_BATCHING__INIT;
-    int64_t in_dims[1] = {md->in}, out_dims[1] = {md->out};
+    struct api_config b;
     Inference__ModelConfigRequest *q = (Inference__ModelConfigRequest *)unpack_or_reply(
         call, payload, &inference__model_config_request__descriptor);
 
@@ -292,28 +326,8 @@ static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
         return;
     }
     protobuf_c_message_free_unpacked(&q->base, NULL);
-    mc.name = (char *)md->name;
-    mc.platform = MODEL_PLATFORM;
-    mc.backend = (char *)md->backend;
-    mc.max_batch_size = (int32_t)md->max_batch;
-    in.name = MODEL_INPUT;
-    in.data_type = config_type(md->io_dtype);
-    in.n_dims = 1;
-    in.dims = in_dims;
-    out.name = MODEL_OUTPUT;
-    out.data_type = config_type(md->io_dtype);
-    out.n_dims = 1;
-    out.dims = out_dims;
-    mc.n_input = mc.n_output = 1;
-    mc.input = ins;
-    mc.output = outs;
-    if (a->batch_delay_us) {
-        db.max_queue_delay_microseconds = a->batch_delay_us;
-        mc.scheduling_choice_case = INFERENCE__MODEL_CONFIG__SCHEDULING_CHOICE_DYNAMIC_BATCHING;
-        mc.dynamic_batching = &db;
-    }
-    r.config = &mc;
-    reply_msg(call, &r.base);
+    api_config(a, &b);
+    reply_msg(call, &b.r.base);
 }
 
 static void repository_index(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
@@ -349,17 +363,74 @@ static Inference__StatisticDuration *duration(Inference__StatisticDuration *sd,
     return sd;
 }
 
+int api_statistics(const struct api *a, struct api_statistics *b)
+{
+    struct metrics_stats *st = &b->st;
+    Inference__ModelStatistics *ms = &b->ms;
+    Inference__InferStatistics *is = &b->is;
+    Inference__StatisticDuration *d = b->d;
+
+    *b = (struct api_statistics){0};
+    if (metrics_get_stats(st) < 0)
+        return -1;
+    b->bs = calloc(st->nbatch + 1, sizeof(*b->bs));
+    b->bsp = calloc(st->nbatch + 1, sizeof(*b->bsp));
+    b->bd = calloc(st->nbatch + 1, sizeof(*b->bd));
+    if (!b->bs || !b->bsp || !b->bd) {
+        api_statistics_free(b);
+        return -1;
+    }
+    for (size_t i = 0; i < st->nbatch; i++) {
+        Inference__InferBatchStatistics *bs = &b->bs[i];
+
+        *bs = (Inference__InferBatchStatistics)INFERENCE__INFER_BATCH_STATISTICS__INIT;
+        bs->batch_size = st->batch[i].batch_size;
+        bs->compute_input = duration(&b->bd[i][0], &st->batch[i].compute_input);
+        bs->compute_infer = duration(&b->bd[i][1], &st->batch[i].compute_infer);
+        bs->compute_output = duration(&b->bd[i][2], &st->batch[i].compute_output);
+        b->bsp[i] = bs;
+    }
+    *is = (Inference__InferStatistics)INFERENCE__INFER_STATISTICS__INIT;
+    is->success = duration(&d[0], &st->success);
+    is->fail = duration(&d[1], &st->fail);
+    is->queue = duration(&d[2], &st->queue);
+    is->compute_input = duration(&d[3], &st->compute_input);
+    is->compute_infer = duration(&d[4], &st->compute_infer);
+    is->compute_output = duration(&d[5], &st->compute_output);
+    *ms = (Inference__ModelStatistics)INFERENCE__MODEL_STATISTICS__INIT;
+    ms->name = (char *)a->model->name;
+    ms->version = MODEL_VERSION;
+    ms->last_inference = st->last_inference_ms;
+    ms->inference_count = st->inference_count;
+    ms->execution_count = st->execution_count;
+    ms->inference_stats = is;
+    ms->n_batch_stats = st->nbatch;
+    ms->batch_stats = b->bsp;
+    b->msp[0] = ms;
+    b->r = (Inference__ModelStatisticsResponse)INFERENCE__MODEL_STATISTICS_RESPONSE__INIT;
+    b->r.n_model_stats = 1;
+    b->r.model_stats = b->msp;
+    return 0;
+}
+
+void api_statistics_free(struct api_statistics *b)
+{
+    free(b->bs);
+    free(b->bsp);
+    free(b->bd);
+    free(b->st.batch);
+    b->bs = NULL;
+    b->bsp = NULL;
+    b->bd = NULL;
+    b->st.batch = NULL;
+}
+
 /* Triton's ModelStatistics, from the metrics (metrics_get_stats): every model when the request
  * names none, else the named one. */
 static void model_statistics(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
-    Inference__ModelStatisticsResponse r = INFERENCE__MODEL_STATISTICS_RESPONSE__INIT;
-    Inference__ModelStatistics ms = INFERENCE__MODEL_STATISTICS__INIT, *msp[1] = {&ms};
-    Inference__InferStatistics is = INFERENCE__INFER_STATISTICS__INIT;
-    Inference__StatisticDuration d[6], (*bd)[3] = NULL;
-    Inference__InferBatchStatistics *bs = NULL, **bsp = NULL;
-    struct metrics_stats st;
+    struct api_statistics b;
     Inference__ModelStatisticsRequest *q = (Inference__ModelStatisticsRequest *)unpack_or_reply(
         call, payload, &inference__model_statistics_request__descriptor);
 
@@ -370,47 +441,12 @@ static void model_statistics(void *ctx, struct rpc_call *call, grpc_byte_buffer 
         return;
     }
     protobuf_c_message_free_unpacked(&q->base, NULL);
-    if (metrics_get_stats(&st) < 0) {
+    if (api_statistics(a, &b) < 0) {
         rpc_reply(call, 8, "no memory for the statistics", NULL);
         return;
     }
-    bs = calloc(st.nbatch + 1, sizeof(*bs));
-    bsp = calloc(st.nbatch + 1, sizeof(*bsp));
-    bd = calloc(st.nbatch + 1, sizeof(*bd));
-    if (!bs || !bsp || !bd) {
-        rpc_reply(call, 8, "no memory for the statistics", NULL);
-        goto out;
-    }
-    for (size_t i = 0; i < st.nbatch; i++) {
-        bs[i] = (Inference__InferBatchStatistics)INFERENCE__INFER_BATCH_STATISTICS__INIT;
-        bs[i].batch_size = st.batch[i].batch_size;
-        bs[i].compute_input = duration(&bd[i][0], &st.batch[i].compute_input);
-        bs[i].compute_infer = duration(&bd[i][1], &st.batch[i].compute_infer);
-        bs[i].compute_output = duration(&bd[i][2], &st.batch[i].compute_output);
-        bsp[i] = &bs[i];
-    }
-    is.success = duration(&d[0], &st.success);
-    is.fail = duration(&d[1], &st.fail);
-    is.queue = duration(&d[2], &st.queue);
-    is.compute_input = duration(&d[3], &st.compute_input);
-    is.compute_infer = duration(&d[4], &st.compute_infer);
-    is.compute_output = duration(&d[5], &st.compute_output);
-    ms.name = (char *)a->model->name;
-    ms.version = MODEL_VERSION;
-    ms.last_inference = st.last_inference_ms;
-    ms.inference_count = st.inference_count;
-    ms.execution_count = st.execution_count;
-    ms.inference_stats = &is;
-    ms.n_batch_stats = st.nbatch;
-    ms.batch_stats = bsp;
-    r.n_model_stats = 1;
-    r.model_stats = msp;
-    reply_msg(call, &r.base);
-out:
-    free(bs);
-    free(bsp);
-    free(bd);
-    free(st.batch);
+    reply_msg(call, &b.r.base);
+    api_statistics_free(&b);
 }
 
 static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
@@ -572,6 +608,36 @@ void api_end_watches(struct api *a)
     pthread_mutex_unlock(&a->watch_lock);
 }
 
+int api_fill_rows(const struct model *m, struct shmreg_region *reg, uint64_t offset,
+                  const void *src, uint32_t rows, float *x, struct tp_err *err)
+{
+    enum tp_dtype dt = m->io_dtype;
+    size_t n = (size_t)rows * (size_t)m->in;
+    char *narrow = dt == TP_F32 ? (char *)x : (char *)x + 2 * n; /* where raw bytes land */
+
+    if (reg) {
+        if (shmreg_read(reg, offset, narrow, n * tp_dtype_size(dt), err) < 0)
+            return -1;
+        if (dt != TP_F32)
+            tp_widen_in_place(x, n, dt);
+    } else if (dt == TP_F32)
+        memcpy(x, src, n * sizeof(float));
+    else
+        tp_convert_to_f32(x, src, n, dt);
+    return 0;
+}
+
+int api_put_rows(const struct model *m, struct shmreg_region *reg, uint64_t offset,
+                 const float *y, uint32_t rows, struct tp_err *err)
+{
+    enum tp_dtype dt = m->io_dtype;
+    size_t n = (size_t)rows * (size_t)m->out;
+
+    if (dt != TP_F32)
+        tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
+    return reg ? shmreg_write(reg, offset, y, n * tp_dtype_size(dt), err) : 0;
+}
+
 /* Copies the request's rows into its place in the slot: the one copy of the input in tpd, which
  * widens FP16 or BF16 to the workers' FP32 on the way (exactly). Data still in the received
  * slices is first copied into the second half of the rows' room, then widened in place, so no
@@ -579,24 +645,17 @@ void api_end_watches(struct api *a)
 static void infer_fill(struct sched_req *req, float *x)
 {
     struct infer_call *ic = (struct infer_call *)req;
-    enum tp_dtype dt = ic->api->model->io_dtype;
-    size_t n = (size_t)req->rows * (size_t)ic->api->model->in;
-    char *narrow = dt == TP_F32 ? (char *)x : (char *)x + 2 * n; /* where raw bytes land */
+    const struct model *m = ic->api->model;
+    enum tp_dtype dt = m->io_dtype;
+    size_t n = (size_t)req->rows * (size_t)m->in;
 
-    if (ic->in_reg) {
-        /* a failed read (the client shrank its object) fails the request when it completes */
-        if (shmreg_read(ic->in_reg, ic->in.in_offset, narrow, n * tp_dtype_size(dt),
-                        &ic->fill_err) == 0 &&
-            dt != TP_F32)
-            tp_widen_in_place(x, n, dt);
-    } else if (dt == TP_F32 && ic->in.x)
-        memcpy(x, ic->in.x, n * sizeof(float));
+    /* a failed read (the client shrank its object) fails the request when it completes */
+    if (ic->in_reg || ic->in.x)
+        api_fill_rows(m, ic->in_reg, ic->in.in_offset, ic->in.x, req->rows, x, &ic->fill_err);
     else if (dt == TP_F32)
         gbuf_copy(ic->payload, ic->in.raw_offset, n * sizeof(float), x);
-    else if (ic->in.x)
-        tp_convert_to_f32(x, ic->in.x, n, dt);
     else {
-        gbuf_copy(ic->payload, ic->in.raw_offset, n * tp_dtype_size(dt), narrow);
+        gbuf_copy(ic->payload, ic->in.raw_offset, n * tp_dtype_size(dt), (char *)x + 2 * n);
         tp_widen_in_place(x, n, dt);
     }
     if (ic->payload) {
@@ -635,8 +694,6 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     struct infer_call *ic = (struct infer_call *)req;
     struct rpc_call *call = ic->call;
     grpc_byte_buffer *bb = NULL;
-    enum tp_dtype dt = ic->api->model->io_dtype;
-    size_t n = (size_t)req->rows * (size_t)ic->api->model->out;
     struct tp_err failed = {0}; /* this request's own failure, found here */
     int64_t t0 = metrics_now_ns(); /* compute_output: from here to the reply's hand-over */
 
@@ -645,8 +702,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     } else if (!err && ic->out_reg) {
         /* the output goes to the client's region, narrowed in place in the slot first: the
          * reply carries no data */
-        tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
-        shmreg_write(ic->out_reg, ic->in.out_offset, y, n * tp_dtype_size(dt), &failed);
+        api_put_rows(ic->api->model, ic->out_reg, ic->in.out_offset, y, req->rows, &failed);
     }
     if (!err && failed.code != TP_OK) {
         sched_unhold(req->hold); /* computed, but the answer cannot be given */
@@ -674,8 +730,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     } else {
         /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds
          * until gRPC has sent them; so the reply stays zero-copy and needs no buffer */
-        if (dt != TP_F32)
-            tp_convert_from_f32((void *)(uintptr_t)y, y, n, dt);
+        api_put_rows(ic->api->model, NULL, 0, y, req->rows, NULL);
         /* the reply points at the slot's output; gRPC releases the slot when it is done. A
          * stream's answer is copied: it may wait behind others for a slow reader, and must not
          * hold a slot meanwhile. */

@@ -10,6 +10,8 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#include "grpc_service.pb-c.h"
+#include "metrics.h"
 #include "model.h"
 #include "rpc.h"
 #include "sched.h"
@@ -41,6 +43,57 @@ void api_health_changed(struct api *a);
 /* Ends every Watch (and every one that comes later) with UNAVAILABLE, after telling it
  * NOT_SERVING: at the start of the drain, so that open watches do not hold the drain up. */
 void api_end_watches(struct api *a);
+
+/* The answers of ModelMetadata, ModelConfig and ModelStatistics, built for gRPC and REST alike:
+ * r points into the struct's own storage (and, for the statistics, into memory that
+ * api_statistics_free releases). */
+#define API_METADATA_PARAMS 24
+
+struct api_metadata {
+    Inference__ModelMetadataResponse r;
+    Inference__ModelMetadataResponse__TensorMetadata in, out, *ins[1], *outs[1];
+    Inference__InferParameter pv[API_METADATA_PARAMS];
+    Inference__ModelMetadataResponse__ParametersEntry e[API_METADATA_PARAMS];
+    Inference__ModelMetadataResponse__ParametersEntry *ep[API_METADATA_PARAMS];
+    int64_t in_shape[2], out_shape[2];
+    char *versions[1];
+};
+
+struct api_config {
+    Inference__ModelConfigResponse r;
+    Inference__ModelConfig mc;
+    Inference__ModelInput in, *ins[1];
+    Inference__ModelOutput out, *outs[1];
+    Inference__ModelDynamicBatching db;
+    int64_t in_dims[1], out_dims[1];
+};
+
+struct api_statistics {
+    Inference__ModelStatisticsResponse r;
+    Inference__ModelStatistics ms, *msp[1];
+    Inference__InferStatistics is;
+    Inference__StatisticDuration d[6], (*bd)[3];
+    Inference__InferBatchStatistics *bs, **bsp;
+    struct metrics_stats st;
+};
+
+void api_metadata(const struct api *a, struct api_metadata *b);
+void api_config(const struct api *a, struct api_config *b);
+/* -1 (nothing to free) without memory */
+int api_statistics(const struct api *a, struct api_statistics *b);
+void api_statistics_free(struct api_statistics *b);
+
+/* Copies a request's rows ([rows, in] of the model's io dtype) into x, a slot's FP32 rows,
+ * widening on the way: from the shared-memory region reg at offset, or from src when reg is
+ * NULL. -1 with err when the region cannot be read (its client shrank it). */
+int api_fill_rows(const struct model *m, struct shmreg_region *reg, uint64_t offset,
+                  const void *src, uint32_t rows, float *x, struct tp_err *err);
+
+/* Narrows a request's output y ([rows, out] FP32, in its slot, which it holds) to the model's io
+ * dtype in place and, with reg, writes it into that shared-memory region at offset; -1 with err
+ * when it cannot. */
+int api_put_rows(const struct model *m, struct shmreg_region *reg, uint64_t offset,
+                 const float *y, uint32_t rows, struct tp_err *err);
 
 extern const struct rpc_method api_methods[];
 extern const int api_nmethods;

@@ -7,7 +7,6 @@
 #include "metrics.h"
 
 #include <errno.h>
-#include <netdb.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -19,6 +18,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "tcp.h"
 
 #define NCODES 17 /* gRPC status codes 0..16 */
 
@@ -867,61 +867,11 @@ static void *http_thread(void *arg)
     return NULL;
 }
 
-/* Binds and listens on addr; returns the socket, or -1 with err set. */
-static int listen_on(const char *addr, struct tp_err *err)
-{
-    char host[256], serv[16], shown[300];
-    const char *colon = strrchr(addr, ':');
-    struct addrinfo hints = {.ai_flags = AI_PASSIVE | AI_NUMERICSERV, .ai_socktype = SOCK_STREAM};
-    struct addrinfo *ai = NULL;
-    struct sockaddr_storage sa;
-    socklen_t salen = sizeof(sa);
-    size_t hl;
-    int fd = -1, one = 1, r;
-
-    if (!colon || colon == addr || !colon[1] || strlen(colon + 1) >= sizeof(serv) ||
-        (size_t)(colon - addr) >= sizeof(host))
-        return tp_err_set(err, TP_EINVAL,
-                          "--metrics-listen '%s' is not HOST:PORT (or 'off' to disable)", addr);
-    hl = (size_t)(colon - addr);
-    memcpy(host, addr, hl);
-    host[hl] = '\0';
-    if (host[0] == '[' && host[hl - 1] == ']') { /* [v6]:port */
-        memmove(host, host + 1, hl - 2);
-        host[hl - 2] = '\0';
-    }
-    snprintf(serv, sizeof(serv), "%s", colon + 1);
-    if (strspn(serv, "0123456789") != strlen(serv) || atol(serv) > 65535)
-        return tp_err_set(err, TP_EINVAL, "--metrics-listen '%s': port must be 0 to 65535", addr);
-    r = getaddrinfo(host, serv, &hints, &ai);
-    if (r != 0)
-        return tp_err_set(err, TP_EINVAL, "--metrics-listen '%s': %s", addr, gai_strerror(r));
-    fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
-        bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 64) < 0 ||
-        getsockname(fd, (struct sockaddr *)&sa, &salen) < 0) {
-        tp_err_sys(err, "cannot listen on %s for metrics (--metrics-listen)", addr);
-        goto fail;
-    }
-    r = getnameinfo((struct sockaddr *)&sa, salen, host, sizeof(host), serv, sizeof(serv),
-                    NI_NUMERICHOST | NI_NUMERICSERV);
-    if (r == 0) {
-        snprintf(shown, sizeof(shown), sa.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s", host, serv);
-        tp_log(TP_LOG_NOTICE, "metrics and health on http://%s/metrics", shown);
-    }
-    freeaddrinfo(ai);
-    return fd;
-fail:
-    if (fd >= 0)
-        close(fd);
-    freeaddrinfo(ai);
-    return -1;
-}
-
 int metrics_server_start(struct metrics_server **out, const char *addr, metrics_ready_fn ready,
                          void *ctx, struct tp_err *err)
 {
     struct metrics_server *s = calloc(1, sizeof(*s));
+    char shown[300];
     int e;
 
     *out = NULL;
@@ -932,9 +882,10 @@ int metrics_server_start(struct metrics_server **out, const char *addr, metrics_
     s->wake = -1;
     for (int i = 0; i < HTTP_MAX_CONNS; i++)
         s->conns[i].fd = -1;
-    s->lfd = listen_on(addr, err);
+    s->lfd = tcp_listen(addr, "--metrics-listen", "metrics", shown, sizeof(shown), err);
     if (s->lfd < 0)
         goto fail;
+    tp_log(TP_LOG_NOTICE, "metrics and health on http://%s/metrics", shown);
     s->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (s->wake < 0) {
         tp_err_sys(err, "metrics server on %s: eventfd", addr);
