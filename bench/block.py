@@ -353,7 +353,7 @@ class Bench:
         log_path = os.path.join(self.work, "tpd%d.log" % self.starts)
         cmd = [os.path.join(self.bin, "tpd"), "--weights", weights_path] + extra + [
             "--cpu", str(ranks), "--model", model, "--listen", "unix:" + sock,
-            "--metrics-listen", "off", "--config", "none", "--log-level", "debug",
+            "--metrics-listen", "off", "--http-listen", "off", "--config", "none", "--log-level", "debug",
             "--max-batch", str(max(256, max(self.a.batches)))]
         with open(log_path, "w") as f:
             self.tpd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,

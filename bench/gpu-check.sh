@@ -297,7 +297,7 @@ tp_pid=
 start_tpd() {
     local log=$1 i
     shift
-    "$bin/tpd" --listen "$sock" --metrics-listen 127.0.0.1:0 "$@" 2>"$log" &
+    "$bin/tpd" --listen "$sock" --metrics-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 "$@" 2>"$log" &
     tp_pid=$!
     for i in $(seq 300); do
         "$bin/tpclient" --server "$sock" health >/dev/null 2>&1 && return 0
@@ -570,7 +570,7 @@ if [ "$mode" = dry ]; then
     fi
     for g in host nccl; do
         echo "$probe" | grep -q "^no usable GPU: " || break
-        out=$(timeout 60 "$bin/tpd" --listen "$sock" --metrics-listen 127.0.0.1:0 --weights \
+        out=$(timeout 60 "$bin/tpd" --listen "$sock" --metrics-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --weights \
             "$work/layer.safetensors" --gpus 0 --gather "$g" 2>&1)
         rc=$?
         echo "--gpus 0 --gather $g: exit $rc: $(echo "$out" | tail -1)"

@@ -251,7 +251,7 @@ class Bench:
         sock = os.path.join(self.tmp, "s.sock")
         log_path = os.path.join(self.tmp, "tpd%d.log" % self.starts)
         cmd = [os.path.join(self.bin, "tpd"), "--weights", self.path, "--weight", NAME, "--cpu",
-               str(ranks), "--listen", "unix:" + sock, "--metrics-listen", "off", "--config",
+               str(ranks), "--listen", "unix:" + sock, "--metrics-listen", "off", "--http-listen", "off", "--config",
                "none", "--max-batch", "4", "--slots", "1"]
         warmed = None
         if self.a.pause:

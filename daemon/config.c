@@ -95,6 +95,9 @@ static void usage(FILE *f)
         "  --metrics-listen ADDR   HOST:PORT of the HTTP server for /metrics and the health\n"
         "                          endpoints; port 0 picks a free one; 'off' disables it\n"
         "                          (default: 127.0.0.1:8002)\n"
+        "  --http-listen ADDR      HOST:PORT of the KServe v2 REST API (JSON and the binary\n"
+        "                          tensor extension); port 0 picks a free one; 'off'\n"
+        "                          disables it (default: 127.0.0.1:8000)\n"
         "  --socket-mode MODE      octal file mode of unix: sockets (default: 0660)\n"
         "  --tls-cert PATH         serve TCP addresses over TLS with this PEM certificate chain\n"
         "  --tls-key PATH          PEM private key of --tls-cert (required with it)\n"
@@ -305,6 +308,7 @@ enum {
     O_CPU_GEMM,
     O_BATCH_DELAY,
     O_METRICS_LISTEN,
+    O_HTTP_LISTEN,
     O_SOCK_MODE,
     O_TLS_CERT,
     O_TLS_KEY,
@@ -343,6 +347,7 @@ static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIG
                                      {"cpu-gemm", required_argument, NULL, O_CPU_GEMM},
                                      {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
                                      {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
+                                     {"http-listen", required_argument, NULL, O_HTTP_LISTEN},
                                      {"socket-mode", required_argument, NULL, O_SOCK_MODE},
                                      {"tls-cert", required_argument, NULL, O_TLS_CERT},
                                      {"tls-key", required_argument, NULL, O_TLS_KEY},
@@ -499,6 +504,9 @@ static enum config_result apply(struct config *c, int o)
     case O_METRICS_LISTEN:
         c->metrics_listen = (!optarg[0] || strcmp(optarg, "off") == 0) ? NULL : optarg;
         break;
+    case O_HTTP_LISTEN:
+        c->http_listen = (!optarg[0] || strcmp(optarg, "off") == 0) ? NULL : optarg;
+        break;
     case O_SOCK_MODE:
         if (parse_mode(optarg, &c->socket_mode))
             return CONFIG_USAGE;
@@ -635,6 +643,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
                          .io_dtype = TP_F32,
                          .cpu_gemm = "invariant",
                          .metrics_listen = "127.0.0.1:8002",
+                         .http_listen = "127.0.0.1:8000",
                          .socket_mode = 0660};
     model = gather = dtype = cpu_gemm = NULL;
     cpu_given = weight_given = 0;

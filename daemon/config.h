@@ -40,6 +40,7 @@ struct config {
                              * (longer jobs get more: daemon/sup.c); 0: never */
     int log_level;
     const char *metrics_listen; /* HOST:PORT of the HTTP server; NULL: none ("off") */
+    const char *http_listen;    /* HOST:PORT of the REST API; NULL: none ("off") */
     const char *config;         /* configuration file that was read; NULL: none */
     int listen_cmdline;         /* a --listen came from the command line */
     uint32_t batch_delay_us;    /* most a batch waits for more requests; 0: batching off */

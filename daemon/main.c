@@ -27,6 +27,7 @@
 #include "ncclid.h"
 #include "notify.h"
 #include "proc.h"
+#include "rest.h"
 #include "rpc.h"
 #include "plan.h"
 #include "sched.h"
@@ -235,6 +236,7 @@ int main(int argc, char **argv)
     struct rpc_server *rpc = NULL;
     struct api api = {.watch_lock = PTHREAD_MUTEX_INITIALIZER};
     struct metrics_server *http = NULL;
+    struct rest *rest = NULL;
     struct tp_err err = {0};
     pthread_t wd_thread = 0;
     int wd_started = 0;
@@ -337,6 +339,18 @@ int main(int argc, char **argv)
     api.batch_delay_us = c.batch_delay_us;
     if (shmreg_create(&api.shm, &err) < 0)
         goto fail_grpc;
+    /* bodies: the binary input with headroom, or its JSON text, at most 32 bytes a number */
+    if (c.http_listen &&
+        rest_start(&rest,
+                   &(struct rest_config){
+                       .listen = c.http_listen,
+                       .api = &api,
+                       .max_body = (uint64_t)c.max_batch * (uint64_t)m.in * 32 + MSG_HEADROOM,
+                       .max_buffered = (uint64_t)c.max_queue_mb << 20,
+                       .reply_timeout_ms = c.reply_timeout_ms ? c.reply_timeout_ms : 30000,
+                       .threads = online_cpus() < 4 ? 2 : 4},
+                   &err) < 0)
+        goto fail_grpc;
     if (rpc_server_create(
             &rpc,
             &(struct rpc_config){.listen = c.listen,
@@ -404,6 +418,7 @@ int main(int argc, char **argv)
     notify_status("draining %u requests", sched_busy(sched));
     atomic_store(&api.draining, 1);
     api_end_watches(&api); /* so that open watches do not hold the drain up */
+    rest_quiesce(rest);
     rpc_server_stop(rpc, DRAIN_GRACE_MS);
     rpc = NULL;
     status = 0;
@@ -418,6 +433,7 @@ fail:
     stop_startup_watchdog(&wd_started, wd_thread);
     if (status)
         tp_log(TP_LOG_ERR, "%s", err.msg);
+    rest_stop(rest, DRAIN_GRACE_MS);
     metrics_server_stop(http);
     sup_stop(sup);
     sched_destroy(sched);

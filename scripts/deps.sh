@@ -3,11 +3,11 @@
 # Idempotent: packages already present are left as they are.
 set -euo pipefail
 
-# libb64-0d: Triton's perf_analyzer (scripts/perf-analyzer.sh); prometheus: its promtool, which
+# curl: the REST tests; libb64-0d: Triton's perf_analyzer (scripts/perf-analyzer.sh); prometheus: its promtool, which
 # a test runs on tpd's /metrics
 pkgs=(build-essential cmake pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
-      libopenblas-dev libcjson-dev libsystemd-dev systemd python3 python3-venv
-      clang libclang-rt-14-dev openssl libb64-0d prometheus)
+      libopenblas-dev libcjson-dev libmicrohttpd-dev libsystemd-dev systemd python3 python3-venv
+      clang libclang-rt-14-dev openssl curl libb64-0d prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${FUZZ_SECONDS:-20}
-targets=(infer npy safetensors ctl plan)
+targets=(infer rest npy safetensors ctl plan)
 mkdir -p build-fuzz
 if ! { CC=clang cmake -S . -B build-fuzz -DTP_FUZZ=ON -DTP_WERROR=ON &&
        cmake --build build-fuzz -j"$(nproc)" --target "${targets[@]/#/fuzz_}"; } \

@@ -17,7 +17,7 @@ trap tp_cleanup EXIT
 # Its metrics server takes a free port (the default 8002 may be taken on a shared machine); the
 # log line "metrics and health on http://..." names it.
 tp_start() {
-    build/bin/tpd --listen "$tp_sock" --metrics-listen 127.0.0.1:0 "$@" &
+    build/bin/tpd --listen "$tp_sock" --metrics-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 "$@" &
     tp_pid=$!
     for _ in $(seq 600); do
         build/bin/tpclient --server "$tp_sock" health >/dev/null 2>&1 && return 0

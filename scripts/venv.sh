@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Creates build/venv with what the integration tests use: numpy, safetensors, NVIDIA's
-# tritonclient[grpc] as an independent KServe v2 client, grpcio-reflection's client and grpcurl
+# tritonclient[grpc,http] as an independent KServe v2 client, grpcio-reflection's client and grpcurl
 # (tests/requirements.txt). Prints the interpreter's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=build/venv
 # everything tests/requirements.txt brings, so that a venv made before a new line of it is
 # brought up to date
-if ! "$venv/bin/python" -c "import numpy, safetensors, tritonclient.grpc, ml_dtypes, h2, \
+if ! "$venv/bin/python" -c "import numpy, safetensors, tritonclient.grpc, tritonclient.http, \
+        tritonclient.http.aio, ml_dtypes, h2, \
         grpc_reflection" 2>/dev/null || [ ! -x "$venv/bin/grpcurl" ]; then
     mkdir -p build
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv" >&2

@@ -236,8 +236,41 @@ def plan():
     put("plan", "long", plan_msg() + b"\0" * 8)
 
 
+def rest_body(header, data=b"", prefix=True):
+    """A REST request body; with prefix, the two bytes fuzz_rest reads as the JSON header's
+    length come first (the target also reads the whole input as JSON)."""
+    h = json.dumps(header).encode()
+    return (struct.pack("<H", len(h)) if prefix else b"") + h + data
+
+
+def rest():
+    x = np.arange(6, dtype=np.float32)
+    t = {"name": "input", "shape": [2, 3], "datatype": "FP32"}
+    put("rest", "json-2x3", rest_body({"id": "r1", "inputs": [dict(t, data=x.tolist())]},
+                                      prefix=False))
+    put("rest", "json-nested", rest_body({"inputs": [dict(t, shape=[1, 2, 3], data=[
+        [[0, 1, 2], [3, 4, 5]]])], "parameters": {"binary_data_output": True, "timeout": 9}},
+        prefix=False))
+    put("rest", "binary-2x3", rest_body({"inputs": [dict(t, parameters={
+        "binary_data_size": 24})], "outputs": [{"name": "output", "parameters": {
+            "binary_data": True}}]}, x.tobytes()))
+    put("rest", "binary-fp16", rest_body({"inputs": [dict(t, datatype="FP16", parameters={
+        "binary_data_size": 12})], "parameters": {"binary_data_output": True}},
+        x.astype(np.float16).tobytes()))
+    put("rest", "shm", rest_body({"inputs": [dict(t, parameters={
+        "shared_memory_region": "in", "shared_memory_byte_size": 24})], "outputs": [{
+            "name": "output", "parameters": {"shared_memory_region": "out",
+                                             "shared_memory_byte_size": 16,
+                                             "shared_memory_offset": 8}}]}, prefix=False))
+    put("rest", "short-binary", rest_body({"inputs": [dict(t, parameters={
+        "binary_data_size": 24})]}, x.tobytes()[:20]))
+    put("rest", "bad-json", b'{"inputs": [{"name": "input", "shape": [2, 3],')
+    put("rest", "nul-escape", b'{"id": "a\u0000", "inputs": []}')
+
+
 if __name__ == "__main__":
     infer()
+    rest()
     npy()
     safetensors()
     ctl()

@@ -151,7 +151,7 @@ class Daemon:
         self.sock = "unix:" + os.path.join(dir, name + ".sock")
         self.log_path = os.path.join(dir, name + ".log")
         self.log_file = open(self.log_path, "w")
-        self.argv = [TPD, "--listen", self.sock, "--metrics-listen", "127.0.0.1:0"] + [
+        self.argv = [TPD, "--listen", self.sock, "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"] + [
             str(a) for a in args]
         self.proc = subprocess.Popen(self.argv, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, **env) if env else None)

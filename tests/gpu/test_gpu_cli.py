@@ -61,7 +61,7 @@ class TestGpuStartErrors(unittest.TestCase):
                         None, r"no cuda backend|--gather nccl .*needs NCCL")
                 if rc is None:
                     res = run([gputest.TPD, "--weights", self.layer, "--listen",
-                               "unix:" + os.path.join(self.dir, "n.sock"), "--metrics-listen", "127.0.0.1:0"] + args)
+                               "unix:" + os.path.join(self.dir, "n.sock"), "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"] + args)
                     rc = 64 if res.rc == 64 else 1
                 last = self.start_fails(*args, expect=expect, rc_expected=rc)
                 print("%s -> %s (%.2f s)" % (" ".join(args), last, time.monotonic() - t0))
@@ -103,7 +103,7 @@ class TestGpuFlags(unittest.TestCase):
         for args, pattern in cases:
             with self.subTest(args=args):
                 res = run([gputest.TPD, "--weights", self.layer, "--listen",
-                           "unix:" + os.path.join(self.dir, "u.sock"), "--metrics-listen", "127.0.0.1:0"] + args,
+                           "unix:" + os.path.join(self.dir, "u.sock"), "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"] + args,
                           timeout=60)
                 self.assertEqual(res.rc, 64, repr(res))
                 self.assertRegex(res.err, pattern, repr(res))

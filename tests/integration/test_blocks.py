@@ -77,7 +77,7 @@ class BlockCase(TpdTestCase):
 
     def serve(self, weights, *args, ranks=2):
         return self.start_daemon(weights, "--cpu", ranks, "--model", "m",
-                                 "--metrics-listen", "127.0.0.1:0", *args)
+                                 "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", *args)
 
     def refused(self, weights, *args, rc=(1, 64)):
         res = tpdtest.run([tpdtest.TPD, "--weights", weights, "--config", "none"] + list(args))

@@ -52,7 +52,8 @@ class CheckpointCase(TpdTestCase):
 
     def refused(self, weights, *args, rc=(1, 64)):
         """Runs tpd, which must exit with a status in rc before starting a worker; -> stderr."""
-        res = tpdtest.run([tpdtest.TPD, "--weights", weights, "--config", "none"] + list(args))
+        res = tpdtest.run([tpdtest.TPD, "--weights", weights, "--config", "none",
+                           "--http-listen", "off"] + list(args))
         self.assertIn(res.rc, rc, repr(res))
         self.assertTrue(res.err.strip(), repr(res))
         self.assertNotIn("started worker", res.err)

@@ -66,7 +66,7 @@ class TestConfig(TpdTestCase):
 
     def tpd(self, *args):
         """tpd that must fail before serving (metrics on a free port, never 8002)."""
-        return run([tpdtest.TPD, "--listen", "unix:" + self.path("x.sock"), "--metrics-listen",
+        return run([tpdtest.TPD, "--listen", "unix:" + self.path("x.sock"), "--http-listen", "127.0.0.1:0", "--metrics-listen",
                     "127.0.0.1:0"] + [str(a) for a in args], timeout=30)
 
     def test_flags_override_the_file(self):
@@ -100,7 +100,7 @@ class TestConfig(TpdTestCase):
         conf = self.write("tpd.conf", "weights = %s\nlisten = unix:%s\nmetrics-listen = off\n" % (
             self.wpath, sock))
         d = tpdtest.Daemon(self.tmp, None, ["--config", conf], name="filelisten")
-        d.argv = [a for a in d.argv if a not in ("--listen", d.addr, "--metrics-listen",
+        d.argv = [a for a in d.argv if a not in ("--listen", d.addr, "--http-listen", "127.0.0.1:0", "--metrics-listen",
                                                  "127.0.0.1:0")]
         d.addr = "unix:" + sock
         self.daemons.append(d)
@@ -114,7 +114,7 @@ class TestConfig(TpdTestCase):
         78) and either serves (a host with the GPUs) or fails to find a usable GPU (exit 1)."""
         conf = self.write("gpu.conf", "weights = %s\n" % self.wpath + "".join(gpu_lines))
         p = subprocess.Popen([tpdtest.TPD, "--config", conf, "--listen",
-                              "unix:" + self.path("gpu.sock"), "--metrics-listen", "127.0.0.1:0"],
+                              "unix:" + self.path("gpu.sock"), "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             _, err = p.communicate(timeout=20)

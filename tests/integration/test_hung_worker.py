@@ -296,7 +296,7 @@ class TestFlag(HungCase):
     def test_bad_values_are_refused(self):
         seed = os.path.join(tpdtest.SEED_DIR, "seed.safetensors")
         base = [tpdtest.TPD, "--weights", seed, "--listen", "unix:" + self.path("x.sock"),
-                "--metrics-listen", "127.0.0.1:0"]
+                "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
         for bad in ("abc", "-1", "1.5", "", "50", "99", "3600001", "10s"):
             with self.subTest(value=bad):
                 res = run(base + ["--job-timeout-ms", bad], timeout=30)

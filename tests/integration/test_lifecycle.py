@@ -166,7 +166,7 @@ class TestCommandLine(TpdTestCase):
     def tpd(self, *args, listen=True):
         argv = [tpdtest.TPD] + [str(a) for a in args]
         if listen:
-            argv += ["--listen", "unix:" + self.path("cli.sock"), "--metrics-listen", "127.0.0.1:0"]
+            argv += ["--listen", "unix:" + self.path("cli.sock"), "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
         return run(argv, timeout=30)
 
     def test_fewer_outputs_than_ranks(self):

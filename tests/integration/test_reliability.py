@@ -421,8 +421,8 @@ class TestStartFailures(ReliabilityCase):
         )
         for args, needle in cases:
             with self.subTest(args=args):
-                res = tpdtest.run([tpdtest.TPD, "--weights", seed, "--listen", "unix:" + sock] +
-                                  args, timeout=30)
+                res = tpdtest.run([tpdtest.TPD, "--weights", seed, "--listen", "unix:" + sock,
+                                   "--http-listen", "off"] + args, timeout=30)
                 self.assertEqual(res.rc, 1, repr(res))
                 self.assertIn(needle, res.err, repr(res))
                 self.assertFalse(os.path.exists(sock), "unix socket left behind")

@@ -192,7 +192,7 @@ class TestTls(TlsCase):
     def test_bad_tls_settings(self):
         p = self.pki
         sock = "unix:" + self.path("bad.sock")
-        base = [tpdtest.TPD, "--weights", self.wpath, "--listen", sock]
+        base = [tpdtest.TPD, "--weights", self.wpath, "--listen", sock, "--http-listen", "off"]
         junk = self.path("junk.pem")
         with open(junk, "w") as f:
             f.write("not a certificate\n")
@@ -254,7 +254,7 @@ class TestUnixSocket(TpdTestCase):
         for arg in ("999", "rw", "-1", "01000", "", "0x1ff"):
             with self.subTest(mode=arg):
                 res = run([tpdtest.TPD, "--weights", seed, "--listen",
-                           "unix:" + self.path("m.sock"), "--socket-mode", arg], timeout=30)
+                           "unix:" + self.path("m.sock"), "--http-listen", "off", "--socket-mode", arg], timeout=30)
                 self.assertEqual(res.rc, 64, repr(res))
                 self.assertIn("--socket-mode", res.err, repr(res))
                 self.assertIn("'%s'" % arg, res.err, repr(res))

@@ -360,6 +360,7 @@ LOADED_RE = re.compile(r"tpd-worker rank (\d+): \w+: loaded rows \[(\d+), (\d+)\
                        r"'([^']*)' \((\w+)\): read (\d+) bytes of weight and (\d+) bytes of bias")
 ACCEPTED_RE = re.compile(r"tpd: debug: accepted request")
 METRICS_RE = re.compile(r"tpd: notice: metrics and health on http://(\S+)/metrics")
+HTTP_RE = re.compile(r"tpd: notice: REST API on http://(\S+)/v2")
 SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)[^\n]*|runtime error: [^\n]*")
 
 
@@ -424,8 +425,9 @@ def metric_series(text, name):
 
 class Daemon:
     """One tpd. Listens on a unix socket in workdir unless listen is given, and serves its metrics
-    on a port the OS picks (--metrics-listen 127.0.0.1:0, unless args set --metrics-listen);
-    metrics_url() reads it from the log. weights None leaves --weights out (a config file gives
+    on a port the OS picks (--metrics-listen 127.0.0.1:0, unless args set --metrics-listen),
+    as it does its REST API (--http-listen); metrics_url() and http_addr() read them from the
+    log. weights None leaves --weights out (a config file gives
     it); env adds to or, with None values, removes from tpd's environment. Its stdout and stderr
     go to NAME.log in workdir. start() waits until `tpclient health` says ready (exit 0); stop()
     sends SIGTERM and demands exit 0 within STOP_TIMEOUT; kill() (always called at cleanup) kills
@@ -440,8 +442,9 @@ class Daemon:
         args = [str(a) for a in args]
         self.argv = [TPD] + (["--weights", weights] if weights is not None else [])
         self.argv += ["--listen", self.addr] + args
-        if not any(a == "--metrics-listen" or a.startswith("--metrics-listen=") for a in args):
-            self.argv += ["--metrics-listen", "127.0.0.1:0"]
+        for flag in ("--metrics-listen", "--http-listen"):
+            if not any(a == flag or a.startswith(flag + "=") for a in args):
+                self.argv += [flag, "127.0.0.1:0"]
         self.env = dict(os.environ)
         for k, v in (env or {}).items():
             if v is None:
@@ -561,17 +564,24 @@ class Daemon:
             self.name, " ".join(self.argv), min(lines, len(text)), len(text),
             "\n".join(text[-lines:]))
 
-    def metrics_url(self, timeout=READY_TIMEOUT):
-        """http://HOST:PORT of the metrics server, from its log line (waits for it)."""
+    def logged_addr(self, regex, what, timeout=READY_TIMEOUT):
+        """The HOST:PORT that regex's line of the log names (waits for it)."""
         deadline = time.monotonic() + timeout
         while True:
-            m = METRICS_RE.search(self.log())
+            m = regex.search(self.log())
             if m:
-                return "http://" + m.group(1)
+                return m.group(1)
             if not self.running() or time.monotonic() > deadline:
-                raise AssertionError("no 'metrics and health on' line in the log\n" +
-                                     self.log_tail())
+                raise AssertionError("no '%s' line in the log\n" % what + self.log_tail())
             time.sleep(0.02)
+
+    def metrics_url(self, timeout=READY_TIMEOUT):
+        """http://HOST:PORT of the metrics server, from its log line (waits for it)."""
+        return "http://" + self.logged_addr(METRICS_RE, "metrics and health on", timeout)
+
+    def http_addr(self, timeout=READY_TIMEOUT):
+        """HOST:PORT of the REST API, from its log line (waits for it)."""
+        return self.logged_addr(HTTP_RE, "REST API on", timeout)
 
     def scrape(self):
         """The text of /metrics."""

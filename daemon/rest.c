@@ -1,0 +1,867 @@
+/* rest.c -- the KServe v2 REST API over libmicrohttpd (see rest.h). A request is read whole into
+ * one buffer sized from its Content-Length (refused at once when that is too much), then routed.
+ * An inference is read by restjson_infer, which decides as gRPC's ModelInfer does, and handed to
+ * the scheduler; its connection is suspended while the job runs, the scheduler's completion
+ * resumes it, and the answer is built on the server's thread. */
+#include "rest.h"
+
+#include <cjson/cJSON.h>
+#include <inttypes.h>
+#include <math.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "infer.h"
+#include "log.h"
+#include "restjson.h"
+#include "tcp.h"
+
+#define REST_MAX_CONNS 256
+#define REST_IDLE_S 30             /* a connection silent this long is closed */
+#define REST_SMALL_BODY (64 << 10) /* most bytes of any body but an inference's */
+#define REST_CONN_MEMORY (128 << 10) /* per connection: headers and reads */
+
+struct rest {
+    struct MHD_Daemon *d;
+    struct rest_config c;
+    atomic_uint_fast64_t buffered; /* bytes of bodies held */
+    atomic_int outstanding;        /* inferences accepted and not yet answered */
+    atomic_int quiesced;
+};
+
+enum route {
+    R_NONE,
+    R_SERVER_META,
+    R_LIVE,
+    R_READY,
+    R_MODEL_META,
+    R_MODEL_READY,
+    R_MODEL_CONFIG,
+    R_MODEL_STATS,
+    R_ALL_STATS,
+    R_INFER,
+    R_INDEX,
+    R_SHM_STATUS,
+    R_SHM_REGISTER,
+    R_SHM_UNREGISTER,
+    R_CUDA_STATUS,
+    R_CUDA_REGISTER,
+    R_CUDA_UNREGISTER,
+};
+
+/* One HTTP request, from its first byte to the end of its answer (MHD's per-request pointer). */
+struct rest_req {
+    struct sched_req req; /* first: the scheduler's callbacks get back to the request from it */
+    struct rest *rest;
+    struct MHD_Connection *conn;
+    enum route route;
+    char path[512];                     /* the URL's path, split in place at '/' */
+    const char *model, *version, *name; /* in path: model and version, or the region's name */
+    int post;                           /* a POST (else GET or HEAD) */
+    char *body;                         /* the body as received */
+    size_t len, cap;                    /* cap: allocated and charged to rest->buffered */
+    int refused;                        /* answered before its body was read */
+    int64_t t0_ns;                      /* arrival, metrics_now_ns() */
+    /* an inference */
+    struct restjson_infer inf;
+    struct shmreg_region *in_reg, *out_reg;
+    struct tp_err fill_err;
+    pthread_mutex_t lock; /* orders the completion against the suspend and the request's end */
+    int submitted, done, gone, answered;
+    const float *y;      /* the output in the slot (req.hold), after a successful completion */
+    struct tp_err err;   /* the completion's error */
+};
+
+/* ---- answers ---- */
+
+static enum MHD_Result send_buf(struct MHD_Connection *conn, unsigned status, const char *type,
+                                char *buf, size_t len)
+{
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
+    enum MHD_Result r;
+
+    if (!resp) {
+        free(buf);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    if (status == 405)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, "GET, HEAD, POST");
+    r = MHD_queue_response(conn, status, resp);
+    MHD_destroy_response(resp);
+    return r;
+}
+
+/* Sends j (taken) as the body. */
+static enum MHD_Result send_json(struct MHD_Connection *conn, unsigned status, cJSON *j)
+{
+    char *s = j ? cJSON_PrintUnformatted(j) : NULL;
+
+    cJSON_Delete(j);
+    if (!s)
+        return MHD_NO;
+    return send_buf(conn, status, "application/json", s, strlen(s));
+}
+
+static enum MHD_Result send_error(struct MHD_Connection *conn, unsigned status, const char *msg)
+{
+    cJSON *j = cJSON_CreateObject();
+
+    if (j)
+        cJSON_AddStringToObject(j, "error", msg);
+    return send_json(conn, status, j);
+}
+
+static enum MHD_Result send_err(struct MHD_Connection *conn, const struct tp_err *err)
+{
+    return send_error(conn, restjson_status(tp_code_grpc(err->code)), err->msg);
+}
+
+static enum MHD_Result send_pb(struct MHD_Connection *conn, const ProtobufCMessage *m)
+{
+    return send_json(conn, 200, restjson_pb(m));
+}
+
+/* ---- routes ---- */
+
+/* Splits path (a copy of the URL) into at most max segments; the count, or -1 when it does not
+ * start with "/v2". */
+static int split(char *path, char **seg, int max)
+{
+    int n = 0;
+
+    if (strncmp(path, "/v2", 3) != 0 || (path[3] && path[3] != '/'))
+        return -1;
+    for (char *p = path + 1; p && n < max + 1;) {
+        char *slash = strchr(p, '/');
+
+        if (slash)
+            *slash = '\0';
+        if (n == max)
+            return max + 1;
+        seg[n++] = p;
+        p = slash ? slash + 1 : NULL;
+    }
+    return n;
+}
+
+/* Finds q's route from its URL; R_NONE when there is none. */
+static enum route route(struct rest_req *q, const char *url)
+{
+    char *s[8];
+    int n;
+
+    if (strlen(url) >= sizeof(q->path))
+        return R_NONE;
+    strcpy(q->path, url);
+    n = split(q->path, s, 8);
+    if (n < 1)
+        return R_NONE;
+    if (n == 1)
+        return R_SERVER_META;
+    if (n == 3 && strcmp(s[1], "health") == 0)
+        return strcmp(s[2], "live") == 0 ? R_LIVE : strcmp(s[2], "ready") == 0 ? R_READY : R_NONE;
+    if (n == 3 && strcmp(s[1], "repository") == 0 && strcmp(s[2], "index") == 0)
+        return R_INDEX;
+    if (strcmp(s[1], "systemsharedmemory") == 0 || strcmp(s[1], "cudasharedmemory") == 0) {
+        int cuda = s[1][0] == 'c';
+        const char *verb = s[n - 1];
+
+        if (n == 5 && strcmp(s[2], "region") == 0 && s[3][0])
+            q->name = s[3];
+        else if (n != 3)
+            return R_NONE;
+        if (strcmp(verb, "status") == 0)
+            return cuda ? R_CUDA_STATUS : R_SHM_STATUS;
+        if (strcmp(verb, "unregister") == 0)
+            return cuda ? R_CUDA_UNREGISTER : R_SHM_UNREGISTER;
+        if (strcmp(verb, "register") == 0 && q->name)
+            return cuda ? R_CUDA_REGISTER : R_SHM_REGISTER;
+        return R_NONE;
+    }
+    if (strcmp(s[1], "models") != 0)
+        return R_NONE;
+    if (n == 3 && strcmp(s[2], "stats") == 0)
+        return R_ALL_STATS;
+    if (n < 3 || !s[2][0])
+        return R_NONE;
+    q->model = s[2];
+    q->version = "";
+    if (n >= 5 && strcmp(s[3], "versions") == 0) {
+        q->version = s[4];
+        n -= 2;
+        s[3] = n > 3 ? s[5] : NULL;
+    }
+    if (n == 3)
+        return R_MODEL_META;
+    if (n != 4)
+        return R_NONE;
+    return strcmp(s[3], "ready") == 0    ? R_MODEL_READY
+           : strcmp(s[3], "config") == 0 ? R_MODEL_CONFIG
+           : strcmp(s[3], "stats") == 0  ? R_MODEL_STATS
+           : strcmp(s[3], "infer") == 0  ? R_INFER
+                                         : R_NONE;
+}
+
+static int route_posts(enum route r)
+{
+    return r == R_INFER || r == R_INDEX || r == R_SHM_REGISTER || r == R_SHM_UNREGISTER ||
+           r == R_CUDA_REGISTER || r == R_CUDA_UNREGISTER;
+}
+
+/* ---- inference ---- */
+
+static void free_body(struct rest_req *q)
+{
+    if (q->cap)
+        atomic_fetch_sub(&q->rest->buffered, q->cap);
+    free(q->body);
+    free(q->inf.xs);
+    q->body = NULL;
+    q->inf.xs = NULL;
+    q->cap = 0; /* len stays: the request's size, for the metrics */
+}
+
+/* Frees q and what it holds, on any thread; its output's slot stays held if it has a reply. */
+static void free_req(struct rest_req *q)
+{
+    free_body(q);
+    restjson_infer_free(&q->inf);
+    shmreg_release(q->in_reg);
+    shmreg_release(q->out_reg);
+    pthread_mutex_destroy(&q->lock);
+    free(q);
+}
+
+static void rest_fill(struct sched_req *req, float *x)
+{
+    struct rest_req *q = (struct rest_req *)req;
+
+    api_fill_rows(q->rest->c.api->model, q->in_reg, q->inf.in.in_offset, q->inf.in.x, req->rows, x,
+                  &q->fill_err);
+    free_body(q); /* the rows are in the slot: the body's memory is free for the next one */
+}
+
+/* The scheduler's answer: kept for the server's thread, which the resumed connection calls. */
+static void rest_complete(struct sched_req *req, const float *y, const struct tp_err *err)
+{
+    struct rest_req *q = (struct rest_req *)req;
+    struct rest *rs = q->rest;
+    int gone;
+
+    pthread_mutex_lock(&q->lock);
+    q->y = y;
+    if (err)
+        q->err = *err;
+    q->done = 1;
+    gone = q->gone;
+    pthread_mutex_unlock(&q->lock);
+    /* still suspended (a suspended connection is never closed, rest_stop waits for every
+     * inference): resuming it hands the answer to the server's thread */
+    if (!gone)
+        MHD_resume_connection(q->conn);
+    if (gone) { /* the connection was closed all the same: nobody to answer */
+        if (y)
+            sched_unhold(req->hold);
+        free_req(q);
+    }
+    atomic_fetch_sub(&rs->outstanding, 1);
+}
+
+/* What a binary reply holds until libmicrohttpd has sent it: its JSON header and its slot. */
+struct reply_hold {
+    struct sched_slot *hold;
+    char *head;
+};
+
+static void reply_free(void *cls)
+{
+    struct reply_hold *h = cls;
+
+    sched_unhold(h->hold);
+    free(h->head);
+    free(h);
+}
+
+/* Answers a completed inference, on the server's thread. */
+static enum MHD_Result answer_infer(struct rest_req *q)
+{
+    const struct model *m = q->rest->c.api->model;
+    struct tp_err failed = {0};
+    const struct tp_err *err = q->y ? NULL : &q->err;
+    struct sched_slot *hold = q->y ? q->req.hold : NULL;
+    int64_t t0 = metrics_now_ns();
+    size_t n = (size_t)q->req.rows * (size_t)m->out, hlen = 0;
+    size_t bytes = n * tp_dtype_size(m->io_dtype);
+    char *text = NULL;
+    FILE *f;
+    struct MHD_Response *resp;
+    enum MHD_Result r;
+
+    q->answered = 1;
+    if (!err && q->fill_err.code != TP_OK)
+        failed = q->fill_err;
+    else if (!err && q->out_reg)
+        api_put_rows(m, q->out_reg, q->inf.in.out_offset, q->y, q->req.rows, &failed);
+    if (!err && failed.code == TP_OK) {
+        /* FP16/BF16 binary data: narrowed in place, in the slot, from which it is sent */
+        if (q->inf.binary_out && !q->out_reg)
+            api_put_rows(m, NULL, 0, q->y, q->req.rows, NULL);
+        f = open_memstream(&text, &hlen);
+        if (!f ||
+            restjson_answer(f, m, q->inf.id, &q->inf.in,
+                            q->inf.binary_out || q->out_reg ? NULL : q->y,
+                            q->inf.binary_out && !q->out_reg ? bytes : (size_t)-1) < 0) {
+            tp_err_set(&failed, f ? TP_EINVAL : TP_ENOMEM,
+                       f ? "the output has values that are not finite, which JSON cannot carry: "
+                           "ask for binary data (parameter binary_data)"
+                         : "no memory for the answer");
+        }
+        if (f && fclose(f) != 0 && failed.code == TP_OK)
+            tp_err_set(&failed, TP_ENOMEM, "no memory for the answer");
+    }
+    if (!err && failed.code != TP_OK) {
+        sched_unhold(hold);
+        hold = NULL;
+        err = &failed;
+    }
+    if (err) {
+        free(text);
+        tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", q->inf.id, err->msg);
+        metrics_request_done(q->model, tp_code_grpc(err->code), metrics_since(q->t0_ns),
+                             q->req.rows, q->len, 0);
+        return send_err(q->conn, err);
+    }
+    metrics_request_served(sched_slot_index(hold), q->t0_ns, metrics_now_ns() - t0);
+    if (!q->inf.binary_out || q->out_reg) { /* JSON: the slot is free once it is written */
+        sched_unhold(hold);
+        metrics_request_done(q->model, 0, metrics_since(q->t0_ns), q->req.rows, q->len, hlen);
+        return send_buf(q->conn, 200, "application/json", text, hlen);
+    }
+    {
+        /* binary: header and data, the data sent from the slot, which the reply holds */
+        struct reply_hold *h = malloc(sizeof(*h));
+        struct MHD_IoVec iov[2] = {{text, hlen}, {q->y, bytes}};
+        char num[24];
+
+        resp = h ? MHD_create_response_from_iovec(iov, 2, reply_free, h) : NULL;
+        if (!resp) {
+            free(h);
+            free(text);
+            sched_unhold(hold);
+            metrics_request_done(q->model, 8, metrics_since(q->t0_ns), q->req.rows, q->len, 0);
+            return send_error(q->conn, 500, "no memory for the answer");
+        }
+        h->hold = hold;
+        h->head = text;
+        snprintf(num, sizeof(num), "%zu", hlen);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
+        MHD_add_response_header(resp, RESTJSON_HEADER, num);
+        /* a client that does not read its reply holds the slot: not for longer than this */
+        MHD_set_connection_option(q->conn, MHD_CONNECTION_OPTION_TIMEOUT,
+                                  (unsigned)(q->rest->c.reply_timeout_ms + 999) / 1000);
+        metrics_request_done(q->model, 0, metrics_since(q->t0_ns), q->req.rows, q->len,
+                             hlen + bytes);
+        r = MHD_queue_response(q->conn, 200, resp);
+        MHD_destroy_response(resp);
+        return r;
+    }
+}
+
+/* Reads, checks and submits an inference; the connection waits, suspended, for its answer. */
+static enum MHD_Result start_infer(struct rest_req *q)
+{
+    struct rest *rs = q->rest;
+    struct api *a = rs->c.api;
+    const struct model *m = a->model;
+    uint64_t esize = tp_dtype_size(m->io_dtype);
+    struct tp_err err = {0};
+
+    if (atomic_load(&rs->quiesced)) {
+        tp_err_set(&err, TP_EUNAVAIL, "tpd is shutting down");
+        goto refuse;
+    }
+    if (restjson_infer(m, q->model, q->version, q->body, q->len,
+                       MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, RESTJSON_HEADER),
+                       MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND,
+                                                   MHD_HTTP_HEADER_CONTENT_ENCODING),
+                       &q->inf, &err) < 0 ||
+        (q->inf.in.in_region &&
+         shmreg_acquire(a->shm, q->inf.in.in_region, q->inf.in.in_offset,
+                        (uint64_t)q->inf.in.rows * (uint64_t)m->in * esize, &q->in_reg,
+                        &err) < 0) ||
+        (q->inf.in.out_region &&
+         shmreg_acquire(a->shm, q->inf.in.out_region, q->inf.in.out_offset,
+                        (uint64_t)q->inf.in.rows * (uint64_t)m->out * esize, &q->out_reg,
+                        &err) < 0)) {
+        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->inf.id ? q->inf.id : "", err.msg);
+        goto refuse;
+    }
+    /* Triton's timeout: microseconds the request may wait for its job */
+    q->req.deadline_ns =
+        q->inf.timeout_us ? q->t0_ns + q->inf.timeout_us * 1000 : INT64_MAX;
+    q->req.rows = q->inf.in.rows;
+    q->req.bytes = q->cap + (q->inf.xs ? (uint64_t)q->inf.in.rows * (uint64_t)m->in * 4 : 0);
+    q->req.fill = rest_fill;
+    q->req.complete = rest_complete;
+    pthread_mutex_lock(&q->lock);
+    atomic_fetch_add(&rs->outstanding, 1);
+    if (sched_submit(rs->c.api->sched, &q->req, &err) < 0) {
+        atomic_fetch_sub(&rs->outstanding, 1);
+        pthread_mutex_unlock(&q->lock);
+        goto refuse;
+    }
+    q->submitted = 1;
+    MHD_suspend_connection(q->conn); /* under the lock: the completion resumes it after this */
+    pthread_mutex_unlock(&q->lock);
+    return MHD_YES;
+refuse:
+    metrics_request_done(q->model, tp_code_grpc(err.code), metrics_since(q->t0_ns), 0, q->len, 0);
+    return send_err(q->conn, &err);
+}
+
+/* ---- the other endpoints ---- */
+
+static enum MHD_Result server_metadata(struct rest_req *q)
+{
+    cJSON *j = cJSON_CreateObject(), *ext = cJSON_CreateArray();
+    static const char *const exts[] = {"binary_tensor_data", "model_configuration",
+                                       "system_shared_memory", "statistics"};
+
+    for (size_t i = 0; ext && i < sizeof(exts) / sizeof(exts[0]); i++)
+        cJSON_AddItemToArray(ext, cJSON_CreateString(exts[i]));
+    if (j) {
+        cJSON_AddStringToObject(j, "name", "tpd");
+        cJSON_AddStringToObject(j, "version", TP_VERSION);
+        cJSON_AddItemToObject(j, "extensions", ext);
+    } else {
+        cJSON_Delete(ext);
+    }
+    return send_json(q->conn, 200, j);
+}
+
+static enum MHD_Result health(struct rest_req *q, const char *key, int ok)
+{
+    cJSON *j = cJSON_CreateObject();
+
+    if (j && q->model)
+        cJSON_AddStringToObject(j, "name", q->model);
+    if (j)
+        cJSON_AddBoolToObject(j, key, ok);
+    return send_json(q->conn, ok ? 200 : 503, j);
+}
+
+static enum MHD_Result repository_index(struct rest_req *q)
+{
+    struct api *a = q->rest->c.api;
+    struct tp_err err = {0};
+    cJSON *body = NULL, *arr, *e;
+    int ready = api_ready(a), only_ready = 0;
+
+    if (q->len) {
+        const cJSON *r;
+
+        body = restjson_parse(q->body, q->len, "repository index request", &err);
+        if (!body)
+            return send_err(q->conn, &err);
+        r = cJSON_GetObjectItemCaseSensitive(body, "ready");
+        if (r && !cJSON_IsBool(r)) {
+            cJSON_Delete(body);
+            return send_error(q->conn, 400, "'ready' must be a boolean");
+        }
+        only_ready = r && cJSON_IsTrue(r);
+        cJSON_Delete(body);
+    }
+    arr = cJSON_CreateArray();
+    if (arr && (ready || !only_ready) && (e = cJSON_CreateObject())) {
+        cJSON_AddStringToObject(e, "name", a->model->name);
+        cJSON_AddStringToObject(e, "version", MODEL_VERSION);
+        cJSON_AddStringToObject(e, "state", ready ? "READY" : "UNAVAILABLE");
+        cJSON_AddItemToArray(arr, e);
+    }
+    return send_json(q->conn, 200, arr);
+}
+
+static enum MHD_Result shm_status(struct rest_req *q)
+{
+    struct shmreg_info *info = calloc(SHMREG_MAX_REGIONS, sizeof(*info));
+    cJSON *arr = cJSON_CreateArray();
+    size_t n;
+
+    if (!info || !arr) {
+        free(info);
+        cJSON_Delete(arr);
+        return send_error(q->conn, 500, "out of memory");
+    }
+    n = shmreg_status(q->rest->c.api->shm, q->name ? q->name : "", info, SHMREG_MAX_REGIONS);
+    for (size_t i = 0; i < n; i++) {
+        cJSON *e = cJSON_CreateObject();
+
+        if (!e)
+            break;
+        cJSON_AddStringToObject(e, "name", info[i].name);
+        cJSON_AddStringToObject(e, "key", info[i].key);
+        cJSON_AddNumberToObject(e, "offset", (double)info[i].offset);
+        cJSON_AddNumberToObject(e, "byte_size", (double)info[i].byte_size);
+        cJSON_AddItemToArray(arr, e);
+    }
+    free(info);
+    if (q->name && n == 0) {
+        char msg[200];
+
+        cJSON_Delete(arr);
+        snprintf(msg, sizeof(msg), "no shared-memory region '%.100s'", q->name);
+        return send_error(q->conn, 404, msg);
+    }
+    return send_json(q->conn, 200, arr);
+}
+
+static enum MHD_Result shm_register(struct rest_req *q)
+{
+    struct tp_err err = {0};
+    cJSON *j = restjson_parse(q->body ? q->body : "", q->len, "register request", &err);
+    const cJSON *key, *off, *size;
+    int64_t offset = 0, bytes;
+
+    if (!j)
+        return send_err(q->conn, &err);
+    key = cJSON_GetObjectItemCaseSensitive(j, "key");
+    off = cJSON_GetObjectItemCaseSensitive(j, "offset");
+    size = cJSON_GetObjectItemCaseSensitive(j, "byte_size");
+    if (!cJSON_IsString(key) || (off && restjson_int(off, 0, 9.2e18, &offset) < 0) ||
+        restjson_int(size, 0, 9.2e18, &bytes) < 0) {
+        cJSON_Delete(j);
+        return send_error(q->conn, 400,
+                          "a register request is {\"key\": string, \"offset\": integer >= 0, "
+                          "\"byte_size\": integer >= 0}");
+    }
+    if (shmreg_register(q->rest->c.api->shm, q->name, key->valuestring, (uint64_t)offset,
+                        (uint64_t)bytes, &err) < 0) {
+        cJSON_Delete(j);
+        return send_err(q->conn, &err);
+    }
+    tp_log(TP_LOG_INFO, "registered shared-memory region '%s': %" PRId64 " bytes at %" PRId64
+                        " of '%s'",
+           q->name, bytes, offset, key->valuestring);
+    cJSON_Delete(j);
+    return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
+}
+
+static enum MHD_Result shm_unregister(struct rest_req *q)
+{
+    struct tp_err err = {0};
+
+    if (shmreg_unregister(q->rest->c.api->shm, q->name ? q->name : "", &err) < 0)
+        return send_err(q->conn, &err);
+    tp_log(TP_LOG_INFO, "unregistered shared-memory region%s '%s'", q->name ? "" : "s",
+           q->name ? q->name : "(all)");
+    return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
+}
+
+/* Answers q, whose body is complete. */
+static enum MHD_Result dispatch(struct rest_req *q)
+{
+    struct api *a = q->rest->c.api;
+    struct tp_err err = {0};
+
+    if (q->route == R_NONE)
+        return send_error(q->conn, 404, "not found: tpd serves the KServe v2 API under /v2");
+    if (q->post != route_posts(q->route))
+        return send_error(q->conn, 405, "Method Not Allowed");
+    if (q->model && infer_check_model(a->model, q->model, q->version, &err) < 0) {
+        if (q->route == R_INFER)
+            metrics_request_done(q->model, 5, metrics_since(q->t0_ns), 0, q->len, 0);
+        return send_err(q->conn, &err);
+    }
+    switch (q->route) {
+    case R_SERVER_META: return server_metadata(q);
+    case R_LIVE: return health(q, "live", 1);
+    case R_READY: return health(q, "ready", api_ready(a));
+    case R_MODEL_READY: return health(q, "ready", api_ready(a));
+    case R_MODEL_META: {
+        struct api_metadata b;
+
+        api_metadata(a, &b);
+        return send_pb(q->conn, &b.r.base);
+    }
+    case R_MODEL_CONFIG: {
+        struct api_config b;
+
+        api_config(a, &b);
+        return send_pb(q->conn, &b.r.config->base); /* Triton answers the config itself */
+    }
+    case R_MODEL_STATS:
+    case R_ALL_STATS: {
+        struct api_statistics b;
+        enum MHD_Result r;
+
+        if (api_statistics(a, &b) < 0)
+            return send_error(q->conn, 500, "no memory for the statistics");
+        r = send_pb(q->conn, &b.r.base);
+        api_statistics_free(&b);
+        return r;
+    }
+    case R_INFER: return start_infer(q);
+    case R_INDEX: return repository_index(q);
+    case R_SHM_STATUS: return shm_status(q);
+    case R_SHM_REGISTER: return shm_register(q);
+    case R_SHM_UNREGISTER: return shm_unregister(q);
+    case R_CUDA_STATUS:
+        if (q->name)
+            return send_error(q->conn, 404, "no CUDA shared-memory region: tpd registers none");
+        return send_buf(q->conn, 200, "application/json", strdup("[]"), 2);
+    case R_CUDA_REGISTER:
+        return send_error(q->conn, 501, "tpd does not take CUDA shared memory; use system "
+                                        "shared memory");
+    case R_CUDA_UNREGISTER: /* there is never one: as with system regions, that is no error */
+        return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
+    case R_NONE: break;
+    }
+    return send_error(q->conn, 404, "not found");
+}
+
+/* ---- libmicrohttpd's callbacks ---- */
+
+/* The most bytes q's body may have. */
+static uint64_t body_limit(const struct rest_req *q)
+{
+    return q->route == R_INFER ? q->rest->c.max_body : REST_SMALL_BODY;
+}
+
+/* Makes room for more bytes of body; an answer is queued (and q->refused set) when that is more
+ * than q may have or than the server may hold. */
+static int body_room(struct rest_req *q, uint64_t more, uint64_t announced)
+{
+    struct rest *rs = q->rest;
+    uint64_t need = q->len + more, cap;
+    char msg[200];
+    char *p;
+
+    if (need <= q->cap)
+        return 0;
+    if (need > body_limit(q)) {
+        snprintf(msg, sizeof(msg), "the request body has %" PRIu64 " bytes, at most %" PRIu64
+                                   " are taken here",
+                 announced > need ? announced : need, body_limit(q));
+        goto refuse;
+    }
+    cap = announced >= need ? announced : need + need / 2;
+    if (cap > body_limit(q))
+        cap = body_limit(q);
+    if (atomic_fetch_add(&rs->buffered, cap - q->cap) + (cap - q->cap) > rs->c.max_buffered) {
+        atomic_fetch_sub(&rs->buffered, cap - q->cap);
+        snprintf(msg, sizeof(msg), "tpd holds %" PRIu64 " MiB of request bodies already: try again",
+                 rs->c.max_buffered >> 20);
+        send_error(q->conn, 503, msg);
+        q->refused = 1;
+        return -1;
+    }
+    p = realloc(q->body, cap);
+    if (!p) {
+        atomic_fetch_sub(&rs->buffered, cap - q->cap);
+        snprintf(msg, sizeof(msg), "no memory for a request body of %" PRIu64 " bytes", cap);
+        send_error(q->conn, 503, msg);
+        q->refused = 1;
+        return -1;
+    }
+    q->body = p;
+    q->cap = cap;
+    return 0;
+refuse:
+    send_error(q->conn, 413, msg);
+    q->refused = 1;
+    return -1;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls)
+{
+    struct rest *rs = cls;
+    struct rest_req *q = *con_cls;
+
+    (void)version;
+    if (!q) {
+        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                     MHD_HTTP_HEADER_CONTENT_LENGTH);
+        uint64_t announced = cl ? strtoull(cl, NULL, 10) : 0;
+
+        q = calloc(1, sizeof(*q));
+        if (!q)
+            return MHD_NO;
+        q->rest = rs;
+        q->conn = conn;
+        q->t0_ns = metrics_now_ns();
+        pthread_mutex_init(&q->lock, NULL);
+        *con_cls = q;
+        MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, REST_IDLE_S);
+        q->post = strcmp(method, MHD_HTTP_METHOD_POST) == 0;
+        if (!q->post && strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
+            strcmp(method, MHD_HTTP_METHOD_HEAD) != 0) {
+            q->refused = 1;
+            return send_error(conn, 405, "Method Not Allowed");
+        }
+        q->route = route(q, url);
+        /* a body that will not fit is refused before a byte of it is read */
+        if (announced && body_room(q, announced, announced) < 0)
+            return MHD_YES;
+        return MHD_YES;
+    }
+    if (q->refused) {
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (*upload_data_size) {
+        if (body_room(q, *upload_data_size, 0) == 0) {
+            memcpy(q->body + q->len, upload_data, *upload_data_size);
+            q->len += *upload_data_size;
+        }
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (q->done)
+        return answer_infer(q);
+    return dispatch(q);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    struct rest_req *q = *con_cls;
+    int pending;
+
+    (void)cls;
+    (void)conn;
+    (void)toe;
+    if (!q)
+        return;
+    *con_cls = NULL;
+    pthread_mutex_lock(&q->lock);
+    pending = q->submitted && !q->done;
+    q->gone = 1;
+    pthread_mutex_unlock(&q->lock);
+    if (pending)
+        return; /* its completion frees it */
+    if (q->done && q->y && !q->answered) /* resumed, but its client went before the answer */
+        sched_unhold(q->req.hold);
+    free_req(q);
+}
+
+/* The URL's percent escapes, decoded in place, except %00: a NUL would cut the path short unseen
+ * ("/v2/models/m%00x" read as model "m"), so it stays as it is and names nothing. */
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
+static size_t unescape(void *cls, struct MHD_Connection *conn, char *s)
+{
+    char *w = s;
+
+    (void)cls;
+    (void)conn;
+    for (const char *r = s; *r; r++) {
+        int h = r[0] == '%' ? hexval(r[1]) : -1, l = h >= 0 ? hexval(r[2]) : -1;
+
+        if (l >= 0 && (h | l)) {
+            *w++ = (char)(h << 4 | l);
+            r += 2;
+        } else {
+            *w++ = *r;
+        }
+    }
+    *w = '\0';
+    return (size_t)(w - s);
+}
+
+static void on_log(void *cls, const char *fmt, va_list ap)
+{
+    char msg[512];
+    size_t n;
+
+    (void)cls;
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+        msg[--n] = '\0';
+    tp_log(TP_LOG_INFO, "rest: %s", msg);
+}
+
+int rest_start(struct rest **out, const struct rest_config *c, struct tp_err *err)
+{
+    struct rest *rs = calloc(1, sizeof(*rs));
+    char shown[300];
+    int fd;
+
+    *out = NULL;
+    if (!rs)
+        return tp_err_set(err, TP_ENOMEM, "no memory for the REST server");
+    rs->c = *c;
+    fd = tcp_listen(c->listen, "--http-listen", "the REST API", shown, sizeof(shown), err);
+    if (fd < 0) {
+        free(rs);
+        return -1;
+    }
+    rs->d = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+            MHD_USE_ERROR_LOG,
+        0, NULL, NULL, on_request, rs, MHD_OPTION_LISTEN_SOCKET, fd,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(c->threads > 0 ? c->threads : 1),
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)REST_MAX_CONNS, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)REST_IDLE_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)REST_CONN_MEMORY,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, rs, MHD_OPTION_EXTERNAL_LOGGER, on_log, rs,
+        MHD_OPTION_UNESCAPE_CALLBACK, unescape, rs,
+        MHD_OPTION_END);
+    if (!rs->d) {
+        close(fd);
+        free(rs);
+        return tp_err_set(err, TP_ESYS, "cannot start the REST server on %s (--http-listen)",
+                          c->listen);
+    }
+    tp_log(TP_LOG_NOTICE, "REST API on http://%s/v2", shown);
+    *out = rs;
+    return 0;
+}
+
+void rest_quiesce(struct rest *rs)
+{
+    MHD_socket fd;
+
+    if (!rs || atomic_exchange(&rs->quiesced, 1))
+        return;
+    fd = MHD_quiesce_daemon(rs->d); /* no new connections: they are refused */
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+}
+
+void rest_stop(struct rest *rs, int grace_ms)
+{
+    int64_t until;
+
+    if (!rs)
+        return;
+    rest_quiesce(rs);
+    until = metrics_now_ns() + (int64_t)grace_ms * 1000000;
+    while (atomic_load(&rs->outstanding) > 0 && metrics_now_ns() < until)
+        usleep(2000);
+    if (atomic_load(&rs->outstanding) > 0) {
+        /* their connections are suspended, and stopping the server would close them under the
+         * scheduler's feet: left as they are, for the process's exit */
+        tp_log(TP_LOG_WARN, "rest: %d inferences still running at the stop; left to the exit",
+               atomic_load(&rs->outstanding));
+        return;
+    }
+    MHD_stop_daemon(rs->d);
+    free(rs);
+}
