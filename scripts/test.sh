@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 python=$(scripts/venv.sh)
 perf_analyzer=$(scripts/perf-analyzer.sh)
-scripts/build.sh -DTP_PYTHON="$python" -DTP_PERF_ANALYZER="$perf_analyzer"
+kserve_python=$(scripts/venv-kserve.sh)
+scripts/build.sh -DTP_PYTHON="$python" -DTP_PERF_ANALYZER="$perf_analyzer" \
+    -DTP_KSERVE_PYTHON="$kserve_python"
 (cd build && ctest --output-on-failure --timeout 600)
 # the GPU check's dry run (no GPU needed): the bundle a GPU machine gets, its programs on the CPU,
 # the script itself; a build without the CUDA backend has nothing to bundle
@@ -19,7 +21,7 @@ fi
 if [ "${TP_QUICK:-0}" = 1 ]; then exit 0; fi
 
 cmake -S . -B build-asan -DTP_WERROR=ON -DTP_SANITIZE=ON -DTP_PYTHON="$python" \
-    -DTP_PERF_ANALYZER="$perf_analyzer" >/dev/null
+    -DTP_PERF_ANALYZER="$perf_analyzer" -DTP_KSERVE_PYTHON="$kserve_python" >/dev/null
 cmake --build build-asan -j"$(nproc)"
 (cd build-asan &&
     ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
