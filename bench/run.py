@@ -24,7 +24,11 @@ round, runs back to back:
   perf_analyzer  Triton's load generator against tpd over TCP (gRPC), where it runs on this
           machine (scripts/perf-analyzer.sh installs the build that runs on Debian 12);
   perf_analyzer-shm  the same with --shared-memory system;
-  perf_analyzer-stream  the same with --streaming (ModelStreamInfer).
+  perf_analyzer-stream  the same with --streaming (ModelStreamInfer);
+  perf_analyzer-http  the same over tpd's REST API (-i http: binary tensors, its only kind);
+  http-json  the REST API with JSON tensors: keep-alive connections (one per concurrent client)
+          that post a JSON body encoded once, and read the JSON answer without parsing it, so
+          the row is tpd's cost of JSON (and the bytes), not the client's.
 
 It prints every round, then the median over rounds of each number and of the per-round ratios
 tpd / sgemm (throughput) and tpd p50 / (echo p50 + sgemm p50) (latency), the cost of batch
@@ -223,11 +227,12 @@ class Harness:
             time.sleep(0.1)
         raise BenchError("%s was not ready after 120 s" % what)
 
-    def start_tpd(self, layer, cpu, max_batch, extra, tcp_port=None):
+    def start_tpd(self, layer, cpu, max_batch, extra, tcp_port=None, http_port=None):
         name = "tpd%d" % len(os.listdir(self.tmp))
         sock = "unix:" + os.path.join(self.tmp, name + ".sock")
         cmd = [self.exe("tpd"), "--weights", layer, "--model", "layer", "--cpu", str(cpu),
-               "--listen", sock, "--metrics-listen", "127.0.0.1:0", "--max-batch", str(max_batch),
+               "--listen", sock, "--metrics-listen", "127.0.0.1:0", "--http-listen",
+               "127.0.0.1:%d" % (http_port or 0), "--max-batch", str(max_batch),
                "--log-level", "warn"]
         if tcp_port:
             cmd += ["--listen", "127.0.0.1:%d" % tcp_port]
@@ -289,8 +294,9 @@ class Harness:
                 raise BenchError("tpclient bench --shm failed against tpd:\n" + p.stdout[-2000:])
         return self.server_shm[sock]
 
-    def perf(self, port, rows, n_in, n_out, conc, shm=False, stream=False):
-        cmd = [self.perf_analyzer, "-m", "layer", "-i", "grpc", "-u", "127.0.0.1:%d" % port,
+    def perf(self, port, rows, n_in, n_out, conc, shm=False, stream=False, http=False):
+        cmd = [self.perf_analyzer, "-m", "layer", "-i", "http" if http else "grpc",
+               "-u", "127.0.0.1:%d" % port,
                # tpd's ModelConfig is a batching model (max_batch_size, dims [in]): the rows go
                # in -b, and --shape names the dims without the batch
                "-b", str(rows), "--shape", "input:%d" % n_in, "--concurrency-range",
@@ -318,6 +324,50 @@ class Harness:
                 "p50_ms": num(r"p50 latency:\s*([0-9.]+)\s*usec") / 1e3,
                 "p90_ms": num(r"p90 latency:\s*([0-9.]+)\s*usec") / 1e3,
                 "p99_ms": num(r"p99 latency:\s*([0-9.]+)\s*usec") / 1e3}
+
+    def http_json(self, port, rows, n_in, conc):
+        """Requests per second and latencies of JSON inferences over conc keep-alive
+        connections, for self.a.seconds."""
+        import http.client
+        import threading
+        body = json.dumps({"inputs": [{"name": "input", "shape": [rows, n_in], "datatype": "FP32",
+                                       "data": [0.5 + (i % 7) * 0.125 for i in range(rows * n_in)]}]})
+        body = body.encode()
+        lat, errors = [], []
+        stop = time.monotonic() + self.warmup_for(rows, n_in, 1) * 0.2 + self.a.seconds
+
+        def client():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                while True:
+                    t0 = time.monotonic()
+                    if t0 > stop:
+                        return
+                    c.request("POST", "/v2/models/layer/infer", body,
+                              {"Content-Type": "application/json"})
+                    r = c.getresponse()
+                    data = r.read()
+                    if r.status != 200 or not data.startswith(b'{"model_name"'):
+                        raise BenchError("REST JSON inference: %d %s" % (r.status, data[:200]))
+                    lat.append(time.monotonic() - t0)
+            except Exception as e:  # noqa: BLE001 -- reported by the caller
+                errors.append(e)
+            finally:
+                c.close()
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=client) for _ in range(conc)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.monotonic() - t0
+        if errors:
+            raise BenchError(str(errors[0]))
+        lat.sort()
+        q = lambda f: lat[min(len(lat) - 1, int(f * len(lat)))] * 1e3  # noqa: E731
+        return {"rps": len(lat) / wall, "rows_per_s": len(lat) * rows / wall, "p50_ms": q(0.5),
+                "p90_ms": q(0.9), "p99_ms": q(0.99)}
 
     def record(self, case, kind, rnd, r, flop):
         row = dict(case=case, kind=kind, round=rnd, rps=r["rps"], rows_per_s=r["rows_per_s"],
@@ -351,8 +401,9 @@ class Harness:
                     continue
                 mine = [s for s in shapes if s[1:] == (n_in, n_out)]
                 port = free_port() if self.perf_analyzer else None
+                http_port = free_port()
                 tpd, sock = self.start_tpd(self.make_layer(n_in, n_out), cpu,
-                                           max(max(s[0] for s in mine), 1), [], port)
+                                           max(max(s[0] for s in mine), 1), [], port, http_port)
                 blas = None
                 if self.has_cpu_gemm:
                     blas = self.start_tpd(self.make_layer(n_in, n_out), cpu,
@@ -374,6 +425,7 @@ class Harness:
                         self.na(case, "perf_analyzer-shm", "n/a (%s)" % self.perf_analyzer_why)
                         self.na(case, "perf_analyzer-stream",
                                 "n/a (%s)" % self.perf_analyzer_why)
+                        self.na(case, "perf_analyzer-http", "n/a (%s)" % self.perf_analyzer_why)
                     if not blas:
                         self.na(case, "igemm", NA)
                         self.na(case, "tpd-openblas", NA)
@@ -381,8 +433,8 @@ class Harness:
                         (["sgemm-ranks"] if cpu > 1 else []) + \
                         ["echo", "tpd"] + (["tpd-openblas"] if blas else []) + \
                         (["tpd-shm"] if shm else []) + \
-                        (["perf_analyzer", "perf_analyzer-shm", "perf_analyzer-stream"]
-                         if self.perf_analyzer else [])
+                        (["perf_analyzer", "perf_analyzer-shm", "perf_analyzer-stream",
+                          "perf_analyzer-http"] if self.perf_analyzer else []) + ["http-json"]
                     for rnd in range(1, self.a.rounds + 1):
                         # rotate the order, so that no kind always runs after the same one
                         k = (rnd - 1) % len(kinds)
@@ -405,6 +457,11 @@ class Harness:
                                 try:
                                     if kind == "tpd-shm":
                                         r = self.bench(sock, rows, n_in, n_out, conc, ["--shm"])
+                                    elif kind == "http-json":
+                                        r = self.http_json(http_port, rows, n_in, conc)
+                                    elif kind == "perf_analyzer-http":
+                                        r = self.perf(http_port, rows, n_in, n_out, conc,
+                                                      http=True)
                                     else:
                                         r = self.perf(port, rows, n_in, n_out, conc,
                                                       kind == "perf_analyzer-shm",
@@ -482,7 +539,8 @@ class Harness:
                 if r["case"] == case and r["kind"] not in kinds:
                     kinds.append(r["kind"])
             order = ["sgemm", "igemm", "sgemm-ranks", "echo", "tpd", "tpd-openblas", "tpd-shm",
-                     "perf_analyzer", "perf_analyzer-shm", "perf_analyzer-stream", "batch-off"]
+                     "perf_analyzer", "perf_analyzer-shm", "perf_analyzer-stream",
+                     "perf_analyzer-http", "http-json", "batch-off"]
             kinds.sort(key=lambda k: order.index(k) if k in order else len(order))
             for kind in kinds:
                 na = [r["na"] for r in self.results
