@@ -14,6 +14,8 @@
   parameters -- each gets 400 with its reason; a 1 GiB Content-Length is refused with 413 before
   its body is read (tpd's memory does not grow); truncated bodies and connections that stall in
   their headers cost nothing: after all of it, the same workers answer correctly at once.
+* Triton's timeout parameter (microseconds): 0 or a generous one is no bound; a request that
+  waits behind long jobs for longer than its timeout fails with 504, and the others are answered.
 * The drain: an inference accepted before SIGTERM is answered; tpd then exits 0.
 """
 
@@ -425,6 +427,37 @@ class TestEndpoints(RestCase):
         for timeout in (0, 10_000_000):
             self.assertEqual(c.infer("lin", [inp], timeout=timeout).as_numpy("output").shape,
                              (2, OUT))
+
+    def test_timeout_expires_in_the_queue(self):
+        # one slot, and three long jobs ahead: a request that may wait 2 ms waits longer
+        wpath = self.path("big.safetensors")
+        make_layer(wpath, 2048, 2048, seed=2)
+        d = self.start_daemon(wpath, "--cpu", 2, "--model", "big", "--slots", 1,
+                              "--batch-delay-us", 0, name="slow")
+        c = self.http(d)
+        big = np.ones((256, 2048), np.float32)
+        done = []
+
+        def long_job():
+            cl = thttp.InferenceServerClient(d.http_addr())
+            inp = thttp.InferInput("input", list(big.shape), "FP32")
+            inp.set_data_from_numpy(big)
+            done.append(cl.infer("big", [inp]).as_numpy("output").shape)
+            cl.close()
+
+        threads = [threading.Thread(target=long_job) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        inp = thttp.InferInput("input", [1, 2048], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 2048), np.float32))
+        with self.assertRaises(InferenceServerException) as e:
+            c.infer("big", [inp], timeout=2000)
+        self.assertIn("504", str(e.exception))
+        for t in threads:
+            t.join(60)
+        self.assertEqual(done, [(256, 2048)] * 3)
+        self.assertEqual(c.infer("big", [inp]).as_numpy("output").shape, (1, 2048))
 
     def test_drain_answers_accepted_requests(self):
         d = self.d
