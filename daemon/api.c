@@ -90,6 +90,25 @@ static int model_matches(struct api *a, struct rpc_call *call, const char *name,
     return 0;
 }
 
+/* Reads a request that names a model (fields name and version) and checks that the model is
+ * ours: 1 when it is; else 0, the call answered. */
+static int model_request(struct api *a, struct rpc_call *call, grpc_byte_buffer *payload,
+                         const ProtobufCMessageDescriptor *desc)
+{
+    ProtobufCMessage *q = unpack_or_reply(call, payload, desc);
+    const ProtobufCFieldDescriptor *name, *version;
+    int ok;
+
+    if (!q)
+        return 0;
+    name = protobuf_c_message_descriptor_get_field_by_name(desc, "name");
+    version = protobuf_c_message_descriptor_get_field_by_name(desc, "version");
+    ok = model_matches(a, call, *(char **)((char *)q + name->offset),
+                       *(char **)((char *)q + version->offset));
+    protobuf_c_message_free_unpacked(q, NULL);
+    return ok;
+}
+
 static void server_live(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     Inference__ServerLiveResponse r = INFERENCE__SERVER_LIVE_RESPONSE__INIT;
@@ -120,16 +139,11 @@ static void server_ready(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
 static void model_ready(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     Inference__ModelReadyResponse r = INFERENCE__MODEL_READY_RESPONSE__INIT;
-    Inference__ModelReadyRequest *q = (Inference__ModelReadyRequest *)unpack_or_reply(
-        call, payload, &inference__model_ready_request__descriptor);
 
-    if (!q)
-        return;
-    if (model_matches(ctx, call, q->name, q->version)) {
+    if (model_request(ctx, call, payload, &inference__model_ready_request__descriptor)) {
         r.ready = is_ready(ctx);
         reply_msg(call, &r.base);
     }
-    protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
 static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
@@ -252,19 +266,11 @@ void api_metadata(const struct api *a, struct api_metadata *b)
 
 static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
-    struct api *a = ctx;
     struct api_metadata b;
-    Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)unpack_or_reply(
-        call, payload, &inference__model_metadata_request__descriptor);
 
-    if (!q)
+    if (!model_request(ctx, call, payload, &inference__model_metadata_request__descriptor))
         return;
-    if (!model_matches(a, call, q->name, q->version)) {
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        return;
-    }
-    protobuf_c_message_free_unpacked(&q->base, NULL);
-    api_metadata(a, &b);
+    api_metadata(ctx, &b);
     reply_msg(call, &b.r.base);
 }
 
@@ -314,19 +320,11 @@ void api_config(const struct api *a, struct api_config *b)
 
 static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
-    struct api *a = ctx;
     struct api_config b;
-    Inference__ModelConfigRequest *q = (Inference__ModelConfigRequest *)unpack_or_reply(
-        call, payload, &inference__model_config_request__descriptor);
 
-    if (!q)
+    if (!model_request(ctx, call, payload, &inference__model_config_request__descriptor))
         return;
-    if (!model_matches(a, call, q->name, q->version)) {
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        return;
-    }
-    protobuf_c_message_free_unpacked(&q->base, NULL);
-    api_config(a, &b);
+    api_config(ctx, &b);
     reply_msg(call, &b.r.base);
 }
 

@@ -330,44 +330,51 @@ grpc_byte_buffer *infer_response(const struct model *m, const char *id, const vo
 #define STRING_DEPTH_MAX 8  /* nested messages that are checked; KServe's nest 4 deep */
 #define STRING_FIELDS_MAX 32 /* fields of one message whose occurrences are counted */
 
+int infer_utf8_step(struct infer_utf8 *u, uint8_t b)
+{
+    if (u->need) {
+        if ((b & 0xc0) != 0x80)
+            return -1;
+        u->cp = u->cp << 6 | (b & 0x3f);
+        if (--u->need == 0 &&
+            (u->cp < u->min || u->cp > 0x10ffff || (u->cp >= 0xd800 && u->cp <= 0xdfff)))
+            return -1;
+        return 0;
+    }
+    if (b == 0)
+        return -1;
+    if (b < 0x80)
+        return 0;
+    if ((b & 0xe0) == 0xc0)
+        u->need = 1, u->cp = b & 0x1f, u->min = 0x80;
+    else if ((b & 0xf0) == 0xe0)
+        u->need = 2, u->cp = b & 0x0f, u->min = 0x800;
+    else if ((b & 0xf8) == 0xf0)
+        u->need = 3, u->cp = b & 0x07, u->min = 0x10000;
+    else
+        return -1;
+    return 0;
+}
+
 /* Reads a string of len bytes. Returns 0 when it is UTF-8 without NUL; 1 when it is not, with
  * the offset of the first bad sequence (or NUL) in *at and its first byte in *bad (0 for NUL);
  * -1 when the message ends first. UTF-8 as RFC 3629 has it: no overlong forms, no surrogates,
  * nothing past U+10FFFF. */
 static int wire_string(struct gbuf_cursor *w, uint64_t len, uint64_t *at, uint8_t *bad)
 {
-    uint32_t cp = 0, min = 0;
+    struct infer_utf8 u = {0};
     uint64_t start = 0;
     uint8_t b, lead = 0;
-    int need = 0;
 
     for (uint64_t i = 0; i < len; i++) {
         if (gbuf_cursor_take(w, 1, &b) < 0)
             return -1;
-        if (need) {
-            if ((b & 0xc0) != 0x80)
-                goto bad_sequence;
-            cp = cp << 6 | (b & 0x3f);
-            if (--need == 0 && (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)))
-                goto bad_sequence;
-            continue;
-        }
-        start = i;
-        lead = b;
-        if (b == 0)
-            goto bad_sequence;
-        if (b < 0x80)
-            continue;
-        if ((b & 0xe0) == 0xc0)
-            need = 1, cp = b & 0x1f, min = 0x80;
-        else if ((b & 0xf0) == 0xe0)
-            need = 2, cp = b & 0x0f, min = 0x800;
-        else if ((b & 0xf8) == 0xf0)
-            need = 3, cp = b & 0x07, min = 0x10000;
-        else
+        if (!u.need)
+            start = i, lead = b;
+        if (infer_utf8_step(&u, b) < 0)
             goto bad_sequence;
     }
-    if (!need)
+    if (!u.need)
         return 0;
 bad_sequence:
     *at = start;

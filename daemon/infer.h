@@ -38,6 +38,16 @@ struct infer_input {
 int infer_check_strings(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
                         struct tp_err *err);
 
+/* UTF-8 as RFC 3629 has it (no overlong forms, no surrogates, nothing past U+10FFFF) and no
+ * NUL, decoded a byte at a time from u = {0}: -1 at the byte that makes the text bad; once the
+ * text ends, it is whole when u.need is 0. */
+struct infer_utf8 {
+    uint32_t cp, min;
+    int need; /* continuation bytes still to come */
+};
+
+int infer_utf8_step(struct infer_utf8 *u, uint8_t b);
+
 /* Accepts the model's name with version "" or MODEL_VERSION; TP_ENOTFOUND otherwise. */
 int infer_check_model(const struct model *m, const char *name, const char *version,
                       struct tp_err *err);

@@ -15,40 +15,14 @@
 
 /* ---- requests ---- */
 
-/* RFC 3629 UTF-8, no NUL. */
 static int utf8_ok(const unsigned char *s, size_t n)
 {
-    for (size_t i = 0; i < n;) {
-        unsigned char b = s[i];
-        uint32_t cp, min;
-        int need;
+    struct infer_utf8 u = {0};
 
-        if (b == 0)
+    for (size_t i = 0; i < n; i++)
+        if (infer_utf8_step(&u, s[i]) < 0)
             return 0;
-        if (b < 0x80) {
-            i++;
-            continue;
-        }
-        if ((b & 0xe0) == 0xc0)
-            need = 1, cp = b & 0x1f, min = 0x80;
-        else if ((b & 0xf0) == 0xe0)
-            need = 2, cp = b & 0x0f, min = 0x800;
-        else if ((b & 0xf8) == 0xf0)
-            need = 3, cp = b & 0x07, min = 0x10000;
-        else
-            return 0;
-        if (n - i <= (size_t)need)
-            return 0;
-        for (int k = 1; k <= need; k++) {
-            if ((s[i + k] & 0xc0) != 0x80)
-                return 0;
-            cp = cp << 6 | (s[i + k] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return 0;
-        i += (size_t)need + 1;
-    }
-    return 1;
+    return u.need == 0;
 }
 
 cJSON *restjson_parse(const char *text, size_t n, const char *what, struct tp_err *err)
