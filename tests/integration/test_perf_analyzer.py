@@ -8,8 +8,8 @@ In each mode perf_analyzer must exit 0 and print its client and server sections;
 numbers come from tpd's ModelStatistics over the same window, so they must agree with the
 client's: successful requests within twice the concurrency of its request count (requests in
 flight at either edge of the window), inferences = requests x batch, executions no more than
-requests. Over the whole run tpd's own metrics must have counted at least what perf_analyzer
-reported, and no failure.
+requests (plus those whose answers fall after the window). Over the whole run tpd's own metrics
+must have counted at least what perf_analyzer reported, and no failure.
 
 TP_PERF_ANALYZER names the program (scripts/test.sh sets it); without it this test fails and says
 so: a test of a client that is not there is not skipped in silence.
@@ -60,7 +60,9 @@ class TestPerfAnalyzer(TpdTestCase):
         self.assertLessEqual(abs(ok - client), 2 * concurrency, "%s: server %d, client %d" % (
             what, ok, client))
         self.assertEqual(number(server, "Inference count"), ok * BATCH, what)
-        self.assertLessEqual(number(server, "Execution count"), ok, what)
+        # a job is counted when it ends, its requests when they are answered: up to the
+        # concurrency of jobs may end inside the window with their answers after it
+        self.assertLessEqual(number(server, "Execution count"), ok + concurrency, what)
         self.assertRegex(server, r"compute infer [0-9]+ usec", what)
         return client
 
