@@ -157,6 +157,254 @@ static int64_t data_count(const cJSON *a, int depth, float *x, int64_t at, struc
     return n;
 }
 
+/* ---- the data array, read without a tree ----
+ * cJSON makes a node, with a malloc and a strtod through the locale, of every number: for the
+ * 262144 numbers of a 64 x 4096 request most of the time of a JSON inference. So the text of
+ * inputs[0].data is found by a scan that builds nothing, its numbers are read by strtof (which
+ * rounds the decimal to the nearest float directly, where cJSON goes through a double), and
+ * cJSON parses the rest of the header with "[]" in the array's place. Whatever the scan does not
+ * understand (an escaped key before the array, a value that is not a JSON number) leaves the
+ * request to cJSON alone, which then decides. */
+
+#define SPAN_DEPTH 64 /* nesting the scan skips; deeper, cJSON decides */
+
+static void span_ws(const char *s, size_t n, size_t *i)
+{
+    while (*i < n && (s[*i] == ' ' || s[*i] == '\t' || s[*i] == '\n' || s[*i] == '\r'))
+        (*i)++;
+}
+
+/* Past the string at *i; -1 when there is none; *escaped set when it holds a backslash. */
+static int span_string(const char *s, size_t n, size_t *i, int *escaped)
+{
+    if (*i >= n || s[*i] != '"')
+        return -1;
+    for ((*i)++; *i < n; (*i)++) {
+        if (s[*i] == '\\') {
+            *escaped = 1;
+            (*i)++;
+        } else if (s[*i] == '"') {
+            (*i)++;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int span_value(const char *s, size_t n, size_t *i, int depth)
+{
+    int escaped = 0;
+    char close;
+
+    span_ws(s, n, i);
+    if (*i >= n || depth > SPAN_DEPTH)
+        return -1;
+    if (s[*i] == '"')
+        return span_string(s, n, i, &escaped);
+    if (s[*i] != '{' && s[*i] != '[') {
+        while (*i < n && s[*i] != ',' && s[*i] != ']' && s[*i] != '}' && s[*i] != ' ' &&
+               s[*i] != '\t' && s[*i] != '\r' && s[*i] != '\n')
+            (*i)++;
+        return 0;
+    }
+    close = s[*i] == '{' ? '}' : ']';
+    (*i)++;
+    span_ws(s, n, i);
+    if (*i < n && s[*i] == close) {
+        (*i)++;
+        return 0;
+    }
+    for (;;) {
+        if (close == '}') {
+            span_ws(s, n, i);
+            if (span_string(s, n, i, &escaped) < 0)
+                return -1;
+            span_ws(s, n, i);
+            if (*i >= n || s[*i] != ':')
+                return -1;
+            (*i)++;
+        }
+        if (span_value(s, n, i, depth + 1) < 0)
+            return -1;
+        span_ws(s, n, i);
+        if (*i < n && s[*i] == ',') {
+            (*i)++;
+            continue;
+        }
+        if (*i < n && s[*i] == close) {
+            (*i)++;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+/* In the object whose '{' is before *i, moves *i to the value of its first member named key, as
+ * cJSON_GetObjectItemCaseSensitive finds it; -1 when there is none, or an escaped key comes
+ * first (which might spell key). */
+static int span_key(const char *s, size_t n, size_t *i, const char *key)
+{
+    size_t klen = strlen(key);
+
+    for (;;) {
+        size_t k0;
+        int escaped = 0, hit;
+
+        span_ws(s, n, i);
+        k0 = *i + 1;
+        if (span_string(s, n, i, &escaped) < 0 || escaped)
+            return -1;
+        hit = *i - 1 - k0 == klen && memcmp(s + k0, key, klen) == 0;
+        span_ws(s, n, i);
+        if (*i >= n || s[*i] != ':')
+            return -1;
+        (*i)++;
+        span_ws(s, n, i);
+        if (hit)
+            return 0;
+        if (span_value(s, n, i, 1) < 0)
+            return -1;
+        span_ws(s, n, i);
+        if (*i >= n || s[*i] != ',')
+            return -1;
+        (*i)++;
+    }
+}
+
+/* Where inputs[0].data's array starts in the header. */
+static int span_find(const char *s, size_t n, size_t *at)
+{
+    size_t i = 0;
+
+    span_ws(s, n, &i);
+    if (i >= n || s[i++] != '{' || span_key(s, n, &i, "inputs") < 0 || i >= n || s[i++] != '[')
+        return -1;
+    span_ws(s, n, &i);
+    if (i >= n || s[i++] != '{' || span_key(s, n, &i, "data") < 0 || i >= n || s[i] != '[')
+        return -1;
+    *at = i;
+    return 0;
+}
+
+/* The numbers of the array at s[*i] (nested arrays flattened, INFER_MAX_DIMS deep at most),
+ * counted in *count and, with x, read into x; -1 for anything else: a value that is not a JSON
+ * number, or one beyond FP32's range. */
+static int span_numbers(const char *s, size_t n, size_t *i, int depth, float *x, int64_t *count)
+{
+    if (depth > INFER_MAX_DIMS)
+        return -1;
+    (*i)++;
+    span_ws(s, n, i);
+    if (*i < n && s[*i] == ']') {
+        (*i)++;
+        return 0;
+    }
+    for (;;) {
+        span_ws(s, n, i);
+        if (*i < n && s[*i] == '[') {
+            if (span_numbers(s, n, i, depth + 1, x, count) < 0)
+                return -1;
+        } else {
+            size_t j = *i, k;
+            char num[40], *end;
+
+            /* JSON's grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+            if (j < n && s[j] == '-')
+                j++;
+            if (j < n && s[j] == '0')
+                j++;
+            else if (j < n && s[j] >= '1' && s[j] <= '9')
+                while (j < n && s[j] >= '0' && s[j] <= '9')
+                    j++;
+            else
+                return -1;
+            if (j < n && s[j] == '.') {
+                k = ++j;
+                while (j < n && s[j] >= '0' && s[j] <= '9')
+                    j++;
+                if (j == k)
+                    return -1;
+            }
+            if (j < n && (s[j] == 'e' || s[j] == 'E')) {
+                if (++j < n && (s[j] == '+' || s[j] == '-'))
+                    j++;
+                k = j;
+                while (j < n && s[j] >= '0' && s[j] <= '9')
+                    j++;
+                if (j == k)
+                    return -1;
+            }
+            if (j - *i >= sizeof(num))
+                return -1; /* longer than any float needs: cJSON decides */
+            if (x) {
+                memcpy(num, s + *i, j - *i);
+                num[j - *i] = '\0';
+                x[*count] = strtof(num, &end);
+                if (isinf(x[*count]))
+                    return -1;
+            }
+            (*count)++;
+            *i = j;
+        }
+        span_ws(s, n, i);
+        if (*i < n && s[*i] == ',') {
+            (*i)++;
+            continue;
+        }
+        if (*i < n && s[*i] == ']') {
+            (*i)++;
+            return 0;
+        }
+        return -1;
+    }
+}
+
+/* The header of n bytes parsed with its data array read apart: into *xs (malloc'd, *count
+ * numbers) and "[]" in its place; NULL with *xs NULL when the scan gives up (then the caller
+ * parses as usual), or with err set when out of memory. */
+static cJSON *parse_fast(const char *s, size_t n, float **xs, int64_t *count, struct tp_err *err)
+{
+    size_t at, end, i;
+    char *text;
+    cJSON *j;
+
+    *xs = NULL;
+    *count = 0;
+    if (span_find(s, n, &at) < 0 || (i = at, span_numbers(s, n, &i, 1, NULL, count)) < 0)
+        return NULL;
+    end = i;
+    *xs = malloc((size_t)(*count ? *count : 1) * sizeof(float));
+    text = malloc(n - (end - at) + 2);
+    if (!*xs || !text) {
+        free(text);
+        tp_err_set(err, TP_ENOMEM, "no memory for the request's %" PRId64 " numbers", *count);
+        return NULL;
+    }
+    *count = 0;
+    i = at;
+    if (span_numbers(s, end, &i, 1, *xs, count) < 0) {
+        free(text);
+        free(*xs);
+        *xs = NULL;
+        return NULL;
+    }
+    memcpy(text, s, at);
+    memcpy(text + at, "[]", 2);
+    memcpy(text + at + 2, s + end, n - end);
+    j = restjson_parse(text, n - (end - at) + 2, "inference request", err);
+    free(text);
+    if (!j) { /* say where in the request itself */
+        free(*xs);
+        *xs = NULL;
+        j = restjson_parse(s, n, "inference request", err);
+        cJSON_Delete(j); /* it parses after all: the scan erred, so refuse it as malformed */
+        if (j)
+            tp_err_set(err, TP_EINVAL, "the inference request could not be read");
+        return NULL;
+    }
+    return j;
+}
+
 /* Copies a region's name (from the JSON, freed after the parse) into dst. */
 static int region_name(const char *tensor, const char *src, char *dst, struct tp_err *err)
 {
@@ -192,7 +440,7 @@ int restjson_infer(const struct model *m, const char *model, const char *version
     Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry
         *oep[REST_MAX_OUTPUTS][REST_MAX_PARAMS];
     ProtobufCBinaryData raw;
-    int64_t shape[INFER_MAX_DIMS + 1], timeout_us = 0, binary_size = -1;
+    int64_t shape[INFER_MAX_DIMS + 1], timeout_us = 0, binary_size = -1, fast_count = 0;
     int binary_output = 0, out_binary = -1, rc = -1;
     size_t np;
     const char *dt = tp_dtype_wire_name(m->io_dtype);
@@ -215,7 +463,11 @@ int restjson_infer(const struct model *m, const char *model, const char *version
                               hl, len);
         jlen = (size_t)h;
     }
-    j = restjson_parse(body ? body : "", jlen, "inference request", err);
+    j = parse_fast(body ? body : "", jlen, &q->xs, &fast_count, err);
+    if (!j && err->code != TP_OK)
+        return -1;
+    if (!j)
+        j = restjson_parse(body ? body : "", jlen, "inference request", err);
     if (!j)
         return -1;
     if (!cJSON_IsObject(j)) {
@@ -344,18 +596,22 @@ int restjson_infer(const struct model *m, const char *model, const char *version
                        dt);
             goto out;
         }
-        count = data_count(v, 1, NULL, 0, &derr);
-        if (count < 0) {
-            *err = derr;
-            goto out;
+        if (q->xs) { /* read by the scan */
+            count = fast_count;
+        } else {
+            count = data_count(v, 1, NULL, 0, &derr);
+            if (count < 0) {
+                *err = derr;
+                goto out;
+            }
+            q->xs = malloc((size_t)(count ? count : 1) * sizeof(float));
+            if (!q->xs) {
+                tp_err_set(err, TP_ENOMEM, "no memory for %" PRId64 " numbers of input", count);
+                goto out;
+            }
+            if (data_count(v, 1, q->xs, 0, err) < 0)
+                goto out;
         }
-        q->xs = malloc((size_t)(count ? count : 1) * sizeof(float));
-        if (!q->xs) {
-            tp_err_set(err, TP_ENOMEM, "no memory for %" PRId64 " numbers of input", count);
-            goto out;
-        }
-        if (data_count(v, 1, q->xs, 0, err) < 0)
-            goto out;
         contents.n_fp32_contents = (size_t)count;
         contents.fp32_contents = q->xs;
         it.contents = &contents;
@@ -451,6 +707,92 @@ void restjson_infer_free(struct restjson_infer *r)
 
 /* ---- answers ---- */
 
+/* 10^k as a double, for |k| <= 22 exactly; beyond, within a few ulps. */
+static double pow10i(int k)
+{
+    static const double p[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                                 1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                                 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+    double r = 1;
+
+    if (k < 0)
+        return 1 / pow10i(-k);
+    for (; k > 22; k -= 22)
+        r *= p[22];
+    return r * p[k];
+}
+
+/* v's 9 significant digits, rounded: m in [1e8, 1e9) and its decimal exponent. The scaling's
+ * error (a few ulps of a double) can move m by one only at a near-tie, which keeps it within
+ * half a unit of its 9th digit, far inside half a float's spacing. */
+static uint64_t scaled(double v, int e)
+{
+    return (uint64_t)llround(e <= 8 ? v * pow10i(8 - e) : v / pow10i(e - 8));
+}
+
+static uint64_t digits9(double v, int *e10)
+{
+    int e2, e;
+    uint64_t m;
+
+    frexp(v, &e2); /* v in [2^(e2-1), 2^e2): log10(v) at least (e2 - 1) log10(2) */
+    e = (int)floor((e2 - 1) * 0.30102999566398120);
+    m = scaled(v, e);
+    while (m >= 1000000000) /* the estimate was low, or v rounds up to the next power */
+        m = scaled(v, ++e);
+    while (m < 100000000)
+        m = scaled(v, --e);
+    *e10 = e;
+    return m;
+}
+
+size_t restjson_f32(char *out, float f)
+{
+    char d[9], *p = out;
+    double v = f;
+    uint64_t m;
+    int e, nd = 9;
+
+    if (signbit(v)) {
+        *p++ = '-';
+        v = -v;
+    }
+    if (v == 0) {
+        memcpy(p, "0.0", 3);
+        return (size_t)(p + 3 - out);
+    }
+    m = digits9(v, &e);
+    for (int i = 8; i >= 0; i--, m /= 10)
+        d[i] = (char)('0' + m % 10);
+    while (nd > 1 && d[nd - 1] == '0')
+        nd--;
+    if (e >= -5 && e < 9) { /* plain: 123.45, 0.00012 */
+        if (e < 0) {
+            memcpy(p, "0.", 2);
+            p += 2;
+            for (int i = -1; i > e; i--)
+                *p++ = '0';
+            memcpy(p, d, (size_t)nd);
+            p += nd;
+        } else {
+            for (int i = 0; i <= e || i < nd; i++) {
+                if (i == e + 1)
+                    *p++ = '.';
+                *p++ = i < nd ? d[i] : '0';
+            }
+        }
+    } else { /* 1.2345e-07 */
+        *p++ = d[0];
+        if (nd > 1) {
+            *p++ = '.';
+            memcpy(p, d + 1, (size_t)nd - 1);
+            p += nd - 1;
+        }
+        p += sprintf(p, "e%d", e);
+    }
+    return (size_t)(p - out);
+}
+
 int restjson_answer(FILE *f, const struct model *m, const char *id, const struct infer_input *in,
                     const float *data, size_t binary_size)
 {
@@ -478,12 +820,22 @@ int restjson_answer(FILE *f, const struct model *m, const char *id, const struct
     if (binary_size != (size_t)-1)
         fprintf(f, ",\"parameters\":{\"binary_data_size\":%zu}", binary_size);
     if (data) {
+        char buf[4096];
+        size_t k = 0;
+
         fputs(",\"data\":[", f);
         for (size_t i = 0; i < n; i++) {
             if (!isfinite(data[i]))
                 return -1;
-            fprintf(f, i ? ",%.9g" : "%.9g", (double)data[i]);
+            if (k > sizeof(buf) - RESTJSON_F32_MAX - 1) {
+                fwrite(buf, 1, k, f);
+                k = 0;
+            }
+            if (i)
+                buf[k++] = ',';
+            k += restjson_f32(buf + k, data[i]);
         }
+        fwrite(buf, 1, k, f);
         fputc(']', f);
     }
     fputs("}]}", f);

@@ -50,6 +50,12 @@ void restjson_infer_free(struct restjson_infer *r);
 int restjson_answer(FILE *f, const struct model *m, const char *id, const struct infer_input *in,
                     const float *data, size_t binary_size);
 
+/* f (finite) as a JSON number that reads back to the same float: 9 significant digits, trailing
+ * zeros dropped, plain between 1e-5 and 1e9, else with an exponent; "-0.0" keeps zero's sign.
+ * Writes at most RESTJSON_F32_MAX bytes, no NUL; returns how many. */
+#define RESTJSON_F32_MAX 16
+size_t restjson_f32(char *out, float f);
+
 /* n bytes of JSON text, parsed: UTF-8 without NUL, as JSON text must be, no \u0000 escape
  * (which would cut a C string short unseen) and nothing after the value. NULL with err naming
  * what (the request's kind) and where parsing stopped. */
