@@ -310,7 +310,14 @@ class Harness:
                     str(rows * n_out * 4)]
         if stream:
             cmd += ["--streaming"]
-        out = run(cmd, 600)
+        try:
+            out = run(cmd, 600)
+        except BenchError as e:
+            # a noisy window on a shared VM: once more, with twice the trials
+            if "stable" not in str(e):
+                raise
+            out = run(cmd[:cmd.index("--max-trials") + 1] + ["10"] +
+                      cmd[cmd.index("--max-trials") + 2:], 600)
 
         def num(pattern):
             m = re.search(pattern, out)

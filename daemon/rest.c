@@ -65,7 +65,8 @@ struct rest_req {
     const char *model, *version, *name; /* in path: model and version, or the region's name */
     int post;                           /* a POST (else GET or HEAD) */
     char *body;                         /* the body as received */
-    size_t len, cap;                    /* cap: allocated and charged to rest->buffered */
+    size_t len, cap;                    /* bytes received, and allocated */
+    uint64_t charged;                   /* bytes charged to rest->buffered */
     int refused;                        /* answered before its body was read */
     int64_t t0_ns;                      /* arrival, metrics_now_ns() */
     /* an inference */
@@ -220,13 +221,12 @@ static int route_posts(enum route r)
 
 static void free_body(struct rest_req *q)
 {
-    if (q->cap)
-        atomic_fetch_sub(&q->rest->buffered, q->cap);
+    atomic_fetch_sub(&q->rest->buffered, q->charged);
     free(q->body);
     free(q->inf.xs);
     q->body = NULL;
     q->inf.xs = NULL;
-    q->cap = 0; /* len stays: the request's size, for the metrics */
+    q->cap = q->charged = 0; /* len stays: the request's size, for the metrics */
 }
 
 /* Frees q and what it holds, on any thread; its output's slot stays held if it has a reply. */
@@ -408,7 +408,7 @@ static enum MHD_Result start_infer(struct rest_req *q)
     q->req.deadline_ns =
         q->inf.timeout_us ? q->t0_ns + q->inf.timeout_us * 1000 : INT64_MAX;
     q->req.rows = q->inf.in.rows;
-    q->req.bytes = q->cap + (q->inf.xs ? (uint64_t)q->inf.in.rows * (uint64_t)m->in * 4 : 0);
+    q->req.bytes = q->len + (q->inf.xs ? (uint64_t)q->inf.in.rows * (uint64_t)m->in * 4 : 0);
     q->req.fill = rest_fill;
     q->req.complete = rest_complete;
     pthread_mutex_lock(&q->lock);
@@ -635,47 +635,48 @@ static uint64_t body_limit(const struct rest_req *q)
     return q->route == R_INFER ? q->rest->c.max_body : REST_SMALL_BODY;
 }
 
-/* Makes room for more bytes of body; an answer is queued (and q->refused set) when that is more
- * than q may have or than the server may hold. */
+/* Makes room for more bytes of body, charged to the bodies the server holds as they arrive
+ * (the buffer is sized from the announced length, but only what was sent touches memory); an
+ * answer is queued (and q->refused set) when that is more than q may have or than the server
+ * may hold. announced > 0 only checks and sizes, before any byte came. */
 static int body_room(struct rest_req *q, uint64_t more, uint64_t announced)
 {
     struct rest *rs = q->rest;
-    uint64_t need = q->len + more, cap;
+    uint64_t need = q->len + (announced ? announced : more), cap;
+    unsigned status = 503;
     char msg[200];
     char *p;
 
-    if (need <= q->cap)
-        return 0;
     if (need > body_limit(q)) {
-        snprintf(msg, sizeof(msg), "the request body has %" PRIu64 " bytes, at most %" PRIu64
-                                   " are taken here",
-                 announced > need ? announced : need, body_limit(q));
+        snprintf(msg, sizeof(msg),
+                 "the request body has %" PRIu64 " bytes, at most %" PRIu64 " are taken here",
+                 need, body_limit(q));
+        status = 413;
         goto refuse;
     }
-    cap = announced >= need ? announced : need + need / 2;
-    if (cap > body_limit(q))
-        cap = body_limit(q);
-    if (atomic_fetch_add(&rs->buffered, cap - q->cap) + (cap - q->cap) > rs->c.max_buffered) {
-        atomic_fetch_sub(&rs->buffered, cap - q->cap);
+    if (!announced &&
+        atomic_fetch_add(&rs->buffered, more) + more > rs->c.max_buffered) {
+        atomic_fetch_sub(&rs->buffered, more);
         snprintf(msg, sizeof(msg), "tpd holds %" PRIu64 " MiB of request bodies already: try again",
                  rs->c.max_buffered >> 20);
-        send_error(q->conn, 503, msg);
-        q->refused = 1;
-        return -1;
+        goto refuse;
     }
+    q->charged += announced ? 0 : more;
+    if (need <= q->cap)
+        return 0;
+    cap = announced ? announced : need + need / 2;
+    if (cap > body_limit(q))
+        cap = body_limit(q);
     p = realloc(q->body, cap);
     if (!p) {
-        atomic_fetch_sub(&rs->buffered, cap - q->cap);
         snprintf(msg, sizeof(msg), "no memory for a request body of %" PRIu64 " bytes", cap);
-        send_error(q->conn, 503, msg);
-        q->refused = 1;
-        return -1;
+        goto refuse;
     }
     q->body = p;
     q->cap = cap;
     return 0;
 refuse:
-    send_error(q->conn, 413, msg);
+    send_error(q->conn, status, msg);
     q->refused = 1;
     return -1;
 }

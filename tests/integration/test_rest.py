@@ -13,7 +13,8 @@
   Inference-Header-Content-Length, bad UTF-8 and \\u0000, nesting, unsupported encodings and
   parameters -- each gets 400 with its reason; a 1 GiB Content-Length is refused with 413 before
   its body is read (tpd's memory does not grow); truncated bodies and connections that stall in
-  their headers cost nothing: after all of it, the same workers answer correctly at once.
+  their headers cost nothing, and bodies count against --max-queue-mb as their bytes arrive,
+  not as announced: after all of it, the same workers answer correctly at once.
 * Triton's timeout parameter (microseconds): 0 or a generous one is no bound; a request that
   waits behind long jobs for longer than its timeout fails with 504, and the others are answered.
 * The drain: an inference accepted before SIGTERM is answered; tpd then exits 0.
@@ -417,6 +418,30 @@ class TestEndpoints(RestCase):
         st = c.get_inference_statistics("lin")["model_stats"][0]
         self.assertGreaterEqual(st["inference_stats"]["fail"]["count"], len(cases))
         self.assertTrue(d.running())
+
+    def test_announced_bodies_cost_only_what_arrives(self):
+        # bodies held at once are bounded by --max-queue-mb (1 MiB here), counted as they
+        # arrive: clients that each announce almost all of it and send a few bytes take almost
+        # none of it, and a 10 KB JSON request still fits
+        d = self.start_daemon(self.wpath, "--cpu", 2, "--model", "lin", "--max-batch", 16,
+                              "--max-queue-mb", 1, name="budget")
+        host, port = d.http_addr().rsplit(":", 1)
+        slow = []
+        for _ in range(4):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /v2/models/lin/infer HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Length: 1040000\r\n\r\n{\"inputs\": [")
+            slow.append(s)
+        time.sleep(0.2)
+        c = self.http(d)
+        x = np.random.default_rng(4).standard_normal((16, IN)).astype(np.float32)
+        inp = thttp.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=False)
+        y = c.infer("lin", [inp]).as_numpy("output")
+        ref, mag = reference(x, self.W, self.b)
+        self.assertLessEqual(rel_err(y, ref, mag), TOL)
+        for s in slow:
+            s.close()
 
     def test_timeout_parameter(self):
         c = self.http(self.d)
