@@ -348,7 +348,10 @@ int main(int argc, char **argv)
                        .max_body = (uint64_t)c.max_batch * (uint64_t)m.in * 32 + MSG_HEADROOM,
                        .max_buffered = (uint64_t)c.max_queue_mb << 20,
                        .reply_timeout_ms = c.reply_timeout_ms ? c.reply_timeout_ms : 30000,
-                       .threads = online_cpus() < 4 ? 2 : 4},
+                       .threads = online_cpus() < 4 ? 2 : 4,
+                       .tls_cert = c.tls_cert,
+                       .tls_key = c.tls_key,
+                       .tls_client_ca = c.tls_client_ca},
                    &err) < 0)
         goto fail_grpc;
     if (rpc_server_create(

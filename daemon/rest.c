@@ -6,6 +6,7 @@
 #include "rest.h"
 
 #include <cjson/cJSON.h>
+#include <gnutls/gnutls.h>
 #include <inttypes.h>
 #include <math.h>
 #include <microhttpd.h>
@@ -19,6 +20,7 @@
 
 #include "infer.h"
 #include "log.h"
+#include "pem.h"
 #include "restjson.h"
 #include "tcp.h"
 
@@ -33,6 +35,7 @@ struct rest {
     atomic_uint_fast64_t buffered; /* bytes of bodies held */
     atomic_int outstanding;        /* inferences accepted and not yet answered */
     atomic_int quiesced;
+    char *cert, *key, *ca; /* PEM text of the TLS files, kept while the server runs */
 };
 
 enum route {
@@ -681,6 +684,20 @@ refuse:
     return -1;
 }
 
+/* With --tls-client-ca: the client presented a certificate that the CA signed (gnutls checks
+ * the chain against the trust MHD was given, and the dates). */
+static int client_verified(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+    unsigned status = 1;
+
+    return ci && ci->tls_session &&
+           gnutls_certificate_type_get(ci->tls_session) == GNUTLS_CRT_X509 &&
+           gnutls_certificate_verify_peers2(ci->tls_session, &status) == GNUTLS_E_SUCCESS &&
+           status == 0;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version,
                                   const char *upload_data, size_t *upload_data_size,
@@ -704,6 +721,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         pthread_mutex_init(&q->lock, NULL);
         *con_cls = q;
         MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, REST_IDLE_S);
+        if (rs->ca && !client_verified(conn)) {
+            tp_log(TP_LOG_INFO, "rest: refused a client without a certificate signed by the "
+                                "--tls-client-ca");
+            q->refused = 1;
+            return send_error(conn, 403, "a client certificate signed by the server's client CA "
+                                         "is required");
+        }
         q->post = strcmp(method, MHD_HTTP_METHOD_POST) == 0;
         if (!q->post && strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
             strcmp(method, MHD_HTTP_METHOD_HEAD) != 0) {
@@ -711,9 +735,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             return send_error(conn, 405, "Method Not Allowed");
         }
         q->route = route(q, url);
-        /* a body that will not fit is refused before a byte of it is read */
-        if (announced && body_room(q, announced, announced) < 0)
-            return MHD_YES;
+        /* a body that will not fit is refused (413, queued here) before a byte of it is read */
+        if (announced)
+            body_room(q, announced, announced);
         return MHD_YES;
     }
     if (q->refused) {
@@ -756,8 +780,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free_req(q);
 }
 
-/* The URL's percent escapes, decoded in place, except %00: a NUL would cut the path short unseen
- * ("/v2/models/m%00x" read as model "m"), so it stays as it is and names nothing. */
 static int hexval(char c)
 {
     return c >= '0' && c <= '9'   ? c - '0'
@@ -766,6 +788,8 @@ static int hexval(char c)
                                   : -1;
 }
 
+/* The URL's percent escapes, decoded in place, except %00: a NUL would cut the path short unseen
+ * ("/v2/models/m%00x" read as model "m"), so it stays as it is and names nothing. */
 static size_t unescape(void *cls, struct MHD_Connection *conn, char *s)
 {
     char *w = s;
@@ -799,38 +823,71 @@ static void on_log(void *cls, const char *fmt, va_list ap)
     tp_log(TP_LOG_INFO, "rest: %s", msg);
 }
 
+static void free_rest(struct rest *rs)
+{
+    if (rs->key) /* the private key leaves no copy in the heap */
+        explicit_bzero(rs->key, strlen(rs->key));
+    free(rs->cert);
+    free(rs->key);
+    free(rs->ca);
+    free(rs);
+}
+
 int rest_start(struct rest **out, const struct rest_config *c, struct tp_err *err)
 {
     struct rest *rs = calloc(1, sizeof(*rs));
+    struct MHD_OptionItem tls[4];
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+                     MHD_USE_ERROR_LOG;
     char shown[300];
-    int fd;
+    int fd, nt = 0;
 
     *out = NULL;
     if (!rs)
         return tp_err_set(err, TP_ENOMEM, "no memory for the REST server");
     rs->c = *c;
+    if (c->tls_cert) { /* the same files as gRPC's TCP addresses */
+        if (pem_read(c->tls_cert, &rs->cert, err) < 0 || pem_read(c->tls_key, &rs->key, err) < 0 ||
+            (c->tls_client_ca && pem_read(c->tls_client_ca, &rs->ca, err) < 0)) {
+            free_rest(rs);
+            return -1;
+        }
+        flags |= MHD_USE_TLS;
+        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, rs->cert};
+        tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, rs->key};
+        if (rs->ca) /* asks every client for a certificate; client_verified checks it */
+            tls[nt++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_TRUST, 0, rs->ca};
+    }
+    tls[nt] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
     fd = tcp_listen(c->listen, "--http-listen", "the REST API", shown, sizeof(shown), err);
     if (fd < 0) {
-        free(rs);
+        free_rest(rs);
         return -1;
     }
     rs->d = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
-            MHD_USE_ERROR_LOG,
-        0, NULL, NULL, on_request, rs, MHD_OPTION_LISTEN_SOCKET, fd,
+        flags, 0, NULL, NULL, on_request, rs, MHD_OPTION_LISTEN_SOCKET, fd,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(c->threads > 0 ? c->threads : 1),
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)REST_MAX_CONNS, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)REST_IDLE_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)REST_CONN_MEMORY,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, rs, MHD_OPTION_EXTERNAL_LOGGER, on_log, rs,
-        MHD_OPTION_UNESCAPE_CALLBACK, unescape, rs,
-        MHD_OPTION_END);
+        MHD_OPTION_UNESCAPE_CALLBACK, unescape, rs, MHD_OPTION_ARRAY, tls, MHD_OPTION_END);
     if (!rs->d) {
         close(fd);
-        free(rs);
-        return tp_err_set(err, TP_ESYS, "cannot start the REST server on %s (--http-listen)",
-                          c->listen);
+        if (c->tls_cert)
+            tp_err_set(err, TP_EINVAL,
+                       "cannot start the REST server on %s with TLS: is %s a certificate, %s its "
+                       "private key%s%s%s",
+                       c->listen, c->tls_cert, c->tls_key, c->tls_client_ca ? " and " : "",
+                       c->tls_client_ca ? c->tls_client_ca : "",
+                       c->tls_client_ca ? " a CA certificate" : "");
+        else
+            tp_err_set(err, TP_ESYS, "cannot start the REST server on %s (--http-listen)",
+                       c->listen);
+        free_rest(rs);
+        return -1;
     }
-    tp_log(TP_LOG_NOTICE, "REST API on http://%s/v2", shown);
+    tp_log(TP_LOG_NOTICE, "REST API on %s://%s/v2%s", c->tls_cert ? "https" : "http", shown,
+           !c->tls_cert ? "" : rs->ca ? " (TLS, client certificate required)" : " (TLS)");
     *out = rs;
     return 0;
 }
@@ -864,5 +921,5 @@ void rest_stop(struct rest *rs, int grace_ms)
         return;
     }
     MHD_stop_daemon(rs->d);
-    free(rs);
+    free_rest(rs);
 }

@@ -23,10 +23,14 @@ struct rest_config {
     uint64_t max_buffered;  /* bytes of request bodies held at once, every connection's */
     int reply_timeout_ms;   /* a reply its client does not read for this long is dropped */
     int threads;            /* threads serving connections */
+    /* PEM files: with tls_cert, HTTPS; with tls_client_ca too, clients must present a
+     * certificate it signed (else 403) */
+    const char *tls_cert, *tls_key, *tls_client_ca;
 };
 
-/* Binds and serves from threads of its own; logs "REST API on http://HOST:PORT/v2" at notice.
- * A bad or busy address fails with a message naming it. */
+/* Binds and serves from threads of its own; logs "REST API on http[s]://HOST:PORT/v2" at
+ * notice. A bad or busy address, or TLS files that do not work, fail with a message naming
+ * them. */
 int rest_start(struct rest **r, const struct rest_config *c, struct tp_err *err);
 
 /* The drain begins: new connections are refused and new inferences answered 503, while those

@@ -13,6 +13,10 @@ harness uses to wait for readiness.
     refused handshakes leave the daemon serving the others.
 (c) TLS settings that cannot work fail at start with exit 64 (incomplete) or 1 (unreadable file),
     naming the flag or file.
+(r) the REST API takes the same TLS files: HTTPS only (a plaintext request gets no answer), curl
+    and tritonclient.http trusting the CA are served, one trusting another CA is refused; with
+    --tls-client-ca, a client without a certificate, or with another CA's, gets 403, and one
+    with the right certificate is served.
 (d) unix sockets get mode 0660 by default, --socket-mode sets another, bad modes exit 64.
 (e) the default listen address is loopback.
 """
@@ -188,6 +192,53 @@ class TestTls(TlsCase):
         self.assertEqual(d.worker_pids(), pids, "workers restarted")
         self.assertEqual(d.client("health").rc, 0, "unix socket stopped serving")
         d.stop()
+
+    def curl_rest(self, d, path, *tls):
+        """(exit status, HTTP status or None, body) of curl GET https://REST/path."""
+        argv = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10", *tls,
+                "https://" + d.http_addr() + path]
+        res = subprocess.run(argv, capture_output=True, timeout=30)
+        body, _, code = res.stdout.rpartition(b"\n")
+        return res.returncode, int(code) if code.strip() and code != b"000" else None, body
+
+    def test_rest_tls(self):
+        import tritonclient.http as thttp
+        p = self.pki
+        for mtls in (False, True):
+            with self.subTest(mtls=mtls):
+                d = self.start_tls(mtls=mtls)
+                self.assertIn("REST API on https://", d.log())
+                mine = ["--cacert", p["ca.pem"]] + (
+                    ["--cert", p["client.pem"], "--key", p["client.key"]] if mtls else [])
+                rc, code, body = self.curl_rest(d, "/v2/health/ready", *mine)
+                self.assertEqual((rc, code), (0, 200), body)
+                # plaintext gets no HTTP answer; another CA's server certificate is refused
+                res = subprocess.run(["curl", "-s", "--max-time", "5", "-o", "/dev/null", "-w",
+                                      "%{http_code}", "http://" + d.http_addr() + "/v2"],
+                                     capture_output=True, timeout=30)
+                self.assertNotEqual(res.stdout, b"200", "plaintext REST answered")
+                rc, code, _ = self.curl_rest(d, "/v2", "--cacert", p["ca2.pem"])
+                self.assertNotEqual(rc, 0, "a client trusting another CA got through")
+                if mtls:
+                    rc, code, body = self.curl_rest(d, "/v2/health/ready", "--cacert",
+                                                    p["ca.pem"])
+                    self.assertEqual(code, 403, (rc, body))
+                    self.assertIn(b"client certificate", body)
+                    rc, code, body = self.curl_rest(d, "/v2", "--cacert", p["ca.pem"], "--cert",
+                                                    p["other.pem"], "--key", p["other.key"])
+                    self.assertTrue(rc != 0 or code == 403, (rc, code, body))
+                opts = {"ca_certs": p["ca.pem"]}
+                if mtls:
+                    opts.update(certfile=p["client.pem"], keyfile=p["client.key"])
+                c = thttp.InferenceServerClient(d.http_addr(), ssl=True, ssl_options=opts,
+                                                insecure=False)
+                x = self.rng.standard_normal((3, IN)).astype(np.float32)
+                inp = thttp.InferInput("input", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x)
+                self.assert_close(c.infer("sec", [inp]).as_numpy("output"), x, self.W, self.b,
+                                  TOL, "tritonclient.http over TLS")
+                c.close()
+                d.stop()
 
     def test_bad_tls_settings(self):
         p = self.pki

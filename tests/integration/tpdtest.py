@@ -360,7 +360,7 @@ LOADED_RE = re.compile(r"tpd-worker rank (\d+): \w+: loaded rows \[(\d+), (\d+)\
                        r"'([^']*)' \((\w+)\): read (\d+) bytes of weight and (\d+) bytes of bias")
 ACCEPTED_RE = re.compile(r"tpd: debug: accepted request")
 METRICS_RE = re.compile(r"tpd: notice: metrics and health on http://(\S+)/metrics")
-HTTP_RE = re.compile(r"tpd: notice: REST API on http://(\S+)/v2")
+HTTP_RE = re.compile(r"tpd: notice: REST API on https?://(\S+)/v2")
 SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)[^\n]*|runtime error: [^\n]*")
 
 
