@@ -14,29 +14,8 @@
 #include "fuzz.h"
 #include "gbuf.h"
 #include "infer.h"
+#include "models.h"
 #include "tensor.h"
-
-/* the same layer with FP32 and with FP16 on the wire: the byte counts differ */
-static const struct model models[2] = {{.name = "lin",
-                                        .in = 3,
-                                        .out = 2,
-                                        .wdtype = TP_F32,
-                                        .io_dtype = TP_F32,
-                                        .gemm_dtype = TP_F32,
-                                        .has_bias = 1,
-                                        .ranks = 2,
-                                        .backend = "cpu",
-                                        .max_batch = 4},
-                                       {.name = "lin",
-                                        .in = 3,
-                                        .out = 2,
-                                        .wdtype = TP_F32,
-                                        .io_dtype = TP_F16,
-                                        .gemm_dtype = TP_F32,
-                                        .has_bias = 1,
-                                        .ranks = 2,
-                                        .backend = "cpu",
-                                        .max_batch = 4}};
 
 /* Strict UTF-8 (RFC 3629), written apart from infer.c's. */
 static int utf8_ok(const char *s)

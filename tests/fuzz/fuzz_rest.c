@@ -9,27 +9,9 @@
 #include <string.h>
 
 #include "fuzz.h"
+#include "models.h"
 #include "restjson.h"
 #include "tensor.h"
-
-static const struct model models[2] = {{.name = "lin",
-                                        .in = 3,
-                                        .out = 2,
-                                        .wdtype = TP_F32,
-                                        .io_dtype = TP_F32,
-                                        .gemm_dtype = TP_F32,
-                                        .ranks = 2,
-                                        .backend = "cpu",
-                                        .max_batch = 4},
-                                       {.name = "lin",
-                                        .in = 3,
-                                        .out = 2,
-                                        .wdtype = TP_F32,
-                                        .io_dtype = TP_F16,
-                                        .gemm_dtype = TP_F32,
-                                        .ranks = 2,
-                                        .backend = "cpu",
-                                        .max_batch = 4}};
 
 static void check(const struct model *m, const char *body, size_t len, const char *hl)
 {
