@@ -117,9 +117,12 @@ static enum MHD_Result send_json(struct MHD_Connection *conn, unsigned status, c
 static enum MHD_Result send_error(struct MHD_Connection *conn, unsigned status, const char *msg)
 {
     cJSON *j = cJSON_CreateObject();
+    char clean[512];
 
+    snprintf(clean, sizeof(clean), "%s", msg);
+    restjson_clean_utf8(clean);
     if (j)
-        cJSON_AddStringToObject(j, "error", msg);
+        cJSON_AddStringToObject(j, "error", clean);
     return send_json(conn, status, j);
 }
 

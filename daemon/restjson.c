@@ -25,6 +25,30 @@ static int utf8_ok(const unsigned char *s, size_t n)
     return u.need == 0;
 }
 
+void restjson_clean_utf8(char *s)
+{
+    struct infer_utf8 u = {0};
+    char *start = s;
+
+    for (char *p = s; *p; p++) {
+        if (!u.need)
+            start = p;
+        if (infer_utf8_step(&u, (uint8_t)*p) == 0)
+            continue;
+        u = (struct infer_utf8){0};
+        if (p > start) { /* a sequence cut short: its bytes go, p starts again */
+            memset(start, '?', (size_t)(p - start));
+            start = p;
+            if (infer_utf8_step(&u, (uint8_t)*p) == 0)
+                continue;
+            u = (struct infer_utf8){0};
+        }
+        *p = '?';
+    }
+    if (u.need) /* cut short at the end */
+        memset(start, '?', strlen(start));
+}
+
 cJSON *restjson_parse(const char *text, size_t n, const char *what, struct tp_err *err)
 {
     const char *end = NULL;

@@ -61,6 +61,11 @@ size_t restjson_f32(char *out, float f);
  * what (the request's kind) and where parsing stopped. */
 cJSON *restjson_parse(const char *text, size_t n, const char *what, struct tp_err *err);
 
+/* Replaces, in place, every byte of s that is not part of good UTF-8 with '?': for messages
+ * that quote what a client sent (a URL's model name, cut at 64 bytes, maybe inside a
+ * character), which JSON text must not carry raw. */
+void restjson_clean_utf8(char *s);
+
 /* An integer JSON number in [lo, hi], exactly; -1 for anything else. */
 int restjson_int(const cJSON *v, double lo, double hi, int64_t *out);
 

@@ -310,6 +310,9 @@ class TestEndpoints(RestCase):
                                    ("/v2/models/lin/versions/2/infer", "POST", 404),
                                    ("/v2/nothing", "GET", 404), ("/metrics", "GET", 404),
                                    ("/v2/models/lin%00x", "GET", 404),  # no NUL cuts it short
+                                   # quoted in the error, cut at 64 bytes inside a character:
+                                   # still UTF-8, so the JSON parses
+                                   ("/v2/models/x" + "%C3%A9" * 40, "GET", 404),
                                    ("/v2/models/lin/infer", "GET", 405),
                                    ("/v2/health/ready", "POST", 405),
                                    ("/v2/models/lin", "DELETE", 405)):

@@ -453,6 +453,18 @@ static void test_messages(void)
     cJSON_Delete(j);
 }
 
+static void test_clean_utf8(void)
+{
+    char a[] = "unknown model 'caf\xc3\xa9'", b[] = "cut '\xe2\x82'", c[] = "x\xff\xc0\xafy\xe2";
+
+    restjson_clean_utf8(a);
+    ASSERT_STR_EQ(a, "unknown model 'caf\xc3\xa9'");
+    restjson_clean_utf8(b);
+    ASSERT_STR_EQ(b, "cut '?" "?'"); /* apart: "??'" is a trigraph */
+    restjson_clean_utf8(c);
+    ASSERT_STR_EQ(c, "x?" "?" "?y?");
+}
+
 static void test_statuses(void)
 {
     static const unsigned want[17] = {200, 400, 400, 400, 504, 404, 400, 400, 429,
@@ -475,6 +487,7 @@ int main(void)
     TEST_RUN(test_answers);
     TEST_RUN(test_f32_round_trip);
     TEST_RUN(test_messages);
+    TEST_RUN(test_clean_utf8);
     TEST_RUN(test_statuses);
     return 0;
 }
