@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "infer.h"
 #include "log.h"
@@ -225,6 +226,12 @@ static int route_posts(enum route r)
 
 /* ---- inference ---- */
 
+/* The most bytes q's body may have. */
+static uint64_t body_limit(const struct rest_req *q)
+{
+    return q->route == R_INFER ? q->rest->c.max_body : REST_SMALL_BODY;
+}
+
 static void free_body(struct rest_req *q)
 {
     atomic_fetch_sub(&q->rest->buffered, q->charged);
@@ -296,6 +303,174 @@ static void reply_free(void *cls)
     free(h);
 }
 
+/* ---- compression ----
+ * As Triton: a request body may come gzip'd or deflate'd (zlib's format, which is what HTTP's
+ * "deflate" means and what tritonclient sends), and an inference's answer is compressed when
+ * the client's Accept-Encoding asks for one of them. */
+
+enum coding { CODING_NONE, CODING_GZIP, CODING_DEFLATE, CODING_OTHER };
+
+static enum coding coding_of(const char *name, size_t n)
+{
+    if (n == 8 && strncasecmp(name, "identity", 8) == 0)
+        return CODING_NONE;
+    if (n == 4 && strncasecmp(name, "gzip", 4) == 0)
+        return CODING_GZIP;
+    if (n == 7 && strncasecmp(name, "deflate", 7) == 0)
+        return CODING_DEFLATE;
+    return CODING_OTHER;
+}
+
+/* The first of gzip or deflate that an Accept-Encoding value lists without q=0. */
+static enum coding accepted(const char *v)
+{
+    for (const char *p = v; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL) {
+        const char *t = p + strspn(p, " \t"), *end = strchr(t, ','), *qv = strstr(t, "q=");
+        enum coding c = coding_of(t, strcspn(t, ",; \t"));
+
+        if ((c == CODING_GZIP || c == CODING_DEFLATE) &&
+            !(qv && (!end || qv < end) && strtod(qv + 2, NULL) == 0))
+            return c;
+    }
+    return CODING_NONE;
+}
+
+/* Inflates q's body in place of itself, within the body limit and the server's budget. -1 with
+ * err for data that is not the coding's, -2 (err set) for too much. */
+static int inflate_body(struct rest_req *q, struct tp_err *err)
+{
+    struct rest *rs = q->rest;
+    uint64_t limit = body_limit(q);
+    size_t cap = q->len * 4 < (64 << 10) ? (64 << 10) : q->len * 4, n = 0;
+    z_stream z = {0};
+    char *out = NULL;
+    uint64_t charged = 0;
+    int r, rc = -1;
+
+    if (inflateInit2(&z, 15 + 32) != Z_OK) /* gzip or zlib, by their headers */
+        return tp_err_set(err, TP_ENOMEM, "no memory to decompress the body");
+    z.next_in = (Bytef *)q->body;
+    z.avail_in = (uInt)q->len;
+    for (;;) {
+        if (n == cap || !out) {
+            char *p;
+
+            cap = out ? cap * 2 : cap;
+            cap = cap > limit ? limit : cap;
+            if (n == cap) {
+                tp_err_set(err, TP_EINVAL,
+                           "the body decompresses to more than the %" PRIu64 " bytes taken here",
+                           limit);
+                rc = -2;
+                break;
+            }
+            if (atomic_fetch_add(&rs->buffered, cap - charged) + (cap - charged) >
+                rs->c.max_buffered) {
+                atomic_fetch_sub(&rs->buffered, cap - charged);
+                tp_err_set(err, TP_EUNAVAIL,
+                           "tpd holds %" PRIu64 " MiB of request bodies already: try again",
+                           rs->c.max_buffered >> 20);
+                break;
+            }
+            charged = cap;
+            p = realloc(out, cap);
+            if (!p) {
+                tp_err_set(err, TP_ENOMEM, "no memory to decompress the body");
+                break;
+            }
+            out = p;
+        }
+        z.next_out = (Bytef *)out + n;
+        z.avail_out = (uInt)(cap - n);
+        r = inflate(&z, Z_NO_FLUSH);
+        n = cap - z.avail_out;
+        if (r == Z_STREAM_END && z.avail_in == 0) {
+            rc = 0;
+            break;
+        }
+        if ((r != Z_OK && r != Z_BUF_ERROR) || r == Z_STREAM_END ||
+            (z.avail_in == 0 && z.avail_out > 0)) {
+            tp_err_set(err, TP_EINVAL, "the body is not whole compressed data (%s)",
+                       z.msg ? z.msg : "it ends too soon, or goes on after its end");
+            break;
+        }
+    }
+    inflateEnd(&z);
+    if (rc < 0) {
+        atomic_fetch_sub(&rs->buffered, charged);
+        free(out);
+        return rc;
+    }
+    free_body(q);
+    q->body = out;
+    q->len = n;
+    q->cap = cap;
+    q->charged = charged;
+    return 0;
+}
+
+/* n bytes in iov's pieces, compressed into one new buffer (*len bytes); NULL when that fails,
+ * and the answer then goes uncompressed. */
+static char *compress_iov(enum coding c, const struct MHD_IoVec *iov, int niov, size_t *len)
+{
+    z_stream z = {0};
+    size_t total = 0, cap;
+    char *out;
+    int r = Z_OK;
+
+    for (int i = 0; i < niov; i++)
+        total += iov[i].iov_len;
+    if (deflateInit2(&z, Z_BEST_SPEED, Z_DEFLATED, c == CODING_GZIP ? 15 + 16 : 15, 8,
+                     Z_DEFAULT_STRATEGY) != Z_OK)
+        return NULL;
+    cap = deflateBound(&z, total);
+    out = malloc(cap);
+    z.next_out = (Bytef *)out;
+    z.avail_out = (uInt)cap;
+    for (int i = 0; out && i < niov && r == Z_OK; i++) {
+        z.next_in = (Bytef *)(uintptr_t)iov[i].iov_base;
+        z.avail_in = (uInt)iov[i].iov_len;
+        r = deflate(&z, i + 1 == niov ? Z_FINISH : Z_NO_FLUSH);
+    }
+    deflateEnd(&z);
+    if (!out || r != Z_STREAM_END) {
+        free(out);
+        return NULL;
+    }
+    *len = cap - z.avail_out;
+    return out;
+}
+
+/* Sends an answer of iov's pieces compressed, as the client accepts; 0 when it does not (or
+ * compressing failed), and the caller sends it as it is. */
+static int send_compressed(struct rest_req *q, const struct MHD_IoVec *iov, int niov,
+                           const char *type, size_t hlen, enum MHD_Result *r)
+{
+    enum coding c = accepted(MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND,
+                                                         MHD_HTTP_HEADER_ACCEPT_ENCODING));
+    struct MHD_Response *resp;
+    size_t n;
+    char *z, num[24];
+
+    if (c == CODING_NONE || !(z = compress_iov(c, iov, niov, &n)))
+        return 0;
+    resp = MHD_create_response_from_buffer(n, z, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(z);
+        return 0;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, type);
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_ENCODING,
+                            c == CODING_GZIP ? "gzip" : "deflate");
+    if (niov > 1) { /* the binary data's header: its length before compression, as Triton */
+        snprintf(num, sizeof(num), "%zu", hlen);
+        MHD_add_response_header(resp, RESTJSON_HEADER, num);
+    }
+    *r = MHD_queue_response(q->conn, 200, resp);
+    MHD_destroy_response(resp);
+    return 1;
+}
+
 /* Answers a completed inference, on the server's thread. */
 static enum MHD_Result answer_infer(struct rest_req *q)
 {
@@ -347,9 +522,27 @@ static enum MHD_Result answer_infer(struct rest_req *q)
     }
     metrics_request_served(sched_slot_index(hold), q->t0_ns, metrics_now_ns() - t0);
     if (!q->inf.binary_out || q->out_reg) { /* JSON: the slot is free once it is written */
+        struct MHD_IoVec iov[1] = {{text, hlen}};
+
         sched_unhold(hold);
         metrics_request_done(q->model, 0, metrics_since(q->t0_ns), q->req.rows, q->len, hlen);
+        if (send_compressed(q, iov, 1, "application/json", hlen, &r)) {
+            free(text);
+            return r;
+        }
         return send_buf(q->conn, 200, "application/json", text, hlen);
+    }
+    {
+        struct MHD_IoVec both[2] = {{text, hlen}, {q->y, bytes}};
+
+        /* compressed: a copy, and the slot is free at once */
+        if (send_compressed(q, both, 2, "application/octet-stream", hlen, &r)) {
+            sched_unhold(hold);
+            free(text);
+            metrics_request_done(q->model, 0, metrics_since(q->t0_ns), q->req.rows, q->len,
+                                 hlen + bytes);
+            return r;
+        }
     }
     {
         /* binary: header and data, the data sent from the slot, which the reply holds */
@@ -388,17 +581,34 @@ static enum MHD_Result start_infer(struct rest_req *q)
     struct api *a = rs->c.api;
     const struct model *m = a->model;
     uint64_t esize = tp_dtype_size(m->io_dtype);
+    const char *enc =
+        MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);
     struct tp_err err = {0};
 
     if (atomic_load(&rs->quiesced)) {
         tp_err_set(&err, TP_EUNAVAIL, "tpd is shutting down");
         goto refuse;
     }
+    if (enc) {
+        enum coding c = coding_of(enc, strlen(enc));
+
+        if (c == CODING_GZIP || c == CODING_DEFLATE) {
+            int rc = inflate_body(q, &err);
+
+            if (rc == -2) {
+                metrics_request_done(q->model, 3, metrics_since(q->t0_ns), 0, q->len, 0);
+                return send_error(q->conn, 413, err.msg);
+            }
+            if (rc < 0)
+                goto refuse;
+            enc = NULL;
+        } else if (c == CODING_NONE) {
+            enc = NULL;
+        }
+    }
     if (restjson_infer(m, q->model, q->version, q->body, q->len,
                        MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, RESTJSON_HEADER),
-                       MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND,
-                                                   MHD_HTTP_HEADER_CONTENT_ENCODING),
-                       &q->inf, &err) < 0 ||
+                       enc, &q->inf, &err) < 0 ||
         (q->inf.in.in_region &&
          shmreg_acquire(a->shm, q->inf.in.in_region, q->inf.in.in_offset,
                         (uint64_t)q->inf.in.rows * (uint64_t)m->in * esize, &q->in_reg,
@@ -634,12 +844,6 @@ static enum MHD_Result dispatch(struct rest_req *q)
 }
 
 /* ---- libmicrohttpd's callbacks ---- */
-
-/* The most bytes q's body may have. */
-static uint64_t body_limit(const struct rest_req *q)
-{
-    return q->route == R_INFER ? q->rest->c.max_body : REST_SMALL_BODY;
-}
 
 /* Makes room for more bytes of body, charged to the bodies the server holds as they arrive
  * (the buffer is sized from the announced length, but only what was sent touches memory); an

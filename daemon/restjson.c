@@ -474,7 +474,8 @@ int restjson_infer(const struct model *m, const char *model, const char *version
         return -1;
     if (enc && strcmp(enc, "identity") != 0)
         return tp_err_set(err, TP_EINVAL,
-                          "Content-Encoding '%.32s' is not supported: send the body uncompressed",
+                          "Content-Encoding '%.32s' is not supported: send the body as it is, "
+                          "gzip'd or deflate'd",
                           enc);
     if (hl) {
         char *end;

@@ -32,7 +32,8 @@ struct restjson_infer {
 
 /* Reads the inference request of body (len bytes) to model name / version of the URL:
  * header_len is the Inference-Header-Content-Length header's value (NULL when there is none:
- * the whole body is JSON), encoding the Content-Encoding header's (NULL for none). Accepts
+ * the whole body is JSON), encoding the Content-Encoding header's (NULL for none: a gzip'd or
+ * deflate'd body comes here inflated, and any other encoding is refused). Accepts
  * exactly what infer_validate accepts of the same request over gRPC, and refuses besides: JSON
  * data for FP16/BF16 (in or out), binary data with a byte count that leaves the body or leaves
  * bytes over, classification, a compressed body, JSON that is not UTF-8 or holds \u0000. r is

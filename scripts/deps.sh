@@ -6,7 +6,7 @@ set -euo pipefail
 # curl: the REST tests; libb64-0d: Triton's perf_analyzer (scripts/perf-analyzer.sh); prometheus: its promtool, which
 # a test runs on tpd's /metrics
 pkgs=(build-essential cmake pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
-      libopenblas-dev libcjson-dev libmicrohttpd-dev libgnutls28-dev libsystemd-dev systemd python3 python3-venv
+      libopenblas-dev libcjson-dev libmicrohttpd-dev libgnutls28-dev zlib1g-dev libsystemd-dev systemd python3 python3-venv
       clang libclang-rt-14-dev openssl curl libb64-0d prometheus)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -9,9 +9,12 @@
   paths 404, wrong methods 405, errors as {"error": ...} JSON with Triton's status codes.
 * FP16 on the wire: binary in and out; JSON data refused, both ways, with a message that says
   to use binary data.
+* Compression as tritonclient.http does it (gzip and deflate, request and answer, binary and
+  JSON); an answer compressed only when Accept-Encoding asks; a gzip bomb refused with 413
+  before it costs memory.
 * Hostile clients: broken JSON, wrong shapes and counts, lying binary_data_size and
-  Inference-Header-Content-Length, bad UTF-8 and \\u0000, nesting, unsupported encodings and
-  parameters -- each gets 400 with its reason; a 1 GiB Content-Length is refused with 413 before
+  Inference-Header-Content-Length, bad UTF-8 and \\u0000, nesting, unknown, false or broken
+  encodings, unsupported parameters -- each gets 400 with its reason; a 1 GiB Content-Length is refused with 413 before
   its body is read (tpd's memory does not grow); truncated bodies and connections that stall in
   their headers cost nothing, and bodies count against --max-queue-mb as their bytes arrive,
   not as announced: after all of it, the same workers answer correctly at once.
@@ -21,6 +24,7 @@
 """
 
 import asyncio
+import gzip
 import http.client
 import json
 import os
@@ -31,6 +35,7 @@ import sys
 import threading
 import time
 import unittest
+import zlib
 
 import numpy as np
 
@@ -160,6 +165,49 @@ class TestTritonHttp(RestCase):
             self.assertEqual(rid, "a%d" % i)
             ref, mag = reference(xs[i], W, b)
             self.assertLessEqual(rel_err(y, ref, mag), TOL, "async request %d" % i)
+
+    def test_compression(self):
+        # tritonclient.http's own compression, both ways, for binary and JSON tensors
+        wpath = self.path("lin.safetensors")
+        W, b = make_layer(wpath, OUT, IN, seed=6)
+        d = self.start_daemon(wpath, "--cpu", 2, "--model", "lin", "--max-batch", 16)
+        c = self.http(d)
+        x = np.random.default_rng(9).standard_normal((4, IN)).astype(np.float32)
+        ref, mag = reference(x, W, b)
+        for req in (None, "gzip", "deflate"):
+            for resp in (None, "gzip", "deflate"):
+                for binary in (True, False):
+                    with self.subTest(request=req, response=resp, binary=binary):
+                        inp = thttp.InferInput("input", list(x.shape), "FP32")
+                        inp.set_data_from_numpy(x, binary_data=binary)
+                        out = thttp.InferRequestedOutput("output", binary_data=binary)
+                        r = c.infer("lin", [inp], outputs=[out],
+                                    request_compression_algorithm=req,
+                                    response_compression_algorithm=resp)
+                        self.assertLessEqual(rel_err(r.as_numpy("output"), ref, mag), TOL)
+        # the answer is compressed only when asked, and says so
+        body = json.dumps({"inputs": [{"name": "input", "shape": [4, IN], "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+        status, h, raw = self.raw(d, "POST", "/v2/models/lin/infer", gzip.compress(body),
+                                  {"Content-Encoding": "gzip", "Accept-Encoding": "gzip"})
+        self.assertEqual((status, h.get("Content-Encoding")), (200, "gzip"), raw[:200])
+        y = np.array(json.loads(gzip.decompress(raw))["outputs"][0]["data"], np.float32)
+        self.assertLessEqual(rel_err(y.reshape(4, OUT), ref, mag), TOL)
+        status, h, raw = self.raw(d, "POST", "/v2/models/lin/infer", zlib.compress(body),
+                                  {"Content-Encoding": "deflate",
+                                   "Accept-Encoding": "gzip;q=0, identity"})
+        self.assertEqual((status, h.get("Content-Encoding")), (200, None), raw[:200])
+        json.loads(raw)
+        # a bomb: 100 MB of zeros in 100 KB, far past this model's body limit
+        bomb = gzip.compress(b'{"inputs": [' + b" " * 100_000_000 + b"]}", 9)
+        self.assertLess(len(bomb), 200_000)
+        rss0 = rss_kib(d.proc.pid)
+        status, h, raw = self.raw(d, "POST", "/v2/models/lin/infer", bomb,
+                                  {"Content-Encoding": "gzip"})
+        self.check_error(status, h, raw, 413, "decompresses to more than")
+        self.assertLess(rss_kib(d.proc.pid) - rss0, 64 << 10, "tpd grew for a refused bomb")
+        r = c.infer("lin", [inp])
+        self.assertLessEqual(rel_err(r.as_numpy("output"), ref, mag), TOL)
 
     def test_shared_memory(self):
         wpath = self.path("lin.safetensors")
@@ -360,7 +408,13 @@ class TestEndpoints(RestCase):
             ("bad timeout", json.dumps({"parameters": {"timeout": "soon"},
                                         "inputs": json.loads(infer_json())["inputs"]}).encode(),
              {}, "timeout"),
-            ("gzip", infer_json().encode(), {"Content-Encoding": "gzip"}, "Content-Encoding"),
+            ("brotli", infer_json().encode(), {"Content-Encoding": "br"}, "Content-Encoding"),
+            ("gzip header, plain body", infer_json().encode(), {"Content-Encoding": "gzip"},
+             "compressed"),
+            ("gzip cut short", gzip.compress(infer_json().encode())[:-9],
+             {"Content-Encoding": "gzip"}, "compressed"),
+            ("gzip and junk after it", gzip.compress(infer_json().encode()) + b"junk",
+             {"Content-Encoding": "gzip"}, "compressed"),
             ("binary size beyond the body", hdr + xb[:-4], bin_headers, "binary_data_size"),
             ("bytes after the binary data", hdr + xb + b"\0\0\0\0", bin_headers, "after"),
             ("header length beyond the body", hdr + xb,
