@@ -10,6 +10,7 @@
 #include <inttypes.h>
 #include <math.h>
 #include <microhttpd.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -37,6 +38,13 @@ struct rest {
     atomic_int outstanding;        /* inferences accepted and not yet answered */
     atomic_int quiesced;
     char *cert, *key, *ca; /* PEM text of the TLS files, kept while the server runs */
+    /* inferences waiting for their jobs, watched for their clients going away; the lock
+     * (taken after a request's own, never before it) also guards their cancels and list links */
+    pthread_mutex_t wlock;
+    pthread_cond_t wcond;
+    struct rest_req *waiting;
+    int wstop, watching;
+    pthread_t watcher;
 };
 
 enum route {
@@ -79,6 +87,9 @@ struct rest_req {
     struct tp_err fill_err;
     pthread_mutex_t lock; /* orders the completion against the suspend and the request's end */
     int submitted, done, gone, answered;
+    struct rest_req *wprev, *wnext; /* on rest->waiting while its job is to come */
+    int listed, cancelled, cancels;  /* cancels: the watcher's sched_cancel calls in progress */
+    int free_later;                  /* the last of them frees it */
     const float *y;      /* the output in the slot (req.hold), after a successful completion */
     struct tp_err err;   /* the completion's error */
 };
@@ -262,6 +273,96 @@ static void rest_fill(struct sched_req *req, float *x)
     free_body(q); /* the rows are in the slot: the body's memory is free for the next one */
 }
 
+static void unlist(struct rest_req *q)
+{
+    struct rest *rs = q->rest;
+
+    if (!q->listed)
+        return;
+    if (q->wprev)
+        q->wprev->wnext = q->wnext;
+    else
+        rs->waiting = q->wnext;
+    if (q->wnext)
+        q->wnext->wprev = q->wprev;
+    q->wprev = q->wnext = NULL;
+    q->listed = 0;
+}
+
+/* Frees q now, or leaves it to the watcher's cancel still in progress on it. */
+static void release_req(struct rest_req *q)
+{
+    struct rest *rs = q->rest;
+    int later;
+
+    pthread_mutex_lock(&rs->wlock);
+    unlist(q);
+    later = q->cancels > 0;
+    q->free_later = later;
+    pthread_mutex_unlock(&rs->wlock);
+    if (!later)
+        free_req(q);
+}
+
+#define WATCH_MS 20    /* how often waiting inferences' connections are looked at */
+#define WATCH_BATCH 64 /* cancels made per look, at most */
+
+/* The client of a waiting inference is gone (the peer closed or reset its connection): its
+ * request leaves the queue, or its job's answer is dropped, as a cancelled gRPC call's. A client
+ * that only half-closes its side after sending counts as gone too, as in HTTP servers
+ * generally: nothing can be sent to it that it would read differently. */
+static int client_gone(struct rest_req *q)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(q->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    struct pollfd pf;
+
+    if (!ci)
+        return 0;
+    pf = (struct pollfd){.fd = ci->connect_fd, .events = POLLRDHUP};
+    return poll(&pf, 1, 0) == 1 && (pf.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
+static void *watch_thread(void *arg)
+{
+    struct rest *rs = arg;
+
+    pthread_mutex_lock(&rs->wlock);
+    while (!rs->wstop) {
+        struct rest_req *gone[WATCH_BATCH];
+        struct timespec nap = {0, WATCH_MS * 1000000L};
+        int n = 0;
+
+        if (!rs->waiting) {
+            pthread_cond_wait(&rs->wcond, &rs->wlock);
+            continue;
+        }
+        for (struct rest_req *q = rs->waiting; q && n < WATCH_BATCH; q = q->wnext)
+            if (!q->cancelled && client_gone(q)) {
+                q->cancelled = 1;
+                q->cancels++;
+                gone[n++] = q;
+            }
+        pthread_mutex_unlock(&rs->wlock);
+        for (int i = 0; i < n; i++) { /* may complete it at once: outside the lock */
+            int free_now;
+
+            tp_log(TP_LOG_DEBUG, "rest: the client of request '%s' went away: cancelled",
+                   gone[i]->inf.id);
+            sched_cancel(rs->c.api->sched, &gone[i]->req);
+            pthread_mutex_lock(&rs->wlock);
+            free_now = --gone[i]->cancels == 0 && gone[i]->free_later;
+            pthread_mutex_unlock(&rs->wlock);
+            if (free_now)
+                free_req(gone[i]);
+        }
+        nanosleep(&nap, NULL);
+        pthread_mutex_lock(&rs->wlock);
+    }
+    pthread_mutex_unlock(&rs->wlock);
+    return NULL;
+}
+
 /* The scheduler's answer: kept for the server's thread, which the resumed connection calls. */
 static void rest_complete(struct sched_req *req, const float *y, const struct tp_err *err)
 {
@@ -276,6 +377,9 @@ static void rest_complete(struct sched_req *req, const float *y, const struct tp
     q->done = 1;
     gone = q->gone;
     pthread_mutex_unlock(&q->lock);
+    pthread_mutex_lock(&rs->wlock);
+    unlist(q);
+    pthread_mutex_unlock(&rs->wlock);
     /* still suspended (a suspended connection is never closed, rest_stop waits for every
      * inference): resuming it hands the answer to the server's thread */
     if (!gone)
@@ -283,7 +387,7 @@ static void rest_complete(struct sched_req *req, const float *y, const struct tp
     if (gone) { /* the connection was closed all the same: nobody to answer */
         if (y)
             sched_unhold(req->hold);
-        free_req(q);
+        release_req(q);
     }
     atomic_fetch_sub(&rs->outstanding, 1);
 }
@@ -636,6 +740,14 @@ static enum MHD_Result start_infer(struct rest_req *q)
     }
     q->submitted = 1;
     MHD_suspend_connection(q->conn); /* under the lock: the completion resumes it after this */
+    pthread_mutex_lock(&rs->wlock); /* watched, until the completion takes it off */
+    q->wnext = rs->waiting;
+    if (rs->waiting)
+        rs->waiting->wprev = q;
+    rs->waiting = q;
+    q->listed = 1;
+    pthread_cond_signal(&rs->wcond);
+    pthread_mutex_unlock(&rs->wlock);
     pthread_mutex_unlock(&q->lock);
     return MHD_YES;
 refuse:
@@ -984,7 +1096,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         return; /* its completion frees it */
     if (q->done && q->y && !q->answered) /* resumed, but its client went before the answer */
         sched_unhold(q->req.hold);
-    free_req(q);
+    release_req(q);
 }
 
 static int hexval(char c)
@@ -1032,6 +1144,15 @@ static void on_log(void *cls, const char *fmt, va_list ap)
 
 static void free_rest(struct rest *rs)
 {
+    if (rs->watching) {
+        pthread_mutex_lock(&rs->wlock);
+        rs->wstop = 1;
+        pthread_cond_signal(&rs->wcond);
+        pthread_mutex_unlock(&rs->wlock);
+        pthread_join(rs->watcher, NULL);
+    }
+    pthread_mutex_destroy(&rs->wlock);
+    pthread_cond_destroy(&rs->wcond);
     if (rs->key) /* the private key leaves no copy in the heap */
         explicit_bzero(rs->key, strlen(rs->key));
     free(rs->cert);
@@ -1053,6 +1174,8 @@ int rest_start(struct rest **out, const struct rest_config *c, struct tp_err *er
     if (!rs)
         return tp_err_set(err, TP_ENOMEM, "no memory for the REST server");
     rs->c = *c;
+    pthread_mutex_init(&rs->wlock, NULL);
+    pthread_cond_init(&rs->wcond, NULL);
     if (c->tls_cert) { /* the same files as gRPC's TCP addresses */
         if (pem_read(c->tls_cert, &rs->cert, err) < 0 || pem_read(c->tls_key, &rs->key, err) < 0 ||
             (c->tls_client_ca && pem_read(c->tls_client_ca, &rs->ca, err) < 0)) {
@@ -1093,6 +1216,12 @@ int rest_start(struct rest **out, const struct rest_config *c, struct tp_err *er
         free_rest(rs);
         return -1;
     }
+    if (pthread_create(&rs->watcher, NULL, watch_thread, rs) != 0) {
+        MHD_stop_daemon(rs->d);
+        free_rest(rs);
+        return tp_err_set(err, TP_ESYS, "cannot start the REST server's watcher thread");
+    }
+    rs->watching = 1;
     tp_log(TP_LOG_NOTICE, "REST API on %s://%s/v2%s", c->tls_cert ? "https" : "http", shown,
            !c->tls_cert ? "" : rs->ca ? " (TLS, client certificate required)" : " (TLS)");
     *out = rs;

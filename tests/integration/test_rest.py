@@ -18,6 +18,8 @@
   its body is read (tpd's memory does not grow); truncated bodies and connections that stall in
   their headers cost nothing, and bodies count against --max-queue-mb as their bytes arrive,
   not as announced: after all of it, the same workers answer correctly at once.
+* A client that closes its connection while its request waits: the request leaves the queue,
+  counted as cancelled, as a cancelled gRPC call does; the others are answered.
 * Triton's timeout parameter (microseconds): 0 or a generous one is no bound; a request that
   waits behind long jobs for longer than its timeout fails with 504, and the others are answered.
 * The drain: an inference accepted before SIGTERM is answered; tpd then exits 0.
@@ -28,6 +30,7 @@ import gzip
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -540,6 +543,44 @@ class TestEndpoints(RestCase):
             t.join(60)
         self.assertEqual(done, [(256, 2048)] * 3)
         self.assertEqual(c.infer("big", [inp]).as_numpy("output").shape, (1, 2048))
+
+    def test_client_gone_is_cancelled(self):
+        # one slot and three long jobs ahead: requests whose clients close their connections
+        # while they wait leave the queue (counted as cancelled), and the others are answered
+        wpath = self.path("big.safetensors")
+        make_layer(wpath, 2048, 2048, seed=2)
+        d = self.start_daemon(wpath, "--cpu", 2, "--model", "big", "--slots", 1,
+                              "--batch-delay-us", 0, name="gone")
+        big = np.ones((256, 2048), np.float32)
+        done = []
+
+        def long_job():
+            cl = thttp.InferenceServerClient(d.http_addr())
+            inp = thttp.InferInput("input", list(big.shape), "FP32")
+            inp.set_data_from_numpy(big)
+            done.append(cl.infer("big", [inp]).as_numpy("output").shape)
+            cl.close()
+
+        threads = [threading.Thread(target=long_job) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.05)
+        host, port = d.http_addr().rsplit(":", 1)
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 2048], "datatype": "FP32",
+                                       "data": [0.5] * 2048}]}).encode()
+        for _ in range(4):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                      b"\r\n\r\n" % len(body) + body)
+            s.close()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(done, [(256, 2048)] * 3)
+        self.assertTrue(d.running())
+        d.stop()
+        m = re.search(r"(\d+) cancelled", d.log())
+        self.assertIsNotNone(m, d.log_tail())
+        self.assertEqual(int(m.group(1)), 4, d.log_tail())
 
     def test_drain_answers_accepted_requests(self):
         d = self.d
