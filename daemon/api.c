@@ -3,6 +3,7 @@
 #include "api.h"
 
 #include <assert.h>
+#include <grpc/status.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,7 +54,7 @@ static ProtobufCMessage *unpack_or_reply(struct rpc_call *call, grpc_byte_buffer
     ProtobufCMessage *m;
 
     if (!payload) {
-        rpc_reply(call, 3, "request message missing", NULL);
+        rpc_reply(call, GRPC_STATUS_INVALID_ARGUMENT, "request message missing", NULL);
         return NULL;
     }
     if (gbuf_unpack(payload, desc, &m, &err) < 0) {
@@ -73,9 +74,9 @@ static void reply_msg(struct rpc_call *call, const ProtobufCMessage *m)
     grpc_byte_buffer *bb = gbuf_pack(m);
 
     if (bb)
-        rpc_reply(call, 0, NULL, bb);
+        rpc_reply(call, GRPC_STATUS_OK, NULL, bb);
     else
-        rpc_reply(call, 8, "out of memory packing the response", NULL);
+        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory packing the response", NULL);
 }
 
 /* Checks a model name and version, answering NOT_FOUND when they are not ours. */
@@ -440,7 +441,7 @@ static void model_statistics(void *ctx, struct rpc_call *call, grpc_byte_buffer 
     }
     protobuf_c_message_free_unpacked(&q->base, NULL);
     if (api_statistics(a, &b) < 0) {
-        rpc_reply(call, 8, "no memory for the statistics", NULL);
+        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "no memory for the statistics", NULL);
         return;
     }
     reply_msg(call, &b.r.base);
@@ -457,8 +458,8 @@ static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     if (!q)
         return;
     if (q->service[0] && strcmp(q->service, "inference.GRPCInferenceService") != 0) {
-        rpc_reply(call, 5, "unknown service; tpd serves '' and 'inference.GRPCInferenceService'",
-                  NULL);
+        rpc_reply(call, GRPC_STATUS_NOT_FOUND,
+                  "unknown service; tpd serves '' and 'inference.GRPCInferenceService'", NULL);
     } else {
         r.status = is_ready(ctx)
                        ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
@@ -533,7 +534,7 @@ static void watch_cancelled(void *arg)
     struct api *a = w->api;
 
     pthread_mutex_lock(&a->watch_lock);
-    watch_end(w, 1, "the watch was cancelled");
+    watch_end(w, GRPC_STATUS_CANCELLED, "the watch was cancelled");
     pthread_mutex_unlock(&a->watch_lock);
 }
 
@@ -555,14 +556,14 @@ static void health_watch(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
     protobuf_c_message_free_unpacked(&q->base, NULL);
     w = rpc_call_data(call, sizeof(*w));
     if (!w) {
-        rpc_reply(call, 8, "no memory for the watch", NULL);
+        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "no memory for the watch", NULL);
         return;
     }
     *w = (struct api_watch){.api = a, .call = call};
     pthread_mutex_lock(&a->watch_lock);
     if (a->watches_ended) {
         pthread_mutex_unlock(&a->watch_lock);
-        rpc_reply(call, 14, "tpd is shutting down", NULL);
+        rpc_reply(call, GRPC_STATUS_UNAVAILABLE, "tpd is shutting down", NULL);
         return;
     }
     /* on the list even for an unknown service, which never changes: the drain ends it too */
@@ -572,7 +573,7 @@ static void health_watch(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
         a->watches->prev = w;
     a->watches = w;
     if (watch_send(w, known ? health_status(a) : UNKNOWN_SERVICE) < 0)
-        watch_end(w, 14, "the watch could not be sent");
+        watch_end(w, GRPC_STATUS_UNAVAILABLE, "the watch could not be sent");
     pthread_mutex_unlock(&a->watch_lock);
     rpc_call_on_cancel(call, watch_cancelled, w);
 }
@@ -585,7 +586,8 @@ void api_health_changed(struct api *a)
     for (struct api_watch *w = a->watches, *next; w; w = next) {
         next = w->next;
         if (!w->fixed && w->sent != status && watch_send(w, status) < 0)
-            watch_end(w, 8, "the watch's client does not read it"); /* rpc cancelled it */
+            watch_end(w, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                      "the watch's client does not read it"); /* rpc cancelled it */
     }
     pthread_mutex_unlock(&a->watch_lock);
 }
@@ -601,7 +603,7 @@ void api_end_watches(struct api *a)
 
         if (!w->fixed && w->sent != status)
             watch_send(w, status);
-        watch_end(w, 14, "tpd is shutting down");
+        watch_end(w, GRPC_STATUS_UNAVAILABLE, "tpd is shutting down");
     }
     pthread_mutex_unlock(&a->watch_lock);
 }
@@ -737,8 +739,8 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         if (ic->stream && bb) {
             metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
             sched_unhold(req->hold);
-            metrics_request_done(ic->msg->model_name, 0, metrics_since(ic->t0_ns), req->rows,
-                                 ic->bytes_in, grpc_byte_buffer_length(bb));
+            metrics_request_done(ic->msg->model_name, GRPC_STATUS_OK, metrics_since(ic->t0_ns),
+                                 req->rows, ic->bytes_in, grpc_byte_buffer_length(bb));
             stream_request_done(ic, bb, NULL);
             return;
         }
@@ -747,8 +749,9 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         if (!bb)
             sched_unhold(req->hold);
     }
-    metrics_request_done(ic->msg->model_name, bb ? 0 : 8, metrics_since(ic->t0_ns), req->rows,
-                         ic->bytes_in, bb ? grpc_byte_buffer_length(bb) : 0);
+    metrics_request_done(ic->msg->model_name, bb ? GRPC_STATUS_OK : GRPC_STATUS_RESOURCE_EXHAUSTED,
+                         metrics_since(ic->t0_ns), req->rows, ic->bytes_in,
+                         bb ? grpc_byte_buffer_length(bb) : 0);
     if (ic->stream) { /* an answer in a region, or no memory for one */
         struct tp_err e;
 
@@ -758,9 +761,9 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     }
     release_call(ic);
     if (bb)
-        rpc_reply(call, 0, NULL, bb);
+        rpc_reply(call, GRPC_STATUS_OK, NULL, bb);
     else
-        rpc_reply(call, 8, "out of memory packing the response", NULL);
+        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory packing the response", NULL);
 }
 
 static void infer_cancelled(void *arg)
@@ -825,14 +828,15 @@ static void model_infer(void *ctx, struct rpc_call *call, grpc_byte_buffer *payl
     size_t bytes_in = payload ? grpc_byte_buffer_length(payload) : 0;
 
     if (!payload) {
-        metrics_request_done(NULL, 3, metrics_since(t0), 0, 0, 0);
-        rpc_reply(call, 3, "request message missing", NULL);
+        metrics_request_done(NULL, GRPC_STATUS_INVALID_ARGUMENT, metrics_since(t0), 0, 0, 0);
+        rpc_reply(call, GRPC_STATUS_INVALID_ARGUMENT, "request message missing", NULL);
         return;
     }
     ic = rpc_call_data(call, sizeof(*ic));
     if (!ic) {
-        metrics_request_done(NULL, 8, metrics_since(t0), 0, bytes_in, 0);
-        rpc_reply(call, 8, "no memory for the request", NULL);
+        metrics_request_done(NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, metrics_since(t0), 0, bytes_in,
+                             0);
+        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "no memory for the request", NULL);
         return;
     }
     *ic = (struct infer_call){.api = a, .call = call, .t0_ns = t0, .bytes_in = bytes_in};
@@ -871,8 +875,8 @@ static void stream_end_if_done(struct infer_stream *st)
     if (st->ended || st->inflight || !(st->half_closed || st->cancelled))
         return;
     st->ended = 1;
-    rpc_reply(st->call, st->cancelled ? 1 : 0, st->cancelled ? "the stream was cancelled" : NULL,
-              NULL);
+    rpc_reply(st->call, st->cancelled ? GRPC_STATUS_CANCELLED : GRPC_STATUS_OK,
+              st->cancelled ? "the stream was cancelled" : NULL, NULL);
 }
 
 /* One answer on the stream: ModelStreamInferResponse{infer_response = bb} (the response is
@@ -984,7 +988,7 @@ static void model_stream_infer(void *ctx, struct rpc_call *call, grpc_byte_buffe
 
     if (!st) {
         if (!payload)
-            rpc_reply(call, 8, "no memory for the stream", NULL);
+            rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "no memory for the stream", NULL);
         return; /* no storage: the end of the stream answers */
     }
     if (!st->api) { /* its first message, or its end */
@@ -1053,7 +1057,7 @@ static void shm_status(void *ctx, struct rpc_call *call, grpc_byte_buffer *paylo
     e = calloc(SHMREG_MAX_REGIONS, sizeof(*e));
     ep = calloc(SHMREG_MAX_REGIONS, sizeof(*ep));
     if (!info || !st || !e || !ep) {
-        rpc_reply(call, 8, "out of memory", NULL);
+        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", NULL);
         goto out;
     }
     n = shmreg_status(a->shm, q->name, info, SHMREG_MAX_REGIONS);

@@ -6,6 +6,7 @@
  * descriptor.proto of its own. */
 #include "reflect.h"
 
+#include <grpc/status.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -237,7 +238,7 @@ void reflect_info(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 
     (void)ctx;
     if (!payload) { /* the client has asked all it will */
-        rpc_reply(call, 0, NULL, NULL);
+        rpc_reply(call, GRPC_STATUS_OK, NULL, NULL);
         return;
     }
     pthread_once(&D.once, load);

@@ -7,6 +7,7 @@
 
 #include <cjson/cJSON.h>
 #include <gnutls/gnutls.h>
+#include <grpc/status.h>
 #include <inttypes.h>
 #include <math.h>
 #include <microhttpd.h>
@@ -27,8 +28,8 @@
 #include "tcp.h"
 
 #define REST_MAX_CONNS 256
-#define REST_IDLE_S 30             /* a connection silent this long is closed */
-#define REST_SMALL_BODY (64 << 10) /* most bytes of any body but an inference's */
+#define REST_IDLE_S 30               /* a connection silent this long is closed */
+#define REST_SMALL_BODY (64 << 10)   /* most bytes of any body but an inference's */
 #define REST_CONN_MEMORY (128 << 10) /* per connection: headers and reads */
 
 struct rest {
@@ -88,10 +89,10 @@ struct rest_req {
     pthread_mutex_t lock; /* orders the completion against the suspend and the request's end */
     int submitted, done, gone, answered;
     struct rest_req *wprev, *wnext; /* on rest->waiting while its job is to come */
-    int listed, cancelled, cancels;  /* cancels: the watcher's sched_cancel calls in progress */
-    int free_later;                  /* the last of them frees it */
-    const float *y;      /* the output in the slot (req.hold), after a successful completion */
-    struct tp_err err;   /* the completion's error */
+    int listed, cancelled, cancels; /* cancels: the watcher's sched_cancel calls in progress */
+    int free_later;                 /* the last of them frees it */
+    const float *y;    /* the output in the slot (req.hold), after a successful completion */
+    struct tp_err err; /* the completion's error */
 };
 
 /* ---- answers ---- */
@@ -99,8 +100,7 @@ struct rest_req {
 static enum MHD_Result send_buf(struct MHD_Connection *conn, unsigned status, const char *type,
                                 char *buf, size_t len)
 {
-    struct MHD_Response *resp =
-        MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, buf, MHD_RESPMEM_MUST_FREE);
     enum MHD_Result r;
 
     if (!resp) {
@@ -550,8 +550,8 @@ static char *compress_iov(enum coding c, const struct MHD_IoVec *iov, int niov, 
 static int send_compressed(struct rest_req *q, const struct MHD_IoVec *iov, int niov,
                            const char *type, size_t hlen, enum MHD_Result *r)
 {
-    enum coding c = accepted(MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND,
-                                                         MHD_HTTP_HEADER_ACCEPT_ENCODING));
+    enum coding c = accepted(
+        MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_ACCEPT_ENCODING));
     struct MHD_Response *resp;
     size_t n;
     char *z, num[24];
@@ -600,10 +600,9 @@ static enum MHD_Result answer_infer(struct rest_req *q)
         if (q->inf.binary_out && !q->out_reg)
             api_put_rows(m, NULL, 0, q->y, q->req.rows, NULL);
         f = open_memstream(&text, &hlen);
-        if (!f ||
-            restjson_answer(f, m, q->inf.id, &q->inf.in,
-                            q->inf.binary_out || q->out_reg ? NULL : q->y,
-                            q->inf.binary_out && !q->out_reg ? bytes : (size_t)-1) < 0) {
+        if (!f || restjson_answer(f, m, q->inf.id, &q->inf.in,
+                                  q->inf.binary_out || q->out_reg ? NULL : q->y,
+                                  q->inf.binary_out && !q->out_reg ? bytes : (size_t)-1) < 0) {
             tp_err_set(&failed, f ? TP_EINVAL : TP_ENOMEM,
                        f ? "the output has values that are not finite, which JSON cannot carry: "
                            "ask for binary data (parameter binary_data)"
@@ -629,7 +628,8 @@ static enum MHD_Result answer_infer(struct rest_req *q)
         struct MHD_IoVec iov[1] = {{text, hlen}};
 
         sched_unhold(hold);
-        metrics_request_done(q->model, 0, metrics_since(q->t0_ns), q->req.rows, q->len, hlen);
+        metrics_request_done(q->model, GRPC_STATUS_OK, metrics_since(q->t0_ns), q->req.rows, q->len,
+                             hlen);
         if (send_compressed(q, iov, 1, "application/json", hlen, &r)) {
             free(text);
             return r;
@@ -643,8 +643,8 @@ static enum MHD_Result answer_infer(struct rest_req *q)
         if (send_compressed(q, both, 2, "application/octet-stream", hlen, &r)) {
             sched_unhold(hold);
             free(text);
-            metrics_request_done(q->model, 0, metrics_since(q->t0_ns), q->req.rows, q->len,
-                                 hlen + bytes);
+            metrics_request_done(q->model, GRPC_STATUS_OK, metrics_since(q->t0_ns), q->req.rows,
+                                 q->len, hlen + bytes);
             return r;
         }
     }
@@ -659,7 +659,8 @@ static enum MHD_Result answer_infer(struct rest_req *q)
             free(h);
             free(text);
             sched_unhold(hold);
-            metrics_request_done(q->model, 8, metrics_since(q->t0_ns), q->req.rows, q->len, 0);
+            metrics_request_done(q->model, GRPC_STATUS_RESOURCE_EXHAUSTED, metrics_since(q->t0_ns),
+                                 q->req.rows, q->len, 0);
             return send_error(q->conn, 500, "no memory for the answer");
         }
         h->hold = hold;
@@ -670,7 +671,7 @@ static enum MHD_Result answer_infer(struct rest_req *q)
         /* a client that does not read its reply holds the slot: not for longer than this */
         MHD_set_connection_option(q->conn, MHD_CONNECTION_OPTION_TIMEOUT,
                                   (unsigned)(q->rest->c.reply_timeout_ms + 999) / 1000);
-        metrics_request_done(q->model, 0, metrics_since(q->t0_ns), q->req.rows, q->len,
+        metrics_request_done(q->model, GRPC_STATUS_OK, metrics_since(q->t0_ns), q->req.rows, q->len,
                              hlen + bytes);
         r = MHD_queue_response(q->conn, 200, resp);
         MHD_destroy_response(resp);
@@ -700,7 +701,8 @@ static enum MHD_Result start_infer(struct rest_req *q)
             int rc = inflate_body(q, &err);
 
             if (rc == -2) {
-                metrics_request_done(q->model, 3, metrics_since(q->t0_ns), 0, q->len, 0);
+                metrics_request_done(q->model, GRPC_STATUS_INVALID_ARGUMENT,
+                                     metrics_since(q->t0_ns), 0, q->len, 0);
                 return send_error(q->conn, 413, err.msg);
             }
             if (rc < 0)
@@ -711,22 +713,19 @@ static enum MHD_Result start_infer(struct rest_req *q)
         }
     }
     if (restjson_infer(m, q->model, q->version, q->body, q->len,
-                       MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, RESTJSON_HEADER),
-                       enc, &q->inf, &err) < 0 ||
-        (q->inf.in.in_region &&
-         shmreg_acquire(a->shm, q->inf.in.in_region, q->inf.in.in_offset,
-                        (uint64_t)q->inf.in.rows * (uint64_t)m->in * esize, &q->in_reg,
-                        &err) < 0) ||
-        (q->inf.in.out_region &&
-         shmreg_acquire(a->shm, q->inf.in.out_region, q->inf.in.out_offset,
-                        (uint64_t)q->inf.in.rows * (uint64_t)m->out * esize, &q->out_reg,
-                        &err) < 0)) {
+                       MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, RESTJSON_HEADER), enc,
+                       &q->inf, &err) < 0 ||
+        (q->inf.in.in_region && shmreg_acquire(a->shm, q->inf.in.in_region, q->inf.in.in_offset,
+                                               (uint64_t)q->inf.in.rows * (uint64_t)m->in * esize,
+                                               &q->in_reg, &err) < 0) ||
+        (q->inf.in.out_region && shmreg_acquire(a->shm, q->inf.in.out_region, q->inf.in.out_offset,
+                                                (uint64_t)q->inf.in.rows * (uint64_t)m->out * esize,
+                                                &q->out_reg, &err) < 0)) {
         tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->inf.id ? q->inf.id : "", err.msg);
         goto refuse;
     }
     /* Triton's timeout: microseconds the request may wait for its job */
-    q->req.deadline_ns =
-        q->inf.timeout_us ? q->t0_ns + q->inf.timeout_us * 1000 : INT64_MAX;
+    q->req.deadline_ns = q->inf.timeout_us ? q->t0_ns + q->inf.timeout_us * 1000 : INT64_MAX;
     q->req.rows = q->inf.in.rows;
     q->req.bytes = q->len + (q->inf.xs ? (uint64_t)q->inf.in.rows * (uint64_t)m->in * 4 : 0);
     q->req.fill = rest_fill;
@@ -740,7 +739,7 @@ static enum MHD_Result start_infer(struct rest_req *q)
     }
     q->submitted = 1;
     MHD_suspend_connection(q->conn); /* under the lock: the completion resumes it after this */
-    pthread_mutex_lock(&rs->wlock); /* watched, until the completion takes it off */
+    pthread_mutex_lock(&rs->wlock);  /* watched, until the completion takes it off */
     q->wnext = rs->waiting;
     if (rs->waiting)
         rs->waiting->wprev = q;
@@ -875,8 +874,8 @@ static enum MHD_Result shm_register(struct rest_req *q)
         cJSON_Delete(j);
         return send_err(q->conn, &err);
     }
-    tp_log(TP_LOG_INFO, "registered shared-memory region '%s': %" PRId64 " bytes at %" PRId64
-                        " of '%s'",
+    tp_log(TP_LOG_INFO,
+           "registered shared-memory region '%s': %" PRId64 " bytes at %" PRId64 " of '%s'",
            q->name, bytes, offset, key->valuestring);
     cJSON_Delete(j);
     return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
@@ -905,7 +904,8 @@ static enum MHD_Result dispatch(struct rest_req *q)
         return send_error(q->conn, 405, "Method Not Allowed");
     if (q->model && infer_check_model(a->model, q->model, q->version, &err) < 0) {
         if (q->route == R_INFER)
-            metrics_request_done(q->model, 5, metrics_since(q->t0_ns), 0, q->len, 0);
+            metrics_request_done(q->model, GRPC_STATUS_NOT_FOUND, metrics_since(q->t0_ns), 0,
+                                 q->len, 0);
         return send_err(q->conn, &err);
     }
     switch (q->route) {
@@ -946,8 +946,9 @@ static enum MHD_Result dispatch(struct rest_req *q)
             return send_error(q->conn, 404, "no CUDA shared-memory region: tpd registers none");
         return send_buf(q->conn, 200, "application/json", strdup("[]"), 2);
     case R_CUDA_REGISTER:
-        return send_error(q->conn, 501, "tpd does not take CUDA shared memory; use system "
-                                        "shared memory");
+        return send_error(q->conn, 501,
+                          "tpd does not take CUDA shared memory; use system "
+                          "shared memory");
     case R_CUDA_UNREGISTER: /* there is never one: as with system regions, that is no error */
         return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
     case R_NONE: break;
@@ -971,13 +972,12 @@ static int body_room(struct rest_req *q, uint64_t more, uint64_t announced)
 
     if (need > body_limit(q)) {
         snprintf(msg, sizeof(msg),
-                 "the request body has %" PRIu64 " bytes, at most %" PRIu64 " are taken here",
-                 need, body_limit(q));
+                 "the request body has %" PRIu64 " bytes, at most %" PRIu64 " are taken here", need,
+                 body_limit(q));
         status = 413;
         goto refuse;
     }
-    if (!announced &&
-        atomic_fetch_add(&rs->buffered, more) + more > rs->c.max_buffered) {
+    if (!announced && atomic_fetch_add(&rs->buffered, more) + more > rs->c.max_buffered) {
         atomic_fetch_sub(&rs->buffered, more);
         snprintf(msg, sizeof(msg), "tpd holds %" PRIu64 " MiB of request bodies already: try again",
                  rs->c.max_buffered >> 20);
@@ -1018,17 +1018,16 @@ static int client_verified(struct MHD_Connection *conn)
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **con_cls)
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls)
 {
     struct rest *rs = cls;
     struct rest_req *q = *con_cls;
 
     (void)version;
     if (!q) {
-        const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                     MHD_HTTP_HEADER_CONTENT_LENGTH);
+        const char *cl =
+            MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         uint64_t announced = cl ? strtoull(cl, NULL, 10) : 0;
 
         q = calloc(1, sizeof(*q));
@@ -1044,8 +1043,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             tp_log(TP_LOG_INFO, "rest: refused a client without a certificate signed by the "
                                 "--tls-client-ca");
             q->refused = 1;
-            return send_error(conn, 403, "a client certificate signed by the server's client CA "
-                                         "is required");
+            return send_error(conn, 403,
+                              "a client certificate signed by the server's client CA "
+                              "is required");
         }
         q->post = strcmp(method, MHD_HTTP_METHOD_POST) == 0;
         if (!q->post && strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
@@ -1093,7 +1093,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     q->gone = 1;
     pthread_mutex_unlock(&q->lock);
     if (pending)
-        return; /* its completion frees it */
+        return;                          /* its completion frees it */
     if (q->done && q->y && !q->answered) /* resumed, but its client went before the answer */
         sched_unhold(q->req.hold);
     release_req(q);
@@ -1223,7 +1223,9 @@ int rest_start(struct rest **out, const struct rest_config *c, struct tp_err *er
     }
     rs->watching = 1;
     tp_log(TP_LOG_NOTICE, "REST API on %s://%s/v2%s", c->tls_cert ? "https" : "http", shown,
-           !c->tls_cert ? "" : rs->ca ? " (TLS, client certificate required)" : " (TLS)");
+           !c->tls_cert ? ""
+           : rs->ca     ? " (TLS, client certificate required)"
+                        : " (TLS)");
     *out = rs;
     return 0;
 }

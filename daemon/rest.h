@@ -17,12 +17,12 @@
 struct rest;
 
 struct rest_config {
-    const char *listen;     /* HOST:PORT; port 0 picks a free one */
-    struct api *api;        /* borrowed until rest_stop */
-    uint64_t max_body;      /* bytes of one infer request's body, JSON included */
-    uint64_t max_buffered;  /* bytes of request bodies held at once, every connection's */
-    int reply_timeout_ms;   /* a reply its client does not read for this long is dropped */
-    int threads;            /* threads serving connections */
+    const char *listen;    /* HOST:PORT; port 0 picks a free one */
+    struct api *api;       /* borrowed until rest_stop */
+    uint64_t max_body;     /* bytes of one infer request's body, JSON included */
+    uint64_t max_buffered; /* bytes of request bodies held at once, every connection's */
+    int reply_timeout_ms;  /* a reply its client does not read for this long is dropped */
+    int threads;           /* threads serving connections */
     /* PEM files: with tls_cert, HTTPS; with tls_client_ca too, clients must present a
      * certificate it signed (else 403) */
     const char *tls_cert, *tls_key, *tls_client_ca;

@@ -3,6 +3,7 @@
  * JSON data converted to FP32 -- so that infer_validate decides for both front ends. */
 #include "restjson.h"
 
+#include <grpc/status.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
@@ -103,7 +104,8 @@ static int tensor_params(const char *tensor, const cJSON *params, char **keys,
         return 0;
     if (!cJSON_IsObject(params))
         return tp_err_set(err, TP_EINVAL, "'%s' parameters must be an object", tensor);
-    cJSON_ArrayForEach(p, params) {
+    cJSON_ArrayForEach(p, params)
+    {
         Inference__InferParameter *v = &pv[*n];
         int64_t i;
 
@@ -156,7 +158,8 @@ static int64_t data_count(const cJSON *a, int depth, float *x, int64_t at, struc
     if (depth > INFER_MAX_DIMS)
         return tp_err_set(err, TP_EINVAL, "input data is nested deeper than %d arrays",
                           INFER_MAX_DIMS);
-    cJSON_ArrayForEach(v, a) {
+    cJSON_ArrayForEach(v, a)
+    {
         if (cJSON_IsArray(v)) {
             int64_t k = data_count(v, depth + 1, x, at + n, err);
 
@@ -169,8 +172,8 @@ static int64_t data_count(const cJSON *a, int depth, float *x, int64_t at, struc
 
                 if (isinf(f))
                     return tp_err_set(err, TP_EINVAL,
-                                      "input data[%" PRId64 "] = %g is out of FP32's range",
-                                      at + n, v->valuedouble);
+                                      "input data[%" PRId64 "] = %g is out of FP32's range", at + n,
+                                      v->valuedouble);
                 x[at + n] = f;
             }
             n++;
@@ -441,9 +444,9 @@ static int region_name(const char *tensor, const char *src, char *dst, struct tp
     return 0;
 }
 
-int restjson_infer(const struct model *m, const char *model, const char *version,
-                   const char *body, size_t len, const char *hl, const char *enc,
-                   struct restjson_infer *q, struct tp_err *err)
+int restjson_infer(const struct model *m, const char *model, const char *version, const char *body,
+                   size_t len, const char *hl, const char *enc, struct restjson_infer *q,
+                   struct tp_err *err)
 {
     size_t jlen = len, at;
     cJSON *j = NULL;
@@ -459,8 +462,8 @@ int restjson_infer(const struct model *m, const char *model, const char *version
     char *keys[REST_MAX_OUTPUTS + 1][REST_MAX_PARAMS];
     Inference__ModelInferRequest__InferInputTensor__ParametersEntry ie[REST_MAX_PARAMS];
     Inference__ModelInferRequest__InferInputTensor__ParametersEntry *iep[REST_MAX_PARAMS];
-    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry
-        oe[REST_MAX_OUTPUTS][REST_MAX_PARAMS];
+    Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry oe[REST_MAX_OUTPUTS]
+                                                                                [REST_MAX_PARAMS];
     Inference__ModelInferRequest__InferRequestedOutputTensor__ParametersEntry
         *oep[REST_MAX_OUTPUTS][REST_MAX_PARAMS];
     ProtobufCBinaryData raw;
@@ -484,7 +487,7 @@ int restjson_infer(const struct model *m, const char *model, const char *version
         if (!hl[0] || *end || hl[0] == '-' || h > len)
             return tp_err_set(err, TP_EINVAL,
                               RESTJSON_HEADER " '%.32s' is not a byte count within the body's %zu "
-                              "bytes",
+                                              "bytes",
                               hl, len);
         jlen = (size_t)h;
     }
@@ -559,7 +562,8 @@ int restjson_infer(const struct model *m, const char *model, const char *version
                        name->valuestring, cJSON_GetArraySize(sh), INFER_MAX_DIMS);
             goto out;
         }
-        cJSON_ArrayForEach(v, sh) {
+        cJSON_ArrayForEach(v, sh)
+        {
             if (restjson_int(v, -9.2e18, 9.2e18, &shape[k++]) < 0) {
                 tp_err_set(err, TP_EINVAL, "input '%.64s' shape[%d] is not an integer",
                            name->valuestring, k - 1);
@@ -659,7 +663,8 @@ int restjson_infer(const struct model *m, const char *model, const char *version
                    cJSON_GetArraySize(outputs));
         goto out;
     }
-    cJSON_ArrayForEach(t, outputs) {
+    cJSON_ArrayForEach(t, outputs)
+    {
         size_t o = r.n_outputs;
         const cJSON *name = cJSON_GetObjectItemCaseSensitive(t, "name");
 
@@ -670,8 +675,8 @@ int restjson_infer(const struct model *m, const char *model, const char *version
         ot[o] = (Inference__ModelInferRequest__InferRequestedOutputTensor)
             INFERENCE__MODEL_INFER_REQUEST__INFER_REQUESTED_OUTPUT_TENSOR__INIT;
         ot[o].name = name->valuestring;
-        if (tensor_params("output", cJSON_GetObjectItemCaseSensitive(t, "parameters"),
-                          keys[o + 1], pv[o + 1], &np, &bsize, &bin, err) < 0)
+        if (tensor_params("output", cJSON_GetObjectItemCaseSensitive(t, "parameters"), keys[o + 1],
+                          pv[o + 1], &np, &bsize, &bin, err) < 0)
             goto out;
         if (bin && !cJSON_IsBool(bin)) {
             tp_err_set(err, TP_EINVAL, "'output' parameter binary_data must be a boolean");
@@ -870,13 +875,13 @@ int restjson_answer(FILE *f, const struct model *m, const char *id, const struct
 unsigned restjson_status(int grpc_code)
 {
     switch (grpc_code) {
-    case 0: return 200;
-    case 4: return 504;  /* DEADLINE_EXCEEDED */
-    case 5: return 404;  /* NOT_FOUND */
-    case 8: return 429;  /* RESOURCE_EXHAUSTED */
-    case 12: return 501; /* UNIMPLEMENTED */
-    case 13: return 500; /* INTERNAL */
-    case 14: return 503; /* UNAVAILABLE */
+    case GRPC_STATUS_OK: return 200;
+    case GRPC_STATUS_DEADLINE_EXCEEDED: return 504;
+    case GRPC_STATUS_NOT_FOUND: return 404;
+    case GRPC_STATUS_RESOURCE_EXHAUSTED: return 429;
+    case GRPC_STATUS_UNIMPLEMENTED: return 501;
+    case GRPC_STATUS_INTERNAL: return 500;
+    case GRPC_STATUS_UNAVAILABLE: return 503;
     default: return 400; /* INVALID_ARGUMENT, CANCELLED, UNKNOWN, ALREADY_EXISTS, ... */
     }
 }
@@ -1003,4 +1008,3 @@ cJSON *restjson_pb(const ProtobufCMessage *m)
     }
     return j;
 }
-

@@ -38,8 +38,8 @@ struct restjson_infer {
  * data for FP16/BF16 (in or out), binary data with a byte count that leaves the body or leaves
  * bytes over, classification, a compressed body, JSON that is not UTF-8 or holds \u0000. r is
  * filled (restjson_infer_free frees it, whatever the result); -1 with err set when refused. */
-int restjson_infer(const struct model *m, const char *model, const char *version,
-                   const char *body, size_t len, const char *header_len, const char *encoding,
+int restjson_infer(const struct model *m, const char *model, const char *version, const char *body,
+                   size_t len, const char *header_len, const char *encoding,
                    struct restjson_infer *r, struct tp_err *err);
 
 void restjson_infer_free(struct restjson_infer *r);

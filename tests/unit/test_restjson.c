@@ -329,8 +329,8 @@ static cJSON *answer(const struct infer_input *in, const float *y, size_t binary
 static void test_answers(void)
 {
     struct infer_input in = {.rows = 6, .nlead = 2, .lead = {2, 3}};
-    float y[12] = {1.0f / 3, -2.5e-38f, 3.4028235e38f, 1e-45f, 0, -0.0f, 123456789.0f,
-                   7, 8, 9, 10, 0.1f};
+    float y[12] = {1.0f / 3, -2.5e-38f, 3.4028235e38f, 1e-45f, 0, -0.0f, 123456789.0f, 7, 8,
+                   9,        10,        0.1f};
     char *text = NULL;
     cJSON *j = answer(&in, y, (size_t)-1, &text), *o, *d;
     int k = 0;
@@ -354,9 +354,9 @@ static void test_answers(void)
     j = answer(&in, NULL, 48, &text);
     o = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "outputs"), 0);
     ASSERT_TRUE(cJSON_GetObjectItem(o, "data") == NULL);
-    ASSERT_EQ(cJSON_GetObjectItem(cJSON_GetObjectItem(o, "parameters"), "binary_data_size")
-                  ->valuedouble,
-              48);
+    ASSERT_EQ(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(o, "parameters"), "binary_data_size")->valuedouble,
+        48);
     cJSON_Delete(j);
     free(text);
     text = NULL;
@@ -373,9 +373,10 @@ static void test_answers(void)
  * RESTJSON_F32_MAX bytes, as JSON numbers (a digit first, after any minus sign). */
 static void test_f32_round_trip(void)
 {
-    static const float edge[] = {0.0f, -0.0f, 1.0f, -1.0f, 1e-45f, -1e-45f, 1.17549435e-38f,
-                                 3.4028235e38f, -3.4028235e38f, 0.1f, 1e-5f, 9.9999999e-6f,
-                                 1e9f, 999999999.0f, 123456789.0f, 16777217.0f, 0.3f, 2.5f};
+    static const float edge[] = {
+        0.0f,          -0.0f,          1.0f, -1.0f, 1e-45f,        -1e-45f, 1.17549435e-38f,
+        3.4028235e38f, -3.4028235e38f, 0.1f, 1e-5f, 9.9999999e-6f, 1e9f,    999999999.0f,
+        123456789.0f,  16777217.0f,    0.3f, 2.5f};
     uint64_t x = 0x9e3779b97f4a7c15u;
     char buf[RESTJSON_F32_MAX + 1];
 
@@ -460,9 +461,12 @@ static void test_clean_utf8(void)
     restjson_clean_utf8(a);
     ASSERT_STR_EQ(a, "unknown model 'caf\xc3\xa9'");
     restjson_clean_utf8(b);
-    ASSERT_STR_EQ(b, "cut '?" "?'"); /* apart: "??'" is a trigraph */
+    ASSERT_STR_EQ(b, "cut '?"
+                     "?'"); /* apart: "??'" is a trigraph */
     restjson_clean_utf8(c);
-    ASSERT_STR_EQ(c, "x?" "?" "?y?");
+    ASSERT_STR_EQ(c, "x?"
+                     "?"
+                     "?y?");
 }
 
 static void test_statuses(void)
