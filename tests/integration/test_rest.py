@@ -513,13 +513,14 @@ class TestEndpoints(RestCase):
             self.assertEqual(c.infer("lin", [inp], timeout=timeout).as_numpy("output").shape,
                              (2, OUT))
 
-    def test_timeout_expires_in_the_queue(self):
-        # one slot, and three long jobs ahead: a request that may wait 2 ms waits longer
+    def behind_long_jobs(self, name):
+        """A daemon of one slot with three long jobs of 256 rows running or queued (for about a
+        second on 2 cores) -> (daemon, join), join() waiting for them and checking their
+        answers' shapes."""
         wpath = self.path("big.safetensors")
         make_layer(wpath, 2048, 2048, seed=2)
         d = self.start_daemon(wpath, "--cpu", 2, "--model", "big", "--slots", 1,
-                              "--batch-delay-us", 0, name="slow")
-        c = self.http(d)
+                              "--batch-delay-us", 0, name=name)
         big = np.ones((256, 2048), np.float32)
         done = []
 
@@ -534,37 +535,30 @@ class TestEndpoints(RestCase):
         for t in threads:
             t.start()
         time.sleep(0.05)
+
+        def join():
+            for t in threads:
+                t.join(60)
+            self.assertEqual(done, [(256, 2048)] * 3)
+
+        return d, join
+
+    def test_timeout_expires_in_the_queue(self):
+        # a request that may wait 2 ms waits longer, behind the long jobs
+        d, join = self.behind_long_jobs("slow")
+        c = self.http(d)
         inp = thttp.InferInput("input", [1, 2048], "FP32")
         inp.set_data_from_numpy(np.ones((1, 2048), np.float32))
         with self.assertRaises(InferenceServerException) as e:
             c.infer("big", [inp], timeout=2000)
         self.assertIn("504", str(e.exception))
-        for t in threads:
-            t.join(60)
-        self.assertEqual(done, [(256, 2048)] * 3)
+        join()
         self.assertEqual(c.infer("big", [inp]).as_numpy("output").shape, (1, 2048))
 
     def test_client_gone_is_cancelled(self):
-        # one slot and three long jobs ahead: requests whose clients close their connections
-        # while they wait leave the queue (counted as cancelled), and the others are answered
-        wpath = self.path("big.safetensors")
-        make_layer(wpath, 2048, 2048, seed=2)
-        d = self.start_daemon(wpath, "--cpu", 2, "--model", "big", "--slots", 1,
-                              "--batch-delay-us", 0, name="gone")
-        big = np.ones((256, 2048), np.float32)
-        done = []
-
-        def long_job():
-            cl = thttp.InferenceServerClient(d.http_addr())
-            inp = thttp.InferInput("input", list(big.shape), "FP32")
-            inp.set_data_from_numpy(big)
-            done.append(cl.infer("big", [inp]).as_numpy("output").shape)
-            cl.close()
-
-        threads = [threading.Thread(target=long_job) for _ in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(0.05)
+        # requests whose clients close their connections while they wait behind the long jobs
+        # leave the queue (counted as cancelled), and the others are answered
+        d, join = self.behind_long_jobs("gone")
         host, port = d.http_addr().rsplit(":", 1)
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 2048], "datatype": "FP32",
                                        "data": [0.5] * 2048}]}).encode()
@@ -573,9 +567,7 @@ class TestEndpoints(RestCase):
             s.sendall(b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
                       b"\r\n\r\n" % len(body) + body)
             s.close()
-        for t in threads:
-            t.join(60)
-        self.assertEqual(done, [(256, 2048)] * 3)
+        join()
         self.assertTrue(d.running())
         d.stop()
         m = re.search(r"(\d+) cancelled", d.log())
