@@ -546,14 +546,6 @@ static void respond_text(struct http_conn *c, unsigned status, const char *text,
     respond(c, status, "text/plain; charset=utf-8", text, strlen(text), head_only);
 }
 
-static int hex(char ch)
-{
-    return ch >= '0' && ch <= '9'   ? ch - '0'
-           : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10
-           : ch >= 'A' && ch <= 'F' ? ch - 'A' + 10
-                                    : -1;
-}
-
 /* The path of a request target ("/v2/models/a%20b/ready?x" -> "/v2/models/a b/ready"), percent
  * decoded, without query or fragment. -1 for a target that is not a path, a bad or NUL escape,
  * or one too long. */
@@ -567,7 +559,8 @@ static int decode_path(const char *t, size_t n, char *path)
         char ch = t[i];
 
         if (ch == '%') {
-            int hi = i + 2 < n ? hex(t[i + 1]) : -1, lo = hi >= 0 ? hex(t[i + 2]) : -1;
+            int hi = i + 2 < n ? tcp_hex_digit(t[i + 1]) : -1,
+                lo = hi >= 0 ? tcp_hex_digit(t[i + 2]) : -1;
 
             if (lo < 0 || (hi == 0 && lo == 0))
                 return -1;

@@ -244,7 +244,7 @@ void reflect_info(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
     pthread_once(&D.once, load);
     if (gbuf_unpack(payload, &grpc__reflection__v1alpha__server_reflection_request__descriptor,
                     (ProtobufCMessage **)&q, &err) < 0) {
-        er.error_code = 3;
+        er.error_code = GRPC_STATUS_INVALID_ARGUMENT;
         er.error_message = err.msg;
         r.message_response_case =
             GRPC__REFLECTION__V1ALPHA__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ERROR_RESPONSE;
@@ -297,7 +297,8 @@ void reflect_info(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
         break;
     default:
     not_found:
-        er.error_code = D.ok ? 5 : 13; /* NOT_FOUND: no extensions, no such file or symbol */
+        /* NOT_FOUND: no extensions, no such file or symbol */
+        er.error_code = D.ok ? GRPC_STATUS_NOT_FOUND : GRPC_STATUS_INTERNAL;
         er.error_message = D.ok ? "not found" : "the descriptor set does not parse";
         r.message_response_case =
             GRPC__REFLECTION__V1ALPHA__SERVER_REFLECTION_RESPONSE__MESSAGE_RESPONSE_ERROR_RESPONSE;

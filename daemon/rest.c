@@ -380,11 +380,11 @@ static void rest_complete(struct sched_req *req, const float *y, const struct tp
     pthread_mutex_lock(&rs->wlock);
     unlist(q);
     pthread_mutex_unlock(&rs->wlock);
-    /* still suspended (a suspended connection is never closed, rest_stop waits for every
-     * inference): resuming it hands the answer to the server's thread */
-    if (!gone)
+    if (!gone) {
+        /* still suspended (a suspended connection is never closed, rest_stop waits for every
+         * inference): resuming it hands the answer to the server's thread */
         MHD_resume_connection(q->conn);
-    if (gone) { /* the connection was closed all the same: nobody to answer */
+    } else { /* the connection was closed all the same: nobody to answer */
         if (y)
             sched_unhold(req->hold);
         release_req(q);
@@ -1099,14 +1099,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     release_req(q);
 }
 
-static int hexval(char c)
-{
-    return c >= '0' && c <= '9'   ? c - '0'
-           : c >= 'a' && c <= 'f' ? c - 'a' + 10
-           : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                                  : -1;
-}
-
 /* The URL's percent escapes, decoded in place, except %00: a NUL would cut the path short unseen
  * ("/v2/models/m%00x" read as model "m"), so it stays as it is and names nothing. */
 static size_t unescape(void *cls, struct MHD_Connection *conn, char *s)
@@ -1116,7 +1108,7 @@ static size_t unescape(void *cls, struct MHD_Connection *conn, char *s)
     (void)cls;
     (void)conn;
     for (const char *r = s; *r; r++) {
-        int h = r[0] == '%' ? hexval(r[1]) : -1, l = h >= 0 ? hexval(r[2]) : -1;
+        int h = r[0] == '%' ? tcp_hex_digit(r[1]) : -1, l = h >= 0 ? tcp_hex_digit(r[2]) : -1;
 
         if (l >= 0 && (h | l)) {
             *w++ = (char)(h << 4 | l);

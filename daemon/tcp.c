@@ -8,6 +8,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+int tcp_hex_digit(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
 int tcp_listen(const char *addr, const char *flag, const char *what, char *shown, size_t n,
                struct tp_err *err)
 {

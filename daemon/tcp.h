@@ -1,4 +1,5 @@
-/* tcp.h -- the listening socket of tpd's HTTP servers (metrics, REST). */
+/* tcp.h -- what tpd's two HTTP servers (metrics, REST) share: the listening socket, and the
+ * hex digits of a URL's percent escapes. */
 #ifndef TPD_TCP_H
 #define TPD_TCP_H
 
@@ -12,5 +13,8 @@
  * the socket is for. */
 int tcp_listen(const char *addr, const char *flag, const char *what, char *shown, size_t n,
                struct tp_err *err);
+
+/* The value of a hex digit, either case; -1 for any other character. */
+int tcp_hex_digit(char c);
 
 #endif
