@@ -658,10 +658,14 @@ class TpdTestCase(unittest.TestCase):
         return p
 
     def run(self, result=None):
-        before = (len(result.failures) + len(result.errors)) if result is not None else 0
+        nf, ne = (len(result.failures), len(result.errors)) if result is not None else (0, 0)
         res = super().run(result)
         r = result if result is not None else res
-        if r is not None and len(r.failures) + len(r.errors) > before:
+        if r is not None and (len(r.failures) > nf or len(r.errors) > ne):
+            # what failed first, then the logs: a long report is often read by its first lines
+            for _, tb in r.failures[nf:] + r.errors[ne:]:
+                print("\n[%s failed] %s" % (self.id(), tb.strip().splitlines()[-1]),
+                      file=sys.stderr)
             for d in getattr(self, "daemons", []):
                 print("\n[%s failed] %s" % (self.id(), d.log_tail(60)), file=sys.stderr)
         return res
