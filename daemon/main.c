@@ -123,6 +123,15 @@ static int describe_model(const struct config *c, struct plan *p, struct model *
     return 0;
 }
 
+/* The model could not be loaded again after a restart (its files changed, say): it stays
+ * unavailable, and tpd says why. */
+static void model_lost(void *ctx, const struct tp_err *why)
+{
+    (void)ctx;
+    tp_log(TP_LOG_ERR, "the model could not be loaded again, and stays unavailable: %s", why->msg);
+    notify_status("not ready: the model could not be loaded again: %s", why->msg);
+}
+
 /* The workers came up or went down: the health watches are told. */
 static void health_changed(void *ctx)
 {
@@ -381,7 +390,6 @@ int main(int argc, char **argv)
     }
     if (sup_start(&sup,
                   &(struct sup_config){.worker = worker,
-                                       .plan = &plan,
                                        .backend = m.backend,
                                        .nranks = m.ranks,
                                        .devices = c.ngpus ? c.gpus : NULL,
@@ -394,16 +402,26 @@ int main(int argc, char **argv)
                                        .threads = threads,
                                        .slots = c.slots,
                                        .max_batch = c.max_batch,
-                                       .arena = &arena,
                                        .backoff_ms = c.restart_backoff_ms,
                                        .job_timeout_ms = c.job_timeout_ms,
                                        .log_level = level_names[c.log_level]},
-                  sched_on_done, sched_on_state, sched, &err) < 0) {
+                  &err) < 0) {
         tp_err_prefix(&err, "starting workers: ");
         goto fail_grpc;
     }
     sched_attach(sched, sup);
-    sched_on_state(sched, 1);
+    if (sup_load(sup, 0,
+                 &(struct sup_model){.plan = &plan,
+                                     .arena = &arena,
+                                     .slot0 = 0,
+                                     .done = sched_on_done,
+                                     .state = sched_on_state,
+                                     .lost = model_lost,
+                                     .ctx = sched},
+                 &err) < 0) {
+        tp_err_prefix(&err, "starting workers: ");
+        goto fail_grpc;
+    }
     if (rpc_server_start(rpc, &err) < 0)
         goto fail_grpc;
     atomic_store(&api.serving, 1);

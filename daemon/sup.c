@@ -75,9 +75,35 @@ struct worker {
     pid_t pid; /* 0 when not running */
     int fd;    /* control socket, -1 when closed */
     int ready;
-    int64_t done_ns;  /* CLOCK_MONOTONIC of its last DONE in this group, 0 before the first */
-    uint32_t bl_head; /* its backlog (struct sup): the first of bl_len slots whose jobs wait for */
-    uint32_t bl_len;  /* room in its socket, in the order they were dispatched */
+    int64_t done_ns;  /* CLOCK_MONOTONIC of its last answer in this group, 0 before the first */
+    uint32_t bl_head; /* its backlog (struct sup): the first of bl_len messages (jobs, loads, */
+    uint32_t bl_len;  /* unloads) that wait for room in its socket, in the order they were sent */
+    int half;         /* the backlog's first is a LOAD whose PLAN is still to be sent */
+    int loads;        /* LOADs and UNLOADs sent to it and not answered yet */
+};
+
+/* A backlog entry is a job's slot, or one of these with the model's id: a LOAD or an UNLOAD. */
+#define BL_LOAD 0x80000000u
+#define BL_UNLOAD 0x40000000u
+#define BL_ID 0x0000ffffu
+
+/* A model the supervisor has loaded, or is loading or unloading. */
+struct smodel {
+    int used;          /* registered: slots owned, reloaded after a restart */
+    int loaded;        /* every rank of this group has it */
+    int loading;       /* LOADs sent, answers pending */
+    int unloading;     /* UNLOADs sent, answers pending */
+    int pending;       /* ranks that have not answered the LOAD or UNLOAD */
+    int failed;        /* a rank failed the load: the UNLOAD that follows ends it */
+    int waiter;        /* sup_load waits for this load */
+    int answered;      /* its wait is over: err says how */
+    struct tp_err err; /* the first rank's failure */
+    struct sup_model m;
+    uint32_t nslots;
+    double prior_row_ns;      /* time per row of a job, from the model's size */
+    double row_ns;            /* the slowest measured; < 0 before the first answer */
+    int64_t load_started_ns;  /* of the load in progress */
+    int64_t load_ns;          /* its last load's time; 0 before the first */
 };
 
 struct job {
@@ -92,9 +118,6 @@ struct job {
 
 struct sup {
     struct sup_config c;
-    sup_done_fn done;
-    sup_state_fn state_cb;
-    void *ctx;
     pthread_t thread;
     int thread_started;
     int wake_fd; /* eventfd */
@@ -109,13 +132,14 @@ struct sup {
     int64_t started_ns;                 /* CLOCK_MONOTONIC, when the group was last spawned */
     int64_t load_ns;                    /* the slowest load of a group, spawn to last READY */
     int load_doublings;                 /* restarts in a row that did not load in time */
-    double prior_row_ns;                /* time per row of a job, from the layer's size */
-    double row_ns;                      /* the slowest measured; < 0 before the first answer */
     uint64_t next_seq;                  /* of the next job */
     int send_failed;                    /* rank a job could not be sent to; -1: none */
     uint64_t send_job;                  /* the job it could not be sent */
     struct tp_err send_err;             /* why */
-    uint32_t *backlog;                  /* nranks rings of slots entries (struct worker) */
+    uint32_t *backlog;                  /* nranks rings of bl_cap entries (struct worker) */
+    uint32_t bl_cap;                    /* a slot each, and a load and an unload per model */
+    struct smodel models[CTL_MAX_MODELS];
+    int16_t *owner;                     /* slots: the model that owns the slot, -1 for none */
     struct worker *w;                   /* nranks */
     struct worker *old;                 /* nranks: the group being reaped by group_down */
     uint8_t *late;                      /* nranks: scratch for the ranks past a deadline */
@@ -160,7 +184,7 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
     char a_device[16];
     char *argv[40];
     char *env[2] = {env_threads, NULL};
-    int sv[2], n = 0, fds[2];
+    int sv[2], n = 0, fds[1];
     pid_t pid;
 
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
@@ -191,8 +215,7 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
         argv[n++] = "--cpu-gemm", argv[n++] = (char *)s->c.cpu_gemm;
     argv[n] = NULL;
     fds[0] = sv[1];
-    fds[1] = s->c.arena->fd;
-    if (proc_spawn(argv, env, fds, 2, &pid, err) < 0) {
+    if (proc_spawn(argv, env, fds, 1, &pid, err) < 0) {
         close(sv[0]);
         close(sv[1]);
         return -1;
@@ -203,19 +226,9 @@ static int spawn_worker(struct sup *s, int rank, struct tp_err *err)
     if (fcntl(sv[0], F_SETFL, O_NONBLOCK) < 0)
         return tp_err_sys(err, "making the control socket of rank %d non-blocking", rank);
     tp_log(TP_LOG_NOTICE, "started worker rank %d pid %d", rank, (int)pid);
-    /* A fresh socket's buffer takes the plan and the INIT below at once. A worker that exited
-     * already (its program failed) is no error here: the supervisor sees its socket's EOF and
-     * reports its exit status, which says more than the failed send. */
-    {
-        struct plan p = *s->c.plan;
-        struct tp_err e = {0};
-
-        if (ctl_send_plan(sv[0], &p, &e) < 0 && e.code != TP_EUNAVAIL) {
-            *err = e;
-            tp_err_prefix(err, "sending the plan to rank %d: ", rank);
-            return -1;
-        }
-    }
+    /* A fresh socket's buffer takes the INIT below at once. A worker that exited already (its
+     * program failed) is no error here: the supervisor sees its socket's EOF and reports its
+     * exit status, which says more than the failed send. */
     if (s->c.devices && s->c.gather_nccl) {
         struct ctl_msg m = {.type = CTL_INIT, .rank = (uint32_t)rank};
         struct tp_err e = {0};
@@ -368,39 +381,70 @@ static int start_group(struct sup *s, struct tp_err *err)
 static int flush_jobs(struct sup *s, int r, struct tp_err *err)
 {
     struct worker *w = &s->w[r];
-    const uint32_t *q = &s->backlog[(size_t)r * s->c.slots];
+    const uint32_t *q = &s->backlog[(size_t)r * s->bl_cap];
 
     while (w->bl_len) {
-        uint32_t slot = q[w->bl_head];
-        struct ctl_msg m = {
-            .type = CTL_JOB, .id = s->jobs[slot].id, .slot = slot, .rows = s->jobs[slot].rows};
+        uint32_t entry = q[w->bl_head];
+        const struct smodel *md = &s->models[entry & BL_ID];
+        struct ctl_msg m = {.id = entry & BL_ID};
         struct tp_err e = {0};
+        int rc;
 
-        if (ctl_send(w->fd, &m, &e) < 0) {
+        if (entry & BL_LOAD) {
+            m.type = CTL_LOAD;
+            m.slot = md->m.slot0;
+            m.rows = md->m.arena->layout.max_batch;
+            m.bytes = md->nslots;
+            if (!w->half) {
+                rc = ctl_send_fd(w->fd, &m, md->m.arena->fd, &e);
+                if (rc == 0)
+                    w->half = 1;
+            }
+            if (w->half) {
+                struct plan p = *md->m.plan;
+
+                rc = ctl_send_plan(w->fd, &p, &e);
+                if (rc == 0)
+                    w->half = 0;
+            }
+        } else if (entry & BL_UNLOAD) {
+            m.type = CTL_UNLOAD;
+            rc = ctl_send(w->fd, &m, &e);
+        } else {
+            m = (struct ctl_msg){.type = CTL_JOB,
+                                 .id = s->jobs[entry].id,
+                                 .slot = entry,
+                                 .rows = s->jobs[entry].rows};
+            rc = ctl_send(w->fd, &m, &e);
+        }
+        if (rc < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) /* ctl_send keeps send's errno */
                 return 0;
             *err = e;
             return -1;
         }
-        w->bl_head = (w->bl_head + 1) % s->c.slots;
+        w->bl_head = (w->bl_head + 1) % s->bl_cap;
         w->bl_len--;
     }
     return 0;
 }
 
-/* Queues the job on slot for rank r behind the jobs that already wait for room in its socket,
- * and sends what fits. A rank has at most one job per slot that it has not answered, so the
- * backlog (slots entries) cannot overflow. Returns as flush_jobs. Lock held. */
-static int send_job(struct sup *s, int r, uint32_t slot, struct tp_err *err)
+/* Queues entry (a job's slot, or a LOAD or UNLOAD) for rank r behind the messages that already
+ * wait for room in its socket, and sends what fits. A rank has at most one job per slot that it
+ * has not answered, and at most one load and one unload per model, so the backlog cannot
+ * overflow. Returns as flush_jobs. Lock held. */
+static int send_job(struct sup *s, int r, uint32_t entry, struct tp_err *err)
 {
     struct worker *w = &s->w[r];
     int was_empty = w->bl_len == 0;
 
-    if (w->bl_len == s->c.slots)
-        return tp_err_set(err, TP_EINTERNAL, "rank %d has %u jobs waiting, one per slot already", r,
+    if (w->bl_len == s->bl_cap)
+        return tp_err_set(err, TP_EINTERNAL, "rank %d has %u messages waiting, its most", r,
                           w->bl_len);
-    s->backlog[(size_t)r * s->c.slots + (w->bl_head + w->bl_len) % s->c.slots] = slot;
+    s->backlog[(size_t)r * s->bl_cap + (w->bl_head + w->bl_len) % s->bl_cap] = entry;
     w->bl_len++;
+    if (entry & (BL_LOAD | BL_UNLOAD))
+        w->loads++;
     if (flush_jobs(s, r, err) < 0)
         return -1;
     if (was_empty && w->bl_len) {
@@ -434,10 +478,13 @@ static void rank_list(char *buf, size_t len, const uint8_t *late, int nranks)
     }
 }
 
-/* The most a rank may take over a job of rows (the rule is at JOB_SLACK). */
-static int64_t job_bound_ns(const struct sup *s, uint32_t rows)
+/* The most a rank may take over a job of rows on slot (the rule is at JOB_SLACK): by the numbers
+ * of the slot's model. */
+static int64_t job_bound_ns(const struct sup *s, uint32_t slot, uint32_t rows)
 {
-    double per_row = s->row_ns >= 0 && s->row_ns < s->prior_row_ns ? s->row_ns : s->prior_row_ns;
+    const struct smodel *md = &s->models[s->owner[slot] >= 0 ? s->owner[slot] : 0];
+    double per_row =
+        md->row_ns >= 0 && md->row_ns < md->prior_row_ns ? md->row_ns : md->prior_row_ns;
     double ns = (double)JOB_SLACK * rows * per_row;
     int64_t floor_ns = (int64_t)s->c.job_timeout_ms * NS_PER_MS;
 
@@ -446,13 +493,35 @@ static int64_t job_bound_ns(const struct sup *s, uint32_t rows)
     return ns < 1e18 ? (int64_t)ns : (int64_t)1e18;
 }
 
-/* The most a restarted group may take to load (the rule is at LOAD_SLACK). */
-static int64_t load_bound_ns(const struct sup *s)
+/* The most a restarted group may take to come up, or to load a model again, that took load_ns
+ * the last time (the rule is at LOAD_SLACK). */
+static int64_t load_bound_ns(const struct sup *s, int64_t load_ns)
 {
     int64_t floor_ns = (int64_t)s->c.job_timeout_ms * NS_PER_MS;
-    int64_t b = LOAD_SLACK * s->load_ns > floor_ns ? LOAD_SLACK * s->load_ns : floor_ns;
+    int64_t b = LOAD_SLACK * load_ns > floor_ns ? LOAD_SLACK * load_ns : floor_ns;
 
     return b << s->load_doublings;
+}
+
+/* A reload after a restart, bounded by the model's last load; -1 for none. Lock held. */
+static int64_t reload_deadline_ns(const struct sup *s, int *which)
+{
+    int64_t at = -1;
+
+    for (int i = 0; i < CTL_MAX_MODELS; i++) {
+        const struct smodel *md = &s->models[i];
+        int64_t d;
+
+        if (!md->used || !md->loading || md->waiter || !md->load_ns)
+            continue;
+        d = md->load_started_ns + load_bound_ns(s, md->load_ns);
+        if (at < 0 || d < at) {
+            at = d;
+            if (which)
+                *which = i;
+        }
+    }
+    return at;
 }
 
 /* Finds the job each rank works on, into s->cur (a slot, -1 for none). A rank computes its jobs
@@ -463,12 +532,15 @@ static void find_current_jobs(struct sup *s)
     for (int r = 0; r < s->c.nranks; r++)
         s->cur[r] = -1;
     for (uint32_t i = 0; i < s->c.slots; i++) {
+        /* a rank that loads a model computes no job meanwhile: its jobs wait behind the load,
+         * which has a bound of its own */
         const uint8_t *answered = &s->answered[(size_t)i * (size_t)s->c.nranks];
 
         if (!s->jobs[i].pending)
             continue;
         for (int r = 0; r < s->c.nranks; r++)
-            if (!answered[r] && (s->cur[r] < 0 || s->jobs[i].seq < s->jobs[s->cur[r]].seq))
+            if (!answered[r] && !s->w[r].loads &&
+                (s->cur[r] < 0 || s->jobs[i].seq < s->jobs[s->cur[r]].seq))
                 s->cur[r] = (int)i;
     }
 }
@@ -493,16 +565,17 @@ static int64_t next_deadline_ns(struct sup *s)
     if (!s->c.job_timeout_ms)
         return -1;
     if (s->state == G_STARTING && s->first_ready)
-        return s->started_ns + load_bound_ns(s);
+        return s->started_ns + load_bound_ns(s, s->load_ns);
     if (s->state != G_READY)
         return -1;
+    at = reload_deadline_ns(s, NULL);
     find_current_jobs(s);
     for (int r = 0; r < s->c.nranks; r++) {
         int64_t d;
 
         if (s->cur[r] < 0)
             continue;
-        d = job_start_ns(s, r) + job_bound_ns(s, s->jobs[s->cur[r]].rows);
+        d = job_start_ns(s, r) + job_bound_ns(s, (uint32_t)s->cur[r], s->jobs[s->cur[r]].rows);
         if (at < 0 || d < at)
             at = d;
     }
@@ -526,7 +599,7 @@ static void check_deadlines(struct sup *s)
         return;
     memset(s->late, 0, (size_t)s->c.nranks);
     if (s->state == G_STARTING && s->first_ready) {
-        bound = load_bound_ns(s);
+        bound = load_bound_ns(s, s->load_ns);
         if (now - s->started_ns < bound)
             return;
         for (int r = 0; r < s->c.nranks; r++)
@@ -543,6 +616,23 @@ static void check_deadlines(struct sup *s)
     }
     if (s->state != G_READY)
         return;
+    {
+        int which = -1;
+        int64_t at = reload_deadline_ns(s, &which);
+
+        if (at >= 0 && at <= now) {
+            const struct smodel *md = &s->models[which];
+
+            tp_err_set(&e, TP_EUNAVAIL,
+                       "the workers did not load model %d again within %lld ms (waited %lld ms)",
+                       which, (long long)(load_bound_ns(s, md->load_ns) / NS_PER_MS),
+                       (long long)((now - md->load_started_ns) / NS_PER_MS));
+            if (s->load_doublings < MAX_LOAD_DOUBLINGS)
+                s->load_doublings++;
+            group_down(s, -1, &e);
+            return;
+        }
+    }
     find_current_jobs(s);
     for (int r = 0; r < s->c.nranks; r++) {
         struct pollfd p = {.fd = s->w[r].fd, .events = POLLIN};
@@ -551,7 +641,7 @@ static void check_deadlines(struct sup *s)
         if (s->cur[r] < 0)
             continue;
         start = job_start_ns(s, r);
-        d = start + job_bound_ns(s, s->jobs[s->cur[r]].rows);
+        d = start + job_bound_ns(s, (uint32_t)s->cur[r], s->jobs[s->cur[r]].rows);
         if (d > now || poll(&p, 1, 0) > 0)
             continue;
         s->late[r] = 1;
@@ -567,9 +657,171 @@ static void check_deadlines(struct sup *s)
                "ms)",
                who, (unsigned long long)s->jobs[first_slot].id, s->jobs[first_slot].rows,
                s->jobs[first_slot].rows == 1 ? "" : "s", first_slot,
-               (long long)(job_bound_ns(s, s->jobs[first_slot].rows) / NS_PER_MS),
+               (long long)(job_bound_ns(s, (uint32_t)first_slot, s->jobs[first_slot].rows) /
+                           NS_PER_MS),
                (long long)((now - first_start) / NS_PER_MS));
     group_down(s, -1, &e);
+}
+
+/* Tells the model that owns slot that job id is done (err NULL) or failed. Lock held; released
+ * around the callback. */
+static void job_done(struct sup *s, uint32_t slot, uint64_t id, const struct tp_err *err)
+{
+    int o = s->owner[slot];
+    sup_done_fn done;
+    void *ctx;
+
+    if (o < 0)
+        return;
+    done = s->models[o].m.done;
+    ctx = s->models[o].m.ctx;
+    pthread_mutex_unlock(&s->lock);
+    done(ctx, slot - s->models[o].m.slot0, id, err);
+    pthread_mutex_lock(&s->lock);
+}
+
+/* Forgets model i: its slots are free again. Lock held. */
+static void unregister(struct sup *s, int i)
+{
+    struct smodel *md = &s->models[i];
+
+    for (uint32_t k = 0; k < md->nslots; k++)
+        s->owner[md->m.slot0 + k] = -1;
+    md->used = md->loaded = md->loading = md->unloading = md->pending = 0;
+    pthread_cond_broadcast(&s->cond);
+}
+
+/* The group went down (why): every model stops being ready, to be loaded again by the next
+ * group; a load that sup_load waits for fails, and an unload in progress is over (its workers
+ * are gone). Lock held; released around the callbacks. */
+static void models_down(struct sup *s, const struct tp_err *why)
+{
+    for (int i = 0; i < CTL_MAX_MODELS; i++) {
+        struct smodel *md = &s->models[i];
+        int was_loaded = md->loaded;
+
+        if (!md->used)
+            continue;
+        md->loaded = 0;
+        md->pending = 0;
+        if (md->waiter && (md->loading || md->unloading)) {
+            if (md->err.code == TP_OK) {
+                md->err = *why;
+                tp_err_prefix(&md->err, "the worker group went down during the load: ");
+            }
+            md->answered = 1;
+            unregister(s, i);
+        } else if (md->unloading && md->failed) {
+            struct tp_err lost = md->err;
+            sup_lost_fn fn = md->m.lost;
+            void *ctx = md->m.ctx;
+
+            unregister(s, i);
+            pthread_mutex_unlock(&s->lock);
+            fn(ctx, &lost);
+            pthread_mutex_lock(&s->lock);
+        } else if (md->unloading) {
+            unregister(s, i);
+        } else {
+            md->loading = 0;
+        }
+        if (was_loaded) {
+            sup_state_fn fn = md->m.state;
+            void *ctx = md->m.ctx;
+
+            pthread_mutex_unlock(&s->lock);
+            fn(ctx, 0);
+            pthread_mutex_lock(&s->lock);
+        }
+    }
+}
+
+/* Queues model i's LOAD (or UNLOAD) for every rank, in order with the jobs. Lock held, the group
+ * ready. A send that fails is found by the thread, as for a job. */
+static void send_model(struct sup *s, int i, int unload)
+{
+    struct smodel *md = &s->models[i];
+
+    md->pending = s->c.nranks;
+    if (unload) {
+        md->unloading = 1;
+        md->loading = 0;
+    } else {
+        md->loading = 1;
+        md->load_started_ns = now_ns();
+    }
+    for (int r = 0; r < s->c.nranks; r++) {
+        struct tp_err e = {0};
+
+        if (s->send_failed < 0 &&
+            send_job(s, r, (unload ? BL_UNLOAD : BL_LOAD) | (uint32_t)i, &e) < 0) {
+            s->send_failed = r;
+            s->send_job = 0;
+            s->send_err = e;
+            wake(s);
+        }
+    }
+}
+
+/* Rank r answered model m->id's LOAD or UNLOAD. Lock held; released around the callbacks. */
+static void on_model_answer(struct sup *s, int r, const struct ctl_msg *m)
+{
+    struct smodel *md = &s->models[m->id];
+    int is_load = m->type == CTL_LOADED;
+
+    if (!md->used || md->pending <= 0 || (is_load ? !md->loading : !md->unloading)) {
+        tp_log(TP_LOG_ERR, "worker rank %d answered a %s of model %llu that it was not sent", r,
+               is_load ? "LOAD" : "UNLOAD", (unsigned long long)m->id);
+        return;
+    }
+    s->w[r].loads--;
+    s->w[r].done_ns = now_ns(); /* its next job starts now */
+    if (m->status != TP_OK) {
+        tp_log(TP_LOG_ERR, "worker rank %d failed to load model %llu: %s", r,
+               (unsigned long long)m->id, m->text);
+        if (md->err.code == TP_OK)
+            tp_err_set(&md->err, (enum tp_code)m->status, "rank %d: %.200s", r, m->text);
+    }
+    if (--md->pending > 0)
+        return;
+    if (is_load && md->err.code != TP_OK) {
+        md->failed = 1;
+        send_model(s, (int)m->id, 1); /* from the ranks that loaded it */
+        return;
+    }
+    if (is_load) {
+        sup_state_fn fn = md->m.state;
+        void *ctx = md->m.ctx;
+
+        md->loading = 0;
+        md->loaded = 1;
+        md->load_ns = now_ns() - md->load_started_ns;
+        s->load_doublings = 0;
+        pthread_mutex_unlock(&s->lock);
+        fn(ctx, 1);
+        pthread_mutex_lock(&s->lock);
+        if (md->waiter) {
+            md->answered = 1;
+            pthread_cond_broadcast(&s->cond);
+        }
+        return;
+    }
+    /* unloaded from every rank */
+    if (md->failed && md->waiter) {
+        md->answered = 1;
+        unregister(s, (int)m->id);
+    } else if (md->failed) {
+        struct tp_err lost = md->err;
+        sup_lost_fn fn = md->m.lost;
+        void *ctx = md->m.ctx;
+
+        unregister(s, (int)m->id);
+        pthread_mutex_unlock(&s->lock);
+        fn(ctx, &lost);
+        pthread_mutex_lock(&s->lock);
+    } else {
+        unregister(s, (int)m->id);
+    }
 }
 
 /* The group is lost: takes it down and, once a group has been ready, schedules a restart; why
@@ -589,8 +841,7 @@ static void group_down(struct sup *s, int wait_rank, const struct tp_err *why)
     s->send_failed = -1;
     take_workers(s);
     pthread_mutex_unlock(&s->lock);
-    if (was_ready)
-        s->state_cb(s->ctx, 0);
+    (void)was_ready;
     reap_workers(s, s->old, wait_rank, how, sizeof(how));
     if (how[0]) {
         size_t n = strlen(e.msg);
@@ -607,6 +858,7 @@ static void group_down(struct sup *s, int wait_rank, const struct tp_err *why)
         return;
     }
     s->state = G_DOWN;
+    models_down(s, &e);
     tp_log(TP_LOG_WARN, "%s; restarting the group in %d ms", e.msg, s->backoff_ms);
     notify_status("not ready: %s; restarting workers in %d ms", e.msg, s->backoff_ms);
     s->restart_at_ms = now_ms() + s->backoff_ms;
@@ -623,9 +875,7 @@ static void group_down(struct sup *s, int wait_rank, const struct tp_err *why)
         /* a rank that reported its own failure (a device or NCCL error) before the group went
          * down says more than the group's death does */
         failed = s->jobs[slot].err.code != TP_OK ? s->jobs[slot].err : e;
-        pthread_mutex_unlock(&s->lock);
-        s->done(s->ctx, slot, id, &failed);
-        pthread_mutex_lock(&s->lock);
+        job_done(s, slot, id, &failed);
     }
 }
 
@@ -635,7 +885,9 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
     struct tp_err e = {0};
 
     if (ctl_validate(m, s->c.slots, s->c.max_batch, &e) < 0 ||
-        (m->type != CTL_READY && m->type != CTL_DONE)) {
+        (m->type != CTL_READY && m->type != CTL_DONE && m->type != CTL_LOADED &&
+         m->type != CTL_UNLOADED) ||
+        (m->type == CTL_READY && (s->state != G_STARTING || s->w[r].ready))) {
         tp_log(TP_LOG_ERR, "worker rank %d sent a bad control message: %s", r,
                e.msg[0] ? e.msg : "unexpected type");
         tp_err_set(&e, TP_EUNAVAIL, "worker rank %d broke the control protocol", r);
@@ -646,10 +898,10 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
         int64_t took;
 
         if (m->status != TP_OK) {
-            tp_log(TP_LOG_ERR, "worker rank %d failed to load: %s", r, m->text);
+            tp_log(TP_LOG_ERR, "worker rank %d failed to start: %s", r, m->text);
             if (s->fail.code == TP_OK)
                 tp_err_set(&s->fail, (enum tp_code)m->status, "rank %d: %.200s", r, m->text);
-            tp_err_set(&e, TP_EUNAVAIL, "worker rank %d failed to load", r);
+            tp_err_set(&e, TP_EUNAVAIL, "worker rank %d failed to start", r);
             group_down(s, r, &e);
             return;
         }
@@ -664,15 +916,21 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
             s->load_ns = took;
         s->load_doublings = 0;
         if (s->first_ready) {
-            tp_log(TP_LOG_NOTICE, "worker group of %d ranks is ready again", s->c.nranks);
+            tp_log(TP_LOG_NOTICE, "worker group of %d ranks is up again: loading its models",
+                   s->c.nranks);
             notify_status("serving: %d ranks ready again", s->c.nranks);
         }
         s->first_ready = 1;
         s->backoff_ms = s->c.backoff_ms;
         pthread_cond_broadcast(&s->cond);
-        pthread_mutex_unlock(&s->lock);
-        s->state_cb(s->ctx, 1);
-        pthread_mutex_lock(&s->lock);
+        /* a restarted group loads every model the last one had, in the order of their ids */
+        for (int i = 0; i < CTL_MAX_MODELS; i++)
+            if (s->models[i].used && !s->models[i].loading && !s->models[i].unloading)
+                send_model(s, i, 0);
+        return;
+    }
+    if (m->type == CTL_LOADED || m->type == CTL_UNLOADED) {
+        on_model_answer(s, r, m);
         return;
     }
     /* CTL_DONE */
@@ -683,6 +941,7 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
         int64_t now = now_ns(), start;
         double per_row;
         struct tp_err failed;
+        struct smodel *md = &s->models[s->owner[m->slot] >= 0 ? s->owner[m->slot] : 0];
 
         if (!j->pending || j->id != m->id || *answered) {
             tp_log(TP_LOG_ERR, "worker rank %d answered job %llu on slot %u, which %s", r,
@@ -695,8 +954,8 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
         /* the time this rank spent on the job (job_start_ns says when it started) */
         start = j->sent_ns > s->w[r].done_ns ? j->sent_ns : s->w[r].done_ns;
         per_row = (double)(now - start) / (j->rows ? j->rows : 1);
-        if (per_row > s->row_ns)
-            s->row_ns = per_row;
+        if (per_row > md->row_ns)
+            md->row_ns = per_row;
         s->w[r].done_ns = now;
         if (m->status != TP_OK && j->err.code == TP_OK)
             tp_err_set(&j->err, (enum tp_code)m->status, "rank %d: %.200s", r, m->text);
@@ -706,9 +965,7 @@ static void on_message(struct sup *s, int r, const struct ctl_msg *m)
             return;
         failed = j->err;
         metrics_job_done(m->slot, j->collectives, failed.code == TP_OK);
-        pthread_mutex_unlock(&s->lock);
-        s->done(s->ctx, m->slot, id, failed.code == TP_OK ? NULL : &failed);
-        pthread_mutex_lock(&s->lock);
+        job_done(s, m->slot, id, failed.code == TP_OK ? NULL : &failed);
     }
 }
 
@@ -825,7 +1082,9 @@ static void *sup_thread(void *arg)
             if ((ev & POLLOUT) && s->w[r].bl_len && s->send_failed < 0 &&
                 flush_jobs(s, r, &e) < 0) {
                 s->send_failed = r;
-                s->send_job = s->jobs[s->backlog[(size_t)r * s->c.slots + s->w[r].bl_head]].id;
+                uint32_t entry = s->backlog[(size_t)r * s->bl_cap + s->w[r].bl_head];
+
+                s->send_job = entry & (BL_LOAD | BL_UNLOAD) ? 0 : s->jobs[entry].id;
                 s->send_err = e;
             }
             if (!(ev & (POLLIN | POLLHUP | POLLERR)))
@@ -865,8 +1124,7 @@ static void *sup_thread(void *arg)
     return NULL;
 }
 
-int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, sup_state_fn state,
-              void *ctx, struct tp_err *err)
+int sup_start(struct sup **out, const struct sup_config *c, struct tp_err *err)
 {
     struct sup *s = calloc(1, sizeof(*s));
     int e;
@@ -875,14 +1133,9 @@ int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, su
     if (!s)
         return tp_err_set(err, TP_ENOMEM, "no memory for the supervisor");
     s->c = *c;
-    s->done = done;
-    s->state_cb = state;
-    s->ctx = ctx;
     s->backoff_ms = c->backoff_ms;
     s->send_failed = -1;
-    s->row_ns = -1;
-    s->prior_row_ns = (c->devices ? PRIOR_NS_PER_MAC_GPU : PRIOR_NS_PER_MAC_CPU) *
-                      (double)plan_rank_macs(c->plan, c->nranks);
+    s->bl_cap = c->slots + 2 * CTL_MAX_MODELS;
     s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->cond, NULL);
@@ -891,21 +1144,24 @@ int sup_start(struct sup **out, const struct sup_config *c, sup_done_fn done, su
     s->late = calloc((size_t)c->nranks, 1);
     s->cur = calloc((size_t)c->nranks, sizeof(*s->cur));
     s->answered = calloc((size_t)c->slots * (size_t)c->nranks, 1);
-    s->backlog = calloc((size_t)c->slots * (size_t)c->nranks, sizeof(*s->backlog));
+    s->backlog = calloc((size_t)s->bl_cap * (size_t)c->nranks, sizeof(*s->backlog));
     s->jobs = calloc(c->slots, sizeof(*s->jobs));
+    s->owner = malloc(c->slots * sizeof(*s->owner));
+    for (uint32_t i = 0; s->owner && i < c->slots; i++)
+        s->owner[i] = -1;
     s->pfd = calloc((size_t)c->nranks + 1, sizeof(*s->pfd));
     for (int r = 0; s->w && r < c->nranks; r++)
         s->w[r] = (struct worker){.fd = -1};
     if (s->wake_fd < 0 || !s->w || !s->old || !s->late || !s->cur || !s->answered || !s->backlog ||
-        !s->jobs || !s->pfd) {
+        !s->jobs || !s->owner || !s->pfd) {
         tp_err_sys(err, "creating the supervisor");
         goto fail;
     }
     if (c->job_timeout_ms)
         tp_log(TP_LOG_NOTICE,
-               "job timeout: max(%d ms, %d x rows x %.3g ms per row), the time per row measured "
-               "once ranks answer",
-               c->job_timeout_ms, JOB_SLACK, s->prior_row_ns / NS_PER_MS);
+               "job timeout: max(%d ms, %d x rows x the time per row), the time per row from each "
+               "model's size, then measured once ranks answer",
+               c->job_timeout_ms, JOB_SLACK);
     else
         tp_log(TP_LOG_NOTICE, "job timeout: off (--job-timeout-ms 0): a hung rank is not found");
     pthread_mutex_lock(&s->lock);
@@ -938,8 +1194,11 @@ fail:
 
 int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struct tp_err *err)
 {
+    const struct smodel *md;
+
     pthread_mutex_lock(&s->lock);
-    if (s->state != G_READY || s->send_failed >= 0) {
+    md = slot < s->c.slots && s->owner[slot] >= 0 ? &s->models[s->owner[slot]] : NULL;
+    if (s->state != G_READY || s->send_failed >= 0 || !md || !md->loaded) {
         pthread_mutex_unlock(&s->lock);
         return tp_err_set(err, TP_EUNAVAIL, "workers are not ready (restarting)");
     }
@@ -947,8 +1206,8 @@ int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struc
         .id = id, .pending = s->c.nranks, .rows = rows, .seq = s->next_seq++, .sent_ns = now_ns()};
     memset(&s->answered[(size_t)slot * (size_t)s->c.nranks], 0, (size_t)s->c.nranks);
     /* No rank touches the slot between its jobs: the last DONE of the one before came back. */
-    if (s->c.arena->layout.partials)
-        __atomic_store_n(shm_slot_sync(s->c.arena, slot), 0, __ATOMIC_RELEASE);
+    if (md->m.arena->layout.partials)
+        __atomic_store_n(shm_slot_sync(md->m.arena, slot - md->m.slot0), 0, __ATOMIC_RELEASE);
     metrics_job_start(slot, rows);
     /* Sent to every rank under the lock, so every rank sees the jobs in the same order: with the
      * NCCL gather each job is a collective, and ranks that issued them in different orders would
@@ -980,6 +1239,7 @@ void sup_stop(struct sup *s)
     if (s->thread_started) {
         pthread_mutex_lock(&s->lock);
         s->stopping = 1;
+        pthread_cond_broadcast(&s->cond);
         pthread_mutex_unlock(&s->lock);
         wake(s);
         pthread_join(s->thread, NULL); /* it stops the workers on its way out */
@@ -997,7 +1257,98 @@ void sup_stop(struct sup *s)
     free(s->answered);
     free(s->backlog);
     free(s->jobs);
+    free(s->owner);
     free(s->lost);
     free(s->pfd);
     free(s);
+}
+
+int sup_ready(struct sup *s)
+{
+    int ready;
+
+    pthread_mutex_lock(&s->lock);
+    ready = s->state == G_READY;
+    pthread_mutex_unlock(&s->lock);
+    return ready;
+}
+
+int sup_load(struct sup *s, uint32_t id, const struct sup_model *m, struct tp_err *err)
+{
+    struct smodel *md;
+    uint32_t n = m->arena->layout.nslots;
+
+    if (id >= CTL_MAX_MODELS)
+        return tp_err_set(err, TP_EINVAL, "model id %u: at most %d models", id, CTL_MAX_MODELS);
+    pthread_mutex_lock(&s->lock);
+    md = &s->models[id];
+    if (md->used || m->slot0 >= s->c.slots || n > s->c.slots - m->slot0 ||
+        m->arena->layout.max_batch > s->c.max_batch) {
+        pthread_mutex_unlock(&s->lock);
+        return tp_err_set(err, TP_EINTERNAL, "model %u: id or slots [%u, +%u) taken or too many", id,
+                          m->slot0, n);
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        if (s->owner[m->slot0 + k] >= 0) {
+            pthread_mutex_unlock(&s->lock);
+            return tp_err_set(err, TP_EINTERNAL, "model %u: slot %u is model %d's", id,
+                              m->slot0 + k, s->owner[m->slot0 + k]);
+        }
+    }
+    /* a group coming up (or restarting) is waited for: its models load once it is */
+    while (s->state != G_READY && s->state != G_FAILED && !s->stopping)
+        pthread_cond_wait(&s->cond, &s->lock);
+    if (s->state != G_READY) {
+        pthread_mutex_unlock(&s->lock);
+        return tp_err_set(err, TP_EUNAVAIL, "the workers are stopping");
+    }
+    *md = (struct smodel){.used = 1,
+                          .waiter = 1,
+                          .m = *m,
+                          .nslots = n,
+                          .row_ns = -1,
+                          .prior_row_ns = (s->c.devices ? PRIOR_NS_PER_MAC_GPU
+                                                        : PRIOR_NS_PER_MAC_CPU) *
+                                          (double)plan_rank_macs(m->plan, s->c.nranks)};
+    for (uint32_t k = 0; k < n; k++)
+        s->owner[m->slot0 + k] = (int16_t)id;
+    send_model(s, (int)id, 0);
+    while (!md->answered && !s->stopping)
+        pthread_cond_wait(&s->cond, &s->lock);
+    md->waiter = 0;
+    if (!md->answered || md->err.code != TP_OK) {
+        *err = md->answered ? md->err : (struct tp_err){0};
+        if (!md->answered) {
+            tp_err_set(err, TP_EUNAVAIL, "the workers are stopping");
+            unregister(s, (int)id);
+        }
+        pthread_mutex_unlock(&s->lock);
+        return -1;
+    }
+    md->answered = 0;
+    pthread_mutex_unlock(&s->lock);
+    return 0;
+}
+
+void sup_unload(struct sup *s, uint32_t id)
+{
+    struct smodel *md;
+
+    if (id >= CTL_MAX_MODELS)
+        return;
+    pthread_mutex_lock(&s->lock);
+    md = &s->models[id];
+    /* a reload in progress (after a restart) ends first */
+    while (md->used && (md->loading || md->unloading) && !s->stopping)
+        pthread_cond_wait(&s->cond, &s->lock);
+    if (md->used && md->loaded && s->state == G_READY && !s->stopping) {
+        md->loaded = 0;
+        md->failed = 0;
+        send_model(s, (int)id, 1);
+        while (md->used && !s->stopping)
+            pthread_cond_wait(&s->cond, &s->lock);
+    }
+    if (md->used)
+        unregister(s, (int)id);
+    pthread_mutex_unlock(&s->lock);
 }

@@ -505,6 +505,30 @@ static int enqueue_gather(struct backend *b, uint32_t rows, double timeout_s, st
     return 0;
 }
 
+/* The worker's one communicator, shared by the backends of every model it serves: a GPU has one
+ * communicator, not one per model, and the coordinator's unique id makes one only. Jobs run one
+ * at a time in the order the coordinator sent them, the same order on every rank, so the models'
+ * collectives never interleave. The first backend joins it; the last one destroyed aborts it. */
+static struct {
+    ncclComm_t comm;
+    int users;
+} shared_comm;
+
+/* Drops b's use of the communicator; the last user aborts it (abort, not finalize: it is local
+ * and never waits for peers, which may be gone already). A broken backend aborts it at once: it
+ * may be stuck in a collective, and nothing more runs in this process. */
+static void leave_nccl(struct backend *b, int broken)
+{
+    if (!b->comm)
+        return;
+    if (b->comm == shared_comm.comm && (broken || --shared_comm.users == 0)) {
+        nccl.ncclCommAbort(shared_comm.comm);
+        shared_comm.comm = NULL;
+        shared_comm.users = 0;
+    }
+    b->comm = NULL;
+}
+
 /* After a failed job nothing more runs in this process. The communicator is aborted, which
  * also ends its kernels, and the stream is given DRAIN_TIMEOUT_S to drain, so that no copy is
  * still writing the slot when the job is answered. A stream that does not drain even then could
@@ -514,9 +538,7 @@ static int enqueue_gather(struct backend *b, uint32_t rows, double timeout_s, st
 static void abandon(struct backend *b, struct tp_err *err)
 {
     b->broken = 1;
-    if (b->comm)
-        nccl.ncclCommAbort(b->comm);
-    b->comm = NULL;
+    leave_nccl(b, 1);
     if (err->code != TP_EUNAVAIL)
         err->code = TP_EDEVICE;
     if (drain(b, DRAIN_TIMEOUT_S) < 0) {
@@ -825,6 +847,11 @@ static int join_nccl(struct backend *b, const uint8_t *id_bytes, struct tp_err *
     ncclResult_t r;
     double t0 = timing_now_s();
 
+    if (shared_comm.comm) {
+        b->comm = shared_comm.comm;
+        shared_comm.users++;
+        return 0;
+    }
     if (!id_bytes)
         return tp_err_set(err, TP_EINTERNAL, "the NCCL gather needs the coordinator's unique id");
     memcpy(id.internal, id_bytes, sizeof(id.internal));
@@ -835,8 +862,13 @@ static int join_nccl(struct backend *b, const uint8_t *id_bytes, struct tp_err *
         b->comm = NULL;
         return -1;
     }
-    if (nccl_settle(b, "ncclCommInitRankConfig", INIT_TIMEOUT_S, err) < 0)
+    if (nccl_settle(b, "ncclCommInitRankConfig", INIT_TIMEOUT_S, err) < 0) {
+        nccl.ncclCommAbort(b->comm);
+        b->comm = NULL;
         return -1;
+    }
+    shared_comm.comm = b->comm;
+    shared_comm.users = 1;
     tp_log(TP_LOG_INFO, "joined the NCCL communicator of %d ranks in %.3f s", b->nranks,
            timing_now_s() - t0);
     return 0;
@@ -874,10 +906,7 @@ static void cuda_destroy(struct backend *b)
 {
     if (!b)
         return;
-    /* Abort, not finalize: it is local and never waits for peers, which may be gone already. */
-    if (b->comm)
-        nccl.ncclCommAbort(b->comm);
-    b->comm = NULL;
+    leave_nccl(b, b->broken);
     /* Nothing is freed while the stream may still use it. A start that failed midway may have
      * left work behind; if it does not drain, the process is about to exit anyway. */
     if (b->stream && drain(b, b->broken ? DRAIN_TIMEOUT_S : FORWARD_TIMEOUT_S) < 0) {

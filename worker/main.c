@@ -1,14 +1,14 @@
-/* main.c -- tpd-worker: one rank of a tensor-parallel model (a column or row layer, an MLP
- * block). Started by tpd (fork+exec), never by hand: fd 3 is its control socket (ctl.h) and fd 4
- * the shared-memory arena (shm.h). The first message it reads is the PLAN of the model (plan.h);
- * it loads only its own part by it (shard.h), after checking that the files are still the ones
- * the coordinator planned, reports READY, then computes one JOB at a time until the
- * coordinator sends STOP, and then exits in order: everything freed, so that a sanitizer build
- * checks it for leaks. A load failure is reported in the READY message, so the coordinator can
- * say why the worker failed, and the worker exits 1. With --gather nccl the next message after
- * the PLAN is INIT, which carries the NCCL unique id. A device or communicator failure during a job
- * is reported in its DONE message, and then the worker exits 1: the device state is unknown, and
- * the supervisor rebuilds the whole group.
+/* main.c -- tpd-worker: one rank of every tensor-parallel model tpd serves (column or row
+ * layers, MLP blocks). Started by tpd (fork+exec), never by hand: fd 3 is its control socket
+ * (ctl.h). With --gather nccl the first message it reads is INIT, which carries the NCCL unique
+ * id; once its device is checked it reports READY. Then, one message at a time, in the order the
+ * coordinator sent them: a LOAD loads a model's part by its plan (shard.h), with the model's
+ * shared-memory arena (shm.h) passed along, and is answered LOADED (a failure is reported there,
+ * and the worker goes on with the others); an UNLOAD frees a model; a JOB is computed on its
+ * model's slot. On STOP it exits in order: everything freed, so that a sanitizer build checks it
+ * for leaks. A failure before READY is reported in it, and the worker exits 1. A device or
+ * communicator failure during a job is reported in its DONE message, and then the worker exits
+ * 1: the device state is unknown, and the supervisor rebuilds the whole group.
  *
  * EOF on the control socket without a STOP before it means that the coordinator died; the worker
  * then logs one line and leaves with _exit(1), skipping its teardown and atexit handlers. Nothing
@@ -35,7 +35,6 @@
 #include "timing.h"
 
 #define CTL_FD 3
-#define ARENA_FD 4
 
 struct worker_args {
     int rank, nranks, threads, device, tf32;
@@ -55,9 +54,9 @@ static void usage(void)
         "                  [--device D] [--gather host|nccl] [--dtype fp32|fp16|bf16] [--tf32]\n"
         "                  [--cpu-gemm invariant|openblas]\n"
         "                  [--log-level LEVEL]\n"
-        "tpd-worker is started by tpd, with its control socket on fd 3 and the\n"
-        "shared-memory arena on fd 4, and reads the layer's plan from the socket;\n"
-        "it is not meant to be run by hand.\n");
+        "tpd-worker is started by tpd, with its control socket on fd 3, and reads\n"
+        "the models' plans and arenas from the socket; --slots and --max-batch bound\n"
+        "the slots of all models and the rows of a job. It is not meant to be run by hand.\n");
 }
 
 static int parse_int(const char *s, long lo, long hi, long *v)
@@ -107,7 +106,7 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
             a->nranks = (int)v;
             break;
         case 's':
-            if (parse_int(optarg, 1, 1024, &v))
+            if (parse_int(optarg, 1, 1 << 16, &v))
                 return -1;
             a->slots = (uint32_t)v;
             break;
@@ -163,9 +162,9 @@ static int parse_args(int argc, char **argv, struct worker_args *a)
     return 0;
 }
 
-static void send_ready(const struct worker_args *a, const struct tp_err *failed, uint64_t bytes)
+static void send_ready(const struct worker_args *a, const struct tp_err *failed)
 {
-    struct ctl_msg m = {.type = CTL_READY, .rank = (uint32_t)a->rank, .bytes = bytes};
+    struct ctl_msg m = {.type = CTL_READY, .rank = (uint32_t)a->rank};
     struct tp_err err = {0};
 
     if (failed) {
@@ -185,20 +184,6 @@ static _Noreturn void coordinator_gone(void)
     _exit(1);
 }
 
-/* Reads the PLAN message, the first the coordinator sends. */
-static int recv_plan(struct plan *p, struct tp_err *err)
-{
-    int r = ctl_recv_plan(CTL_FD, p, err);
-
-    if (r == 0)
-        coordinator_gone();
-    if (r < 0) {
-        tp_err_prefix(err, "receiving the plan: ");
-        return -1;
-    }
-    return 0;
-}
-
 /* Reads the INIT message that carries the NCCL unique id. */
 static int recv_init(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
 {
@@ -215,65 +200,242 @@ static int recv_init(uint8_t id[CTL_NCCL_ID_BYTES], struct tp_err *err)
     return 0;
 }
 
-/* Serves jobs until the coordinator sends STOP; returns the exit status. Does not return when the
- * coordinator is gone. */
-static int serve(const struct worker_args *a, const struct backend_ops *ops, struct backend *be,
-                 const struct shm_arena *arena, float **partial)
+/* A model this worker serves: its part of the weights on the backend, and its arena. */
+struct wmodel {
+    int loaded;
+    uint32_t slot0, nslots; /* its slots, in the coordinator's one numbering */
+    struct backend *be;
+    struct shm_arena arena;
+    float **partial; /* [nranks] scratch for a reducing model's jobs */
+};
+
+struct worker {
+    const struct worker_args *a;
+    const struct backend_ops *ops;
+    struct backend_config bc; /* the worker's part; each load adds its model's */
+    struct wmodel models[CTL_MAX_MODELS];
+};
+
+static void unload(struct wmodel *m, const struct backend_ops *ops)
 {
-    struct ctl_msg m, done;
-    struct backend_job job;
-    struct tp_err err;
+    if (m->be)
+        ops->destroy(m->be);
+    shm_arena_destroy(&m->arena);
+    free(m->partial);
+    *m = (struct wmodel){.arena = {.fd = -1}};
+}
+
+/* Loads model msg->id by the plan that follows the LOAD, with the arena fd that came with it
+ * (arena_fd, taken over). Only its own part of the weights is read (shard.h), after checking
+ * that the files are still the ones the coordinator planned. -1 with err when it cannot be; the
+ * worker goes on serving the other models. */
+static int load(struct worker *w, const struct ctl_msg *msg, int arena_fd, uint64_t *bytes,
+                struct tp_err *err)
+{
+    const struct worker_args *a = w->a;
+    struct wmodel *m = &w->models[msg->id];
+    struct shard s = {0};
+    struct plan plan;
+    struct backend_config bc = w->bc;
+    const char *what;
+    int64_t split;
     double t0;
-    int r, fatal = 0;
+    int r;
+
+    /* the plan is read before anything can fail: it must not stay in the socket */
+    r = ctl_recv_plan(CTL_FD, &plan, err);
+    if (r == 0) {
+        if (arena_fd >= 0)
+            close(arena_fd);
+        coordinator_gone();
+    }
+    if (r < 0) {
+        if (arena_fd >= 0)
+            close(arena_fd);
+        tp_err_prefix(err, "receiving the plan: ");
+        return -1;
+    }
+    if (arena_fd < 0)
+        return tp_err_set(err, TP_EINTERNAL, "the LOAD of model %llu carried no arena",
+                          (unsigned long long)msg->id);
+    if (m->loaded) {
+        close(arena_fd);
+        return tp_err_set(err, TP_EINTERNAL, "model %llu is loaded already",
+                          (unsigned long long)msg->id);
+    }
+    for (int i = 0; i < CTL_MAX_MODELS; i++) {
+        const struct wmodel *o = &w->models[i];
+
+        if (o->loaded && msg->slot < o->slot0 + o->nslots && o->slot0 < msg->slot + msg->bytes) {
+            close(arena_fd);
+            return tp_err_set(err, TP_EINTERNAL, "the slots of model %llu overlap model %d's",
+                              (unsigned long long)msg->id, i);
+        }
+    }
+    *m = (struct wmodel){.slot0 = msg->slot, .nslots = (uint32_t)msg->bytes, .arena = {.fd = -1}};
+    t0 = timing_now_s();
+    /* the cpu backend's invariant GEMM takes W packed: read it so, never whole */
+    if (strcmp(w->ops->name, "cpu") == 0 && a->cpu_gemm == BACKEND_GEMM_INVARIANT
+            ? shard_load_packed(&s, &plan, a->rank, a->nranks, a->threads, err) < 0
+            : shard_load(&s, &plan, a->rank, a->nranks, err) < 0) {
+        close(arena_fd);
+        goto fail;
+    }
+    split = plan_split_size(&plan, &what);
+    tp_log(TP_LOG_NOTICE,
+           "loaded %s [%lld, %lld) of %lld from '%s' (%s)%s: read %llu bytes of weight and %llu "
+           "bytes of bias in %.3f s (model %llu)",
+           plan.kind == PLAN_COLUMN ? "rows" : what, (long long)s.first,
+           (long long)(s.first + s.count), (long long)split, plan.lin[0].w.name,
+           tp_dtype_file_name(s.dtype), plan.nlin > 1 ? " and the block's other layers" : "",
+           (unsigned long long)s.w_bytes, (unsigned long long)s.b_bytes, timing_now_s() - t0,
+           (unsigned long long)msg->id);
+    *bytes = s.w_bytes + s.b_bytes;
+    if (shm_arena_attach(&m->arena, arena_fd,
+                         &(struct shm_layout){.nslots = m->nslots,
+                                              .max_batch = msg->rows,
+                                              .in = (uint32_t)s.in,
+                                              .out = (uint32_t)s.out,
+                                              .partials = plan_reduces(&plan)
+                                                              ? (uint32_t)a->nranks
+                                                              : 0},
+                         err) < 0)
+        goto fail;
+    bc.max_batch = msg->rows;
+    bc.arena = m->arena.base;
+    bc.arena_size = m->arena.size;
+    if (w->ops->create(&m->be, &bc, &s, err) < 0) {
+        m->be = NULL;
+        goto fail;
+    }
+    m->partial = calloc((size_t)a->nranks, sizeof(*m->partial));
+    if (!m->partial) {
+        tp_err_set(err, TP_ENOMEM, "no memory for %d partials", a->nranks);
+        goto fail;
+    }
+    m->loaded = 1;
+    shard_free(&s);
+    return 0;
+fail:
+    shard_free(&s);
+    unload(m, w->ops);
+    return -1;
+}
+
+/* The loaded model that owns slot, or NULL. */
+static struct wmodel *slot_model(struct worker *w, uint32_t slot)
+{
+    for (int i = 0; i < CTL_MAX_MODELS; i++) {
+        struct wmodel *m = &w->models[i];
+
+        if (m->loaded && slot >= m->slot0 && slot - m->slot0 < m->nslots)
+            return m;
+    }
+    return NULL;
+}
+
+/* Computes one job; fatal is set when the backend cannot go on. */
+static void run_job(struct worker *w, const struct ctl_msg *m, struct ctl_msg *done, int *fatal)
+{
+    struct wmodel *wm = slot_model(w, m->slot);
+    struct backend_job job;
+    struct tp_err err = {0};
+    uint32_t slot;
+    double t0;
+
+    if (!wm || m->rows > wm->arena.layout.max_batch) {
+        tp_err_set(&err, TP_EINTERNAL, "job %llu: slot %u with %u rows belongs to no loaded model",
+                   (unsigned long long)m->id, m->slot, m->rows);
+        goto failed;
+    }
+    slot = m->slot - wm->slot0;
+    job = (struct backend_job){.x = shm_slot_input(&wm->arena, slot),
+                               .rows = m->rows,
+                               .y = shm_slot_output(&wm->arena, slot)};
+    if (wm->arena.layout.partials) {
+        for (uint32_t i = 0; i < wm->arena.layout.partials; i++)
+            wm->partial[i] = shm_slot_partial(&wm->arena, slot, i);
+        job.partial = wm->partial;
+        job.sync = shm_slot_sync(&wm->arena, slot);
+    }
+    t0 = timing_now_s();
+    if (w->ops->forward(wm->be, &job, &err) < 0) {
+        *fatal = err.code == TP_EDEVICE || err.code == TP_EUNAVAIL;
+        goto failed;
+    }
+    done->bytes = job.collectives;
+    if (job.collectives && job.partial)
+        tp_log(TP_LOG_DEBUG,
+               "job %llu: %u rows in %.3f ms, of which %.3f ms waiting for the other ranks "
+               "and %.3f ms reducing",
+               (unsigned long long)m->id, m->rows, (timing_now_s() - t0) * 1e3, job.wait_s * 1e3,
+               job.reduce_s * 1e3);
+    else
+        tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m->id, m->rows,
+               (timing_now_s() - t0) * 1e3);
+    return;
+failed:
+    done->status = err.code ? err.code : TP_EINTERNAL;
+    snprintf(done->text, sizeof(done->text), "%s", err.msg);
+    tp_log(TP_LOG_ERR, "job %llu: %s", (unsigned long long)m->id, err.msg);
+}
+
+/* Serves loads, unloads and jobs until the coordinator sends STOP; returns the exit status.
+ * Does not return when the coordinator is gone. */
+static int serve(struct worker *w)
+{
+    const struct worker_args *a = w->a;
+    struct ctl_msg m, reply;
+    struct tp_err err;
+    int r, fatal = 0, fd;
 
     for (;;) {
         err = (struct tp_err){0};
-        r = ctl_recv(CTL_FD, &m, &err);
+        r = ctl_recv_fd(CTL_FD, &m, &fd, &err);
         if (r == 0)
             coordinator_gone();
+        if (r == 1 && fd >= 0 && m.type != CTL_LOAD) {
+            close(fd);
+            tp_err_set(&err, TP_EINTERNAL, "a message of type %u carried a descriptor", m.type);
+            r = -1;
+        }
         if (r < 0 || ctl_validate(&m, a->slots, a->max_batch, &err) < 0) {
+            if (r == 1 && fd >= 0)
+                close(fd);
             tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
             return 1;
         }
         if (m.type == CTL_STOP)
             return 0;
-        if (m.type != CTL_JOB) {
+        reply = (struct ctl_msg){.id = m.id, .rank = (uint32_t)a->rank};
+        switch (m.type) {
+        case CTL_LOAD:
+            reply.type = CTL_LOADED;
+            if (load(w, &m, fd, &reply.bytes, &err) < 0) {
+                reply.status = err.code ? err.code : TP_EINTERNAL;
+                snprintf(reply.text, sizeof(reply.text), "%s", err.msg);
+                tp_log(TP_LOG_ERR, "model %llu: %s", (unsigned long long)m.id, err.msg);
+            }
+            break;
+        case CTL_UNLOAD:
+            reply.type = CTL_UNLOADED;
+            if (w->models[m.id].loaded) {
+                unload(&w->models[m.id], w->ops);
+                tp_log(TP_LOG_NOTICE, "model %llu: unloaded", (unsigned long long)m.id);
+            }
+            break;
+        case CTL_JOB:
+            reply.type = CTL_DONE;
+            reply.slot = m.slot;
+            reply.rows = m.rows;
+            run_job(w, &m, &reply, &fatal);
+            break;
+        default:
             tp_log(TP_LOG_ERR, "control channel: unexpected message type %u", m.type);
             return 1;
         }
-        done = (struct ctl_msg){.type = CTL_DONE,
-                                .id = m.id,
-                                .slot = m.slot,
-                                .rows = m.rows,
-                                .rank = (uint32_t)a->rank};
-        job = (struct backend_job){.x = shm_slot_input(arena, m.slot),
-                                   .rows = m.rows,
-                                   .y = shm_slot_output(arena, m.slot)};
-        if (arena->layout.partials) {
-            for (uint32_t i = 0; i < arena->layout.partials; i++)
-                partial[i] = shm_slot_partial(arena, m.slot, i);
-            job.partial = partial;
-            job.sync = shm_slot_sync(arena, m.slot);
-        }
-        t0 = timing_now_s();
-        if (ops->forward(be, &job, &err) < 0) {
-            done.status = err.code ? err.code : TP_EINTERNAL;
-            snprintf(done.text, sizeof(done.text), "%s", err.msg);
-            tp_log(TP_LOG_ERR, "job %llu: %s", (unsigned long long)m.id, err.msg);
-            fatal = err.code == TP_EDEVICE || err.code == TP_EUNAVAIL;
-        }
-        done.bytes = job.collectives;
-        if (job.collectives && job.partial)
-            tp_log(TP_LOG_DEBUG,
-                   "job %llu: %u rows in %.3f ms, of which %.3f ms waiting for the other ranks "
-                   "and %.3f ms reducing",
-                   (unsigned long long)m.id, m.rows, (timing_now_s() - t0) * 1e3,
-                   job.wait_s * 1e3, job.reduce_s * 1e3);
-        else
-            tp_log(TP_LOG_DEBUG, "job %llu: %u rows in %.3f ms", (unsigned long long)m.id,
-                   m.rows, (timing_now_s() - t0) * 1e3);
         err = (struct tp_err){0};
-        if (ctl_send(CTL_FD, &done, &err) < 0) {
+        if (ctl_send(CTL_FD, &reply, &err) < 0) {
             tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
             return 1;
         }
@@ -286,20 +448,11 @@ static int serve(const struct worker_args *a, const struct backend_ops *ops, str
 
 int main(int argc, char **argv)
 {
+    static struct worker w; /* 64 models: kept off the stack */
     struct worker_args a;
-    struct shard s = {0};
-    struct plan plan;
-    struct shm_arena arena = {.fd = -1};
-    struct backend *be = NULL;
-    struct backend_config bc;
-    const struct backend_ops *ops = NULL;
     struct tp_err err = {0};
     char prefix[32];
     uint8_t nccl_id[CTL_NCCL_ID_BYTES];
-    float **partial = NULL;
-    const char *what;
-    int64_t split;
-    double t0;
     int status = 1;
 
     tp_log_init("tpd-worker", NULL);
@@ -312,17 +465,18 @@ int main(int argc, char **argv)
     }
     snprintf(prefix, sizeof(prefix), "rank %d", a.rank);
     tp_log_init("tpd-worker", prefix);
+    for (int i = 0; i < CTL_MAX_MODELS; i++)
+        w.models[i].arena.fd = -1;
+    w.a = &a;
     /* Every message the coordinator sent at the start is read before anything can fail: a unix
      * socket closed with unread data resets the connection, and the coordinator's recv would
      * then report the reset instead of the READY that says why the start failed. */
-    if (recv_plan(&plan, &err) < 0)
-        goto fail;
     if (a.gather == BACKEND_GATHER_NCCL && recv_init(nccl_id, &err) < 0) {
         tp_err_prefix(&err, "receiving the NCCL id: ");
         goto fail;
     }
-    ops = backend_find(a.backend);
-    if (!ops) {
+    w.ops = backend_find(a.backend);
+    if (!w.ops) {
         if (strcmp(a.backend, "cuda") == 0)
             tp_err_set(&err, TP_EINVAL,
                        "this tpd-worker has no cuda backend: it was built without the CUDA "
@@ -331,63 +485,28 @@ int main(int argc, char **argv)
             tp_err_set(&err, TP_EINVAL, "backend '%s' is not built into this worker", a.backend);
         goto fail;
     }
-    bc = (struct backend_config){.rank = a.rank,
-                                 .nranks = a.nranks,
-                                 .max_batch = a.max_batch,
-                                 .threads = a.threads,
-                                 .device = a.device,
-                                 .gather = a.gather,
-                                 .dtype = a.dtype,
-                                 .tf32 = a.tf32,
-                                 .cpu_gemm = a.cpu_gemm,
-                                 .nccl_id = nccl_id,
-                                 .ctl_fd = CTL_FD};
-    if (ops->probe && ops->probe(&bc, &err) < 0)
+    w.bc = (struct backend_config){.rank = a.rank,
+                                   .nranks = a.nranks,
+                                   .max_batch = a.max_batch,
+                                   .threads = a.threads,
+                                   .device = a.device,
+                                   .gather = a.gather,
+                                   .dtype = a.dtype,
+                                   .tf32 = a.tf32,
+                                   .cpu_gemm = a.cpu_gemm,
+                                   .nccl_id = nccl_id,
+                                   .ctl_fd = CTL_FD};
+    if (w.ops->probe && w.ops->probe(&w.bc, &err) < 0)
         goto fail;
-    t0 = timing_now_s();
-    /* the cpu backend's invariant GEMM takes W packed: read it so, never whole */
-    if (strcmp(ops->name, "cpu") == 0 && a.cpu_gemm == BACKEND_GEMM_INVARIANT
-            ? shard_load_packed(&s, &plan, a.rank, a.nranks, a.threads, &err) < 0
-            : shard_load(&s, &plan, a.rank, a.nranks, &err) < 0)
-        goto fail;
-    split = plan_split_size(&plan, &what);
-    tp_log(TP_LOG_NOTICE,
-           "loaded %s [%lld, %lld) of %lld from '%s' (%s)%s: read %llu bytes of weight and %llu "
-           "bytes of bias in %.3f s",
-           plan.kind == PLAN_COLUMN ? "rows" : what, (long long)s.first,
-           (long long)(s.first + s.count), (long long)split, plan.lin[0].w.name,
-           tp_dtype_file_name(s.dtype), plan.nlin > 1 ? " and the block's other layers" : "",
-           (unsigned long long)s.w_bytes, (unsigned long long)s.b_bytes, timing_now_s() - t0);
-    if (shm_arena_attach(&arena, ARENA_FD,
-                         &(struct shm_layout){.nslots = a.slots,
-                                              .max_batch = a.max_batch,
-                                              .in = (uint32_t)s.in,
-                                              .out = (uint32_t)s.out,
-                                              .partials = plan_reduces(&plan)
-                                                              ? (uint32_t)a.nranks
-                                                              : 0},
-                         &err) < 0)
-        goto fail;
-    bc.arena = arena.base;
-    bc.arena_size = arena.size;
-    if (ops->create(&be, &bc, &s, &err) < 0)
-        goto fail;
-    partial = calloc(a.nranks, sizeof(*partial));
-    if (!partial) {
-        tp_err_set(&err, TP_ENOMEM, "no memory for %d partials", a.nranks);
-        goto fail;
-    }
-    send_ready(&a, NULL, s.w_bytes + s.b_bytes);
-    status = serve(&a, ops, be, &arena, partial);
+    send_ready(&a, NULL);
+    status = serve(&w);
     goto out;
 fail:
     tp_log(TP_LOG_ERR, "%s", err.msg);
-    send_ready(&a, &err, 0);
+    send_ready(&a, &err);
 out:
-    if (ops && be)
-        ops->destroy(be);
-    shard_free(&s);
-    shm_arena_destroy(&arena);
-    free(partial);
+    for (int i = 0; i < CTL_MAX_MODELS; i++)
+        if (w.models[i].loaded)
+            unload(&w.models[i], w.ops);
     return status;
 }

@@ -624,6 +624,15 @@ class Daemon:
 # test case
 
 
+def failure_line(tb):
+    """The first line of a traceback's exception: "AssertionError: ..."."""
+    lines = tb.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("  "):
+            return lines[i + 1] if i + 1 < len(lines) else lines[-1]
+    return lines[-1] if lines else ""
+
+
 class TpdTestCase(unittest.TestCase):
     """A temporary directory (self.tmp) per test, removed at the end; daemons started through
     start_daemon() are killed and reaped at the end whatever happened, and when the test failed
@@ -664,8 +673,7 @@ class TpdTestCase(unittest.TestCase):
         if r is not None and (len(r.failures) > nf or len(r.errors) > ne):
             # what failed first, then the logs: a long report is often read by its first lines
             for _, tb in r.failures[nf:] + r.errors[ne:]:
-                print("\n[%s failed] %s" % (self.id(), tb.strip().splitlines()[-1]),
-                      file=sys.stderr)
+                print("\n[%s failed] %s" % (self.id(), failure_line(tb)), file=sys.stderr)
             for d in getattr(self, "daemons", []):
                 print("\n[%s failed] %s" % (self.id(), d.log_tail(60)), file=sys.stderr)
         return res
