@@ -1,6 +1,7 @@
-/* cmd_health.c -- `tpclient health`: ServerLive, ServerReady and ModelReady in one report.
- * Exit 0 when all are true, 3 when the server answers but is not ready, 1 when it cannot be
- * asked. */
+/* cmd_health.c -- `tpclient health`: ServerLive, ServerReady and ModelReady in one report (of
+ * --model, or of the server's one model; a server of several models without --model gets its
+ * repository's index instead, one line per model). Exit 0 when all are true, 3 when the server
+ * answers but is not ready, 1 when it cannot be asked. */
 #include <stdio.h>
 #include <string.h>
 
@@ -37,8 +38,26 @@ int cmd_health(struct conn *c, int argc, char **argv)
     printf("server ready: %s\n", ready->ready ? "true" : "false");
     ok = ok && ready->ready;
     protobuf_c_message_free_unpacked(&ready->base, NULL);
-    if (kserve_model(c, model_opt, model, sizeof(model), &err) < 0)
+    if (!model_opt) {
+        Inference__RepositoryIndexRequest iq = INFERENCE__REPOSITORY_INDEX_REQUEST__INIT;
+        Inference__RepositoryIndexResponse *idx;
+
+        if (conn_call(c, "/inference.GRPCInferenceService/RepositoryIndex", &iq.base,
+                      &inference__repository_index_response__descriptor, (ProtobufCMessage **)&idx,
+                      &err) < 0)
+            goto fail;
+        if (idx->n_models != 1) {
+            for (size_t i = 0; i < idx->n_models; i++)
+                printf("model %s: %s%s%s\n", idx->models[i]->name, idx->models[i]->state,
+                       idx->models[i]->reason[0] ? ": " : "", idx->models[i]->reason);
+            protobuf_c_message_free_unpacked(&idx->base, NULL);
+            return ok ? 0 : EXIT_NOT_READY;
+        }
+        snprintf(model, sizeof(model), "%s", idx->models[0]->name);
+        protobuf_c_message_free_unpacked(&idx->base, NULL);
+    } else if (kserve_model(c, model_opt, model, sizeof(model), &err) < 0) {
         goto fail;
+    }
     mq.name = model;
     if (conn_call(c, "/inference.GRPCInferenceService/ModelReady", &mq.base,
                   &inference__model_ready_response__descriptor, (ProtobufCMessage **)&mready,

@@ -1,9 +1,11 @@
 /* api.c -- the handlers of tpd's gRPC methods (see api.h). Readiness is one rule everywhere:
- * every worker has loaded its shard, the group is up, and the server is not draining. */
+ * the worker group is up, every model that is to be served is loaded on it, and the server is not
+ * draining. */
 #include "api.h"
 
 #include <assert.h>
 #include <grpc/status.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,6 +24,8 @@
 struct infer_call {
     struct sched_req req; /* first: complete() gets back to the call from it */
     struct api *api;
+    struct repo_model *rm; /* the model it was handed to (NULL before); its gen then: */
+    uint64_t gen;          /* valid while the request is in the scheduler, see repo_cancel */
     struct rpc_call *call;
     struct infer_stream *stream; /* ModelStreamInfer: the stream it came on (malloc'd), or NULL */
     struct infer_call *prev, *next; /* on the stream's list while it runs */
@@ -38,7 +42,8 @@ struct infer_call {
 
 int api_ready(struct api *a)
 {
-    return atomic_load(&a->serving) && !atomic_load(&a->draining) && sched_ready(a->sched);
+    return atomic_load(&a->serving) && !atomic_load(&a->draining) && sup_ready(a->sup) &&
+           repo_all_ready(a->repo);
 }
 
 static int is_ready(struct api *a)
@@ -79,35 +84,44 @@ static void reply_msg(struct rpc_call *call, const ProtobufCMessage *m)
         rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory packing the response", NULL);
 }
 
-/* Checks a model name and version, answering NOT_FOUND when they are not ours. */
-static int model_matches(struct api *a, struct rpc_call *call, const char *name,
-                         const char *version)
+/* The READY model called name (version "" or ours), held (repo_put); else NULL, the call answered
+ * (NOT_FOUND, or UNAVAILABLE for a model that is not ready). */
+static struct repo_model *model_or_reply(struct api *a, struct rpc_call *call, const char *name,
+                                         const char *version)
 {
     struct tp_err err = {0};
+    struct repo_model *m = repo_get(a->repo, name, version, &err);
 
-    if (infer_check_model(a->model, name, version, &err) == 0)
-        return 1;
-    rpc_reply_err(call, &err);
-    return 0;
+    if (!m)
+        rpc_reply_err(call, &err);
+    return m;
 }
 
-/* Reads a request that names a model (fields name and version) and checks that the model is
- * ours: 1 when it is; else 0, the call answered. */
-static int model_request(struct api *a, struct rpc_call *call, grpc_byte_buffer *payload,
-                         const ProtobufCMessageDescriptor *desc)
+/* Reads a request that names a model (fields name and version): its name and version, copied
+ * into name and version; 1, or 0 with the call answered. */
+static int model_request(struct rpc_call *call, grpc_byte_buffer *payload,
+                         const ProtobufCMessageDescriptor *desc, char name[128], char version[64])
 {
     ProtobufCMessage *q = unpack_or_reply(call, payload, desc);
-    const ProtobufCFieldDescriptor *name, *version;
-    int ok;
+    const ProtobufCFieldDescriptor *fn, *fv;
+    const char *n, *v;
 
     if (!q)
         return 0;
-    name = protobuf_c_message_descriptor_get_field_by_name(desc, "name");
-    version = protobuf_c_message_descriptor_get_field_by_name(desc, "version");
-    ok = model_matches(a, call, *(char **)((char *)q + name->offset),
-                       *(char **)((char *)q + version->offset));
+    fn = protobuf_c_message_descriptor_get_field_by_name(desc, "name");
+    fv = protobuf_c_message_descriptor_get_field_by_name(desc, "version");
+    n = *(char **)((char *)q + fn->offset);
+    v = *(char **)((char *)q + fv->offset);
+    if (strlen(n) >= 128 || strlen(v) >= 64) {
+        protobuf_c_message_free_unpacked(q, NULL);
+        rpc_reply(call, GRPC_STATUS_NOT_FOUND, "no such model or version: the name is too long",
+                  NULL);
+        return 0;
+    }
+    snprintf(name, 128, "%s", n);
+    snprintf(version, 64, "%s", v);
     protobuf_c_message_free_unpacked(q, NULL);
-    return ok;
+    return 1;
 }
 
 static void server_live(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
@@ -140,11 +154,22 @@ static void server_ready(void *ctx, struct rpc_call *call, grpc_byte_buffer *pay
 static void model_ready(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     Inference__ModelReadyResponse r = INFERENCE__MODEL_READY_RESPONSE__INIT;
+    struct api *a = ctx;
+    char name[128], version[64];
+    int ready;
 
-    if (model_request(ctx, call, payload, &inference__model_ready_request__descriptor)) {
-        r.ready = is_ready(ctx);
-        reply_msg(call, &r.base);
+    if (!model_request(call, payload, &inference__model_ready_request__descriptor, name, version))
+        return;
+    ready = repo_ready(a->repo, name, version);
+    if (ready < 0) {
+        struct tp_err err;
+
+        tp_err_set(&err, TP_ENOTFOUND, "unknown model '%.64s' or version '%.32s'", name, version);
+        rpc_reply_err(call, &err);
+        return;
     }
+    r.ready = ready && is_ready(a);
+    reply_msg(call, &r.base);
 }
 
 static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
@@ -153,15 +178,16 @@ static void server_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *
     ProtobufCMessage *m =
         unpack_or_reply(call, payload, &inference__server_metadata_request__descriptor);
 
-    (void)ctx;
     if (!m)
         return;
     protobuf_c_message_free_unpacked(m, NULL);
     r.name = "tpd";
     r.version = TP_VERSION;
-    /* only what is implemented: the ModelConfig RPC, system shared memory, ModelStatistics */
-    r.n_extensions = 3;
-    r.extensions = (char *[]){"model_configuration", "system_shared_memory", "statistics"};
+    /* only what is implemented: the ModelConfig RPC, system shared memory, ModelStatistics,
+     * the repository's index and, in explicit mode, its loads and unloads */
+    r.n_extensions = repo_explicit(((struct api *)ctx)->repo) ? 5 : 4;
+    r.extensions = (char *[]){"model_configuration", "system_shared_memory", "statistics",
+                              "model_repository", "model_repository(unload_dependents)"};
     reply_msg(call, &r.base);
 }
 
@@ -207,9 +233,9 @@ static void param_bool(Inference__ModelMetadataResponse__ParametersEntry *e,
     p->bool_param = val;
 }
 
-void api_metadata(const struct api *a, struct api_metadata *b)
+void api_metadata(const struct repo_model *m, struct api_metadata *b)
 {
-    const struct model *md = a->model;
+    const struct model *md = &m->model;
     const struct plan *pl = md->plan;
     Inference__ModelMetadataResponse *r = &b->r;
     Inference__InferParameter *pv = b->pv;
@@ -268,11 +294,16 @@ void api_metadata(const struct api *a, struct api_metadata *b)
 static void model_metadata(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api_metadata b;
+    char name[128], version[64];
+    struct repo_model *m;
 
-    if (!model_request(ctx, call, payload, &inference__model_metadata_request__descriptor))
+    if (!model_request(call, payload, &inference__model_metadata_request__descriptor, name,
+                       version) ||
+        !(m = model_or_reply(ctx, call, name, version)))
         return;
-    api_metadata(ctx, &b);
+    api_metadata(m, &b);
     reply_msg(call, &b.r.base);
+    repo_put(m);
 }
 
 static Inference__DataType config_type(enum tp_dtype t)
@@ -282,9 +313,9 @@ static Inference__DataType config_type(enum tp_dtype t)
                           : INFERENCE__DATA_TYPE__TYPE_FP32;
 }
 
-void api_config(const struct api *a, struct api_config *b)
+void api_config(const struct repo_model *m, struct api_config *b)
 {
-    const struct model *md = a->model;
+    const struct model *md = &m->model;
     Inference__ModelConfig *mc = &b->mc;
 
     b->r = (Inference__ModelConfigResponse)INFERENCE__MODEL_CONFIG_RESPONSE__INIT;
@@ -311,8 +342,8 @@ void api_config(const struct api *a, struct api_config *b)
     mc->n_input = mc->n_output = 1;
     mc->input = b->ins;
     mc->output = b->outs;
-    if (a->batch_delay_us) {
-        b->db.max_queue_delay_microseconds = a->batch_delay_us;
+    if (m->conf.batch_delay_us) {
+        b->db.max_queue_delay_microseconds = m->conf.batch_delay_us;
         mc->scheduling_choice_case = INFERENCE__MODEL_CONFIG__SCHEDULING_CHOICE_DYNAMIC_BATCHING;
         mc->dynamic_batching = &b->db;
     }
@@ -322,34 +353,57 @@ void api_config(const struct api *a, struct api_config *b)
 static void model_config(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api_config b;
+    char name[128], version[64];
+    struct repo_model *m;
 
-    if (!model_request(ctx, call, payload, &inference__model_config_request__descriptor))
+    if (!model_request(call, payload, &inference__model_config_request__descriptor, name,
+                       version) ||
+        !(m = model_or_reply(ctx, call, name, version)))
         return;
-    api_config(ctx, &b);
+    api_config(m, &b);
     reply_msg(call, &b.r.base);
+    repo_put(m);
 }
 
 static void repository_index(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
     Inference__RepositoryIndexResponse r = INFERENCE__REPOSITORY_INDEX_RESPONSE__INIT;
-    Inference__RepositoryIndexResponse__ModelIndex mi =
-        INFERENCE__REPOSITORY_INDEX_RESPONSE__MODEL_INDEX__INIT;
-    Inference__RepositoryIndexResponse__ModelIndex *mis[1] = {&mi};
+    Inference__RepositoryIndexResponse__ModelIndex mi[REPO_MAX_MODELS], *mis[REPO_MAX_MODELS];
     Inference__RepositoryIndexRequest *q = (Inference__RepositoryIndexRequest *)unpack_or_reply(
         call, payload, &inference__repository_index_request__descriptor);
-    int ready;
+    struct repo_entry *e = NULL;
+    size_t n = 0;
 
     if (!q)
         return;
-    ready = is_ready(a);
-    mi.name = (char *)a->model->name;
-    mi.version = MODEL_VERSION;
-    mi.state = ready ? "READY" : "UNAVAILABLE";
-    r.n_models = (q->ready && !ready) ? 0 : 1;
+    if (repo_index(a->repo, &e, &n) < 0) {
+        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "no memory for the index", NULL);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        /* a model that is READY while its workers restart is not ready */
+        int ready = e[i].state == REPO_READY && repo_ready(a->repo, e[i].name, "") == 1;
+
+        if (q->ready && !ready)
+            continue;
+        mi[r.n_models] = (Inference__RepositoryIndexResponse__ModelIndex)
+            INFERENCE__REPOSITORY_INDEX_RESPONSE__MODEL_INDEX__INIT;
+        mi[r.n_models].name = e[i].name;
+        mi[r.n_models].version = MODEL_VERSION;
+        mi[r.n_models].state =
+            (char *)(e[i].state == REPO_READY && !ready ? "UNAVAILABLE"
+                                                        : repo_state_name(e[i].state));
+        mi[r.n_models].reason =
+            e[i].state == REPO_READY && !ready ? "the workers are restarting" : e[i].reason;
+        mis[r.n_models] = &mi[r.n_models];
+        r.n_models++;
+    }
     r.models = mis;
-    protobuf_c_message_free_unpacked(&q->base, NULL);
     reply_msg(call, &r.base);
+out:
+    free(e);
+    protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 
 /* Triton's StatisticDuration of d, in sd. */
@@ -362,32 +416,29 @@ static Inference__StatisticDuration *duration(Inference__StatisticDuration *sd,
     return sd;
 }
 
-int api_statistics(const struct api *a, struct api_statistics *b)
+/* One model's ModelStatistics, in ms and the memory it points into. */
+static int model_stats(int id, const char *name, struct api_model_stats *ms)
 {
-    struct metrics_stats *st = &b->st;
-    Inference__ModelStatistics *ms = &b->ms;
-    Inference__InferStatistics *is = &b->is;
-    Inference__StatisticDuration *d = b->d;
+    struct metrics_stats *st = &ms->st;
+    Inference__InferStatistics *is = &ms->is;
+    Inference__StatisticDuration *d = ms->d;
 
-    *b = (struct api_statistics){0};
-    if (metrics_get_stats(st) < 0)
+    if (metrics_get_stats(id, st) < 0)
         return -1;
-    b->bs = calloc(st->nbatch + 1, sizeof(*b->bs));
-    b->bsp = calloc(st->nbatch + 1, sizeof(*b->bsp));
-    b->bd = calloc(st->nbatch + 1, sizeof(*b->bd));
-    if (!b->bs || !b->bsp || !b->bd) {
-        api_statistics_free(b);
+    ms->bs = calloc(st->nbatch + 1, sizeof(*ms->bs));
+    ms->bsp = calloc(st->nbatch + 1, sizeof(*ms->bsp));
+    ms->bd = calloc(st->nbatch + 1, sizeof(*ms->bd));
+    if (!ms->bs || !ms->bsp || !ms->bd)
         return -1;
-    }
     for (size_t i = 0; i < st->nbatch; i++) {
-        Inference__InferBatchStatistics *bs = &b->bs[i];
+        Inference__InferBatchStatistics *bs = &ms->bs[i];
 
         *bs = (Inference__InferBatchStatistics)INFERENCE__INFER_BATCH_STATISTICS__INIT;
         bs->batch_size = st->batch[i].batch_size;
-        bs->compute_input = duration(&b->bd[i][0], &st->batch[i].compute_input);
-        bs->compute_infer = duration(&b->bd[i][1], &st->batch[i].compute_infer);
-        bs->compute_output = duration(&b->bd[i][2], &st->batch[i].compute_output);
-        b->bsp[i] = bs;
+        bs->compute_input = duration(&ms->bd[i][0], &st->batch[i].compute_input);
+        bs->compute_infer = duration(&ms->bd[i][1], &st->batch[i].compute_infer);
+        bs->compute_output = duration(&ms->bd[i][2], &st->batch[i].compute_output);
+        ms->bsp[i] = bs;
     }
     *is = (Inference__InferStatistics)INFERENCE__INFER_STATISTICS__INIT;
     is->success = duration(&d[0], &st->success);
@@ -396,56 +447,174 @@ int api_statistics(const struct api *a, struct api_statistics *b)
     is->compute_input = duration(&d[3], &st->compute_input);
     is->compute_infer = duration(&d[4], &st->compute_infer);
     is->compute_output = duration(&d[5], &st->compute_output);
-    *ms = (Inference__ModelStatistics)INFERENCE__MODEL_STATISTICS__INIT;
-    ms->name = (char *)a->model->name;
-    ms->version = MODEL_VERSION;
-    ms->last_inference = st->last_inference_ms;
-    ms->inference_count = st->inference_count;
-    ms->execution_count = st->execution_count;
-    ms->inference_stats = is;
-    ms->n_batch_stats = st->nbatch;
-    ms->batch_stats = b->bsp;
-    b->msp[0] = ms;
+    ms->ms = (Inference__ModelStatistics)INFERENCE__MODEL_STATISTICS__INIT;
+    snprintf(ms->name, sizeof(ms->name), "%s", name);
+    ms->ms.name = ms->name;
+    ms->ms.version = MODEL_VERSION;
+    ms->ms.last_inference = st->last_inference_ms;
+    ms->ms.inference_count = st->inference_count;
+    ms->ms.execution_count = st->execution_count;
+    ms->ms.inference_stats = is;
+    ms->ms.n_batch_stats = st->nbatch;
+    ms->ms.batch_stats = ms->bsp;
+    return 0;
+}
+
+int api_statistics(struct api *a, const char *name, const char *version, struct api_statistics *b,
+                   struct tp_err *err)
+{
+    struct repo_entry *e = NULL;
+    size_t n = 0;
+
+    *b = (struct api_statistics){0};
+    if (name[0]) {
+        struct repo_model *m = repo_get(a->repo, name, version, err);
+
+        if (!m)
+            return -1;
+        e = calloc(1, sizeof(*e));
+        if (e) {
+            snprintf(e->name, sizeof(e->name), "%s", name);
+            e->state = REPO_READY;
+            n = 1;
+        }
+        repo_put(m);
+        if (!e)
+            return tp_err_set(err, TP_ENOMEM, "no memory for the statistics");
+    } else if (repo_index(a->repo, &e, &n) < 0) {
+        free(e);
+        return tp_err_set(err, TP_ENOMEM, "no memory for the statistics");
+    }
+    b->m = calloc(n + 1, sizeof(*b->m));
+    b->msp = calloc(n + 1, sizeof(*b->msp));
+    if (!b->m || !b->msp) {
+        free(e);
+        api_statistics_free(b);
+        return tp_err_set(err, TP_ENOMEM, "no memory for the statistics");
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct repo_model *m;
+
+        if (e[i].state != REPO_READY || !(m = repo_get(a->repo, e[i].name, "", err)))
+            continue; /* every loaded model; one that went meanwhile is left out */
+        if (model_stats(m->id, e[i].name, &b->m[b->n]) == 0) {
+            b->msp[b->n] = &b->m[b->n].ms;
+            b->n++;
+        }
+        repo_put(m);
+    }
+    free(e);
     b->r = (Inference__ModelStatisticsResponse)INFERENCE__MODEL_STATISTICS_RESPONSE__INIT;
-    b->r.n_model_stats = 1;
+    b->r.n_model_stats = b->n;
     b->r.model_stats = b->msp;
+    *err = (struct tp_err){0};
     return 0;
 }
 
 void api_statistics_free(struct api_statistics *b)
 {
-    free(b->bs);
-    free(b->bsp);
-    free(b->bd);
-    free(b->st.batch);
-    b->bs = NULL;
-    b->bsp = NULL;
-    b->bd = NULL;
-    b->st.batch = NULL;
+    for (size_t i = 0; b->m && i <= b->n; i++) {
+        free(b->m[i].bs);
+        free(b->m[i].bsp);
+        free(b->m[i].bd);
+        free(b->m[i].st.batch);
+    }
+    free(b->m);
+    free(b->msp);
+    *b = (struct api_statistics){0};
 }
 
-/* Triton's ModelStatistics, from the metrics (metrics_get_stats): every model when the request
- * names none, else the named one. */
+/* Triton's ModelStatistics, from the metrics (metrics_get_stats): every loaded model when the
+ * request names none, else the named one. */
 static void model_statistics(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
 {
     struct api *a = ctx;
     struct api_statistics b;
+    struct tp_err err = {0};
     Inference__ModelStatisticsRequest *q = (Inference__ModelStatisticsRequest *)unpack_or_reply(
         call, payload, &inference__model_statistics_request__descriptor);
+    int rc;
 
     if (!q)
         return;
-    if (q->name[0] && !model_matches(a, call, q->name, q->version)) {
-        protobuf_c_message_free_unpacked(&q->base, NULL);
-        return;
-    }
+    rc = api_statistics(a, q->name, q->version, &b, &err);
     protobuf_c_message_free_unpacked(&q->base, NULL);
-    if (api_statistics(a, &b) < 0) {
-        rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "no memory for the statistics", NULL);
+    if (rc < 0) {
+        rpc_reply_err(call, &err);
         return;
     }
     reply_msg(call, &b.r.base);
     api_statistics_free(&b);
+}
+
+/* RepositoryModelLoad and RepositoryModelUnload (Triton's model control, "explicit" mode): the
+ * call returns once the model is READY or unloaded, or with why not. */
+static void model_control(struct api *a, struct rpc_call *call, grpc_byte_buffer *payload, int load)
+{
+    const ProtobufCMessageDescriptor *desc =
+        load ? &inference__repository_model_load_request__descriptor
+             : &inference__repository_model_unload_request__descriptor;
+    ProtobufCMessage *q = unpack_or_reply(call, payload, desc);
+    Inference__RepositoryModelLoadResponse lr = INFERENCE__REPOSITORY_MODEL_LOAD_RESPONSE__INIT;
+    Inference__RepositoryModelUnloadResponse ur = INFERENCE__REPOSITORY_MODEL_UNLOAD_RESPONSE__INIT;
+    struct tp_err err = {0};
+    const char *name;
+    int rc;
+
+    if (!q)
+        return;
+    name = load ? ((Inference__RepositoryModelLoadRequest *)q)->model_name
+                : ((Inference__RepositoryModelUnloadRequest *)q)->model_name;
+    rc = 0;
+    if (load && ((Inference__RepositoryModelLoadRequest *)q)->n_parameters) {
+        tp_err_set(&err, TP_EINVAL,
+                   "load parameters (config, files) are not supported: the "
+                   "repository's NAME.json describes the model");
+        rc = -1;
+    }
+    /* unload_dependents, which tritonclient always sends, is moot: no model depends on another */
+    for (size_t i = 0; !load && i < ((Inference__RepositoryModelUnloadRequest *)q)->n_parameters;
+         i++) {
+        if (strcmp(((Inference__RepositoryModelUnloadRequest *)q)->parameters[i]->key,
+                   "unload_dependents") != 0) {
+            tp_err_set(&err, TP_EINVAL, "unknown unload parameter '%.64s'",
+                       ((Inference__RepositoryModelUnloadRequest *)q)->parameters[i]->key);
+            rc = -1;
+        }
+    }
+    if (rc == 0)
+        rc = api_model_control(a, name, load, &err);
+    protobuf_c_message_free_unpacked(q, NULL);
+    if (rc < 0)
+        rpc_reply_err(call, &err);
+    else
+        reply_msg(call, load ? &lr.base : &ur.base);
+}
+
+int api_model_control(struct api *a, const char *name, int load, struct tp_err *err)
+{
+    int rc;
+
+    if (!repo_explicit(a->repo))
+        return tp_err_set(err, TP_EUNAVAIL,
+                          "explicit model load / unload is not allowed: tpd runs with "
+                          "--model-control-mode none");
+    if (atomic_load(&a->draining))
+        return tp_err_set(err, TP_EUNAVAIL, "tpd is shutting down");
+    tp_log(TP_LOG_NOTICE, "%s of model '%.64s' requested", load ? "load" : "unload", name);
+    rc = load ? repo_load(a->repo, name, err) : repo_unload(a->repo, name, err);
+    api_health_changed(a);
+    return rc;
+}
+
+static void model_load(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    model_control(ctx, call, payload, 1);
+}
+
+static void model_unload(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
+{
+    model_control(ctx, call, payload, 0);
 }
 
 static void health_check(void *ctx, struct rpc_call *call, grpc_byte_buffer *payload)
@@ -645,7 +814,7 @@ int api_put_rows(const struct model *m, struct shmreg_region *reg, uint64_t offs
 static void infer_fill(struct sched_req *req, float *x)
 {
     struct infer_call *ic = (struct infer_call *)req;
-    const struct model *m = ic->api->model;
+    const struct model *m = &ic->rm->model;
     enum tp_dtype dt = m->io_dtype;
     size_t n = (size_t)req->rows * (size_t)m->in;
 
@@ -702,7 +871,7 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     } else if (!err && ic->out_reg) {
         /* the output goes to the client's region, narrowed in place in the slot first: the
          * reply carries no data */
-        api_put_rows(ic->api->model, ic->out_reg, ic->in.out_offset, y, req->rows, &failed);
+        api_put_rows(&ic->rm->model, ic->out_reg, ic->in.out_offset, y, req->rows, &failed);
     }
     if (!err && failed.code != TP_OK) {
         sched_unhold(req->hold); /* computed, but the answer cannot be given */
@@ -725,16 +894,16 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
     if (ic->out_reg) {
         metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
         sched_unhold(req->hold);
-        bb = infer_response_dims(ic->api->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead, NULL,
+        bb = infer_response_dims(&ic->rm->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead, NULL,
                                  NULL);
     } else {
         /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds
          * until gRPC has sent them; so the reply stays zero-copy and needs no buffer */
-        api_put_rows(ic->api->model, NULL, 0, y, req->rows, NULL);
+        api_put_rows(&ic->rm->model, NULL, 0, y, req->rows, NULL);
         /* the reply points at the slot's output; gRPC releases the slot when it is done. A
          * stream's answer is copied: it may wait behind others for a slow reader, and must not
          * hold a slot meanwhile. */
-        bb = infer_response_dims(ic->api->model, ic->msg->id, y, ic->in.lead, ic->in.nlead,
+        bb = infer_response_dims(&ic->rm->model, ic->msg->id, y, ic->in.lead, ic->in.nlead,
                                  ic->stream ? NULL : unhold, ic->stream ? NULL : req->hold);
         if (ic->stream && bb) {
             metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
@@ -770,8 +939,13 @@ static void infer_cancelled(void *arg)
 {
     struct infer_call *ic = arg;
 
-    sched_cancel(ic->api->sched, &ic->req);
+    if (ic->rm)
+        repo_cancel(ic->rm, ic->gen, &ic->req);
 }
+
+static int infer_submit_to(struct api *a, struct repo_model *m, struct rpc_call *call,
+                           Inference__ModelInferRequest *q, const struct gbuf_field *raw,
+                           struct infer_call *ic, struct tp_err *err);
 
 /* Reads one ModelInferRequest into ic (zeroed) and hands it to the scheduler. -1 with err set
  * when it is refused; ic->msg, when the message could be read, stays for the caller's answer
@@ -781,7 +955,8 @@ static int infer_submit(struct api *a, struct rpc_call *call, grpc_byte_buffer *
 {
     struct gbuf_field raw;
     Inference__ModelInferRequest *q = NULL;
-    uint64_t esize = tp_dtype_size(a->model->io_dtype);
+    struct repo_model *m;
+    int rc;
 
     /* raw_input_contents (field 7) stays in the received slices until it is copied to the slot */
     if (gbuf_unpack_except(payload, &inference__model_infer_request__descriptor, 7,
@@ -790,19 +965,37 @@ static int infer_submit(struct api *a, struct rpc_call *call, grpc_byte_buffer *
     ic->msg = q;
     if (infer_check_strings(payload, &inference__model_infer_request__descriptor, err) < 0)
         return -1;
-    if (infer_validate(a->model, q, &raw, &ic->in, err) < 0) {
+    /* held while the request goes to its scheduler: an unload waits for that */
+    m = repo_get(a->repo, q->model_name, q->model_version, err);
+    if (!m) {
+        tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err->msg);
+        return -1;
+    }
+    ic->rm = m;
+    ic->gen = m->gen;
+    rc = infer_submit_to(a, m, call, q, &raw, ic, err);
+    repo_put(m);
+    return rc;
+}
+
+/* infer_submit's part once the model is held. */
+static int infer_submit_to(struct api *a, struct repo_model *m, struct rpc_call *call,
+                           Inference__ModelInferRequest *q, const struct gbuf_field *raw,
+                           struct infer_call *ic, struct tp_err *err)
+{
+    uint64_t esize = tp_dtype_size(m->model.io_dtype);
+
+    if (infer_validate(&m->model, q, raw, &ic->in, err) < 0) {
         tp_log(TP_LOG_DEBUG, "rejected request '%s': %s", q->id, err->msg);
         return -1;
     }
     if (ic->in.in_region &&
         shmreg_acquire(a->shm, ic->in.in_region, ic->in.in_offset,
-                       (uint64_t)ic->in.rows * (uint64_t)a->model->in * esize, &ic->in_reg,
-                       err) < 0)
+                       (uint64_t)ic->in.rows * (uint64_t)m->model.in * esize, &ic->in_reg, err) < 0)
         return -1;
-    if (ic->in.out_region &&
-        shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
-                       (uint64_t)ic->in.rows * (uint64_t)a->model->out * esize, &ic->out_reg,
-                       err) < 0)
+    if (ic->in.out_region && shmreg_acquire(a->shm, ic->in.out_region, ic->in.out_offset,
+                                            (uint64_t)ic->in.rows * (uint64_t)m->model.out * esize,
+                                            &ic->out_reg, err) < 0)
         return -1;
     ic->req = (struct sched_req){.rows = ic->in.rows,
                                  .bytes = ic->bytes_in,
@@ -812,7 +1005,7 @@ static int infer_submit(struct api *a, struct rpc_call *call, grpc_byte_buffer *
     if (!ic->in.x && !ic->in_reg)
         ic->payload = rpc_call_take_payload(call);
     tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->id, ic->in.rows);
-    if (sched_submit(a->sched, &ic->req, err) < 0) {
+    if (sched_submit(m->sched, &ic->req, err) < 0) {
         tp_log(TP_LOG_DEBUG, "request '%s' failed: %s", q->id, err->msg);
         return -1;
     }
@@ -881,8 +1074,8 @@ static void stream_end_if_done(struct infer_stream *st)
 
 /* One answer on the stream: ModelStreamInferResponse{infer_response = bb} (the response is
  * prefixed, not copied), or {error_message, infer_response{model_name, id}}. Takes bb. */
-static void stream_answer(struct infer_stream *st, const char *id, grpc_byte_buffer *bb,
-                          const struct tp_err *err)
+static void stream_answer(struct infer_stream *st, const char *model, const char *id,
+                          grpc_byte_buffer *bb, const struct tp_err *err)
 {
     Inference__ModelStreamInferResponse r = INFERENCE__MODEL_STREAM_INFER_RESPONSE__INIT;
     Inference__ModelInferResponse ir = INFERENCE__MODEL_INFER_RESPONSE__INIT;
@@ -911,7 +1104,7 @@ static void stream_answer(struct infer_stream *st, const char *id, grpc_byte_buf
         grpc_byte_buffer_destroy(bb);
     } else {
         r.error_message = (char *)err->msg;
-        ir.model_name = (char *)st->api->model->name;
+        ir.model_name = (char *)(model ? model : "");
         ir.model_version = MODEL_VERSION;
         ir.id = (char *)(id ? id : "");
         r.infer_response = &ir;
@@ -929,7 +1122,7 @@ static void stream_request_done(struct infer_call *ic, grpc_byte_buffer *bb,
 
     pthread_mutex_lock(&st->lock);
     if (!st->cancelled)
-        stream_answer(st, ic->msg ? ic->msg->id : "", bb, err);
+        stream_answer(st, ic->msg ? ic->msg->model_name : "", ic->msg ? ic->msg->id : "", bb, err);
     else if (bb)
         grpc_byte_buffer_destroy(bb);
     if (ic->prev)
@@ -967,7 +1160,8 @@ static void stream_cancelled(void *arg)
     for (int i = 0; i < n; i++) {
         int gone;
 
-        sched_cancel(st->api->sched, &ics[i]->req);
+        if (ics[i]->rm)
+            repo_cancel(ics[i]->rm, ics[i]->gen, &ics[i]->req);
         pthread_mutex_lock(&st->lock);
         gone = --ics[i]->cancels == 0 && ics[i]->done;
         pthread_mutex_unlock(&st->lock);
@@ -1016,7 +1210,7 @@ static void model_stream_infer(void *ctx, struct rpc_call *call, grpc_byte_buffe
         metrics_request_done(NULL, tp_code_grpc(err.code), metrics_since(t0), 0, bytes_in, 0);
         pthread_mutex_lock(&st->lock);
         if (!st->ended)
-            stream_answer(st, NULL, NULL, &err);
+            stream_answer(st, NULL, NULL, NULL, &err);
         pthread_mutex_unlock(&st->lock);
         return;
     }
@@ -1165,6 +1359,8 @@ const struct rpc_method api_methods[] = {
      .client_stream = 1,
      .stream_queue = STREAM_INFLIGHT + 1},
     {.path = "/inference.GRPCInferenceService/RepositoryIndex", .handler = repository_index},
+    {.path = "/inference.GRPCInferenceService/RepositoryModelLoad", .handler = model_load},
+    {.path = "/inference.GRPCInferenceService/RepositoryModelUnload", .handler = model_unload},
     {.path = "/inference.GRPCInferenceService/ModelConfig", .handler = model_config},
     {.path = "/inference.GRPCInferenceService/ModelStatistics", .handler = model_statistics},
     {.path = "/grpc.health.v1.Health/Check", .handler = health_check},
@@ -1176,8 +1372,7 @@ const struct rpc_method api_methods[] = {
      .handler = reflect_info,
      .client_stream = 1},
     {.path = "/inference.GRPCInferenceService/SystemSharedMemoryStatus", .handler = shm_status},
-    {.path = "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
-     .handler = shm_register},
+    {.path = "/inference.GRPCInferenceService/SystemSharedMemoryRegister", .handler = shm_register},
     {.path = "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
      .handler = shm_unregister},
     {.path = "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",

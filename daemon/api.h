@@ -1,9 +1,9 @@
 /* api.h -- the methods tpd serves: the KServe v2 GRPCInferenceService (ServerLive, ServerReady,
- * ModelReady, ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex, the system
- * shared-memory extension: SystemSharedMemoryRegister/Status/Unregister, ModelStatistics) and
- * grpc.health.v1.Health/Check and /Watch. Each handler parses its request, answers from the model and the
- * scheduler's state, or hands ModelInfer to the scheduler, which answers when the workers are
- * done. */
+ * ModelReady, ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex, RepositoryModelLoad
+ * and Unload, the system shared-memory extension: SystemSharedMemoryRegister/Status/Unregister,
+ * ModelStatistics) and grpc.health.v1.Health/Check and /Watch. Each handler parses its request,
+ * finds the model it names in the repository (repo.h), answers from the model's state, or hands
+ * ModelInfer to the model's scheduler, which answers when the workers are done. */
 #ifndef TPD_API_H
 #define TPD_API_H
 
@@ -13,15 +13,16 @@
 #include "grpc_service.pb-c.h"
 #include "metrics.h"
 #include "model.h"
+#include "repo.h"
 #include "rpc.h"
 #include "sched.h"
 #include "shmreg.h"
+#include "sup.h"
 
 struct api {
-    const struct model *model;
-    struct sched *sched;
+    struct repo *repo;       /* the models */
+    struct sup *sup;         /* their workers */
     struct shmreg *shm;      /* system shared-memory regions */
-    uint32_t batch_delay_us; /* dynamic batching's delay (ModelConfig); 0: off */
     atomic_int serving;      /* gRPC started with every worker ready */
     atomic_int draining;     /* SIGTERM received: not ready any more */
     /* grpc.health.v1.Health/Watch calls, each told when the readiness changes; the lock
@@ -31,9 +32,9 @@ struct api {
     int watches_ended;       /* api_end_watches ran: new watches end at once */
 };
 
-/* The one readiness rule, for gRPC's ServerReady, ModelReady, RepositoryIndex and
- * grpc.health.v1 and for the HTTP health endpoints alike: serving, not draining, and the
- * scheduler's workers all up. Any thread. */
+/* The one readiness rule, for gRPC's ServerReady, ModelReady and grpc.health.v1 and for the HTTP
+ * health endpoints alike: serving, not draining, the workers up, and every model that is to be
+ * served loaded on them (repo_all_ready). Any thread. */
 int api_ready(struct api *a);
 
 /* The readiness may have changed: every Watch whose client was last told otherwise is sent
@@ -68,20 +69,33 @@ struct api_config {
     int64_t in_dims[1], out_dims[1];
 };
 
-struct api_statistics {
-    Inference__ModelStatisticsResponse r;
-    Inference__ModelStatistics ms, *msp[1];
+struct api_model_stats {
+    Inference__ModelStatistics ms;
     Inference__InferStatistics is;
     Inference__StatisticDuration d[6], (*bd)[3];
     Inference__InferBatchStatistics *bs, **bsp;
     struct metrics_stats st;
+    char name[128];
 };
 
-void api_metadata(const struct api *a, struct api_metadata *b);
-void api_config(const struct api *a, struct api_config *b);
-/* -1 (nothing to free) without memory */
-int api_statistics(const struct api *a, struct api_statistics *b);
+struct api_statistics {
+    Inference__ModelStatisticsResponse r;
+    Inference__ModelStatistics **msp;
+    struct api_model_stats *m;
+    size_t n;
+};
+
+void api_metadata(const struct repo_model *m, struct api_metadata *b);
+void api_config(const struct repo_model *m, struct api_config *b);
+/* The statistics of the model called name (version "" or ours), or of every loaded model when
+ * name is "". -1 (nothing to free) with err: an unknown or unready model, or no memory. */
+int api_statistics(struct api *a, const char *name, const char *version, struct api_statistics *b,
+                   struct tp_err *err);
 void api_statistics_free(struct api_statistics *b);
+
+/* Loads (load 1) or unloads the model called name, for gRPC's and REST's model control: refused
+ * unless tpd runs with --model-control-mode explicit, or while it drains. */
+int api_model_control(struct api *a, const char *name, int load, struct tp_err *err);
 
 /* Copies a request's rows ([rows, in] of the model's io dtype) into x, a slot's FP32 rows,
  * widening on the way: from the shared-memory region reg at offset, or from src when reg is

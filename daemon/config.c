@@ -25,9 +25,20 @@ static void usage(FILE *f)
     fprintf(
         f,
         "usage: tpd --weights PATH [options]\n"
-        "Serves a linear layer y = x*W^T + b, or a transformer's MLP block, tensor-parallel over\n"
-        "worker processes, over gRPC (KServe v2).\n"
+        "       tpd --model-repository DIR [options]\n"
+        "Serves linear layers y = x*W^T + b, or a transformer's MLP blocks, tensor-parallel over\n"
+        "worker processes, over gRPC and REST (KServe v2).\n"
         "\n"
+        "  --model-repository DIR  serve the models of DIR, one NAME.json each (see\n"
+        "                          docs/repository.md), instead of the one model below; the\n"
+        "                          flags below set what a NAME.json leaves out\n"
+        "  --model-control-mode none|explicit\n"
+        "                          none: load every model at start, and refuse loads and\n"
+        "                          unloads; explicit: load the --load-model models at start,\n"
+        "                          and load and unload on request (RepositoryModelLoad/Unload,\n"
+        "                          POST /v2/repository/models/NAME/load|unload) (default: none)\n"
+        "  --load-model NAME       explicit mode: a model to load at start, repeatable; '*'\n"
+        "                          loads every model\n"
         "  --weights PATH          the checkpoint: a .safetensors file, a directory holding\n"
         "                          model.safetensors or model.safetensors.index.json, or an\n"
         "                          index file (required; see docs/checkpoints.md)\n"
@@ -317,48 +328,55 @@ enum {
     O_PARALLEL,
     O_BLOCK,
     O_ACT,
+    O_REPOSITORY,
+    O_CONTROL_MODE,
+    O_LOAD_MODEL,
     O_HELP,
     O_VERSION,
 };
 
-static const struct option opts[] = {{"weights", required_argument, NULL, O_WEIGHTS},
-                                     {"weight", required_argument, NULL, O_WEIGHT},
-                                     {"bias", required_argument, NULL, O_BIAS},
-                                     {"no-bias", no_argument, NULL, O_NO_BIAS},
-                                     {"layout", required_argument, NULL, O_LAYOUT},
-                                     {"model", required_argument, NULL, O_MODEL},
-                                     {"cpu", required_argument, NULL, O_CPU},
-                                     {"listen", required_argument, NULL, O_LISTEN},
-                                     {"max-batch", required_argument, NULL, O_MAX_BATCH},
-                                     {"slots", required_argument, NULL, O_SLOTS},
-                                     {"max-queue", required_argument, NULL, O_MAX_QUEUE},
-                                     {"max-queue-mb", required_argument, NULL, O_MAX_QUEUE_MB},
-                                     {"reply-timeout-ms", required_argument, NULL, O_REPLY_TIMEOUT},
-                                     {"worker", required_argument, NULL, O_WORKER},
-                                     {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
-                                     {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
-                                     {"job-timeout-ms", required_argument, NULL, O_JOB_TIMEOUT},
-                                     {"log-level", required_argument, NULL, O_LOG_LEVEL},
-                                     {"gpus", required_argument, NULL, O_GPUS},
-                                     {"gather", required_argument, NULL, O_GATHER},
-                                     {"dtype", required_argument, NULL, O_DTYPE},
-                                     {"tf32", no_argument, NULL, O_TF32},
-                                     {"io-dtype", required_argument, NULL, O_IO_DTYPE},
-                                     {"cpu-gemm", required_argument, NULL, O_CPU_GEMM},
-                                     {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
-                                     {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
-                                     {"http-listen", required_argument, NULL, O_HTTP_LISTEN},
-                                     {"socket-mode", required_argument, NULL, O_SOCK_MODE},
-                                     {"tls-cert", required_argument, NULL, O_TLS_CERT},
-                                     {"tls-key", required_argument, NULL, O_TLS_KEY},
-                                     {"tls-client-ca", required_argument, NULL, O_TLS_CA},
-                                     {"config", required_argument, NULL, O_CONFIG},
-                                     {"parallel", required_argument, NULL, O_PARALLEL},
-                                     {"block", required_argument, NULL, O_BLOCK},
-                                     {"act", required_argument, NULL, O_ACT},
-                                     {"help", no_argument, NULL, O_HELP},
-                                     {"version", no_argument, NULL, O_VERSION},
-                                     {NULL, 0, NULL, 0}};
+static const struct option opts[] = {
+    {"weights", required_argument, NULL, O_WEIGHTS},
+    {"model-repository", required_argument, NULL, O_REPOSITORY},
+    {"model-control-mode", required_argument, NULL, O_CONTROL_MODE},
+    {"load-model", required_argument, NULL, O_LOAD_MODEL},
+    {"weight", required_argument, NULL, O_WEIGHT},
+    {"bias", required_argument, NULL, O_BIAS},
+    {"no-bias", no_argument, NULL, O_NO_BIAS},
+    {"layout", required_argument, NULL, O_LAYOUT},
+    {"model", required_argument, NULL, O_MODEL},
+    {"cpu", required_argument, NULL, O_CPU},
+    {"listen", required_argument, NULL, O_LISTEN},
+    {"max-batch", required_argument, NULL, O_MAX_BATCH},
+    {"slots", required_argument, NULL, O_SLOTS},
+    {"max-queue", required_argument, NULL, O_MAX_QUEUE},
+    {"max-queue-mb", required_argument, NULL, O_MAX_QUEUE_MB},
+    {"reply-timeout-ms", required_argument, NULL, O_REPLY_TIMEOUT},
+    {"worker", required_argument, NULL, O_WORKER},
+    {"grpc-threads", required_argument, NULL, O_GRPC_THREADS},
+    {"restart-backoff-ms", required_argument, NULL, O_BACKOFF},
+    {"job-timeout-ms", required_argument, NULL, O_JOB_TIMEOUT},
+    {"log-level", required_argument, NULL, O_LOG_LEVEL},
+    {"gpus", required_argument, NULL, O_GPUS},
+    {"gather", required_argument, NULL, O_GATHER},
+    {"dtype", required_argument, NULL, O_DTYPE},
+    {"tf32", no_argument, NULL, O_TF32},
+    {"io-dtype", required_argument, NULL, O_IO_DTYPE},
+    {"cpu-gemm", required_argument, NULL, O_CPU_GEMM},
+    {"batch-delay-us", required_argument, NULL, O_BATCH_DELAY},
+    {"metrics-listen", required_argument, NULL, O_METRICS_LISTEN},
+    {"http-listen", required_argument, NULL, O_HTTP_LISTEN},
+    {"socket-mode", required_argument, NULL, O_SOCK_MODE},
+    {"tls-cert", required_argument, NULL, O_TLS_CERT},
+    {"tls-key", required_argument, NULL, O_TLS_KEY},
+    {"tls-client-ca", required_argument, NULL, O_TLS_CA},
+    {"config", required_argument, NULL, O_CONFIG},
+    {"parallel", required_argument, NULL, O_PARALLEL},
+    {"block", required_argument, NULL, O_BLOCK},
+    {"act", required_argument, NULL, O_ACT},
+    {"help", no_argument, NULL, O_HELP},
+    {"version", no_argument, NULL, O_VERSION},
+    {NULL, 0, NULL, 0}};
 
 /* Applies option o with its argument in optarg (getopt's, or set from the file). */
 static enum config_result apply(struct config *c, int o)
@@ -427,6 +445,23 @@ static enum config_result apply(struct config *c, int o)
                     optarg);
             return CONFIG_USAGE;
         }
+        break;
+    case O_REPOSITORY: c->repository = optarg; break;
+    case O_CONTROL_MODE:
+        if (strcmp(optarg, "none") != 0 && strcmp(optarg, "explicit") != 0) {
+            fprintf(stderr, "tpd: %s takes none or explicit, got '%s'\n",
+                    subject("--model-control-mode"), optarg);
+            return CONFIG_USAGE;
+        }
+        c->control_explicit = strcmp(optarg, "explicit") == 0;
+        break;
+    case O_LOAD_MODEL:
+        if (c->nload == CONFIG_MAX_LOAD) {
+            fprintf(stderr, "tpd: %s: at most %d models\n", subject("--load-model"),
+                    CONFIG_MAX_LOAD);
+            return CONFIG_USAGE;
+        }
+        c->load[c->nload++] = optarg;
         break;
     case O_LISTEN:
         /* the first --listen of the command line replaces the file's addresses too */
@@ -666,10 +701,23 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         fprintf(stderr, "tpd: unexpected argument '%s'\n", argv[optind]);
         return CONFIG_USAGE;
     }
-    if (!c->weights) {
-        fprintf(stderr,
-                "tpd: --weights PATH is required (or 'weights = PATH' in the config file)\n");
+    if (c->repository &&
+        (c->weights || weight_given || c->bias || c->no_bias || c->row || c->block ||
+         c->act != PLAN_ACT_AUTO || c->layout != PLAN_LAYOUT_AUTO || model)) {
+        fprintf(stderr, "tpd: --model-repository describes each model in its NAME.json: it takes "
+                        "no --weights, --weight, --bias, --no-bias, --parallel, --block, --act, "
+                        "--layout or --model\n");
+        return CONFIG_USAGE;
+    }
+    if (!c->weights && !c->repository) {
+        fprintf(stderr, "tpd: --weights PATH or --model-repository DIR is required (or "
+                        "'weights = PATH' in the config file)\n");
         usage(stderr);
+        return CONFIG_USAGE;
+    }
+    if (c->nload && !c->control_explicit) {
+        fprintf(stderr, "tpd: --load-model names the models to load at start with "
+                        "--model-control-mode explicit (without, every model is loaded)\n");
         return CONFIG_USAGE;
     }
     if (check_backend(c) < 0)
@@ -700,7 +748,7 @@ enum config_result config_parse(struct config *c, int argc, char **argv)
         c->listen[c->nlisten++] = "127.0.0.1:8001";
     if (model)
         snprintf(c->model, sizeof(c->model), "%s", model);
-    else
+    else if (c->weights)
         model_from_path(c->model, sizeof(c->model), c->weights);
     return CONFIG_OK;
 }

@@ -7,6 +7,7 @@
 
 #define CONFIG_MAX_LISTEN 8
 #define CONFIG_MAX_GPUS 64
+#define CONFIG_MAX_LOAD 64
 
 struct config {
     const char *weights;       /* checkpoint: file, directory or index */
@@ -48,6 +49,10 @@ struct config {
     const char *tls_cert;      /* PEM certificate chain; NULL: no TLS */
     const char *tls_key;       /* PEM private key of tls_cert */
     const char *tls_client_ca; /* PEM CA bundle: clients must present a cert it signed */
+    const char *repository;    /* --model-repository: a folder of NAME.json; NULL: --weights */
+    int control_explicit;      /* --model-control-mode explicit */
+    const char *load[CONFIG_MAX_LOAD]; /* --load-model: explicit mode's models at start */
+    int nload;
 };
 
 enum config_result { CONFIG_OK, CONFIG_EXIT_OK, CONFIG_USAGE, CONFIG_BAD_FILE };

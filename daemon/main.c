@@ -26,10 +26,11 @@
 #include "model.h"
 #include "ncclid.h"
 #include "notify.h"
+#include "plan.h"
 #include "proc.h"
+#include "repo.h"
 #include "rest.h"
 #include "rpc.h"
-#include "plan.h"
 #include "sched.h"
 #include "shm.h"
 #include "sup.h"
@@ -39,98 +40,6 @@
 #define DRAIN_GRACE_MS 30000
 #define MSG_HEADROOM (1L << 20) /* bytes of a message beyond its tensor data */
 #define MAX_MSG (1L << 30)      /* the largest gRPC message tpd accepts or sends */
-
-/* Appends ",item" (or "item" first) to a list of a model's layers. */
-static void join(char *buf, size_t len, int first, const char *item)
-{
-    size_t n = strlen(buf);
-
-    snprintf(buf + n, len - n, "%s%s", first ? "" : ",", item);
-}
-
-/* Plans the model from the checkpoint's headers and describes it. Returns 0, or an exit status
- * after logging why. */
-static int describe_model(const struct config *c, struct plan *p, struct model *m)
-{
-    struct tp_err err = {0};
-    char notes[2048], *line, *save = NULL;
-    int64_t split;
-    long biggest;
-
-    if (plan_build(p,
-                   &(struct plan_request){.weights = c->weights,
-                                          .weight = c->weight,
-                                          .block = c->block,
-                                          .bias = c->bias,
-                                          .no_bias = c->no_bias,
-                                          .row = c->row,
-                                          .layout = (enum plan_layout)c->layout,
-                                          .act = (enum plan_act)c->act},
-                   notes, sizeof(notes), &err) < 0) {
-        tp_log(TP_LOG_ERR, "%s", err.msg);
-        return 1;
-    }
-    for (line = strtok_r(notes, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
-        tp_log(TP_LOG_NOTICE, "%s", line);
-    *m = (struct model){.in = p->in,
-                        .out = p->out,
-                        .wdtype = (enum tp_dtype)p->lin[0].w.dtype,
-                        .io_dtype = (enum tp_dtype)c->io_dtype,
-                        .gemm_dtype = (enum tp_dtype)c->dtype,
-                        .ranks = c->ngpus ? c->ngpus : c->cpu,
-                        .backend = c->ngpus ? "cuda" : "cpu",
-                        .batch_invariant = !c->ngpus && strcmp(c->cpu_gemm, "invariant") == 0,
-                        .max_batch = c->max_batch,
-                        .plan = p};
-    snprintf(m->name, sizeof(m->name), "%s", c->model);
-    split = plan_split_size(p, &m->split_what);
-    if (plan_split(split, m->ranks, 0, &(int64_t){0}, &(int64_t){0}, &err) < 0) {
-        tp_log(TP_LOG_ERR, "the model's %lld %s cannot be split: %s (%s %d)", (long long)split,
-               m->split_what, err.msg, c->ngpus ? "--gpus lists" : "--cpu", m->ranks);
-        return EX_USAGE;
-    }
-    plan_split_text(split, m->ranks, m->split, sizeof(m->split));
-    if (p->block[0])
-        tp_log(TP_LOG_NOTICE,
-               "block '%s': %s, hidden %lld, intermediate %lld, activation %s (%s); one "
-               "all-reduce per forward",
-               p->block, p->kind == PLAN_GATED ? "down(act(gate(x)) * up(x))" : "proj(act(fc(x)))",
-               (long long)p->in, (long long)p->inter, plan_act_name((enum plan_act)p->act),
-               p->act_why);
-    for (uint32_t j = 0; j < p->nlin; j++) {
-        const struct plan_linear *l = &p->lin[j];
-
-        m->has_bias |= (int)l->has_bias;
-        join(m->weights, sizeof(m->weights), j == 0, l->w.name);
-        join(m->biases, sizeof(m->biases), j == 0, l->has_bias ? l->b.name : "");
-        join(m->layouts, sizeof(m->layouts), j == 0,
-             l->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]");
-        tp_log(TP_LOG_NOTICE, "layer: W '%s' %s [%lld, %lld] in %s, stored %s (%s)%s%s, %s; b %s",
-               l->w.name, tp_dtype_file_name((enum tp_dtype)l->w.dtype),
-               (long long)l->w.shape[0], (long long)l->w.shape[1], l->w.path,
-               l->layout == PLAN_CONV1D ? "[in, out]" : "[out, in]", l->layout_why,
-               l->tied_from[0] ? ", standing in for " : "", l->tied_from,
-               l->split == PLAN_SPLIT_IN ? "inputs split, partial sums all-reduced"
-                                         : "outputs split",
-               l->has_bias ? l->b.name : "none");
-    }
-    biggest = (long)(m->in > m->out ? m->in : m->out);
-    if ((long)c->max_batch * biggest * 4 > MAX_MSG - MSG_HEADROOM) {
-        tp_log(TP_LOG_ERR, "--max-batch %u rows of %ld floats exceed the %ld-byte message limit",
-               c->max_batch, biggest, MAX_MSG);
-        return EX_USAGE;
-    }
-    return 0;
-}
-
-/* The model could not be loaded again after a restart (its files changed, say): it stays
- * unavailable, and tpd says why. */
-static void model_lost(void *ctx, const struct tp_err *why)
-{
-    (void)ctx;
-    tp_log(TP_LOG_ERR, "the model could not be loaded again, and stays unavailable: %s", why->msg);
-    notify_status("not ready: the model could not be loaded again: %s", why->msg);
-}
 
 /* The workers came up or went down: the health watches are told. */
 static void health_changed(void *ctx)
@@ -190,9 +99,10 @@ static void *startup_watchdog(void *arg)
 }
 
 /* Waits for a stop signal; a SIGHUP on the way is logged, and the wait goes on. With a watchdog,
- * wakes every half interval to ping it, after checking that the scheduler's lock can be taken (a
- * deadlocked scheduler then stops the pings and systemd restarts tpd). Returns the signal. */
-static int wait_for_stop(const sigset_t *sigs, uint64_t wd_usec, struct sched *sched)
+ * wakes every half interval to ping it, after checking that the models' and their schedulers'
+ * locks can be taken (a deadlock then stops the pings and systemd restarts tpd). Returns the
+ * signal. */
+static int wait_for_stop(const sigset_t *sigs, uint64_t wd_usec, struct repo *repo)
 {
     struct timespec ts = {(time_t)(wd_usec / 2 / 1000000), (long)(wd_usec / 2 % 1000000) * 1000};
     int sig;
@@ -211,7 +121,7 @@ static int wait_for_stop(const sigset_t *sigs, uint64_t wd_usec, struct sched *s
         if (sig > 0)
             return sig;
         if (wd_usec && errno == EAGAIN) {
-            (void)sched_busy(sched);
+            (void)repo_busy(repo);
             notify_send("WATCHDOG=1");
         }
     }
@@ -229,6 +139,92 @@ static void stop_startup_watchdog(int *started, pthread_t t)
     *started = 0;
 }
 
+/* The HTTP health endpoints' model readiness: the gRPC methods' own rule. */
+static int http_model_ready(void *ctx, const char *name)
+{
+    struct api *a = ctx;
+    int r = repo_ready(a->repo, name, "");
+
+    return r < 0 ? -1 : r && api_ready(a);
+}
+
+/* Every model a repository model's file leaves out takes these: the command line's flags. */
+static struct repo_conf flag_conf(const struct config *c)
+{
+    struct repo_conf f = {.no_bias = c->no_bias,
+                          .row = c->row,
+                          .layout = c->layout,
+                          .act = c->act,
+                          .io_dtype = c->io_dtype,
+                          .max_batch = c->max_batch,
+                          .slots = c->slots,
+                          .max_queue = c->max_queue,
+                          .max_queue_mb = c->max_queue_mb,
+                          .batch_delay_us = c->batch_delay_us};
+
+    snprintf(f.name, sizeof(f.name), "%s", c->model);
+    snprintf(f.weight, sizeof(f.weight), "%s", c->weight ? c->weight : "weight");
+    if (c->weights)
+        snprintf(f.weights, sizeof(f.weights), "%s", c->weights);
+    if (c->bias)
+        snprintf(f.bias, sizeof(f.bias), "%s", c->bias);
+    if (c->block)
+        snprintf(f.block, sizeof(f.block), "%s", c->block);
+    return f;
+}
+
+/* Whether the model called name is to be loaded at start: every model without explicit control,
+ * else the --load-model ones. */
+static int load_at_start(const struct config *c, const char *name)
+{
+    if (!c->control_explicit || !c->repository)
+        return 1;
+    for (int i = 0; i < c->nload; i++)
+        if (strcmp(c->load[i], "*") == 0 || strcmp(c->load[i], name) == 0)
+            return 1;
+    return 0;
+}
+
+/* Loads the models to load at start, one after the other. The one model of --weights must load:
+ * 1 (the exit status) when it does not; a repository's models fail on their own, each logged. */
+static int load_models(const struct config *c, struct repo *repo)
+{
+    struct repo_entry *e = NULL;
+    struct tp_err err = {0};
+    size_t n = 0;
+    int loaded = 0;
+
+    if (repo_index(repo, &e, &n) < 0) {
+        tp_log(TP_LOG_ERR, "no memory for the model index");
+        return 1;
+    }
+    for (int i = 0; i < c->nload; i++) {
+        int found = strcmp(c->load[i], "*") == 0;
+
+        for (size_t k = 0; k < n && !found; k++)
+            found = strcmp(e[k].name, c->load[i]) == 0;
+        if (!found)
+            tp_log(TP_LOG_ERR, "--load-model %s: no such model in %s", c->load[i], c->repository);
+    }
+    for (size_t k = 0; k < n; k++) {
+        if (!load_at_start(c, e[k].name))
+            continue;
+        notify_status("starting: loading model '%s'", e[k].name);
+        if (repo_load(repo, e[k].name, &err) < 0 && !c->repository) {
+            tp_err_prefix(&err, "starting workers: ");
+            tp_log(TP_LOG_ERR, "%s", err.msg);
+            free(e);
+            return 1;
+        }
+        loaded++;
+    }
+    free(e);
+    if (c->repository)
+        tp_log(TP_LOG_NOTICE, "model repository %s: %zu models, %d loaded at start%s",
+               c->repository, n, loaded, c->control_explicit ? " (explicit model control)" : "");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static const char *const level_names[] = {[TP_LOG_ERR] = "err",
@@ -237,10 +233,7 @@ int main(int argc, char **argv)
                                               [TP_LOG_INFO] = "info",
                                               [TP_LOG_DEBUG] = "debug"};
     struct config c;
-    struct model m;
-    static struct plan plan; /* read by every thread through m.plan */
-    struct shm_arena arena = {.fd = -1};
-    struct sched *sched = NULL;
+    struct repo *repo = NULL;
     struct sup *sup = NULL;
     struct rpc_server *rpc = NULL;
     struct api api = {.watch_lock = PTHREAD_MUTEX_INITIALIZER};
@@ -251,7 +244,9 @@ int main(int argc, char **argv)
     int wd_started = 0;
     char worker[4096];
     sigset_t sigs;
-    int sig, status = 1, threads;
+    int sig, status = 1, threads, ranks;
+    uint64_t max_in, max_out;
+    struct repo_conf one;
 
     /* Keep freed memory: large messages otherwise fault in fresh pages on every call. */
     mallopt(M_MMAP_THRESHOLD, 32 << 20);
@@ -271,15 +266,33 @@ int main(int argc, char **argv)
     }
     if (c.config)
         tp_log(TP_LOG_NOTICE, "read configuration file %s", c.config);
-    notify_status("starting: reading %s", c.weights);
-    status = describe_model(&c, &plan, &m);
-    if (status)
-        return status;
-    if (metrics_init(m.name, m.ranks, c.slots, &err) < 0) {
+    notify_status("starting: reading %s", c.repository ? c.repository : c.weights);
+    ranks = c.ngpus ? c.ngpus : c.cpu;
+    if (repo_create(&repo,
+                    &(struct repo_config){.dir = c.repository,
+                                          .backend = c.ngpus ? "cuda" : "cpu",
+                                          .ranks = ranks,
+                                          .batch_invariant =
+                                              !c.ngpus && strcmp(c.cpu_gemm, "invariant") == 0,
+                                          .gemm_dtype = (enum tp_dtype)c.dtype,
+                                          .split_flag = c.ngpus ? "--gpus lists" : "--cpu",
+                                          .control_explicit = c.control_explicit,
+                                          .defaults = flag_conf(&c),
+                                          .state_changed = health_changed,
+                                          .state_ctx = &api},
+                    &err) < 0 ||
+        (status = repo_add(repo, c.repository ? NULL : (one = flag_conf(&c), &one), &err)) < 0) {
         tp_log(TP_LOG_ERR, "%s", err.msg);
-        return 1;
+        repo_destroy(repo);
+        return status == -2 ? EX_USAGE : 1;
     }
     status = 1;
+    repo_limits(repo, &max_in, &max_out);
+    if (metrics_init(ranks, REPO_MAX_SLOTS, &err) < 0) {
+        tp_log(TP_LOG_ERR, "%s", err.msg);
+        repo_destroy(repo);
+        return 1;
+    }
     if (c.worker)
         snprintf(worker, sizeof(worker), "%s", c.worker);
     else {
@@ -300,83 +313,54 @@ int main(int argc, char **argv)
     sigaddset(&sigs, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
-
-    if (shm_arena_create(&arena,
-                         &(struct shm_layout){.nslots = c.slots,
-                                              .max_batch = c.max_batch,
-                                              .in = (uint32_t)m.in,
-                                              .out = (uint32_t)m.out,
-                                              .partials = plan_reduces(&plan)
-                                                              ? (uint32_t)m.ranks
-                                                              : 0},
-                         &err) < 0)
-        goto fail;
-    if (sched_create(&sched, &arena,
-                     &(struct sched_config){.max_queue = c.max_queue,
-                                            .max_queue_bytes = (uint64_t)c.max_queue_mb << 20,
-                                            .batch_delay_us = c.batch_delay_us},
-                     &err) < 0)
-        goto fail;
-    sched_set_state_listener(sched, health_changed, &api);
     if (c.ngpus)
-        tp_log(TP_LOG_NOTICE,
-               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d GPU ranks of %s "
-               "%s, %s GEMM%s, gather %s; %u slots of %u rows, batch delay %u us",
-               m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
-               m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), m.ranks,
-               m.split, m.split_what, tp_dtype_wire_name((enum tp_dtype)c.dtype),
-               c.tf32 ? " (TF32)" : "", c.gather_nccl ? "nccl" : "host", c.slots, c.max_batch,
-               c.batch_delay_us);
+        tp_log(TP_LOG_NOTICE, "%d GPU ranks, %s GEMM%s, gather %s", ranks,
+               tp_dtype_wire_name((enum tp_dtype)c.dtype), c.tf32 ? " (TF32)" : "",
+               c.gather_nccl ? "nccl" : "host");
     else
-        tp_log(TP_LOG_NOTICE,
-               "model '%s': in %lld, out %lld, %s weights%s, %s on the wire; %d cpu ranks of %s "
-               "%s, %d threads each, %s GEMM; %u slots of %u rows, batch delay %u us",
-               m.name, (long long)m.in, (long long)m.out, tp_dtype_file_name(m.wdtype),
-               m.has_bias ? " with bias" : ", no bias", tp_dtype_wire_name(m.io_dtype), c.cpu,
-               m.split, m.split_what, threads, c.cpu_gemm, c.slots, c.max_batch,
-               c.batch_delay_us);
-    metrics_set_pending(sched_pending, sched);
+        tp_log(TP_LOG_NOTICE, "%d cpu ranks, %d threads each, %s GEMM", ranks, threads, c.cpu_gemm);
+    metrics_set_pending(repo_pending, repo);
+    api.repo = repo;
     /* Health answers 503 while the shards load; a busy address fails here, before any worker. */
     if (c.metrics_listen &&
-        metrics_server_start(&http, c.metrics_listen, http_ready, &api, &err) < 0)
+        metrics_server_start(&http, c.metrics_listen, http_ready, http_model_ready, &api, &err) < 0)
         goto fail;
     /* Bind before starting workers, so that a bad --listen fails at once. */
     grpc_init();
     gpr_set_log_function(grpc_log);
-    api.model = &m;
-    api.sched = sched;
-    api.batch_delay_us = c.batch_delay_us;
     if (shmreg_create(&api.shm, &err) < 0)
         goto fail_grpc;
-    /* bodies: the binary input with headroom, or its JSON text, at most 32 bytes a number */
+    /* bodies: the binary input with headroom, or its JSON text, at most 32 bytes a number; the
+     * largest model of the repository sets the limits */
     if (c.http_listen &&
         rest_start(&rest,
-                   &(struct rest_config){
-                       .listen = c.http_listen,
-                       .api = &api,
-                       .max_body = (uint64_t)c.max_batch * (uint64_t)m.in * 32 + MSG_HEADROOM,
-                       .max_buffered = (uint64_t)c.max_queue_mb << 20,
-                       .reply_timeout_ms = c.reply_timeout_ms ? c.reply_timeout_ms : 30000,
-                       .threads = online_cpus() < 4 ? 2 : 4,
-                       .tls_cert = c.tls_cert,
-                       .tls_key = c.tls_key,
-                       .tls_client_ca = c.tls_client_ca},
+                   &(struct rest_config){.listen = c.http_listen,
+                                         .api = &api,
+                                         .max_body = max_in * 8 + MSG_HEADROOM,
+                                         .max_buffered = (uint64_t)c.max_queue_mb << 20,
+                                         .reply_timeout_ms =
+                                             c.reply_timeout_ms ? c.reply_timeout_ms : 30000,
+                                         .threads = online_cpus() < 4 ? 2 : 4,
+                                         .tls_cert = c.tls_cert,
+                                         .tls_key = c.tls_key,
+                                         .tls_client_ca = c.tls_client_ca},
                    &err) < 0)
         goto fail_grpc;
     if (rpc_server_create(
             &rpc,
-            &(struct rpc_config){.listen = c.listen,
-                                 .nlisten = c.nlisten,
-                                 .threads = c.grpc_threads,
-                                 .max_recv = (long)c.max_batch * m.in * 4 + MSG_HEADROOM,
-                                 .max_send = (long)c.max_batch * m.out * 4 + MSG_HEADROOM,
-                                 .reply_timeout_ms = c.reply_timeout_ms,
-                                 /* the queue's bytes and half as much again in transit */
-                                 .memory_bytes = ((long)c.max_queue_mb << 20) * 3 / 2,
-                                 .tls_cert = c.tls_cert,
-                                 .tls_key = c.tls_key,
-                                 .tls_client_ca = c.tls_client_ca,
-                                 .socket_mode = c.socket_mode},
+            &(struct rpc_config){
+                .listen = c.listen,
+                .nlisten = c.nlisten,
+                .threads = c.grpc_threads,
+                .max_recv = (long)(max_in > MAX_MSG ? MAX_MSG : max_in) + MSG_HEADROOM,
+                .max_send = (long)(max_out > MAX_MSG ? MAX_MSG : max_out) + MSG_HEADROOM,
+                .reply_timeout_ms = c.reply_timeout_ms,
+                /* the queue's bytes and half as much again in transit */
+                .memory_bytes = ((long)c.max_queue_mb << 20) * 3 / 2,
+                .tls_cert = c.tls_cert,
+                .tls_key = c.tls_key,
+                .tls_client_ca = c.tls_client_ca,
+                .socket_mode = c.socket_mode},
             api_methods, api_nmethods, &api, &err) < 0)
         goto fail_grpc;
     startup.usec = notify_watchdog_usec();
@@ -390,8 +374,8 @@ int main(int argc, char **argv)
     }
     if (sup_start(&sup,
                   &(struct sup_config){.worker = worker,
-                                       .backend = m.backend,
-                                       .nranks = m.ranks,
+                                       .backend = c.ngpus ? "cuda" : "cpu",
+                                       .nranks = ranks,
                                        .devices = c.ngpus ? c.gpus : NULL,
                                        .gather_nccl = c.gather_nccl,
                                        .dtype = c.dtype == TP_BF16  ? "bf16"
@@ -400,8 +384,8 @@ int main(int argc, char **argv)
                                        .tf32 = c.tf32,
                                        .cpu_gemm = c.ngpus ? NULL : c.cpu_gemm,
                                        .threads = threads,
-                                       .slots = c.slots,
-                                       .max_batch = c.max_batch,
+                                       .slots = REPO_MAX_SLOTS,
+                                       .max_batch = 1 << 20,
                                        .backoff_ms = c.restart_backoff_ms,
                                        .job_timeout_ms = c.job_timeout_ms,
                                        .log_level = level_names[c.log_level]},
@@ -409,17 +393,11 @@ int main(int argc, char **argv)
         tp_err_prefix(&err, "starting workers: ");
         goto fail_grpc;
     }
-    sched_attach(sched, sup);
-    if (sup_load(sup, 0,
-                 &(struct sup_model){.plan = &plan,
-                                     .arena = &arena,
-                                     .slot0 = 0,
-                                     .done = sched_on_done,
-                                     .state = sched_on_state,
-                                     .lost = model_lost,
-                                     .ctx = sched},
-                 &err) < 0) {
-        tp_err_prefix(&err, "starting workers: ");
+    repo_attach(repo, sup);
+    api.sup = sup;
+    if (load_models(&c, repo) != 0) {
+        status = 1;
+        err.msg[0] = '\0';
         goto fail_grpc;
     }
     if (rpc_server_start(rpc, &err) < 0)
@@ -427,16 +405,19 @@ int main(int argc, char **argv)
     atomic_store(&api.serving, 1);
     api_health_changed(&api);
     for (int i = 0; i < c.nlisten; i++)
-        tp_log(TP_LOG_NOTICE, "ready: serving '%s' on %s", m.name, c.listen[i]);
+        tp_log(TP_LOG_NOTICE, "ready: serving %s%s%s on %s", c.repository ? "the models of " : "'",
+               c.repository ? c.repository : c.model, c.repository ? "" : "'", c.listen[i]);
     notify_send("READY=1");
-    notify_status("serving '%s' with %d ranks on %s", m.name, m.ranks, c.listen[0]);
+    notify_status("serving %s%s%s with %d ranks on %s", c.repository ? "the models of " : "'",
+                  c.repository ? c.repository : c.model, c.repository ? "" : "'", ranks,
+                  c.listen[0]);
     stop_startup_watchdog(&wd_started, wd_thread);
 
-    sig = wait_for_stop(&sigs, startup.usec, sched);
+    sig = wait_for_stop(&sigs, startup.usec, repo);
     tp_log(TP_LOG_NOTICE, "%s: draining %u requests, then stopping", strsignal(sig),
-           sched_busy(sched));
+           repo_busy(repo));
     notify_send("STOPPING=1");
-    notify_status("draining %u requests", sched_busy(sched));
+    notify_status("draining %u requests", repo_busy(repo));
     atomic_store(&api.draining, 1);
     api_end_watches(&api); /* so that open watches do not hold the drain up */
     rest_quiesce(rest);
@@ -452,14 +433,13 @@ fail_grpc:
      * and the process is about to exit anyway. */
 fail:
     stop_startup_watchdog(&wd_started, wd_thread);
-    if (status)
+    if (status && err.msg[0])
         tp_log(TP_LOG_ERR, "%s", err.msg);
     rest_stop(rest, DRAIN_GRACE_MS);
     metrics_server_stop(http);
+    repo_destroy(repo); /* before the workers stop: each model is unloaded from them */
     sup_stop(sup);
-    sched_destroy(sched);
     shmreg_destroy(api.shm);
-    shm_arena_destroy(&arena);
     if (status == 0)
         tp_log(TP_LOG_NOTICE, "stopped");
     return status;

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,37 +46,46 @@ struct hist {
     double sum;
 };
 
+#define MAX_BATCH_SIZES 1024 /* batch sizes kept apart in batch_stats; the rest only in totals */
+
+/* The counters of one loaded model, by its id (metrics_model_add). */
+struct mmodel {
+    int used;
+    char name[128];
+    uint32_t slot0, nslots; /* its slots in the one numbering */
+    uint64_t requests[NCODES];
+    uint64_t rows;
+    struct hist latency, queue, compute, batch;
+    uint64_t jobs;        /* jobs dispatched */
+    uint64_t collectives; /* collectives the ranks ran for finished jobs */
+    /* Triton's statistics (metrics_get_stats) */
+    struct metrics_stats st;             /* st.batch unused here: by_size below */
+    struct metrics_batch_stats *by_size; /* batch_stats by batch size, sorted; nbatch of them */
+    size_t nbatch;
+};
+
 static struct {
     pthread_mutex_t lock;
     int on; /* metrics_init succeeded */
-    char model[128];
     int nranks;
     uint32_t nslots;
-    uint64_t requests[2][NCODES]; /* [0] the served model, [1] any other name */
-    uint64_t rows, bytes_in, bytes_out;
-    struct hist latency, queue, compute, batch;
+    struct mmodel models[METRICS_MAX_MODELS];
+    int16_t *slot_model;    /* nslots: the model that owns the slot, -1 for none */
+    uint64_t other[NCODES]; /* requests that named no loaded model */
+    uint64_t bytes_in, bytes_out;
     int *up;            /* nranks */
     uint64_t *restarts; /* nranks */
     int64_t *job_t0;    /* nslots: when the slot's job was dispatched, ns */
-    uint64_t jobs;      /* jobs dispatched */
-    uint64_t collectives; /* collectives the ranks ran for finished jobs */
-    /* Triton's statistics (metrics_get_stats), of the served model */
-    struct metrics_stats st;      /* st.batch unused here: batch below */
-    uint32_t *job_rows;            /* nslots: the rows of the slot's job, set at dispatch */
-    int64_t *job_fill_ns;          /* nslots: its requests' copies into the slot */
-    int64_t *job_infer_ns;         /* nslots: its time on the workers, once done */
-    struct metrics_batch_stats *by_size; /* batch_stats by batch size, sorted; nbatch of them */
-    size_t nbatch;
+    uint32_t *job_rows; /* nslots: the rows of the slot's job, set at dispatch */
+    int64_t *job_fill_ns;  /* nslots: its requests' copies into the slot */
+    int64_t *job_infer_ns; /* nslots: its time on the workers, once done */
     metrics_pending_fn pending;
     void *pending_ctx;
 } M = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
-#define MAX_BATCH_SIZES 1024 /* batch sizes kept apart in batch_stats; the rest only in totals */
-
-int metrics_init(const char *model, int nranks, uint32_t nslots, struct tp_err *err)
+int metrics_init(int nranks, uint32_t nslots, struct tp_err *err)
 {
     pthread_mutex_lock(&M.lock);
-    snprintf(M.model, sizeof(M.model), "%s", model);
     M.nranks = nranks;
     M.nslots = nslots;
     M.up = calloc((size_t)nranks, sizeof(*M.up));
@@ -84,17 +94,66 @@ int metrics_init(const char *model, int nranks, uint32_t nslots, struct tp_err *
     M.job_rows = calloc(nslots, sizeof(*M.job_rows));
     M.job_fill_ns = calloc(nslots, sizeof(*M.job_fill_ns));
     M.job_infer_ns = calloc(nslots, sizeof(*M.job_infer_ns));
-    M.by_size = calloc(MAX_BATCH_SIZES, sizeof(*M.by_size));
-    M.latency = (struct hist){.bounds = time_bounds, .nb = NTIME};
-    M.queue = (struct hist){.bounds = time_bounds, .nb = NTIME};
-    M.compute = (struct hist){.bounds = time_bounds, .nb = NTIME};
-    M.batch = (struct hist){.bounds = row_bounds, .nb = NROWS};
+    M.slot_model = malloc(nslots * sizeof(*M.slot_model));
+    for (uint32_t i = 0; M.slot_model && i < nslots; i++)
+        M.slot_model[i] = -1;
     M.on = M.up && M.restarts && M.job_t0 && M.job_rows && M.job_fill_ns && M.job_infer_ns &&
-           M.by_size;
+           M.slot_model;
     pthread_mutex_unlock(&M.lock);
     if (!M.on)
         return tp_err_set(err, TP_ENOMEM, "no memory for the metrics");
     return 0;
+}
+
+int metrics_model_add(int id, const char *name, uint32_t slot0, uint32_t nslots)
+{
+    struct mmodel *m;
+    struct metrics_batch_stats *by_size;
+
+    if (id < 0 || id >= METRICS_MAX_MODELS)
+        return -1;
+    by_size = calloc(MAX_BATCH_SIZES, sizeof(*by_size));
+    if (!by_size)
+        return -1;
+    pthread_mutex_lock(&M.lock);
+    m = &M.models[id];
+    if (!M.on || m->used || slot0 > M.nslots || nslots > M.nslots - slot0) {
+        pthread_mutex_unlock(&M.lock);
+        free(by_size);
+        return -1;
+    }
+    *m = (struct mmodel){.used = 1,
+                         .slot0 = slot0,
+                         .nslots = nslots,
+                         .latency = {.bounds = time_bounds, .nb = NTIME},
+                         .queue = {.bounds = time_bounds, .nb = NTIME},
+                         .compute = {.bounds = time_bounds, .nb = NTIME},
+                         .batch = {.bounds = row_bounds, .nb = NROWS},
+                         .by_size = by_size};
+    snprintf(m->name, sizeof(m->name), "%s", name);
+    for (uint32_t i = 0; i < nslots; i++) {
+        M.slot_model[slot0 + i] = (int16_t)id;
+        M.job_t0[slot0 + i] = 0;
+    }
+    pthread_mutex_unlock(&M.lock);
+    return 0;
+}
+
+void metrics_model_remove(int id)
+{
+    struct mmodel *m;
+
+    if (id < 0 || id >= METRICS_MAX_MODELS)
+        return;
+    pthread_mutex_lock(&M.lock);
+    m = &M.models[id];
+    if (m->used) {
+        for (uint32_t i = 0; i < m->nslots; i++)
+            M.slot_model[m->slot0 + i] = -1;
+        free(m->by_size);
+        *m = (struct mmodel){0};
+    }
+    pthread_mutex_unlock(&M.lock);
 }
 
 int64_t metrics_now_ns(void)
@@ -122,30 +181,48 @@ static void observe(struct hist *h, double v)
     h->sum += v;
 }
 
+/* The loaded model called name, or NULL. Lock held. */
+static struct mmodel *model_named(const char *name)
+{
+    for (int i = 0; name && i < METRICS_MAX_MODELS; i++)
+        if (M.models[i].used && strcmp(M.models[i].name, name) == 0)
+            return &M.models[i];
+    return NULL;
+}
+
+/* The model whose slot it is, or NULL. Lock held. */
+static struct mmodel *slot_owner(uint32_t slot)
+{
+    return M.on && slot < M.nslots && M.slot_model[slot] >= 0 ? &M.models[M.slot_model[slot]]
+                                                              : NULL;
+}
+
 void metrics_request_done(const char *model, int code, double seconds, uint32_t rows,
                           size_t bytes_in, size_t bytes_out)
 {
-    int other;
+    struct mmodel *m;
 
     pthread_mutex_lock(&M.lock);
     if (!M.on)
         goto out;
-    other = !model || strcmp(model, M.model) != 0;
     if (code < 0 || code >= NCODES)
         code = 2; /* UNKNOWN */
-    M.requests[other][code]++;
-    if (!other) {
+    m = model_named(model);
+    if (!m) {
+        M.other[code]++;
+    } else {
         struct timespec now;
-        struct metrics_duration *d = code == 0 ? &M.st.success : &M.st.fail;
+        struct metrics_duration *d = code == 0 ? &m->st.success : &m->st.fail;
 
-        observe(&M.latency, seconds);
-        M.rows += rows;
+        m->requests[code]++;
+        observe(&m->latency, seconds);
+        m->rows += rows;
         d->count++;
         d->ns += (uint64_t)(seconds * 1e9);
         if (code == 0)
-            M.st.inference_count += rows;
+            m->st.inference_count += rows;
         clock_gettime(CLOCK_REALTIME, &now);
-        M.st.last_inference_ms = (uint64_t)now.tv_sec * 1000 + (uint64_t)now.tv_nsec / 1000000;
+        m->st.last_inference_ms = (uint64_t)now.tv_sec * 1000 + (uint64_t)now.tv_nsec / 1000000;
     }
     M.bytes_in += bytes_in;
     M.bytes_out += bytes_out;
@@ -153,11 +230,10 @@ out:
     pthread_mutex_unlock(&M.lock);
 }
 
-
 void metrics_job_fill(uint32_t slot, int64_t ns)
 {
     pthread_mutex_lock(&M.lock);
-    if (M.on && slot < M.nslots)
+    if (slot_owner(slot))
         M.job_fill_ns[slot] = ns;
     pthread_mutex_unlock(&M.lock);
 }
@@ -165,57 +241,60 @@ void metrics_job_fill(uint32_t slot, int64_t ns)
 void metrics_job_start(uint32_t slot, uint32_t rows)
 {
     int64_t now = metrics_now_ns();
+    struct mmodel *m;
 
     pthread_mutex_lock(&M.lock);
-    if (M.on && slot < M.nslots) {
+    if ((m = slot_owner(slot))) {
         M.job_t0[slot] = now;
         M.job_rows[slot] = rows;
-        M.jobs++;
-        observe(&M.batch, rows);
+        m->jobs++;
+        observe(&m->batch, rows);
     }
     pthread_mutex_unlock(&M.lock);
 }
 
 /* The statistics of batch size rows, made when first seen (sorted); NULL past MAX_BATCH_SIZES
  * sizes. Lock held. */
-static struct metrics_batch_stats *batch_of(uint32_t rows)
+static struct metrics_batch_stats *batch_of(struct mmodel *m, uint32_t rows)
 {
-    size_t lo = 0, hi = M.nbatch;
+    size_t lo = 0, hi = m->nbatch;
 
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
 
-        if (M.by_size[mid].batch_size < rows)
+        if (m->by_size[mid].batch_size < rows)
             lo = mid + 1;
         else
             hi = mid;
     }
-    if (lo < M.nbatch && M.by_size[lo].batch_size == rows)
-        return &M.by_size[lo];
-    if (M.nbatch == MAX_BATCH_SIZES)
+    if (lo < m->nbatch && m->by_size[lo].batch_size == rows)
+        return &m->by_size[lo];
+    if (m->nbatch == MAX_BATCH_SIZES)
         return NULL;
-    memmove(&M.by_size[lo + 1], &M.by_size[lo], (M.nbatch - lo) * sizeof(M.by_size[0]));
-    M.nbatch++;
-    M.by_size[lo] = (struct metrics_batch_stats){.batch_size = rows};
-    return &M.by_size[lo];
+    memmove(&m->by_size[lo + 1], &m->by_size[lo], (m->nbatch - lo) * sizeof(m->by_size[0]));
+    m->nbatch++;
+    m->by_size[lo] = (struct metrics_batch_stats){.batch_size = rows};
+    return &m->by_size[lo];
 }
 
 void metrics_job_done(uint32_t slot, uint32_t collectives, int ok)
 {
     int64_t now = metrics_now_ns();
+    struct mmodel *m;
 
     pthread_mutex_lock(&M.lock);
-    if (M.on)
-        M.collectives += collectives;
-    if (M.on && slot < M.nslots && M.job_t0[slot] > 0) {
+    m = slot_owner(slot);
+    if (m)
+        m->collectives += collectives;
+    if (m && M.job_t0[slot] > 0) {
         uint64_t infer = (uint64_t)(now - M.job_t0[slot]), fill = (uint64_t)M.job_fill_ns[slot];
         struct metrics_batch_stats *b;
 
-        observe(&M.compute, (double)infer / 1e9);
+        observe(&m->compute, (double)infer / 1e9);
         M.job_infer_ns[slot] = (int64_t)infer;
         if (ok) {
-            M.st.execution_count++;
-            if ((b = batch_of(M.job_rows[slot]))) {
+            m->st.execution_count++;
+            if ((b = batch_of(m, M.job_rows[slot]))) {
                 b->compute_input.count++;
                 b->compute_input.ns += fill;
                 b->compute_infer.count++;
@@ -230,23 +309,25 @@ void metrics_job_done(uint32_t slot, uint32_t collectives, int ok)
 void metrics_request_served(uint32_t slot, int64_t t0_ns, int64_t ns)
 {
     struct metrics_batch_stats *b;
+    struct mmodel *m;
 
     pthread_mutex_lock(&M.lock);
-    if (M.on && slot < M.nslots && M.job_t0[slot] >= t0_ns) {
-        observe(&M.queue, (double)(M.job_t0[slot] - t0_ns) / 1e9);
-        M.st.queue.count++;
-        M.st.queue.ns += (uint64_t)(M.job_t0[slot] - t0_ns);
+    m = slot_owner(slot);
+    if (m && M.job_t0[slot] >= t0_ns) {
+        observe(&m->queue, (double)(M.job_t0[slot] - t0_ns) / 1e9);
+        m->st.queue.count++;
+        m->st.queue.ns += (uint64_t)(M.job_t0[slot] - t0_ns);
     }
-    if (M.on && slot < M.nslots) {
+    if (m) {
         /* all three at once, so that a reader never sees them apart (perf_analyzer insists);
          * as Triton does, every request of a job is charged the job's input and infer time */
-        M.st.compute_input.count++;
-        M.st.compute_input.ns += (uint64_t)M.job_fill_ns[slot];
-        M.st.compute_infer.count++;
-        M.st.compute_infer.ns += (uint64_t)M.job_infer_ns[slot];
-        M.st.compute_output.count++;
-        M.st.compute_output.ns += (uint64_t)ns;
-        if ((b = batch_of(M.job_rows[slot])))
+        m->st.compute_input.count++;
+        m->st.compute_input.ns += (uint64_t)M.job_fill_ns[slot];
+        m->st.compute_infer.count++;
+        m->st.compute_infer.ns += (uint64_t)M.job_infer_ns[slot];
+        m->st.compute_output.count++;
+        m->st.compute_output.ns += (uint64_t)ns;
+        if ((b = batch_of(m, M.job_rows[slot])))
             b->compute_output.ns += (uint64_t)ns;
     }
     pthread_mutex_unlock(&M.lock);
@@ -260,19 +341,22 @@ void metrics_set_pending(metrics_pending_fn fn, void *ctx)
     pthread_mutex_unlock(&M.lock);
 }
 
-int metrics_get_stats(struct metrics_stats *st)
+int metrics_get_stats(int id, struct metrics_stats *st)
 {
+    const struct mmodel *m;
+
     *st = (struct metrics_stats){0};
     pthread_mutex_lock(&M.lock);
-    if (!M.on) {
+    m = id >= 0 && id < METRICS_MAX_MODELS ? &M.models[id] : NULL;
+    if (!M.on || !m || !m->used) {
         pthread_mutex_unlock(&M.lock);
         return -1;
     }
-    *st = M.st;
-    st->batch = malloc((M.nbatch ? M.nbatch : 1) * sizeof(*st->batch));
+    *st = m->st;
+    st->batch = malloc((m->nbatch ? m->nbatch : 1) * sizeof(*st->batch));
     if (st->batch) {
-        memcpy(st->batch, M.by_size, M.nbatch * sizeof(*st->batch));
-        st->nbatch = M.nbatch;
+        memcpy(st->batch, m->by_size, m->nbatch * sizeof(*st->batch));
+        st->nbatch = m->nbatch;
     }
     pthread_mutex_unlock(&M.lock);
     return st->batch ? 0 : -1;
@@ -312,121 +396,161 @@ static void head(FILE *f, const char *name, const char *type, const char *help)
     fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void put_hist(FILE *f, const char *name, const char *help, const struct hist *h)
+/* "name{model="M"" of one series, its labels still open. */
+static void series(FILE *f, const char *name, const char *suffix, const struct mmodel *m)
 {
-    uint64_t cum = 0;
+    fprintf(f, "%s%s{model=\"", name, suffix);
+    put_label(f, m->name);
+    fputc('"', f);
+}
 
+/* A histogram family: every loaded model's series, the histogram at offset off in its struct. */
+static void put_hist(FILE *f, const char *name, const char *help, size_t off)
+{
     head(f, name, "histogram", help);
-    for (unsigned i = 0; i < h->nb; i++) {
-        cum += h->bucket[i];
-        fprintf(f, "%s_bucket{model=\"", name);
-        put_label(f, M.model);
-        fprintf(f, "\",le=\"%g\"} %llu\n", h->bounds[i], (unsigned long long)cum);
+    for (int i = 0; i < METRICS_MAX_MODELS; i++) {
+        const struct mmodel *m = &M.models[i];
+        const struct hist *h = (const struct hist *)(const void *)((const char *)m + off);
+        uint64_t cum = 0;
+
+        if (!m->used)
+            continue;
+        for (unsigned b = 0; b < h->nb; b++) {
+            cum += h->bucket[b];
+            series(f, name, "_bucket", m);
+            fprintf(f, ",le=\"%g\"} %llu\n", h->bounds[b], (unsigned long long)cum);
+        }
+        series(f, name, "_bucket", m);
+        fprintf(f, ",le=\"+Inf\"} %llu\n", (unsigned long long)h->count);
+        series(f, name, "_sum", m);
+        fprintf(f, "} %.9g\n", h->sum);
+        series(f, name, "_count", m);
+        fprintf(f, "} %llu\n", (unsigned long long)h->count);
     }
-    fprintf(f, "%s_bucket{model=\"", name);
-    put_label(f, M.model);
-    fprintf(f, "\",le=\"+Inf\"} %llu\n", (unsigned long long)h->count);
-    fprintf(f, "%s_sum{model=\"", name);
-    put_label(f, M.model);
-    fprintf(f, "\"} %.9g\n", h->sum);
-    fprintf(f, "%s_count{model=\"", name);
-    put_label(f, M.model);
-    fprintf(f, "\"} %llu\n", (unsigned long long)h->count);
 }
 
-static void put_model_counter(FILE *f, const char *name, const char *help, uint64_t v)
-{
-    head(f, name, "counter", help);
-    fprintf(f, "%s{model=\"", name);
-    put_label(f, M.model);
-    fprintf(f, "\"} %llu\n", (unsigned long long)v);
-}
-
-/* One Triton family: its help, type and the served model's series, labelled as Triton labels
- * them. */
-static void put_nv(FILE *f, const char *name, const char *type, const char *help, uint64_t v)
+/* A family of one value per loaded model: value(m), labelled with its model, and with Triton's
+ * version label when nv. */
+static void put_per_model(FILE *f, const char *name, const char *type, const char *help, int nv,
+                          uint64_t (*value)(const struct mmodel *m, int id))
 {
     head(f, name, type, help);
-    fprintf(f, "%s{model=\"", name);
-    put_label(f, M.model);
-    fprintf(f, "\",version=\"1\"} %llu\n", (unsigned long long)v);
+    for (int i = 0; i < METRICS_MAX_MODELS; i++) {
+        if (!M.models[i].used)
+            continue;
+        series(f, name, "", &M.models[i]);
+        fprintf(f, "%s} %llu\n", nv ? ",version=\"1\"" : "",
+                (unsigned long long)value(&M.models[i], i));
+    }
+}
+
+#define VALUE(NAME, EXPR)                                                                          \
+    static uint64_t NAME(const struct mmodel *m, int id)                                           \
+    {                                                                                              \
+        (void)id;                                                                                  \
+        return (EXPR);                                                                             \
+    }
+VALUE(v_rows, m->rows)
+VALUE(v_collectives, m->collectives)
+VALUE(v_success, m->st.success.count)
+VALUE(v_failure, m->st.fail.count)
+VALUE(v_count, m->st.inference_count)
+VALUE(v_exec, m->st.execution_count)
+VALUE(v_request_us, (m->st.success.ns + m->st.fail.ns) / 1000)
+VALUE(v_queue_us, m->st.queue.ns / 1000)
+VALUE(v_input_us, m->st.compute_input.ns / 1000)
+VALUE(v_infer_us, m->st.compute_infer.ns / 1000)
+VALUE(v_output_us, m->st.compute_output.ns / 1000)
+
+static uint32_t pending_now[METRICS_MAX_MODELS]; /* asked before the lock, per scrape */
+
+static uint64_t v_pending(const struct mmodel *m, int id)
+{
+    (void)m;
+    return pending_now[id];
 }
 
 /* The families that Triton's dashboards read, from the statistics above. Lock held. */
-static void put_triton(FILE *f, uint32_t pending)
+static void put_triton(FILE *f)
 {
-    const struct metrics_stats *st = &M.st;
-
-    put_nv(f, "nv_inference_request_success", "counter",
-           "Number of successful inference requests, all batch sizes", st->success.count);
-    put_nv(f, "nv_inference_request_failure", "counter",
-           "Number of failed inference requests, all batch sizes", st->fail.count);
-    put_nv(f, "nv_inference_count", "counter",
-           "Number of inferences performed (a request of N rows counts N)", st->inference_count);
-    put_nv(f, "nv_inference_exec_count", "counter",
-           "Number of model executions performed (a batch of requests counts 1)",
-           st->execution_count);
-    put_nv(f, "nv_inference_request_duration_us", "counter",
-           "Cumulative inference request duration in microseconds",
-           (st->success.ns + st->fail.ns) / 1000);
-    put_nv(f, "nv_inference_queue_duration_us", "counter",
-           "Cumulative inference queuing duration in microseconds", st->queue.ns / 1000);
-    put_nv(f, "nv_inference_compute_input_duration_us", "counter",
-           "Cumulative compute input duration in microseconds", st->compute_input.ns / 1000);
-    put_nv(f, "nv_inference_compute_infer_duration_us", "counter",
-           "Cumulative compute inference duration in microseconds", st->compute_infer.ns / 1000);
-    put_nv(f, "nv_inference_compute_output_duration_us", "counter",
-           "Cumulative inference compute output duration in microseconds",
-           st->compute_output.ns / 1000);
-    put_nv(f, "nv_inference_pending_request_count", "gauge",
-           "Instantaneous number of pending requests awaiting execution per-model", pending);
+    put_per_model(f, "nv_inference_request_success", "counter",
+                  "Number of successful inference requests, all batch sizes", 1, v_success);
+    put_per_model(f, "nv_inference_request_failure", "counter",
+                  "Number of failed inference requests, all batch sizes", 1, v_failure);
+    put_per_model(f, "nv_inference_count", "counter",
+                  "Number of inferences performed (a request of N rows counts N)", 1, v_count);
+    put_per_model(f, "nv_inference_exec_count", "counter",
+                  "Number of model executions performed (a batch of requests counts 1)", 1, v_exec);
+    put_per_model(f, "nv_inference_request_duration_us", "counter",
+                  "Cumulative inference request duration in microseconds", 1, v_request_us);
+    put_per_model(f, "nv_inference_queue_duration_us", "counter",
+                  "Cumulative inference queuing duration in microseconds", 1, v_queue_us);
+    put_per_model(f, "nv_inference_compute_input_duration_us", "counter",
+                  "Cumulative compute input duration in microseconds", 1, v_input_us);
+    put_per_model(f, "nv_inference_compute_infer_duration_us", "counter",
+                  "Cumulative compute inference duration in microseconds", 1, v_infer_us);
+    put_per_model(f, "nv_inference_compute_output_duration_us", "counter",
+                  "Cumulative inference compute output duration in microseconds", 1, v_output_us);
+    put_per_model(f, "nv_inference_pending_request_count", "gauge",
+                  "Instantaneous number of pending requests awaiting execution per-model", 1,
+                  v_pending);
 }
 
 char *metrics_render(size_t *len)
 {
+    static pthread_mutex_t render_lock = PTHREAD_MUTEX_INITIALIZER; /* guards pending_now */
     char *buf = NULL;
     size_t n = 0;
     FILE *f = open_memstream(&buf, &n);
     metrics_pending_fn pending_fn;
-    uint32_t pending;
 
     if (!f)
         return NULL;
+    pthread_mutex_lock(&render_lock);
     pending_fn = M.pending; /* set once at start, before any scrape */
-    pending = pending_fn ? pending_fn(M.pending_ctx) : 0;
+    for (int i = 0; i < METRICS_MAX_MODELS; i++)
+        pending_now[i] = pending_fn ? pending_fn(M.pending_ctx, i) : 0;
     pthread_mutex_lock(&M.lock);
     head(f, "tpd_requests_total", "counter",
          "ModelInfer calls answered, by model and gRPC status code");
-    for (int o = 0; o < 2; o++) {
-        for (int c = 0; c < NCODES; c++) {
-            /* OK of the served model always exists, so that rate() has a series from the start */
-            if (!M.requests[o][c] && (o || c))
+    for (int i = 0; i < METRICS_MAX_MODELS; i++) {
+        const struct mmodel *m = &M.models[i];
+
+        for (int c = 0; m->used && c < NCODES; c++) {
+            /* OK of a loaded model always exists, so that rate() has a series from the start */
+            if (!m->requests[c] && c)
                 continue;
-            fputs("tpd_requests_total{model=\"", f);
-            put_label(f, o ? "" : M.model);
-            fprintf(f, "\",code=\"%s\"} %llu\n", code_names[c],
-                    (unsigned long long)M.requests[o][c]);
+            series(f, "tpd_requests_total", "", m);
+            fprintf(f, ",code=\"%s\"} %llu\n", code_names[c], (unsigned long long)m->requests[c]);
         }
     }
+    for (int c = 0; c < NCODES; c++)
+        if (M.other[c])
+            fprintf(f, "tpd_requests_total{model=\"\",code=\"%s\"} %llu\n", code_names[c],
+                    (unsigned long long)M.other[c]);
     put_hist(f, "tpd_request_duration_seconds",
-             "Time from a ModelInfer call's arrival to its reply, any status", &M.latency);
+             "Time from a ModelInfer call's arrival to its reply, any status",
+             offsetof(struct mmodel, latency));
     put_hist(f, "tpd_request_queue_seconds",
              "Time a successful request waited from arrival until its job went to the workers",
-             &M.queue);
+             offsetof(struct mmodel, queue));
     put_hist(f, "tpd_compute_seconds",
-             "Time from a job's dispatch to the workers until every rank finished it", &M.compute);
-    put_hist(f, "tpd_batch_rows", "Rows of each job dispatched to the workers", &M.batch);
-    put_model_counter(f, "tpd_request_rows_total", "Rows carried by ModelInfer requests", M.rows);
-    put_model_counter(f, "tpd_collectives_total",
-                      "Collectives the ranks ran for finished jobs: one all-reduce per job of a "
-                      "row layer or block, one all-gather per job with the NCCL gather",
-                      M.collectives);
+             "Time from a job's dispatch to the workers until every rank finished it",
+             offsetof(struct mmodel, compute));
+    put_hist(f, "tpd_batch_rows", "Rows of each job dispatched to the workers",
+             offsetof(struct mmodel, batch));
+    put_per_model(f, "tpd_request_rows_total", "counter", "Rows carried by ModelInfer requests", 0,
+                  v_rows);
+    put_per_model(f, "tpd_collectives_total", "counter",
+                  "Collectives the ranks ran for finished jobs: one all-reduce per job of a "
+                  "row layer or block, one all-gather per job with the NCCL gather",
+                  0, v_collectives);
     head(f, "tpd_received_bytes_total", "counter", "Bytes of ModelInfer request messages");
     fprintf(f, "tpd_received_bytes_total %llu\n", (unsigned long long)M.bytes_in);
     head(f, "tpd_sent_bytes_total", "counter", "Bytes of ModelInfer response messages");
     fprintf(f, "tpd_sent_bytes_total %llu\n", (unsigned long long)M.bytes_out);
-    put_triton(f, pending);
-    head(f, "tpd_worker_up", "gauge", "1 while the worker of this rank is running and loaded");
+    put_triton(f);
+    head(f, "tpd_worker_up", "gauge", "1 while the worker of this rank is running");
     for (int r = 0; r < M.nranks; r++)
         fprintf(f, "tpd_worker_up{rank=\"%d\"} %d\n", r, M.up[r]);
     head(f, "tpd_worker_restarts_total", "counter",
@@ -435,6 +559,7 @@ char *metrics_render(size_t *len)
         fprintf(f, "tpd_worker_restarts_total{rank=\"%d\"} %llu\n", r,
                 (unsigned long long)M.restarts[r]);
     pthread_mutex_unlock(&M.lock);
+    pthread_mutex_unlock(&render_lock);
     if (fclose(f) != 0) {
         free(buf);
         return NULL;
@@ -486,6 +611,7 @@ struct metrics_server {
     pthread_t thread;
     int thread_started;
     metrics_ready_fn ready;
+    metrics_model_ready_fn model_ready;
     void *ctx;
     int64_t accept_paused_until_ns;
     int64_t accept_warned_ns; /* last warning about a failed accept */
@@ -648,9 +774,17 @@ static void answer(struct metrics_server *s, struct http_conn *c)
     }
     if (strncmp(path, "/v2/models/", 11) == 0 &&
         model_ready_path(path + 11, &name_len, &version_ok)) {
-        if (!version_ok || name_len != strlen(M.model) || memcmp(path + 11, M.model, name_len) != 0)
+        char name[256];
+        int r = -1;
+
+        if (version_ok && name_len < sizeof(name)) {
+            memcpy(name, path + 11, name_len);
+            name[name_len] = '\0';
+            r = s->model_ready(s->ctx, name);
+        }
+        if (r < 0)
             respond_text(c, 404, "unknown model or version\n", head_only);
-        else if (s->ready(s->ctx))
+        else if (r)
             respond_text(c, 200, "ready\n", head_only);
         else
             respond_text(c, 503, "not ready\n", head_only);
@@ -861,7 +995,7 @@ static void *http_thread(void *arg)
 }
 
 int metrics_server_start(struct metrics_server **out, const char *addr, metrics_ready_fn ready,
-                         void *ctx, struct tp_err *err)
+                         metrics_model_ready_fn model_ready, void *ctx, struct tp_err *err)
 {
     struct metrics_server *s = calloc(1, sizeof(*s));
     char shown[300];
@@ -871,6 +1005,7 @@ int metrics_server_start(struct metrics_server **out, const char *addr, metrics_
     if (!s)
         return tp_err_set(err, TP_ENOMEM, "no memory for the metrics server");
     s->ready = ready;
+    s->model_ready = model_ready;
     s->ctx = ctx;
     s->wake = -1;
     for (int i = 0; i < HTTP_MAX_CONNS; i++)

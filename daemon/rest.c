@@ -66,12 +66,16 @@ enum route {
     R_CUDA_STATUS,
     R_CUDA_REGISTER,
     R_CUDA_UNREGISTER,
+    R_REPO_LOAD,
+    R_REPO_UNLOAD,
 };
 
 /* One HTTP request, from its first byte to the end of its answer (MHD's per-request pointer). */
 struct rest_req {
     struct sched_req req; /* first: the scheduler's callbacks get back to the request from it */
     struct rest *rest;
+    struct repo_model *rm; /* an inference's model, and its generation (repo_cancel) */
+    uint64_t gen;
     struct MHD_Connection *conn;
     enum route route;
     char path[512];                     /* the URL's path, split in place at '/' */
@@ -189,6 +193,13 @@ static enum route route(struct rest_req *q, const char *url)
         return strcmp(s[2], "live") == 0 ? R_LIVE : strcmp(s[2], "ready") == 0 ? R_READY : R_NONE;
     if (n == 3 && strcmp(s[1], "repository") == 0 && strcmp(s[2], "index") == 0)
         return R_INDEX;
+    if (n == 5 && strcmp(s[1], "repository") == 0 && strcmp(s[2], "models") == 0 && s[3][0]) {
+        q->model = s[3];
+        q->version = "";
+        return strcmp(s[4], "load") == 0     ? R_REPO_LOAD
+               : strcmp(s[4], "unload") == 0 ? R_REPO_UNLOAD
+                                             : R_NONE;
+    }
     if (strcmp(s[1], "systemsharedmemory") == 0 || strcmp(s[1], "cudasharedmemory") == 0) {
         int cuda = s[1][0] == 'c';
         const char *verb = s[n - 1];
@@ -232,7 +243,7 @@ static enum route route(struct rest_req *q, const char *url)
 static int route_posts(enum route r)
 {
     return r == R_INFER || r == R_INDEX || r == R_SHM_REGISTER || r == R_SHM_UNREGISTER ||
-           r == R_CUDA_REGISTER || r == R_CUDA_UNREGISTER;
+           r == R_CUDA_REGISTER || r == R_CUDA_UNREGISTER || r == R_REPO_LOAD || r == R_REPO_UNLOAD;
 }
 
 /* ---- inference ---- */
@@ -268,7 +279,7 @@ static void rest_fill(struct sched_req *req, float *x)
 {
     struct rest_req *q = (struct rest_req *)req;
 
-    api_fill_rows(q->rest->c.api->model, q->in_reg, q->inf.in.in_offset, q->inf.in.x, req->rows, x,
+    api_fill_rows(&q->rm->model, q->in_reg, q->inf.in.in_offset, q->inf.in.x, req->rows, x,
                   &q->fill_err);
     free_body(q); /* the rows are in the slot: the body's memory is free for the next one */
 }
@@ -349,7 +360,7 @@ static void *watch_thread(void *arg)
 
             tp_log(TP_LOG_DEBUG, "rest: the client of request '%s' went away: cancelled",
                    gone[i]->inf.id);
-            sched_cancel(rs->c.api->sched, &gone[i]->req);
+            repo_cancel(gone[i]->rm, gone[i]->gen, &gone[i]->req);
             pthread_mutex_lock(&rs->wlock);
             free_now = --gone[i]->cancels == 0 && gone[i]->free_later;
             pthread_mutex_unlock(&rs->wlock);
@@ -578,7 +589,7 @@ static int send_compressed(struct rest_req *q, const struct MHD_IoVec *iov, int 
 /* Answers a completed inference, on the server's thread. */
 static enum MHD_Result answer_infer(struct rest_req *q)
 {
-    const struct model *m = q->rest->c.api->model;
+    const struct model *m = &q->rm->model;
     struct tp_err failed = {0};
     const struct tp_err *err = q->y ? NULL : &q->err;
     struct sched_slot *hold = q->y ? q->req.hold : NULL;
@@ -684,16 +695,25 @@ static enum MHD_Result start_infer(struct rest_req *q)
 {
     struct rest *rs = q->rest;
     struct api *a = rs->c.api;
-    const struct model *m = a->model;
-    uint64_t esize = tp_dtype_size(m->io_dtype);
+    const struct model *m;
+    uint64_t esize;
     const char *enc =
         MHD_lookup_connection_value(q->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);
     struct tp_err err = {0};
+    struct repo_model *rm = NULL;
 
     if (atomic_load(&rs->quiesced)) {
         tp_err_set(&err, TP_EUNAVAIL, "tpd is shutting down");
         goto refuse;
     }
+    /* held while the request goes to its scheduler: an unload waits for that */
+    rm = repo_get(a->repo, q->model, q->version, &err);
+    if (!rm)
+        goto refuse;
+    q->rm = rm;
+    q->gen = rm->gen;
+    m = &rm->model;
+    esize = tp_dtype_size(m->io_dtype);
     if (enc) {
         enum coding c = coding_of(enc, strlen(enc));
 
@@ -703,6 +723,7 @@ static enum MHD_Result start_infer(struct rest_req *q)
             if (rc == -2) {
                 metrics_request_done(q->model, GRPC_STATUS_INVALID_ARGUMENT,
                                      metrics_since(q->t0_ns), 0, q->len, 0);
+                repo_put(rm);
                 return send_error(q->conn, 413, err.msg);
             }
             if (rc < 0)
@@ -732,11 +753,12 @@ static enum MHD_Result start_infer(struct rest_req *q)
     q->req.complete = rest_complete;
     pthread_mutex_lock(&q->lock);
     atomic_fetch_add(&rs->outstanding, 1);
-    if (sched_submit(rs->c.api->sched, &q->req, &err) < 0) {
+    if (sched_submit(rm->sched, &q->req, &err) < 0) {
         atomic_fetch_sub(&rs->outstanding, 1);
         pthread_mutex_unlock(&q->lock);
         goto refuse;
     }
+    repo_put(rm);
     q->submitted = 1;
     MHD_suspend_connection(q->conn); /* under the lock: the completion resumes it after this */
     pthread_mutex_lock(&rs->wlock);  /* watched, until the completion takes it off */
@@ -750,6 +772,7 @@ static enum MHD_Result start_infer(struct rest_req *q)
     pthread_mutex_unlock(&q->lock);
     return MHD_YES;
 refuse:
+    repo_put(rm);
     metrics_request_done(q->model, tp_code_grpc(err.code), metrics_since(q->t0_ns), 0, q->len, 0);
     return send_err(q->conn, &err);
 }
@@ -789,8 +812,10 @@ static enum MHD_Result repository_index(struct rest_req *q)
 {
     struct api *a = q->rest->c.api;
     struct tp_err err = {0};
-    cJSON *body = NULL, *arr, *e;
-    int ready = api_ready(a), only_ready = 0;
+    cJSON *body = NULL, *arr;
+    struct repo_entry *ents = NULL;
+    size_t n = 0;
+    int only_ready = 0;
 
     if (q->len) {
         const cJSON *r;
@@ -807,13 +832,60 @@ static enum MHD_Result repository_index(struct rest_req *q)
         cJSON_Delete(body);
     }
     arr = cJSON_CreateArray();
-    if (arr && (ready || !only_ready) && (e = cJSON_CreateObject())) {
-        cJSON_AddStringToObject(e, "name", a->model->name);
+    if (!arr || repo_index(a->repo, &ents, &n) < 0) {
+        free(ents);
+        cJSON_Delete(arr);
+        return send_error(q->conn, 500, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        int ready = ents[i].state == REPO_READY && repo_ready(a->repo, ents[i].name, "") == 1;
+        cJSON *e;
+
+        if ((only_ready && !ready) || !(e = cJSON_CreateObject()))
+            continue;
+        cJSON_AddStringToObject(e, "name", ents[i].name);
         cJSON_AddStringToObject(e, "version", MODEL_VERSION);
-        cJSON_AddStringToObject(e, "state", ready ? "READY" : "UNAVAILABLE");
+        cJSON_AddStringToObject(
+            e, "state",
+            ents[i].state == REPO_READY && !ready ? "UNAVAILABLE" : repo_state_name(ents[i].state));
+        if (ents[i].state == REPO_READY && !ready)
+            cJSON_AddStringToObject(e, "reason", "the workers are restarting");
+        else if (ents[i].reason[0])
+            cJSON_AddStringToObject(e, "reason", ents[i].reason);
         cJSON_AddItemToArray(arr, e);
     }
+    free(ents);
     return send_json(q->conn, 200, arr);
+}
+
+/* POST /v2/repository/models/NAME/load or unload: a body of {} or {"parameters": {}} (tpd takes
+ * no parameters: the repository's NAME.json describes the model). */
+static enum MHD_Result model_control(struct rest_req *q, int load)
+{
+    struct tp_err err = {0};
+
+    if (q->len) {
+        cJSON *body = restjson_parse(q->body, q->len, "model control request", &err);
+        const cJSON *p;
+        int bad;
+
+        if (!body)
+            return send_err(q->conn, &err);
+        p = cJSON_GetObjectItemCaseSensitive(body, "parameters");
+        bad = !cJSON_IsObject(body) || (p && !cJSON_IsObject(p));
+        /* unload_dependents, which tritonclient always sends, is moot: no model depends on
+         * another */
+        for (const cJSON *it = p ? p->child : NULL; it && !bad; it = it->next)
+            bad = load || strcmp(it->string, "unload_dependents") != 0;
+        cJSON_Delete(body);
+        if (bad)
+            return send_error(q->conn, 400,
+                              "parameters are not supported: the repository's NAME.json "
+                              "describes the model");
+    }
+    if (api_model_control(q->rest->c.api, q->model, load, &err) < 0)
+        return send_err(q->conn, &err);
+    return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
 }
 
 static enum MHD_Result shm_status(struct rest_req *q)
@@ -902,40 +974,55 @@ static enum MHD_Result dispatch(struct rest_req *q)
         return send_error(q->conn, 404, "not found: tpd serves the KServe v2 API under /v2");
     if (q->post != route_posts(q->route))
         return send_error(q->conn, 405, "Method Not Allowed");
-    if (q->model && infer_check_model(a->model, q->model, q->version, &err) < 0) {
-        if (q->route == R_INFER)
-            metrics_request_done(q->model, GRPC_STATUS_NOT_FOUND, metrics_since(q->t0_ns), 0,
-                                 q->len, 0);
-        return send_err(q->conn, &err);
-    }
     switch (q->route) {
     case R_SERVER_META: return server_metadata(q);
     case R_LIVE: return health(q, "live", 1);
     case R_READY: return health(q, "ready", api_ready(a));
-    case R_MODEL_READY: return health(q, "ready", api_ready(a));
-    case R_MODEL_META: {
-        struct api_metadata b;
+    case R_MODEL_READY: {
+        int ready = repo_ready(a->repo, q->model, q->version);
 
-        api_metadata(a, &b);
-        return send_pb(q->conn, &b.r.base);
+        if (ready < 0) {
+            tp_err_set(&err, TP_ENOTFOUND, "unknown model '%.64s' or version '%.32s'", q->model,
+                       q->version);
+            return send_err(q->conn, &err);
+        }
+        return health(q, "ready", ready && api_ready(a));
     }
+    case R_MODEL_META:
     case R_MODEL_CONFIG: {
-        struct api_config b;
+        struct repo_model *m = repo_get(a->repo, q->model, q->version, &err);
+        enum MHD_Result r;
 
-        api_config(a, &b);
-        return send_pb(q->conn, &b.r.config->base); /* Triton answers the config itself */
+        if (!m)
+            return send_err(q->conn, &err);
+        if (q->route == R_MODEL_META) {
+            struct api_metadata b;
+
+            api_metadata(m, &b);
+            r = send_pb(q->conn, &b.r.base);
+        } else {
+            struct api_config b;
+
+            api_config(m, &b);
+            r = send_pb(q->conn, &b.r.config->base); /* Triton answers the config itself */
+        }
+        repo_put(m);
+        return r;
     }
     case R_MODEL_STATS:
     case R_ALL_STATS: {
         struct api_statistics b;
         enum MHD_Result r;
 
-        if (api_statistics(a, &b) < 0)
-            return send_error(q->conn, 500, "no memory for the statistics");
+        if (api_statistics(a, q->route == R_MODEL_STATS ? q->model : "",
+                           q->route == R_MODEL_STATS ? q->version : "", &b, &err) < 0)
+            return send_err(q->conn, &err);
         r = send_pb(q->conn, &b.r.base);
         api_statistics_free(&b);
         return r;
     }
+    case R_REPO_LOAD: return model_control(q, 1);
+    case R_REPO_UNLOAD: return model_control(q, 0);
     case R_INFER: return start_infer(q);
     case R_INDEX: return repository_index(q);
     case R_SHM_STATUS: return shm_status(q);

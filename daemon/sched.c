@@ -41,6 +41,7 @@ struct sched_slot {
 struct sched {
     struct shm_arena *arena;
     struct sup *sup;
+    uint32_t slot0; /* its slots' first number among all models' (sup.h) */
     struct sched_config c;
     pthread_mutex_t lock;
     pthread_cond_t cond; /* queue, slots or readiness changed */
@@ -104,7 +105,7 @@ static void unhold_locked(struct sched *s, struct sched_slot *sl)
 
 uint32_t sched_slot_index(const struct sched_slot *hold)
 {
-    return hold->idx;
+    return hold->s->slot0 + hold->idx;
 }
 
 void sched_unhold(struct sched_slot *sl)
@@ -218,8 +219,8 @@ static void launch(struct sched *s, struct sched_slot *sl)
     tp_log(TP_LOG_DEBUG, "batch of %u requests, %u rows on slot %u", sl->n, sl->rows, sl->idx);
     for (r = sl->reqs; r; r = r->next)
         r->fill(r, x + (size_t)r->row0 * s->arena->layout.in);
-    metrics_job_fill(sl->idx, now_ns() - t0);
-    if (sup_dispatch(s->sup, sl->idx, sl->id, sl->rows, &err) == 0)
+    metrics_job_fill(s->slot0 + sl->idx, now_ns() - t0);
+    if (sup_dispatch(s->sup, s->slot0 + sl->idx, sl->id, sl->rows, &err) == 0)
         return;
     pthread_mutex_lock(&s->lock);
     failed = sl->reqs;
@@ -376,8 +377,9 @@ int sched_create(struct sched **out, struct shm_arena *arena, const struct sched
     return 0;
 }
 
-void sched_attach(struct sched *s, struct sup *sup)
+void sched_attach(struct sched *s, struct sup *sup, uint32_t slot0)
 {
+    s->slot0 = slot0;
     s->sup = sup;
 }
 
@@ -567,6 +569,16 @@ uint32_t sched_busy(struct sched *s)
     n = s->running + s->queued;
     pthread_mutex_unlock(&s->lock);
     return n;
+}
+
+int sched_idle(struct sched *s)
+{
+    int idle;
+
+    pthread_mutex_lock(&s->lock);
+    idle = s->running + s->queued == 0 && s->busy == 0;
+    pthread_mutex_unlock(&s->lock);
+    return idle;
 }
 
 uint32_t sched_pending(void *ctx)

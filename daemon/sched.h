@@ -78,8 +78,9 @@ struct sched_stats {
 int sched_create(struct sched **s, struct shm_arena *arena, const struct sched_config *c,
                  struct tp_err *err);
 
-/* Connects the supervisor whose jobs this scheduler dispatches (borrowed). */
-void sched_attach(struct sched *s, struct sup *sup);
+/* Connects the supervisor whose jobs this scheduler dispatches (borrowed); the arena's slots are
+ * slot0 and up in the supervisor's numbering of all models' slots. */
+void sched_attach(struct sched *s, struct sup *sup, uint32_t slot0);
 
 /* Takes a request (r stays the caller's memory, and must stay valid until complete was called and,
  * after that, until any sched_cancel for it has returned). Returns -1 (and never calls complete)
@@ -93,7 +94,8 @@ int sched_submit(struct sched *s, struct sched_req *r, struct tp_err *err);
  * completed one is left alone. Any thread. */
 void sched_cancel(struct sched *s, struct sched_req *r);
 
-/* The arena slot of the rows that a successful complete lent (for per-slot job metrics). */
+/* The slot of the rows that a successful complete lent, in the supervisor's numbering (for
+ * per-slot job metrics). */
 uint32_t sched_slot_index(const struct sched_slot *hold);
 
 /* Releases the rows that a successful complete lent. Any thread; never blocks for long. */
@@ -111,6 +113,10 @@ int sched_ready(struct sched *s);
 
 /* Requests waiting or running. */
 uint32_t sched_busy(struct sched *s);
+
+/* 1 when no request waits or runs and no reply holds a slot: every request taken has been
+ * answered, and nothing points into the arena. */
+int sched_idle(struct sched *s);
 
 void sched_get_stats(struct sched *s, struct sched_stats *st);
 

@@ -32,6 +32,7 @@ KEY_LINE_RE = re.compile(r"^#?\s*([a-z][a-z0-9-]*)\s*=\s*(.*?)\s*$")
 GPU_KEYS = ("gpus", "gather", "dtype", "tf32")
 TLS_KEYS = ("tls-cert", "tls-key", "tls-client-ca")
 BLOCK_KEYS = ("block", "act")  # an MLP block replaces the example's one layer
+REPO_KEYS = ("model-repository", "model-control-mode", "load-model")  # many models instead
 
 
 def example_keys():
@@ -142,6 +143,14 @@ class TestConfig(TpdTestCase):
         self.assertEqual(res.rc, 1, "TLS keys of the example: %r" % (res,))
         self.assertRegex(res.err, r"/etc/tpd/tls/", "TLS keys of the example: %r" % (res,))
 
+    def check_repo_keys(self, repo_lines):
+        """The example's repository keys are accepted: tpd gets past the configuration and fails
+        only because this host has no such folder (exit 1, naming it)."""
+        conf = self.write("repo.conf", "".join(repo_lines))
+        res = self.tpd("--config", conf)
+        self.assertEqual(res.rc, 1, "repository keys of the example: %r" % (res,))
+        self.assertIn("model repository /var/lib/tpd/models", res.err, repr(res))
+
     def test_example_accepts_every_key_and_documents_every_flag(self):
         keys = example_keys()
         flags = [f for f in help_flags() if f not in ("help", "version", "config")]
@@ -156,14 +165,17 @@ class TestConfig(TpdTestCase):
         gpu_lines = [l for l in lines if l.split("=")[0].strip() in GPU_KEYS]
         tls_lines = [l for l in lines if l.split("=")[0].strip() in TLS_KEYS]
         block_lines = [l for l in lines if l.split("=")[0].strip() in BLOCK_KEYS]
-        text = "".join(l for l in lines
-                       if l not in gpu_lines and l not in tls_lines and l not in block_lines)
+        repo_lines = [l for l in lines if l.split("=")[0].strip() in REPO_KEYS]
+        text = "".join(l for l in lines if l not in gpu_lines and l not in tls_lines and
+                       l not in block_lines and l not in repo_lines)
         self.assertEqual(len(gpu_lines), len(GPU_KEYS), "GPU keys of the example")
         self.assertEqual(len(tls_lines), len(TLS_KEYS), "TLS keys of the example")
         self.assertEqual(len(block_lines), len(BLOCK_KEYS), "block keys of the example")
         self.check_gpu_keys(gpu_lines)
         self.check_tls_keys(tls_lines)
         self.check_block_keys(block_lines)
+        self.assertEqual(len(repo_lines), len(REPO_KEYS), "repository keys of the example")
+        self.check_repo_keys(repo_lines)
         conf = self.write("example.conf", text)
         real_worker = os.path.join(os.path.dirname(os.path.abspath(tpdtest.TPD)), "tpd-worker")
         # the example's paths and addresses are a production host's: flags override them

@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpdtest  # noqa: E402
-from tpdtest import TpdTestCase, make_layer, pid_alive, run  # noqa: E402
+from tpdtest import TpdTestCase, make_layer, pid_alive, run, wait_for  # noqa: E402
 
 import tritonclient.grpc as tgrpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -235,18 +235,6 @@ def slow_worker(tmp, seconds):
         f.write("#!/bin/sh\nsleep %s\nexec '%s' \"$@\"\n" % (seconds, real))
     os.chmod(path, stat.S_IRWXU)
     return path
-
-
-def wait_for(pred, timeout, what, d=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        r = pred()
-        if r:
-            return r
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.0f s waiting for %s\n%s" % (
-                timeout, what, d.log_tail() if d else ""))
-        time.sleep(0.05)
 
 
 class OpsCase(TpdTestCase):
@@ -661,7 +649,7 @@ class TestModelConfig(OpsCase):
             self.assertIn(name if name != MODEL else "'2'", cm.exception.message())
         meta = client.get_server_metadata()
         self.assertEqual(list(meta.extensions), ["model_configuration", "system_shared_memory",
-                                                 "statistics"])
+                                                 "statistics", "model_repository"])
         client.close()
         d.stop()
         # batching off: no scheduling choice at all

@@ -269,9 +269,10 @@ class TestBadRequests(TritonCase):
             except grpc.RpcError as e:
                 self.assertEqual(e.code(), NF, e.details())
 
-        with self.subTest("unknown method"):
+        with self.subTest("model control without --model-control-mode explicit"):
             call = self.channel.unary_unary("/inference.GRPCInferenceService/RepositoryModelLoad")
-            self.expect(call, b"", grpc.StatusCode.UNIMPLEMENTED)
+            self.expect(call, b"", grpc.StatusCode.UNAVAILABLE, ["model-control-mode"])
+        with self.subTest("unknown method"):
             call = self.channel.unary_unary("/no.such.Service/Method")
             self.expect(call, b"", grpc.StatusCode.UNIMPLEMENTED)
 

@@ -400,6 +400,19 @@ def triton_infer(addr, x, model="m"):
         client.close()
 
 
+def wait_for(pred, timeout, what, d=None):
+    """pred()'s first true value, polled every 50 ms; fails after timeout s, with d's log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = pred()
+        if r:
+            return r
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0f s waiting for %s\n%s" % (
+                timeout, what, d.log_tail() if d else ""))
+        time.sleep(0.05)
+
+
 def rel64(y, y64):
     """max|y - y64| / max|y64|, after checking the shapes."""
     if np.shape(y) != np.shape(y64):
