@@ -56,11 +56,16 @@ def write_layer(path, out, in_):
 
 
 def rss_kib(pid):
+    """(RssAnon, RssShmem) of pid in KiB: its private memory, and the shared memory it maps."""
+    got = {}
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise BenchError("no VmRSS for pid %d" % pid)
+            k = line.split(":")[0]
+            if k in ("RssAnon", "RssShmem"):
+                got[k] = int(line.split()[1])
+    if len(got) != 2:
+        raise BenchError("no RssAnon/RssShmem for pid %d" % pid)
+    return got["RssAnon"], got["RssShmem"]
 
 
 def post(http, path):
@@ -85,7 +90,11 @@ def main():
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pause-ms", type=float, action="append",
+                    help="pause after each load and each unload of the loop; repeatable, one "
+                         "set of rounds each (default: 0, back to back, and 100)")
     a = ap.parse_args()
+    a.pause_ms = a.pause_ms or [0.0, 100.0]
     tmp = tempfile.mkdtemp(prefix="tpd-repo-bench-")
     repo = os.path.join(tmp, "models")
     os.makedirs(repo)
@@ -125,12 +134,22 @@ def main():
         slot_bytes = 4 * 64 * (a.in_ + a.out) * 4  # slots x max_batch x (in + out) floats
         for r, (b0, b1, b2) in enumerate(zip(before, after, gone)):
             share = nbytes / a.cpu
-            print("rank %d: resident %d -> %d KiB on load (+%.2f MiB), %d KiB after unload; its "
-                  "share of the weights %.2f MiB, the model's slots %.2f MiB (shared): "
-                  "+%.2fx the share" % (r, b0, b1, (b1 - b0) / 1024, b2, share / 2**20,
-                                        slot_bytes / 2**20, (b1 - b0) * 1024 / share))
+            print("rank %d: private memory %d -> %d KiB on load (+%.2f MiB = %.3fx its share of "
+                  "the weights, %.2f MiB), %d KiB after unload; shared (the slots, %.2f MiB) "
+                  "%d -> %d -> %d KiB" % (
+                      r, b0[0], b1[0], (b1[0] - b0[0]) / 1024, (b1[0] - b0[0]) * 1024 / share,
+                      share / 2**20, b2[0], slot_bytes / 2**20, b0[1], b1[1], b2[1]))
 
-        # throughput: quiet and cycling rounds, alternating
+        for pause in a.pause_ms:
+            throughput(a, sock, http, pause)
+    finally:
+        stop_tpd(p, BenchError)
+        log.close()
+
+
+def throughput(a, sock, http, pause_ms):
+    """Quiet and cycling rounds, alternating, with pause_ms after each load and unload."""
+    if True:
         bench = [os.path.join(BIN, "tpclient"), "--server", "unix:" + sock, "bench", "--model",
                  "busy", "--rows", str(a.rows), "--concurrency", str(a.concurrency),
                  "--duration", str(a.seconds), "--warmup", "5"]
@@ -144,7 +163,9 @@ def main():
                 def cycle():
                     while not stop.is_set():
                         post(http, "/v2/repository/models/cycled/load")
+                        stop.wait(pause_ms / 1000)
                         post(http, "/v2/repository/models/cycled/unload")
+                        stop.wait(pause_ms / 1000)
                         n[0] += 1
 
                 t = threading.Thread(target=cycle, daemon=True)
@@ -166,14 +187,11 @@ def main():
                     if kind == "cycling" else ""))
         ratios = [c / q for c, q in zip(res["cycling"], res["quiet"])]
         print("busy model, %d clients x %d rows: quiet %.1f req/s, while the other model is "
-              "loaded and unloaded in a loop (%.1f cycles/s) %.1f req/s: ratio %.3f (median of "
-              "%d rounds; target >= 0.9)" % (
-                  a.concurrency, a.rows, statistics.median(res["quiet"]),
+              "loaded and unloaded in a loop (pause %g ms, %.1f cycles/s) %.1f req/s: ratio "
+              "%.3f (median of %d rounds; target >= 0.9)" % (
+                  a.concurrency, a.rows, statistics.median(res["quiet"]), pause_ms,
                   statistics.median(cycles) / a.seconds, statistics.median(res["cycling"]),
                   statistics.median(ratios), a.rounds))
-    finally:
-        stop_tpd(p, BenchError)
-        log.close()
 
 
 if __name__ == "__main__":

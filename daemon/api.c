@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "gbuf.h"
 #include "grpc_service.pb-c.h"
@@ -547,6 +548,77 @@ static void model_statistics(void *ctx, struct rpc_call *call, grpc_byte_buffer 
     api_statistics_free(&b);
 }
 
+/* A load or unload for a thread of its own. */
+struct control_job {
+    struct api *a;
+    struct rpc_call *call;
+    char name[128];
+    int load;
+};
+
+static void *control_main(void *arg)
+{
+    struct control_job *j = arg;
+    Inference__RepositoryModelLoadResponse lr = INFERENCE__REPOSITORY_MODEL_LOAD_RESPONSE__INIT;
+    Inference__RepositoryModelUnloadResponse ur =
+        INFERENCE__REPOSITORY_MODEL_UNLOAD_RESPONSE__INIT;
+    struct tp_err err = {0};
+
+    if (api_model_control(j->a, j->name, j->load, &err) < 0)
+        rpc_reply_err(j->call, &err);
+    else
+        reply_msg(j->call, j->load ? &lr.base : &ur.base);
+    free(j);
+    return NULL;
+}
+
+/* Runs fn(arg) on a thread of its own, counted until it returns (api_control_wait); -1 when no
+ * thread can be made (the caller runs it then). */
+struct control_thread {
+    struct api *a;
+    void *(*fn)(void *);
+    void *arg;
+};
+
+static void *control_thread_main(void *arg)
+{
+    struct control_thread t = *(struct control_thread *)arg;
+
+    free(arg);
+    t.fn(t.arg);
+    atomic_fetch_sub(&t.a->controls, 1);
+    return NULL;
+}
+
+int api_control_run(struct api *a, void *(*fn)(void *), void *arg)
+{
+    struct control_thread *t = malloc(sizeof(*t));
+    pthread_attr_t attr;
+    pthread_t tid;
+    int e;
+
+    if (!t)
+        return -1;
+    *t = (struct control_thread){.a = a, .fn = fn, .arg = arg};
+    atomic_fetch_add(&a->controls, 1);
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    e = pthread_create(&tid, &attr, control_thread_main, t);
+    pthread_attr_destroy(&attr);
+    if (e != 0) {
+        atomic_fetch_sub(&a->controls, 1);
+        free(t);
+        return -1;
+    }
+    return 0;
+}
+
+void api_control_wait(struct api *a)
+{
+    while (atomic_load(&a->controls) > 0)
+        usleep(2000);
+}
+
 /* RepositoryModelLoad and RepositoryModelUnload (Triton's model control, "explicit" mode): the
  * call returns once the model is READY or unloaded, or with why not. */
 static void model_control(struct api *a, struct rpc_call *call, grpc_byte_buffer *payload, int load)
@@ -582,13 +654,31 @@ static void model_control(struct api *a, struct rpc_call *call, grpc_byte_buffer
             rc = -1;
         }
     }
-    if (rc == 0)
-        rc = api_model_control(a, name, load, &err);
+    if (rc == 0 && strlen(name) >= sizeof(((struct control_job *)0)->name)) {
+        tp_err_set(&err, TP_ENOTFOUND, "no model '%.64s...'", name);
+        rc = -1;
+    }
+    if (rc == 0) {
+        struct control_job *j = calloc(1, sizeof(*j));
+
+        if (j) {
+            *j = (struct control_job){.a = a, .call = call, .load = load};
+            snprintf(j->name, sizeof(j->name), "%s", name);
+        }
+        protobuf_c_message_free_unpacked(q, NULL);
+        if (!j) {
+            rpc_reply(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "no memory for the request", NULL);
+            return;
+        }
+        /* a load waits for the workers: not on gRPC's thread, which serves every other call */
+        if (api_control_run(a, control_main, j) < 0)
+            control_main(j);
+        return;
+    }
     protobuf_c_message_free_unpacked(q, NULL);
-    if (rc < 0)
-        rpc_reply_err(call, &err);
-    else
-        reply_msg(call, load ? &lr.base : &ur.base);
+    rpc_reply_err(call, &err);
+    (void)lr;
+    (void)ur;
 }
 
 int api_model_control(struct api *a, const char *name, int load, struct tp_err *err)

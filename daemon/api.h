@@ -25,6 +25,7 @@ struct api {
     struct shmreg *shm;      /* system shared-memory regions */
     atomic_int serving;      /* gRPC started with every worker ready */
     atomic_int draining;     /* SIGTERM received: not ready any more */
+    atomic_int controls;     /* loads and unloads running on threads of their own */
     /* grpc.health.v1.Health/Watch calls, each told when the readiness changes; the lock
      * (PTHREAD_MUTEX_INITIALIZER) also orders a send against the call's end */
     pthread_mutex_t watch_lock;
@@ -94,8 +95,15 @@ int api_statistics(struct api *a, const char *name, const char *version, struct 
 void api_statistics_free(struct api_statistics *b);
 
 /* Loads (load 1) or unloads the model called name, for gRPC's and REST's model control: refused
- * unless tpd runs with --model-control-mode explicit, or while it drains. */
+ * unless tpd runs with --model-control-mode explicit, or while it drains. Waits for the workers:
+ * the handlers run it on a thread of its own (api_control_run). */
 int api_model_control(struct api *a, const char *name, int load, struct tp_err *err);
+
+/* Runs fn(arg) on a new thread, counted until it returns; -1 when none can be made. Any thread. */
+int api_control_run(struct api *a, void *(*fn)(void *), void *arg);
+
+/* Waits until every thread of api_control_run has returned: before the models go, at exit. */
+void api_control_wait(struct api *a);
 
 /* Copies a request's rows ([rows, in] of the model's io dtype) into x, a slot's FP32 rows,
  * widening on the way: from the shared-memory region reg at offset, or from src when reg is

@@ -437,7 +437,8 @@ fail:
         tp_log(TP_LOG_ERR, "%s", err.msg);
     rest_stop(rest, DRAIN_GRACE_MS);
     metrics_server_stop(http);
-    repo_destroy(repo); /* before the workers stop: each model is unloaded from them */
+    api_control_wait(&api); /* a load or unload still running ends first */
+    repo_destroy(repo);     /* before the workers stop: each model is unloaded from them */
     sup_stop(sup);
     shmreg_destroy(api.shm);
     if (status == 0)

@@ -858,6 +858,37 @@ static enum MHD_Result repository_index(struct rest_req *q)
     return send_json(q->conn, 200, arr);
 }
 
+/* A load or unload on its own thread: the connection waits, suspended, as an inference does,
+ * and its answer is sent when the server's thread resumes it (answer_control). */
+static void *control_main(void *arg)
+{
+    struct rest_req *q = arg;
+    struct rest *rs = q->rest;
+    struct tp_err err = {0};
+    int gone;
+
+    api_model_control(rs->c.api, q->model, q->route == R_REPO_LOAD, &err);
+    pthread_mutex_lock(&q->lock);
+    q->err = err;
+    q->done = 1;
+    gone = q->gone;
+    pthread_mutex_unlock(&q->lock);
+    if (!gone)
+        MHD_resume_connection(q->conn);
+    else
+        release_req(q);
+    atomic_fetch_sub(&rs->outstanding, 1);
+    return NULL;
+}
+
+static enum MHD_Result answer_control(struct rest_req *q)
+{
+    q->answered = 1;
+    if (q->err.code != TP_OK)
+        return send_err(q->conn, &q->err);
+    return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
+}
+
 /* POST /v2/repository/models/NAME/load or unload: a body of {} or {"parameters": {}} (tpd takes
  * no parameters: the repository's NAME.json describes the model). */
 static enum MHD_Result model_control(struct rest_req *q, int load)
@@ -883,9 +914,22 @@ static enum MHD_Result model_control(struct rest_req *q, int load)
                               "parameters are not supported: the repository's NAME.json "
                               "describes the model");
     }
-    if (api_model_control(q->rest->c.api, q->model, load, &err) < 0)
+    if (!repo_explicit(q->rest->c.api->repo) || atomic_load(&q->rest->quiesced)) {
+        api_model_control(q->rest->c.api, q->model, load, &err); /* refused at once */
         return send_err(q->conn, &err);
-    return send_buf(q->conn, 200, "application/json", strdup("{}"), 2);
+    }
+    /* a load waits for the workers: not on the server's thread, which serves other requests */
+    pthread_mutex_lock(&q->lock);
+    atomic_fetch_add(&q->rest->outstanding, 1);
+    q->submitted = 1;
+    MHD_suspend_connection(q->conn); /* under the lock: the thread resumes it after this */
+    if (api_control_run(q->rest->c.api, control_main, q) < 0) {
+        pthread_mutex_unlock(&q->lock);
+        control_main(q); /* no thread: here, and the resume answers it */
+        return MHD_YES;
+    }
+    pthread_mutex_unlock(&q->lock);
+    return MHD_YES;
 }
 
 static enum MHD_Result shm_status(struct rest_req *q)
@@ -1159,7 +1203,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
     if (q->done)
-        return answer_infer(q);
+        return q->route == R_INFER ? answer_infer(q) : answer_control(q);
     return dispatch(q);
 }
 

@@ -21,10 +21,14 @@
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <malloc.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "backend.h"
@@ -209,11 +213,43 @@ struct wmodel {
     float **partial; /* [nranks] scratch for a reducing model's jobs */
 };
 
+/* A LOAD received and not answered yet: its message, plan and arena fd, and, once done, the
+ * model and the outcome. */
+struct pending_load {
+    struct ctl_msg msg;
+    struct plan plan;
+    int arena_fd;
+    struct wmodel m;
+    uint64_t bytes;
+    struct tp_err err;
+    int rc;
+};
+
+/* The cpu backend loads on a thread of its own, so that the other models' jobs go on meanwhile:
+ * loads wait in a queue (every model at most once), are done one at a time in the order they
+ * came, and each is answered (LOADED) by the main thread, which installs the model, once the
+ * loader's eventfd says it is done. A GPU backend loads on the main thread, between jobs: its
+ * load runs collectives (the communicator's creation, the warm-up) that must come in the same
+ * order on every rank as the jobs' own. */
+struct loader {
+    int async;
+    int efd; /* eventfd: a load is done */
+    pthread_t thread;
+    int started, stop;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct pending_load *q[CTL_MAX_MODELS];
+    int head, len;  /* the queue, q[head] loading (async) */
+    int running;    /* the loader works on q[head] */
+    int done;       /* it finished q[head] */
+};
+
 struct worker {
     const struct worker_args *a;
     const struct backend_ops *ops;
     struct backend_config bc; /* the worker's part; each load adds its model's */
     struct wmodel models[CTL_MAX_MODELS];
+    struct loader ld;
 };
 
 static void unload(struct wmodel *m, const struct backend_ops *ops)
@@ -225,80 +261,50 @@ static void unload(struct wmodel *m, const struct backend_ops *ops)
     *m = (struct wmodel){.arena = {.fd = -1}};
 }
 
-/* Loads model msg->id by the plan that follows the LOAD, with the arena fd that came with it
- * (arena_fd, taken over). Only its own part of the weights is read (shard.h), after checking
- * that the files are still the ones the coordinator planned. -1 with err when it cannot be; the
- * worker goes on serving the other models. */
-static int load(struct worker *w, const struct ctl_msg *msg, int arena_fd, uint64_t *bytes,
-                struct tp_err *err)
+/* Loads pl's model into pl->m by its plan, with its arena (pl->arena_fd, taken over). Only this
+ * rank's part of the weights is read (shard.h), after checking that the files are still the ones
+ * the coordinator planned. -1 with err when it cannot be; the worker goes on serving the other
+ * models. Touches nothing of w but its settings, so it may run on the loader's thread. */
+static int load(const struct worker *w, struct pending_load *pl, struct tp_err *err)
 {
     const struct worker_args *a = w->a;
-    struct wmodel *m = &w->models[msg->id];
+    const struct ctl_msg *msg = &pl->msg;
+    const struct plan *plan = &pl->plan;
+    struct wmodel *m = &pl->m;
     struct shard s = {0};
-    struct plan plan;
     struct backend_config bc = w->bc;
+    int arena_fd = pl->arena_fd;
     const char *what;
     int64_t split;
     double t0;
-    int r;
 
-    /* the plan is read before anything can fail: it must not stay in the socket */
-    r = ctl_recv_plan(CTL_FD, &plan, err);
-    if (r == 0) {
-        if (arena_fd >= 0)
-            close(arena_fd);
-        coordinator_gone();
-    }
-    if (r < 0) {
-        if (arena_fd >= 0)
-            close(arena_fd);
-        tp_err_prefix(err, "receiving the plan: ");
-        return -1;
-    }
-    if (arena_fd < 0)
-        return tp_err_set(err, TP_EINTERNAL, "the LOAD of model %llu carried no arena",
-                          (unsigned long long)msg->id);
-    if (m->loaded) {
-        close(arena_fd);
-        return tp_err_set(err, TP_EINTERNAL, "model %llu is loaded already",
-                          (unsigned long long)msg->id);
-    }
-    for (int i = 0; i < CTL_MAX_MODELS; i++) {
-        const struct wmodel *o = &w->models[i];
-
-        if (o->loaded && msg->slot < o->slot0 + o->nslots && o->slot0 < msg->slot + msg->bytes) {
-            close(arena_fd);
-            return tp_err_set(err, TP_EINTERNAL, "the slots of model %llu overlap model %d's",
-                              (unsigned long long)msg->id, i);
-        }
-    }
+    pl->arena_fd = -1;
     *m = (struct wmodel){.slot0 = msg->slot, .nslots = (uint32_t)msg->bytes, .arena = {.fd = -1}};
     t0 = timing_now_s();
     /* the cpu backend's invariant GEMM takes W packed: read it so, never whole */
     if (strcmp(w->ops->name, "cpu") == 0 && a->cpu_gemm == BACKEND_GEMM_INVARIANT
-            ? shard_load_packed(&s, &plan, a->rank, a->nranks, a->threads, err) < 0
-            : shard_load(&s, &plan, a->rank, a->nranks, err) < 0) {
+            ? shard_load_packed(&s, plan, a->rank, a->nranks, a->threads, err) < 0
+            : shard_load(&s, plan, a->rank, a->nranks, err) < 0) {
         close(arena_fd);
         goto fail;
     }
-    split = plan_split_size(&plan, &what);
+    split = plan_split_size(plan, &what);
     tp_log(TP_LOG_NOTICE,
            "loaded %s [%lld, %lld) of %lld from '%s' (%s)%s: read %llu bytes of weight and %llu "
            "bytes of bias in %.3f s (model %llu)",
-           plan.kind == PLAN_COLUMN ? "rows" : what, (long long)s.first,
-           (long long)(s.first + s.count), (long long)split, plan.lin[0].w.name,
-           tp_dtype_file_name(s.dtype), plan.nlin > 1 ? " and the block's other layers" : "",
+           plan->kind == PLAN_COLUMN ? "rows" : what, (long long)s.first,
+           (long long)(s.first + s.count), (long long)split, plan->lin[0].w.name,
+           tp_dtype_file_name(s.dtype), plan->nlin > 1 ? " and the block's other layers" : "",
            (unsigned long long)s.w_bytes, (unsigned long long)s.b_bytes, timing_now_s() - t0,
            (unsigned long long)msg->id);
-    *bytes = s.w_bytes + s.b_bytes;
+    pl->bytes = s.w_bytes + s.b_bytes;
     if (shm_arena_attach(&m->arena, arena_fd,
                          &(struct shm_layout){.nslots = m->nslots,
                                               .max_batch = msg->rows,
                                               .in = (uint32_t)s.in,
                                               .out = (uint32_t)s.out,
-                                              .partials = plan_reduces(&plan)
-                                                              ? (uint32_t)a->nranks
-                                                              : 0},
+                                              .partials = plan_reduces(plan) ? (uint32_t)a->nranks
+                                                                             : 0},
                          err) < 0)
         goto fail;
     bc.max_batch = msg->rows;
@@ -313,13 +319,204 @@ static int load(struct worker *w, const struct ctl_msg *msg, int arena_fd, uint6
         tp_err_set(err, TP_ENOMEM, "no memory for %d partials", a->nranks);
         goto fail;
     }
-    m->loaded = 1;
     shard_free(&s);
+    /* what reading the files took from the heap goes back: a loaded model costs its shard */
+    malloc_trim(0);
     return 0;
 fail:
     shard_free(&s);
     unload(m, w->ops);
+    malloc_trim(0);
     return -1;
+}
+
+static void *loader_main(void *arg)
+{
+    struct worker *w = arg;
+    struct loader *ld = &w->ld;
+
+    pthread_mutex_lock(&ld->lock);
+    for (;;) {
+        struct pending_load *pl;
+        uint64_t one = 1;
+
+        while (!ld->stop && !(ld->len && !ld->running && !ld->done))
+            pthread_cond_wait(&ld->cond, &ld->lock);
+        if (ld->stop)
+            break;
+        pl = ld->q[ld->head];
+        ld->running = 1;
+        pthread_mutex_unlock(&ld->lock);
+        pl->err = (struct tp_err){0};
+        pl->rc = load(w, pl, &pl->err);
+        pthread_mutex_lock(&ld->lock);
+        ld->running = 0;
+        ld->done = 1;
+        if (write(ld->efd, &one, sizeof(one)) < 0)
+            tp_log(TP_LOG_ERR, "loader: waking the main thread: %s", strerror(errno));
+    }
+    pthread_mutex_unlock(&ld->lock);
+    return NULL;
+}
+
+/* Answers a finished load: the model installed (or freed, with its error), LOADED sent. -1
+ * when the control channel failed. Main thread. */
+static int finish_load(struct worker *w, struct pending_load *pl)
+{
+    struct ctl_msg reply = {.type = CTL_LOADED, .id = pl->msg.id, .rank = (uint32_t)w->a->rank};
+    struct tp_err err = {0};
+
+    if (pl->rc == 0) {
+        pl->m.loaded = 1;
+        w->models[pl->msg.id] = pl->m;
+        reply.bytes = pl->bytes;
+    } else {
+        reply.status = pl->err.code ? pl->err.code : TP_EINTERNAL;
+        snprintf(reply.text, sizeof(reply.text), "%s", pl->err.msg);
+        tp_log(TP_LOG_ERR, "model %llu: %s", (unsigned long long)pl->msg.id, pl->err.msg);
+    }
+    if (pl->arena_fd >= 0)
+        close(pl->arena_fd);
+    free(pl);
+    if (ctl_send(CTL_FD, &reply, &err) < 0) {
+        tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+/* A LOAD came (its plan is read here, before anything can fail, so that it never stays in the
+ * socket): checked, then loaded now (a GPU backend) or queued for the loader. -1 when the
+ * control channel failed. */
+static int start_load(struct worker *w, const struct ctl_msg *msg, int arena_fd)
+{
+    struct pending_load *pl = calloc(1, sizeof(*pl));
+    struct loader *ld = &w->ld;
+    struct tp_err err = {0};
+    int r;
+
+    if (!pl) {
+        if (arena_fd >= 0)
+            close(arena_fd);
+        tp_log(TP_LOG_ERR, "no memory for a load");
+        return -1;
+    }
+    pl->msg = *msg;
+    pl->arena_fd = arena_fd;
+    r = ctl_recv_plan(CTL_FD, &pl->plan, &err);
+    if (r == 0)
+        coordinator_gone();
+    if (r < 0) {
+        tp_err_prefix(&err, "receiving the plan: ");
+        tp_log(TP_LOG_ERR, "control channel: %s", err.msg);
+        if (arena_fd >= 0)
+            close(arena_fd);
+        free(pl);
+        return -1;
+    }
+    pl->rc = -1;
+    if (arena_fd < 0) {
+        tp_err_set(&pl->err, TP_EINTERNAL, "the LOAD of model %llu carried no arena",
+                   (unsigned long long)msg->id);
+        return finish_load(w, pl);
+    }
+    for (int i = 0; i < CTL_MAX_MODELS; i++) {
+        const struct wmodel *o = &w->models[i];
+
+        if (o->loaded && (i == (int)msg->id || (msg->slot < o->slot0 + o->nslots &&
+                                                o->slot0 < msg->slot + msg->bytes))) {
+            tp_err_set(&pl->err, TP_EINTERNAL, "model %llu is loaded already, or its slots "
+                                               "overlap model %d's",
+                       (unsigned long long)msg->id, i);
+            return finish_load(w, pl);
+        }
+    }
+    if (!ld->async) {
+        pl->rc = load(w, pl, &pl->err);
+        return finish_load(w, pl);
+    }
+    pthread_mutex_lock(&ld->lock);
+    if (ld->len == CTL_MAX_MODELS) {
+        pthread_mutex_unlock(&ld->lock);
+        tp_err_set(&pl->err, TP_EINTERNAL, "%d loads waiting already", CTL_MAX_MODELS);
+        return finish_load(w, pl);
+    }
+    ld->q[(ld->head + ld->len) % CTL_MAX_MODELS] = pl;
+    ld->len++;
+    pthread_cond_signal(&ld->cond);
+    pthread_mutex_unlock(&ld->lock);
+    return 0;
+}
+
+/* The loader finished its load: it is answered, and the next one starts. -1 when the control
+ * channel failed. */
+static int on_loaded(struct worker *w)
+{
+    struct loader *ld = &w->ld;
+    struct pending_load *pl;
+    uint64_t v;
+
+    if (read(ld->efd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        tp_log(TP_LOG_ERR, "loader: reading its eventfd: %s", strerror(errno));
+    pthread_mutex_lock(&ld->lock);
+    if (!ld->done) {
+        pthread_mutex_unlock(&ld->lock);
+        return 0;
+    }
+    pl = ld->q[ld->head];
+    ld->head = (ld->head + 1) % CTL_MAX_MODELS;
+    ld->len--;
+    ld->done = 0;
+    pthread_cond_signal(&ld->cond);
+    pthread_mutex_unlock(&ld->lock);
+    return finish_load(w, pl);
+}
+
+static int loader_start(struct worker *w, struct tp_err *err)
+{
+    struct loader *ld = &w->ld;
+    int e;
+
+    pthread_mutex_init(&ld->lock, NULL);
+    pthread_cond_init(&ld->cond, NULL);
+    ld->efd = -1;
+    ld->async = strcmp(w->ops->name, "cpu") == 0;
+    if (!ld->async)
+        return 0;
+    ld->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (ld->efd < 0)
+        return tp_err_sys(err, "creating the loader's eventfd");
+    e = pthread_create(&ld->thread, NULL, loader_main, w);
+    if (e != 0)
+        return tp_err_set(err, TP_ESYS, "cannot start the loader thread: %s", strerror(e));
+    ld->started = 1;
+    return 0;
+}
+
+/* Stops the loader (after the load it works on) and frees what waits. */
+static void loader_stop(struct worker *w)
+{
+    struct loader *ld = &w->ld;
+
+    if (ld->started) {
+        pthread_mutex_lock(&ld->lock);
+        ld->stop = 1;
+        pthread_cond_signal(&ld->cond);
+        pthread_mutex_unlock(&ld->lock);
+        pthread_join(ld->thread, NULL);
+    }
+    for (int i = 0; i < ld->len; i++) {
+        struct pending_load *pl = ld->q[(ld->head + i) % CTL_MAX_MODELS];
+
+        if (i == 0 && ld->done && pl->rc == 0)
+            unload(&pl->m, w->ops);
+        if (pl->arena_fd >= 0)
+            close(pl->arena_fd);
+        free(pl);
+    }
+    ld->len = 0;
+    if (ld->efd >= 0)
+        close(ld->efd);
 }
 
 /* The loaded model that owns slot, or NULL. */
@@ -390,6 +587,21 @@ static int serve(struct worker *w)
     int r, fatal = 0, fd;
 
     for (;;) {
+        if (w->ld.async) {
+            struct pollfd p[2] = {{.fd = CTL_FD, .events = POLLIN},
+                                  {.fd = w->ld.efd, .events = POLLIN}};
+
+            if (poll(p, 2, -1) < 0) {
+                if (errno == EINTR)
+                    continue;
+                tp_log(TP_LOG_ERR, "poll: %s", strerror(errno));
+                return 1;
+            }
+            if ((p[1].revents & POLLIN) && on_loaded(w) < 0)
+                return 1;
+            if (!(p[0].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+        }
         err = (struct tp_err){0};
         r = ctl_recv_fd(CTL_FD, &m, &fd, &err);
         if (r == 0)
@@ -407,20 +619,18 @@ static int serve(struct worker *w)
         }
         if (m.type == CTL_STOP)
             return 0;
+        if (m.type == CTL_LOAD) {
+            if (start_load(w, &m, fd) < 0)
+                return 1;
+            continue;
+        }
         reply = (struct ctl_msg){.id = m.id, .rank = (uint32_t)a->rank};
         switch (m.type) {
-        case CTL_LOAD:
-            reply.type = CTL_LOADED;
-            if (load(w, &m, fd, &reply.bytes, &err) < 0) {
-                reply.status = err.code ? err.code : TP_EINTERNAL;
-                snprintf(reply.text, sizeof(reply.text), "%s", err.msg);
-                tp_log(TP_LOG_ERR, "model %llu: %s", (unsigned long long)m.id, err.msg);
-            }
-            break;
         case CTL_UNLOAD:
             reply.type = CTL_UNLOADED;
             if (w->models[m.id].loaded) {
                 unload(&w->models[m.id], w->ops);
+                malloc_trim(0); /* its memory goes back to the system, not to the heap */
                 tp_log(TP_LOG_NOTICE, "model %llu: unloaded", (unsigned long long)m.id);
             }
             break;
@@ -498,6 +708,8 @@ int main(int argc, char **argv)
                                    .ctl_fd = CTL_FD};
     if (w.ops->probe && w.ops->probe(&w.bc, &err) < 0)
         goto fail;
+    if (loader_start(&w, &err) < 0)
+        goto fail;
     send_ready(&a, NULL);
     status = serve(&w);
     goto out;
@@ -505,6 +717,7 @@ fail:
     tp_log(TP_LOG_ERR, "%s", err.msg);
     send_ready(&a, &err);
 out:
+    loader_stop(&w);
     for (int i = 0; i < CTL_MAX_MODELS; i++)
         if (w.models[i].loaded)
             unload(&w.models[i], w.ops);

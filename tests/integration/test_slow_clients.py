@@ -36,7 +36,8 @@ import unittest
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import STARTED_RE, TpdTestCase, free_tcp_port, make_layer, pid_alive  # noqa: E402
+from tpdtest import (STARTED_RE, TpdTestCase, free_tcp_port, make_layer, pid_alive,  # noqa: E402
+                     sanitized)
 
 import grpc  # noqa: E402
 import h2.config  # noqa: E402
@@ -139,12 +140,6 @@ class NonReader:
         self.stop.set()
         self.thread.join(5)
         self.sock.close()
-
-
-def sanitized(pid):
-    """True when pid runs with AddressSanitizer."""
-    with open("/proc/%d/maps" % pid) as f:
-        return "libasan" in f.read()
 
 
 def vm_kb(pid, field):

@@ -400,6 +400,12 @@ def triton_infer(addr, x, model="m"):
         client.close()
 
 
+def sanitized(pid):
+    """True when pid runs with AddressSanitizer (whose quarantine keeps freed memory resident)."""
+    with open("/proc/%d/maps" % pid) as f:
+        return "libasan" in f.read()
+
+
 def wait_for(pred, timeout, what, d=None):
     """pred()'s first true value, polled every 50 ms; fails after timeout s, with d's log."""
     deadline = time.monotonic() + timeout
