@@ -410,19 +410,17 @@ static enum config_result apply(struct config *c, int o)
         break;
     case O_BIAS: c->bias = optarg; break;
     case O_NO_BIAS: c->no_bias = 1; break;
-    case O_LAYOUT:
-        if (strcmp(optarg, "auto") == 0)
-            c->layout = PLAN_LAYOUT_AUTO;
-        else if (strcmp(optarg, "linear") == 0)
-            c->layout = PLAN_LINEAR;
-        else if (strcmp(optarg, "conv1d") == 0)
-            c->layout = PLAN_CONV1D;
-        else {
+    case O_LAYOUT: {
+        enum plan_layout l;
+
+        if (plan_layout_from_name(optarg, &l) < 0) {
             fprintf(stderr, "tpd: %s takes auto, linear or conv1d, got '%s'\n",
                     subject("--layout"), optarg);
             return CONFIG_USAGE;
         }
+        c->layout = (int)l;
         break;
+    }
     case O_MODEL: model = optarg; break;
     case O_CPU:
         if (parse_num("--cpu", optarg, 1, 256, &v))

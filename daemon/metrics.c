@@ -429,71 +429,97 @@ static void put_hist(FILE *f, const char *name, const char *help, size_t off)
     }
 }
 
-/* A family of one value per loaded model: value(m), labelled with its model, and with Triton's
- * version label when nv. */
-static void put_per_model(FILE *f, const char *name, const char *type, const char *help, int nv,
-                          uint64_t (*value)(const struct mmodel *m, int id))
-{
-    head(f, name, type, help);
-    for (int i = 0; i < METRICS_MAX_MODELS; i++) {
-        if (!M.models[i].used)
-            continue;
-        series(f, name, "", &M.models[i]);
-        fprintf(f, "%s} %llu\n", nv ? ",version=\"1\"" : "",
-                (unsigned long long)value(&M.models[i], i));
-    }
-}
-
-#define VALUE(NAME, EXPR)                                                                          \
-    static uint64_t NAME(const struct mmodel *m, int id)                                           \
-    {                                                                                              \
-        (void)id;                                                                                  \
-        return (EXPR);                                                                             \
-    }
-VALUE(v_rows, m->rows)
-VALUE(v_collectives, m->collectives)
-VALUE(v_success, m->st.success.count)
-VALUE(v_failure, m->st.fail.count)
-VALUE(v_count, m->st.inference_count)
-VALUE(v_exec, m->st.execution_count)
-VALUE(v_request_us, (m->st.success.ns + m->st.fail.ns) / 1000)
-VALUE(v_queue_us, m->st.queue.ns / 1000)
-VALUE(v_input_us, m->st.compute_input.ns / 1000)
-VALUE(v_infer_us, m->st.compute_infer.ns / 1000)
-VALUE(v_output_us, m->st.compute_output.ns / 1000)
-
 static uint32_t pending_now[METRICS_MAX_MODELS]; /* asked before the lock, per scrape */
 
-static uint64_t v_pending(const struct mmodel *m, int id)
+/* What a family of one value per model counts. */
+enum value_of {
+    V_ROWS,
+    V_COLLECTIVES,
+    V_SUCCESS,
+    V_FAILURE,
+    V_COUNT,
+    V_EXEC,
+    V_REQUEST_US,
+    V_QUEUE_US,
+    V_INPUT_US,
+    V_INFER_US,
+    V_OUTPUT_US,
+    V_PENDING
+};
+
+struct family {
+    const char *name, *type, *help;
+    enum value_of v;
+};
+
+/* tpd's own families of one value per model, and Triton's, which its dashboards read, from the
+ * statistics above (with Triton's version label). */
+static const struct family own_families[] = {
+    {"tpd_request_rows_total", "counter", "Rows carried by ModelInfer requests", V_ROWS},
+    {"tpd_collectives_total", "counter",
+     "Collectives the ranks ran for finished jobs: one all-reduce per job of a row layer or "
+     "block, one all-gather per job with the NCCL gather",
+     V_COLLECTIVES},
+};
+
+static const struct family triton_families[] = {
+    {"nv_inference_request_success", "counter",
+     "Number of successful inference requests, all batch sizes", V_SUCCESS},
+    {"nv_inference_request_failure", "counter",
+     "Number of failed inference requests, all batch sizes", V_FAILURE},
+    {"nv_inference_count", "counter",
+     "Number of inferences performed (a request of N rows counts N)", V_COUNT},
+    {"nv_inference_exec_count", "counter",
+     "Number of model executions performed (a batch of requests counts 1)", V_EXEC},
+    {"nv_inference_request_duration_us", "counter",
+     "Cumulative inference request duration in microseconds", V_REQUEST_US},
+    {"nv_inference_queue_duration_us", "counter",
+     "Cumulative inference queuing duration in microseconds", V_QUEUE_US},
+    {"nv_inference_compute_input_duration_us", "counter",
+     "Cumulative compute input duration in microseconds", V_INPUT_US},
+    {"nv_inference_compute_infer_duration_us", "counter",
+     "Cumulative compute inference duration in microseconds", V_INFER_US},
+    {"nv_inference_compute_output_duration_us", "counter",
+     "Cumulative inference compute output duration in microseconds", V_OUTPUT_US},
+    {"nv_inference_pending_request_count", "gauge",
+     "Instantaneous number of pending requests awaiting execution per-model", V_PENDING},
+};
+
+static uint64_t value(const struct mmodel *m, int id, enum value_of v)
 {
-    (void)m;
-    return pending_now[id];
+    const struct metrics_stats *st = &m->st;
+
+    switch (v) {
+    case V_ROWS: return m->rows;
+    case V_COLLECTIVES: return m->collectives;
+    case V_SUCCESS: return st->success.count;
+    case V_FAILURE: return st->fail.count;
+    case V_COUNT: return st->inference_count;
+    case V_EXEC: return st->execution_count;
+    case V_REQUEST_US: return (st->success.ns + st->fail.ns) / 1000;
+    case V_QUEUE_US: return st->queue.ns / 1000;
+    case V_INPUT_US: return st->compute_input.ns / 1000;
+    case V_INFER_US: return st->compute_infer.ns / 1000;
+    case V_OUTPUT_US: return st->compute_output.ns / 1000;
+    case V_PENDING: return pending_now[id];
+    }
+    return 0;
 }
 
-/* The families that Triton's dashboards read, from the statistics above. Lock held. */
-static void put_triton(FILE *f)
+/* n families of one value per loaded model, each series labelled with its model, and with
+ * Triton's version label when nv. Lock held. */
+static void put_families(FILE *f, const struct family *fam, size_t n, int nv)
 {
-    put_per_model(f, "nv_inference_request_success", "counter",
-                  "Number of successful inference requests, all batch sizes", 1, v_success);
-    put_per_model(f, "nv_inference_request_failure", "counter",
-                  "Number of failed inference requests, all batch sizes", 1, v_failure);
-    put_per_model(f, "nv_inference_count", "counter",
-                  "Number of inferences performed (a request of N rows counts N)", 1, v_count);
-    put_per_model(f, "nv_inference_exec_count", "counter",
-                  "Number of model executions performed (a batch of requests counts 1)", 1, v_exec);
-    put_per_model(f, "nv_inference_request_duration_us", "counter",
-                  "Cumulative inference request duration in microseconds", 1, v_request_us);
-    put_per_model(f, "nv_inference_queue_duration_us", "counter",
-                  "Cumulative inference queuing duration in microseconds", 1, v_queue_us);
-    put_per_model(f, "nv_inference_compute_input_duration_us", "counter",
-                  "Cumulative compute input duration in microseconds", 1, v_input_us);
-    put_per_model(f, "nv_inference_compute_infer_duration_us", "counter",
-                  "Cumulative compute inference duration in microseconds", 1, v_infer_us);
-    put_per_model(f, "nv_inference_compute_output_duration_us", "counter",
-                  "Cumulative inference compute output duration in microseconds", 1, v_output_us);
-    put_per_model(f, "nv_inference_pending_request_count", "gauge",
-                  "Instantaneous number of pending requests awaiting execution per-model", 1,
-                  v_pending);
+    for (size_t k = 0; k < n; k++) {
+        head(f, fam[k].name, fam[k].type, fam[k].help);
+        for (int i = 0; i < METRICS_MAX_MODELS; i++) {
+            if (!M.models[i].used)
+                continue;
+            series(f, fam[k].name, "", &M.models[i]);
+            fprintf(f, "%s} %llu\n", nv ? ",version=\"1\"" : "",
+                    (unsigned long long)value(&M.models[i], i, fam[k].v));
+        }
+    }
 }
 
 char *metrics_render(size_t *len)
@@ -539,17 +565,12 @@ char *metrics_render(size_t *len)
              offsetof(struct mmodel, compute));
     put_hist(f, "tpd_batch_rows", "Rows of each job dispatched to the workers",
              offsetof(struct mmodel, batch));
-    put_per_model(f, "tpd_request_rows_total", "counter", "Rows carried by ModelInfer requests", 0,
-                  v_rows);
-    put_per_model(f, "tpd_collectives_total", "counter",
-                  "Collectives the ranks ran for finished jobs: one all-reduce per job of a "
-                  "row layer or block, one all-gather per job with the NCCL gather",
-                  0, v_collectives);
+    put_families(f, own_families, sizeof(own_families) / sizeof(own_families[0]), 0);
     head(f, "tpd_received_bytes_total", "counter", "Bytes of ModelInfer request messages");
     fprintf(f, "tpd_received_bytes_total %llu\n", (unsigned long long)M.bytes_in);
     head(f, "tpd_sent_bytes_total", "counter", "Bytes of ModelInfer response messages");
     fprintf(f, "tpd_sent_bytes_total %llu\n", (unsigned long long)M.bytes_out);
-    put_triton(f);
+    put_families(f, triton_families, sizeof(triton_families) / sizeof(triton_families[0]), 1);
     head(f, "tpd_worker_up", "gauge", "1 while the worker of this rank is running");
     for (int r = 0; r < M.nranks; r++)
         fprintf(f, "tpd_worker_up{rank=\"%d\"} %d\n", r, M.up[r]);

@@ -224,16 +224,13 @@ static int read_conf(const struct repo *r, const char *name, struct repo_conf *c
     if (get_string(o, "layout", sval, sizeof(sval), err) < 0)
         goto fail;
     if (sval[0]) {
-        if (strcmp(sval, "auto") == 0)
-            c->layout = PLAN_LAYOUT_AUTO;
-        else if (strcmp(sval, "linear") == 0)
-            c->layout = PLAN_LINEAR;
-        else if (strcmp(sval, "conv1d") == 0)
-            c->layout = PLAN_CONV1D;
-        else {
+        enum plan_layout l;
+
+        if (plan_layout_from_name(sval, &l) < 0) {
             tp_err_set(err, TP_EINVAL, "'layout' is auto, linear or conv1d, got '%s'", sval);
             goto fail;
         }
+        c->layout = (int)l;
     }
     sval[0] = '\0';
     if (get_string(o, "act", sval, sizeof(sval), err) < 0)

@@ -329,6 +329,19 @@ enum plan_act plan_act_from_name(const char *name)
     return PLAN_ACT_AUTO;
 }
 
+int plan_layout_from_name(const char *name, enum plan_layout *l)
+{
+    if (strcmp(name, "auto") == 0)
+        *l = PLAN_LAYOUT_AUTO;
+    else if (strcmp(name, "linear") == 0)
+        *l = PLAN_LINEAR;
+    else if (strcmp(name, "conv1d") == 0)
+        *l = PLAN_CONV1D;
+    else
+        return -1;
+    return 0;
+}
+
 const char *plan_act_name(enum plan_act a)
 {
     switch (a) {

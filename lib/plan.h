@@ -152,6 +152,8 @@ int plan_reduces(const struct plan *p);
 const char *plan_kind_name(enum plan_kind k);
 const char *plan_act_name(enum plan_act a);
 enum plan_act plan_act_from_name(const char *name); /* PLAN_ACT_AUTO when unknown */
+/* "auto", "linear" or "conv1d" as a --layout takes it: 0 with *l set, -1 for another name. */
+int plan_layout_from_name(const char *name, enum plan_layout *l);
 
 /* Reads the block [row0, row0 + rows) x [col0, col0 + cols) of W [out, in] (output rows, input
  * columns, whatever the layout: a CONV1D layer reads the transposed block of its stored [in, out]
