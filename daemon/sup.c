@@ -385,12 +385,13 @@ static int flush_jobs(struct sup *s, int r, struct tp_err *err)
 
     while (w->bl_len) {
         uint32_t entry = q[w->bl_head];
-        const struct smodel *md = &s->models[entry & BL_ID];
         struct ctl_msg m = {.id = entry & BL_ID};
         struct tp_err e = {0};
         int rc;
 
         if (entry & BL_LOAD) {
+            const struct smodel *md = &s->models[entry & BL_ID];
+
             m.type = CTL_LOAD;
             m.slot = md->m.slot0;
             m.rows = md->m.arena->layout.max_batch;

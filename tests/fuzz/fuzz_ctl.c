@@ -2,7 +2,8 @@
  * the coordinator): the bytes go through a real SOCK_SEQPACKET socketpair as one datagram of any
  * size, ctl_recv takes it, and ctl_validate checks it. A message that passes must satisfy what
  * the supervisor then relies on: known type and status, a terminated text, slot and rows in
- * range for JOB and DONE (READY, INIT and STOP name no slot), and a DONE's collectives bounded. */
+ * range for JOB and DONE (READY, INIT and STOP name no slot), a DONE's collectives bounded, a
+ * model's id in range for LOAD, LOADED, UNLOAD and UNLOADED, and a LOAD's slots and rows. */
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -23,8 +24,13 @@ static void check(const struct ctl_msg *m)
             abort();
         return;
     }
-    if (m->type != CTL_READY && m->type != CTL_JOB && m->type != CTL_DONE && m->type != CTL_INIT &&
-        m->type != CTL_STOP)
+    if (m->type < CTL_READY || m->type > CTL_UNLOADED || m->type == CTL_PLAN)
+        abort();
+    if (m->type >= CTL_LOAD && m->id >= CTL_MAX_MODELS)
+        abort();
+    /* a LOAD's slots lie within the arena's numbering, and its rows within the bound */
+    if (m->type == CTL_LOAD && (m->rows < 1 || m->rows > MAX_BATCH || m->bytes < 1 ||
+                                m->slot >= NSLOTS || m->bytes > NSLOTS - m->slot))
         abort();
     if (m->status < 0 || m->status >= TP_ERR_COUNT || !memchr(m->text, '\0', sizeof(m->text)))
         abort();

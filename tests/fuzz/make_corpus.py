@@ -149,14 +149,14 @@ CTL_FMT = "<IHHQIIiIQ256s128s"  # struct ctl_msg, 424 bytes
 
 
 def ctl_msg(type_, id_=1, slot=0, rows=1, status=0, rank=0, nbytes=0, text=b"",
-            magic=0x74706431, version=5, nccl_id=b""):
+            magic=0x74706431, version=6, nccl_id=b""):
     return struct.pack(CTL_FMT, magic, version, type_, id_, slot, rows, status, rank, nbytes,
                        text, nccl_id)
 
 
 def ctl():
     assert struct.calcsize(CTL_FMT) == 424
-    put("ctl", "ready", ctl_msg(1, nbytes=432))
+    put("ctl", "ready", ctl_msg(1))
     put("ctl", "ready-failed", ctl_msg(1, status=1, text=b"cannot read weights"))
     put("ctl", "job", ctl_msg(2, id_=7, slot=3, rows=256))
     put("ctl", "done", ctl_msg(3, id_=7, slot=1))
@@ -165,7 +165,14 @@ def ctl():
     put("ctl", "done-error", ctl_msg(3, id_=7, slot=1, status=3, text=b"bad"))
     put("ctl", "init", ctl_msg(4, nccl_id=bytes(range(128))))
     put("ctl", "stop", ctl_msg(5))
-    put("ctl", "old-version", ctl_msg(2, version=4))
+    put("ctl", "old-version", ctl_msg(2, version=5))
+    put("ctl", "load", ctl_msg(7, id_=3, slot=1, rows=256, nbytes=3))
+    put("ctl", "load-past-the-slots", ctl_msg(7, id_=3, slot=2, rows=8, nbytes=3))
+    put("ctl", "load-no-rows", ctl_msg(7, id_=3, slot=0, rows=0, nbytes=1))
+    put("ctl", "loaded", ctl_msg(8, id_=63, nbytes=4096))
+    put("ctl", "loaded-failed", ctl_msg(8, id_=2, status=5, text=b"no such tensor"))
+    put("ctl", "unload", ctl_msg(9, id_=3))
+    put("ctl", "unloaded-bad-model", ctl_msg(10, id_=64))
     put("ctl", "bad-magic", ctl_msg(2, magic=0))
     put("ctl", "bad-slot", ctl_msg(2, slot=4))
     put("ctl", "unterminated", ctl_msg(3)[:40] + b"x" * 256 + ctl_msg(3)[296:])
