@@ -11,11 +11,13 @@ one daemon with dynamic batching on (a 20 ms delay), and 16 probe rows:
 (b) every job size: one request of m rows for each m from 1 to --max-batch, filled with probe rows
     in a rotating order, so each size puts rows at other places; every row must be bit-equal to
     (a).
-(c) under load: waves of 12 requests of 1 to 6 rows (so that several fit in a job) sent at once (3
-    waves, or more until jobs of several requests have formed, at most 20), mixing probe rows at random
-    places with random other rows, so the scheduler batches them into shared jobs (the debug log
-    must show jobs of more than one request, or the case proves nothing); every probe row must be
-    bit-equal to (a), and every other row within the tolerance of its reference.
+(c) under load: 3 waves of 12 requests of 1 to 6 rows (so that several fit in a job), mixing probe
+    rows at random places with random other rows. The workers are stopped (SIGSTOP) while a wave
+    is sent and until tpd holds all but its first request in the queue (its pending count), so
+    that the scheduler batches them into shared jobs however fast the workers and however slow
+    the client are (the debug log must show jobs of more than one request, or the case proves
+    nothing); every probe row must be bit-equal to (a), and every other row within the tolerance
+    of its reference.
 (d) the rank count: the alone answers at N = 1, 2 and 3 are the same bits (every element is summed
     in the same order, whichever rank computes it).
 ModelMetadata says batch_invariant true; with --cpu-gemm openblas it says false.
@@ -26,13 +28,16 @@ kernels change with the shape (on most x86 CPUs); the suite never sets it.
 
 import os
 import re
+import signal
 import sys
+import time
 import threading
 import unittest
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpdtest  # noqa: E402
 from tpdtest import TpdTestCase, make_layer, reference, rel_err  # noqa: E402
 
 import ml_dtypes  # noqa: E402
@@ -44,7 +49,7 @@ NP = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 TOL = {"FP32": 1e-5, "FP16": 6e-4, "BF16": 4.5e-3}
 GEMM = os.environ.get("TP_INVARIANCE_GEMM", "invariant")
 BATCH_RE = re.compile(r"tpd: debug: batch of (\d+) requests, (\d+) rows on slot")
-WAVES, MAX_WAVES, WAVE_REQUESTS, LOAD_ROWS = 3, 20, 12, 6
+WAVES, WAVE_REQUESTS, LOAD_ROWS = 3, 12, 6
 
 
 def bits(a):
@@ -83,6 +88,11 @@ class TestInvariance(TpdTestCase):
                 self.fail("%s: probe row %d at place %d of %d differs from the row alone "
                           "(max |diff| %.3g)" % (what, r, i, len(rows), diff))
 
+    def pending(self, d):
+        """Requests tpd holds in the model's queue (nv_inference_pending_request_count)."""
+        series = tpdtest.metric_series(d.scrape(), "nv_inference_pending_request_count")
+        return series.get('model="inv",version="1"', 0)
+
     def run_case(self, ranks, dt):
         """Cases (a) to (c) on one daemon; returns the alone answers."""
         d = self.start_daemon(self.wpath, "--cpu", ranks, "--max-batch", MAX_BATCH,
@@ -107,10 +117,9 @@ class TestInvariance(TpdTestCase):
 
         before = len([n for n, _ in BATCH_RE.findall(d.log()) if int(n) > 1])
         rng = np.random.default_rng(100 + ranks)
-        shared, wave = 0, 0
-        # until jobs of several requests have formed (how many do depends on timing), bounded
-        while wave < WAVES or (shared == 0 and wave < MAX_WAVES):
-            wave += 1
+        shared = 0
+        workers = list(d.worker_pids().values())
+        for wave in range(1, WAVES + 1):
             sent, results, done = [], [None] * WAVE_REQUESTS, threading.Semaphore(0)
 
             def callback(i, result, error):
@@ -127,11 +136,23 @@ class TestInvariance(TpdTestCase):
                 inp = tgrpc.InferInput("input", list(x.shape), dt)
                 inp.set_data_from_numpy(x)
                 sent.append((rows, x, inp))
-            # all at once, built beforehand: they queue behind the first job and share the next
-            for i, (_, _, inp) in enumerate(sent):
-                client.async_infer("inv", [inp],
-                                   lambda result, error, i=i: callback(i, result, error),
-                                   client_timeout=60)
+            # all at once, built beforehand, to stopped workers: they queue behind the first job
+            # and share the next ones once the workers go on
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                for i, (_, _, inp) in enumerate(sent):
+                    client.async_infer("inv", [inp],
+                                       lambda result, error, i=i: callback(i, result, error),
+                                       client_timeout=60)
+                deadline = time.monotonic() + 20
+                while self.pending(d) < WAVE_REQUESTS - 1:
+                    self.assertLess(time.monotonic(), deadline, "%s wave %d: the requests never "
+                                    "queued\n%s" % (what, wave, d.log_tail()))
+                    time.sleep(0.01)
+            finally:
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
             for _ in range(WAVE_REQUESTS):
                 self.assertTrue(done.acquire(timeout=90), "a request got no answer")
             for i, (rows, x, _) in enumerate(sent):
