@@ -263,6 +263,26 @@ static void give_back_memory(uint64_t burst_bytes)
            (double)(now_ns() - t0) / 1e6);
 }
 
+/* Waits for a change, or until the earliest deadline of a queued request (which then expires in
+ * the queue at its time, not when a slot frees), or until until_ns (INT64_MAX: none), whichever
+ * comes first. Lock held. */
+static void wait_change(struct sched *s, int64_t until_ns)
+{
+    int64_t at = until_ns;
+    struct timespec ts;
+
+    for (const struct sched_req *r = s->head; r; r = r->next)
+        if (r->deadline_ns < at)
+            at = r->deadline_ns;
+    if (at == INT64_MAX) {
+        pthread_cond_wait(&s->cond, &s->lock);
+        return;
+    }
+    ts.tv_sec = (time_t)(at / 1000000000);
+    ts.tv_nsec = (long)(at % 1000000000);
+    pthread_cond_timedwait(&s->cond, &s->lock, &ts);
+}
+
 static void *sched_thread(void *arg)
 {
     struct sched *s = arg;
@@ -303,7 +323,7 @@ static void *sched_thread(void *arg)
             continue;
         }
         if (!s->head || !s->ready || !(sl = free_slot(s))) {
-            pthread_cond_wait(&s->cond, &s->lock);
+            wait_change(s, INT64_MAX);
             continue;
         }
         /* delay 0 turns batching off: one request per job */
@@ -320,16 +340,13 @@ static void *sched_thread(void *arg)
          * thread that received it starts it at once.) */
         if (r == NULL && rows < max_rows && delay_ns > 0) {
             int64_t until = s->head->enq_ns + delay_ns;
-            struct timespec ts;
 
             if (s->computing > 0) {
-                pthread_cond_wait(&s->cond, &s->lock);
+                wait_change(s, INT64_MAX);
                 continue;
             }
             if (now < until) {
-                ts.tv_sec = (time_t)(until / 1000000000);
-                ts.tv_nsec = (long)(until % 1000000000);
-                pthread_cond_timedwait(&s->cond, &s->lock, &ts);
+                wait_change(s, until);
                 continue;
             }
         }

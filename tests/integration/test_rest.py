@@ -513,14 +513,15 @@ class TestEndpoints(RestCase):
             self.assertEqual(c.infer("lin", [inp], timeout=timeout).as_numpy("output").shape,
                              (2, OUT))
 
-    def behind_long_jobs(self, name):
-        """A daemon of one slot with three long jobs of 256 rows running or queued (for about a
-        second on 2 cores) -> (daemon, join), join() waiting for them and checking their
-        answers' shapes."""
+    def behind_long_jobs(self, name, *args):
+        """A daemon of one slot with three jobs of 256 rows running or queued, and its workers
+        stopped (SIGSTOP), so that they take as long as the test needs, however fast the
+        machine -> (daemon, join), join() letting the workers go on, waiting for the jobs and
+        checking their answers' shapes."""
         wpath = self.path("big.safetensors")
         make_layer(wpath, 2048, 2048, seed=2)
         d = self.start_daemon(wpath, "--cpu", 2, "--model", "big", "--slots", 1,
-                              "--batch-delay-us", 0, name=name)
+                              "--batch-delay-us", 0, *args, name=name)
         big = np.ones((256, 2048), np.float32)
         done = []
 
@@ -532,16 +533,28 @@ class TestEndpoints(RestCase):
             cl.close()
 
         threads = [threading.Thread(target=long_job) for _ in range(3)]
+        workers = list(d.worker_pids().values())
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
         for t in threads:
             t.start()
-        time.sleep(0.05)
+        # all three taken: one dispatched to the stopped workers, two queued behind it
+        tpdtest.wait_for(lambda: self.pending(d) == 2, 20, "two long jobs queued", d)
 
         def join():
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
             for t in threads:
                 t.join(60)
             self.assertEqual(done, [(256, 2048)] * 3)
 
+        self.addCleanup(lambda: [os.kill(p, signal.SIGCONT) for p in workers if d.running()])
         return d, join
+
+    def pending(self, d, model="big"):
+        """Requests tpd holds in model's queue (nv_inference_pending_request_count)."""
+        series = tpdtest.metric_series(d.scrape(), "nv_inference_pending_request_count")
+        return series.get('model="%s",version="1"' % model, 0)
 
     def test_timeout_expires_in_the_queue(self):
         # a request that may wait 2 ms waits longer, behind the long jobs
@@ -558,7 +571,7 @@ class TestEndpoints(RestCase):
     def test_client_gone_is_cancelled(self):
         # requests whose clients close their connections while they wait behind the long jobs
         # leave the queue (counted as cancelled), and the others are answered
-        d, join = self.behind_long_jobs("gone")
+        d, join = self.behind_long_jobs("gone", "--log-level", "debug")
         host, port = d.http_addr().rsplit(":", 1)
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 2048], "datatype": "FP32",
                                        "data": [0.5] * 2048}]}).encode()
@@ -567,6 +580,10 @@ class TestEndpoints(RestCase):
             s.sendall(b"POST /v2/models/big/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
                       b"\r\n\r\n" % len(body) + body)
             s.close()
+        # each queued, then cancelled once its client was seen gone (its answer may never be
+        # sent: the connection is closed)
+        tpdtest.wait_for(lambda: d.count("went away: cancelled") == 4, 20, "4 requests cancelled",
+                         d)
         join()
         self.assertTrue(d.running())
         d.stop()

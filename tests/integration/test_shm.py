@@ -18,6 +18,7 @@
 """
 
 import os
+import signal
 import sys
 import time
 import unittest
@@ -25,6 +26,7 @@ import unittest
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpdtest  # noqa: E402
 from tpdtest import TpdTestCase, make_layer, reference, rel_err  # noqa: E402
 
 import tritonclient.grpc as tgrpc  # noqa: E402
@@ -149,7 +151,10 @@ class TestShm(TpdTestCase):
 
             client.async_infer("big", [inp], callback, outputs=outputs, client_timeout=120)
 
-        # long jobs first, so that the two hostile requests wait in the queue behind them
+        # long jobs first, so that the two hostile requests wait in the queue behind them; the
+        # worker is stopped meanwhile, so they wait however fast it is
+        os.kill(pids[0], signal.SIGSTOP)
+        self.addCleanup(lambda: d.running() and os.kill(pids[0], signal.SIGCONT))
         xs = [self.rng.standard_normal((256, n)).astype(np.float32) for _ in range(16)]
         for i, x in enumerate(xs):
             inp = tgrpc.InferInput("input", [256, n], "FP32")
@@ -163,9 +168,15 @@ class TestShm(TpdTestCase):
         inp = tgrpc.InferInput("input", [rows, n], "FP32")
         inp.set_shared_memory("big_in", rows * n * 4)
         send("in_shrunk", inp)
-        time.sleep(0.05)  # both accepted; the long jobs take far longer
+        # all taken: the first long job with the worker, the others queued behind it
+        def pending():
+            return tpdtest.metric_series(d.scrape(), "nv_inference_pending_request_count").get(
+                'model="big",version="1"', 0)
+
+        tpdtest.wait_for(lambda: pending() == len(xs) + 1, 30, "every request queued", d)
         for key in (key_out, key_in):
             os.truncate("/dev/shm" + key, 0)
+        os.kill(pids[0], signal.SIGCONT)
         deadline = time.monotonic() + 120
         while len(done) < len(xs) + 2 and time.monotonic() < deadline:
             time.sleep(0.01)
