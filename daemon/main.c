@@ -210,13 +210,14 @@ static int load_models(const struct config *c, struct repo *repo)
         if (!load_at_start(c, e[k].name))
             continue;
         notify_status("starting: loading model '%s'", e[k].name);
-        if (repo_load(repo, e[k].name, &err) < 0 && !c->repository) {
+        if (repo_load(repo, e[k].name, &err) == 0) {
+            loaded++;
+        } else if (!c->repository) {
             tp_err_prefix(&err, "starting workers: ");
             tp_log(TP_LOG_ERR, "%s", err.msg);
             free(e);
             return 1;
         }
-        loaded++;
     }
     free(e);
     if (c->repository)
