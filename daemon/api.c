@@ -627,8 +627,6 @@ static void model_control(struct api *a, struct rpc_call *call, grpc_byte_buffer
         load ? &inference__repository_model_load_request__descriptor
              : &inference__repository_model_unload_request__descriptor;
     ProtobufCMessage *q = unpack_or_reply(call, payload, desc);
-    Inference__RepositoryModelLoadResponse lr = INFERENCE__REPOSITORY_MODEL_LOAD_RESPONSE__INIT;
-    Inference__RepositoryModelUnloadResponse ur = INFERENCE__REPOSITORY_MODEL_UNLOAD_RESPONSE__INIT;
     struct tp_err err = {0};
     const char *name;
     int rc;
@@ -677,8 +675,6 @@ static void model_control(struct api *a, struct rpc_call *call, grpc_byte_buffer
     }
     protobuf_c_message_free_unpacked(q, NULL);
     rpc_reply_err(call, &err);
-    (void)lr;
-    (void)ur;
 }
 
 int api_model_control(struct api *a, const char *name, int load, struct tp_err *err)

@@ -2,7 +2,7 @@
 # Installs Triton's perf_analyzer where Debian 12 can run it, and prints the path of a program
 # that runs it: build/perf_analyzer. The only build of it that runs on glibc 2.36 is the one
 # inside the tritonclient 2.51.0 wheel (later wheels, and the standalone perf-analyzer package,
-# need glibc 2.38; `pip install perf-analyzer` alone gives a 0.1.0 placeholder without it).
+# need glibc 2.38; `pip install perf-analyzer` alone gives a 0.1.0 package without the binary).
 # It needs libcudart.so.12, which PyPI's nvidia-cuda-runtime-cu12 provides (no GPU is used), and
 # Debian's libb64-0d (scripts/deps.sh). Its own venv, build/venv-pa, keeps tritonclient 2.51 away
 # from the tests' newer one. The wrapper points the loader at that libcudart only for

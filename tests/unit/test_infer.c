@@ -12,18 +12,10 @@
 
 #include "gbuf.h"
 #include "infer.h"
+#include "layer.h"
 #include "test.h"
 
-static const struct model model = {.name = "lin",
-                                   .in = 3,
-                                   .out = 2,
-                                   .wdtype = TP_F32,
-                                   .io_dtype = TP_F32,
-                                   .gemm_dtype = TP_F32,
-                                   .has_bias = 1,
-                                   .ranks = 2,
-                                   .backend = "cpu",
-                                   .max_batch = 4};
+static const struct model model = TEST_LAYER(TP_F32);
 
 struct req {
     Inference__ModelInferRequest r;

@@ -9,18 +9,11 @@
  * int64 fields as numbers, enums by name, maps as objects, InferParameters as bare values. The
  * HTTP status of every gRPC code. */
 #include "grpc_service.pb-c.h"
+#include "layer.h"
 #include "restjson.h"
 #include "test.h"
 
-static const struct model f32 = {.name = "lin",
-                                 .in = 3,
-                                 .out = 2,
-                                 .wdtype = TP_F32,
-                                 .io_dtype = TP_F32,
-                                 .gemm_dtype = TP_F32,
-                                 .ranks = 2,
-                                 .backend = "cpu",
-                                 .max_batch = 4};
+static const struct model f32 = TEST_LAYER(TP_F32);
 
 static int parse(const struct model *m, const char *body, size_t len, const char *hl,
                  struct restjson_infer *r, struct tp_err *err)
