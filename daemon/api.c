@@ -983,26 +983,27 @@ static void infer_complete(struct sched_req *req, const float *y, const struct t
         bb = infer_response_dims(&ic->rm->model, ic->msg->id, NULL, ic->in.lead, ic->in.nlead, NULL,
                                  NULL);
     } else {
+        /* A stream's answer is copied: it may wait behind others for a slow reader, and must
+         * not hold a slot meanwhile. So is an answer from the last slot not lent out: a socket
+         * write that its client never takes would keep the slot until the connection closes
+         * (cancelling the call does not take it back). */
+        int copy = ic->stream || !req->keep;
+
         /* FP16/BF16: narrowed in place, in the slot's rows of this request, which the call holds
          * until gRPC has sent them; so the reply stays zero-copy and needs no buffer */
         api_put_rows(&ic->rm->model, NULL, 0, y, req->rows, NULL);
-        /* the reply points at the slot's output; gRPC releases the slot when it is done. A
-         * stream's answer is copied: it may wait behind others for a slow reader, and must not
-         * hold a slot meanwhile. */
+        /* the reply points at the slot's output; gRPC releases the slot when it is done */
         bb = infer_response_dims(&ic->rm->model, ic->msg->id, y, ic->in.lead, ic->in.nlead,
-                                 ic->stream ? NULL : unhold, ic->stream ? NULL : req->hold);
-        if (ic->stream && bb) {
-            metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
+                                 copy ? NULL : unhold, copy ? NULL : req->hold);
+        metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
+        if (copy || !bb) /* else the reply holds the slot until gRPC has sent it */
             sched_unhold(req->hold);
+        if (ic->stream && bb) {
             metrics_request_done(ic->msg->model_name, GRPC_STATUS_OK, metrics_since(ic->t0_ns),
                                  req->rows, ic->bytes_in, grpc_byte_buffer_length(bb));
             stream_request_done(ic, bb, NULL);
             return;
         }
-        /* still the job's slot: the reply holds it until gRPC has sent it */
-        metrics_request_served(sched_slot_index(req->hold), ic->t0_ns, metrics_now_ns() - t0);
-        if (!bb)
-            sched_unhold(req->hold);
     }
     metrics_request_done(ic->msg->model_name, bb ? GRPC_STATUS_OK : GRPC_STATUS_RESOURCE_EXHAUSTED,
                          metrics_since(ic->t0_ns), req->rows, ic->bytes_in,

@@ -527,11 +527,13 @@ static void on_new(struct rpc_server *s, struct rpc_call *c)
 }
 
 /* Cancels the calls of p whose reply has not been sent within the reply timeout. A client that
- * does not read (a zero flow-control window, a stalled connection) would otherwise keep what the
- * reply points at, a scheduler slot, for as long as its connection lives. Cancelling ends the
- * stream: gRPC drops the reply's slices (releasing the slot) and sends the status in trailers,
- * which flow control does not hold back. The calls are taken off the list, and referenced, under
- * the lock, and cancelled outside it. */
+ * does not read (a zero flow-control window) would otherwise keep what the reply points at, a
+ * scheduler slot, for as long as its connection lives. Cancelling ends the stream: gRPC drops the
+ * reply's slices that wait for the window (releasing the slot) and sends the status in trailers,
+ * which flow control does not hold back. Slices already in a socket write that never ends (a
+ * peer that stopped reading its socket) stay held until the connection closes: the scheduler
+ * never lends its last slot out (sched.h), so such a peer cannot stall the others. The calls are
+ * taken off the list, and referenced, under the lock, and cancelled outside it. */
 static void cancel_late_replies(struct poller *p, int64_t now)
 {
     struct rpc_server *s = p->srv;

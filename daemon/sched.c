@@ -2,7 +2,10 @@
  * bookkeeping; the copies into a slot, the dispatch and the complete callbacks run outside it.
  * A slot is busy from the moment a batch takes it until its hold count drops to zero: one hold
  * for the job while the workers compute, plus one per request whose rows were lent out by a
- * successful complete. Only then may the next batch overwrite it.
+ * successful complete. Only then may the next batch overwrite it. A slot whose rows are lent out
+ * after its job is "lent"; at most nslots - 1 slots are: the holds of a client that does not read
+ * its replies can last as long as its connection (a socket write gRPC cannot take back), and the
+ * slot left over keeps every other client served. Beyond that, requests copy their rows.
  *
  * Memory: a queued request holds its received message until its fill copies it into a slot, so
  * the queue's bytes are bounded as well as its length. tpd keeps freed memory on purpose (see
@@ -32,6 +35,7 @@ struct sched_slot {
     struct sched *s;
     uint32_t idx;
     int busy;               /* taken by a batch, until holds drops to 0 */
+    int lent;               /* its job is done and requests still hold its rows */
     uint32_t holds;         /* the job in flight + rows lent out */
     uint64_t id;            /* job id */
     uint32_t rows, n;       /* rows and requests of the job */
@@ -57,6 +61,7 @@ struct sched {
     uint32_t running;      /* requests in jobs not yet done */
     uint32_t busy;         /* busy slots */
     uint32_t computing;    /* slots whose job the workers have not finished */
+    uint32_t lent;         /* lent slots */
     uint64_t next_id;
     int ready;
     void (*listener)(void *ctx); /* told after every change of ready (set before the workers) */
@@ -98,6 +103,10 @@ static void unhold_locked(struct sched *s, struct sched_slot *sl)
     sl->busy = 0;
     sl->reqs = NULL;
     s->busy--;
+    if (sl->lent) {
+        sl->lent = 0;
+        s->lent--;
+    }
     s->last_busy_ns = now_ns();
     if (s->head || s->stopping || (s->busy == 0 && after_burst(s)))
         pthread_cond_broadcast(&s->cond);
@@ -497,6 +506,7 @@ void sched_on_done(void *ctx, uint32_t slot, uint64_t id, const struct tp_err *e
     struct sched_req *r, *next;
     const float *y;
     uint32_t out = s->arena->layout.out;
+    int keep;
 
     if (slot >= s->arena->layout.nslots)
         return;
@@ -513,11 +523,18 @@ void sched_on_done(void *ctx, uint32_t slot, uint64_t id, const struct tp_err *e
     if (s->head)
         pthread_cond_broadcast(&s->cond); /* a batch may be waiting for the workers */
     /* decide every request's fate under the lock: a cancel arriving later finds R_DONE */
+    keep = s->lent + 1 < s->arena->layout.nslots;
     for (struct sched_req *q = r; q; q = q->next) {
         s->running--;
         if (q->state == R_RUNNING && !err) {
             sl->holds++;
             q->hold = sl;
+            q->keep = keep;
+            s->st.unlent += !keep;
+            if (!sl->lent) {
+                sl->lent = 1;
+                s->lent++;
+            }
         }
         q->state = R_DONE;
     }
@@ -627,12 +644,14 @@ void sched_destroy(struct sched *s)
         tp_log(TP_LOG_NOTICE,
                "scheduler: %llu jobs for %llu requests of %llu rows, %llu jobs of more than one "
                "request (at most %u), %llu requests expired in the queue, %llu cancelled, %llu "
-               "refused (queue full); at most %llu MiB queued",
+               "refused (queue full); at most %llu MiB queued; %llu answers copied (the other "
+               "slots were lent out)",
                (unsigned long long)s->st.batches, (unsigned long long)s->st.requests,
                (unsigned long long)s->st.rows, (unsigned long long)s->st.multi, s->st.max_reqs,
                (unsigned long long)s->st.expired, (unsigned long long)s->st.cancelled,
                (unsigned long long)s->st.refused,
-               (unsigned long long)(s->st.max_queued_bytes >> 20));
+               (unsigned long long)(s->st.max_queued_bytes >> 20),
+               (unsigned long long)s->st.unlent);
     s->stopping = 1;
     pthread_cond_broadcast(&s->cond);
     pthread_mutex_unlock(&s->lock);

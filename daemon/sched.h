@@ -7,10 +7,11 @@
  * as long as two jobs are already with the workers, else up to the batch delay from its oldest
  * request's arrival; a request that finds the server idle starts at once. A slot is reused only
  * after every request of its batch has released its rows (sched_unhold), so a reply can be sent
- * straight from the slot without copying it first. The queue is bounded in requests and in the
- * bytes its requests hold; after a burst that filled half of the byte bound, once the scheduler
- * idles, it gives the freed memory back to the system (malloc_trim), which tpd otherwise keeps on
- * purpose for the next large message. */
+ * straight from the slot without copying it first; but never from the last slot not lent out
+ * (sched_req.keep), so clients that never take their replies cannot hold every slot. The queue is
+ * bounded in requests and in the bytes its requests hold; after a burst that filled half of the
+ * byte bound, once the scheduler idles, it gives the freed memory back to the system (malloc_trim),
+ * which tpd otherwise keeps on purpose for the next large message. */
 #ifndef TPD_SCHED_H
 #define TPD_SCHED_H
 
@@ -31,7 +32,10 @@ typedef void (*sched_fill_fn)(struct sched_req *r, float *x);
 /* Called exactly once per accepted request, from any thread. On success err is NULL and y is the
  * request's [rows, out] output in the slot; it stays valid, and the slot stays the request's,
  * until sched_unhold(r->hold), which the callee must call exactly once (at once or later, from
- * any thread). On failure y is NULL, err says why, and there is nothing to release. */
+ * any thread). r->keep says whether it may be later: 0 when the slot would be the last one not
+ * lent out, and a reply whose client does not read it could then stall every job; the callee
+ * then copies what it needs and releases the slot before it returns, unless its hold has a
+ * bound of its own. On failure y is NULL, err says why, and there is nothing to release. */
 typedef void (*sched_complete_fn)(struct sched_req *r, const float *y, const struct tp_err *err);
 
 struct sched_req {
@@ -43,6 +47,7 @@ struct sched_req {
     sched_complete_fn complete;
     /* owned by the scheduler */
     struct sched_slot *hold; /* set before a successful complete */
+    int keep;                /* with it: the slot may stay held after complete returns */
     int state;
     uint32_t row0;  /* first row in the slot */
     int64_t enq_ns; /* when it was queued, CLOCK_MONOTONIC ns */
@@ -69,6 +74,7 @@ struct sched_stats {
     uint64_t refused;          /* refused with TP_EBUSY: the queue was full, in requests or bytes */
     uint64_t max_queued_bytes; /* most bytes the queue held at once */
     uint64_t trims;            /* times memory was given back after a burst */
+    uint64_t unlent;           /* requests told to copy: every other slot was lent out */
     /* jobs by the requests in them: [0] 1, [1] 2-3, [2] 4-7, ..., [7] 128 or more */
     uint64_t by_reqs[8];
 };

@@ -21,6 +21,10 @@
 (d) SIGTERM with idle client connections open exits 0 within a second: a tritonclient channel
     after a call, a socket that never spoke HTTP/2, and an HTTP/2 client that reads nothing (so
     never answers the GOAWAY ping, which gRPC would wait 20 s for).
+(e) A peer with a large window that stops reading its socket: gRPC's socket write to it never
+    ends, and keeps what it took (replies of 6 jobs, more than the 4 slots) even after their calls
+    are cancelled. A well-behaved client is still served (the last slot is never lent out), and a
+    SIGTERM gives up on the peer after a bounded wait.
 """
 
 import os
@@ -428,10 +432,15 @@ class TestPromptStop(SlowClientCase):
 
     def test_sigterm_with_a_peer_that_stopped_reading(self):
         # A peer that asked for large replies with a large window, then never reads its socket:
-        # gRPC's write to it never finishes, and the connection never closes. The stop gives up
-        # on it after a bounded wait, says so, and exits 0 (it used to wait forever).
+        # gRPC's write to it never finishes, and the connection never closes. What that write
+        # took stays referenced until then, cancelled calls or not: replies sent from their slot
+        # would keep every slot, and no other client would be served again. tpd never lends the
+        # last slot out, so a well-behaved client is served all along. The stop gives up on the
+        # peer after a bounded wait, says so, and exits 0 (it used to wait forever).
         wpath, W, b, model = self.layer(4096, 32, seed=7)
-        d = self.start_daemon(wpath, "--cpu", 1, name="stuckwrite")
+        # one request per job: 6 replies of 256 KiB, more than the 4 slots
+        d = self.start_daemon(wpath, "--cpu", 1, "--slots", 4, "--batch-delay-us", 0,
+                              name="stuckwrite")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(d.sock)
@@ -441,16 +450,19 @@ class TestPromptStop(SlowClientCase):
             client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
         conn.initiate_connection()
         conn.increment_flow_control_window(2**30)
-        x = np.ones((64, 32), np.float32)
-        for _ in range(6):  # 1 MiB of reply each, within the server's 64 KiB window
+        x = np.ones((16, 32), np.float32)
+        for _ in range(6):  # one at a time: each reply is written (and stalls) before the next
             sid = conn.get_next_available_stream_id()
             conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", INFER),
                                     (":authority", "localhost"),
                                     ("content-type", "application/grpc"), ("te", "trailers")])
             conn.send_data(sid, grpc_frame(infer_request(model, x).SerializeToString()),
                            end_stream=True)
-        sock.sendall(conn.data_to_send())
-        time.sleep(1.0)  # computed; the replies fill the socket and stall
+            sock.sendall(conn.data_to_send())
+            time.sleep(0.2)
+        # past --reply-timeout-ms (2 s): the calls are cancelled, what the write took is not
+        # given back
+        time.sleep(2.5)
         c = self.triton(d)
         self.infer_ok(c, model, x[:1], W, b, 10, "a well-behaved client meanwhile")
         took = d.stop()

@@ -2,11 +2,12 @@
  * test plays the supervisor by calling sched_on_done. A lone request starts at once; requests that
  * arrive while a job computes wait for it to end (whatever the delay) and are batched into one job
  * at their own row offsets, and each gets its own rows of the output; a slot whose rows a reply
- * still holds is not reused; a queued request cancelled or past its deadline never runs; a running
- * one cancelled is answered with an error when its job ends and frees its slot; with a delay of 0
- * every job has one request; once the workers are free a young batch waits out the delay, never
- * less; the queue's bytes are bounded (a request that finds it empty is always taken), and memory
- * is given back once after a burst, when the scheduler idles, not before. */
+ * still holds is not reused, and the last slot not lent out says so (keep 0); a queued request
+ * cancelled or past its deadline never runs; a running one cancelled is answered with an error
+ * when its job ends and frees its slot; with a delay of 0 every job has one request; once the
+ * workers are free a young batch waits out the delay, never less; the queue's bytes are bounded
+ * (a request that finds it empty is always taken), and memory is given back once after a burst,
+ * when the scheduler idles, not before. */
 #include <pthread.h>
 #include <string.h>
 #include <time.h>
@@ -151,6 +152,10 @@ static void test_batching_holds_cancel(void)
     ASSERT_TRUE(r2.y == shm_slot_output(&a, 1));
     ASSERT_TRUE(r3.y == shm_slot_output(&a, 1) + 3 * OUT);
     ASSERT_EQ(r3.err.code, TP_OK);
+    /* r1 may keep slot 0; slot 1 is the last one not lent out: its requests are to copy */
+    ASSERT_EQ(r1.r.keep, 1);
+    ASSERT_EQ(r2.r.keep, 0);
+    ASSERT_EQ(r3.r.keep, 0);
 
     /* both slots still held by replies: a new request waits */
     init(&r4, 1, 400);
