@@ -351,6 +351,9 @@ summary() {
             printf "%-6s %-22s %-22s %s\n" "$m" "${c:-failed}" "${t:--}" \
                 "$([ -n "$c" ] && [ -n "$t" ] && awk -v c="$c" -v t="$t" 'BEGIN {printf "%.2f", c / t}')"
         done
+        # one worker job's parts, timed alone: what overlapping the next job's input copy with
+        # this job's GEMM and output copy could save (docs/cuda.md, "One job at a time")
+        echo "$gemm" | grep "^job " || echo "job parts: not measured"
     fi
     if [ "${#configs[@]}" -gt 0 ]; then
         echo "tpd forward, $forward_what, p50 ms (p99), tpclient bench over a unix socket:"
