@@ -403,18 +403,22 @@ static void rest_complete(struct sched_req *req, const float *y, const struct tp
     atomic_fetch_sub(&rs->outstanding, 1);
 }
 
-/* What a binary reply holds until libmicrohttpd has sent it: its JSON header and its slot. */
+/* What a binary reply holds until libmicrohttpd has sent it: its JSON header, and its slot or
+ * a copy of its data. */
 struct reply_hold {
     struct sched_slot *hold;
     char *head;
+    void *copy;
 };
 
 static void reply_free(void *cls)
 {
     struct reply_hold *h = cls;
 
-    sched_unhold(h->hold);
+    if (h->hold)
+        sched_unhold(h->hold);
     free(h->head);
+    free(h->copy);
     free(h);
 }
 
@@ -660,22 +664,33 @@ static enum MHD_Result answer_infer(struct rest_req *q)
         }
     }
     {
-        /* binary: header and data, the data sent from the slot, which the reply holds */
-        struct reply_hold *h = malloc(sizeof(*h));
-        struct MHD_IoVec iov[2] = {{text, hlen}, {q->y, bytes}};
+        /* binary: header and data, the data sent from the slot, which the reply holds; or from
+         * a copy, when the slot is the last one not lent out (sched_req.keep) */
+        struct reply_hold *h = calloc(1, sizeof(*h));
+        void *copy = h && !q->req.keep ? malloc(bytes) : NULL;
+        struct MHD_IoVec iov[2] = {{text, hlen}, {copy ? copy : q->y, bytes}};
         char num[24];
 
-        resp = h ? MHD_create_response_from_iovec(iov, 2, reply_free, h) : NULL;
+        if (copy) {
+            memcpy(copy, q->y, bytes);
+            sched_unhold(hold);
+            hold = NULL;
+        }
+        resp = h && (copy || q->req.keep) ? MHD_create_response_from_iovec(iov, 2, reply_free, h)
+                                          : NULL;
         if (!resp) {
             free(h);
+            free(copy);
             free(text);
-            sched_unhold(hold);
+            if (hold)
+                sched_unhold(hold);
             metrics_request_done(q->model, GRPC_STATUS_RESOURCE_EXHAUSTED, metrics_since(q->t0_ns),
                                  q->req.rows, q->len, 0);
             return send_error(q->conn, 500, "no memory for the answer");
         }
         h->hold = hold;
         h->head = text;
+        h->copy = copy;
         snprintf(num, sizeof(num), "%zu", hlen);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
         MHD_add_response_header(resp, RESTJSON_HEADER, num);

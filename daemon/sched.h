@@ -34,8 +34,8 @@ typedef void (*sched_fill_fn)(struct sched_req *r, float *x);
  * until sched_unhold(r->hold), which the callee must call exactly once (at once or later, from
  * any thread). r->keep says whether it may be later: 0 when the slot would be the last one not
  * lent out, and a reply whose client does not read it could then stall every job; the callee
- * then copies what it needs and releases the slot before it returns, unless its hold has a
- * bound of its own. On failure y is NULL, err says why, and there is nothing to release. */
+ * then copies what it needs and releases the slot before anything waits on its client. On
+ * failure y is NULL, err says why, and there is nothing to release. */
 typedef void (*sched_complete_fn)(struct sched_req *r, const float *y, const struct tp_err *err);
 
 struct sched_req {

@@ -25,6 +25,8 @@
     ends, and keeps what it took (replies of 6 jobs, more than the 4 slots) even after their calls
     are cancelled. A well-behaved client is still served (the last slot is never lent out), and a
     SIGTERM gives up on the peer after a bounded wait.
+(f) REST clients that stop reading large binary answers, with a reply timeout long enough for
+    slow links: the last slot is not lent to them either, and a gRPC client is served at once.
 """
 
 import os
@@ -49,6 +51,7 @@ import h2.connection  # noqa: E402
 import h2.events  # noqa: E402
 import h2.settings  # noqa: E402
 import tritonclient.grpc as tgrpc  # noqa: E402
+import tritonclient.http as thttp  # noqa: E402
 from tritonclient.grpc import service_pb2 as pb  # noqa: E402
 
 TOL = 1e-5
@@ -472,6 +475,49 @@ class TestPromptStop(SlowClientCase):
         self.assertIn("did not close within", d.log())
         self.assertFalse(os.path.exists(d.sock), "unix socket left behind")
 
+
+class TestRestReaders(SlowClientCase):
+    """REST clients that ask for large binary answers and then do not read them, on connections
+    whose receive buffer is small: libmicrohttpd's write of each answer stalls, and with a reply
+    timeout long enough for slow links (20 s here) the connections stay open meanwhile. Their
+    answers must not take the last slot: a gRPC client is served beside them."""
+
+    def test_stalled_readers_leave_a_slot(self):
+        wpath, W, b, model = self.layer(4096, 32, seed=8)
+        # one request per job: 6 answers of 16 MiB, more than the 4 slots (and than what the
+        # kernel buffers of a connection take)
+        d = self.start_daemon(wpath, "--cpu", 1, "--slots", 4, "--batch-delay-us", 0,
+                              "--max-batch", 1024, "--reply-timeout-ms", 20000, name="stalled")
+        x = np.ones((1024, 32), np.float32)
+        inp = thttp.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        body, json_size = thttp.InferenceServerClient.generate_request_body(
+            [inp], outputs=[thttp.InferRequestedOutput("output", binary_data=True)])
+        host, port = d.http_addr().rsplit(":", 1)
+        head = ("POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\n"
+                "Content-Type: application/octet-stream\r\n"
+                "Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (
+                    model, json_size, len(body))).encode()
+        readers = []
+        for _ in range(6):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((host, int(port)))
+            self.addCleanup(s.close)
+            s.sendall(head + body)
+            readers.append(s)
+        # every answer has started: its status line is the first thing each connection gets
+        for i, s in enumerate(readers):
+            s.settimeout(15)
+            try:
+                self.assertTrue(s.recv(64).startswith(b"HTTP/1.1 200"), d.log_tail())
+            except socket.timeout:
+                self.fail("answer %d did not start in 15 s: stalled readers hold every slot" % i)
+        c = self.triton(d)
+        took = self.infer_ok(c, model, x[:1], W, b, 10, "a gRPC client beside 6 stalled readers")
+        print("\ngRPC client beside 6 stalled REST readers: answered in %.3f s" % took,
+              file=sys.stderr)
+        self.assertLess(took, 5.0, "the gRPC client waited for a stalled reader's slot")
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
