@@ -39,7 +39,7 @@ class TestBatching(TpdTestCase):
             sizes = rng.permutation(np.arange(1, CLIENTS + 1))
             xs = [(rng.standard_normal((int(n), IN)) * (1 + i)).astype(np.float32)
                   for i, n in enumerate(sizes)]
-            results = infer_all_at_once(client, "lin", xs, "w%d-c" % wave)
+            results = infer_all_at_once(client, "lin", xs, "w%d-c" % wave, hold=d)
             for i, x in enumerate(xs):
                 result, error = results[i]
                 self.assertIsNone(error, "wave %d client %d: %s" % (wave, i, error))

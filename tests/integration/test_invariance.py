@@ -27,16 +27,13 @@ kernels change with the shape (on most x86 CPUs); the suite never sets it.
 
 import os
 import re
-import signal
 import sys
-import time
-import threading
 import unittest
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import TpdTestCase, make_layer, reference, rel_err  # noqa: E402
+from tpdtest import TpdTestCase, infer_all_at_once, make_layer, reference, rel_err  # noqa: E402
 
 import ml_dtypes  # noqa: E402
 import tritonclient.grpc as tgrpc  # noqa: E402
@@ -47,7 +44,6 @@ NP = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 TOL = {"FP32": 1e-5, "FP16": 6e-4, "BF16": 4.5e-3}
 GEMM = os.environ.get("TP_INVARIANCE_GEMM", "invariant")
 BATCH_RE = re.compile(r"tpd: debug: batch of (\d+) requests, (\d+) rows on slot")
-ACCEPTED_RE = r"tpd: debug: accepted request "
 WAVES, WAVE_REQUESTS, LOAD_ROWS = 3, 12, 6
 
 
@@ -112,14 +108,8 @@ class TestInvariance(TpdTestCase):
         before = len([n for n, _ in BATCH_RE.findall(d.log()) if int(n) > 1])
         rng = np.random.default_rng(100 + ranks)
         shared = 0
-        workers = list(d.worker_pids().values())
         for wave in range(1, WAVES + 1):
-            sent, results, done = [], [None] * WAVE_REQUESTS, threading.Semaphore(0)
-
-            def callback(i, result, error):
-                results[i] = (result, error)
-                done.release()
-
+            sent = []
             for i in range(WAVE_REQUESTS):
                 m = int(rng.integers(1, LOAD_ROWS + 1))
                 # -1 marks a random row that is no probe
@@ -127,31 +117,12 @@ class TestInvariance(TpdTestCase):
                         for r in rng.integers(0, PROBES, size=m)]
                 x = np.where(np.array(rows)[:, None] >= 0, probe[np.maximum(rows, 0)],
                              rng.standard_normal((m, IN)).astype(NP[dt]))
-                inp = tgrpc.InferInput("input", list(x.shape), dt)
-                inp.set_data_from_numpy(x)
-                sent.append((rows, x, inp))
-            # all at once, built beforehand, to stopped workers: they queue behind the first job
-            # and share the next ones once the workers go on
-            accepted = d.count(ACCEPTED_RE)
-            for pid in workers:
-                os.kill(pid, signal.SIGSTOP)
-            try:
-                for i, (_, _, inp) in enumerate(sent):
-                    client.async_infer("inv", [inp],
-                                       lambda result, error, i=i: callback(i, result, error),
-                                       client_timeout=60)
-                # every request in tpd: at most one job with the stopped workers, the rest queued
-                deadline = time.monotonic() + 20
-                while d.count(ACCEPTED_RE) < accepted + WAVE_REQUESTS:
-                    self.assertLess(time.monotonic(), deadline, "%s wave %d: the requests never "
-                                    "came\n%s" % (what, wave, d.log_tail()))
-                    time.sleep(0.01)
-            finally:
-                for pid in workers:
-                    os.kill(pid, signal.SIGCONT)
-            for _ in range(WAVE_REQUESTS):
-                self.assertTrue(done.acquire(timeout=90), "a request got no answer")
-            for i, (rows, x, _) in enumerate(sent):
+                sent.append((rows, x))
+            # all at once, to stopped workers: they queue behind the first job and share the
+            # next ones once the workers go on
+            results = infer_all_at_once(client, "inv", [x for _, x in sent], "wave%d" % wave,
+                                        hold=d, datatype=dt)
+            for i, (rows, x) in enumerate(sent):
                 result, error = results[i]
                 self.assertIsNone(error, "%s wave %d request %d: %s" % (what, wave, i, error))
                 y = result.as_numpy("output")

@@ -172,7 +172,7 @@ class TestShapes(ShapesCase):
         sent_rows = 0
         for wave in range(2):
             xs = [self.x(s, scale=1 + i) for i, s in enumerate(shapes)]
-            results = infer_all_at_once(client, "lin", xs, "w%d" % wave)
+            results = infer_all_at_once(client, "lin", xs, "w%d" % wave, hold=d)
             for i, x in enumerate(xs):
                 result, error = results[i]
                 self.assertIsNone(error, "wave %d request %d: %s" % (wave, i, error))

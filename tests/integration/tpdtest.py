@@ -364,10 +364,15 @@ HTTP_RE = re.compile(r"tpd: notice: REST API on https?://(\S+)/v2")
 SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)[^\n]*|runtime error: [^\n]*")
 
 
-def infer_all_at_once(client, model, xs, tag, timeout=90):
+def infer_all_at_once(client, model, xs, tag, timeout=90, hold=None, datatype="FP32"):
     """Sends every x of xs as one tritonclient async_infer (request ids TAG-i) before waiting for
     any, then returns [(result, error)] in the order of xs; fails if a request gets no answer
-    within timeout. tritonclient calls the callback with result= and error= by name."""
+    within timeout. tritonclient calls the callback with result= and error= by name.
+
+    hold: the Daemon (run with --log-level debug) whose workers are stopped (SIGSTOP) until it
+    has accepted every request, so that they queue behind at most one job and share the next
+    ones however fast the workers are: a fast worker would otherwise end each job before the
+    next request arrives, and no batch would form."""
     import threading
     import tritonclient.grpc as tgrpc
     results = [None] * len(xs)
@@ -377,11 +382,27 @@ def infer_all_at_once(client, model, xs, tag, timeout=90):
         results[i] = (result, error)
         done.release()
 
-    for i, x in enumerate(xs):
-        inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+    inps = []
+    for x in xs:
+        inp = tgrpc.InferInput("input", list(x.shape), datatype)
         inp.set_data_from_numpy(x)
-        client.async_infer(model, [inp], lambda result, error, i=i: callback(i, result, error),
-                           request_id="%s-%d" % (tag, i), client_timeout=60)
+        inps.append(inp)
+    if hold:
+        accepted = hold.count(ACCEPTED_RE)
+        workers = list(hold.worker_pids().values())
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        for i, inp in enumerate(inps):
+            client.async_infer(model, [inp], lambda result, error, i=i: callback(i, result, error),
+                               request_id="%s-%d" % (tag, i), client_timeout=60)
+        if hold:
+            wait_for(lambda: hold.count(ACCEPTED_RE) >= accepted + len(xs), 30,
+                     "tpd to accept all %d requests" % len(xs), hold)
+    finally:
+        if hold:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
     for _ in xs:
         if not done.acquire(timeout=timeout):
             raise AssertionError("a request got no answer within %.0f s" % timeout)
