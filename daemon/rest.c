@@ -766,6 +766,8 @@ static enum MHD_Result start_infer(struct rest_req *q)
     q->req.bytes = q->len + (q->inf.xs ? (uint64_t)q->inf.in.rows * (uint64_t)m->in * 4 : 0);
     q->req.fill = rest_fill;
     q->req.complete = rest_complete;
+    tp_log(TP_LOG_DEBUG, "accepted request '%s': %u rows", q->inf.id ? q->inf.id : "",
+           q->req.rows);
     pthread_mutex_lock(&q->lock);
     atomic_fetch_add(&rs->outstanding, 1);
     if (sched_submit(rm->sched, &q->req, &err) < 0) {

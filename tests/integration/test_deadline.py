@@ -21,7 +21,7 @@ import unittest
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import TpdTestCase, make_layer, reference, rel_err  # noqa: E402
+from tpdtest import TpdTestCase, make_layer, reference, rel_err, wait_for  # noqa: E402
 
 import tritonclient.grpc as tgrpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -82,27 +82,37 @@ class TestDeadline(TpdTestCase):
             with lock:
                 results.append((result, error))
 
-        for i in range(BLOCKERS):
-            self.client.async_infer("lin", [infer_input(xb)], done, request_id="blocker-%d" % i)
-        # wait until the first blocker runs, so the timed-out ones queue behind the rest
-        t0 = time.monotonic()
-        while not self.batches() and time.monotonic() - t0 < 30:
-            time.sleep(0.01)
-        self.assertTrue(self.batches(), "no batch started\n" + self.d.log_tail())
-        # three short requests at once, each with a 50 ms deadline, behind the blockers
         late, late_done = [None] * 3, threading.Semaphore(0)
 
         def late_cb(i, result, error):
             late[i] = (result, error)
             late_done.release()
 
-        for i in range(3):
-            x = self.rng.standard_normal((3, IN)).astype(np.float32)
-            self.client.async_infer("lin", [infer_input(x)],
-                                    lambda result, error, i=i: late_cb(i, result, error),
-                                    request_id="late-%d" % i, client_timeout=0.05)
-        for _ in range(3):
-            self.assertTrue(late_done.acquire(timeout=60), "a late request got no answer")
+        for i in range(BLOCKERS):
+            self.client.async_infer("lin", [infer_input(xb)], done, request_id="blocker-%d" % i)
+        # the first blocker runs; the worker is stopped until the late requests are over, so
+        # that they queue behind the other blockers however fast the jobs are
+        wait_for(self.batches, 30, "the first blocker's job", self.d)
+        workers = list(self.d.worker_pids().values())
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: self.d.count(r"accepted request 'blocker-") == BLOCKERS, 30,
+                     "every blocker in the queue", self.d)
+            # three short requests at once, each with a 50 ms deadline, behind the blockers
+            for i in range(3):
+                x = self.rng.standard_normal((3, IN)).astype(np.float32)
+                self.client.async_infer("lin", [infer_input(x)],
+                                        lambda result, error, i=i: late_cb(i, result, error),
+                                        request_id="late-%d" % i, client_timeout=0.05)
+            for _ in range(3):
+                self.assertTrue(late_done.acquire(timeout=60), "a late request got no answer")
+            # tpd drops them from its queue at their deadline, the slot still busy
+            wait_for(lambda: self.d.count(r"request 'late-\d' failed") == 3, 30,
+                     "tpd to drop the 3 late requests", self.d)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
         codes = [e.status() if e is not None else "OK" for _, e in late]
         self.assertEqual(codes, ["StatusCode.DEADLINE_EXCEEDED"] * 3)
         t0 = time.monotonic()
@@ -135,20 +145,30 @@ class TestDeadline(TpdTestCase):
             time.sleep(0.01)
         self.assertEqual(self.d.count(r"accepted request 'victim-"), 16,
                          "not every victim request arrived\n" + self.d.log_tail())
-        ran_before = len(self.batches())
-        victim.proc.send_signal(signal.SIGKILL)
-        victim.proc.wait(timeout=10)
-        # every victim request ends: cancelled in the queue, or dropped after its job
-        t0 = time.monotonic()
-        while self.d.count(r"request 'victim-\d+' failed: call cancelled") + \
-                len(self.batches()) < 16 and time.monotonic() - t0 < 30:
-            time.sleep(0.02)
+        # the worker is stopped across the kill, so that no job can end meanwhile: what runs
+        # after it is what the cancels did not stop
+        workers = list(self.d.worker_pids().values())
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            ran_before = len(self.batches())
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait(timeout=10)
+            # every victim request still queued is cancelled; the one in the stopped job stays
+            wait_for(lambda: self.d.count(r"request 'victim-\d+' failed: call cancelled") >=
+                     16 - ran_before - 1, 30, "the queued victim requests to be cancelled",
+                     self.d)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: self.d.count(r"request 'victim-\d+' failed: call cancelled") +
+                 len(self.batches()) >= 16, 30, "every victim request to end", self.d)
         cancelled = self.d.count(r"request 'victim-\d+' failed: call cancelled")
         ran = len(self.batches())
         self.assertGreaterEqual(cancelled, 16 - ran,
                                 "victim requests neither ran nor were cancelled\n" +
                                 self.d.log_tail())
-        self.assertLessEqual(ran, ran_before + 2,
+        self.assertLessEqual(ran, ran_before + 1,
                              "jobs kept running for a client that was gone: %d before the kill, "
                              "%d after\n%s" % (ran_before, ran, self.d.log_tail()))
         print("victim: %d jobs ran before the kill, %d in all; %d requests cancelled" % (

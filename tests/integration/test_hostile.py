@@ -8,7 +8,7 @@ running meanwhile, and must get only correct answers.
 (b) workers start with default signal dispositions and an empty signal mask, although tpd
     ignores SIGPIPE and blocks its stop signals and SIGHUP.
 (c) 70 HTTP clients that each trickle one header line every 3 s (and reconnect when they are
-    dropped) hold the metrics server's connections: /v2/health/ready still answers within 1 s,
+    dropped) hold the metrics server's connections: /v2/health/ready still answers within 2.5 s,
     again and again, /metrics is scraped, the tricklers are dropped, and the server's own
     parser answers odd requests right (percent escapes, a query, bare LF, HEAD, POST, NUL,
     bad request lines, a head over 8 KiB).
@@ -256,7 +256,7 @@ class Trickler:
 
 class TestHealthStarvation(HostileCase):
 
-    def test_health_answers_within_a_second_under_tricklers(self):
+    def test_health_answers_promptly_under_tricklers(self):
         d = self.serve()
         base = d.metrics_url()
         host, port = base[len("http://"):].rsplit(":", 1)
@@ -266,14 +266,16 @@ class TestHealthStarvation(HostileCase):
         time.sleep(1.0)
         slowest, probes = 0.0, 0
         t_end = time.monotonic() + 14  # past any idle timeout that the trickle would reset
+        # starved, a probe would wait for a trickler's next byte (3 s) or its header timeout
+        # (5 s); a busy machine alone can delay one by a good part of a second
         while time.monotonic() < t_end:
             try:
-                status, body, secs = http_get(base, "/v2/health/ready", 1.0)
+                status, body, secs = http_get(base, "/v2/health/ready", 2.5)
             except OSError as e:
-                self.fail("GET /v2/health/ready %d: no answer within 1 s (%r) with 70 "
+                self.fail("GET /v2/health/ready %d: no answer within 2.5 s (%r) with 70 "
                           "trickling clients\n%s" % (probes, e, d.log_tail()))
             self.assertEqual((status, body), (200, "ready\n"))
-            self.assertLess(secs, 1.0)
+            self.assertLess(secs, 2.5)
             slowest = max(slowest, secs)
             probes += 1
             time.sleep(0.5)

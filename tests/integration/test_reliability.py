@@ -142,7 +142,9 @@ class TestWorkerKill(ReliabilityCase):
     def test_kill_workers_under_load(self):
         in_, out, ranks, kills = 1024, 3 * 344, 3, 4
         wpath, W, b = self.layer(out, in_, seed=61)
-        d = self.start_daemon(wpath, "--cpu", ranks, "--restart-backoff-ms", 100, name="kill")
+        # the not-ready window is at least the backoff: long enough for the probe below to see
+        # it twice even when the load threads keep it from running for a while
+        d = self.start_daemon(wpath, "--cpu", ranks, "--restart-backoff-ms", 400, name="kill")
         model = os.path.basename(wpath)[:-len(".safetensors")]
         ld = self.load(d, model, W, b, clients=4, seed=1)
         probe = self.triton(d)
@@ -199,7 +201,7 @@ class TestWorkerKill(ReliabilityCase):
                            "kills missed the load (outcomes %s)" % dict(out))
         unavailable = [r.detail for r in ld.snapshot() if r.outcome == "UNAVAILABLE"]
         self.assertTrue(all(m for m in unavailable), "UNAVAILABLE without a message")
-        print("worker kill under load (%d ranks, 4 clients, --restart-backoff-ms 100): %d kills; "
+        print("worker kill under load (%d ranks, 4 clients, --restart-backoff-ms 400): %d kills; "
               "not ready after %s s; recovery (kill -> ready) %s s, median %.3f s; outcomes %s; "
               "%d in-flight requests failed UNAVAILABLE, 0 wrong answers" % (
                   ranks, kills, ["%.3f" % t for t in unready], ["%.3f" % t for t in recovery],
@@ -329,8 +331,9 @@ class TestBackpressure(ReliabilityCase):
     def test_full_queue_is_resource_exhausted(self):
         in_, out = 64, 2 * 24
         wpath, W, b = self.layer(out, in_, seed=64)
+        # a worker is stopped on purpose, for as long as the test takes: not a hung job
         d = self.start_daemon(wpath, "--cpu", 2, "--slots", 1, "--max-queue", 1,
-                              "--log-level", "debug", name="bp")
+                              "--job-timeout-ms", 0, "--log-level", "debug", name="bp")
         rng = np.random.default_rng(6)
         xs = [rng.standard_normal((8, in_)).astype(np.float32) * (i + 1) for i in range(2)]
         victim = d.worker_pids()[1]

@@ -173,7 +173,8 @@ class TestServing(RepoCase):
         self.assertEqual(len(d.all_worker_pids()), 2, d.log_tail())
         loads = [Load(self, d, n, threads=1) for n in MODELS] + \
             [Load(self, d, n, threads=1, rest=True) for n in ("llama_mlp", "gpt2_lm_head")]
-        time.sleep(3)
+        tpdtest.wait_for(lambda: all(ld.ok > 3 or ld.wrong or ld.errors for ld in loads), 60,
+                         "more than 3 answers to every load", d)
         for ld in loads:
             ld.stop()
             self.assertEqual(ld.wrong, [], "%s: wrong answers under load" % ld.name)
@@ -257,7 +258,8 @@ class TestControl(RepoCase):
         client = tgrpc.InferenceServerClient(url=d.addr)
         self.addCleanup(client.close)
         busy = Load(self, d, "qwen_q", threads=3)
-        time.sleep(0.5)
+        tpdtest.wait_for(lambda: busy.ok >= 3 or busy.wrong or busy.errors, 30,
+                         "the load to be answered", d)
         client.unload_model("qwen_q")
         busy.stop()
         # requests taken before the unload were answered, and right; later ones were refused
@@ -277,14 +279,19 @@ class TestRecovery(RepoCase):
         client = tgrpc.InferenceServerClient(url=d.addr)
         self.addCleanup(client.close)
         loads = [Load(self, d, n, threads=1) for n in MODELS]
-        time.sleep(1)
+        tpdtest.wait_for(lambda: all(ld.ok > 0 for ld in loads), 30, "answers to every load", d)
         os.kill(d.worker_pids()[1], signal.SIGKILL)
         t0 = time.monotonic()
-        time.sleep(0.5)
+        # the group goes down and comes back: its line, then every model ready
+        tpdtest.wait_for(lambda: d.count(r"worker group of 2 ranks is up again") == 1, 30,
+                         "the worker group to come back", d)
         tpdtest.wait_for(lambda: all(client.is_model_ready(n) for n in MODELS), 30,
                          "every model ready again", d)
         back = time.monotonic() - t0
-        time.sleep(1)
+        # and every load is answered again
+        oks = [ld.ok for ld in loads]
+        tpdtest.wait_for(lambda: all(ld.ok > ok for ld, ok in zip(loads, oks)), 30,
+                         "answers to every load after the restart", d)
         for ld in loads:
             ld.stop()
             self.assertEqual(ld.wrong, [], "%s: a wrong answer around the kill" % ld.name)

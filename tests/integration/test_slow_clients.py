@@ -18,9 +18,9 @@
     non-zero naming the path, before starting any worker, and the first still serves; a socket
     file left by a killed tpd (connect gives ECONNREFUSED) is taken over; a path that is not a
     socket is never removed.
-(d) SIGTERM with idle client connections open exits 0 within a second: a tritonclient channel
-    after a call, a socket that never spoke HTTP/2, and an HTTP/2 client that reads nothing (so
-    never answers the GOAWAY ping, which gRPC would wait 20 s for).
+(d) SIGTERM with idle client connections open exits 0 within 2 s (5 s sanitized): a tritonclient
+    channel after a call, a socket that never spoke HTTP/2, and an HTTP/2 client that reads
+    nothing (so never answers the GOAWAY ping, which gRPC would wait 20 s for).
 (e) A peer with a large window that stops reading its socket: gRPC's socket write to it never
     ends, and keeps what it took (replies of 6 jobs, more than the 4 slots) even after their calls
     are cancelled. A well-behaved client is still served (the last slot is never lent out), and a
@@ -243,8 +243,9 @@ class TestQueuedBytes(SlowClientCase):
     def test_queued_bytes_are_bounded_and_given_back(self):
         in_, out, rows = 1024, 64, 512  # 2 MiB a request, 128 KiB a reply
         wpath, W, b, model = self.layer(out, in_, seed=2)
+        # the worker is stopped on purpose, for as long as the burst takes: not a hung job
         d = self.start_daemon(wpath, "--cpu", 1, "--slots", 4, "--max-batch", rows,
-                              "--max-queue", 1024, name="bytes")
+                              "--max-queue", 1024, "--job-timeout-ms", 0, name="bytes")
         pid = d.proc.pid
         asan = sanitized(pid)
         rng = np.random.default_rng(2)
@@ -406,6 +407,7 @@ class TestPromptStop(SlowClientCase):
             with self.subTest(listen=listen or "unix"):
                 d = self.start_daemon(wpath, "--cpu", 1, listen=listen,
                                       name="idle%d" % bool(listen))
+                asan = sanitized(d.proc.pid)
                 c = tgrpc.InferenceServerClient(url=d.addr)
                 self.addCleanup(c.close)
                 x = np.ones((1, 32), np.float32)
@@ -431,7 +433,9 @@ class TestPromptStop(SlowClientCase):
                 took = d.stop()
                 print("\nSIGTERM with an idle connection open (%s): exit 0 after %.3f s" % (
                     listen or "unix", took), file=sys.stderr)
-                self.assertLess(took, 1.0, d.log_tail())
+                # the bug took 20 s (gRPC's wait for the GOAWAY ping); the exit of a sanitized
+                # tpd and its workers alone can take a good part of a second on a busy machine
+                self.assertLess(took, 5.0 if asan else 2.0, d.log_tail())
 
     def test_sigterm_with_a_peer_that_stopped_reading(self):
         # A peer that asked for large replies with a large window, then never reads its socket:
