@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loadgen import Load  # noqa: E402
-from tpdtest import (TpdTestCase, make_layer, one_line_error, reference, rel_err,  # noqa: E402
-                     tpclient)
+from tpdtest import (TpdTestCase, make_layer, one_line_error, pid_alive, reference,  # noqa: E402
+                     rel_err, tpclient, wait_for)
 
 import grpc  # noqa: E402
 import tritonclient.grpc as tgrpc  # noqa: E402
@@ -158,20 +158,24 @@ class TestSighup(HostileCase):
         for i in range(3):
             self.assertTrue(ld.wait_inflight(1), "no request in flight for SIGHUP %d" % i)
             d.send(signal.SIGHUP)
-            time.sleep(0.3)
+            # handled (its notice), and tpd is still there
+            wait_for(lambda: d.count(r"tpd: notice: SIGHUP") >= i + 1, 10,
+                     "the notice of SIGHUP %d" % i, d)
             self.assertTrue(d.running(), "tpd died of SIGHUP %d\n%s" % (i, d.log_tail()))
         mark = time.monotonic()
         self.assertTrue(ld.wait_ok(10, since=mark), "no answers after SIGHUP\n" + d.log_tail())
-        deadline = time.monotonic() + 5
-        while d.count(r"SIGHUP") < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
         self.assertEqual(d.count(r"tpd: notice: SIGHUP"), 3, "one notice per SIGHUP\n" +
                          d.log_tail())
         self.assertEqual(d.worker_pids(), pids, "workers restarted")
         # a hangup of the whole process group (tpd runs in a session of its own) kills no worker
         os.killpg(d.proc.pid, signal.SIGHUP)
-        time.sleep(0.5)
+        wait_for(lambda: d.count(r"tpd: notice: SIGHUP") == 4, 10, "the group's SIGHUP", d)
+        mark = time.monotonic()
+        self.assertTrue(ld.wait_ok(10, since=mark), "no answers after the group's SIGHUP\n" +
+                        d.log_tail())
         self.assertTrue(d.running(), "tpd died of its group's SIGHUP\n" + d.log_tail())
+        for rank, pid in pids.items():
+            self.assertTrue(pid_alive(pid), "rank %d died of its group's SIGHUP" % rank)
         self.assertEqual(d.worker_pids(), pids, "a worker died of its group's SIGHUP")
         self.assertEqual(d.count("restarting the group"), 0, d.log_tail())
         # one rule for readiness: HTTP and gRPC agree

@@ -5,15 +5,17 @@ with its id; a request that fails answers error_message and the stream goes on.
 * tritonclient.grpc: a stream of requests of 1 to 8 rows, one of them malformed; every good
   answer is checked against the float64 reference and matched by id, the bad one is an error
   that names the shape, and the stream then ends cleanly (stop_stream).
-* A client that sends 60 requests at once, more than the 16 a stream may have running (batching
-  holds them 0.2 s): each is answered, by a result or by an error that says to wait, none
-  lost, and tpd serves on.
-* A client that goes away mid-stream (the call cancelled with requests running): tpd cancels
-  them, keeps its workers and serves the next client.
+* A client that sends 60 requests at once, more than the 16 a stream may have running (the
+  workers stopped meanwhile): 44 are answered at once with an error that says to wait, the 16
+  with their results once the workers go on, none lost, and tpd serves on.
+* A client that goes away mid-stream (the call cancelled with its 12 requests taken, the
+  workers stopped): tpd cancels all of them, keeps its workers and serves the next client.
 """
 
 import os
 import queue
+import re
+import signal
 import sys
 import threading
 import unittest
@@ -21,7 +23,8 @@ import unittest
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import TpdTestCase, make_layer, reference, rel_err  # noqa: E402
+from tpdtest import (ACCEPTED_RE, TpdTestCase, make_layer, pid_alive, reference,  # noqa: E402
+                     rel_err, wait_for)
 
 import grpc  # noqa: E402
 import tritonclient.grpc as tgrpc  # noqa: E402
@@ -44,7 +47,8 @@ class TestStream(TpdTestCase):
         super().setUp()
         self.wpath = self.path(MODEL + ".safetensors")
         self.W, self.b = make_layer(self.wpath, OUT, IN, seed=4)
-        self.d = self.start_daemon(self.wpath, "--cpu", 2, "--max-batch", 8)
+        self.d = self.start_daemon(self.wpath, "--cpu", 2, "--max-batch", 8, "--log-level",
+                                   "debug")
         self.rng = np.random.default_rng(3)
 
     def check(self, y, x, what):
@@ -84,44 +88,65 @@ class TestStream(TpdTestCase):
         self.assertTrue(self.d.running())
         self.d.stop()
 
+    def stop_workers(self):
+        """SIGSTOPs the workers (SIGCONT at cleanup) -> their pids, for resume()."""
+        workers = list(self.d.worker_pids().values())
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(lambda: self.resume(workers))
+        return workers
+
+    def resume(self, workers):
+        for pid in workers:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGCONT)
+
+    def stream(self, ch):
+        return ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                request_serializer=lambda m: m.SerializeToString(),
+                                response_deserializer=pb.ModelStreamInferResponse.FromString)
+
     def test_more_than_may_run(self):
-        # one-row requests wait up to 0.2 s for a batch of 64 rows to fill, so that a stream's
-        # sixteen are soon running
-        self.d.stop()
-        self.d = self.start_daemon(self.wpath, "--cpu", 2, "--max-batch", 64,
-                                   "--batch-delay-us", 200000, name="slowbatch")
+        # the workers are stopped: the stream's first sixteen requests are taken and wait,
+        # the other 44 are told at once to wait; then the workers go on and the sixteen are
+        # answered
         ch = grpc.insecure_channel(self.d.addr)
         self.addCleanup(ch.close)
-        stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                  request_serializer=lambda m: m.SerializeToString(),
-                                  response_deserializer=pb.ModelStreamInferResponse.FromString)
         xs = [self.rng.standard_normal((1, IN)).astype(np.float32) for _ in range(60)]
-        answers = list(stream(iter([request(x, "q%d" % i) for i, x in enumerate(xs)]),
-                              timeout=60))
+        workers = self.stop_workers()
+        call = self.stream(ch)(iter([request(x, "q%d" % i) for i, x in enumerate(xs)]),
+                               timeout=60)
+        answers = []
+        try:
+            for a in call:
+                answers.append(a)
+                if len(answers) == 44:
+                    break
+        finally:
+            self.resume(workers)
+        answers += list(call)
         self.assertEqual(len(answers), 60, "every request gets one answer")
         ok, busy = 0, 0
-        for a in answers:
+        for k, a in enumerate(answers):
             if a.error_message:
                 self.assertIn("running already", a.error_message)
+                self.assertLess(k, 44, "told to wait after the workers went on")
                 busy += 1
                 continue
             i = int(a.infer_response.id[1:])
             y = np.frombuffer(a.infer_response.raw_output_contents[0], np.float32).reshape(1, OUT)
             self.check(y, xs[i], a.infer_response.id)
             ok += 1
-        self.assertGreater(ok, 0)
-        self.assertGreater(busy, 0, "no request found sixteen running")
-        print("60 requests sent at once on one stream: %d answered, %d told to wait" % (ok, busy))
+        self.assertEqual((ok, busy), (16, 44), "sixteen run, the rest are told to wait")
         self.assertTrue(self.d.running())
         self.d.stop()
 
     def test_client_goes_away(self):
+        # each round, a stream's 12 requests are taken while the workers are stopped, and its
+        # client goes away: every one of them is cancelled
         pids = self.d.worker_pids()
         for round_ in range(5):
             ch = grpc.insecure_channel(self.d.addr)
-            stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
-                                      request_serializer=lambda m: m.SerializeToString(),
-                                      response_deserializer=pb.ModelStreamInferResponse.FromString)
             more = threading.Event()
 
             def requests():
@@ -129,11 +154,17 @@ class TestStream(TpdTestCase):
                     yield request(self.rng.standard_normal((8, IN)).astype(np.float32), str(i))
                 more.wait(10)  # the stream stays open, requests running, until cancelled
 
-            call = stream(requests(), timeout=60)
-            next(call)  # one answer came: requests are running
-            call.cancel()
-            more.set()
-            ch.close()
+            accepted = self.d.count(ACCEPTED_RE)
+            workers = self.stop_workers()
+            try:
+                call = self.stream(ch)(requests(), timeout=60)
+                wait_for(lambda: self.d.count(ACCEPTED_RE) == accepted + 12, 30,
+                         "round %d: 12 requests taken" % round_, self.d)
+                call.cancel()
+                more.set()
+                ch.close()
+            finally:
+                self.resume(workers)
         self.assertEqual(self.d.worker_pids(), pids, "a worker died")
         x = self.rng.standard_normal((3, IN)).astype(np.float32)
         client = tgrpc.InferenceServerClient(url=self.d.addr)
@@ -142,7 +173,10 @@ class TestStream(TpdTestCase):
         self.check(client.infer(MODEL, [inp]).as_numpy("output"), x, "after the cancels")
         client.close()
         self.d.stop()
-
+        m = re.search(r"scheduler: .* (\d+) cancelled", self.d.log())
+        self.assertIsNotNone(m, self.d.log_tail())
+        self.assertEqual(int(m.group(1)), 60, "not every request of the gone clients was "
+                         "cancelled\n" + self.d.log_tail())
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
