@@ -14,6 +14,7 @@
 
 #include "log.h"
 #include "metrics.h"
+#include "proc.h"
 
 #define MAX_FILE_BYTES (1 << 20) /* a model's NAME.json */
 #define UNLOAD_POLL_US 2000
@@ -514,10 +515,32 @@ static void model_lost(void *ctx, const struct tp_err *why)
     pthread_mutex_unlock(&m->repo->lock);
 }
 
+/* shm_arena_create, as proc_run_background runs it */
+struct arena_call {
+    struct shm_arena *arena;
+    const struct shm_layout *lay;
+    struct tp_err *err;
+    int rc;
+};
+
+static void arena_call(void *arg)
+{
+    struct arena_call *ac = arg;
+
+    ac->rc = shm_arena_create(ac->arena, ac->lay, ac->err);
+}
+
+/* shm_arena_destroy, as proc_run_background runs it */
+static void arena_free(void *arena)
+{
+    shm_arena_destroy(arena);
+}
+
 /* What a load does once m is marked LOADING: everything but the state. */
 static int load_model(struct repo *r, struct repo_model *m, struct tp_err *err)
 {
     const struct repo_conf *c = &m->conf;
+    struct arena_call ac;
     struct shm_layout lay;
     size_t arena_bytes;
     uint64_t avail, need;
@@ -552,7 +575,11 @@ static int load_model(struct repo *r, struct repo_model *m, struct tp_err *err)
         return tp_err_set(err, TP_EBUSY, "no %u free slots of the %d that all models share",
                           c->slots, REPO_MAX_SLOTS);
     m->slot0 = (uint32_t)slot0;
-    if (shm_arena_create(&m->arena, &lay, err) < 0)
+    /* the slots' pages are faulted in at the lowest priority: the models already served come
+     * first, and this thread keeps its own for the scheduler thread it starts next */
+    ac = (struct arena_call){.arena = &m->arena, .lay = &lay, .err = err, .rc = -1};
+    proc_run_background("a model's slots", arena_call, &ac);
+    if (ac.rc < 0)
         goto fail;
     if (sched_create(&m->sched, &m->arena,
                      &(struct sched_config){.max_queue = c->max_queue,
@@ -623,7 +650,7 @@ static void free_model(struct repo *r, struct repo_model *m)
     sched_destroy(m->sched);
     m->sched = NULL;
     metrics_model_remove(m->id);
-    shm_arena_destroy(&m->arena);
+    proc_run_background("a model's slots", arena_free, &m->arena); /* as they were made */
     pthread_mutex_lock(&r->lock);
     memset(&r->slot_used[m->slot0], 0, m->conf.slots);
     pthread_mutex_unlock(&r->lock);

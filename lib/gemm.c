@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "bigalloc.h"
+#include "log.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -333,7 +334,8 @@ void gemm_run(const struct gemm_weights *g, const float *x, size_t ldx, uint32_t
 
 struct gemm_pool {
     int threads;          /* the caller and threads - 1 helpers */
-    int started;          /* helpers running */
+    int launched;         /* the helpers were started (at the first run that needs them) */
+    int started;          /* helpers running: 1 to started; the caller computes the others' */
     pthread_t *tids;      /* [threads - 1] */
     pthread_mutex_t lock; /* guards everything below */
     pthread_cond_t wake, idle;
@@ -373,6 +375,7 @@ static void *helper_main(void *arg)
     uint64_t seen = 0;
 
     free(arg);
+    pthread_setname_np(pthread_self(), "tpd-gemm");
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (p->generation == seen)
@@ -403,32 +406,37 @@ int gemm_pool_create(struct gemm_pool **out, int threads, struct tp_err *err)
     pthread_cond_init(&p->idle, NULL);
     p->tids = calloc((size_t)p->threads, sizeof(*p->tids));
     if (!p->tids) {
-        tp_err_set(err, TP_ENOMEM, "no memory for %d gemm threads", p->threads);
-        goto fail;
-    }
-    for (int i = 1; i < p->threads; i++) {
-        struct helper_arg *a = malloc(sizeof(*a));
-        int e;
-
-        if (!a) {
-            tp_err_set(err, TP_ENOMEM, "no memory for gemm thread %d", i);
-            goto fail;
-        }
-        *a = (struct helper_arg){.p = p, .index = i};
-        e = pthread_create(&p->tids[i - 1], NULL, helper_main, a);
-        if (e) {
-            free(a);
-            errno = e;
-            tp_err_sys(err, "starting gemm thread %d of %d", i, p->threads);
-            goto fail;
-        }
-        p->started++;
+        gemm_pool_destroy(p);
+        return tp_err_set(err, TP_ENOMEM, "no memory for %d gemm threads", threads);
     }
     *out = p;
     return 0;
-fail:
-    gemm_pool_destroy(p);
-    return -1;
+}
+
+/* Starts the helpers, from the thread of the first run that needs them: they inherit its
+ * scheduling (a pool made by a loader thread of low priority still computes at the priority of
+ * the thread that serves the jobs). A helper that cannot start leaves its share to the caller. */
+static void launch(struct gemm_pool *p)
+{
+    int e = ENOMEM;
+
+    p->launched = 1;
+    for (int i = 1; i < p->threads; i++) {
+        struct helper_arg *a = malloc(sizeof(*a));
+
+        if (!a)
+            break;
+        *a = (struct helper_arg){.p = p, .index = i};
+        e = pthread_create(&p->tids[i - 1], NULL, helper_main, a);
+        if (e != 0) {
+            free(a);
+            break;
+        }
+        p->started++;
+    }
+    if (p->started < p->threads - 1)
+        tp_log(TP_LOG_WARN, "gemm: %d of %d threads started (%s); the others' share runs on the "
+               "calling thread", p->started + 1, p->threads, strerror(e));
 }
 
 void gemm_pool_run(struct gemm_pool *p, const struct gemm_weights *g, const float *x, size_t ldx,
@@ -439,6 +447,8 @@ void gemm_pool_run(struct gemm_pool *p, const struct gemm_weights *g, const floa
         gemm_run(g, x, ldx, rows, bias, y, ldy, 0, g->np);
         return;
     }
+    if (!p->launched)
+        launch(p);
     pthread_mutex_lock(&p->lock);
     p->call.g = g;
     p->call.x = x;
@@ -452,6 +462,8 @@ void gemm_pool_run(struct gemm_pool *p, const struct gemm_weights *g, const floa
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     run_share(p, 0);
+    for (int t = p->started + 1; t < p->threads; t++) /* the helpers that did not start */
+        run_share(p, t);
     pthread_mutex_lock(&p->lock);
     while (p->pending > 0)
         pthread_cond_wait(&p->idle, &p->lock);

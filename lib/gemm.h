@@ -70,8 +70,9 @@ void gemm_run(const struct gemm_weights *g, const float *x, size_t ldx, uint32_t
  * work between calls. */
 struct gemm_pool;
 
-/* Starts threads - 1 threads (threads >= 1). Fails with TP_ENOMEM or TP_ESYS (nothing left
- * running); on success the caller owns *p (gemm_pool_destroy). */
+/* A pool of threads - 1 helpers (threads >= 1), started by its first run that needs them, on
+ * that run's thread, whose scheduling they inherit; a helper that cannot start leaves its share
+ * to the caller. Fails with TP_ENOMEM; on success the caller owns *p (gemm_pool_destroy). */
 int gemm_pool_create(struct gemm_pool **p, int threads, struct tp_err *err);
 
 /* gemm_run over all of g's panels, shared by the pool's threads (a call of under 2^19

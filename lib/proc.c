@@ -1,19 +1,24 @@
-/* proc.c -- fork+exec of workers (see proc.h). Between fork and exec the child only calls
- * async-signal-safe functions (dup2, sigaction, sigprocmask, execve): the parent is
- * multi-threaded (gRPC's threads), so anything that could take a lock (malloc, stdio) might
- * deadlock. The environment is therefore built in the parent. */
+/* proc.c -- fork+exec of workers, and a thread's priority (see proc.h). Between fork and exec
+ * the child only calls async-signal-safe functions (dup2, sigaction, sigprocmask, execve): the
+ * parent is multi-threaded (gRPC's threads), so anything that could take a lock (malloc,
+ * stdio) might deadlock. The environment is therefore built in the parent. */
 #include "proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "log.h"
 
 extern char **environ;
 
@@ -126,4 +131,38 @@ void proc_self_dir(char *buf, size_t len)
         return;
     slash[1] = '\0';
     snprintf(buf, len, "%s", path);
+}
+
+void proc_thread_background(const char *what)
+{
+    /* on Linux a nice value belongs to a thread: PRIO_PROCESS with a thread id sets it alone */
+    if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19) < 0)
+        tp_log(TP_LOG_WARN, "%s: cannot lower its priority: %s", what, strerror(errno));
+}
+
+struct background {
+    const char *what;
+    void (*fn)(void *arg);
+    void *arg;
+};
+
+static void *background_main(void *arg)
+{
+    struct background *b = arg;
+
+    proc_thread_background(b->what);
+    b->fn(b->arg);
+    return NULL;
+}
+
+void proc_run_background(const char *what, void (*fn)(void *arg), void *arg)
+{
+    struct background b = {.what = what, .fn = fn, .arg = arg};
+    pthread_t t;
+
+    if (pthread_create(&t, NULL, background_main, &b) != 0) {
+        fn(arg);
+        return;
+    }
+    pthread_join(t, NULL);
 }

@@ -20,4 +20,16 @@ int proc_spawn(char *const argv[], char *const env_add[], const int *fds, int nf
 /* Directory of the running executable, with a trailing '/'; "" when unknown. */
 void proc_self_dir(char *buf, size_t len);
 
+/* Puts the calling thread (only it, and the threads it starts later) at the lowest CPU priority
+ * (nice 19), for work that may wait, such as loading a model beside the jobs of those already
+ * served: on a busy machine it then takes longer instead of slowing the jobs down. Logs a
+ * warning and goes on when the system refuses. */
+void proc_thread_background(const char *what);
+
+/* Runs fn(arg) on a thread of its own at that priority and waits for it (on the calling thread
+ * when no thread can start): for a piece of heavy work, such as faulting in a new model's
+ * memory, done by a thread that must itself keep its priority (the threads it starts inherit
+ * it). */
+void proc_run_background(const char *what, void (*fn)(void *arg), void *arg);
+
 #endif

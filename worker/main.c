@@ -34,6 +34,7 @@
 #include "backend.h"
 #include "ctl.h"
 #include "log.h"
+#include "proc.h"
 #include "shard.h"
 #include "shm.h"
 #include "timing.h"
@@ -335,6 +336,8 @@ static void *loader_main(void *arg)
     struct worker *w = arg;
     struct loader *ld = &w->ld;
 
+    pthread_setname_np(pthread_self(), "tpd-loader");
+    proc_thread_background("the loader thread"); /* jobs first, loads in what they leave */
     pthread_mutex_lock(&ld->lock);
     for (;;) {
         struct pending_load *pl;

@@ -20,6 +20,7 @@ checkpoint that is not there and a file with a misspelt key. At N = 2:
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -30,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tpdtest  # noqa: E402
-from tpdtest import TpdTestCase, rel64  # noqa: E402
+from tpdtest import TpdTestCase, make_layer, rel64  # noqa: E402
 
 import tritonclient.grpc as tgrpc  # noqa: E402
 import tritonclient.http as thttp  # noqa: E402
@@ -135,9 +136,9 @@ class RepoCase(TpdTestCase):
                 json.dump(BAD[n], f)
         return repo
 
-    def serve(self, repo, *args, name="repo"):
-        return self.start_daemon(None, "--model-repository", repo, "--cpu", 2, "--config", "none",
-                                 *args, name=name)
+    def serve(self, repo, *args, name="repo", cpu=2):
+        return self.start_daemon(None, "--model-repository", repo, "--cpu", cpu, "--config",
+                                 "none", *args, name=name)
 
     def index(self, client):
         return {m.name: (m.state, m.reason) for m in client.get_model_repository_index().models}
@@ -268,6 +269,56 @@ class TestControl(RepoCase):
         for e in busy.errors:
             self.assertIn("not ready", e)
         self.check_model(client, "llama_mlp", "after the unload")
+        d.stop()
+
+
+def threads_of(pid):
+    """{tid: (name, nice)} of the threads of pid, from /proc."""
+    out = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+            stat = f.read()
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        out[int(tid)] = (name, int(stat[stat.rindex(")") + 2:].split()[16]))  # field 19: nice
+    return out
+
+
+class TestPriorities(RepoCase):
+
+    def test_loads_run_low_and_jobs_do_not(self):
+        # A cpu worker loads on a thread of the lowest priority (nice 19), so that a load takes
+        # the cores the jobs leave. The GEMM threads of a model it loads must not inherit that
+        # priority: they start with the model's first job, from the thread that serves jobs.
+        repo = self.path("prio")
+        os.makedirs(repo)
+        for name, seed in (("a", 1), ("b", 2)):
+            make_layer(os.path.join(repo, name + ".safetensors"), 512, 1024, bias=True,
+                       dtype="F32", seed=seed)
+            with open(os.path.join(repo, name + ".json"), "w") as f:
+                json.dump({"weights": name + ".safetensors", "max_batch": 64}, f)
+        d = self.serve(repo, "--model-control-mode", "explicit", "--load-model", "a", cpu=1,
+                       name="prio")
+        threads = int(re.search(r"1 cpu ranks, (\d+) threads each", d.log()).group(1))
+        worker = d.worker_pids()[0]
+        client = tgrpc.InferenceServerClient(url=d.addr)
+        self.addCleanup(client.close)
+        x = np.ones((64, 1024), np.float32)  # 64 x 1024 x 512: large enough for every thread
+        for model, loads in (("a", 1), ("b", 2)):
+            if model == "b":
+                client.load_model("b")
+            inp = tgrpc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            self.assertEqual(client.infer(model, [inp]).as_numpy("output").shape, (64, 512))
+            t = threads_of(worker)
+            loader = [n for n, nice in t.values() if n == "tpd-loader"]
+            self.assertEqual(loader, ["tpd-loader"], "no loader thread: %r" % t)
+            self.assertEqual([nice for n, nice in t.values() if n == "tpd-loader"], [19], t)
+            gemm = [nice for n, nice in t.values() if n == "tpd-gemm"]
+            self.assertEqual(len(gemm), loads * (threads - 1), "GEMM threads: %r" % t)
+            self.assertEqual(set(gemm) - {0}, set(), "a GEMM thread runs at low priority: %r" % t)
+            others = [(n, nice) for n, nice in t.values() if n != "tpd-loader" and nice != 0]
+            self.assertEqual(others, [], "threads of the worker at low priority: %r" % t)
+        print("worker threads: %r" % sorted(threads_of(worker).values()))
         d.stop()
 
 
