@@ -37,6 +37,8 @@ struct rest {
     struct rest_config c;
     atomic_uint_fast64_t buffered; /* bytes of bodies held */
     atomic_int outstanding;        /* inferences accepted and not yet answered */
+    atomic_int unsent;             /* inferences accepted whose request has not ended: the
+                                      answer not sent whole, the connection not closed */
     atomic_int quiesced;
     char *cert, *key, *ca; /* PEM text of the TLS files, kept while the server runs */
     /* inferences waiting for their jobs, watched for their clients going away; the lock
@@ -777,6 +779,7 @@ static enum MHD_Result start_infer(struct rest_req *q)
     }
     repo_put(rm);
     q->submitted = 1;
+    atomic_fetch_add(&rs->unsent, 1);
     MHD_suspend_connection(q->conn); /* under the lock: the completion resumes it after this */
     pthread_mutex_lock(&rs->wlock);  /* watched, until the completion takes it off */
     q->wnext = rs->waiting;
@@ -1230,7 +1233,6 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     struct rest_req *q = *con_cls;
     int pending;
 
-    (void)cls;
     (void)conn;
     (void)toe;
     if (!q)
@@ -1239,6 +1241,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     pthread_mutex_lock(&q->lock);
     pending = q->submitted && !q->done;
     q->gone = 1;
+    if (q->submitted)
+        atomic_fetch_sub(&((struct rest *)cls)->unsent, 1);
     pthread_mutex_unlock(&q->lock);
     if (pending)
         return;                          /* its completion frees it */
@@ -1398,6 +1402,13 @@ void rest_stop(struct rest *rs, int grace_ms)
                atomic_load(&rs->outstanding));
         return;
     }
+    /* every answer is given; stopping the server now would cut off those still being sent. A
+     * client that does not read its answer is cut off by the reply timeout meanwhile. */
+    while (atomic_load(&rs->unsent) > 0 && metrics_now_ns() < until)
+        usleep(2000);
+    if (atomic_load(&rs->unsent) > 0)
+        tp_log(TP_LOG_WARN, "rest: %d answers not sent whole at the stop: their connections are "
+               "closed", atomic_load(&rs->unsent));
     MHD_stop_daemon(rs->d);
     free_rest(rs);
 }
