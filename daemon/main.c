@@ -15,9 +15,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <grpc/grpc.h>
 #include <grpc/support/log.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define TP_LEAK_CHECK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TP_LEAK_CHECK 1
+#endif
+#endif
+#ifdef TP_LEAK_CHECK
+#include <sanitizer/lsan_interface.h>
+#endif
 
 #include "api.h"
 #include "config.h"
@@ -444,5 +456,14 @@ fail:
     shmreg_destroy(api.shm);
     if (status == 0)
         tp_log(TP_LOG_NOTICE, "stopped");
-    return status;
+    /* gRPC's own threads (its timers, its executor) still run, grpc_shutdown being left out
+     * (above): returning from main would run the libraries' exit handlers and static destructors
+     * under them, which is a known source of aborts at exit. Everything of tpd's has stopped and
+     * its log is written, so the process ends here, after the leak check that a sanitized build
+     * runs at exit. */
+    fflush(NULL);
+#ifdef TP_LEAK_CHECK
+    __lsan_do_leak_check();
+#endif
+    _exit(status);
 }

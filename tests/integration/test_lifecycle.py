@@ -101,7 +101,9 @@ class TestWorkerDeath(TpdTestCase):
         in_, out = 64, 48
         wpath = self.path("wd.safetensors")
         W, b = make_layer(wpath, out, in_, bias=True, dtype="F32", seed=8)
-        d = self.start_daemon(wpath, "--cpu", 2, "--restart-backoff-ms", 3000, name="death")
+        # the backoff is the window in which the checks below see the group down: wide enough
+        # for a few sanitized tpclient starts on a busy machine
+        d = self.start_daemon(wpath, "--cpu", 2, "--restart-backoff-ms", 6000, name="death")
         before = d.worker_pids()
         self.assertEqual(sorted(before), [0, 1], d.log_tail())
         rng = np.random.default_rng(3)
@@ -140,8 +142,8 @@ class TestWorkerDeath(TpdTestCase):
         self.assertRegex(d.log(), r"warning: worker rank 1 .*(exited|killed)",
                          "no warning about the dead worker\n" + d.log_tail())
 
-        # back within ~15 s, a new group, correct answers
-        d.wait_ready(timeout=15)
+        # back within ~20 s, a new group, correct answers
+        d.wait_ready(timeout=20)
         t_ready = time.monotonic() - t_kill
         after = d.worker_pids()
         self.assertEqual(sorted(after), [0, 1])
@@ -156,7 +158,7 @@ class TestWorkerDeath(TpdTestCase):
                               "after the restart, batch %d" % xi.shape[0])
         print("worker death: not ready after %.2f s, ready again after %.2f s" % (
             t_unready, t_ready))
-        self.assertGreaterEqual(t_ready, 2.0, "restarted sooner than --restart-backoff-ms 3000")
+        self.assertGreaterEqual(t_ready, 5.0, "restarted sooner than --restart-backoff-ms 6000")
         d.stop()
 
 

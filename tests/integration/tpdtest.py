@@ -474,7 +474,7 @@ class Daemon:
     whatever is left -- tpd's process group (it runs in a session of its own) and any worker it
     logged -- and reaps tpd."""
 
-    def __init__(self, workdir, weights, args=(), name="tpd", listen=None, env=None):
+    def __init__(self, workdir, weights, args=(), name="tpd", listen=None, env=None, log=None):
         self.workdir = workdir
         self.name = name
         self.sock = os.path.join(workdir, name + ".sock")
@@ -491,7 +491,7 @@ class Daemon:
                 self.env.pop(k, None)
             else:
                 self.env[k] = str(v)
-        self.log_path = os.path.join(workdir, name + ".log")
+        self.log_path = os.path.join(workdir, (log or name) + ".log")
         self.proc = None
         self.logf = None
         self.final_log = None
@@ -691,9 +691,13 @@ class TpdTestCase(unittest.TestCase):
         return os.path.join(self.tmp, name)
 
     def daemon(self, weights, *args, name=None, listen=None, env=None):
-        """A Daemon not yet started, killed at cleanup."""
-        d = Daemon(self.tmp, weights, args, name=name or "tpd%d" % len(self.daemons),
-                   listen=listen, env=env)
+        """A Daemon not yet started, killed at cleanup. A name used before in the test keeps
+        its socket path but gets a log of its own (NAME.K.log), so that a failure's report
+        shows each daemon's own log."""
+        name = name or "tpd%d" % len(self.daemons)
+        again = sum(o.name == name for o in self.daemons)
+        d = Daemon(self.tmp, weights, args, name=name, listen=listen, env=env,
+                   log="%s.%d" % (name, again) if again else None)
         self.daemons.append(d)
         self.addCleanup(d.kill)
         return d
