@@ -7,7 +7,8 @@ tensors).
 In each mode perf_analyzer must exit 0 and print its client and server sections; the server's
 numbers come from tpd's ModelStatistics over the same window, so they must agree with the
 client's: successful requests within twice the concurrency of its request count (requests in
-flight at either edge of the window), inferences = requests x batch, executions no more than
+flight at either edge of the window), or 1% of it (the statistics calls themselves take a moment
+off the window's edges), inferences = requests x batch, executions no more than
 requests (plus those whose answers fall after the window). Over the whole run tpd's own metrics
 must have counted at least what perf_analyzer reported, and no failure.
 
@@ -56,8 +57,12 @@ class TestPerfAnalyzer(TpdTestCase):
         server = out[out.index("Server:"):]
         ok = number(server, "Successful request count")
         self.assertGreater(client, 0, what)
-        # up to concurrency requests in flight at each of the window's two edges
-        self.assertLessEqual(abs(ok - client), 2 * concurrency, "%s: server %d, client %d" % (
+        # up to concurrency requests in flight at each of the window's two edges, and those
+        # answered while perf_analyzer's statistics calls were on their way (its server counts
+        # are taken by calls of their own, a millisecond or so off the window's edges: at 5000
+        # requests/s, a few requests)
+        slack = max(2 * concurrency, int(0.01 * client) + 1)
+        self.assertLessEqual(abs(ok - client), slack, "%s: server %d, client %d" % (
             what, ok, client))
         self.assertEqual(number(server, "Inference count"), ok * BATCH, what)
         # a job is counted when it ends, its requests when they are answered: up to the
