@@ -93,10 +93,7 @@ class TestDeadline(TpdTestCase):
         # the first blocker runs; the worker is stopped until the late requests are over, so
         # that they queue behind the other blockers however fast the jobs are
         wait_for(self.batches, 30, "the first blocker's job", self.d)
-        workers = list(self.d.worker_pids().values())
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with self.d.workers_stopped():
             wait_for(lambda: self.d.count(r"accepted request 'blocker-") == BLOCKERS, 30,
                      "every blocker in the queue", self.d)
             # three short requests at once, each with a 50 ms deadline, behind the blockers
@@ -110,9 +107,6 @@ class TestDeadline(TpdTestCase):
             # tpd drops them from its queue at their deadline, the slot still busy
             wait_for(lambda: self.d.count(r"request 'late-\d' failed") == 3, 30,
                      "tpd to drop the 3 late requests", self.d)
-        finally:
-            for pid in workers:
-                os.kill(pid, signal.SIGCONT)
         codes = [e.status() if e is not None else "OK" for _, e in late]
         self.assertEqual(codes, ["StatusCode.DEADLINE_EXCEEDED"] * 3)
         t0 = time.monotonic()
@@ -147,10 +141,7 @@ class TestDeadline(TpdTestCase):
                          "not every victim request arrived\n" + self.d.log_tail())
         # the worker is stopped across the kill, so that no job can end meanwhile: what runs
         # after it is what the cancels did not stop
-        workers = list(self.d.worker_pids().values())
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with self.d.workers_stopped():
             ran_before = len(self.batches())
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(timeout=10)
@@ -158,9 +149,6 @@ class TestDeadline(TpdTestCase):
             wait_for(lambda: self.d.count(r"request 'victim-\d+' failed: call cancelled") >=
                      16 - ran_before - 1, 30, "the queued victim requests to be cancelled",
                      self.d)
-        finally:
-            for pid in workers:
-                os.kill(pid, signal.SIGCONT)
         wait_for(lambda: self.d.count(r"request 'victim-\d+' failed: call cancelled") +
                  len(self.batches()) >= 16, 30, "every victim request to end", self.d)
         cancelled = self.d.count(r"request 'victim-\d+' failed: call cancelled")

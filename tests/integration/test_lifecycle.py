@@ -50,9 +50,7 @@ class TestDrain(TpdTestCase):
             jobs.append(x)
         # SIGTERM once tpd has accepted all of them, the workers stopped so that every one is
         # still in flight however fast the machine; they go on once the drain has begun
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with d.workers_stopped():
             procs = [d.client_bg("forward", self.path("x%d.npy" % i), "-o",
                                  self.path("y%d.npy" % i)) for i in range(clients)]
             for p in procs:
@@ -64,9 +62,6 @@ class TestDrain(TpdTestCase):
             tpdtest.wait_for(lambda: d.count(r"draining %d requests" % clients) == 1, 20,
                              "the drain of all %d" % clients, d)
             self.assertTrue(d.running(), "tpd exited with requests in flight")
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
         self.assertEqual(d.wait_exit(60), 0, d.log_tail())
         took = time.monotonic() - t0
         print("drain: SIGTERM with %d requests in flight; tpd exited 0 in %.2f s" % (

@@ -612,10 +612,7 @@ class TestEndpoints(RestCase):
                 errors.append(e)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        workers = list(d.worker_pids().values())
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with d.workers_stopped():
             for t in threads:
                 t.start()
             tpdtest.wait_for(lambda: d.count(tpdtest.ACCEPTED_RE) == 8, 20,
@@ -623,9 +620,6 @@ class TestEndpoints(RestCase):
             d.send(signal.SIGTERM)
             tpdtest.wait_for(lambda: d.count(r"draining 8 requests") == 1, 20,
                              "the drain of the 8", d)
-        finally:
-            for pid in workers:
-                os.kill(pid, signal.SIGCONT)
         for t in threads:
             t.join(30)
         self.assertEqual(d.wait_exit(), 0, d.log_tail())

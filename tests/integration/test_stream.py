@@ -16,7 +16,6 @@ with its id; a request that fails answers error_message and the stream goes on.
 import os
 import queue
 import re
-import signal
 import sys
 import threading
 import unittest
@@ -24,8 +23,8 @@ import unittest
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tpdtest import (ACCEPTED_RE, TpdTestCase, make_layer, pid_alive, reference,  # noqa: E402
-                     rel_err, wait_for)
+from tpdtest import (ACCEPTED_RE, TpdTestCase, make_layer, reference, rel_err,  # noqa: E402
+                     wait_for)
 
 import grpc  # noqa: E402
 import tritonclient.grpc as tgrpc  # noqa: E402
@@ -90,19 +89,6 @@ class TestStream(TpdTestCase):
         self.assertTrue(self.d.running())
         self.d.stop()
 
-    def stop_workers(self):
-        """SIGSTOPs the workers (SIGCONT at cleanup) -> their pids, for resume()."""
-        workers = list(self.d.worker_pids().values())
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(lambda: self.resume(workers))
-        return workers
-
-    def resume(self, workers):
-        for pid in workers:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGCONT)
-
     def stream(self, ch):
         return ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
                                 request_serializer=lambda m: m.SerializeToString(),
@@ -115,17 +101,14 @@ class TestStream(TpdTestCase):
         ch = grpc.insecure_channel(self.d.addr)
         self.addCleanup(ch.close)
         xs = [self.rng.standard_normal((1, IN)).astype(np.float32) for _ in range(60)]
-        workers = self.stop_workers()
-        call = self.stream(ch)(iter([request(x, "q%d" % i) for i, x in enumerate(xs)]),
-                               timeout=60)
         answers = []
-        try:
+        with self.d.workers_stopped():
+            call = self.stream(ch)(iter([request(x, "q%d" % i) for i, x in enumerate(xs)]),
+                                   timeout=60)
             for a in call:
                 answers.append(a)
                 if len(answers) == 44:
                     break
-        finally:
-            self.resume(workers)
         answers += list(call)
         self.assertEqual(len(answers), 60, "every request gets one answer")
         ok, busy = 0, 0
@@ -158,8 +141,7 @@ class TestStream(TpdTestCase):
 
             accepted = self.d.count(ACCEPTED_RE)
             cancelled = self.d.count(CANCELLED_RE)
-            workers = self.stop_workers()
-            try:
+            with self.d.workers_stopped():
                 call = self.stream(ch)(requests(), timeout=60)
                 wait_for(lambda: self.d.count(ACCEPTED_RE) == accepted + 12, 30,
                          "round %d: 12 requests taken" % round_, self.d)
@@ -169,8 +151,6 @@ class TestStream(TpdTestCase):
                 # the 8 beyond the 4 slots wait in the queue, and leave it with the cancel
                 wait_for(lambda: self.d.count(CANCELLED_RE) >= cancelled + 8, 30,
                          "round %d: the queued requests cancelled" % round_, self.d)
-            finally:
-                self.resume(workers)
         self.assertEqual(self.d.worker_pids(), pids, "a worker died")
         x = self.rng.standard_normal((3, IN)).astype(np.float32)
         client = tgrpc.InferenceServerClient(url=self.d.addr)

@@ -21,6 +21,7 @@ What is here:
     and the tail of every daemon's log printed when the test failed.
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -387,22 +388,14 @@ def infer_all_at_once(client, model, xs, tag, timeout=90, hold=None, datatype="F
         inp = tgrpc.InferInput("input", list(x.shape), datatype)
         inp.set_data_from_numpy(x)
         inps.append(inp)
-    if hold:
-        accepted = hold.count(ACCEPTED_RE)
-        workers = list(hold.worker_pids().values())
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-    try:
+    accepted = hold.count(ACCEPTED_RE) if hold else 0
+    with hold.workers_stopped() if hold else contextlib.nullcontext():
         for i, inp in enumerate(inps):
             client.async_infer(model, [inp], lambda result, error, i=i: callback(i, result, error),
                                request_id="%s-%d" % (tag, i), client_timeout=60)
         if hold:
             wait_for(lambda: hold.count(ACCEPTED_RE) >= accepted + len(xs), 30,
                      "tpd to accept all %d requests" % len(xs), hold)
-    finally:
-        if hold:
-            for pid in workers:
-                os.kill(pid, signal.SIGCONT)
     for _ in xs:
         if not done.acquire(timeout=timeout):
             raise AssertionError("a request got no answer within %.0f s" % timeout)
@@ -639,6 +632,20 @@ class Daemon:
     def worker_pids(self):
         """{rank: pid} from the latest 'started worker rank R pid P' line of each rank."""
         return {int(r): int(p) for r, p in STARTED_RE.findall(self.log())}
+
+    @contextlib.contextmanager
+    def workers_stopped(self):
+        """Stops every worker (SIGSTOP) for a with block -> their pids; the live ones go on
+        (SIGCONT) when it ends, whatever happened in it."""
+        pids = list(self.worker_pids().values())
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield pids
+        finally:
+            for pid in pids:
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGCONT)
 
     def all_worker_pids(self):
         return [int(p) for _, p in STARTED_RE.findall(self.log())]
