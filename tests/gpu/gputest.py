@@ -9,6 +9,9 @@ environment (ctest sets it, bench/gpu-check.sh too):
     TPCLIENT      tpclient
     TP_GPU_PROBE  tp_gpu_probe: prints the visible GPUs, or why there are none; absent when tpd
                   was built without the CUDA backend
+    TP_GPU_WORKER the worker every tpd runs (--worker); unset: the tpd-worker beside tpd. The
+                  tests on the emulated device (tests/cudaemu) set it to tpd-worker-emu, and
+                  TPD_CUDA_LIBS to the emulator's cuBLAS and NCCL
     TP_SEED_DIR   the PyTorch seed layers (default tests/data/seed)
     TP_HF_DIR     the Hugging Face checkpoints and their cases (default tests/data/hf)
 
@@ -37,12 +40,31 @@ import make_layer  # noqa: E402  (scripts/make_layer.py)
 TPD = os.environ.get("TPD", "")
 TPCLIENT = os.environ.get("TPCLIENT", "")
 GPU_PROBE = os.environ.get("TP_GPU_PROBE", "")
+GPU_WORKER = os.environ.get("TP_GPU_WORKER", "")
 SEED_DIR = os.environ.get("TP_SEED_DIR") or os.path.join(ROOT, "tests", "data", "seed")
 HF_DIR = os.environ.get("TP_HF_DIR") or os.path.join(ROOT, "tests", "data", "hf")
 
 SKIP = 77  # ctest's SKIP_RETURN_CODE for the gpu tests
+SANITIZER_RE = re.compile(r"ERROR: (?:AddressSanitizer|LeakSanitizer)[^\n]*|runtime error: [^\n]*")
 
 _daemons = []  # every tpd started, killed at exit so that none outlives a test that timed out
+
+# On the emulated device, every misuse it saw (a worker aborting as it stops answers nobody) is
+# also appended to this file: Daemon.stop() fails on it, and so does the exit.
+FAULTS = None
+if GPU_WORKER:
+    FAULTS = os.path.join(tempfile.mkdtemp(prefix="tpd-cudaemu-"), "faults")
+    os.environ["TPD_CUDAEMU_FAULTS"] = FAULTS
+
+
+def emulator_faults():
+    """What the emulated device reported since the last call ("" when nothing), taken away."""
+    if not FAULTS or not os.path.exists(FAULTS):
+        return ""
+    with open(FAULTS) as f:
+        text = f.read()
+    os.unlink(FAULTS)
+    return text
 
 
 def _kill_all():
@@ -50,6 +72,11 @@ def _kill_all():
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+    faults = emulator_faults()
+    if faults:
+        sys.stderr.write("the emulated device saw misuse:\n" + faults)
+        sys.stderr.flush()
+        os._exit(1)
 
 
 atexit.register(_kill_all)
@@ -151,8 +178,10 @@ class Daemon:
         self.sock = "unix:" + os.path.join(dir, name + ".sock")
         self.log_path = os.path.join(dir, name + ".log")
         self.log_file = open(self.log_path, "w")
-        self.argv = [TPD, "--listen", self.sock, "--metrics-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"] + [
-            str(a) for a in args]
+        self.argv = [TPD, "--listen", self.sock, "--metrics-listen", "127.0.0.1:0",
+                     "--http-listen", "127.0.0.1:0"] + [str(a) for a in args]
+        if GPU_WORKER:
+            self.argv[1:1] = ["--worker", GPU_WORKER]
         self.proc = subprocess.Popen(self.argv, stdout=self.log_file, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, **env) if env else None)
         _daemons.append(self)
@@ -185,6 +214,15 @@ class Daemon:
                 self.proc.wait()
                 raise AssertionError("tpd did not stop within 60 s of SIGTERM")
         self.log_file.close()
+        faults = emulator_faults()
+        if faults:
+            raise AssertionError("the emulated device saw misuse:\n%s\ntpd log:\n%s" % (
+                faults, self.log()[-3000:]))
+        # in a sanitizer build, a report by tpd or a worker (their stderr is this log)
+        m = SANITIZER_RE.search(self.log())
+        if m:
+            raise AssertionError("sanitizer report in the log: %s\n%s" % (
+                m.group(0), self.log()[-6000:]))
         return self.proc.returncode
 
     def kill(self):
