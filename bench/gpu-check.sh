@@ -634,7 +634,7 @@ if want tests; then
     echo "== gpu tests, all at once, each at most $limit s"
     jobs=("cli test_gpu_cli" "forward test_gpu_forward TestGpuForward TestGpuGuards"
         "uneven test_gpu_forward TestGpuUnevenSplit" "hf test_gpu_forward TestGpuHuggingFace"
-        "blocks test_gpu_forward TestGpuBlocks" "invariance test_gpu_invariance")
+        "blocks test_gpu_forward TestGpuBlocks TestGpuRepository" "invariance test_gpu_invariance")
     for j in "${jobs[@]}"; do
         read -r name script args <<<"$j"
         (

@@ -45,8 +45,11 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import unittest
+import urllib.error
+import urllib.request
 
 import gputest
 from gputest import Daemon
@@ -521,6 +524,115 @@ class TestGpuBlocks(unittest.TestCase):
             for key, cases in self.groups.items():
                 with self.subTest(model=" ".join(key), args=" ".join(args)):
                     self.serve(key, cases, nranks, args)
+
+
+def rest_post(d, path):
+    """POSTs {} to path of d's REST API; returns (HTTP status, body)."""
+    m = re.search(r"REST API on (http://127\.0\.0\.1:\d+)/v2", d.log())
+    if not m:
+        raise AssertionError("no REST address in the log:\n%s" % d.log()[-3000:])
+    req = urllib.request.Request(m.group(1) + path, data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=gputest.READY_TIMEOUT) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@unittest.skipUnless(os.path.isfile(os.path.join(gputest.HF_DIR, "cases.json")),
+                     "no Hugging Face cases in %s" % gputest.HF_DIR)
+class TestGpuRepository(unittest.TestCase):
+    """Many models over the same GPU workers (docs/repository.md): a column layer (a), an uneven
+    one (odd) and Llama's MLP block (mlp) in one repository, a and mlp loaded at start. Over
+    REST, odd is loaded, a unloaded and loaded again and odd unloaded while a client thread
+    keeps asking mlp (the GPU loads run between its jobs); then mlp is unloaded and loaded again.
+    After each step every loaded model's answers are verified and an unloaded model is refused,
+    and so is every answer of the client thread. With NCCL (the models' backends share the
+    worker's one communicator) and with the host gather over three ranks. On the emulated device
+    each stop also checks that every unload gave its device memory back (tests/cudaemu)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = gputest.tmpdir()
+        with open(os.path.join(gputest.HF_DIR, "cases.json")) as f:
+            mlp = [c for c in json.load(f) if c["kind"] == "llama_mlp"][0]
+        cls.repo = os.path.join(cls.dir, "repo")
+        os.mkdir(cls.repo)
+        ckpt = os.path.join(gputest.HF_DIR, mlp["checkpoint"])
+        # model name -> (its description, the --verify arguments, its input)
+        cls.models = {
+            "a": ({"weights": gputest.write_layer(os.path.join(cls.dir, "a"), IN, OUT)}, None,
+                  gputest.write_x(os.path.join(cls.dir, "xa.npy"), 7, IN, seed=11)),
+            "odd": ({"weights": gputest.write_layer(os.path.join(cls.dir, "odd"), IN, ODD_OUT,
+                                                    seed=4)}, None,
+                    gputest.write_x(os.path.join(cls.dir, "xo.npy"), 64, IN, seed=12)),
+            "mlp": ({"weights": ckpt, "block": mlp["module"]}, ["--block", mlp["module"]],
+                    os.path.join(gputest.HF_DIR, mlp["x"])),
+        }
+        for name, (desc, _, _) in cls.models.items():
+            with open(os.path.join(cls.repo, name + ".json"), "w") as f:
+                json.dump(dict(desc, max_batch=64), f)
+
+    def forward(self, d, name):
+        desc, verify_args, x = self.models[name]
+        return d.client("forward", x, "--model", name, "--verify", desc["weights"],
+                        *(verify_args or []), "--tolerance", "%g" % TOL32)
+
+    def check(self, d, loaded):
+        for name in self.models:
+            res = self.forward(d, name)
+            if name in loaded:
+                self.assertEqual(res.rc, 0, "%s: %r\n%s" % (name, res, d.log()[-3000:]))
+            else:
+                self.assertNotEqual(res.rc, 0, "%s is not loaded, but answered" % name)
+                self.assertIn("not ready", res.err)
+
+    def test_load_unload_while_serving(self):
+        configs = [("--gpus", gpus(min(NGPUS, 2))), ("--gpus", "0,0,0", "--gather", "host")]
+        for args in configs:
+            with self.subTest(args=" ".join(args)):
+                d = Daemon(self.dir, "repo%d" % configs.index(args), "--model-repository",
+                           self.repo, "--model-control-mode", "explicit", "--load-model", "a",
+                           "--load-model", "mlp", *args)
+                try:
+                    d.wait_ready()
+                    loaded = {"a", "mlp"}
+                    self.check(d, loaded)
+                    stop, answers = threading.Event(), []
+
+                    def ask_mlp():
+                        while not stop.is_set():
+                            answers.append(self.forward(d, "mlp"))
+
+                    asker = threading.Thread(target=ask_mlp)
+                    asker.start()
+                    try:
+                        for verb, name in (("load", "odd"), ("unload", "a"), ("load", "a"),
+                                           ("unload", "odd"), (None, None), ("unload", "mlp"),
+                                           ("load", "mlp")):
+                            if verb is None:  # the client thread's part ends here
+                                stop.set()
+                                asker.join()
+                                continue
+                            status, body = rest_post(d, "/v2/repository/models/%s/%s" % (
+                                name, verb))
+                            self.assertEqual(status, 200, "%s %s: %s\n%s" % (
+                                verb, name, body, d.log()[-3000:]))
+                            (loaded.add if verb == "load" else loaded.discard)(name)
+                            self.check(d, loaded)
+                    finally:
+                        stop.set()
+                        asker.join()
+                    bad = [r for r in answers if r.rc != 0]
+                    self.assertFalse(bad, "%d of %d answers of mlp failed, the first: %r" % (
+                        len(bad), len(answers), bad[:1]))
+                    self.assertGreaterEqual(len(answers), 4, "the client thread hardly ran")
+                    self.assertEqual(d.stop(), 0, d.log()[-3000:])
+                finally:
+                    d.kill()
+                print("%-28s 3 models: 3 loads and 3 unloads, %d answers of mlp meanwhile, "
+                      "every answer verified" % (" ".join(args), len(answers)))
 
 
 if __name__ == "__main__":
