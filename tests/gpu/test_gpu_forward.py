@@ -27,6 +27,9 @@ while 65519.996 (which rounds to 65504) is served, and the worker answers on; wi
 TestGpuBlocks: the MLP blocks and row-parallel layers of cases.json on the GPUs, with the
 all-reduce in NCCL and on the host, FP32 against y64 and BF16 through --verify.
 
+TestGpuRepository: three models of one repository over the same ranks, loaded and unloaded over
+REST while a client thread keeps asking one of them (see the class).
+
 TestGpuHuggingFace: every case of tests/data/hf/cases.json of kind linear, linear_conv1d and
 lm_head_tied, served from its checkpoint directory by module name (tpd finds the shard file, the
 bias sibling, GPT-2's Conv1D layout from config.json and the tied lm_head itself), at 1 rank, 2
