@@ -135,8 +135,8 @@ struct backend {
     uint32_t max_batch;
     int64_t in;             /* inputs of the layer */
     struct cuda_layout lay; /* this rank's columns of y (its rows of W) and the gather's blocks */
-    cudaStream_t stream;
-    cublasHandle_t blas;
+    cudaStream_t stream;    /* shared_dev's */
+    cublasHandle_t blas;    /* shared_dev's */
     ncclComm_t comm;
     int broken;                    /* a device or communicator error: nothing more runs */
     void *w;                       /* [lay.cols, in] of dtype, device */
@@ -145,7 +145,6 @@ struct backend {
     void *x16;                     /* [max_batch, in] FP16/BF16, device; NULL with FP32 */
     float *y;                      /* cuda_plan_buffer: NCCL [nranks][max_batch·lay.pad]; host
                                       [max_batch, lay.cols] */
-    void *ws;                      /* cuBLAS workspace, device */
     void *pinned;                  /* the registered arena, or NULL */
     float *stage;                  /* cuda_plan_stage_bytes, pinned host, when the arena is not */
     unsigned long long *first_inf; /* FP16/BF16: first input element that overflowed, device */
@@ -390,6 +389,34 @@ static int select_device(int device, struct tp_err *err)
     return 0;
 }
 
+/* Allocates bytes of device memory for what ("the weights") into *p. Out of memory is TP_ENOMEM
+ * and says what was asked and what the GPU has free, so that a model too big for what the
+ * models already loaded left reads as that, not as a broken device: the context stays usable,
+ * and the worker goes on serving the others. */
+static int dev_alloc(const struct backend *b, void **p, size_t bytes, const char *what,
+                     struct tp_err *err)
+{
+    size_t free_b = 0, total = 0;
+    cudaError_t e = cudaMalloc(p, bytes);
+
+    if (e == cudaSuccess)
+        return 0;
+    *p = NULL;
+    if (e != cudaErrorMemoryAllocation)
+        return cuda_call_error(err, TP_EDEVICE, "cudaMalloc", cudaGetErrorString(e));
+    cudaGetLastError(); /* not sticky: clear it */
+    if (cudaMemGetInfo(&free_b, &total) != cudaSuccess) {
+        cudaGetLastError();
+        return tp_err_set(err, TP_ENOMEM, "GPU %d is out of memory: %.1f MiB for %s", b->device,
+                          (double)bytes / (1 << 20), what);
+    }
+    return tp_err_set(err, TP_ENOMEM,
+                      "GPU %d is out of memory: %.1f MiB for %s, and %.1f MiB of its %.1f MiB are "
+                      "free",
+                      b->device, (double)bytes / (1 << 20), what, (double)free_b / (1 << 20),
+                      (double)total / (1 << 20));
+}
+
 /* Enqueues out [rows, n] = x [rows, k] · W [n, k]ᵀ (+ bias [n], written first), every matrix
  * dense and row-major; W and x of the GEMM's dtype (x: x32 for FP32, x16 otherwise). */
 static int gemm(struct backend *b, uint32_t rows, int64_t n, int64_t k, const void *w,
@@ -513,6 +540,67 @@ static struct {
     ncclComm_t comm;
     int users;
 } shared_comm;
+
+/* The worker's one stream, cuBLAS handle and cuBLAS workspace, shared by the backends of every
+ * model it serves, as the communicator is: jobs and loads run one at a time on the main thread,
+ * so one of each serves them all, and a model costs its weights and buffers, not another
+ * workspace. The first backend makes them, the last one destroyed frees them. */
+static struct {
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    void *ws; /* BLAS_WORKSPACE bytes, device */
+    int users;
+} shared_dev;
+
+static void free_device(void)
+{
+    /* the handle before its workspace: cuBLAS may use the workspace until it is destroyed */
+    if (shared_dev.blas)
+        blas.cublasDestroy(shared_dev.blas);
+    cudaFree(shared_dev.ws);
+    if (shared_dev.stream)
+        cudaStreamDestroy(shared_dev.stream);
+    memset(&shared_dev, 0, sizeof(shared_dev));
+}
+
+/* Gives b the worker's stream and cuBLAS handle, making them first. tf32 is the daemon's, the
+ * same for every model. */
+static int join_device(struct backend *b, int tf32, struct tp_err *err)
+{
+    if (shared_dev.users == 0) {
+        CUDA_GOTO(cudaStreamCreateWithFlags(&shared_dev.stream, cudaStreamNonBlocking), err, fail);
+        BLAS_GOTO(blas.cublasCreate(&shared_dev.blas), err, fail);
+        BLAS_GOTO(blas.cublasSetStream(shared_dev.blas, shared_dev.stream), err, fail);
+        /* CUBLAS_DEFAULT_MATH keeps FP32 GEMMs in FP32; TF32 tensor cores only when asked. */
+        BLAS_GOTO(blas.cublasSetMathMode(shared_dev.blas,
+                                         tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
+                  err, fail);
+        /* Our own workspace, so cuBLAS allocates nothing while serving; set after
+         * cublasSetStream, which resets it to cuBLAS's own pool. */
+        if (dev_alloc(b, &shared_dev.ws, BLAS_WORKSPACE, "cuBLAS's workspace", err) < 0)
+            goto fail;
+        BLAS_GOTO(blas.cublasSetWorkspace(shared_dev.blas, shared_dev.ws, BLAS_WORKSPACE), err,
+                  fail);
+    }
+    shared_dev.users++;
+    b->stream = shared_dev.stream;
+    b->blas = shared_dev.blas;
+    return 0;
+fail:
+    free_device();
+    return -1;
+}
+
+/* Drops b's use of the stream and the handle; the last user frees them. */
+static void leave_device(struct backend *b)
+{
+    if (!b->stream)
+        return;
+    b->stream = NULL;
+    b->blas = NULL;
+    if (--shared_dev.users == 0)
+        free_device();
+}
 
 /* Drops b's use of the communicator; the last user aborts it (abort, not finalize: it is local
  * and never waits for peers, which may be gone already). A broken backend aborts it at once: it
@@ -718,20 +806,23 @@ static int cuda_forward(struct backend *b, struct backend_job *job, struct tp_er
  * backend's stream, which does not synchronize with the legacy default stream: a plain cudaMemcpy
  * from pageable memory may return before its DMA has landed, and a kernel on our stream could
  * then read stale memory. The stream is synchronized before returning, so the host values may be
- * freed afterwards. as_float keeps float32 whatever the dtype (biases). */
+ * freed afterwards. as_float keeps float32 whatever the dtype (biases); what names the values
+ * for an out-of-memory error. */
 static int upload(struct backend *b, const float *host, size_t n, int as_float, void **dev,
-                  struct tp_err *err)
+                  const char *what, struct tp_err *err)
 {
     float *tmp = NULL;
 
     if (b->dtype == TP_F32 || as_float) {
-        CUDA_GOTO(cudaMalloc(dev, n * sizeof(float)), err, fail);
+        if (dev_alloc(b, dev, n * sizeof(float), what, err) < 0)
+            goto fail;
         CUDA_GOTO(cudaMemcpyAsync(*dev, host, n * sizeof(float), cudaMemcpyHostToDevice,
                                   b->stream),
                   err, fail);
     } else {
-        CUDA_GOTO(cudaMalloc(dev, n * 2), err, fail);
-        CUDA_GOTO(cudaMalloc((void **)&tmp, n * sizeof(float)), err, fail);
+        if (dev_alloc(b, dev, n * 2, what, err) < 0 ||
+            dev_alloc(b, (void **)&tmp, n * sizeof(float), "the weights' float32 copy", err) < 0)
+            goto fail;
         CUDA_GOTO(cudaMemcpyAsync(tmp, host, n * sizeof(float), cudaMemcpyHostToDevice, b->stream),
                   err, fail);
         CUDA_GOTO(cuda_kern_to_half(*dev, tmp, n, b->dtype == TP_BF16, NULL, b->stream), err, fail);
@@ -752,10 +843,12 @@ static int upload_weights(struct backend *b, const struct shard *s, struct tp_er
 {
     const struct shard_gemm *g0 = &s->g[0], *g1 = &s->g[1];
 
-    if (upload(b, g0->w, (size_t)g0->n * g0->k, 0, &b->w, err) < 0 ||
-        (g0->b && upload(b, g0->b, g0->n, 1, (void **)&b->bias, err) < 0) ||
-        (s->ngemm > 1 && upload(b, g1->w, (size_t)g1->n * g1->k, 0, &b->w1, err) < 0) ||
-        (s->rbias && upload(b, s->rbias, (size_t)s->out, 1, (void **)&b->rbias, err) < 0))
+    if (upload(b, g0->w, (size_t)g0->n * g0->k, 0, &b->w, "the weights", err) < 0 ||
+        (g0->b && upload(b, g0->b, g0->n, 1, (void **)&b->bias, "the biases", err) < 0) ||
+        (s->ngemm > 1 &&
+         upload(b, g1->w, (size_t)g1->n * g1->k, 0, &b->w1, "the second weights", err) < 0) ||
+        (s->rbias &&
+         upload(b, s->rbias, (size_t)s->out, 1, (void **)&b->rbias, "the biases", err) < 0))
         return -1;
     return 0;
 }
@@ -916,10 +1009,6 @@ static void cuda_destroy(struct backend *b)
         free(b);
         return;
     }
-    /* the handle before its workspace: cuBLAS may use the workspace until it is destroyed */
-    if (b->blas)
-        blas.cublasDestroy(b->blas);
-    cudaFree(b->ws);
     cudaFree(b->w);
     cudaFree(b->bias);
     cudaFree(b->x32);
@@ -939,8 +1028,7 @@ static void cuda_destroy(struct backend *b)
     cudaFreeHost(b->stage);
     if (b->pinned)
         cudaHostUnregister(b->pinned);
-    if (b->stream)
-        cudaStreamDestroy(b->stream);
+    leave_device(b);
     free(b->plan);
     free(b->staged);
     free(b);
@@ -951,14 +1039,20 @@ static int alloc_reduce(struct backend *b, struct tp_err *err)
 {
     size_t rows = b->max_batch;
 
-    CUDA_GOTO(cudaMalloc((void **)&b->part, rows * (size_t)b->out * sizeof(float)), err, fail);
+    if (dev_alloc(b, (void **)&b->part, rows * (size_t)b->out * sizeof(float), "the partial sums",
+                  err) < 0)
+        goto fail;
     if (b->kind == PLAN_ROW)
         return 0;
-    CUDA_GOTO(cudaMalloc((void **)&b->t32, rows * (size_t)b->n0 * sizeof(float)), err, fail);
-    CUDA_GOTO(cudaMalloc((void **)&b->h32, rows * (size_t)b->count * sizeof(float)), err, fail);
+    if (dev_alloc(b, (void **)&b->t32, rows * (size_t)b->n0 * sizeof(float),
+                  "the first GEMM's outputs", err) < 0 ||
+        dev_alloc(b, (void **)&b->h32, rows * (size_t)b->count * sizeof(float), "the intermediate",
+                  err) < 0)
+        goto fail;
     if (b->dtype != TP_F32) {
-        CUDA_GOTO(cudaMalloc(&b->h16, rows * (size_t)b->count * 2), err, fail);
-        CUDA_GOTO(cudaMalloc((void **)&b->h_inf, sizeof(*b->h_inf)), err, fail);
+        if (dev_alloc(b, &b->h16, rows * (size_t)b->count * 2, "the intermediate", err) < 0 ||
+            dev_alloc(b, (void **)&b->h_inf, sizeof(*b->h_inf), "a flag", err) < 0)
+            goto fail;
         CUDA_GOTO(cudaMallocHost((void **)&b->h_inf_host, sizeof(*b->h_inf_host)), err, fail);
     }
     return 0;
@@ -1033,29 +1127,23 @@ static int cuda_create(struct backend **out, const struct backend_config *c, str
                strerror(errno));
     b->poll_sleep_us = measure_poll_sleep_us();
     CUDA_GOTO(cudaSetDevice(c->device < 0 ? 0 : c->device), err, fail);
-    CUDA_GOTO(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking), err, fail);
-    BLAS_GOTO(blas.cublasCreate(&b->blas), err, fail);
-    BLAS_GOTO(blas.cublasSetStream(b->blas, b->stream), err, fail);
-    /* CUBLAS_DEFAULT_MATH keeps FP32 GEMMs in FP32; TF32 tensor cores only when asked. */
-    BLAS_GOTO(
-        blas.cublasSetMathMode(b->blas, c->tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
-        err, fail);
-    /* Our own workspace, so cuBLAS allocates nothing while serving. */
-    CUDA_GOTO(cudaMalloc(&b->ws, BLAS_WORKSPACE), err, fail);
-    BLAS_GOTO(blas.cublasSetWorkspace(b->blas, b->ws, BLAS_WORKSPACE), err, fail);
-    if (upload_weights(b, s, err) < 0)
+    if (join_device(b, c->tf32, err) < 0 || upload_weights(b, s, err) < 0)
         goto fail;
-    CUDA_GOTO(cudaMalloc((void **)&b->x32, (size_t)c->max_batch * (size_t)b->in * sizeof(float)),
-              err, fail);
+    if (dev_alloc(b, (void **)&b->x32, (size_t)c->max_batch * (size_t)b->in * sizeof(float),
+                  "the inputs", err) < 0)
+        goto fail;
     if (b->dtype != TP_F32) {
-        CUDA_GOTO(cudaMalloc(&b->x16, (size_t)c->max_batch * (size_t)b->in * 2), err, fail);
-        CUDA_GOTO(cudaMalloc((void **)&b->first_inf, sizeof(*b->first_inf)), err, fail);
+        if (dev_alloc(b, &b->x16, (size_t)c->max_batch * (size_t)b->in * 2, "the inputs", err) <
+                0 ||
+            dev_alloc(b, (void **)&b->first_inf, sizeof(*b->first_inf), "a flag", err) < 0)
+            goto fail;
         CUDA_GOTO(cudaMallocHost((void **)&b->first_inf_host, sizeof(*b->first_inf_host)), err,
                   fail);
     }
     if (b->kind == PLAN_COLUMN) {
         ybytes = cuda_plan_buffer(&b->lay, c->max_batch) * sizeof(float);
-        CUDA_GOTO(cudaMalloc((void **)&b->y, ybytes), err, fail);
+        if (dev_alloc(b, (void **)&b->y, ybytes, "the outputs", err) < 0)
+            goto fail;
         /* The padding of a rank block is gathered but never copied out; zeroing it once keeps
          * what the all-gather moves defined. */
         CUDA_GOTO(cudaMemsetAsync(b->y, 0, ybytes, b->stream), err, fail);

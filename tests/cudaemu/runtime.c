@@ -7,6 +7,7 @@
  * device pointers handed out (so that a host access to one faults, as on a GPU), and a writable
  * view that the streams' threads use. Addresses are never reused, so a freed pointer stays
  * recognisable. TPD_CUDAEMU_GPUS says how many devices there are (default 2; 0: none),
+ * TPD_CUDAEMU_MEMORY_MB how much memory each has (default 80 GiB),
  * TPD_CUDAEMU_DELAY_US how long each queued operation waits before it runs (default 50), so
  * that host code that reads results without waiting sees stale memory. TPD_CUDAEMU_FAULTS names a
  * file that every fatal misuse is also appended to: a worker that aborts while it stops is seen
@@ -27,7 +28,7 @@
 #include "cudaemu.h"
 
 #define DEV_SPACE (256ull << 30) /* bytes of device address space, never reused */
-#define DEV_MEMORY (80ull << 30) /* what one device reports and holds */
+#define DEV_MEMORY (80ull << 30) /* what one device reports and holds, unless told */
 #define ALIGN 256                /* cudaMalloc's alignment */
 
 void cudaemu_fatal(const char *fmt, ...)
@@ -160,6 +161,14 @@ static cudaError_t fail(cudaError_t e)
     return e;
 }
 
+/* Bytes of memory of a device. */
+static size_t device_memory(void)
+{
+    const char *v = getenv("TPD_CUDAEMU_MEMORY_MB");
+
+    return v && *v ? (size_t)strtoull(v, NULL, 10) << 20 : DEV_MEMORY;
+}
+
 static int device_count(void)
 {
     const char *v = getenv("TPD_CUDAEMU_GPUS");
@@ -191,7 +200,7 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *prop, int device)
     snprintf(prop->name, sizeof(prop->name), "cudaemu device %d (the CPU)", device);
     prop->major = 9;
     prop->minor = 0;
-    prop->totalGlobalMem = DEV_MEMORY;
+    prop->totalGlobalMem = device_memory();
     prop->multiProcessorCount = 1;
     prop->warpSize = 32;
     return cudaSuccess;
@@ -445,7 +454,7 @@ cudaError_t cudaMalloc(void **p, size_t size)
         return cudaSuccess;
     pthread_mutex_lock(&mem.mu);
     mem_init_locked();
-    if (size > DEV_MEMORY - mem.used || rounded > DEV_SPACE - mem.top) {
+    if (size > device_memory() - mem.used || rounded > DEV_SPACE - mem.top) {
         pthread_mutex_unlock(&mem.mu);
         return fail(cudaErrorMemoryAllocation);
     }
@@ -469,6 +478,15 @@ cudaError_t cudaMalloc(void **p, size_t size)
     memset(mem.shadow + mem.top, 0xa5, size);
     mem.top += rounded + ALIGN; /* a gap: the next allocation never starts where this one ends */
     mem.used += size;
+    pthread_mutex_unlock(&mem.mu);
+    return cudaSuccess;
+}
+
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total)
+{
+    pthread_mutex_lock(&mem.mu);
+    *total = device_memory();
+    *free_bytes = *total > mem.used ? *total - mem.used : 0;
     pthread_mutex_unlock(&mem.mu);
     return cudaSuccess;
 }

@@ -638,5 +638,74 @@ class TestGpuRepository(unittest.TestCase):
                       "every answer verified" % (" ".join(args), len(answers)))
 
 
+
+@unittest.skipUnless(gputest.GPU_WORKER, "needs the emulated device (TPD_CUDAEMU_MEMORY_MB): a "
+                     "real GPU has too much memory to fill here")
+class TestGpuOutOfMemory(unittest.TestCase):
+    """GPU memory and many models, on emulated GPUs of a given size (two ranks, NCCL). Per rank,
+    small (1024 -> 2048) takes 4.75 MiB, big (2048 -> 4096) 17.5 MiB, of which 16 MiB are
+    weights, and the worker's one cuBLAS workspace 32 MiB.
+
+    At 60 MiB both fit: the models share the workspace (one each would need 86 MiB). At 51 MiB,
+    with small loaded, big's load fails saying how much it needed for what and how much is free;
+    the worker goes on serving small; once small is unloaded, the same load succeeds (its device
+    memory was given back)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = gputest.tmpdir()
+        cls.repo = os.path.join(cls.dir, "repo")
+        os.mkdir(cls.repo)
+        cls.layers, cls.xs = {}, {}
+        for name, (in_, out) in {"small": (1024, 2048), "big": (2048, 4096)}.items():
+            cls.layers[name] = gputest.write_layer(os.path.join(cls.dir, name), in_, out)
+            cls.xs[name] = gputest.write_x(os.path.join(cls.dir, name + ".x.npy"), 5, in_)
+            with open(os.path.join(cls.repo, name + ".json"), "w") as f:
+                json.dump({"weights": cls.layers[name], "max_batch": 64}, f)
+
+    def serve(self, name, mib, *load):
+        args = ["--model-repository", self.repo, "--model-control-mode", "explicit",
+                "--gpus", gpus(min(NGPUS, 2))]
+        for m in load:
+            args += ["--load-model", m]
+        d = Daemon(self.dir, name, *args, env={"TPD_CUDAEMU_MEMORY_MB": str(mib)})
+        d.wait_ready()
+        return d
+
+    def check(self, d, name):
+        res = d.client("forward", self.xs[name], "--model", name, "--verify", self.layers[name])
+        self.assertEqual(res.rc, 0, "%s: %r\n%s" % (name, res, d.log()[-3000:]))
+
+    def test_models_share_the_workspace(self):
+        d = self.serve("mem60", 60, "small", "big")
+        try:
+            self.check(d, "small")
+            self.check(d, "big")
+            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        finally:
+            d.kill()
+
+    def test_too_big_then_fits(self):
+        d = self.serve("mem51", 51, "small")
+        try:
+            self.check(d, "small")
+            status, body = rest_post(d, "/v2/repository/models/big/load")
+            self.assertNotEqual(status, 200, body)
+            self.assertRegex(body, r"GPU \d is out of memory: 16\.0 MiB for the weights, and "
+                             r"14\.[0-9] MiB of its 51\.0 MiB are free")
+            refused = re.search(r"GPU \d is out of memory[^\"]*", body).group(0)
+            self.check(d, "small")
+            status, body = rest_post(d, "/v2/repository/models/small/unload")
+            self.assertEqual(status, 200, body)
+            status, body = rest_post(d, "/v2/repository/models/big/load")
+            self.assertEqual(status, 200, "big after small's unload: %s\n%s" % (
+                body, d.log()[-3000:]))
+            self.check(d, "big")
+            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        finally:
+            d.kill()
+        print("big refused beside small (%s), then loaded once small was unloaded" % refused)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
