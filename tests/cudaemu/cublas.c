@@ -4,6 +4,7 @@
  * the call). The GEMM runs on the handle's stream, accumulating in double, after checking that
  * every matrix lies within its allocation as its leading dimension spans it. Inputs are rounded
  * to TF32 (10 mantissa bits) where cuBLAS would use TF32 tensor cores. */
+#include <cblas.h>
 #include <cublas_v2.h>
 #include <math.h>
 #include <pthread.h>
@@ -167,22 +168,27 @@ static double *dense(const struct mat *x, int trans, int64_t rows, int64_t cols,
 static void run_gemm(void *arg)
 {
     const struct gemm_job *g = arg;
-    /* op(A) as its transpose (k x m) and op(B) (k x n), so that both sums run down a column */
+    /* op(A) as its transpose (k x m) and op(B) (k x n), dense: the layouts are settled here */
     double *at = dense(&g->a, !g->trans_a, g->k, g->m, g->tf32);
     double *b = dense(&g->b, g->trans_b, g->k, g->n, g->tf32);
 
+    double *c = malloc((size_t)(g->m * g->n) * sizeof(double) + 1);
+
+    if (!c)
+        cudaemu_fatal("cublas GEMM: out of host memory");
+    /* c = op(A) op(B), column-major m x n: OpenBLAS's double GEMM on the dense copies */
+    cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, (blasint)g->m, (blasint)g->n,
+                (blasint)g->k, 1.0, at, (blasint)g->k, b, (blasint)g->k, 0.0, c, (blasint)g->m);
     for (int64_t j = 0; j < g->n; j++)
         for (int64_t i = 0; i < g->m; i++) {
-            const double *x = at + i * g->k, *y = b + j * g->k;
-            float *c = g->c + i + j * g->ldc;
-            double s = 0;
+            float *out = g->c + i + j * g->ldc;
 
-            for (int64_t p = 0; p < g->k; p++)
-                s += x[p] * y[p];
-            *c = (float)(g->alpha * s + (g->beta != 0 ? g->beta * (double)*c : 0.0));
+            *out =
+                (float)(g->alpha * c[i + j * g->m] + (g->beta != 0 ? g->beta * (double)*out : 0.0));
         }
     free(at);
     free(b);
+    free(c);
 }
 
 static size_t type_size(cudaDataType t)
