@@ -201,7 +201,7 @@ class Daemon:
                     self.proc.returncode, self.log()[-4000:]))
             if self.client("health", timeout=30).rc == 0:
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
         raise AssertionError("tpd not ready after %.0f s:\n%s" % (timeout, self.log()[-4000:]))
 
     def stop(self):
