@@ -131,6 +131,7 @@ struct sup {
     int64_t restart_at_ms;              /* CLOCK_MONOTONIC, when state is G_DOWN */
     int64_t started_ns;                 /* CLOCK_MONOTONIC, when the group was last spawned */
     int64_t load_ns;                    /* the slowest load of a group, spawn to last READY */
+    int64_t sleep_until_ns;             /* the deadline the thread polls until; -1: none */
     int load_doublings;                 /* restarts in a row that did not load in time */
     uint64_t next_seq;                  /* of the next job */
     int send_failed;                    /* rank a job could not be sent to; -1: none */
@@ -1058,6 +1059,7 @@ static void *sup_thread(void *arg)
 
             timeout = left_ms <= 0 ? 0 : left_ms > INT_MAX ? INT_MAX : (int)left_ms;
         }
+        s->sleep_until_ns = at;
         pthread_mutex_unlock(&s->lock);
         while (poll(pfd, (nfds_t)n, timeout) < 0 && errno == EINTR)
             ;
@@ -1135,6 +1137,7 @@ int sup_start(struct sup **out, const struct sup_config *c, struct tp_err *err)
         return tp_err_set(err, TP_ENOMEM, "no memory for the supervisor");
     s->c = *c;
     s->backoff_ms = c->backoff_ms;
+    s->sleep_until_ns = -1;
     s->send_failed = -1;
     s->bl_cap = c->slots + 2 * CTL_MAX_MODELS;
     s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -1227,6 +1230,18 @@ int sup_dispatch(struct sup *s, uint32_t slot, uint64_t id, uint32_t rows, struc
             s->send_err = e;
             wake(s);
             break;
+        }
+    }
+    /* The thread looks at the deadlines when a rank answers, or when the one it sleeps until
+     * comes: if this job's comes first (the thread may sleep without one), it must look again
+     * now, or a job that no rank ever answers (every rank stuck, or all of them waiting in a
+     * collective for one that is) would never be found late. */
+    if (s->c.job_timeout_ms) {
+        int64_t due = s->jobs[slot].sent_ns + job_bound_ns(s, slot, rows);
+
+        if (s->sleep_until_ns < 0 || due < s->sleep_until_ns) {
+            s->sleep_until_ns = due;
+            wake(s);
         }
     }
     pthread_mutex_unlock(&s->lock);

@@ -5,7 +5,8 @@ on the time a job may take can find it (--job-timeout-ms, docs/cli.md).
 (a) SIGSTOP one rank of two, then send requests: they fail with UNAVAILABLE soon after the bound,
     not at their own deadline; the log names the rank, the job and the time waited; readiness
     (ServerReady, grpc.health.v1, /v2/health/ready) turns false; the stopped worker is killed,
-    the group restarts with new pids and answers correctly again.
+    the group restarts with new pids and answers correctly again. Every rank stopped: no rank
+    answers anything, and the request still fails soon after the bound.
 (b) one rank stopped while far more jobs are in flight than its control socket holds: ServerReady
     keeps answering promptly (no thread waits on the stopped rank), the jobs that do not fit
     wait in tpd, and the bound takes the group down. Both ranks stopped for a moment with such a
@@ -145,6 +146,34 @@ class TestStoppedWorker(HungCase):
         self.assertEqual(health_status(hch), 1)
         self.assert_close(self.forward(d, x, name="after"), x, W, b, TOL, "after the restart")
         print("stopped rank: not ready %.2f s after the stop; log: %s" % (seen, m.group(0)))
+        d.stop()
+
+    def test_every_rank_stopped(self):
+        # No rank answers anything, so nothing but the job's own bound wakes tpd's supervising
+        # thread, idle until the job came: the job must arm it when it is sent. (The same as a
+        # NCCL group whose ranks all wait in a collective for one that is stuck.)
+        in_, out, bound_ms = 32, 2 * 20, 500
+        wpath, W, b = self.layer(out, in_, seed=82)
+        d = self.start_daemon(wpath, "--cpu", 2, "--job-timeout-ms", bound_ms,
+                              "--restart-backoff-ms", 300, name="allstopped")
+        x = np.random.default_rng(2).standard_normal((3, in_)).astype(np.float32)
+        self.assert_close(self.forward(d, x, name="before"), x, W, b, TOL, "before the stop")
+        before = d.worker_pids()
+        for pid in before.values():
+            self.stop_worker(pid)
+        t0 = time.monotonic()
+        res = self.forward_bg(d, x, "stuck", "--timeout", "20000").wait(timeout=30)
+        took = time.monotonic() - t0
+        self.assertEqual(res.rc, 1, "%r" % res)
+        self.assertIn("UNAVAILABLE", one_line_error(self, res))
+        self.assertLess(took, 5.0, "failed only after %.2f s: the bound is %d ms" % (took,
+                                                                                    bound_ms))
+        self.assertRegex(d.log(), r"warn(?:ing)?: worker ranks 0, 1 did not finish job \d+ ")
+        self.assertEqual(wait_gone(list(before.values())), [], "the stopped workers were kept")
+        d.wait_ready(timeout=20)
+        self.assert_close(self.forward(d, x, name="after"), x, W, b, TOL, "after the restart")
+        print("every rank stopped: the request failed after %.2f s (bound %d ms)" % (took,
+                                                                                    bound_ms))
         d.stop()
 
 
