@@ -197,6 +197,43 @@ class TestGpuForward(unittest.TestCase):
         finally:
             d.kill()
 
+    def test_stuck_peer_group_rebuilt(self):
+        # rank 1 stopped (SIGSTOP) while the group serves: rank 0 waits for it in the all-gather
+        # (its process is alive, so nothing reports it gone) without blocking, tpd's job timeout
+        # takes the group for hung, kills both ranks (the stopped one too) and rebuilds it
+        gpus = ["--gpus", "0,1"] if NGPUS >= 2 else ["--gpus", "0,0", "--gather", "host"]
+        d = Daemon(self.dir, "stuck", "--weights", self.layers["F32"], "--max-batch", "64",
+                   "--job-timeout-ms", "1500", "--restart-backoff-ms", "300", *gpus)
+        try:
+            d.wait_ready()
+            gputest.verify(d, self.x[7], self.layers["F32"], TOL32)
+            before = gputest.worker_pids(d.log())
+            os.kill(before[1], signal.SIGSTOP)
+            t0 = time.monotonic()
+            res = d.client("forward", self.x[7])
+            failed_after = time.monotonic() - t0
+            self.assertNotEqual(res.rc, 0, "answered with a rank stopped: %r" % res)
+            self.assertIn("UNAVAILABLE", res.err)
+            # the job timeout is 1.5 s at these sizes; the slack is for a slow machine
+            self.assertLess(failed_after, 10, "the stuck job failed only after %.1f s" %
+                            failed_after)
+            deadline = time.monotonic() + gputest.READY_TIMEOUT
+            while time.monotonic() < deadline:
+                pids = gputest.worker_pids(d.log())
+                if pids[1] != before[1] and d.client("health").rc == 0:
+                    break
+                time.sleep(0.1)
+            self.assertFalse(gputest.alive(before[1]), "the stopped rank was left behind")
+            for b in (7, 64):
+                gputest.verify(d, self.x[b], self.layers["F32"], TOL32)
+            print("%s: rank 1 stopped, the job failed after %.1f s, the group answered again "
+                  "after %.1f s" % (" ".join(gpus), failed_after, time.monotonic() - t0))
+            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        finally:
+            if gputest.alive(before[1]) if "before" in locals() else False:
+                os.kill(before[1], signal.SIGKILL)
+            d.kill()
+
 
 class TestGpuGuards(unittest.TestCase):
     """What the backend refuses, and the path it takes when the arena cannot be pinned."""
