@@ -303,17 +303,18 @@ static struct CUstream_st *stream_new(void)
         return NULL;
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
-    if (pthread_create(&s->thread, NULL, stream_main, s) != 0) {
-        free(s);
-        return NULL;
-    }
     pthread_mutex_lock(&streams.mu);
-    if (streams.delay_us < 0) {
+    if (streams.delay_us < 0) { /* before the first thread reads it */
         const char *v = getenv("TPD_CUDAEMU_DELAY_US");
 
         streams.delay_us = v && *v ? atol(v) : 50;
         if (streams.delay_us > 999999)
             streams.delay_us = 999999;
+    }
+    if (pthread_create(&s->thread, NULL, stream_main, s) != 0) {
+        pthread_mutex_unlock(&streams.mu);
+        free(s);
+        return NULL;
     }
     s->next_all = streams.all;
     streams.all = s;
