@@ -548,10 +548,10 @@ def run_bench(a):
             t, n = p["tpd"], p["naive"]
             log("block-result: batch=%d ranks=%d hidden=%d inter=%d iters=%d threads_total=%d "
                 "worker_threads=%s numpy_ms=%.6f numpy_rows_per_s=%.3f tpd_ms=%.6f "
-                "tpd_rows_per_s=%.3f tpd_over_numpy=%.5f job_ms=%.6f wait_ms=%.6f "
+                "tpd_rows_per_s=%.3f tpd_over_numpy=%.4g job_ms=%.6f wait_ms=%.6f "
                 "reduce_ms=%.6f allreduce_ms=%.6f allreduce_pct=%.3f memcpy_ms=%.6f "
                 "memcpy_all_ms=%.6f reduce_over_memcpy=%.4f naive_ms=%.6f "
-                "naive_rows_per_s=%.3f naive_over_numpy=%.5f naive_job_ms=%.6f "
+                "naive_rows_per_s=%.3f naive_over_numpy=%.4g naive_job_ms=%.6f "
                 "jobs_per_rank=%s checked=%.3g naive_checked=%.3g numpy_checked=%.3g" % (
                     b, ranks, a.hidden, a.inter, a.iters, a.threads_total, t["threads"], nb,
                     b / nb * 1e3, t["ms"], b / t["ms"] * 1e3, nb / t["ms"], t["job"], t["wait"],
