@@ -132,24 +132,12 @@ static float tf32(float v)
 static double element(const struct mat *x, int64_t i, int64_t j, int round_tf32)
 {
     size_t at = (size_t)(i + j * x->ld);
-    uint16_t h;
-    uint32_t u;
     float f;
 
-    switch (x->type) {
-    case CUDA_R_32F: f = ((const float *)x->p)[at]; return round_tf32 ? tf32(f) : f;
-    case CUDA_R_16F: {
-        _Float16 v;
-
-        memcpy(&v, (const uint16_t *)x->p + at, sizeof(v));
-        return (double)v;
-    }
-    default: /* CUDA_R_16BF */
-        h = ((const uint16_t *)x->p)[at];
-        u = (uint32_t)h << 16;
-        memcpy(&f, &u, sizeof(f));
-        return f;
-    }
+    if (x->type != CUDA_R_32F)
+        return cudaemu_half_value(((const uint16_t *)x->p)[at], x->type == CUDA_R_16BF);
+    f = ((const float *)x->p)[at];
+    return round_tf32 ? tf32(f) : f;
 }
 
 /* op(X) densely as doubles, [rows of op(X)] x [cols of op(X)], column-major. */
@@ -209,6 +197,7 @@ static struct mat matrix(const void *p, cudaDataType t, int64_t rows, int64_t co
                         .ld = ld};
 }
 
+/* The GEMM of both entry points, which have checked h. */
 static cublasStatus_t gemm(cublasHandle_t h, const char *call, cublasOperation_t ta,
                            cublasOperation_t tb, int m, int n, int k, double alpha, const void *A,
                            cudaDataType at, int lda, const void *B, cudaDataType bt, int ldb,
@@ -219,8 +208,6 @@ static cublasStatus_t gemm(cublasHandle_t h, const char *call, cublasOperation_t
     int64_t rb = trans_b ? n : k, cb = trans_b ? k : n;
     struct gemm_job g;
 
-    if (!h || !h->live)
-        return CUBLAS_STATUS_NOT_INITIALIZED;
     if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T) || (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T) ||
         m < 0 || n < 0 || k < 0 || lda < (ra > 1 ? ra : 1) || ldb < (rb > 1 ? rb : 1) ||
         ldc < (m > 1 ? m : 1))

@@ -16,6 +16,7 @@
 #define TP_CUDAEMU_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <cuda_runtime_api.h>
 
@@ -38,6 +39,9 @@ int cudaemu_is_dev(const void *p);
  * default stream). arg (bytes long) is copied. Fatal for a destroyed stream. */
 void cudaemu_enqueue(cudaStream_t s, const char *call, void (*fn)(void *arg), const void *arg,
                      size_t bytes);
+
+/* The float an FP16 (bf16 == 0) or BF16 (bf16 != 0) element's bits stand for (exact). */
+float cudaemu_half_value(uint16_t bits, int bf16);
 
 /* The same for a collective: while one is queued or running on a stream, a host call that would
  * wait for that stream (cudaStreamSynchronize, a copy between the device and pageable memory,

@@ -19,14 +19,6 @@ static uint16_t to_f16(float v)
     return bits;
 }
 
-static float f16_value(uint16_t bits)
-{
-    _Float16 h;
-
-    memcpy(&h, &bits, sizeof(h));
-    return (float)h;
-}
-
 static uint16_t to_bf16(float v)
 {
     uint32_t u;
@@ -37,13 +29,21 @@ static uint16_t to_bf16(float v)
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-static float bf16_value(uint16_t bits)
+float cudaemu_half_value(uint16_t bits, int bf16)
 {
-    uint32_t u = (uint32_t)bits << 16;
-    float v;
+    if (bf16) {
+        uint32_t u = (uint32_t)bits << 16;
+        float v;
 
-    memcpy(&v, &u, sizeof(v));
-    return v;
+        memcpy(&v, &u, sizeof(v));
+        return v;
+    }
+    {
+        _Float16 h;
+
+        memcpy(&h, &bits, sizeof(h));
+        return (float)h;
+    }
 }
 
 struct half_job {
@@ -61,7 +61,7 @@ static void run_to_half(void *arg)
     for (size_t i = 0; i < j->n; i++) {
         float v = j->src[i];
         uint16_t h = j->bf16 ? to_bf16(v) : to_f16(v);
-        float back = j->bf16 ? bf16_value(h) : f16_value(h);
+        float back = cudaemu_half_value(h, j->bf16);
 
         j->dst[i] = h;
         if (j->first_inf && isinf(back) && !isinf(v) && i < *j->first_inf)

@@ -70,6 +70,12 @@ def gpus(n, device=None):
     return ",".join(str(i if device is None else device) for i in range(n))
 
 
+def two_ranks():
+    """--gpus (and --gather) for a group of two ranks: NCCL over two GPUs, or the host gather on
+    GPU 0 when there is one (NCCL refuses two ranks on one device)."""
+    return ["--gpus", "0,1"] if NGPUS >= 2 else ["--gpus", "0,0", "--gather", "host"]
+
+
 def first_uneven(out, lo=2):
     """The smallest N >= lo that does not divide out."""
     n = lo
@@ -169,7 +175,7 @@ class TestGpuForward(unittest.TestCase):
         self.serve_and_check("tf32", "F32", TOL16, "--gpus", "0", "--tf32", batches=(7, 1024))
 
     def test_worker_killed_group_rebuilt(self):
-        gpus = ["--gpus", "0,1"] if NGPUS >= 2 else ["--gpus", "0,0", "--gather", "host"]
+        gpus = two_ranks()
         d = Daemon(self.dir, "kill", "--weights", self.layers["F32"], "--max-batch", "1024",
                    "--restart-backoff-ms", "300", *gpus)
         try:
@@ -201,7 +207,7 @@ class TestGpuForward(unittest.TestCase):
         # rank 1 stopped (SIGSTOP) while the group serves: rank 0 waits for it in the all-gather
         # (its process is alive, so nothing reports it gone) without blocking, tpd's job timeout
         # takes the group for hung, kills both ranks (the stopped one too) and rebuilds it
-        gpus = ["--gpus", "0,1"] if NGPUS >= 2 else ["--gpus", "0,0", "--gather", "host"]
+        gpus = two_ranks()
         d = Daemon(self.dir, "stuck", "--weights", self.layers["F32"], "--max-batch", "64",
                    "--job-timeout-ms", "1500", "--restart-backoff-ms", "300", *gpus)
         try:
@@ -415,7 +421,7 @@ def hf_rank_configs():
     """(ranks, args): 1 rank; 2 ranks (two GPUs with NCCL, else two ranks of GPU 0 with the host
     gather); every GPU (at most 8) with NCCL."""
     configs = [(1, ("--gpus", "0"))]
-    configs.append((2, ("--gpus", "0,1") if NGPUS >= 2 else ("--gpus", "0,0", "--gather", "host")))
+    configs.append((2, tuple(two_ranks())))
     if min(NGPUS, 8) > 2:
         configs.append((min(NGPUS, 8), ("--gpus", gpus(min(NGPUS, 8)))))
     return configs
